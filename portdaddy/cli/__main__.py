@@ -1,0 +1,3 @@
+from portdaddy.cli.main import main
+
+main()

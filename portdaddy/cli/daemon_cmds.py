@@ -1,0 +1,152 @@
+"""pd start | stop | status | version | daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import click
+
+from portdaddy import __version__
+from portdaddy.cli.output import emit_json, json_option, quiet_option
+from portdaddy.cli.transport import fail, settings, wait_healthy
+from portdaddy.config import Settings
+from portdaddy.errors import EXIT_UNREACHABLE, DaemonUnavailable, PDError
+from portdaddy.launcher import probe, spawn_daemon
+
+
+def diagnose_down(cfg: Settings) -> tuple[str, str]:
+    """(why the daemon is not answering, what to run)."""
+    if not cfg.home.exists():
+        return f"{cfg.home} does not exist yet (never started here)", "pd start"
+    pid = None
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    if pid:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start"
+        except PermissionError:
+            return f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME"
+        if not cfg.ipc_sock.exists():
+            return f"process {pid} is running but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start"
+        return f"process {pid} is running but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start"
+    if cfg.ipc_sock.exists():
+        return f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)"
+    return "no daemon is running", "pd start"
+
+
+@click.command()
+@json_option
+def start(as_json: bool) -> None:
+    """Start the daemon in the background and wait until it is healthy.
+
+    \b
+    Example:
+      pd start
+    """
+    cfg = settings()
+    health = probe(cfg)
+    if health is None:
+        try:
+            health = wait_healthy(cfg, spawn_daemon(cfg))
+        except DaemonUnavailable as e:
+            fail(e, as_json=as_json)
+        msg = f"Port Daddy running (pid {health['pid']}) in {cfg.home}"
+    else:
+        msg = f"Port Daddy already running (pid {health['pid']})"
+    emit_json(health) if as_json else click.echo(msg)
+
+
+@click.command()
+@json_option
+def stop(as_json: bool) -> None:
+    """Stop the daemon (SIGTERM; it checkpoints the database and removes its sockets).
+
+    \b
+    Example:
+      pd stop
+    """
+    cfg = settings()
+    health = probe(cfg)
+    if health is None:
+        emit_json({"success": True, "running": False}) if as_json else click.echo("Port Daddy is not running")
+        return
+    pid = health["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    else:
+        fail(PDError("TIMEOUT", f"daemon pid {pid} did not exit within 10s; kill it with: kill -9 {pid}"))
+    emit_json({"success": True, "stopped": pid}) if as_json else click.echo(f"Daemon stopped (pid {pid})")
+
+
+@click.command()
+@json_option
+def status(as_json: bool) -> None:
+    """Is the daemon up? pid, uptime, version, sockets, database and counts; if down, why and what to run.
+
+    \b
+    Example:
+      pd status
+    """
+    cfg = settings()
+    st = probe(cfg, "daemon.status")
+    if st is None:
+        why, fix = diagnose_down(cfg)
+        if as_json:
+            emit_json({"success": False, "running": False, "reason": why, "fix": fix, "home": str(cfg.home)})
+        else:
+            click.echo(f"Port Daddy is not running: {why}", err=True)
+            click.echo(f"  fix: {fix}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        emit_json(st)
+        return
+    click.echo(f"Port Daddy {st['version']} is running (pid {st['pid']}, up {st['uptimeHuman']})")
+    click.echo(f"  home:     {st['home']}")
+    for name, where in st["sockets"].items():
+        if where:
+            click.echo(f"  {name + ':':9} {where}")
+    click.echo(f"  database: {st['db']}")
+    counts = ", ".join(f"{v} {k}" for k, v in st["counts"].items())
+    click.echo(f"  counts:   {counts}")
+
+
+@click.command()
+@json_option
+@quiet_option
+def version(as_json: bool, quiet: bool) -> None:
+    """Print the client version, and the daemon's if one is running (never starts it)."""
+    daemon = probe(settings(), "daemon.version")
+    if as_json:
+        emit_json({"client": __version__, "daemon": daemon})
+    elif quiet:
+        click.echo(__version__)
+    else:
+        click.echo(f"Port Daddy {__version__}")
+        if daemon:
+            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {daemon['uptime']}s)")
+        else:
+            click.echo("Daemon not running")
+
+
+@click.command()
+def daemon() -> None:
+    """Run the daemon in the foreground (what `make run` does). Ctrl-C stops it cleanly."""
+    from portdaddy.daemon import main
+
+    sys.exit(main())
+
+
+COMMANDS = (start, stop, status, version, daemon)

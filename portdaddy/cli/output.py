@@ -1,0 +1,55 @@
+"""Rendering helpers shared by every command: ``--json``/``-q`` options, tables, ages."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "-j", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("--quiet", "-q", is_flag=True, help="Print only the essential value.")(f)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def age(ms_timestamp: int | None, now_ms: int | None = None) -> str:
+    """``42s``, ``8m``, ``3h``, ``2d`` since a ms timestamp."""
+    if not ms_timestamp:
+        return "-"
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    s = max(0, (now_ms - ms_timestamp) // 1000)
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def until(ms_timestamp: int | None) -> str:
+    if not ms_timestamp:
+        return "never"
+    s = max(0, (ms_timestamp - int(time.time() * 1000)) // 1000)
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"in {s // size}{unit}"
+    return f"in {s}s"

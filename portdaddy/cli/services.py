@@ -1,0 +1,162 @@
+"""pd claim | release | find | services | url | env."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from portdaddy.cli.output import emit_json, json_option, quiet_option, table
+from portdaddy.cli.transport import call
+from portdaddy.core.identity import env_prefix
+
+
+@click.command()
+@click.argument("identity")
+@click.option("--port", "-p", type=int, help="Preferred port (used if free).")
+@click.option("--range", "port_range", metavar="MIN-MAX", help="Search this range instead of 3100-9999.")
+@click.option("--expires", metavar="DURATION", help="Release automatically after e.g. 2h30m.")
+@click.option("--pid", type=int, help="Process that will listen on the port.")
+@click.option("--cmd", help="Command that will listen on the port (for pd find).")
+@json_option
+@quiet_option
+def claim(identity: str, port: int | None, port_range: str | None, expires: str | None, pid: int | None,
+          cmd: str | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """Claim a stable port for IDENTITY (project[:stack[:context]]); prints the port.
+
+    The same identity always gets the same port: on a re-claim, after a release, and on another machine,
+    unless that port is taken.
+
+    \b
+    Examples:
+      pd claim myapp:api:main -q          # 4821
+      PORT=$(pd claim myapp:web -q) npm run dev
+      pd claim myapp:db --port 5432 --expires 2h
+    """
+    result = call("port.claim", {"id": identity, "port": port, "range": port_range, "expires": expires,
+                                 "pid": pid, "cmd": cmd}, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(result["port"])
+    if not quiet:
+        if result["message"].startswith("preferred port"):
+            click.echo(f"warning: {result['message']}", err=True)
+        if sys.stderr.isatty():
+            reused = "  (reused existing)" if result["existing"] else ""
+            click.echo(f"{identity} → port {result['port']}{reused}", err=True)
+
+
+@click.command()
+@click.argument("pattern", required=False)
+@click.option("--expired", is_flag=True, help="Release every service whose --expires has passed.")
+@json_option
+@quiet_option
+def release(pattern: str | None, expired: bool, as_json: bool, quiet: bool) -> None:
+    """Release IDENTITY, every identity matching PATTERN, or --expired ones.
+
+    \b
+    Examples:
+      pd release myapp:api:main
+      pd release 'myapp:*'
+      pd release --expired
+    """
+    if not pattern and not expired:
+        raise click.UsageError("give an identity or pattern, or --expired")
+    result = call("port.release", {"id": pattern, "expired": expired}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo(result["released"])
+    else:
+        click.echo(result["message"])
+
+
+def _find(pattern: str, as_json: bool, quiet: bool) -> None:
+    result = call("port.find", {"pattern": pattern}, as_json=as_json)
+    services = result["services"]
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        for s in services:
+            click.echo(f"{s['id']} {s['port']}")
+    elif not services:
+        hint = f" (use '{pattern}:*' to include deeper identities)" if "*" not in pattern else ""
+        click.echo(f"No services found{hint}", err=True)
+    else:
+        table([(s["id"], s["port"], s["status"], s["urls"].get("local", "")) for s in services],
+              ("ID", "PORT", "STATUS", "URL"))  # fmt: skip
+        click.echo(f"Total: {len(services)} service(s)")
+
+
+@click.command()
+@click.argument("pattern", default="*")
+@json_option
+@quiet_option
+def find(pattern: str, as_json: bool, quiet: bool) -> None:
+    """List services matching PATTERN (default: all).
+
+    \b
+    Patterns: exact 'myapp:api', 'myapp:*' (everything under myapp), '*:api:*' (per segment).
+    Examples:
+      pd find 'myapp:*'
+      pd find --json
+    """
+    _find(pattern, as_json, quiet)
+
+
+@click.command()
+@click.argument("pattern", default="*")
+@json_option
+@quiet_option
+def services(pattern: str, as_json: bool, quiet: bool) -> None:
+    """List claimed services (same as pd find)."""
+    _find(pattern, as_json, quiet)
+
+
+@click.command()
+@click.argument("identity")
+@click.option("--env", "-e", "env_name", default="local", show_default=True, help="Endpoint environment.")
+@json_option
+def url(identity: str, env_name: str, as_json: bool) -> None:
+    """Print the URL of IDENTITY for an environment.
+
+    \b
+    Example:
+      curl "$(pd url myapp:api)/health"
+    """
+    service = call("port.get", {"id": identity}, as_json=as_json)["service"]
+    found = service["urls"].get(env_name)
+    if as_json:
+        emit_json({"id": identity, "env": env_name, "url": found})
+    if not found:
+        click.echo(f"error: {identity} has no {env_name!r} URL; known: {', '.join(service['urls'])}", err=True)
+        sys.exit(1)
+    if not as_json:
+        click.echo(found)
+
+
+@click.command()
+@click.argument("pattern", default="*")
+@json_option
+def env(pattern: str, as_json: bool) -> None:
+    """Print NAME_PORT= and NAME_URL= lines for services matching PATTERN.
+
+    \b
+    Example:
+      eval "$(pd env 'myapp:*' | sed 's/^/export /')"
+    """
+    found = call("port.find", {"pattern": pattern}, as_json=as_json)["services"]
+    lines = {}
+    for s in found:
+        lines[f"{env_prefix(s['id'])}_PORT"] = str(s["port"])
+        if s["urls"].get("local"):
+            lines[f"{env_prefix(s['id'])}_URL"] = s["urls"]["local"]
+    if as_json:
+        emit_json(lines)
+    else:
+        for key, value in lines.items():
+            click.echo(f"{key}={value}")
+
+
+COMMANDS = (claim, release, find, services, url, env)

@@ -1,0 +1,97 @@
+"""How a ``pd`` process reaches the daemon: one blocking IPC connection, auto-starting the daemon if needed.
+
+Errors leave here as one stderr line (or a JSON object with ``--json``) and the exit code of their class:
+0 done, 1 refused, 2 bad input, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+
+from portdaddy import launcher
+from portdaddy.config import Settings
+from portdaddy.errors import DaemonUnavailable, PDError, exit_code
+from portdaddy.ipc.client import BlockingClient
+
+
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
+    if as_json:
+        click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
+    else:
+        click.echo(f"error: {err.message}", err=True)
+    sys.exit(exit_code(err.code))
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, default=str)
+
+
+class Spinner:
+    """A stderr spinner that appears only if a wait passes one second, and only on a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.start = time.monotonic()
+        self.frames = itertools.cycle("|/-\\")
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+
+    def tick(self) -> None:
+        if self.tty and time.monotonic() - self.start > 1.0:
+            sys.stderr.write(f"\r{next(self.frames)} {self.label}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * (len(self.label) + 2) + "\r")
+            sys.stderr.flush()
+
+
+def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+    spinner = Spinner("starting the Port Daddy daemon…")
+    try:
+        return launcher.wait_healthy(cfg, proc, tick=spinner.tick)
+    finally:
+        spinner.done()
+
+
+def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autostart: bool = True,
+            timeout: float = 10.0) -> BlockingClient:  # fmt: skip
+    cfg = cfg or settings()
+    client = BlockingClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout)
+    try:
+        return client.connect()
+    except DaemonUnavailable:
+        if not (autostart and cfg.autostart):
+            raise
+    wait_healthy(cfg, launcher.spawn_daemon(cfg))
+    return client.connect()
+
+
+def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = False, agent_id: str | None = None,
+         timeout: float = 10.0) -> Any:  # fmt: skip
+    """One request; on error print it and exit with its class's code."""
+    try:
+        with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
+            return client.request(action, args, timeout=timeout)
+    except DaemonUnavailable as e:
+        e.message += "; start it with: pd start (or unset PORT_DADDY_NO_AUTOSTART)"
+        fail(e, as_json=as_json)
+    except PDError as e:
+        fail(e, as_json=as_json)
+
+

@@ -1,0 +1,121 @@
+"""Where everything lives and every knob, resolved from the environment in one place.
+
+Imported by the CLI, so: standard library only, nothing slow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TCP_PORT = 9876
+TCP_PORT_ATTEMPTS = 11  # 9876..9886, as the original
+DEFAULT_RANGE = (3100, 9999)
+RESERVED_PORTS = frozenset({8000, 8080, 9876})
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(value: object) -> int | None:
+    """``90s``, ``2h30m``, ``1d`` or a bare number of milliseconds → ms; None if it is not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value >= 0 and value == value and value != float("inf") else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if not text or len(text) > 50:
+        return None
+    if text.isdigit():
+        return int(text)
+    total, pos = 0, 0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            return None
+        total += int(m.group(1)) * _UNIT_MS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(text) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The runtime layout (reference §24.4, 3.8.2) plus daemon tunables."""
+
+    home: Path
+    http_sock: Path
+    ipc_sock: Path
+    pid_file: Path
+    port_file: Path
+    lock_file: Path
+    token_file: Path
+    master_key: Path
+    db: Path
+    log: Path
+    tcp_port: int
+    tcp_enabled: bool
+    ipc_enabled: bool
+    silent: bool
+    port_range: tuple[int, int]
+    stale_after_ms: int | None
+    dead_after_ms: int | None
+    ipc_max_conn: int
+    ipc_rate: int
+    autostart: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("PORT_DADDY_HOME") or Path.home() / ".port-daddy").expanduser()
+
+        def path(var: str, name: str) -> Path:
+            return Path(env[var]).expanduser() if env.get(var) else home / name
+
+        def flag(var: str) -> bool:
+            return env.get(var, "").lower() in ("1", "true", "yes", "on")
+
+        def duration(var: str) -> int | None:
+            raw = env.get(var)
+            return parse_duration_ms(raw) if raw else None
+
+        def integer(var: str, default: int) -> int:
+            raw = env.get(var, "")
+            return int(raw) if raw.strip().isdigit() else default
+
+        start = integer("PORT_DADDY_RANGE_START", DEFAULT_RANGE[0])
+        end = integer("PORT_DADDY_RANGE_END", DEFAULT_RANGE[1])
+        if not 1024 <= start <= end <= 65535:
+            start, end = DEFAULT_RANGE
+        return cls(
+            home=home,
+            http_sock=path("PORT_DADDY_SOCK", "daemon.sock"),
+            ipc_sock=path("PORT_DADDY_IPC", "daemon.ipc"),
+            pid_file=path("PORT_DADDY_PID_FILE", "daemon.pid"),
+            port_file=path("PORT_DADDY_PORT_FILE", "daemon.port"),
+            lock_file=home / "daemon.lock",
+            token_file=home / "token",
+            master_key=home / "master.key",
+            db=path("PORT_DADDY_DB", "portdaddy.db"),
+            log=home / "daemon.log",
+            tcp_port=integer("PORT_DADDY_PORT", DEFAULT_TCP_PORT),
+            tcp_enabled=not flag("PORT_DADDY_NO_TCP"),
+            ipc_enabled=not flag("PORT_DADDY_NO_IPC"),
+            silent=flag("PORT_DADDY_SILENT"),
+            port_range=(start, end),
+            stale_after_ms=duration("PORT_DADDY_STALE_AFTER"),
+            dead_after_ms=duration("PORT_DADDY_DEAD_AFTER"),
+            ipc_max_conn=integer("PORT_DADDY_IPC_MAX_CONN", 256),
+            ipc_rate=integer("PORT_DADDY_IPC_RATE", 500),
+            autostart=not flag("PORT_DADDY_NO_AUTOSTART"),
+        )
+
+    def ensure_home(self) -> None:
+        """Create the runtime dir 0700 (and tighten it if it already exists)."""
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.home, 0o700)

@@ -1,0 +1,60 @@
+"""The daemon's assembled parts, handed to every operation through ``ctx.app``."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from portdaddy import __version__
+from portdaddy.config import Settings
+from portdaddy.core.events import EventBus
+from portdaddy.core.ops import Op, load_table
+from portdaddy.core.store import Store
+
+if TYPE_CHECKING:
+    from portdaddy.core.registry import Registry
+
+
+class Subsystem(Protocol):
+    """A part of the daemon, reachable as ``app.<name>``. If it has a ``run(task_status=...)`` task, the
+    daemon starts it with ``nursery.start`` in start order."""
+
+    name: str
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class App:
+    registry: Registry
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = EventBus()
+        self.ops: dict[str, Op] = load_table()
+        self.version = __version__
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.tcp_port: int | None = None
+        self.http_token = ""
+        self.subsystems: list[Subsystem] = []
+        # Set when shutdown begins, so long waits (SSE, blocking acquires) can finish promptly.
+        self.stopping = trio.Event()
+        self.http_stopped = trio.Event()
+
+    def add(self, subsystem: Subsystem) -> None:
+        setattr(self, subsystem.name, subsystem)
+        self.subsystems.append(subsystem)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.time() - self.started_at
+
+    def stats(self) -> dict[str, Any]:
+        counts: dict[str, Any] = {}
+        for sub in self.subsystems:
+            counts.update(sub.stats())
+        return counts

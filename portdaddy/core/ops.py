@@ -1,0 +1,108 @@
+"""The operation table: every operation defined once, dispatched by HTTP, IPC, MCP and the CLI alike.
+
+An operation has a name (the IPC action, e.g. ``port.claim``), typed parameters (validated here, once, for
+every transport), a handler ``handler(ctx, **params)`` (plain functions run atomically on the trio thread;
+``async`` ones may wait), and whether it may arrive fire-and-forget. Each subsystem declares its ``OPS`` next
+to its logic; this module assembles them into ``TABLE``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from portdaddy.errors import PDError, bad_input
+
+if TYPE_CHECKING:
+    from portdaddy.core.app import App
+
+Check = Callable[[str, Any], Any]
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One argument. ``check(name, value)`` returns the clean value or raises a PDError."""
+
+    name: str
+    check: Check
+    required: bool = False
+    default: Any = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Ctx:
+    """Who is calling and over what; ``conn`` lets an op tie state to a live IPC connection."""
+
+    app: App
+    transport: str
+    agent_id: str | None = None
+    pid: int | None = None
+    conn: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    name: str
+    handler: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+    fire_and_forget: bool = False
+    summary: str = ""
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
+
+    def bind(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Validate ``raw`` (transport fields like ``action`` are ignored) into handler kwargs."""
+        kwargs: dict[str, Any] = {}
+        for p in self.params:
+            value = raw.get(p.name, _MISSING)
+            if value is _MISSING:
+                for alias in p.aliases:
+                    value = raw.get(alias, _MISSING)
+                    if value is not _MISSING:
+                        break
+            if value is _MISSING or value is None:
+                if p.required:
+                    raise bad_input(f"missing required field '{p.name}' for {self.name}")
+                kwargs[p.name] = p.default
+            else:
+                kwargs[p.name] = p.check(p.name, value)
+        return kwargs
+
+
+def build_table(*groups: Iterable[Op]) -> dict[str, Op]:
+    table: dict[str, Op] = {}
+    for group in groups:
+        for op in group:
+            if op.name in table:
+                raise RuntimeError(f"operation {op.name} is defined twice")
+            table[op.name] = op
+    return table
+
+
+def lookup(table: dict[str, Op], name: object) -> Op:
+    op = table.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise PDError("unknown_action", f"unknown action {str(name)[:64]!r}; see spec/ipc.md for the list")
+    return op
+
+
+async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -> Any:
+    """Validate and run one operation (the slow-but-general path; IPC inlines this for sync ops)."""
+    op = lookup(table, name)
+    result = op.handler(ctx, **op.bind(raw))
+    if op.is_async:
+        result = await result
+    return result
+
+
+def load_table() -> dict[str, Op]:
+    """Every subsystem's operations. Imported lazily so that pure modules stay importable alone."""
+    from portdaddy.core import registry, system
+
+    return build_table(system.OPS, registry.OPS)

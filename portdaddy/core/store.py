@@ -1,0 +1,118 @@
+"""The daemon's SQLite store: one apsw connection, WAL, explicit ``BEGIN IMMEDIATE`` writes, migrations.
+
+Durability: WAL with ``synchronous=NORMAL`` makes a committed transaction survive the death of the process
+(SIGKILL) — the WAL frames are in the OS before COMMIT returns; only an OS crash or power loss can drop the
+last transactions. Callers reply "done" only after ``write()`` has returned.
+
+Migrations are ``migrations/NNN_name.sql`` files in this package, applied in order; ``PRAGMA user_version``
+holds the highest number applied. A migration runs in the same transaction as its version bump.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(number, file name, sql) for every packaged migration, in order."""
+    found = []
+    for entry in resources.files("portdaddy.core").joinpath("migrations").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    found.sort()
+    numbers = [n for n, _, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"two migrations share a number: {[name for _, name, _ in found]}")
+    return found
+
+
+class Store:
+    """Narrow interface over the connection so another backend could stand in later."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = str(path)
+        self.db = apsw.Connection(self.path)
+        self.db.set_busy_timeout(busy_timeout_ms)
+        self.db.pragma("journal_mode", "wal")
+        self.db.pragma("synchronous", "NORMAL")
+        self.db.pragma("foreign_keys", True)
+        self._depth = 0
+        self.migrate()
+
+    # -- schema ------------------------------------------------------------------------------------------
+
+    @property
+    def user_version(self) -> int:
+        return int(self.db.pragma("user_version"))
+
+    def migrate(self) -> list[str]:
+        """Apply every migration newer than ``user_version``; returns the names applied."""
+        applied = []
+        current = self.user_version
+        for number, name, sql in migrations():
+            if number <= current:
+                continue
+            with self.write():
+                self.db.execute(sql)
+                self.db.pragma("user_version", number)
+            applied.append(name)
+        return applied
+
+    # -- access ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[apsw.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction; nested uses join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.db.execute("COMMIT")
+
+    def execute(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> apsw.Cursor:
+        return self.db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.db.executemany(sql, rows)
+
+    def all(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, args).fetchall()
+
+    def one(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> tuple[Any, ...] | None:
+        return self.db.execute(sql, args).fetchone()
+
+    def scalar(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        row = self.db.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    def integrity_check(self) -> str:
+        return str(self.db.pragma("integrity_check"))
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close (clean shutdown)."""
+        try:
+            self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+        finally:
+            self.db.close()

@@ -1,0 +1,198 @@
+"""Parameter checks for the operation table: ``check(name, value) -> clean value`` or a clear PDError.
+
+Messages name the field, say what was wrong and what is accepted, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from portdaddy.config import parse_duration_ms
+from portdaddy.core import identity as _identity
+from portdaddy.errors import bad_input
+
+Check = Callable[[str, Any], Any]
+
+# Names that travel in URLs, channels and file names: no spaces, no slashes, no `..` tricks.
+NAME_CHARS = re.compile(r"^[A-Za-z0-9._:*-]+$")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True) -> Check:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise bad_input(f"{name} must be a string, got {_type_name(value)}")
+        if strip:
+            value = value.strip()
+        if not value and not allow_empty:
+            raise bad_input(f"{name} must not be empty")
+        if len(value) > max_len:
+            raise bad_input(
+                f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE"
+            )
+        if "\x00" in value:
+            raise bad_input(f"{name} contains a NUL byte")
+        return value
+
+    return check
+
+
+def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
+    """Lock names, channels, agent ids: 1..max_len of letters, digits, ``. _ : -`` (``*`` if allowed)."""
+
+    def check(field: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise bad_input(f"{field} must be a string, got {_type_name(value)}")
+        value = value.strip()
+        if not value or len(value) > max_len:
+            raise bad_input(f"{what} must be 1-{max_len} characters, got {len(value)}")
+        if not NAME_CHARS.match(value):
+            raise bad_input(
+                f"{what} {value[:60]!r} has characters outside letters, digits, '.', '_', ':', '-'"
+                + (" and '*'" if wildcard else "")
+            )
+        if "*" in value and not wildcard:
+            raise bad_input(f"{what} {value!r} may not contain '*'")
+        if "::" in value or value.startswith(":") or value.endswith(":"):
+            raise bad_input(f"{what} {value!r} has an empty ':' segment")
+        if set(value) <= {"."}:
+            raise bad_input(f"{what} {value!r} is not a name")
+        return value
+
+    return check
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_input(f"{name} must be an integer, got {_type_name(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise bad_input(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return check
+
+
+def number(lo: float, hi: float) -> Check:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad_input(f"{name} must be a number, got {value[:40]!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad_input(f"{name} must be a finite number")
+        if not lo <= value <= hi:
+            raise bad_input(f"{name} must be between {lo} and {hi}, got {value}")
+        return float(value)
+
+    return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, int):
+        return bool(value)
+    raise bad_input(f"{name} must be true or false, got {str(value)[:40]!r}")
+
+
+def duration(max_ms: int | None = None, *, code: str = "VALIDATION_ERROR") -> Check:
+    """``2h30m``, ``90s`` or a number of milliseconds."""
+
+    def check(name: str, value: Any) -> int:
+        ms = parse_duration_ms(value)
+        if ms is None:
+            raise bad_input(
+                f"{name} {str(value)[:40]!r} is not a duration; use e.g. 90s, 5m, 2h30m or milliseconds",
+                code=code,
+            )
+        if max_ms is not None and ms > max_ms:
+            raise bad_input(f"{name} {value!r} is over the limit of {max_ms // 1000}s", code=code)
+        return ms
+
+    return check
+
+
+def json_value(max_bytes: int) -> Check:
+    """Any JSON-serialisable value whose encoding fits ``max_bytes``."""
+
+    def check(name: str, value: Any) -> Any:
+        try:
+            encoded = json.dumps(value, separators=(",", ":"))
+        except (TypeError, ValueError, RecursionError):
+            raise bad_input(f"{name} must be JSON-serialisable") from None
+        if len(encoded) > max_bytes:
+            raise bad_input(
+                f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE"
+            )
+        return value
+
+    return check
+
+
+def json_object(max_bytes: int) -> Check:
+    inner = json_value(max_bytes)
+
+    def check(name: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise bad_input(f"{name} must be an object, got {_type_name(value)}")
+        return inner(name, value)
+
+    return check
+
+
+def str_list(item: Check, max_items: int = 100) -> Check:
+    """A list of strings (a lone string or comma-separated string is accepted too)."""
+
+    def check(name: str, value: Any) -> list[Any]:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise bad_input(f"{name} must be a list of strings, got {_type_name(value)}")
+        if len(value) > max_items:
+            raise bad_input(f"{name} has {len(value)} items; the limit is {max_items}")
+        return [item(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise bad_input(f"{name} must be one of {', '.join(choices)}, got {str(value)[:40]!r}")
+        return value
+
+    return check
+
+
+def identity(name: str, value: Any) -> str:
+    """An exact identity (no wildcards): what a claim names."""
+    return _identity.parse(value, wildcard=False).text
+
+
+def identity_pattern(name: str, value: Any) -> str:
+    return _identity.validate_pattern(value)
+
+
+def port_range(name: str, value: Any) -> tuple[int, int]:
+    """``[min, max]`` or ``"min-max"``."""
+    if isinstance(value, str) and "-" in value:
+        value = value.split("-", 1)
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise bad_input(f"{name} must be [min, max] or 'min-max', e.g. 4000-4999")
+    lo, hi = (integer(1, 65535)(name, v) for v in value)
+    if lo > hi:
+        raise bad_input(f"{name} {lo}-{hi} is empty; min must be <= max")
+    return lo, hi

@@ -1,0 +1,135 @@
+"""The daemon process: single-instance guard, the nursery tree, signals, clean shutdown.
+
+Start order is explicit: the store, then each subsystem (``nursery.start`` returns once it is ready), then
+the IPC server (the hot path, and what ``pd`` probes for health), then HTTP. A crash in any of them cancels
+the tree; the store is still closed cleanly and the daemon exits non-zero.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import sys
+from contextlib import suppress
+from pathlib import Path
+
+import trio
+
+from portdaddy.config import Settings
+from portdaddy.core.app import App
+from portdaddy.core.registry import Registry
+from portdaddy.core.store import Store
+from portdaddy.ipc.server import IpcServer
+
+log = logging.getLogger("portdaddy")
+
+# The subsystems, in start order. Each takes the App and may have a ``run`` task.
+SUBSYSTEMS = (Registry,)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _read_or_create_token(path: Path) -> str:
+    with suppress(FileNotFoundError):
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token + "\n")
+    return token
+
+
+def acquire_instance_lock(settings: Settings) -> int | None:
+    """An flock held for the daemon's life. None if another daemon (or one starting) holds it."""
+    fd = os.open(settings.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def running_pid(settings: Settings) -> int | None:
+    with suppress(OSError, ValueError):
+        return int(settings.pid_file.read_text().strip())
+    return None
+
+
+def _remove_runtime_files(settings: Settings) -> None:
+    for path in (settings.ipc_sock, settings.http_sock, settings.pid_file, settings.port_file):
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def run_daemon(settings: Settings, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+    from portdaddy.http.server import serve_http  # heavy imports, after the instance lock is ours
+
+    store = Store(settings.db)
+    app = App(settings, store)
+    app.http_token = _read_or_create_token(settings.token_file)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                for cls in SUBSYSTEMS:
+                    subsystem = cls(app)
+                    app.add(subsystem)
+                    if hasattr(subsystem, "run"):
+                        await nursery.start(subsystem.run)
+                if settings.ipc_enabled:
+                    ipc = IpcServer(app)
+                    app.add(ipc)
+                    await nursery.start(ipc.serve)
+                await nursery.start(serve_http, app)
+                if app.tcp_port:
+                    settings.port_file.write_text(f"{app.tcp_port}\n")
+                app.bus.emit("daemon.start", pid=app.pid, version=app.version)
+                log.info("port daddy %s ready (pid %d) in %s", app.version, app.pid, settings.home)
+                task_status.started(app)
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    break
+                app.bus.emit("daemon.stop", pid=app.pid)
+                app.stopping.set()
+                # Give the HTTP server its graceful close, then stop everything else.
+                with trio.move_on_after(2):
+                    await app.http_stopped.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_env()
+    settings.ensure_home()
+    logging.basicConfig(
+        level=logging.CRITICAL if settings.silent else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    lock_fd = acquire_instance_lock(settings)
+    if lock_fd is None:
+        print(f"Port Daddy already running (pid {running_pid(settings) or '?'})")
+        return 0
+    try:
+        _remove_runtime_files(settings)  # stale leftovers of a daemon that died without cleaning up
+        _write_private(settings.pid_file, f"{os.getpid()}\n")
+        trio.run(run_daemon, settings)
+        return 0
+    except Exception:
+        log.exception("daemon failed")
+        return 1
+    finally:
+        _remove_runtime_files(settings)
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

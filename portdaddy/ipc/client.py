@@ -1,0 +1,142 @@
+"""The blocking IPC client the CLI uses: connect, send a request, read its reply.
+
+Standard library plus the sans-IO codec only — ``pd`` must not pay for trio. Server-pushed frames (conv id 0,
+e.g. ``msg.delivery``) that arrive while a reply is awaited are kept for ``receive``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from portdaddy.errors import DaemonUnavailable, PDError, Timeout
+from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Performative, next_conv_id
+
+_OK = (Performative.INFORM_DONE, Performative.INFORM_REF, Performative.AGREE)
+
+
+def reply_result(frame: Frame) -> Any:
+    """The result of a reply frame, or the PDError it carries."""
+    if frame.type in _OK:
+        return frame.payload.get("result")
+    raise PDError.from_wire(frame.payload)
+
+
+class BlockingClient:
+    def __init__(self, path: os.PathLike[str] | str, *, agent_id: str | None = None, timeout: float = 5.0) -> None:
+        self.path = os.fspath(path)
+        self.agent_id = agent_id
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self._decoder = Decoder()
+        self._encoder = Encoder()
+        self._conv = 0
+        self._pushed: deque[Frame] = deque()
+
+    def connect(self) -> BlockingClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            raise DaemonUnavailable(f"no daemon at {self.path} ({e.strerror})") from None
+        except OSError as e:
+            sock.close()
+            raise DaemonUnavailable(f"cannot reach the daemon at {self.path}: {e}") from None
+        self.sock = sock
+        return self
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> BlockingClient:
+        return self if self.sock is not None else self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _payload(self, action: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        payload = {"action": action}
+        if self.agent_id:
+            payload["agentId"] = self.agent_id
+        if args:
+            payload.update((k, v) for k, v in args.items() if v is not None)
+        return payload
+
+    def _send(self, data: bytes) -> None:
+        assert self.sock is not None, "connect() first"
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            raise DaemonUnavailable(f"lost the daemon while sending: {e}") from None
+
+    def send(self, action: str, args: dict[str, Any] | None = None) -> None:
+        """Fire-and-forget (conv id 0): no reply comes, even on error."""
+        self._send(self._encoder.encode(Performative.INFORM, 0, self._payload(action, args)))
+
+    def request(
+        self,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        kind: int = Performative.REQUEST,
+    ) -> Any:
+        self._conv = next_conv_id(self._conv)
+        conv = self._conv
+        self._send(self._encoder.encode(kind, conv, self._payload(action, args)))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            frame = self._next_frame(deadline)
+            if frame is None:
+                raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
+            if frame.conv_id == conv:
+                return reply_result(frame)
+            if frame.conv_id == 0:
+                self._check_pushed(frame)
+                self._pushed.append(frame)
+
+    def receive(self, timeout: float | None = None) -> Frame | None:
+        """The next server-pushed frame, or None when ``timeout`` (seconds; None = forever) passes."""
+        if self._pushed:
+            return self._pushed.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._next_frame(deadline)
+            if frame is None or frame.conv_id == 0:
+                if frame is not None:
+                    self._check_pushed(frame)
+                return frame
+
+    @staticmethod
+    def _check_pushed(frame: Frame) -> None:
+        if frame.type == Performative.REFUSE and frame.payload.get("error") == "disconnected":
+            raise PDError.from_wire(frame.payload)
+
+    def _next_frame(self, deadline: float | None) -> Frame | None:
+        assert self.sock is not None, "connect() first"
+        while True:
+            event = self._decoder.next_event()
+            if isinstance(event, Frame):
+                return event
+            if isinstance(event, Malformed):
+                raise PDError("frame_decode_error", f"the daemon sent a malformed frame: {event.reason}")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            except OSError as e:
+                raise DaemonUnavailable(f"lost the daemon: {e}") from None
+            if not data:
+                raise DaemonUnavailable("the daemon closed the connection")
+            self._decoder.feed(data)

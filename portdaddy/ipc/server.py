@@ -1,0 +1,357 @@
+"""The binary IPC server: frames in, operations run, frames out, on ``daemon.ipc``.
+
+Each connection reads straight from a non-blocking stdlib socket (``wait_readable`` then one large ``recv``),
+parses every whole frame in the buffer, runs synchronous operations inline (they are atomic on the trio
+thread) and flushes all replies with one ``send``. Operations that wait (blocking acquires, ``tuple in
+--wait``) run as tasks in the connection's nursery so the connection keeps serving. Limits (reference §20.5):
+connection cap, per-connection rate, a three-strike budget for malformed frames, bounded output, one agent
+identity per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from portdaddy.core.ops import Ctx, Op
+from portdaddy.errors import PDError, performative
+from portdaddy.ipc.frame import Decoder, Encoder, FrameTooLarge, Malformed, Performative
+
+log = logging.getLogger("portdaddy.ipc")
+
+MAX_STRIKES = 3
+RECV_SIZE = 256 * 1024
+# Replies the client asked for are never dropped, but a client that never reads them is cut off here.
+MAX_OUT_BYTES = 4 * 1024 * 1024
+# Pushed deliveries are dropped (and counted) once this much output is queued for a slow reader.
+MAX_PUSH_BACKLOG = 256 * 1024
+
+_REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_REF, Performative.SUBSCRIBE,
+                Performative.UNSUBSCRIBE}  # fmt: skip
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def bind_unix(path: os.PathLike[str] | str) -> socket.socket:
+    """A listening Unix socket created 0600 (umask around bind, so there is no window where it is wider)."""
+    path = os.fspath(path)
+    if len(path.encode()) > 107:
+        raise OSError(f"socket path is {len(path)} bytes; Unix sockets allow 107: {path}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class Connection:
+    """One client. Ops see it as ``ctx.conn``: ``push`` deliveries, ``on_close`` cleanups, ``data`` slots."""
+
+    def __init__(self, server: IpcServer, sock: socket.socket, peer_pid: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer_pid = peer_pid
+        self.ctx = Ctx(server.app, "ipc", pid=peer_pid, conn=self)
+        self.decoder = Decoder()
+        self.encoder = Encoder()
+        self.out = bytearray()
+        self.strikes = 0
+        self.dropped_pushes = 0
+        self.dropped_inform = 0
+        self.data: dict[str, Any] = {}  # per-connection state owned by subsystems (subscriptions, …)
+        self._closers: list[Callable[[], None]] = []
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._pending: dict[int, trio.CancelScope] = {}
+        self._window = 0
+        self._window_count = 0
+        self._nursery: trio.Nursery | None = None
+        self.hangup = False  # stop reading: the connection is being cut off
+        self.closed = False
+
+    # -- what operations use -------------------------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.ctx.agent_id
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def push(self, payload: dict[str, Any]) -> bool:
+        """Queue a server-initiated INFORM (conv 0). False if dropped because the client is not reading."""
+        if self.closed:
+            return False
+        if len(self.out) > MAX_PUSH_BACKLOG:
+            self.dropped_pushes += 1
+            return False
+        self.out += self.encoder.encode(Performative.INFORM, 0, payload)
+        self._flush()
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        sock = self.sock
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        data = sock.recv(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    self.decoder.feed(data)
+                    for event in self.decoder.events():
+                        self._handle(event)
+                        if self.hangup:
+                            break
+                    self._flush()
+                    if self.hangup or len(self.out) > MAX_OUT_BYTES:
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:
+                log.exception("connection cleanup failed")
+        self._closers.clear()
+        self.server.connections.discard(self)
+        # Best effort: let the last frames (a REFUSE before disconnect) reach the client.
+        if self.out:
+            try:
+                self.sock.send(self.out)
+            except OSError:
+                pass
+        self.sock.close()
+
+    async def _writer(self) -> None:
+        """Drains output the non-blocking send in ``_flush`` could not write at once."""
+        while True:
+            if not self.out:
+                await self._writer_lot.park()
+                continue
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            del self.out[:sent]
+
+    def _flush(self) -> None:
+        if not self.out:
+            return
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.out.clear()
+            return
+        del self.out[:sent]
+        if self.out:
+            self._writer_lot.unpark_all()
+
+    # -- frames --------------------------------------------------------------------------------------------
+
+    def _reply(self, kind: int, conv_id: int, payload: dict[str, Any]) -> None:
+        try:
+            self.out += self.encoder.encode(kind, conv_id, payload)
+        except FrameTooLarge as e:
+            body = {"action": payload.get("action"), "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
+            self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
+
+    def _error(self, conv_id: int, action: Any, err: PDError) -> None:
+        if conv_id:
+            self._reply(performative(err.code), conv_id, {"action": action, **err.to_wire()})
+
+    def _strike(self, conv_id: int, reason: str) -> None:
+        self.strikes += 1
+        self.server.malformed += 1
+        if self.strikes >= MAX_STRIKES:
+            self._reply(Performative.REFUSE, 0, {
+                "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
+                "message": "too many malformed frames; connection closed",
+            })  # fmt: skip
+            self.hangup = True  # the read loop stops and close() runs
+            return
+        self._reply(Performative.NOT_UNDERSTOOD, conv_id, {
+            "error": "frame_decode_error", "message": reason, "violations": self.strikes,
+        })  # fmt: skip
+
+    def _over_rate(self) -> bool:
+        rate = self.server.rate
+        if not rate:
+            return False
+        window = int(time.monotonic())
+        if window != self._window:
+            self._window, self._window_count = window, 0
+        self._window_count += 1
+        return self._window_count > rate
+
+    def _handle(self, event: Any) -> None:
+        if isinstance(event, Malformed):
+            self._strike(event.conv_id, event.reason)
+            return
+        kind, conv_id, payload = event.type, event.conv_id, event.payload
+        action = payload["action"]
+        wants_reply = conv_id != 0 and kind in _REPLY_TYPES
+        if self._over_rate():
+            if wants_reply:
+                self._reply(Performative.REFUSE, conv_id, {
+                    "action": action, "error": "rate_limited", "limit": self.server.rate, "window": "per_second",
+                    "message": f"over {self.server.rate} frames/s on this connection; slow down",
+                })  # fmt: skip
+            else:
+                self.dropped_inform += 1
+            return
+        if kind == Performative.CANCEL:
+            scope = self._pending.get(conv_id)
+            if scope is not None:
+                scope.cancel()
+            return
+        agent = payload.get("agentId")
+        if agent is not None and agent != self.ctx.agent_id:
+            if self.ctx.agent_id is None and isinstance(agent, str) and 0 < len(agent) <= 100:
+                self.ctx.agent_id = agent
+            else:
+                self._error(conv_id, action, PDError(
+                    "agent_mismatch",
+                    f"this connection is bound to agent {self.ctx.agent_id!r}; open another for {agent!r}",
+                ))  # fmt: skip
+                return
+        op = self.server.ops.get(action)
+        if op is None:
+            self._error(conv_id, action, PDError("unknown_action", f"unknown action {action[:64]!r}"))
+            return
+        if not wants_reply and not op.fire_and_forget:
+            self.dropped_inform += 1  # cannot report an error for a request nobody waits on
+            return
+        try:
+            kwargs = op.bind(payload)
+            if op.is_async:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_async, op, kwargs, conv_id if wants_reply else 0)
+                return
+            result = op.handler(self.ctx, **kwargs)
+        except PDError as e:
+            self._error(conv_id if wants_reply else 0, action, e)
+            return
+        except Exception:
+            log.exception("operation %s failed", action)
+            self._error(conv_id if wants_reply else 0, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
+            return
+        if wants_reply:
+            self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
+
+    async def _run_async(self, op: Op, kwargs: dict[str, Any], conv_id: int) -> None:
+        with trio.CancelScope() as scope:
+            if conv_id:
+                self._pending[conv_id] = scope
+            try:
+                result = await op.handler(self.ctx, **kwargs)
+            except PDError as e:
+                self._error(conv_id, op.name, e)
+            except Exception:
+                log.exception("operation %s failed", op.name)
+                self._error(conv_id, op.name, PDError("INTERNAL", f"{op.name} failed; see daemon.log"))
+            else:
+                if conv_id:
+                    self._reply(Performative.INFORM_DONE, conv_id, {"action": op.name, "result": result})
+            finally:
+                self._pending.pop(conv_id, None)
+            self._flush()
+        if scope.cancelled_caught and conv_id and not self.closed:
+            self._error(conv_id, op.name, PDError("CANCELLED", f"{op.name} was cancelled"))
+            self._flush()
+
+
+class IpcServer:
+    name = "ipc"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.ops: dict[str, Op] = app.ops
+        self.max_conn = app.settings.ipc_max_conn
+        self.rate = app.settings.ipc_rate
+        self.connections: set[Connection] = set()
+        self.malformed = 0
+        self.refused = 0
+        self.uid = os.getuid()
+
+    def stats(self) -> dict[str, Any]:
+        return {"ipcConnections": len(self.connections)}
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.app.settings.ipc_sock
+        listener = bind_unix(path)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await trio.lowlevel.wait_readable(listener)
+                    try:
+                        sock, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as e:  # EMFILE and friends: back off instead of spinning
+                        log.warning("accept failed: %s", e)
+                        await trio.sleep(0.05)
+                        continue
+                    self._admit(sock, nursery)
+        finally:
+            listener.close()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _admit(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        sock.setblocking(False)
+        pid, uid, _ = peer_credentials(sock)
+        if uid != self.uid:
+            self.refused += 1
+            sock.close()
+            return
+        conn = Connection(self, sock, pid)
+        if len(self.connections) >= self.max_conn:
+            self.refused += 1
+            conn._reply(Performative.REFUSE, 0, {
+                "error": "max_connections", "message": f"the daemon serves at most {self.max_conn} IPC connections",
+            })  # fmt: skip
+            conn.close()
+            return
+        self.connections.add(conn)
+        nursery.start_soon(conn.serve)

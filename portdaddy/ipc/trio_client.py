@@ -1,0 +1,208 @@
+"""The trio IPC client the SDK stands on: many requests in flight on one connection, fire-and-forget sends
+that never await, server pushes routed to handlers, and reconnection with backoff that replays
+subscriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from portdaddy.errors import DaemonUnavailable, Timeout
+from portdaddy.ipc.client import reply_result
+from portdaddy.ipc.frame import Decoder, Encoder, Frame, Performative, next_conv_id
+
+log = logging.getLogger("portdaddy.client")
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+class _Pending:
+    __slots__ = ("event", "frame")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.frame: Frame | None = None
+
+
+class TrioClient:
+    def __init__(
+        self,
+        path: os.PathLike[str] | str,
+        *,
+        agent_id: str | None = None,
+        timeout: float = 5.0,
+        reconnect: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.agent_id = agent_id
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.sock: socket.socket | None = None
+        self.connected = trio.Event()
+        self.push_handlers: list[Callable[[Frame], None]] = []
+        # Interest to re-declare after a reconnect: key -> (action, args).
+        self.replay: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.reconnects = 0
+        self._encoder = Encoder()
+        self._conv = 0
+        self._pending: dict[int, _Pending] = {}
+        self._out = bytearray()
+        self._writer_lot = trio.lowlevel.ParkingLot()
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        kind: int = Performative.REQUEST,
+    ) -> Any:
+        if self.sock is None:
+            raise DaemonUnavailable(f"not connected to {self.path}")
+        self._conv = next_conv_id(self._conv)
+        conv = self._conv
+        pending = self._pending[conv] = _Pending()
+        try:
+            self._write(self._encoder.encode(kind, conv, self._payload(action, args)))
+            with trio.move_on_after(self.timeout if timeout is None else timeout):
+                await pending.event.wait()
+        finally:
+            self._pending.pop(conv, None)
+        if pending.frame is None:
+            if pending.event.is_set():
+                raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
+            self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
+            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
+        return reply_result(pending.frame)
+
+    def send_nowait(self, action: str, args: dict[str, Any] | None = None) -> None:
+        """Fire-and-forget: written now if the socket takes it, else queued for the writer. Never awaits."""
+        if self.sock is None:
+            raise DaemonUnavailable(f"not connected to {self.path}")
+        self._write(self._encoder.encode(Performative.INFORM, 0, self._payload(action, args)))
+
+    # -- connection lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the connection: connect (failing fast the first time), read, and reconnect with backoff."""
+        self._connect()
+        task_status.started()
+        backoff = BACKOFF_START_S
+        while True:
+            await self._serve_connection()
+            if not self.reconnect:
+                return
+            while True:
+                await trio.sleep(backoff)
+                try:
+                    self._connect()
+                except DaemonUnavailable:
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                break
+            backoff = BACKOFF_START_S
+            self.reconnects += 1
+            for action, args in self.replay.values():
+                self._conv = next_conv_id(self._conv)
+                self._write(self._encoder.encode(Performative.SUBSCRIBE, self._conv, self._payload(action, args)))
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise DaemonUnavailable(f"no daemon at {self.path}: {e.strerror or e}; start it with: pd start") from None
+        sock.setblocking(False)
+        self.sock = sock
+        self._out.clear()
+        self.connected.set()
+
+    async def _serve_connection(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        decoder = Decoder()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, sock)
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        data = sock.recv(262_144)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    decoder.feed(data)
+                    for event in decoder.events():
+                        if isinstance(event, Frame):
+                            self._dispatch(event)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.sock = None
+            self.connected = trio.Event()
+            sock.close()
+            for pending in self._pending.values():
+                pending.event.set()  # frame stays None: the waiter raises DaemonUnavailable
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.conv_id:
+            pending = self._pending.get(frame.conv_id)
+            if pending is not None:
+                pending.frame = frame
+                pending.event.set()
+            return
+        for handler in self.push_handlers:
+            handler(frame)
+
+    # -- output --------------------------------------------------------------------------------------------
+
+    def _payload(self, action: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        payload = {"action": action}
+        if self.agent_id:
+            payload["agentId"] = self.agent_id
+        if args:
+            payload.update((k, v) for k, v in args.items() if v is not None)
+        return payload
+
+    def _write(self, data: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            raise DaemonUnavailable(f"not connected to {self.path}")
+        if not self._out:
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                raise DaemonUnavailable(f"lost the daemon: {e}") from None
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out += data
+        self._writer_lot.unpark_all()
+
+    async def _writer(self, sock: socket.socket) -> None:
+        while True:
+            if not self._out:
+                await self._writer_lot.park()
+                continue
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sent = sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            del self._out[:sent]

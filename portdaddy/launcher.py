@@ -1,0 +1,74 @@
+"""Starting the daemon from a client (the CLI's auto-start, ``pd start``, the SDK). Standard library only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from portdaddy.config import Settings
+from portdaddy.errors import DaemonUnavailable
+from portdaddy.ipc.client import BlockingClient
+
+START_TIMEOUT_S = 15.0
+
+
+def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
+    """Start ``python -m portdaddy.daemon`` in its own session (it outlives this terminal), logging to
+    daemon.log. If another daemon wins the race for the home, this one exits 0 at once."""
+    cfg.ensure_home()
+    log = open(cfg.log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "portdaddy.daemon"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        log.close()
+
+
+def probe(cfg: Settings, action: str = "daemon.health", timeout: float = 3.0) -> Any:
+    """The daemon's answer to ``action``, or None if no daemon answers."""
+    try:
+        with BlockingClient(cfg.ipc_sock, timeout=timeout) as c:
+            return c.request(action)
+    except DaemonUnavailable:
+        return None
+
+
+def wait_healthy(
+    cfg: Settings,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    timeout: float = START_TIMEOUT_S,
+    tick: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = probe(cfg, timeout=2.0)
+        if health is not None:
+            return health
+        # Exit status 0 means "another daemon is already running": keep waiting for that one.
+        if proc is not None and proc.poll() not in (None, 0):
+            raise DaemonUnavailable(f"the daemon exited with status {proc.returncode}; see {cfg.log}")
+        if time.monotonic() > deadline:
+            raise DaemonUnavailable(f"the daemon did not become healthy in {timeout:g}s; see {cfg.log}")
+        if tick is not None:
+            tick()
+        time.sleep(0.01)
+
+
+def ensure_daemon(cfg: Settings) -> dict[str, Any]:
+    """Health of the running daemon, starting one first if none answers (and auto-start is allowed)."""
+    health = probe(cfg)
+    if health is not None:
+        return health
+    if not cfg.autostart:
+        raise DaemonUnavailable(f"no daemon at {cfg.ipc_sock} and PORT_DADDY_NO_AUTOSTART is set; run: pd start")
+    return wait_healthy(cfg, spawn_daemon(cfg))

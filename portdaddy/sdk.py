@@ -1,0 +1,131 @@
+"""The trio-native Python SDK.
+
+    async with portdaddy.connect() as pd:
+        claim = await pd.claim("myapp:api")
+        print(claim.port)
+
+It speaks IPC over one connection (many requests in flight), starts the daemon if none is running (unless
+``PORT_DADDY_NO_AUTOSTART`` is set), and raises the exceptions of ``portdaddy.errors`` (``LockHeld``,
+``Conflict``, ``NotFound``, ``BadInput``, ``Timeout``, ``DaemonUnavailable``) mapped from the daemon's codes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from portdaddy.config import Settings
+from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
+from portdaddy.ipc.trio_client import TrioClient
+from portdaddy.launcher import ensure_daemon
+
+__all__ = [
+    "BadInput", "Claim", "Conflict", "DaemonUnavailable", "LockHeld", "NotFound", "PDError", "PortDaddy",
+    "Service", "Timeout", "connect",
+]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    id: str
+    port: int
+    existing: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    id: str
+    port: int
+    status: str
+    pid: int | None
+    urls: dict[str, str]
+    created_at: int
+    expires_at: int | None
+    metadata: dict[str, Any] | None
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Service:
+        return cls(d["id"], d["port"], d["status"], d.get("pid"), d.get("urls") or {}, d["createdAt"],
+                   d.get("expiresAt"), d.get("metadata"))  # fmt: skip
+
+
+class PortDaddy:
+    """A connected client. Use ``portdaddy.connect()`` rather than constructing it."""
+
+    def __init__(self, client: TrioClient, nursery: trio.Nursery) -> None:
+        self._client = client
+        self._nursery = nursery
+
+    @property
+    def agent_id(self) -> str | None:
+        return self._client.agent_id
+
+    async def call(self, action: str, timeout: float | None = None, **args: Any) -> Any:
+        """Any operation by name (see spec/ipc.md); the typed methods below are sugar over this."""
+        return await self._client.request(action, args, timeout=timeout)
+
+    def send(self, action: str, **args: Any) -> None:
+        """Fire-and-forget an operation that allows it; never waits for the daemon."""
+        self._client.send_nowait(action, args)
+
+    # -- daemon ---------------------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("daemon.status")
+
+    # -- services -------------------------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        identity: str,
+        *,
+        port: int | None = None,
+        port_range: tuple[int, int] | None = None,
+        expires: str | int | None = None,
+        pid: int | None = None,
+        cmd: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Claim:
+        r = await self.call("port.claim", id=identity, port=port, range=port_range, expires=expires, pid=pid,
+                            cmd=cmd, metadata=metadata)  # fmt: skip
+        return Claim(r["id"], r["port"], r["existing"], r["message"])
+
+    async def release(self, pattern: str | None = None, *, expired: bool = False) -> int:
+        """Release an identity, a pattern's matches, or expired services; returns how many."""
+        return (await self.call("port.release", id=pattern, expired=expired))["released"]
+
+    async def find(self, pattern: str = "*") -> list[Service]:
+        r = await self.call("port.find", pattern=pattern)
+        return [Service.from_wire(s) for s in r["services"]]
+
+    async def get(self, identity: str) -> Service:
+        return Service.from_wire((await self.call("port.get", id=identity))["service"])
+
+
+@asynccontextmanager
+async def connect(
+    *,
+    agent_id: str | None = None,
+    settings: Settings | None = None,
+    timeout: float = 5.0,
+    reconnect: bool = True,
+    autostart: bool = True,
+) -> AsyncIterator[PortDaddy]:
+    """Connect to the daemon of ``PORT_DADDY_HOME`` (starting it if needed) for the ``async with`` block."""
+    cfg = settings or Settings.from_env()
+    agent_id = agent_id or os.environ.get("PORT_DADDY_AGENT")
+    if autostart:
+        await trio.to_thread.run_sync(ensure_daemon, cfg)
+    client = TrioClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout, reconnect=reconnect)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        try:
+            yield PortDaddy(client, nursery)
+        finally:
+            nursery.cancel_scope.cancel()

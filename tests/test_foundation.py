@@ -1,0 +1,255 @@
+"""The foundation end to end: a real daemon, the real `pd`, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import apsw
+import httpx
+import pytest
+
+from portdaddy.core.registry import seed_port
+from portdaddy.errors import DaemonUnavailable
+from portdaddy.ipc.client import BlockingClient
+from tests.conftest import PYTHON, Daemon, make_env
+
+
+def claim_q(d: Daemon, identity: str, *args: str) -> int:
+    r = d.pd("claim", identity, "-q", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().isdigit(), r.stdout
+    return int(r.stdout)
+
+
+def test_claim_is_stable_and_hash_seeded(daemon: Daemon, tmp_home: Path) -> None:
+    port = claim_q(daemon, "stable:api:main")
+    assert claim_q(daemon, "stable:api:main") == port
+    assert port == seed_port("stable:api:main", 3100, 9999) or port > 3100
+    other = Daemon(tmp_home, make_env(tmp_home)).start()
+    try:
+        assert claim_q(other, "stable:api:main") == port  # a fresh home agrees
+    finally:
+        other.stop()
+
+
+def test_claim_skips_a_port_bound_by_another_process(fresh_daemon: Daemon) -> None:
+    identity = "bound:api"
+    wanted = seed_port(identity, 3100, 9999)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", wanted))
+        s.listen()
+        got = claim_q(fresh_daemon, identity)
+    assert got != wanted
+
+
+def test_release_then_reclaim_returns_the_seeded_port(daemon: Daemon) -> None:
+    port = claim_q(daemon, "relclaim:web")
+    r = daemon.pd("release", "relclaim:web")
+    assert r.returncode == 0 and "released relclaim:web" in r.stdout
+    assert claim_q(daemon, "relclaim:web") == port
+
+
+def test_find_json_and_patterns(daemon: Daemon) -> None:
+    for ident in ("findme:api:main", "findme:web:main", "findme"):
+        claim_q(daemon, ident)
+    r = daemon.pd("find", "findme:*", "--json")
+    ids = sorted(s["id"] for s in json.loads(r.stdout)["services"])
+    assert ids == ["findme:api:main", "findme:web:main"]
+    r = daemon.pd("find", "*:web:*", "--json")
+    assert "findme:web:main" in [s["id"] for s in json.loads(r.stdout)["services"]]
+    assert "findme:api:main" not in [s["id"] for s in json.loads(r.stdout)["services"]]
+
+
+def test_url_env_and_endpoints(daemon: Daemon) -> None:
+    port = claim_q(daemon, "urls:api")
+    assert daemon.pd("url", "urls:api").stdout.strip() == f"http://localhost:{port}"
+    assert daemon.pd("url", "urls:api", "--env", "prod").returncode == 1
+    assert f"URLS_API_PORT={port}" in daemon.pd("env", "urls:*").stdout
+    daemon.call("port.endpoint", id="urls:api", env="prod", url="https://api.example.com")
+    assert daemon.pd("url", "urls:api", "-e", "prod").stdout.strip() == "https://api.example.com"
+
+
+def test_release_by_pattern_and_expired(daemon: Daemon) -> None:
+    for ident in ("gone:a", "gone:b", "gone:c:d"):
+        claim_q(daemon, ident)
+    out = json.loads(daemon.pd("release", "gone:*", "--json").stdout)
+    assert out["released"] == 3
+    claim_q(daemon, "short:lived", "--expires", "1ms")
+    time.sleep(0.05)
+    assert json.loads(daemon.pd("find", "short:*", "--json").stdout)["count"] == 0  # the reaper got it
+
+
+def test_http_over_unix_socket_and_tcp_security(daemon: Daemon) -> None:
+    cfg = daemon.settings
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(cfg.http_sock)), base_url="http://x") as c:
+        assert c.get("/health").json()["status"] == "ok"
+        r = c.post("/claim", json={"id": "http:api"})
+        assert r.status_code == 200 and r.json()["port"] > 0
+        assert c.get("/services/http:api").json()["service"]["id"] == "http:api"
+        assert c.get("/services/nope:x").status_code == 404
+        r = c.post("/claim", json={"id": "bad id"})
+        assert r.status_code == 400 and r.json()["code"] == "IDENTITY_INVALID"
+        assert c.post("/claim", content=b"{nope").status_code == 400
+    port = int(cfg.port_file.read_text())
+    token = cfg.token_file.read_text().strip()
+    assert oct(cfg.token_file.stat().st_mode & 0o777) == "0o600"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+        assert c.get("/health").status_code == 200
+        assert c.post("/claim", json={"id": "tcp:api"}).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        assert c.post("/claim", json={"id": "tcp:api"}, headers=auth).status_code == 200
+        evil = {**auth, "Host": "evil.example.com"}
+        assert c.post("/claim", json={"id": "tcp:api"}, headers=evil).status_code == 403
+
+
+def test_connection_close_request_is_closed_by_the_server(daemon: Daemon) -> None:
+    """Regression for hypercorn + quart-trio: a `Connection: close` response must end with EOF."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(daemon.settings.http_sock))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):  # hangs (then times out) without the fix
+            data += chunk
+    assert b'"status":"ok"' in data
+
+
+def test_runtime_files_are_private(daemon: Daemon) -> None:
+    cfg = daemon.settings
+    assert oct(cfg.home.stat().st_mode & 0o777) == "0o700"
+    for path in (cfg.ipc_sock, cfg.http_sock):
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+
+
+def test_bad_input_is_refused_with_exit_2_and_changes_nothing(daemon: Daemon) -> None:
+    before = daemon.call("port.find")["count"]
+    cases = [
+        ("claim", "../etc/passwd"),
+        ("claim", "a b"),
+        ("claim", "myapp:*"),
+        ("claim", "a:b:c:d"),
+        ("claim", "ok:port", "--port", "80"),
+        ("claim", "ok:port", "--port", "70000"),
+        ("claim", "ok:exp", "--expires", "soon"),
+    ]
+    for args in cases:
+        r = daemon.pd(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    with daemon.client() as c, pytest.raises(Exception, match="limit is 10000"):
+        c.request("port.claim", {"id": "big:meta", "metadata": {"x": "y" * 20_000}})
+    assert daemon.call("port.find")["count"] == before
+
+
+def test_garbage_and_huge_blobs_on_the_ipc_socket(daemon: Daemon) -> None:
+    path = str(daemon.settings.ipc_sock)
+    for blob in (os.urandom(4096), b"\xff" * (1024 * 1024), b"\x10\x00\x00\x00\x01\xff\xff" + b"\xc1" * 65535):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(path)
+            try:
+                s.sendall(blob)
+                s.shutdown(socket.SHUT_WR)  # a partial frame at the end waits for bytes that never come
+                while s.recv(65536):
+                    pass
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # cut off after three strikes
+    assert daemon.call("daemon.health")["status"] == "ok"
+
+
+def test_unknown_action_is_not_understood(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        with pytest.raises(Exception, match="unknown action"):
+            c.request("no.such.thing")
+        assert c.request("daemon.health")["status"] == "ok"  # the connection survives
+
+
+def _claim_proc(env: dict[str, str], identity: str) -> int:
+    r = subprocess.run([PYTHON, "-m", "portdaddy.cli", "claim", identity, "-q"], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def test_fifty_concurrent_processes(fresh_daemon: Daemon) -> None:
+    env = fresh_daemon.env
+    with ThreadPoolExecutor(50) as pool:
+        same = list(pool.map(lambda _: _claim_proc(env, "race:api"), range(50)))
+        distinct = list(pool.map(lambda i: _claim_proc(env, f"race:svc{i}"), range(50)))
+    assert len(set(same)) == 1
+    assert len(set(distinct)) == 50 and same[0] not in distinct
+
+
+def test_sigkill_after_acknowledged_claims_loses_nothing(fresh_daemon: Daemon) -> None:
+    ports = {f"durable:s{i}": claim_q(fresh_daemon, f"durable:s{i}") for i in range(20)}
+    fresh_daemon.kill9()
+    fresh_daemon.start()
+    found = {s["id"]: s["port"] for s in fresh_daemon.call("port.find", pattern="durable:*")["services"]}
+    assert found == ports
+    db = apsw.Connection(str(fresh_daemon.settings.db))
+    assert db.pragma("integrity_check") == "ok"
+
+
+def test_single_instance_and_clean_shutdown(fresh_daemon: Daemon) -> None:
+    second = subprocess.run([PYTHON, "-m", "portdaddy.daemon"], env=fresh_daemon.env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert second.returncode == 0 and "already running (pid" in second.stdout
+    cfg = fresh_daemon.settings
+    assert fresh_daemon.stop(signal.SIGTERM) == 0
+    for path in (cfg.ipc_sock, cfg.http_sock, cfg.pid_file):
+        assert not path.exists(), path
+    assert not Path(str(cfg.db) + "-wal").exists() or Path(str(cfg.db) + "-wal").stat().st_size == 0
+
+
+def test_stale_files_are_cleaned_on_start(tmp_home: Path) -> None:
+    d = Daemon(tmp_home, make_env(tmp_home)).start()
+    d.kill9()
+    assert d.settings.ipc_sock.exists()  # left behind by SIGKILL
+    status = d.pd("status")
+    assert status.returncode == 3 and "gone" in status.stderr and "pd start" in status.stderr
+    d.start()
+    assert d.call("daemon.health")["status"] == "ok"
+    d.stop()
+
+
+def test_status_and_version(daemon: Daemon) -> None:
+    r = daemon.pd("status")
+    assert r.returncode == 0 and "is running (pid" in r.stdout and "database:" in r.stdout
+    st = json.loads(daemon.pd("status", "--json").stdout)
+    assert st["sockets"]["ipc"].endswith("daemon.ipc") and "services" in st["counts"]
+    assert daemon.pd("version", "-q").stdout.strip() == st["version"]
+
+
+def test_autostart_and_no_autostart(tmp_home: Path) -> None:
+    env = make_env(tmp_home)
+    no_start = subprocess.run([PYTHON, "-m", "portdaddy.cli", "claim", "auto:api", "-q"], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+    assert no_start.returncode == 3 and "pd start" in no_start.stderr
+    env.pop("PORT_DADDY_NO_AUTOSTART")
+    d = Daemon(tmp_home, env)
+    try:
+        assert _claim_proc(env, "auto:api") > 0
+    finally:
+        subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=env, capture_output=True, timeout=30)
+    with pytest.raises(DaemonUnavailable):
+        BlockingClient(d.settings.ipc_sock).connect()
+
+
+def test_pd_import_path_is_light() -> None:
+    r = subprocess.run([PYTHON, "-X", "importtime", "-m", "portdaddy.cli", "--help"], capture_output=True,
+                       text=True, env={**os.environ, "PORT_DADDY_NO_AUTOSTART": "1"})  # fmt: skip
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
+    assert "click" in modules
+    assert not modules & {"trio", "quart", "quart_trio", "hypercorn", "apsw", "nacl"}
+
+
+def test_colon_shortcut_claims(daemon: Daemon) -> None:
+    r = daemon.pd("shortcut:api", "-q")
+    assert r.returncode == 0 and r.stdout.strip().isdigit()

@@ -1,0 +1,41 @@
+"""The contracts in spec/ stay true to the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from portdaddy.core.ops import load_table
+from portdaddy.http.routes import ROUTES, STREAMS
+
+SPEC = Path(__file__).parent.parent / "spec"
+
+
+def _openapi_routes() -> dict[tuple[str, str], dict]:
+    doc = yaml.safe_load((SPEC / "openapi.yaml").read_text())
+    return {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
+
+
+def _quart_to_openapi(path: str) -> str:
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", path)
+
+
+def test_every_http_route_is_documented() -> None:
+    documented = _openapi_routes()
+    served = {(r.method, _quart_to_openapi(r.path)): r.op for r in ROUTES}
+    served.update({(m, _quart_to_openapi(p)): None for m, p, _ in STREAMS})
+    missing = sorted(set(served) - set(documented))
+    assert not missing, f"routes missing from spec/openapi.yaml: {missing}"
+    stale = sorted(set(documented) - set(served))
+    assert not stale, f"spec/openapi.yaml documents routes the daemon does not serve: {stale}"
+    for key, op in served.items():
+        if op is not None:
+            assert documented[key].get("x-operation") == op, key
+
+
+def test_every_operation_is_listed_in_the_ipc_spec() -> None:
+    text = (SPEC / "ipc.md").read_text()
+    missing = sorted(name for name in load_table() if f"`{name}`" not in text)
+    assert not missing, f"operations missing from spec/ipc.md: {missing}"
