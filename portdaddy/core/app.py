@@ -53,6 +53,12 @@ class App:
     def uptime_s(self) -> float:
         return time.time() - self.started_at
 
+    def publish(self, channel: str, payload: Any, *, sender: str = "daemon") -> None:
+        """Post a channel message from inside the daemon (agents → ``resurrection``, fleet → ``fleet``)."""
+        broker = getattr(self, "broker", None)
+        if broker is not None:
+            broker.publish(channel, payload, sender=sender)
+
     def stats(self) -> dict[str, Any]:
         counts: dict[str, Any] = {}
         for sub in self.subsystems:
