@@ -190,10 +190,11 @@ class Connection:
         try:
             self.out += self.encoder.encode(kind, conv_id, payload)
         except FrameTooLarge as e:
-            body = {"action": payload.get("action"), "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
+            body = {"action": payload.get("action") or "", "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
 
-    def _error(self, conv_id: int, action: Any, err: PDError) -> None:
+    def _error(self, conv_id: int, action: str, err: PDError) -> None:
+        # Every frame carries a str action (spec/ipc.md), replies included, or clients see it as malformed.
         if conv_id:
             self._reply(performative(err.code), conv_id, {"action": action, **err.to_wire()})
 
@@ -202,13 +203,13 @@ class Connection:
         self.server.malformed += 1
         if self.strikes >= MAX_STRIKES:
             self._reply(Performative.REFUSE, 0, {
-                "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
+                "action": "", "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
                 "message": "too many malformed frames; connection closed",
             })  # fmt: skip
             self.hangup = True  # the read loop stops and close() runs
             return
         self._reply(Performative.NOT_UNDERSTOOD, conv_id, {
-            "error": "frame_decode_error", "message": reason, "violations": self.strikes,
+            "action": "", "error": "frame_decode_error", "message": reason, "violations": self.strikes,
         })  # fmt: skip
 
     def _over_rate(self) -> bool:
@@ -349,7 +350,7 @@ class IpcServer:
         if len(self.connections) >= self.max_conn:
             self.refused += 1
             conn._reply(Performative.REFUSE, 0, {
-                "error": "max_connections", "message": f"the daemon serves at most {self.max_conn} IPC connections",
+                "action": "", "error": "max_connections", "message": f"the daemon serves at most {self.max_conn} IPC connections",
             })  # fmt: skip
             conn.close()
             return
