@@ -63,7 +63,7 @@ def _cli_figures(cfg, quick: bool) -> list[Figure]:
     return [
         Figure("process: python -c pass", wall(PYTHON, "-c", "pass"), unit="ms"),
         Figure("process: pd claim -q (existing)", wall(*pd, "claim", "bench:api", "-q"), unit="ms",
-               floor="process: python -c pass"),  # fmt: skip
+               floor="process: python -c pass"),
         Figure("process: pd version", wall(*pd, "version"), unit="ms", floor="process: python -c pass"),
     ]
 

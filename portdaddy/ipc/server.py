@@ -349,9 +349,8 @@ class IpcServer:
         conn = Connection(self, sock, pid)
         if len(self.connections) >= self.max_conn:
             self.refused += 1
-            conn._reply(Performative.REFUSE, 0, {
-                "action": "", "error": "max_connections", "message": f"the daemon serves at most {self.max_conn} IPC connections",
-            })  # fmt: skip
+            message = f"the daemon serves at most {self.max_conn} IPC connections"
+            conn._reply(Performative.REFUSE, 0, {"action": "", "error": "max_connections", "message": message})
             conn.close()
             return
         self.connections.add(conn)

@@ -1,0 +1,579 @@
+"""pd-fleet.yml parsing: schema, errors with file/line/field, DAG checks, templating, backends, cron."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from portdaddy.errors import PDError
+from portdaddy.fleet.config import (
+    STARTER_FLEET,
+    AgentSpec,
+    FleetConfig,
+    FleetConfigError,
+    Limits,
+    check_backends,
+    find_fleet_file,
+    load_fleet,
+    next_fire,
+    render_template,
+    template_vars,
+)
+
+VARS = {"project": "myapp", "project_dir": "/src/myapp", "branch": "main", "sha": "abc1234"}
+
+
+def write(tmp_path: Path, text: str, name: str = "pd-fleet.yml") -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def load(tmp_path: Path, text: str) -> FleetConfig:
+    return load_fleet(write(tmp_path, text), VARS)
+
+
+def fail(tmp_path: Path, text: str) -> FleetConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(FleetConfigError) as info:
+        load_fleet(path, VARS)
+    return info.value
+
+
+# --- starter, discovery, shapes -------------------------------------------------------------------------
+
+
+def test_starter_loads_clean(tmp_path: Path) -> None:
+    cfg = load_fleet(write(tmp_path, STARTER_FLEET), VARS)
+    assert cfg.warnings == []
+    assert cfg.name == "myapp"
+    assert cfg.harbor == "myapp:fleet"
+    assert cfg.limits == Limits(2, 30)
+    assert set(cfg.agents) == {"qa", "docs", "reviewer"}
+    qa = cfg.agents["qa"]
+    assert (qa.trigger, qa.schedule, qa.backend) == ("git:committed", None, "claude-cli")
+    assert (qa.on_success, qa.on_failure) == ("qa:passed", "qa:failed")
+    assert qa.identity == "myapp:fleet:qa"
+    assert qa.timeout_s == 600.0
+    assert qa.respawn is True and qa.max_respawns == 3
+    assert "(main)" in qa.prompt  # {branch} substituted
+    assert cfg.agents["docs"].schedule == "0 * * * *"
+    assert cfg.agents["reviewer"].trigger == "qa:passed"
+    assert {"git:committed", "qa:passed", "qa:failed", "review:done"} <= set(cfg.channels)
+    assert cfg.channels["git:committed"].consumers == ("qa",)
+
+
+def test_empty_file_and_null_fleet(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "fleet:\n"):
+        cfg = load(tmp_path, text)
+        assert cfg.agents == {} and cfg.watchers == {} and cfg.channels == {}
+        assert cfg.name == "myapp"
+        assert cfg.limits == Limits()
+
+
+def test_find_fleet_file_order(tmp_path: Path) -> None:
+    assert find_fleet_file(tmp_path) is None
+    write(tmp_path, "", ".portdaddy/fleet.yaml")
+    assert find_fleet_file(tmp_path) == tmp_path / ".portdaddy/fleet.yaml"
+    write(tmp_path, "", ".portdaddy/fleet.yml")
+    assert find_fleet_file(tmp_path) == tmp_path / ".portdaddy/fleet.yml"
+    write(tmp_path, "", "pd-fleet.yaml")
+    assert find_fleet_file(tmp_path) == tmp_path / "pd-fleet.yaml"
+    write(tmp_path, "", "pd-fleet.yml")
+    assert find_fleet_file(tmp_path) == tmp_path / "pd-fleet.yml"
+
+
+def test_top_level_root_and_defaults(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        name: other
+        agents:
+          a:
+            trigger: git:committed
+            backend: claude
+            prompt: 42
+            identity: "{project}:bots:{name}"
+            allowedTools: [Read, Grep]
+            env: {DEBUG: true, N: 010}
+        """,
+    )
+    a = cfg.agents["a"]
+    assert cfg.name == "other"
+    assert a == AgentSpec(
+        name="a",
+        trigger="git:committed",
+        backend="claude-cli",
+        prompt="42",
+        identity="myapp:bots:a",
+        allowed_tools="Read,Grep",
+        env={"DEBUG": "true", "N": "010"},
+    )
+
+
+def test_list_form_merge_keys_watchers_channels(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        defaults: &d
+          backend: codex
+          prompt: do it
+        fleet:
+          agents:
+            - name: one
+              <<: *d
+              trigger: git:committed
+          watchers:
+            w:
+              trigger: git:committed
+              exec: make test
+              confirm: true
+          channels:
+            "git:committed": Fired by the hook
+        """,
+    )
+    assert cfg.agents["one"].backend == "codex"
+    assert cfg.watchers["w"].exec == "make test" and cfg.watchers["w"].confirm is True
+    assert cfg.channels["git:committed"].description == "Fired by the hook"
+    # The anchor holder sits outside fleet:, so it is ignored with a warning.
+    assert any(":1: defaults: " in w for w in cfg.warnings)
+
+
+# --- errors: file, line, field ---------------------------------------------------------------------------
+
+AGENT_HEAD = """\
+fleet:
+  agents:
+    a:
+"""
+
+ERROR_CASES = [
+    # (agent body lines, line, field, words in the message)
+    ("trigger: x\nschedule: '* * * * *'\nprompt: p", 5, "fleet.agents.a.schedule", "not both"),
+    ("prompt: p", 3, "fleet.agents.a", "trigger"),
+    ("schedule: '* * * * * *'\nprompt: p", 4, "fleet.agents.a.schedule", "6 field"),
+    ("schedule: '@hourly'\nprompt: p", 4, "fleet.agents.a.schedule", "five fields"),
+    ("schedule: '61 * * * *'\nprompt: p", 4, "fleet.agents.a.schedule", "not a valid cron"),
+    ("schedule: '0 0 30 2 *'\nprompt: p", 4, "fleet.agents.a.schedule", "never fires"),
+    ("trigger: x\nbackend: gpt\nprompt: p", 5, "fleet.agents.a.backend", "claude-cli"),
+    ("trigger: x\nbackend: custom", 3, "fleet.agents.a.command", "command"),
+    ("trigger: x", 3, "fleet.agents.a.prompt", "missing"),
+    ("trigger: x\nprompt: ''", 5, "fleet.agents.a.prompt", "empty"),
+    ("trigger: x\nprompt: p\non_success: notify qa", 6, "fleet.agents.a.on_success", "publish <channel>"),
+    ("trigger: x\nprompt: p\non_failure: publish", 6, "fleet.agents.a.on_failure", "publish <channel>"),
+    ("trigger: x\nprompt: p\nrespawn: maybe", 6, "fleet.agents.a.respawn", "true or false"),
+    ("trigger: x\nprompt: p\nmax_respawns: -1", 6, "fleet.agents.a.max_respawns", "whole number"),
+    ("trigger: x\nprompt: p\ntimeout: ten minutes", 6, "fleet.agents.a.timeout", "90s"),
+    ("trigger: x\nprompt: p\ntimeout_s: 0", 6, "fleet.agents.a.timeout_s", "seconds"),
+    ("trigger: x\nprompt: p\ntimeout: 5\ntimeout_s: 5", 7, "fleet.agents.a.timeout_s", "keep one"),
+    (
+        "trigger: x\nprompt: p\nallowedTools: R\nallowed_tools: R",
+        7,
+        "fleet.agents.a.allowed_tools",
+        "keep one",
+    ),
+    ("trigger: x\nprompt: p\nenv:\n  1BAD: x", 7, "fleet.agents.a.env.1BAD", "variable name"),
+    ("trigger: x\nprompt: p\nidentity: 'a:b:c:d'", 6, "fleet.agents.a.identity", "segments"),
+    ("trigger: has space\nprompt: p", 4, "fleet.agents.a.trigger", "characters"),
+    ("trigger: [x]\nprompt: p", 4, "fleet.agents.a.trigger", "expected text"),
+    ("trigger: x\nprompt: p\nprompt: q", 6, "fleet.agents.a.prompt", "duplicate key (first on line 5)"),
+]
+
+
+@pytest.mark.parametrize(("body", "line", "fld", "words"), ERROR_CASES)
+def test_agent_error_names_file_line_field(
+    tmp_path: Path, body: str, line: int, fld: str, words: str
+) -> None:
+    err = fail(tmp_path, AGENT_HEAD + textwrap.indent(body, "      ") + "\n")
+    path = tmp_path / "pd-fleet.yml"
+    assert len(err.errors) == 1, err.errors
+    assert err.message.startswith(f"{path}:{line}: {fld}: "), err.message
+    assert words in err.message
+    assert err.code == "VALIDATION_ERROR"
+    assert isinstance(err, PDError)
+
+
+def test_other_section_errors(tmp_path: Path) -> None:
+    path = tmp_path / "pd-fleet.yml"
+    err = fail(tmp_path, "fleet:\n  limits:\n    max_concurrent_spawns: many\n")
+    assert err.message.startswith(f"{path}:3: fleet.limits.max_concurrent_spawns: ")
+    err = fail(tmp_path, "fleet:\n  agents: [1, 2]\n")
+    assert err.message.startswith(f"{path}:2: fleet.agents[0]: ")
+    err = fail(tmp_path, "fleet:\n  agents: nope\n")
+    assert err.message.startswith(f"{path}:2: fleet.agents: got 'nope'; expected a mapping")
+    err = fail(tmp_path, "agents:\n  a:\n    trigger: x\n    prompt: p\nwatchers:\n  w:\n    trigger: x\n")
+    assert err.message.startswith(f"{path}:6: watchers.w.exec: missing")
+    err = fail(tmp_path, "- a\n- b\n")
+    assert err.message.startswith(f"{path}:1: (top level): got a list")
+
+
+def test_default_identity_from_bad_project_name(tmp_path: Path) -> None:
+    path = write(tmp_path, "agents:\n  a:\n    trigger: x\n    prompt: p\n")
+    with pytest.raises(FleetConfigError) as info:
+        load_fleet(path, {**VARS, "project": "my app"})
+    assert info.value.message.startswith(f"{path}:2: agents.a.identity: ")
+    assert "set identity: explicitly" in info.value.message
+
+
+def test_all_errors_are_collected(tmp_path: Path) -> None:
+    err = fail(
+        tmp_path,
+        """
+        fleet:
+          agents:
+            a:
+              trigger: x
+              prompt: p
+              backend: nope
+              respawn: sometimes
+            b:
+              schedule: "every hour"
+              prompt: p
+        """,
+    )
+    path = tmp_path / "pd-fleet.yml"
+    # In file order, though respawn is checked before backend.
+    assert [e.split(": ", 2)[:2] for e in err.errors] == [
+        [f"{path}:6", "fleet.agents.a.backend"],
+        [f"{path}:7", "fleet.agents.a.respawn"],
+        [f"{path}:9", "fleet.agents.b.schedule"],
+    ]
+    assert err.message == "\n".join(err.errors)
+    wire = err.to_wire()
+    assert wire["error"] == "VALIDATION_ERROR" and wire["errors"] == err.errors and wire["file"] == str(path)
+
+
+def test_yaml_syntax_error_reports_line(tmp_path: Path) -> None:
+    path = tmp_path / "pd-fleet.yml"
+    err = fail(tmp_path, "fleet:\n  agents:\n    a:\n      trigger: x\n     prompt: bad indent\n")
+    assert err.message.startswith(f"{path}:5: yaml: syntax error: ")
+    err = fail(tmp_path, 'fleet:\n  name: "unclosed\n  harbor: x\n')
+    assert err.message.startswith(f"{path}:4: yaml: syntax error: ")
+    assert "began on line 2" in err.message
+    err = fail(tmp_path, "fleet:\n\tagents: {}\n")
+    assert err.message.startswith(f"{path}:2: yaml: syntax error: ")
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "pd-fleet.yml"
+    path.write_bytes(b"fleet:\n  name: caf\xe9\n")
+    with pytest.raises(FleetConfigError) as info:
+        load_fleet(path, VARS)
+    assert info.value.message.startswith(f"{path}:2: file: not UTF-8")
+
+
+def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        fleet:
+          version: 2
+          limits:
+            budget_usd_per_day: 5
+          agents:
+            a:
+              trigger: git:committed
+              prompt: p
+              worktree: true
+              run_on_start: true
+        """,
+    )
+    path = tmp_path / "pd-fleet.yml"
+    assert "a" in cfg.agents
+    assert cfg.warnings[0].startswith(f"{path}:2: fleet.version: unknown key")
+    assert cfg.warnings[1].startswith(f"{path}:4: fleet.limits.budget_usd_per_day: not enforced")
+    assert cfg.warnings[2].startswith(f"{path}:9: fleet.agents.a.worktree: unknown key ignored; known keys: ")
+    assert cfg.warnings[3].startswith(f"{path}:10: fleet.agents.a.run_on_start: only applies to scheduled")
+    assert len(cfg.warnings) == 4
+
+
+# --- DAG -------------------------------------------------------------------------------------------------
+
+
+def test_cycle_is_refused_with_path(tmp_path: Path) -> None:
+    err = fail(
+        tmp_path,
+        """
+        fleet:
+          agents:
+            qa:
+              trigger: git:committed
+              prompt: p
+              on_success: publish qa:passed
+            reviewer:
+              trigger: qa:passed
+              prompt: p
+              on_success: publish review:done
+            fixer:
+              trigger: review:done
+              prompt: p
+              on_failure: publish qa:passed
+        """,
+    )
+    path = tmp_path / "pd-fleet.yml"
+    assert len(err.errors) == 1
+    assert err.message.startswith(
+        f"{path}:10: fleet.agents.reviewer.on_success: fleet has a cycle: "
+        "reviewer -> fixer -> reviewer (via channels review:done, qa:passed)"
+    )
+
+
+def test_two_agent_cycle_message(tmp_path: Path) -> None:
+    err = fail(
+        tmp_path,
+        """
+        agents:
+          qa:
+            trigger: review:done
+            prompt: p
+            on_success: publish qa:passed
+          reviewer:
+            trigger: qa:passed
+            prompt: p
+            on_success: publish review:done
+        """,
+    )
+    assert "fleet has a cycle: qa -> reviewer -> qa (via channels qa:passed, review:done)" in err.message
+    assert f"{tmp_path / 'pd-fleet.yml'}:5: agents.qa.on_success: " in err.message
+
+
+def test_self_cycle_is_refused(tmp_path: Path) -> None:
+    err = fail(
+        tmp_path,
+        """
+        agents:
+          loop:
+            trigger: again
+            prompt: p
+            on_failure: publish again
+        """,
+    )
+    assert err.message.startswith(
+        f"{tmp_path / 'pd-fleet.yml'}:5: agents.loop.on_failure: "
+        "fleet has a cycle: loop -> loop (via channel again)"
+    )
+
+
+def test_diamond_is_not_a_cycle(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        agents:
+          a: {trigger: git:committed, prompt: p, on_success: publish s, on_failure: publish f}
+          b: {trigger: s, prompt: p, on_success: publish done}
+          c: {trigger: f, prompt: p, on_success: publish done}
+          d: {trigger: done, prompt: p}
+        channels: {s: , f: , done: }
+        """,
+    )
+    assert set(cfg.agents) == {"a", "b", "c", "d"}
+    assert cfg.warnings == []
+
+
+def test_channel_warnings(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        agents:
+          a:
+            trigger: git:committed
+            prompt: p
+            on_success: publish a:done
+          b:
+            trigger: nobody:sends
+            prompt: p
+          c:
+            trigger: external
+            prompt: p
+        watchers:
+          w:
+            trigger: also:nobody
+            exec: "true"
+        channels:
+          external: {description: published by a human with pd pub, consumers: [c, ghost]}
+        """,
+    )
+    path = tmp_path / "pd-fleet.yml"
+    warnings = sorted(cfg.warnings, key=lambda w: int(w.split(":")[1]))
+    assert len(warnings) == 4, warnings
+    assert warnings[0].startswith(
+        f"{path}:5: agents.a.on_success: channel 'a:done' is published but not declared"
+    )
+    assert warnings[1].startswith(f"{path}:7: agents.b.trigger: channel 'nobody:sends' is never published")
+    assert warnings[2].startswith(f"{path}:14: watchers.w.trigger: channel 'also:nobody' is never published")
+    assert warnings[3].startswith(f"{path}:17: channels.external.consumers: 'ghost' is not an agent")
+
+
+# --- values ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("10m", 600.0),
+        ("90s", 90.0),
+        ("1h30m", 5400.0),
+        ("2h", 7200.0),
+        ("45", 45.0),
+        ("2.5", 2.5),
+        ("1d", 86400.0),
+    ],
+)
+def test_timeout_durations(tmp_path: Path, raw: str, seconds: float) -> None:
+    for key in ("timeout", "timeout_s"):
+        cfg = load(tmp_path, f"agents:\n  a:\n    trigger: git:committed\n    prompt: p\n    {key}: {raw}\n")
+        assert cfg.agents["a"].timeout_s == seconds
+
+
+def test_custom_backend_and_flags(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        """
+        agents:
+          g:
+            schedule: "*/10 * * * *"
+            backend: custom
+            command: git status --porcelain
+            enabled: false
+            run_on_start: true
+            on_success: publish git:status
+        channels:
+          git:status:
+        """,
+    )
+    g = cfg.agents["g"]
+    assert (g.backend, g.command, g.prompt, g.enabled, g.run_on_start) == (
+        "custom",
+        "git status --porcelain",
+        "",
+        False,
+        True,
+    )
+    assert cfg.warnings == []
+
+
+def test_render_template_leaves_unknown_tokens() -> None:
+    assert render_template("{project}/{nope}/{branch}{ x }", VARS) == "myapp/{nope}/main{ x }"
+    assert render_template("{project}", {"project": "{branch}", "branch": "b"}) == "{branch}"  # one pass
+
+
+# --- templating with a real git repository ----------------------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_template_vars_from_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never see a repo above tmp_path
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert template_vars(plain) == {
+        "project": "plain",
+        "project_dir": str(plain.resolve()),
+        "branch": "main",
+        "sha": "unknown",
+    }
+
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "checkout", "-q", "-b", "feature/cart")
+    assert template_vars(repo)["branch"] == "feature/cart"  # known before the first commit
+    assert template_vars(repo)["sha"] == "unknown"
+    git(repo, "commit", "-q", "--allow-empty", "-m", "init")
+    sha = git(repo, "rev-parse", "--short", "HEAD")
+    assert template_vars(repo) == {
+        "project": "shop",
+        "project_dir": str(repo.resolve()),
+        "branch": "feature/cart",
+        "sha": sha,
+    }
+
+    # load_fleet without variables reads them itself; .portdaddy/fleet.yml belongs to the repo root.
+    path = write(
+        repo,
+        """
+        fleet:
+          harbor: "{project}:fleet"
+          agents:
+            a:
+              trigger: git:committed
+              prompt: "on {branch} at {sha} in {project_dir}; keep {unknown}"
+        """,
+        ".portdaddy/fleet.yml",
+    )
+    cfg = load_fleet(path)
+    assert cfg.name == "shop" and cfg.harbor == "shop:fleet"
+    assert cfg.agents["a"].prompt == f"on feature/cart at {sha} in {repo.resolve()}; keep {{unknown}}"
+    assert cfg.agents["a"].identity == "shop:fleet:a"
+    assert cfg.project_dir == repo
+
+
+# --- backends --------------------------------------------------------------------------------------------
+
+
+def test_check_backends(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "run.sh").write_text("#!/bin/sh\n")
+    cfg = load(
+        tmp_path,
+        """
+        agents:
+          qa: {trigger: git:committed, prompt: p}
+          cx: {trigger: git:committed, prompt: p, backend: codex}
+          local: {trigger: git:committed, prompt: p, backend: ollama}
+          off: {trigger: git:committed, prompt: p, backend: gemini, enabled: false}
+          script: {trigger: git:committed, backend: custom, command: ./scripts/run.sh --fast}
+          gone: {trigger: git:committed, backend: custom, command: ./scripts/missing.sh}
+          tool: {trigger: git:committed, backend: custom, command: "FOO=1 mytool --x 'a b'"}
+          shell: {trigger: git:committed, backend: custom, command: cd sub && make}
+        """,
+    )
+    on_path = {"codex"}
+    problems = check_backends(cfg, which=lambda b: f"/usr/bin/{b}" if b in on_path else None)
+    assert problems == [
+        "agent 'qa' uses backend claude-cli but 'claude' is not on PATH; install it or pick another backend",
+        "agent 'gone' uses backend custom but './scripts/missing.sh' does not exist; fix its command",
+        "agent 'tool' uses backend custom but 'mytool' is not on PATH; install it or pick another backend",
+    ]
+    on_path |= {"claude", "mytool"}
+    assert check_backends(cfg, which=lambda b: f"/usr/bin/{b}" if b in on_path else None) == [
+        "agent 'gone' uses backend custom but './scripts/missing.sh' does not exist; fix its command"
+    ]
+
+
+# --- cron ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "after", "expected"),
+    [
+        ("0 * * * *", datetime(2024, 1, 1, 9, 0), datetime(2024, 1, 1, 10, 0)),  # strictly after
+        ("0 * * * *", datetime(2024, 1, 1, 9, 59, 59), datetime(2024, 1, 1, 10, 0)),
+        ("*/15 9-17 * * 1-5", datetime(2024, 1, 8, 9, 7), datetime(2024, 1, 8, 9, 15)),  # Monday
+        ("*/15 9-17 * * 1-5", datetime(2024, 1, 8, 9, 15), datetime(2024, 1, 8, 9, 30)),
+        ("*/15 9-17 * * 1-5", datetime(2024, 1, 8, 17, 45), datetime(2024, 1, 9, 9, 0)),
+        ("*/15 9-17 * * 1-5", datetime(2024, 1, 5, 17, 50), datetime(2024, 1, 8, 9, 0)),  # Fri -> Mon
+        ("30 2 1 * *", datetime(2024, 1, 15), datetime(2024, 2, 1, 2, 30)),
+        ("0 0 29 2 *", datetime(2023, 3, 1), datetime(2024, 2, 29)),
+    ],
+)
+def test_next_fire(expr: str, after: datetime, expected: datetime) -> None:
+    assert next_fire(expr, after) == expected
+
+
+def test_next_fire_keeps_timezone_and_refuses_bad_cron() -> None:
+    tz = timezone(timedelta(hours=2))
+    got = next_fire("0 9 * * *", datetime(2024, 6, 1, 10, 0, tzinfo=tz))
+    assert got == datetime(2024, 6, 2, 9, 0, tzinfo=tz) and got.utcoffset() == timedelta(hours=2)
+    for bad in ("* * * *", "0 0 30 2 *", "nope"):
+        with pytest.raises(PDError) as info:
+            next_fire(bad, datetime(2024, 1, 1))
+        assert info.value.code == "VALIDATION_ERROR"
