@@ -139,13 +139,16 @@ class TupleSpace:
             self.taken += 1
 
     def _claimants(self, t: Tuple) -> tuple[list[_Waiter], _Waiter | None]:
+        """Every matching reader (the tuple was in the space, if only for an instant) and the first taker."""
         readers: list[_Waiter] = []
+        taker = None
         for waiter in self._waiters.get(t.harbor, ()):
             if waiter.matches(t.fields):
-                if waiter.take:
-                    return readers, waiter
-                readers.append(waiter)
-        return readers, None
+                if not waiter.take:
+                    readers.append(waiter)
+                elif taker is None:
+                    taker = waiter
+        return readers, taker
 
     # -- rd / in -------------------------------------------------------------------------------------------
 
