@@ -3,6 +3,7 @@ SIGKILL, and the file heat map built from file-claim events."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -121,7 +122,7 @@ def test_cli_and_sigkill_keep_values(fresh_daemon) -> None:
     d.kill9()
     d.start()
     sniffed = d.pd("pheromone", "sniff", "--table", "services", "--id", "myapp:api", "--json")
-    assert 0.79 <= __import__("json").loads(sniffed.stdout)["pheromones"]["urgency"] <= 0.8
+    assert 0.79 <= json.loads(sniffed.stdout)["pheromones"]["urgency"] <= 0.8
     assert d.call("pheromone.sniff", table="files", id="src/x.py")["pheromones"]["heat"] == pytest.approx(0.5, abs=0.01)
     assert {p["id"] for p in d.call("pheromone.list")["pheromones"]} == {"myapp:api", "src/x.py"}
 
