@@ -20,14 +20,18 @@ import trio
 
 from portdaddy.config import Settings
 from portdaddy.core.app import App
+from portdaddy.core.arbiter import Arbiter
+from portdaddy.core.harbors import Harbors
+from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
 from portdaddy.core.store import Store
+from portdaddy.core.tuples import TupleSpace
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry,)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter)
 
 
 def _write_private(path: Path, text: str) -> None:

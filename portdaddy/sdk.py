@@ -107,6 +107,51 @@ class PortDaddy:
     async def get(self, identity: str) -> Service:
         return Service.from_wire((await self.call("port.get", id=identity))["service"])
 
+    # -- tuple space ----------------------------------------------------------------------------------------
+
+    async def out(self, fields: list[Any], *, harbor: str | None = None, ttl: str | int | None = None) -> int:
+        """Write a tuple; returns its id."""
+        return (await self.call("tuple.out", fields=fields, harbor=harbor, ttl=ttl))["id"]
+
+    async def rd(self, pattern: list[Any], *, harbor: str | None = None, limit: int = 100, wait: bool = False,
+                 timeout: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Matching tuples, newest first. ``wait=True`` blocks (cancellable) until one exists."""
+        r = await self._blocking("tuple.rd", pattern, harbor, limit, wait, timeout)
+        return r["tuples"]
+
+    async def take(self, pattern: list[Any], *, harbor: str | None = None, wait: bool = False,
+                   timeout: float | None = None) -> dict[str, Any] | None:  # fmt: skip
+        """Take one matching tuple (exactly one caller gets it); None if none and not ``wait``.
+
+        With ``wait=True`` it blocks until one is written; cancelling the calling task (or ``timeout``
+        seconds, which raises ``Timeout``) withdraws the request from the daemon's queue of waiters."""
+        return (await self._blocking("tuple.in", pattern, harbor, 1, wait, timeout))["tuple"]
+
+    in_ = take
+
+    async def scan(self, *, harbor: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        return (await self.call("tuple.scan", harbor=harbor, limit=limit))["tuples"]
+
+    async def count(self, pattern: list[Any] | None = None, *, harbor: str | None = None) -> int:
+        return (await self.call("tuple.count", pattern=pattern, harbor=harbor))["count"]
+
+    async def _blocking(self, action: str, pattern: list[Any], harbor: str | None, limit: int, wait: bool,
+                        timeout: float | None) -> dict[str, Any]:  # fmt: skip
+        ms = None if timeout is None else int(timeout * 1000)
+        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
+        client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
+        args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
+        return await self._client.request(action, args, timeout=client_timeout)
+
+    # -- pheromones -----------------------------------------------------------------------------------------
+
+    def spray(self, table: str, entity: str, key: str, strength: float, *, harbor: str | None = None) -> None:
+        """Fire-and-forget a signal (the daemon applies it at once and stores it within a second)."""
+        self.send("pheromone.spray", table=table, id=entity, key=key, strength=strength, harbor=harbor)
+
+    async def sniff(self, table: str, entity: str, *, harbor: str | None = None) -> dict[str, float]:
+        return (await self.call("pheromone.sniff", table=table, id=entity, harbor=harbor))["pheromones"]
+
 
 @asynccontextmanager
 async def connect(

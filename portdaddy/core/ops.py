@@ -42,6 +42,9 @@ class Ctx:
     agent_id: str | None = None
     pid: int | None = None
     conn: Any = None
+    # False while a synchronous handler serves a fire-and-forget frame (nobody waits for its reply), so a hot
+    # path may defer its store write; True for every request.
+    acknowledged: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,6 @@ async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -
 
 def load_table() -> dict[str, Op]:
     """Every subsystem's operations. Imported lazily so that pure modules stay importable alone."""
-    from portdaddy.core import registry, system
+    from portdaddy.core import arbiter, harbors, pheromones, registry, system, tuples
 
-    return build_table(system.OPS, registry.OPS)
+    return build_table(system.OPS, registry.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS)

@@ -266,6 +266,7 @@ class Connection:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_async, op, kwargs, conv_id if wants_reply else 0)
                 return
+            self.ctx.acknowledged = wants_reply
             result = op.handler(self.ctx, **kwargs)
         except PDError as e:
             self._error(conv_id if wants_reply else 0, action, e)

@@ -75,6 +75,11 @@ class TrioClient:
             self._write(self._encoder.encode(kind, conv, self._payload(action, args)))
             with trio.move_on_after(self.timeout if timeout is None else timeout):
                 await pending.event.wait()
+        except trio.Cancelled:
+            # The caller gave up: tell the daemon too, so a blocked take does not win a tuple nobody receives.
+            if pending.frame is None and self.sock is not None:
+                self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
+            raise
         finally:
             self._pending.pop(conv, None)
         if pending.frame is None:

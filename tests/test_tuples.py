@@ -1,0 +1,249 @@
+"""The tuple space through the real daemon: CLI, IPC, SDK; exactly-once takes under contention; blocking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+import trio
+
+import portdaddy
+from portdaddy.errors import Timeout
+from tests.conftest import PYTHON
+
+
+def test_out_rd_in_scan_count_through_the_cli(daemon) -> None:
+    r = daemon.pd("tuple", "out", '["job", "cli-a", 0.9]', "--harbor", "cli:fleet", "-q")
+    assert r.returncode == 0, r.stderr
+    tid = int(r.stdout)
+    daemon.pd("tuple", "out", '["job", "cli-b", 0.2]', "--harbor", "cli:fleet")
+    rd = daemon.pd("tuple", "rd", '["job", "*", ">0.5"]', "--harbor", "cli:fleet", "--json")
+    assert [t["id"] for t in json.loads(rd.stdout)["tuples"]] == [tid]
+    assert daemon.pd("tuple", "count", "--harbor", "cli:fleet").stdout.strip() == "2"
+    assert daemon.pd("tuple", "count", '["job", "cli-b"]', "--harbor", "cli:fleet").stdout.strip() == "1"
+    taken = daemon.pd("tuple", "in", '["job", "cli-a"]', "--harbor", "cli:fleet", "--json")
+    assert json.loads(taken.stdout)["tuple"]["id"] == tid
+    again = daemon.pd("tuple", "in", '["job", "cli-a"]', "--harbor", "cli:fleet")
+    assert again.returncode == 1 and "no tuple matches" in again.stderr
+    scan = json.loads(daemon.pd("tuple", "scan", "--harbor", "cli:fleet", "--json").stdout)
+    assert [t["fields"] for t in scan["tuples"]] == [["job", "cli-b", 0.2]]
+    assert daemon.call("harbor.get", name="cli:fleet")["success"]  # created on first use
+
+
+def test_harbors_isolate_spaces(daemon) -> None:
+    daemon.call("tuple.out", fields=["iso", 1], harbor="iso:a")
+    daemon.call("tuple.out", fields=["iso", 2])
+    assert [t["fields"] for t in daemon.call("tuple.rd", pattern=["iso"], harbor="iso:a")["tuples"]] == [["iso", 1]]
+    assert [t["fields"] for t in daemon.call("tuple.rd", pattern=["iso"])["tuples"]] == [["iso", 2]]
+    assert daemon.call("tuple.in", pattern=["iso"], harbor="iso:b")["count"] == 0
+
+
+@pytest.mark.parametrize("args", [
+    ("out", "not json"),
+    ("out", "[]"),
+    ("out", '{"a": 1}'),
+    ("out", '["x"]', "--ttl", "soon"),
+    ("out", '["x"]', "--harbor", "bad harbor"),
+    ("rd", "[1"),
+    ("in", '["x"]', "--wait", "--timeout", "forever"),
+])  # fmt: skip
+def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
+    before = daemon.call("tuple.scan", limit=500)["count"]
+    r = daemon.pd("tuple", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("tuple.scan", limit=500)["count"] == before
+
+
+def test_ttl_expiry(daemon) -> None:
+    daemon.call("tuple.out", fields=["ephemeral"], harbor="ttl:h", ttl=300)
+    daemon.call("tuple.out", fields=["lasting"], harbor="ttl:h")
+    deadline = time.monotonic() + 10
+    while daemon.call("tuple.count", harbor="ttl:h")["count"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert daemon.call("tuple.rd", pattern=["*"], harbor="ttl:h")["tuples"][0]["fields"] == ["lasting"]
+
+
+_TAKER = """
+import json, sys
+from portdaddy.ipc.client import BlockingClient
+got = []
+with BlockingClient(sys.argv[1], timeout=30).connect() as c:
+    while True:
+        r = c.request("tuple.in", {"pattern": ["work", "*"], "harbor": "race"})
+        if not r["taken"]:
+            break
+        got.append(r["tuple"]["id"])
+print(json.dumps(got))
+"""
+
+_CLI_TAKER = """
+import json, subprocess, sys
+got = []
+while True:
+    r = subprocess.run([sys.executable, "-m", "portdaddy.cli", "tuple", "in", '["work", "*"]', "--harbor", "race",
+                        "--json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        break
+    got.append(json.loads(r.stdout)["tuple"]["id"])
+print(json.dumps(got))
+"""
+
+
+def test_64_concurrent_takers_take_each_tuple_exactly_once(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")  # one connection here writes 1,000 tuples as fast as it can
+    with d.client() as c:
+        ids = {c.request("tuple.out", {"fields": ["work", n], "harbor": "race"})["id"] for n in range(1000)}
+    sock = str(d.settings.ipc_sock)
+    procs = [subprocess.Popen([PYTHON, "-c", _TAKER, sock], env=d.env, stdout=subprocess.PIPE, text=True)
+             for _ in range(28)]  # fmt: skip
+    procs += [subprocess.Popen([PYTHON, "-c", _CLI_TAKER], env=d.env, stdout=subprocess.PIPE, text=True)
+              for _ in range(8)]  # fmt: skip
+    results: list[list[int]] = []
+    lock = threading.Lock()
+
+    def take_all() -> None:
+        got = []
+        with d.client() as client:
+            while True:
+                r = client.request("tuple.in", {"pattern": ["work", "*"], "harbor": "race"})
+                if not r["taken"]:
+                    break
+                got.append(r["tuple"]["id"])
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=take_all) for _ in range(28)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        results.append(json.loads(out))
+    taken = [tid for got in results for tid in got]
+    assert len(results) == 64
+    assert len(taken) == len(set(taken)), "a tuple was taken twice"
+    assert set(taken) == ids, "a tuple was lost"
+    assert d.call("tuple.count", harbor="race")["count"] == 0
+
+
+_WAITER = """
+import json, sys
+from portdaddy.ipc.client import BlockingClient
+with BlockingClient(sys.argv[1], timeout=60).connect() as c:
+    print(json.dumps(c.request("tuple.in", {"pattern": ["handoff", "*"], "harbor": "wait", "wait": True,
+                                            "timeout": "50s"}, timeout=60)["tuple"]["fields"]))
+"""
+
+
+def _wait_for_waiters(d, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while d.call("daemon.status")["counts"]["tupleWaiters"] < n:
+        assert time.monotonic() < deadline, "waiters never parked"
+        time.sleep(0.05)
+
+
+def test_blocking_in_8_waiters_8_outs_each_gets_one(fresh_daemon) -> None:
+    d = fresh_daemon
+    procs = [subprocess.Popen([PYTHON, "-c", _WAITER, str(d.settings.ipc_sock)], env=d.env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(8)]  # fmt: skip
+    _wait_for_waiters(d, 8)
+    for n in range(8):
+        d.call("tuple.out", fields=["handoff", n], harbor="wait")
+    got = sorted(json.loads(p.communicate(timeout=30)[0])[1] for p in procs)
+    assert got == list(range(8))
+    assert d.call("tuple.count", harbor="wait")["count"] == 0
+    assert d.call("daemon.status")["counts"]["tupleWaiters"] == 0
+
+
+def test_waiters_are_served_fifo_and_readers_see_the_tuple(daemon) -> None:
+    results: dict[str, object] = {}
+
+    def wait(name: str, action: str) -> None:
+        with daemon.client() as c:
+            r = c.request(action, {"pattern": ["fifo"], "harbor": "fifo", "wait": True, "timeout": "20s"}, timeout=30)
+            results[name] = r["tuples"][0]["id"] if action == "tuple.rd" else r["tuple"]["id"]
+
+    threads = []
+    for n, (name, action) in enumerate([("first", "tuple.in"), ("reader", "tuple.rd"), ("second", "tuple.in")]):
+        threads.append(threading.Thread(target=wait, args=(name, action)))
+        threads[-1].start()
+        _wait_for_waiters(daemon, n + 1)
+    a = daemon.call("tuple.out", fields=["fifo", "a"], harbor="fifo")["id"]
+    b = daemon.call("tuple.out", fields=["fifo", "b"], harbor="fifo")["id"]
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {"first": a, "reader": a, "second": b}
+
+
+def test_wait_timeout_exits_1(daemon) -> None:
+    started = time.monotonic()
+    r = daemon.pd("tuple", "in", '["never"]', "--harbor", "timeout:h", "--wait", "--timeout", "300ms")
+    assert r.returncode == 1 and "gave up waiting" in r.stderr
+    assert time.monotonic() - started < 20
+    assert daemon.call("daemon.status")["counts"]["tupleWaiters"] == 0
+
+
+async def test_sdk_blocking_take_is_cancellable_and_loses_nothing(daemon) -> None:
+    async with portdaddy.connect(settings=daemon.settings, autostart=False) as pd:
+        with trio.move_on_after(0.3):
+            await pd.take(["sdk-cancel"], harbor="sdk", wait=True)
+            raise AssertionError("take returned without a tuple")
+        with pytest.raises(Timeout):
+            await pd.take(["sdk-cancel"], harbor="sdk", wait=True, timeout=0.2)
+        with trio.fail_after(10):
+            while (await pd.status())["counts"]["tupleWaiters"]:
+                await trio.sleep(0.02)
+        tid = await pd.out(["sdk-cancel", 1], harbor="sdk")
+        assert await pd.count(["sdk-cancel"], harbor="sdk") == 1  # no withdrawn waiter swallowed it
+        async with trio.open_nursery() as nursery:
+            got: list[dict] = []
+
+            async def taker() -> None:
+                got.append(await pd.take(["sdk-later"], harbor="sdk", wait=True, timeout=10))
+
+            nursery.start_soon(taker)
+            with trio.fail_after(10):
+                while not (await pd.status())["counts"]["tupleWaiters"]:
+                    await trio.sleep(0.02)
+            await pd.out(["sdk-later", 2], harbor="sdk")
+        assert got[0]["fields"] == ["sdk-later", 2]
+        assert (await pd.take(["sdk-cancel"], harbor="sdk"))["id"] == tid
+        assert [t["fields"] for t in await pd.rd(["sdk-*"], harbor="sdk")] == []
+
+
+def test_sigkill_restart_keeps_tuples_minus_expired(fresh_daemon) -> None:
+    d = fresh_daemon
+    keep = [d.call("tuple.out", fields=["durable", n], harbor="dur")["id"] for n in range(20)]
+    d.call("tuple.out", fields=["durable", "short"], harbor="dur", ttl=200)
+    taken = d.call("tuple.in", pattern=["durable", 0], harbor="dur")["tuple"]["id"]
+    d.kill9()
+    time.sleep(0.3)
+    d.start()
+    ids = [t["id"] for t in d.call("tuple.scan", harbor="dur")["tuples"]]
+    assert sorted(ids) == sorted(set(keep) - {taken})
+    new = d.call("tuple.out", fields=["durable", "new"], harbor="dur")["id"]
+    assert new > max(keep) + 1  # ids are never reused, even the taken or expired ones
+
+
+def test_http_routes(daemon) -> None:
+    import httpx
+
+    transport = httpx.HTTPTransport(uds=str(daemon.settings.http_sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+        r = http.post("/tuples", json={"fields": ["http", 1], "harbor": "http:h", "ttlMs": 60_000})
+        assert r.status_code == 200 and r.json()["tuple"]["expiresAt"]
+        r = http.get("/tuples", params={"pattern": '["http", "*"]', "harbor": "http:h"})
+        assert r.json()["count"] == 1
+        assert http.get("/tuples/count", params={"harbor": "http:h"}).json()["count"] == 1
+        r = http.request("DELETE", "/tuples", json={"pattern": ["http"], "harbor": "http:h"})
+        assert r.json()["count"] == 1
+        assert http.get("/tuples", params={"pattern": "[1"}).status_code == 400
+        r = http.get("/tuples", params={"pattern": '["none"]', "harbor": "http:h", "wait": "true", "timeout": "100"})
+        assert r.status_code == 408
