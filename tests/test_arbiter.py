@@ -217,3 +217,9 @@ def test_status_and_violations_through_the_cli(daemon_factory) -> None:
     assert r["violations"][0]["rule"] == "CAP_ESCALATION" and r["violations"][0]["agentId"] == "mallory"
     assert d.pd("arbiter", "violations", "--since", "yesterday").returncode == 2
     assert "CAP_ESCALATION" in d.pd("arbiter", "violations").stdout
+    # A synthetic violation exercises the alert path without sending anyone overboard, even in strict mode.
+    found = json.loads(d.pd("arbiter", "test", "LOCK_OWNER_VALID", "--json").stdout)
+    assert found["rule"] == "LOCK_OWNER_VALID" and found["details"]["synthetic"] is True
+    bad = d.pd("arbiter", "test", "NO_SUCH_RULE")
+    assert bad.returncode == 2 and "LOCK_OWNER_VALID" in bad.stderr
+    assert json.loads(d.pd("arbiter", "violations", "--rule", "LOCK_OWNER_VALID", "--json").stdout)["total"] == 1

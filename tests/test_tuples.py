@@ -247,3 +247,18 @@ def test_http_routes(daemon) -> None:
         assert http.get("/tuples", params={"pattern": "[1"}).status_code == 400
         r = http.get("/tuples", params={"pattern": '["none"]', "harbor": "http:h", "wait": "true", "timeout": "100"})
         assert r.status_code == 408
+        r = http.get("/tuples/poll", params={"pattern": '["poll"]', "harbor": "http:h", "after": "0"})
+        assert r.json() == {"success": True, "tuple": None, "tuples": [], "lastId": 0}
+
+
+def test_poll_walks_a_cursor_over_new_matches(daemon) -> None:
+    first = daemon.call("tuple.out", fields=["feed", 1], harbor="poll:h")["id"]
+    daemon.call("tuple.out", fields=["other", 2], harbor="poll:h")
+    third = daemon.call("tuple.out", fields=["feed", 3], harbor="poll:h")["id"]
+    page = daemon.call("tuple.poll", pattern=["feed"], harbor="poll:h")
+    assert page["tuple"]["id"] == first and page["lastId"] == first
+    page = daemon.call("tuple.poll", pattern=["feed"], harbor="poll:h", after=page["lastId"], limit=10)
+    assert [t["id"] for t in page["tuples"]] == [third] and page["lastId"] == third
+    page = daemon.call("tuple.poll", pattern=["feed"], harbor="poll:h", after=third)
+    assert page["tuple"] is None and page["lastId"] == third
+    assert daemon.call("tuple.count", harbor="poll:h")["count"] == 3  # polling reads, never takes

@@ -1,4 +1,4 @@
-"""pd arbiter status | violations."""
+"""pd arbiter status | violations | test."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def arbiter() -> None:
     Examples:
       pd arbiter status
       pd arbiter violations --since 1h
+      pd arbiter test LOCK_OWNER_VALID
     """
 
 
@@ -65,3 +66,25 @@ def violations(since: str | None, rule: str | None, limit: int, as_json: bool, q
 
 
 COMMANDS = (arbiter,)
+
+
+@arbiter.command("test")
+@click.argument("rule")
+@json_option
+@quiet_option
+def test(rule: str, as_json: bool, quiet: bool) -> None:
+    """Record a synthetic violation of RULE, to check that alerts and webhooks fire.
+
+    It is marked synthetic and never sends an agent overboard, even in strict mode.
+
+    \b
+    Example:
+      pd arbiter test NOTE_MONOTONICITY
+    """
+    found = call("arbiter.test", {"name": rule}, as_json=as_json)["violation"]
+    if as_json:
+        emit_json(found)
+    elif quiet:
+        click.echo(found["id"])
+    else:
+        click.echo(f"recorded synthetic {found['rule']} violation #{found['id']} ({found['severity']})")

@@ -284,7 +284,7 @@ class Arbiter:
                        (at, rule, severity, agent_id, body))  # fmt: skip
             vid = db.last_insert_rowid()
         self.found[rule] += 1
-        overboard = self.strict and severity == CRITICAL
+        overboard = self.strict and severity == CRITICAL and not facts.get("synthetic")
         self.app.bus.emit("arbiter.violation", rule=rule, severity=severity, agentId=agent_id, details=details,
                           violationId=vid, manOverboard=overboard)  # fmt: skip
         if overboard:
@@ -355,6 +355,11 @@ def _violations(ctx: Ctx, *, since: int | None, rule: str | None, limit: int, of
     return {"success": True, "violations": found, "count": len(found), "total": total}
 
 
+def _test(ctx: Ctx, *, name: str) -> dict[str, Any]:
+    found = ctx.app.arbiter.violation(name, ctx.agent_id, f"synthetic {name} violation (arbiter test)", synthetic=True)
+    return {"success": True, "violation": found}
+
+
 def _rule(name: str, value: Any) -> str:
     if value not in RULES:
         raise bad_input(f"{name} must be one of {', '.join(RULES)}, got {str(value)[:40]!r}")
@@ -370,4 +375,6 @@ OPS = (
          Param("offset", v.integer(0, None), default=0)),
         summary="recorded violations, newest first (since: epoch ms or a duration ago like 1h)",
     ),
+    Op("arbiter.test", _test, (Param("name", _rule, required=True, aliases=("rule",)),),
+       summary="record a synthetic violation of a rule (never man overboard) to check alerts and webhooks"),
 )

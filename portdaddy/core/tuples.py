@@ -95,13 +95,13 @@ class TupleSpace:
             if not space:
                 del self._spaces[t.harbor]
 
-    def _matching(self, matches: Matcher, harbor: Harbor, *, newest_first: bool) -> list[Tuple]:
+    def _matching(self, matches: Matcher, harbor: Harbor, *, newest_first: bool, after: int = 0) -> list[Tuple]:
         space = self._spaces.get(harbor)
         if not space:
             return []
         now = now_ms()
         tuples = reversed(space.values()) if newest_first else space.values()
-        return [t for t in tuples if t.live(now) and matches(t.fields)]
+        return [t for t in tuples if t.id > after and t.live(now) and matches(t.fields)]
 
     # -- out -----------------------------------------------------------------------------------------------
 
@@ -199,6 +199,10 @@ class TupleSpace:
         self.taken -= 1
         self._put(t)
 
+    def poll(self, pattern: list[Any], *, harbor: Harbor = None, after: int = 0, limit: int = 1) -> list[Tuple]:
+        """Matching tuples written after id ``after``, oldest first: a reader's cursor over new work."""
+        return self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=False, after=after)[:limit]
+
     # -- scan / count --------------------------------------------------------------------------------------
 
     def scan(self, *, harbor: Harbor = None, limit: int = 200, query: str | None = None) -> list[Tuple]:
@@ -289,6 +293,12 @@ async def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, A
     return {"success": True, "taken": wire, "count": len(wire), "tuple": wire[0] if wire else None}
 
 
+def _poll(ctx: Ctx, *, pattern, harbor, after, limit) -> dict[str, Any]:
+    found = [t.to_wire() for t in ctx.app.tuples.poll(pattern, harbor=harbor, after=after, limit=limit)]
+    last_id = found[-1]["id"] if found else after
+    return {"success": True, "tuple": found[0] if found else None, "tuples": found, "lastId": last_id}
+
+
 def _scan(ctx: Ctx, *, harbor, limit, query) -> dict[str, Any]:
     found = [t.to_wire() for t in ctx.app.tuples.scan(harbor=harbor, limit=limit, query=query)]
     return {"success": True, "tuples": found, "count": len(found)}
@@ -327,6 +337,13 @@ OPS = (
         (Param("pattern", _PATTERN, required=True), _HARBOR, Param("limit", v.integer(1, 1000), default=1),
          _WAIT, _TIMEOUT),
         summary="take (read and remove) matching tuples, oldest first; exactly one caller gets each tuple",
+    ),
+    Op(
+        "tuple.poll",
+        _poll,
+        (Param("pattern", _PATTERN, default=["*"]), _HARBOR, Param("after", v.integer(0), default=0),
+         Param("limit", v.integer(1, 1000), default=1)),
+        summary="matching tuples written after id `after`, oldest first, and the cursor (`lastId`) to poll from next",
     ),
     Op(
         "tuple.scan",

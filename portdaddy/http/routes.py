@@ -41,6 +41,7 @@ ROUTES: list[Route] = [
     Route("POST", "/tuples", "tuple.out"),
     Route("GET", "/tuples", "tuple.rd"),
     Route("DELETE", "/tuples", "tuple.in"),
+    Route("GET", "/tuples/poll", "tuple.poll"),
     Route("GET", "/tuples/scan", "tuple.scan"),
     Route("GET", "/tuples/count", "tuple.count"),
     Route("POST", "/pheromone/spray", "pheromone.spray"),
@@ -49,6 +50,7 @@ ROUTES: list[Route] = [
     Route("GET", "/pheromone/<table>/<id>", "pheromone.sniff"),
     Route("GET", "/arbiter/status", "arbiter.status"),
     Route("GET", "/arbiter/violations", "arbiter.violations"),
+    Route("POST", "/arbiter/test-invariant/<name>", "arbiter.test"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
