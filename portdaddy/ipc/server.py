@@ -21,17 +21,23 @@ from typing import Any
 import trio
 
 from portdaddy.core.ops import Ctx, Op
-from portdaddy.errors import PDError, performative
-from portdaddy.ipc.frame import Decoder, Encoder, FrameTooLarge, Malformed, Performative
+from portdaddy.errors import PDError, bad_input, performative
+from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
 
 log = logging.getLogger("portdaddy.ipc")
 
 MAX_STRIKES = 3
 RECV_SIZE = 256 * 1024
-# Replies the client asked for are never dropped, but a client that never reads them is cut off here.
-MAX_OUT_BYTES = 4 * 1024 * 1024
-# Pushed deliveries are dropped (and counted) once this much output is queued for a slow reader.
+# Backpressure: past this much queued output the connection stops handling frames until the client reads it
+# down to OUT_LOW_WATER, so a client that sends but never reads blocks in its own send (kernel buffers full)
+# instead of growing the daemon. Replies are never dropped.
+OUT_HIGH_WATER = 1024 * 1024
+OUT_LOW_WATER = 256 * 1024
+# Pushed deliveries are dropped (and counted, and the client told) once this much output is queued.
 MAX_PUSH_BACKLOG = 256 * 1024
+# Operations that wait (blocking acquires, tuple waits) in flight at once on one connection.
+MAX_WAITING_OPS = 256
+DROPPED_ACTION = "ipc.dropped"
 
 _REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_REF, Performative.SUBSCRIBE,
                 Performative.UNSUBSCRIBE}  # fmt: skip
@@ -75,11 +81,13 @@ class Connection:
         self.out = bytearray()
         self.strikes = 0
         self.dropped_pushes = 0
-        self.dropped_inform = 0
         self.data: dict[str, Any] = {}  # per-connection state owned by subsystems (subscriptions, …)
         self._closers: list[Callable[[], None]] = []
+        self._unreported_drops = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained_lot = trio.lowlevel.ParkingLot()
         self._pending: dict[int, trio.CancelScope] = {}
+        self._waiting_ops = 0
         self._window = 0
         self._window_count = 0
         self._nursery: trio.Nursery | None = None
@@ -93,18 +101,41 @@ class Connection:
         return self.ctx.agent_id
 
     def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once when the connection ends (subscriptions dropped, connection-bound locks released)."""
         self._closers.append(fn)
 
     def push(self, payload: dict[str, Any]) -> bool:
-        """Queue a server-initiated INFORM (conv 0). False if dropped because the client is not reading."""
+        """Queue a server-initiated INFORM (conv 0). False if dropped: closed, too large, or the client is not
+        reading (more than MAX_PUSH_BACKLOG queued). Drops are counted and reported to the client with an
+        ``ipc.dropped`` INFORM once its queue has room again."""
         if self.closed:
             return False
         if len(self.out) > MAX_PUSH_BACKLOG:
-            self.dropped_pushes += 1
+            self._drop_push()
             return False
-        self.out += self.encoder.encode(Performative.INFORM, 0, payload)
+        try:
+            frame = self.encoder.encode(Performative.INFORM, 0, payload)
+        except FrameTooLarge:
+            log.warning("dropped a %s push larger than one frame", payload.get("action"))
+            self._drop_push()
+            return False
+        if self._unreported_drops:
+            self._report_drops()
+        self.out += frame
         self._flush()
         return True
+
+    def _drop_push(self) -> None:
+        self.dropped_pushes += 1
+        self._unreported_drops += 1
+        self.server.dropped_pushes += 1
+
+    def _report_drops(self) -> None:
+        n, self._unreported_drops = self._unreported_drops, 0
+        self.out += self.encoder.encode(Performative.INFORM, 0, {
+            "action": DROPPED_ACTION, "dropped": n, "total": self.dropped_pushes,
+            "message": f"{n} pushed frames were dropped because this connection was not reading fast enough",
+        })  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -114,7 +145,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
-                while True:
+                while not self.hangup:
                     await trio.lowlevel.wait_readable(sock)
                     try:
                         data = sock.recv(RECV_SIZE)
@@ -125,16 +156,22 @@ class Connection:
                     if not data:
                         break
                     self.decoder.feed(data)
-                    for event in self.decoder.events():
-                        self._handle(event)
-                        if self.hangup:
-                            break
-                    self._flush()
-                    if self.hangup or len(self.out) > MAX_OUT_BYTES:
-                        break
+                    await self._handle_all(self.decoder.events())
                 nursery.cancel_scope.cancel()
         finally:
             self.close()
+
+    async def _handle_all(self, events: list[Frame | Malformed]) -> None:
+        handle = self._handle
+        for event in events:
+            handle(event)
+            if self.hangup:
+                break
+            if len(self.out) > OUT_HIGH_WATER:
+                self._flush()
+                while len(self.out) > OUT_LOW_WATER and not self.hangup:
+                    await self._drained_lot.park()
+        self._flush()
 
     def close(self) -> None:
         if self.closed:
@@ -157,31 +194,45 @@ class Connection:
 
     async def _writer(self) -> None:
         """Drains output the non-blocking send in ``_flush`` could not write at once."""
+        out = self.out
         while True:
-            if not self.out:
+            if not out:
+                if self._unreported_drops:
+                    self._report_drops()
+                    continue
                 await self._writer_lot.park()
                 continue
             await trio.lowlevel.wait_writable(self.sock)
             try:
-                sent = self.sock.send(self.out)
+                sent = self.sock.send(out)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
+                self._lost()
                 return
-            del self.out[:sent]
+            del out[:sent]
+            if len(out) <= OUT_LOW_WATER:
+                self._drained_lot.unpark_all()
+
+    def _lost(self) -> None:
+        """The peer is gone (EPIPE, ECONNRESET): nothing more can be written."""
+        self.out.clear()
+        self.hangup = True
+        self._drained_lot.unpark_all()
 
     def _flush(self) -> None:
-        if not self.out:
+        out = self.out
+        if not out:
             return
         try:
-            sent = self.sock.send(self.out)
+            sent = self.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.out.clear()
+            self._lost()
             return
-        del self.out[:sent]
-        if self.out:
+        del out[:sent]
+        if out:
             self._writer_lot.unpark_all()
 
     # -- frames --------------------------------------------------------------------------------------------
@@ -197,11 +248,14 @@ class Connection:
         # Every frame carries a str action (spec/ipc.md), replies included, or clients see it as malformed.
         if conv_id:
             self._reply(performative(err.code), conv_id, {"action": action, **err.to_wire()})
+        else:
+            self.server.dropped_frames += 1  # nobody waits for this reply; count what we could not do
 
     def _strike(self, conv_id: int, reason: str) -> None:
         self.strikes += 1
         self.server.malformed += 1
         if self.strikes >= MAX_STRIKES:
+            self.server.cut_off += 1
             self._reply(Performative.REFUSE, 0, {
                 "action": "", "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
                 "message": "too many malformed frames; connection closed",
@@ -222,82 +276,103 @@ class Connection:
         self._window_count += 1
         return self._window_count > rate
 
-    def _handle(self, event: Any) -> None:
-        if isinstance(event, Malformed):
+    def _bind_agent(self, agent: Any) -> PDError | None:
+        """Trust on first frame: the first ``agentId`` binds the connection; another one later is refused."""
+        if agent == self.ctx.agent_id:
+            return None
+        if self.ctx.agent_id is not None:
+            return PDError("agent_mismatch", f"this connection is bound to agent {self.ctx.agent_id!r}; "
+                                             f"open another connection to act as {str(agent)[:100]!r}")  # fmt: skip
+        if not (isinstance(agent, str) and 0 < len(agent) <= 100):
+            return bad_input("agentId must be a string of 1-100 characters")
+        self.ctx.agent_id = agent
+        return None
+
+    def _handle(self, event: Frame | Malformed) -> None:
+        if event.__class__ is Malformed:
             self._strike(event.conv_id, event.reason)
             return
-        kind, conv_id, payload = event.type, event.conv_id, event.payload
+        kind, conv_id, payload = event
         action = payload["action"]
         wants_reply = conv_id != 0 and kind in _REPLY_TYPES
-        if self._over_rate():
+        if self.server.rate and self._over_rate():
+            self.server.rate_limited += 1
             if wants_reply:
                 self._reply(Performative.REFUSE, conv_id, {
                     "action": action, "error": "rate_limited", "limit": self.server.rate, "window": "per_second",
                     "message": f"over {self.server.rate} frames/s on this connection; slow down",
                 })  # fmt: skip
             else:
-                self.dropped_inform += 1
+                self.server.dropped_frames += 1
             return
         if kind == Performative.CANCEL:
             scope = self._pending.get(conv_id)
             if scope is not None:
                 scope.cancel()
             return
+        if not wants_reply:
+            conv_id = 0
         agent = payload.get("agentId")
-        if agent is not None and agent != self.ctx.agent_id:
-            if self.ctx.agent_id is None and isinstance(agent, str) and 0 < len(agent) <= 100:
-                self.ctx.agent_id = agent
-            else:
-                self._error(conv_id, action, PDError(
-                    "agent_mismatch",
-                    f"this connection is bound to agent {self.ctx.agent_id!r}; open another for {agent!r}",
-                ))  # fmt: skip
+        if agent is not None:
+            refusal = self._bind_agent(agent)
+            if refusal is not None:
+                self._error(conv_id, action, refusal)
                 return
         op = self.server.ops.get(action)
         if op is None:
             self._error(conv_id, action, PDError("unknown_action", f"unknown action {action[:64]!r}"))
             return
         if not wants_reply and not op.fire_and_forget:
-            self.dropped_inform += 1  # cannot report an error for a request nobody waits on
+            self.server.dropped_frames += 1  # cannot report an error for a request nobody waits on
             return
         try:
             kwargs = op.bind(payload)
             if op.is_async:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_async, op, kwargs, conv_id if wants_reply else 0)
+                self._start_waiting_op(op, kwargs, conv_id)
                 return
             self.ctx.acknowledged = wants_reply
             result = op.handler(self.ctx, **kwargs)
         except PDError as e:
-            self._error(conv_id if wants_reply else 0, action, e)
+            self._error(conv_id, action, e)
             return
         except Exception:
             log.exception("operation %s failed", action)
-            self._error(conv_id if wants_reply else 0, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
+            self._error(conv_id, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
             return
         if wants_reply:
             self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
 
+    def _start_waiting_op(self, op: Op, kwargs: dict[str, Any], conv_id: int) -> None:
+        if self._waiting_ops >= MAX_WAITING_OPS:
+            message = f"{MAX_WAITING_OPS} waiting operations are in flight on this connection; wait or open another"
+            raise PDError("RESOURCE_LIMIT", message)
+        assert self._nursery is not None
+        self._waiting_ops += 1
+        self._nursery.start_soon(self._run_async, op, kwargs, conv_id)
+
     async def _run_async(self, op: Op, kwargs: dict[str, Any], conv_id: int) -> None:
-        with trio.CancelScope() as scope:
-            if conv_id:
-                self._pending[conv_id] = scope
-            try:
-                result = await op.handler(self.ctx, **kwargs)
-            except PDError as e:
-                self._error(conv_id, op.name, e)
-            except Exception:
-                log.exception("operation %s failed", op.name)
-                self._error(conv_id, op.name, PDError("INTERNAL", f"{op.name} failed; see daemon.log"))
-            else:
+        try:
+            with trio.CancelScope() as scope:
                 if conv_id:
-                    self._reply(Performative.INFORM_DONE, conv_id, {"action": op.name, "result": result})
-            finally:
-                self._pending.pop(conv_id, None)
-            self._flush()
-        if scope.cancelled_caught and conv_id and not self.closed:
-            self._error(conv_id, op.name, PDError("CANCELLED", f"{op.name} was cancelled"))
-            self._flush()
+                    self._pending[conv_id] = scope
+                try:
+                    result = await op.handler(self.ctx, **kwargs)
+                except PDError as e:
+                    self._error(conv_id, op.name, e)
+                except Exception:
+                    log.exception("operation %s failed", op.name)
+                    self._error(conv_id, op.name, PDError("INTERNAL", f"{op.name} failed; see daemon.log"))
+                else:
+                    if conv_id:
+                        self._reply(Performative.INFORM_DONE, conv_id, {"action": op.name, "result": result})
+                finally:
+                    self._pending.pop(conv_id, None)
+                self._flush()
+            if scope.cancelled_caught and conv_id and not self.closed:
+                self._error(conv_id, op.name, PDError("CANCELLED", f"{op.name} was cancelled"))
+                self._flush()
+        finally:
+            self._waiting_ops -= 1
 
 
 class IpcServer:
@@ -309,12 +384,21 @@ class IpcServer:
         self.max_conn = app.settings.ipc_max_conn
         self.rate = app.settings.ipc_rate
         self.connections: set[Connection] = set()
-        self.malformed = 0
-        self.refused = 0
         self.uid = os.getuid()
+        # Counters since start (daemon.status "counts"): what the limits refused or dropped.
+        self.refused = 0  # connections refused: over the cap or another uid
+        self.malformed = 0  # malformed frames (strikes)
+        self.cut_off = 0  # connections closed on their third strike
+        self.rate_limited = 0  # frames over the per-connection rate
+        self.dropped_frames = 0  # fire-and-forget frames that could not be acted on
+        self.dropped_pushes = 0  # deliveries not queued for clients that were not reading
 
     def stats(self) -> dict[str, Any]:
-        return {"ipcConnections": len(self.connections)}
+        return {
+            "ipcConnections": len(self.connections), "ipcRefused": self.refused, "ipcMalformed": self.malformed,
+            "ipcCutOff": self.cut_off, "ipcRateLimited": self.rate_limited, "ipcDroppedFrames": self.dropped_frames,
+            "ipcDroppedPushes": self.dropped_pushes,
+        }  # fmt: skip
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.app.settings.ipc_sock
@@ -343,16 +427,18 @@ class IpcServer:
     def _admit(self, sock: socket.socket, nursery: trio.Nursery) -> None:
         sock.setblocking(False)
         pid, uid, _ = peer_credentials(sock)
-        if uid != self.uid:
-            self.refused += 1
-            sock.close()
-            return
         conn = Connection(self, sock, pid)
-        if len(self.connections) >= self.max_conn:
-            self.refused += 1
-            message = f"the daemon serves at most {self.max_conn} IPC connections"
-            conn._reply(Performative.REFUSE, 0, {"action": "", "error": "max_connections", "message": message})
-            conn.close()
-            return
-        self.connections.add(conn)
-        nursery.start_soon(conn.serve)
+        if uid != self.uid:
+            # The socket is 0600, so only root or a changed mode lets another user this far.
+            self._refuse(conn, "FORBIDDEN", f"peer uid {uid} is not the daemon's uid {self.uid}")
+        elif len(self.connections) >= self.max_conn:
+            self._refuse(conn, "max_connections", f"the daemon serves at most {self.max_conn} IPC connections; "
+                                                  "close idle ones or raise PORT_DADDY_IPC_MAX_CONN")  # fmt: skip
+        else:
+            self.connections.add(conn)
+            nursery.start_soon(conn.serve)
+
+    def _refuse(self, conn: Connection, code: str, message: str) -> None:
+        self.refused += 1
+        conn._reply(Performative.REFUSE, 0, {"action": "", "error": code, "message": message})
+        conn.close()
