@@ -253,3 +253,15 @@ def test_pd_import_path_is_light() -> None:
 def test_colon_shortcut_claims(daemon: Daemon) -> None:
     r = daemon.pd("shortcut:api", "-q")
     assert r.returncode == 0 and r.stdout.strip().isdigit()
+
+
+def test_reclaim_last_seen_is_written_behind_and_kept_on_shutdown(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    d.call("port.claim", id="seen:api")
+    first = d.call("port.get", id="seen:api")["service"]["lastSeen"]
+    time.sleep(0.01)
+    d.call("port.claim", id="seen:api")  # nothing changes but last_seen: answered from memory
+    touched = d.call("port.get", id="seen:api")["service"]["lastSeen"]
+    assert touched > first
+    d.restart()  # SIGTERM: the write-behind flushes on the way out
+    assert d.call("port.get", id="seen:api")["service"]["lastSeen"] == touched

@@ -1,22 +1,47 @@
 """The ``pd`` command. Thin: parse, one call to the daemon, render.
 
 Only click, msgpack and the blocking IPC client are imported on this path (never trio, quart, hypercorn
-or apsw), so ``pd`` starts fast.
+or apsw), and only the module of the command being run is imported, so ``pd`` starts fast.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from portdaddy import __version__
-from portdaddy.cli import arbiter, daemon_cmds, harbors, pheromones, services, tuples
+
+# Which module of ``portdaddy.cli`` defines each top-level command (in its ``COMMANDS``). Importing one
+# module instead of all of them is most of the CLI's start-up budget; tests/test_cli_index.py keeps this
+# table and the modules in agreement.
+COMMAND_MODULES: dict[str, str] = {
+    "start": "daemon_cmds", "stop": "daemon_cmds", "status": "daemon_cmds", "version": "daemon_cmds",
+    "daemon": "daemon_cmds",
+    "claim": "services", "release": "services", "find": "services", "services": "services", "url": "services",
+    "env": "services",
+    "harbor": "harbors",
+    "tuple": "tuples",
+    "pheromone": "pheromones",
+    "arbiter": "arbiter",
+}  # fmt: skip
 
 
 class PdGroup(click.Group):
-    """An unknown command containing ':' is a claim (``pd myapp:api`` = ``pd claim myapp:api``)."""
+    """Commands load on demand; an unknown command containing ':' is a claim (``pd myapp:api``)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(name)
+        if module is None:
+            return None
+        commands = importlib.import_module(f"portdaddy.cli.{module}").COMMANDS
+        return next(c for c in commands if c.name == name)
 
     def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[override]
-        if args and ":" in args[0] and args[0] not in self.commands:
+        if args and ":" in args[0] and args[0] not in COMMAND_MODULES:
             args = ["claim", *args]
         return super().resolve_command(ctx, args)
 
@@ -34,11 +59,6 @@ def cli() -> None:
     Exit codes: 0 done, 1 refused (held, conflict, timeout, not found), 2 bad input,
     3 daemon unreachable. Every command takes --json.
     """
-
-
-for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter):
-    for command in module.COMMANDS:
-        cli.add_command(command)
 
 
 def main() -> None:

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from portdaddy import launcher
 from portdaddy.config import Settings
 from portdaddy.errors import DaemonUnavailable, PDError, exit_code
 from portdaddy.ipc.client import BlockingClient
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def settings() -> Settings:
@@ -62,6 +63,8 @@ class Spinner:
 
 
 def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+    from portdaddy import launcher  # only when the daemon must be started: it pulls in subprocess
+
     spinner = Spinner("starting the Port Daddy daemon…")
     try:
         return launcher.wait_healthy(cfg, proc, tick=spinner.tick)
@@ -78,6 +81,8 @@ def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autosta
     except DaemonUnavailable:
         if not (autostart and cfg.autostart):
             raise
+    from portdaddy import launcher
+
     wait_healthy(cfg, launcher.spawn_daemon(cfg))
     return client.connect()
 

@@ -6,7 +6,8 @@ nothing. Values under ``decay.FLOOR`` vanish (dropped at the read that finds the
 ``self.clock`` (wall seconds advanced by trio's clock), so tests drive decay with trio's MockClock.
 
 Spray is the hot path: over IPC it may be fire-and-forget; memory changes at once and the store is written in
-batches at most ``FLUSH_S`` later. A spray someone waits for (a request) is committed before its reply.
+batches at most a second later (``core.writebehind``). A spray someone waits for (a request) is committed
+before its reply.
 
 The file heat map is built from ``file.claim`` / ``file.release`` / ``session.end`` events, kept in our own
 ``pheromone_claims`` table.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -25,8 +26,8 @@ import trio
 from portdaddy.core import decay
 from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.writebehind import WriteBehind
 
-FLUSH_S = 1.0
 CLAIM_HISTORY_MS = 7 * 24 * 3600 * 1000
 # File heat (ref §17.2): each claim adds 0.3 x e^(-age / 30 min); an active claim adds 0.3 more; capped at 1.
 HEAT_PER_CLAIM = 0.3
@@ -62,8 +63,7 @@ class Pheromones:
         self.clock = clock or trio_wall_clock()
         self.half_life_s = half_life_s or half_life_from_env()
         self._marks: dict[Entity, dict[str, tuple[float, int]]] = {}
-        self._dirty: set[tuple[Entity, str]] = set()
-        self._dirty_event = trio.Event()
+        self._dirty: WriteBehind[tuple[Entity, str]] = WriteBehind(self.store, self._write_marks)
         self.sprays = 0
         for harbor, table, eid, key, strength, at in self.store.all(
             "SELECT harbor, tbl, entity_id, key, strength, sprayed_at FROM pheromones"
@@ -86,11 +86,9 @@ class Pheromones:
         entity = (harbor, table, eid)
         self._marks.setdefault(entity, {})[key] = (strength, self._now_ms())
         self.sprays += 1
-        self._dirty.add((entity, key))
+        self._dirty.mark((entity, key))
         if durable:
             self.flush()
-        else:
-            self._dirty_event.set()
         self.app.bus.emit("pheromone.spray", table=table, id=eid, key=key, strength=strength)
         return self.sniff(table, eid, harbor=harbor)
 
@@ -106,8 +104,7 @@ class Pheromones:
             value = decay.decayed(strength, max(0, now - at) / 1000, self.half_life_s)
             if value < decay.FLOOR:
                 del marks[key]
-                self._dirty.add((entity, key))
-                self._dirty_event.set()
+                self._dirty.mark((entity, key))
             else:
                 values[key] = round(value, 3)
         if not marks:
@@ -126,27 +123,27 @@ class Pheromones:
         return out
 
     def flush(self) -> None:
-        """Write every changed mark (one transaction); a vanished mark is deleted."""
-        if not self._dirty:
-            return
+        """Write every changed mark now."""
+        self._dirty.flush()
+
+    def _write_marks(self, db: Any, dirty: Iterable[tuple[Entity, str]]) -> None:
+        """Write changed marks; a vanished mark is deleted."""
         upserts, deletes = [], []
-        for entity, key in self._dirty:
+        for entity, key in dirty:
             mark = self._marks.get(entity, {}).get(key)
             if mark is None:
                 deletes.append((*entity, key))
             else:
                 upserts.append((*entity, key, *mark))
-        with self.store.write() as db:
-            if deletes:
-                db.executemany("DELETE FROM pheromones WHERE harbor=? AND tbl=? AND entity_id=? AND key=?", deletes)
-            if upserts:
-                db.executemany(
-                    "INSERT INTO pheromones (harbor, tbl, entity_id, key, strength, sprayed_at) VALUES (?,?,?,?,?,?)"
-                    " ON CONFLICT(harbor, tbl, entity_id, key) DO UPDATE SET strength=excluded.strength,"
-                    " sprayed_at=excluded.sprayed_at",
-                    upserts,
-                )
-        self._dirty.clear()
+        if deletes:
+            db.executemany("DELETE FROM pheromones WHERE harbor=? AND tbl=? AND entity_id=? AND key=?", deletes)
+        if upserts:
+            db.executemany(
+                "INSERT INTO pheromones (harbor, tbl, entity_id, key, strength, sprayed_at) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(harbor, tbl, entity_id, key) DO UPDATE SET strength=excluded.strength,"
+                " sprayed_at=excluded.sprayed_at",
+                upserts,
+            )
 
     # -- file heat -----------------------------------------------------------------------------------------
 
@@ -219,20 +216,9 @@ class Pheromones:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._flusher)
+            await nursery.start(self._dirty.run)
             await nursery.start(self._claims)
             task_status.started()
-
-    async def _flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        try:
-            while True:
-                await self._dirty_event.wait()
-                await trio.sleep(FLUSH_S)
-                self._dirty_event = trio.Event()
-                self.flush()
-        finally:
-            self.flush()  # clean shutdown: nothing sprayed is left unwritten
 
     async def _claims(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with self.app.bus.subscribe("file.claim", "file.release", "session.end") as rx:

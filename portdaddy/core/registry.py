@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.trie import SegmentTrie
+from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import NotFound, PDError, bad_input
 
 _ENV_NAME = re.compile(r"^[a-z0-9_-]{1,50}$")
@@ -88,6 +90,8 @@ class Registry:
         self._by_id: SegmentTrie[Service] = SegmentTrie()
         self._by_port: dict[int, str] = {}
         self._expiry_changed = trio.Event()
+        # A re-claim that changes nothing but last_seen is answered from memory; the time is written behind.
+        self._seen: WriteBehind[str] = WriteBehind(self.store, self._write_seen)
         self._load()
 
     def _load(self) -> None:
@@ -156,18 +160,23 @@ class Registry:
         svc = self._by_id.get(identity)
         if svc is not None:
             svc.last_seen = now
-            svc.pid = pid or svc.pid
-            svc.cmd = cmd or svc.cmd
-            svc.cwd = cwd or svc.cwd
-            svc.expires_at = expires_at or svc.expires_at
-            svc.metadata = metadata if metadata is not None else svc.metadata
-            with self.store.write() as db:
-                db.execute(
-                    "UPDATE services SET last_seen=?, pid=?, cmd=?, cwd=?, expires_at=?, metadata=? WHERE id=?",
-                    (now, svc.pid, svc.cmd, svc.cwd, svc.expires_at, _dumps(svc.metadata), identity),
-                )
-            if expires_at:
-                self._expiry_changed.set()
+            if (pid and pid != svc.pid) or (cmd and cmd != svc.cmd) or (cwd and cwd != svc.cwd) or expires_at or (
+                metadata is not None and metadata != svc.metadata
+            ):
+                svc.pid = pid or svc.pid
+                svc.cmd = cmd or svc.cmd
+                svc.cwd = cwd or svc.cwd
+                svc.expires_at = expires_at or svc.expires_at
+                svc.metadata = metadata if metadata is not None else svc.metadata
+                with self.store.write() as db:
+                    db.execute(
+                        "UPDATE services SET last_seen=?, pid=?, cmd=?, cwd=?, expires_at=?, metadata=? WHERE id=?",
+                        (now, svc.pid, svc.cmd, svc.cwd, svc.expires_at, _dumps(svc.metadata), identity),
+                    )
+                if expires_at:
+                    self._expiry_changed.set()
+            else:
+                self._seen.mark(identity)
             return {
                 "success": True, "id": identity, "port": svc.port, "existing": True,
                 "message": "reusing existing service",
@@ -283,7 +292,17 @@ class Registry:
 
     # -- background ----------------------------------------------------------------------------------------
 
+    def _write_seen(self, db: Any, identities: Iterable[str]) -> None:
+        rows = [(svc.last_seen, svc.id) for svc in map(self._by_id.get, identities) if svc is not None]
+        db.executemany("UPDATE services SET last_seen=? WHERE id=?", rows)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._seen.run)
+            await nursery.start(self._expire)
+            task_status.started()
+
+    async def _expire(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Release expired services at their deadline (not on a fixed tick)."""
         task_status.started()
         while True:

@@ -1,0 +1,61 @@
+"""Write-behind for hot, low-value changes (a re-claim's ``last_seen``, fire-and-forget sprays, heartbeats).
+
+Memory changes at once; the store catches up at most ``delay`` seconds later, all pending keys in one
+transaction, coalesced per key (a thousand heartbeats of one agent are one row write). A commit costs tens of
+microseconds, more than the rest of a request, so paying it per frame would make these paths slow for no
+gain: what they record is a hint whose loss on a crash is harmless. Anything a caller is told was done is
+still committed before the reply (``flush()`` first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
+
+import trio
+
+K = TypeVar("K", bound=Hashable)
+
+DELAY_S = 1.0
+
+
+class WriteBehind(Generic[K]):
+    def __init__(self, store: Any, write: Callable[[Any, Iterable[K]], None], *, delay: float = DELAY_S) -> None:
+        """``write(db, keys)`` writes the current in-memory state of ``keys`` inside an open transaction."""
+        self.store = store
+        self.delay = delay
+        self._write = write
+        self._keys: set[K] = set()
+        self._marked = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def mark(self, key: K) -> None:
+        """``key`` changed in memory; write it within ``delay`` seconds."""
+        self._keys.add(key)
+        self._marked.set()
+
+    def flush(self) -> None:
+        """Write every pending key now (one transaction)."""
+        if not self._keys:
+            return
+        keys, self._keys = self._keys, set()
+        try:
+            with self.store.write() as db:
+                self._write(db, keys)
+        except BaseException:
+            self._keys |= keys  # keep them for the next attempt
+            raise
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush ``delay`` after the first mark of each batch; on shutdown, flush what is left."""
+        task_status.started()
+        try:
+            while True:
+                await self._marked.wait()
+                await trio.sleep(self.delay)
+                self._marked = trio.Event()
+                self.flush()
+        finally:
+            self.flush()
