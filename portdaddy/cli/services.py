@@ -8,7 +8,6 @@ import click
 
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call
-from portdaddy.core.identity import env_prefix
 
 
 @click.command()
@@ -146,6 +145,8 @@ def env(pattern: str, as_json: bool) -> None:
     Example:
       eval "$(pd env 'myapp:*' | sed 's/^/export /')"
     """
+    from portdaddy.core.identity import env_prefix  # not on `pd claim`'s path: it compiles regexes
+
     found = call("port.find", {"pattern": pattern}, as_json=as_json)["services"]
     lines = {}
     for s in found:
