@@ -1,0 +1,211 @@
+"""The IPC socket's limits (reference §20.5, spec/ipc.md "Limits"), each against a real daemon."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+import trio
+
+import portdaddy
+from conftest import Daemon
+from portdaddy.errors import DaemonUnavailable, PDError
+from portdaddy.ipc.client import BlockingClient
+from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, FrameTooLarge, Performative
+
+
+class Raw:
+    """A raw socket speaking frames, for tests that must control exactly what is sent and read."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(5)
+        self.sock.connect(str(d.settings.ipc_sock))
+        self.decoder = Decoder()
+        self.encoder = Encoder()
+
+    def send(self, kind: int, conv: int, payload: dict[str, Any]) -> None:
+        self.sock.sendall(self.encoder.encode(kind, conv, payload))
+
+    def frames(self, n: int, timeout: float = 5) -> list[Frame]:
+        """Read until ``n`` frames arrived (fewer if the daemon closes the connection first)."""
+        out: list[Frame] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            out.extend(e for e in self.decoder.events() if isinstance(e, Frame))
+            if len(out) >= n:
+                break
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.decoder.feed(data)
+        return out
+
+    def closed_by_peer(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(65536) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def malformed_frame(conv: int) -> bytes:
+    return HEADER.pack(Performative.REQUEST, conv, 3) + b"\xc1\xc1\xc1"  # 0xc1 is never valid MessagePack
+
+
+def test_connection_cap_refuses_the_next_one_and_frees_a_slot_on_close(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_MAX_CONN="4")
+    held = [served_client(d) for _ in range(4)]
+    extra = Raw(d)
+    [refusal] = extra.frames(1)
+    assert refusal.type == Performative.REFUSE and refusal.payload["error"] == "max_connections"
+    assert "PORT_DADDY_IPC_MAX_CONN" in refusal.payload["message"]
+    assert extra.closed_by_peer()
+    held.pop().close()
+    held.append(served_client(d))
+    assert held[-1].request("daemon.status")["counts"]["ipcRefused"] >= 1
+
+
+def served_client(d: Daemon) -> BlockingClient:
+    """A connection the daemon admitted. Retries while slots of just-closed connections are still counted
+    (the daemon notices a close on its next read of that socket)."""
+    deadline = time.monotonic() + 5
+    while True:
+        c = d.client()
+        try:
+            assert c.request("daemon.health")["status"] == "ok"
+            return c
+        except (DaemonUnavailable, PDError):
+            c.close()
+            assert time.monotonic() < deadline, "no IPC slot came free"
+            time.sleep(0.05)
+
+
+def test_rate_limit_refuses_requests_and_drops_fire_and_forget(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_RATE="50")
+    raw = Raw(d)
+    # Line up at a second boundary so the burst falls in one rate window.
+    time.sleep(1 - time.monotonic() % 1 + 0.01)
+    burst = b"".join(raw.encoder.encode(Performative.REQUEST, i, {"action": "daemon.health"}) for i in range(1, 121))
+    raw.sock.sendall(burst)
+    replies = raw.frames(120)
+    assert len(replies) == 120  # every request is answered, one way or the other
+    done = [f for f in replies if f.type == Performative.INFORM_DONE]
+    refused = [f for f in replies if f.type == Performative.REFUSE]
+    assert 50 <= len(done) <= 100 and len(done) + len(refused) == 120  # ≤ 2 windows if the burst straddled one
+    assert {f.payload["error"] for f in refused} == {"rate_limited"} and refused[0].payload["limit"] == 50
+    for _ in range(100):  # over the limit and nobody to tell: dropped and counted
+        raw.send(Performative.INFORM, 0, {"action": "pheromone.spray", "table": "t", "id": "x", "key": "k",
+                                          "strength": 0.5})  # fmt: skip
+    time.sleep(1.1)
+    raw.send(Performative.REQUEST, 999, {"action": "daemon.health"})
+    [later] = raw.frames(1)
+    assert later.conv_id == 999 and later.type == Performative.INFORM_DONE  # a new second, a new budget
+    counts = d.call("daemon.status")["counts"]
+    assert counts["ipcRateLimited"] >= len(refused) + 50 and counts["ipcDroppedFrames"] >= 50
+
+
+def test_three_malformed_frames_disconnect_two_do_not(daemon: Daemon) -> None:
+    raw = Raw(daemon)
+    for strike in (1, 2):
+        raw.sock.sendall(malformed_frame(strike))
+        [reply] = raw.frames(1)
+        assert reply.type == Performative.NOT_UNDERSTOOD and reply.conv_id == strike
+        assert reply.payload["error"] == "frame_decode_error" and reply.payload["violations"] == strike
+    raw.send(Performative.REQUEST, 7, {"action": "daemon.health"})
+    [ok] = raw.frames(1)
+    assert ok.type == Performative.INFORM_DONE  # still served between strikes
+    raw.sock.sendall(malformed_frame(3))
+    [bye] = raw.frames(1)
+    assert bye.type == Performative.REFUSE and bye.payload["error"] == "disconnected"
+    assert raw.closed_by_peer()
+    assert daemon.call("daemon.health")["status"] == "ok"
+
+
+def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
+    raw = Raw(daemon)
+    raw.send(Performative.REQUEST, 1, {"action": "daemon.health", "agentId": "agent-a"})
+    raw.send(Performative.REQUEST, 2, {"action": "daemon.health", "agentId": "agent-b"})
+    raw.send(Performative.REQUEST, 3, {"action": "daemon.health", "agentId": "agent-a"})
+    first, other, same = raw.frames(3)
+    assert first.type == Performative.INFORM_DONE and same.type == Performative.INFORM_DONE
+    assert other.type == Performative.REFUSE and other.payload["error"] == "agent_mismatch"
+    assert "agent-a" in other.payload["message"]
+
+
+def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        with pytest.raises(FrameTooLarge, match="65535"):
+            c.request("port.claim", {"id": "big:one", "metadata": {"blob": "x" * 70_000}})
+        assert c.request("daemon.health")["status"] == "ok"  # nothing half-sent: the stream is intact
+    assert daemon.call("port.find", pattern="big:*")["count"] == 0
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_that_never_reads_cannot_grow_the_daemon(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    d.call("port.claim", id="slow:reader")
+    before = rss_kb(d.proc.pid)
+    request = Encoder().encode(Performative.REQUEST, 1, {"action": "port.find", "pattern": "*"})
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(d.settings.ipc_sock))
+    sock.setblocking(False)
+    sent = 0
+    stalled_since = None
+    while sent < 50_000_000:  # pipeline requests and never read a reply, until the daemon stops taking them
+        try:
+            sent += sock.send(request * 64)
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 1.0:
+                break
+            time.sleep(0.01)
+    assert stalled_since is not None, f"the daemon kept reading ({sent} bytes) with its replies unread"
+    assert d.call("daemon.health")["status"] == "ok"  # others are served meanwhile
+    grown_mb = (rss_kb(d.proc.pid) - before) / 1024
+    assert grown_mb < 16, f"daemon grew {grown_mb:.1f} MB for a client that never reads"
+    sock.close()
+    assert d.call("daemon.health")["status"] == "ok"
+
+
+async def test_sdk_fails_pending_requests_fast_and_reconnects(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        assert (await pd.status())["pid"] == d.proc.pid
+
+        async def wait_for_tuple() -> None:
+            await pd.take(["never"], wait=True)
+
+        with trio.fail_after(5):  # the disconnect fails the waiting take at once, not after its timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, d.kill9)
+                with pytest.raises(DaemonUnavailable):
+                    await wait_for_tuple()
+        await trio.to_thread.run_sync(d.start)
+        with trio.fail_after(10):  # backoff starts at 1 s
+            while True:
+                try:
+                    status = await pd.status()
+                    break
+                except DaemonUnavailable:
+                    await trio.sleep(0.1)
+        assert status["pid"] == d.proc.pid
+
+
+def test_huge_length_field_then_silence_does_not_block_others(daemon: Daemon) -> None:
+    raw = Raw(daemon)
+    raw.sock.sendall(HEADER.pack(Performative.REQUEST, 1, 65535) + os.urandom(100))  # promises bytes never sent
+    assert daemon.call("daemon.health")["status"] == "ok"
+    raw.close()
