@@ -1,72 +1,231 @@
-"""The benchmark suites. Each returns Figures; latency figures name the floor they are divided by."""
+"""The benchmark suites. Each returns Figures; latency figures name the floor they are divided by.
+
+One daemon serves every suite (rate limiting off, PORT_DADDY_IPC_RATE=0: these measure the path, not the
+limiter), so its RSS after all of them is the "after load" figure.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
+import multiprocessing
 import os
+import socket
 import subprocess
 import time
+from pathlib import Path
+from typing import Any
+
+import trio
 
 from bench.harness import PYTHON, Figure, bench_daemon, floor_pingpong, floor_send, pin, rss_mb, timed, unpin
+from portdaddy.config import Settings
 from portdaddy.ipc.client import BlockingClient
+from portdaddy.ipc.frame import Encoder, Performative
+from portdaddy.ipc.trio_client import TrioClient
+
+PINGPONG = "floor: unix ping-pong 16B (pinned)"
+PINGPONG_UNPINNED = "floor: unix ping-pong 16B (unpinned)"
+SEND = "floor: send prebuilt 41B frame"
+SPRAY = {"table": "services", "id": "bench:api", "key": "load", "strength": 0.5}
 
 
 def floors(quick: bool) -> list[Figure]:
     n = 2000 if quick else 20000
     return [
-        Figure("floor: unix ping-pong 16B (pinned)", floor_pingpong(n, pinned=True)),
-        Figure("floor: unix ping-pong 16B (unpinned)", floor_pingpong(n, pinned=False)),
-        Figure("floor: send prebuilt 41B frame", floor_send(n * 5)),
+        Figure(PINGPONG, floor_pingpong(n, pinned=True)),
+        Figure(PINGPONG_UNPINNED, floor_pingpong(n, pinned=False)),
+        Figure(SEND, floor_send(n * 5)),
     ]
 
 
-def ipc_round_trips(quick: bool) -> list[Figure]:
+# -- IPC request/response --------------------------------------------------------------------------------
+
+
+def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]:
     n = 2000 if quick else 20000
     figures = []
-    # Rate limiting off: these measure the path, not the limiter (PORT_DADDY_IPC_RATE=0).
-    with bench_daemon(PORT_DADDY_IPC_RATE="0") as (cfg, proc, started):
-        figures.append(Figure("daemon start to healthy", [started * 1e6 / 1000], unit="ms"))
-        figures.append(Figure("daemon RSS idle", [rss_mb(proc.pid)], unit="MB"))
-        with BlockingClient(cfg.ipc_sock) as c:
-            c.request("port.claim", {"id": "bench:api"})
+    with BlockingClient(cfg.ipc_sock) as c:
+        c.request("port.claim", {"id": "bench:api"})
+
+        def tuple_out_in() -> None:
+            c.request("tuple.out", {"fields": ["job", 1]})
+            c.request("tuple.in", {"pattern": ["job", "*"]})
+
+        cases = {"port.claim existing": lambda: c.request("port.claim", {"id": "bench:api"}),
+                 "tuple.out + tuple.in": tuple_out_in}  # fmt: skip
+        for label, fn in cases.items():
             for pinned in (True, False):
                 if pinned:
-                    pin(proc.pid)
+                    pin(daemon_pid)
                     pin()
-                samples = timed(lambda: c.request("port.claim", {"id": "bench:api"}), n, warmup=500)
-                label = "pinned" if pinned else "unpinned"
-                figures.append(Figure(f"ipc: port.claim existing ({label})", samples,
-                                      floor=f"floor: unix ping-pong 16B ({label})"))  # fmt: skip
-                unpin(proc.pid)
-                unpin()
-        cli = _cli_figures(cfg, quick)
-        figures.extend(cli)
-        figures.append(Figure("daemon RSS after load", [rss_mb(proc.pid)], unit="MB"))
+                try:
+                    samples = timed(fn, n, warmup=500)
+                finally:
+                    unpin(daemon_pid)
+                    unpin()
+                where = "pinned" if pinned else "unpinned"
+                floor = PINGPONG if pinned else PINGPONG_UNPINNED
+                figures.append(Figure(f"ipc: {label} ({where})", samples, floor=floor))
     return figures
 
 
-def _cli_figures(cfg, quick: bool) -> list[Figure]:
+def _concurrent_worker(path: str, n: int, start: Any, out: Any) -> None:
+    with BlockingClient(path) as c:
+        c.request("port.claim", {"id": "bench:api"})
+        start.wait()
+        t0 = time.perf_counter()
+        samples = timed(lambda: c.request("port.claim", {"id": "bench:api"}), n, warmup=0)
+        out.put((time.perf_counter() - t0, samples))
+
+
+def ipc_concurrent(cfg: Settings, quick: bool, conns: int = 16) -> list[Figure]:
+    """``conns`` processes, one connection each, claiming as fast as they can."""
+    n = 300 if quick else 3000
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_concurrent_worker, args=(str(cfg.ipc_sock), n, start, out)) for _ in range(conns)]
+    for p in procs:
+        p.start()
+    time.sleep(0.3)  # every worker connected and warmed up
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    wall = max(elapsed for elapsed, _ in results)
+    samples = [s for _, per in results for s in per]
+    return [
+        Figure(f"ipc: port.claim, {conns} connections (latency)", samples, floor=PINGPONG_UNPINNED),
+        Figure(f"ipc: port.claim, {conns} connections (throughput)", [conns * n / wall], unit="req/s"),
+    ]
+
+
+# -- fire-and-forget ---------------------------------------------------------------------------------------
+
+
+def sdk_fire_and_forget(cfg: Settings, quick: bool) -> list[Figure]:
+    """What an SDK caller pays for ``pd.spray(...)``: encode and a non-blocking send, no round trip."""
+    n = 20000 if quick else 200000
+
+    async def run() -> list[float]:
+        client = TrioClient(cfg.ipc_sock, agent_id="bench-agent", reconnect=False)
+        clock = time.perf_counter_ns
+        samples = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            for i in range(n):
+                t0 = clock()
+                client.send_nowait("pheromone.spray", SPRAY)
+                samples.append((clock() - t0) / 1000)
+                if i % 64 == 0:
+                    await trio.sleep(0)  # let the writer task drain anything the socket did not take
+            await client.request("daemon.health")  # everything sent before it has been handled
+            nursery.cancel_scope.cancel()
+        return samples[1000:]
+
+    return [Figure("sdk: fire-and-forget spray, client cost", trio.run(run), floor=SEND)]
+
+
+def _ingest_worker(path: str, frames: int, start: Any) -> None:
+    batch = Encoder().encode(Performative.INFORM, 0, {"action": "pheromone.spray", **SPRAY}) * 512
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    start.wait()
+    for _ in range(frames // 512):
+        sock.sendall(batch)
+    sock.close()
+
+
+def daemon_ingest(cfg: Settings, quick: bool, conns: int = 4) -> list[Figure]:
+    """Fire-and-forget frames the daemon handles per second, from ``conns`` connections at once."""
+    per_conn = 512 * (40 if quick else 400)
+    with BlockingClient(cfg.ipc_sock) as c:
+        sprays = lambda: c.request("daemon.status")["counts"]["pheromoneSprays"]  # noqa: E731
+        before = sprays()
+        ctx = multiprocessing.get_context("fork")
+        start = ctx.Event()
+        procs = [ctx.Process(target=_ingest_worker, args=(str(cfg.ipc_sock), per_conn, start)) for _ in range(conns)]
+        for p in procs:
+            p.start()
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        start.set()
+        target = before + conns * per_conn
+        deadline = t0 + 120
+        while (done := sprays()) < target and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - t0
+        for p in procs:
+            p.join()
+    return [Figure(f"daemon ingest: fire-and-forget sprays, {conns} connections", [(done - before) / elapsed],
+                   unit="fr/s", note="" if done >= target else "INCOMPLETE: frames lost")]  # fmt: skip
+
+
+# -- HTTP on the Unix socket --------------------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost")
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.unix_path)
+
+
+def http_round_trips(cfg: Settings, quick: bool) -> list[Figure]:
+    n = 500 if quick else 5000
+    conn = _UnixHTTPConnection(str(cfg.http_sock))
+    body = json.dumps({"id": "bench:api"})
+    headers = {"Content-Type": "application/json"}
+
+    def claim() -> None:
+        conn.request("POST", "/claim", body, headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+
+    figures = [Figure("http/unix: POST /claim existing (keep-alive)", timed(claim, n, warmup=50),
+                      floor=PINGPONG_UNPINNED)]  # fmt: skip
+    conn.close()
+    return figures
+
+
+# -- whole processes -----------------------------------------------------------------------------------------
+
+
+def cli(cfg: Settings, quick: bool) -> list[Figure]:
     n = 10 if quick else 40
     env = {**os.environ, "PORT_DADDY_HOME": str(cfg.home), "PORT_DADDY_NO_AUTOSTART": "1"}
-
-    def run(*argv: str) -> None:
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+    pd = str(Path(PYTHON).parent / "pd")  # the console script a user runs
 
     def wall(*argv: str) -> list[float]:
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            run(*argv)
+            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
             out.append((time.perf_counter() - t0) * 1000)
         return out
 
-    pd = [PYTHON, "-m", "portdaddy.cli"]
     return [
         Figure("process: python -c pass", wall(PYTHON, "-c", "pass"), unit="ms"),
-        Figure("process: pd claim -q (existing)", wall(*pd, "claim", "bench:api", "-q"), unit="ms",
+        Figure("process: pd claim -q (existing)", wall(pd, "claim", "bench:api", "-q"), unit="ms",
                floor="process: python -c pass"),
-        Figure("process: pd version", wall(*pd, "version"), unit="ms", floor="process: python -c pass"),
-    ]
+        Figure("process: pd version", wall(pd, "version"), unit="ms", floor="process: python -c pass"),
+    ]  # fmt: skip
 
 
 def run_all(quick: bool = False) -> list[Figure]:
-    return floors(quick) + ipc_round_trips(quick)
+    figures = floors(quick)
+    with bench_daemon(PORT_DADDY_IPC_RATE="0") as (cfg, proc, started):
+        figures.append(Figure("daemon start to healthy", [started * 1000], unit="ms"))
+        figures.append(Figure("daemon RSS idle", [rss_mb(proc.pid)], unit="MB"))
+        figures += ipc_round_trips(cfg, proc.pid, quick)
+        figures += ipc_concurrent(cfg, quick)
+        figures += sdk_fire_and_forget(cfg, quick)
+        figures += daemon_ingest(cfg, quick)
+        figures += http_round_trips(cfg, quick)
+        figures += cli(cfg, quick)
+        figures.append(Figure("daemon RSS after load", [rss_mb(proc.pid)], unit="MB"))
+    return figures

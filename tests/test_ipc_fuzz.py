@@ -12,8 +12,8 @@ import time
 
 import apsw
 import msgpack
-
 from conftest import Daemon
+
 from portdaddy.ipc.frame import HEADER, Performative
 
 FUZZ_SECONDS = float(os.environ.get("PD_FUZZ_SECONDS", "30"))

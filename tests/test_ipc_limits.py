@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import Daemon
 
 import portdaddy
-from conftest import Daemon
 from portdaddy.errors import DaemonUnavailable, PDError
 from portdaddy.ipc.client import BlockingClient
 from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, FrameTooLarge, Performative

@@ -4,6 +4,11 @@ Commands are calls; events are how subsystems tell each other what happened (age
 sessions abandoned, webhooks queued, the arbiter checks). ``emit`` never blocks: it is called from inside
 synchronous operations. Core subscribers ask for an unbounded buffer so that nothing they must act on is
 dropped; observers (webhooks, SSE, tests) take a bounded one and learn how many they missed.
+
+Hot-path kinds (``HOT_KINDS``: sprays, publishes, heartbeats, at up to hundreds of thousands a second) reach
+only subscribers that name them or their area; "everything" subscribers (the arbiter, the activity log) would
+otherwise queue every one of them. Each kind's list of subscribers is computed once and cached, so emitting a
+kind nobody listens to costs a dict lookup.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 
 import trio
 
+HOT_KINDS = frozenset({"pheromone.spray", "msg.publish", "agent.heartbeat"})
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -27,9 +34,13 @@ class Event:
     at: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def matches(self, prefixes: frozenset[str] | None) -> bool:
-        if prefixes is None:
-            return True
-        return self.kind in prefixes or self.kind.split(".", 1)[0] in prefixes
+        return kind_matches(self.kind, prefixes)
+
+
+def kind_matches(kind: str, prefixes: frozenset[str] | None) -> bool:
+    if prefixes is None:
+        return kind not in HOT_KINDS
+    return kind in prefixes or kind.split(".", 1)[0] in prefixes
 
 
 @dataclass(slots=True)
@@ -42,19 +53,25 @@ class _Subscriber:
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[_Subscriber] = []
+        self._routes: dict[str, list[_Subscriber]] = {}  # kind -> its subscribers; reset on (un)subscribe
         self.emitted = 0
 
-    def emit(self, kind: str, **data: Any) -> Event:
-        event = Event(kind, data)
+    def emit(self, kind: str, **data: Any) -> Event | None:
+        """Deliver to every matching subscriber; returns the event, or None when nobody listens to ``kind``."""
         self.emitted += 1
-        for sub in self._subscribers:
-            if event.matches(sub.kinds):
-                try:
-                    sub.send.send_nowait(event)
-                except trio.WouldBlock:
-                    sub.dropped += 1
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        subs = self._routes.get(kind)
+        if subs is None:
+            subs = self._routes[kind] = [s for s in self._subscribers if kind_matches(kind, s.kinds)]
+        if not subs:
+            return None
+        event = Event(kind, data)
+        for sub in subs:
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         return event
 
     @contextmanager
@@ -65,8 +82,10 @@ class EventBus:
         send, receive = trio.open_memory_channel[Event](buffer)
         sub = _Subscriber(send, frozenset(kinds) if kinds else None)
         self._subscribers.append(sub)
+        self._routes.clear()
         try:
             yield receive
         finally:
             self._subscribers.remove(sub)
+            self._routes.clear()
             send.close()

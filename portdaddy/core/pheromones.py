@@ -81,7 +81,7 @@ class Pheromones:
     # -- marks ---------------------------------------------------------------------------------------------
 
     def spray(self, table: str, eid: str, key: str, strength: float, *, harbor: str = "",
-              durable: bool = True) -> dict[str, float]:  # fmt: skip
+              durable: bool = True) -> None:  # fmt: skip
         """Set ``key`` on an entity to ``strength`` (a fresh spray replaces the faded value)."""
         entity = (harbor, table, eid)
         self._marks.setdefault(entity, {})[key] = (strength, self._now_ms())
@@ -90,7 +90,6 @@ class Pheromones:
         if durable:
             self.flush()
         self.app.bus.emit("pheromone.spray", table=table, id=eid, key=key, strength=strength)
-        return self.sniff(table, eid, harbor=harbor)
 
     def sniff(self, table: str, eid: str, *, harbor: str = "") -> dict[str, float]:
         """The entity's current values (decayed; vanished ones dropped)."""
@@ -243,8 +242,12 @@ def _strength(name: str, value: Any) -> float:
     return decay.validate_strength(v.number(0, 1)(name, value))
 
 
-def _spray(ctx: Ctx, *, table: str, id: str, key: str, strength: float, harbor: str | None) -> dict[str, Any]:
-    values = ctx.app.pheromones.spray(table, id, key, strength, harbor=harbor or "", durable=ctx.acknowledged)
+def _spray(ctx: Ctx, *, table: str, id: str, key: str, strength: float, harbor: str | None) -> dict[str, Any] | None:
+    pheromones = ctx.app.pheromones
+    pheromones.spray(table, id, key, strength, harbor=harbor or "", durable=ctx.acknowledged)
+    if not ctx.acknowledged:
+        return None  # fire-and-forget: nobody reads the reply, so skip computing it
+    values = pheromones.sniff(table, id, harbor=harbor or "")
     return {"success": True, "table": table, "id": id, "key": key, "strength": strength, "pheromones": values}
 
 

@@ -1,0 +1,36 @@
+"""The event bus: area and kind subscriptions, hot kinds kept from catch-all subscribers, bounded observers."""
+
+from __future__ import annotations
+
+import trio
+
+from portdaddy.core.events import EventBus
+
+
+def drain(rx: trio.MemoryReceiveChannel) -> list[str]:
+    kinds = []
+    while True:
+        try:
+            kinds.append(rx.receive_nowait().kind)
+        except trio.WouldBlock:
+            return kinds
+
+
+async def test_routing_by_kind_area_and_catch_all() -> None:
+    bus = EventBus()
+    with bus.subscribe() as everything, bus.subscribe("agent") as agents, bus.subscribe("pheromone.spray") as sprays:
+        for kind in ("agent.register", "lock.acquire", "pheromone.spray", "msg.publish", "agent.heartbeat"):
+            bus.emit(kind, n=1)
+        assert drain(everything) == ["agent.register", "lock.acquire"]  # hot kinds only by name or area
+        assert drain(agents) == ["agent.register", "agent.heartbeat"]
+        assert drain(sprays) == ["pheromone.spray"]
+    assert bus.emit("agent.register") is None  # nobody listens any more: nothing is built
+
+
+async def test_a_bounded_observer_counts_what_it_missed() -> None:
+    bus = EventBus()
+    with bus.subscribe("lock", buffer=2) as rx:
+        for _ in range(5):
+            bus.emit("lock.acquire")
+        assert len(drain(rx)) == 2
+        assert bus._subscribers[0].dropped == 3
