@@ -9,7 +9,7 @@ to its logic; this module assembles them into ``TABLE``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,17 @@ class Ctx:
     # False while a synchronous handler serves a fire-and-forget frame (nobody waits for its reply), so a hot
     # path may defer its store write; True for every request.
     acknowledged: bool = True
+
+
+class Later:
+    """What a synchronous handler returns when it must wait (a blocking take, a lock queue): the transport
+    awaits ``run()`` for the real result. Requests that can be answered at once, the common case, then never
+    pay for a task; only the ones that truly block do."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], Awaitable[Any]]) -> None:
+        self.run = run
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +112,8 @@ async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -
     result = op.handler(ctx, **op.bind(raw))
     if op.is_async:
         result = await result
+    if result.__class__ is Later:
+        result = await result.run()
     return result
 
 

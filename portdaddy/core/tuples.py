@@ -26,7 +26,7 @@ from outcome import Value
 from portdaddy.core import tuplematch
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
-from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.errors import PDError, bad_input
 
 Harbor = str | None
@@ -271,24 +271,38 @@ def _out(ctx: Ctx, *, fields, harbor, ttl, writtenBy) -> dict[str, Any]:
     return {"success": True, "id": t.id, "tuple": t.to_wire()}
 
 
-async def _rd(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any]:
+def _rd(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | Later:
     space: TupleSpace = ctx.app.tuples
     found = space.rd(pattern, harbor=harbor, limit=limit)
     if not found and wait:
-        found = [await space.wait(pattern, harbor=harbor, take=False, timeout_s=_seconds(timeout))]
+        async def wait_for_one() -> dict[str, Any]:
+            return _rd_reply([await space.wait(pattern, harbor=harbor, take=False, timeout_s=_seconds(timeout))])
+
+        return Later(wait_for_one)
+    return _rd_reply(found)
+
+
+def _rd_reply(found: list[Tuple]) -> dict[str, Any]:
     return {"success": True, "tuples": [t.to_wire() for t in found], "count": len(found)}
 
 
-async def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any]:
+def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | Later:
     space: TupleSpace = ctx.app.tuples
     taken = space.take(pattern, harbor=harbor, limit=limit, agent_id=ctx.agent_id)
     if not taken and wait:
-        t = await space.wait(pattern, harbor=harbor, take=True, timeout_s=_seconds(timeout))
-        if ctx.conn is not None and ctx.conn.closed:
-            space.give_back(t)  # the taker hung up while being handed the tuple: nobody received it
-            raise PDError("CANCELLED", "the connection closed before the tuple was delivered")
-        ctx.app.bus.emit("tuple.in", harbor=harbor, tupleId=t.id, agentId=ctx.agent_id)
-        taken = [t]
+        async def wait_to_take() -> dict[str, Any]:
+            t = await space.wait(pattern, harbor=harbor, take=True, timeout_s=_seconds(timeout))
+            if ctx.conn is not None and ctx.conn.closed:
+                space.give_back(t)  # the taker hung up while being handed the tuple: nobody received it
+                raise PDError("CANCELLED", "the connection closed before the tuple was delivered")
+            ctx.app.bus.emit("tuple.in", harbor=harbor, tupleId=t.id, agentId=ctx.agent_id)
+            return _in_reply([t])
+
+        return Later(wait_to_take)
+    return _in_reply(taken)
+
+
+def _in_reply(taken: list[Tuple]) -> dict[str, Any]:
     wire = [t.to_wire() for t in taken]
     return {"success": True, "taken": wire, "count": len(wire), "tuple": wire[0] if wire else None}
 

@@ -10,17 +10,18 @@ identity per connection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from portdaddy.core.ops import Ctx, Op
+from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
 
@@ -328,10 +329,13 @@ class Connection:
         try:
             kwargs = op.bind(payload)
             if op.is_async:
-                self._start_waiting_op(op, kwargs, conv_id)
+                self._start_waiting_op(action, functools.partial(op.handler, self.ctx, **kwargs), conv_id)
                 return
             self.ctx.acknowledged = wants_reply
             result = op.handler(self.ctx, **kwargs)
+            if result.__class__ is Later:
+                self._start_waiting_op(action, result.run, conv_id)
+                return
         except PDError as e:
             self._error(conv_id, action, e)
             return
@@ -342,34 +346,34 @@ class Connection:
         if wants_reply:
             self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
 
-    def _start_waiting_op(self, op: Op, kwargs: dict[str, Any], conv_id: int) -> None:
+    def _start_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
         if self._waiting_ops >= MAX_WAITING_OPS:
             message = f"{MAX_WAITING_OPS} waiting operations are in flight on this connection; wait or open another"
             raise PDError("RESOURCE_LIMIT", message)
         assert self._nursery is not None
         self._waiting_ops += 1
-        self._nursery.start_soon(self._run_async, op, kwargs, conv_id)
+        self._nursery.start_soon(self._run_waiting_op, action, run, conv_id)
 
-    async def _run_async(self, op: Op, kwargs: dict[str, Any], conv_id: int) -> None:
+    async def _run_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
         try:
             with trio.CancelScope() as scope:
                 if conv_id:
                     self._pending[conv_id] = scope
                 try:
-                    result = await op.handler(self.ctx, **kwargs)
+                    result = await run()
                 except PDError as e:
-                    self._error(conv_id, op.name, e)
+                    self._error(conv_id, action, e)
                 except Exception:
-                    log.exception("operation %s failed", op.name)
-                    self._error(conv_id, op.name, PDError("INTERNAL", f"{op.name} failed; see daemon.log"))
+                    log.exception("operation %s failed", action)
+                    self._error(conv_id, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
                 else:
                     if conv_id:
-                        self._reply(Performative.INFORM_DONE, conv_id, {"action": op.name, "result": result})
+                        self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
                 finally:
                     self._pending.pop(conv_id, None)
                 self._flush()
             if scope.cancelled_caught and conv_id and not self.closed:
-                self._error(conv_id, op.name, PDError("CANCELLED", f"{op.name} was cancelled"))
+                self._error(conv_id, action, PDError("CANCELLED", f"{action} was cancelled"))
                 self._flush()
         finally:
             self._waiting_ops -= 1
