@@ -67,6 +67,7 @@ class Settings:
     dead_after_ms: int | None
     ipc_max_conn: int
     ipc_rate: int
+    ipc_partial_timeout_ms: int
     autostart: bool
 
     @classmethod
@@ -112,6 +113,7 @@ class Settings:
             dead_after_ms=duration("PORT_DADDY_DEAD_AFTER"),
             ipc_max_conn=integer("PORT_DADDY_IPC_MAX_CONN", 256),
             ipc_rate=integer("PORT_DADDY_IPC_RATE", 500),
+            ipc_partial_timeout_ms=duration("PORT_DADDY_IPC_PARTIAL_TIMEOUT") or 10_000,
             autostart=not flag("PORT_DADDY_NO_AUTOSTART"),
         )
 

@@ -204,8 +204,16 @@ async def test_sdk_fails_pending_requests_fast_and_reconnects(fresh_daemon: Daem
         assert status["pid"] == d.proc.pid
 
 
-def test_huge_length_field_then_silence_does_not_block_others(daemon: Daemon) -> None:
-    raw = Raw(daemon)
+def test_half_a_frame_then_silence_is_cut_off(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_PARTIAL_TIMEOUT="300ms")
+    raw = Raw(d)
     raw.sock.sendall(HEADER.pack(Performative.REQUEST, 1, 65535) + os.urandom(100))  # promises bytes never sent
-    assert daemon.call("daemon.health")["status"] == "ok"
-    raw.close()
+    assert d.call("daemon.health")["status"] == "ok"  # others are served meanwhile
+    [bye] = raw.frames(1)
+    assert bye.type == Performative.REFUSE and bye.payload["error"] == "disconnected"
+    assert "partial frame" in bye.payload["message"]
+    assert raw.closed_by_peer()
+    idle = Raw(d)  # a connection with nothing buffered may idle as long as it likes
+    time.sleep(0.6)
+    idle.send(Performative.REQUEST, 2, {"action": "daemon.health"})
+    assert idle.frames(1)[0].type == Performative.INFORM_DONE

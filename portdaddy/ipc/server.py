@@ -147,7 +147,19 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 while not self.hangup:
-                    await trio.lowlevel.wait_readable(sock)
+                    if self.decoder.buffered:
+                        # Half a frame holds a connection slot: the rest must follow promptly.
+                        with trio.move_on_after(self.server.partial_timeout) as wait:
+                            await trio.lowlevel.wait_readable(sock)
+                        if wait.cancelled_caught:
+                            self.server.cut_off += 1
+                            self._reply(Performative.REFUSE, 0, {
+                                "action": "", "error": "disconnected",
+                                "message": f"a partial frame waited {self.server.partial_timeout:g}s for its rest",
+                            })  # fmt: skip
+                            break
+                    else:
+                        await trio.lowlevel.wait_readable(sock)
                     try:
                         data = sock.recv(RECV_SIZE)
                     except (BlockingIOError, InterruptedError):
@@ -387,6 +399,8 @@ class IpcServer:
         self.ops: dict[str, Op] = app.ops
         self.max_conn = app.settings.ipc_max_conn
         self.rate = app.settings.ipc_rate
+        # A connection holding part of a frame is closed if the rest does not come within this long.
+        self.partial_timeout = app.settings.ipc_partial_timeout_ms / 1000
         self.connections: set[Connection] = set()
         self.uid = os.getuid()
         # Counters since start (daemon.status "counts"): what the limits refused or dropped.
