@@ -238,8 +238,11 @@ class Pheromones:
 # -- operations ----------------------------------------------------------------------------------------------
 
 
+_unit_interval = v.number(0, 1)
+
+
 def _strength(name: str, value: Any) -> float:
-    return decay.validate_strength(v.number(0, 1)(name, value))
+    return decay.validate_strength(_unit_interval(name, value))
 
 
 def _spray(ctx: Ctx, *, table: str, id: str, key: str, strength: float, harbor: str | None) -> dict[str, Any] | None:

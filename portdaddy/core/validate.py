@@ -62,7 +62,7 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
             raise bad_input(f"{what} {value!r} may not contain '*'")
         if "::" in value or value.startswith(":") or value.endswith(":"):
             raise bad_input(f"{what} {value!r} has an empty ':' segment")
-        if set(value) <= {"."}:
+        if not value.strip("."):
             raise bad_input(f"{what} {value!r} is not a name")
         return value
 
@@ -179,7 +179,9 @@ def one_of(*choices: str) -> Check:
 
 def identity(name: str, value: Any) -> str:
     """An exact identity (no wildcards): what a claim names."""
-    return _identity.parse(value, wildcard=False).text
+    if value.__class__ is str:
+        return _identity.exact(value)
+    return _identity.parse(value, wildcard=False).text  # refuses the type
 
 
 def identity_pattern(name: str, value: Any) -> str:
