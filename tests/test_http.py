@@ -1,0 +1,47 @@
+"""The HTTP dispatcher: routing, argument sources, limits and errors, over the real Unix socket."""
+
+from __future__ import annotations
+
+import httpx
+from conftest import Daemon
+
+from portdaddy.http.app import Router
+from portdaddy.http.routes import ROUTES, Route
+
+
+def unix_client(d: Daemon) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")
+
+
+def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
+    router = Router([Route("GET", "/harbors/<name>", "harbor.get"),
+                     Route("GET", "/harbors/agent/<agentId>", "harbor.list"),
+                     Route("GET", "/harbors/<name>/members", "harbor.members")])  # fmt: skip
+    found = router.match("GET", "/harbors/agent/a%3Ab")
+    assert found is not None and found[0].op == "harbor.list" and found[1] == {"agentId": "a:b"}
+    assert router.match("GET", "/harbors/myapp:review")[0].op == "harbor.get"
+    assert router.match("GET", "/harbors/x/members")[0].op == "harbor.members"
+    assert router.match("POST", "/harbors/x") is None  # no such method: left to Quart
+    assert router.match("GET", "/harbors//members") is None  # an empty argument is no argument
+
+
+def test_every_route_is_reachable_by_its_own_path() -> None:
+    router = Router(ROUTES)
+    for route in ROUTES:
+        path = "/".join("v" if seg.startswith("<") else seg for seg in route.path.split("/"))
+        found = router.match(route.method, path)
+        assert found is not None and found[0].op == route.op, route
+
+
+def test_sources_errors_and_limits(daemon: Daemon) -> None:
+    with unix_client(daemon) as c:
+        r = c.post("/claim?id=query:api", json={"id": "body:api"})
+        assert r.json()["id"] == "body:api"  # the body wins over the query
+        assert c.get("/services/body%3Aapi").json()["service"]["id"] == "body:api"
+        r = c.get("/no/such/path")
+        assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+        r = c.post("/claim", content=b"[1, 2]")
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]
+        r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))
+        assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
+        assert c.get("/health").json()["status"] == "ok"  # the connection is still good
