@@ -128,7 +128,10 @@ class Agents:
         return self._agents.get(agent_id)
 
     def wire(self, agent: Agent, now: int | None = None) -> dict[str, Any]:
-        return agent.to_wire(now or now_ms(), *self.thresholds(agent.status))
+        wire = agent.to_wire(now or now_ms(), *self.thresholds(agent.status))
+        if agent.liveness == "dead":
+            wire["salvageStatus"] = self.store.scalar("SELECT status FROM salvage WHERE agent_id=?", (agent.id,))
+        return wire
 
     def list(self, *, identity: str | None = None, active_only: bool = False,
              purpose: str | None = None) -> list[Agent]:  # fmt: skip

@@ -23,6 +23,7 @@ from portdaddy.core import globs
 from portdaddy.core import validate as v
 from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.clock import now_ms
+from portdaddy.core.conflicts import conflict_line
 from portdaddy.core.notechain import GENESIS, Link, link_hash, verify
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.sealing import Sealer, load_or_create_master_key
@@ -53,13 +54,6 @@ def _claim_wire(row: tuple[Any, ...]) -> dict[str, Any]:
     path, session, claimed_at, purpose, agent, forced = row
     return {"filePath": path, "sessionId": session, "purpose": purpose, "agentId": agent, "claimedAt": claimed_at,
             "forced": bool(forced), "startLine": None, "endLine": None, "symbol": None}  # fmt: skip
-
-
-def conflict_line(c: dict[str, Any]) -> str:
-    """``src/a.ts claimed by session-ab3 (backend-builder: Building payment API)``."""
-    holder = f"{c['agentId']}: {c['purpose']}" if c.get("agentId") else c["purpose"]
-    what = c["filePath"] if c["claimedPath"] == c["filePath"] else f"{c['filePath']} overlaps {c['claimedPath']},"
-    return f"{what} claimed by {c['sessionId']} ({holder})"
 
 
 def file_conflict(conflicts: list[dict[str, Any]]) -> Conflict:
@@ -369,9 +363,16 @@ def _target(ctx: Ctx, session_id: str | None, agent_id: str | None, worktree: st
     return session_id or ctx.app.sessions.current(agent_id=agent_id or ctx.agent_id, worktree=worktree)
 
 
+def _alive(ctx: Ctx, agent_id: str | None) -> None:
+    """A journal write by a registered agent is a sign of life, like a heartbeat."""
+    if agent_id:
+        ctx.app.agents.heartbeat(agent_id, durable=False)
+
+
 def start_op(ctx: Ctx, *, purpose, agentId, files, force, worktree, metadata) -> dict[str, Any]:
     result = ctx.app.sessions.start(purpose, agent_id=agentId or ctx.agent_id, files=files, force=force,
                                     worktree=worktree, metadata=metadata)  # fmt: skip
+    _alive(ctx, result["agentId"])
     return {"success": True, **result}
 
 
@@ -399,6 +400,7 @@ def list_op(ctx: Ctx, *, status, agent, worktree, project, all, limit) -> dict[s
 def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dict[str, Any]:
     agent = agentId or ctx.agent_id
     sid = _target(ctx, sessionId, agent, worktree)
+    _alive(ctx, agent)
     return ctx.app.sessions.add_note(sid, content, type, agent)
 
 
@@ -416,6 +418,7 @@ def verify_op(ctx: Ctx, *, sessionId) -> dict[str, Any]:
 def claim_op(ctx: Ctx, *, sessionId, files, force, agentId, worktree) -> dict[str, Any]:
     if not files:
         raise bad_input("files is empty; name the paths or globs to claim, e.g. src/api/*")
+    _alive(ctx, agentId or ctx.agent_id)
     return ctx.app.sessions.claim(_target(ctx, sessionId, agentId, worktree), files, force=force)
 
 
