@@ -19,11 +19,14 @@ from pathlib import Path
 import trio
 
 from portdaddy.config import Settings
+from portdaddy.core.activity import Activity
+from portdaddy.core.agents import Agents
 from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.harbors import Harbors
 from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
+from portdaddy.core.sessions import Sessions
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
 from portdaddy.ipc.server import IpcServer
@@ -31,7 +34,8 @@ from portdaddy.ipc.server import IpcServer
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter)
+# Activity first, so that it logs every other subsystem's events from the start.
+SUBSYSTEMS = (Activity, Registry, Sessions, Agents, Harbors, TupleSpace, Pheromones, Arbiter)
 
 
 def _write_private(path: Path, text: str) -> None:

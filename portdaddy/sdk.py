@@ -107,6 +107,68 @@ class PortDaddy:
     async def get(self, identity: str) -> Service:
         return Service.from_wire((await self.call("port.get", id=identity))["service"])
 
+    # -- agents and the journal ----------------------------------------------------------------------------
+
+    async def register_agent(self, agent_id: str | None = None, *, identity: str | None = None,
+                             purpose: str | None = None, type: str | None = None,
+                             capabilities: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Register (or refresh) ``agent_id`` (default: this connection's agent)."""
+        return await self.call("agent.register", agentId=agent_id, identity=identity, purpose=purpose, type=type,
+                               capabilities=capabilities)  # fmt: skip
+
+    def heartbeat(self, agent_id: str | None = None) -> None:
+        """Fire-and-forget a sign of life."""
+        self.send("agent.heartbeat", agentId=agent_id)
+
+    def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
+        """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled
+        (or the connection closes)."""
+        scope = trio.CancelScope()
+
+        async def beat() -> None:
+            with scope:
+                while True:
+                    self.heartbeat(agent_id)
+                    await trio.sleep(interval)
+
+        self._nursery.start_soon(beat)
+        return scope
+
+    async def unregister_agent(self, agent_id: str | None = None) -> bool:
+        return (await self.call("agent.unregister", agentId=agent_id))["unregistered"]
+
+    async def begin(self, purpose: str, *, identity: str | None = None, files: list[str] | None = None,
+                    force: bool = False, worktree: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Register this connection's agent and start its session in one step (``Conflict`` on a file claim)."""
+        return await self.call("agent.begin", purpose=purpose, identity=identity, files=files, force=force,
+                               worktree=worktree)  # fmt: skip
+
+    async def done(self, note: str | None = None, *, session_id: str | None = None,
+                   status: str = "completed") -> dict[str, Any]:  # fmt: skip
+        return await self.call("agent.done", note=note, sessionId=session_id, status=status)
+
+    async def start_session(self, purpose: str, *, files: list[str] | None = None, force: bool = False,
+                            worktree: str | None = None, metadata: dict[str, Any] | None = None) -> str:  # fmt: skip
+        """Start a session; returns its id. ``Conflict`` (FILE_CONFLICT, with ``conflicts``) unless ``force``."""
+        r = await self.call("session.start", purpose=purpose, files=files, force=force, worktree=worktree,
+                            metadata=metadata)  # fmt: skip
+        return r["id"]
+
+    async def end_session(self, session_id: str, *, note: str | None = None, status: str = "completed") -> None:
+        await self.call("session.end", sessionId=session_id, note=note, status=status)
+
+    async def note(self, content: str, *, session_id: str | None = None, type: str = "note") -> int:
+        """Append a note (to this agent's current session by default); returns its id."""
+        return (await self.call("note.add", content=content, sessionId=session_id, type=type))["noteId"]
+
+    async def notes(self, *, session_id: str | None = None, agent: str | None = None,
+                    limit: int = 50) -> list[dict[str, Any]]:  # fmt: skip
+        return (await self.call("note.list", sessionId=session_id, agent=agent, limit=limit))["notes"]
+
+    async def claim_files(self, session_id: str, paths: list[str], *, force: bool = False) -> list[dict[str, Any]]:
+        """Claim paths or globs; returns the conflicts recorded when ``force``."""
+        return (await self.call("file.claim", sessionId=session_id, files=paths, force=force))["conflicts"]
+
     # -- tuple space ----------------------------------------------------------------------------------------
 
     async def out(self, fields: list[Any], *, harbor: str | None = None, ttl: str | int | None = None) -> int:

@@ -5,7 +5,9 @@ Durability: WAL with ``synchronous=NORMAL`` makes a committed transaction surviv
 last transactions. Callers reply "done" only after ``write()`` has returned.
 
 Migrations are ``migrations/NNN_name.sql`` files in this package, applied in order; ``PRAGMA user_version``
-holds the highest number applied. A migration runs in the same transaction as its version bump.
+holds the highest number applied. A migration runs in the same transaction as its version bump. A new
+migration therefore takes the next number after the highest one on main when it lands: a lower number would
+never run on a database that is already past it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,247 @@
+"""pd agent register | heartbeat | unregister | show, pd agents, pd salvage: liveness and dead agents' work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from portdaddy.cli.context import load_current, resolve_agent, save_current
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.transport import call
+
+_AGENT = click.option("--agent", "-a", "agent", metavar="ID",
+                      help="Agent id (default: PORT_DADDY_AGENT, then this worktree's current agent).")  # fmt: skip
+
+
+@click.group()
+def agent() -> None:
+    """Register an agent, send heartbeats, unregister.
+
+    \b
+    Examples:
+      pd agent register --agent frontend-builder --identity payments:web --purpose "Building checkout UI" --type ai
+      pd agent heartbeat --agent frontend-builder
+      pd agent show frontend-builder
+    """
+
+
+@agent.command("register")
+@_AGENT
+@click.option("--identity", "-i", metavar="PROJECT:STACK[:CTX]", help="Semantic identity, e.g. payments:web.")
+@click.option("--purpose", "-p", help="What the agent is doing.")
+@click.option("--type", "-t", "type_", metavar="TYPE", help="ai, human, cli, ... (default cli).")
+@click.option("--status", type=click.Choice(["starting", "ready", "busy", "draining"]),
+              help="Declared status; sets how long silence is tolerated (default ready).")  # fmt: skip
+@click.option("--cap", help="Capabilities, comma-separated (globs like db:*).")
+@json_option
+@quiet_option
+def register(agent: str | None, identity: str | None, purpose: str | None, type_: str | None, status: str | None,
+             cap: str | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """Register (or refresh) an agent; this worktree remembers it as the current agent.
+
+    \b
+    Example:
+      pd agent register --agent backend-builder --identity payments:api --purpose "Stripe API" --type ai
+    """
+    caps = [c.strip() for c in cap.split(",") if c.strip()] if cap else None
+    args = {"agentId": resolve_agent(agent), "identity": identity, "purpose": purpose, "type": type_,
+            "status": status, "capabilities": caps}  # fmt: skip
+    result = call("agent.register", args, as_json=as_json)
+    save_current({**load_current(), "agentId": result["agentId"]})
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(result["agentId"] if quiet else f"{'Registered' if result['registered'] else 'Updated'} agent: "
+               f"{result['agentId']}")  # fmt: skip
+    if result.get("salvageHint"):
+        click.echo(f"Warning: {result['salvageHint']}", err=True)
+
+
+@agent.command("heartbeat")
+@_AGENT
+@json_option
+def heartbeat(agent: str | None, as_json: bool) -> None:
+    """Tell the daemon the agent is alive (an unknown agent is registered).
+
+    \b
+    Example:
+      pd agent heartbeat --agent frontend-builder
+    """
+    result = call("agent.heartbeat", {"agentId": resolve_agent(agent)}, as_json=as_json)
+    emit_json(result) if as_json else click.echo(f"Heartbeat recorded: {result['agentId']}")
+
+
+@agent.command("unregister")
+@_AGENT
+@json_option
+def unregister(agent: str | None, as_json: bool) -> None:
+    """Remove an agent; its active sessions end abandoned and release their files.
+
+    \b
+    Example:
+      pd agent unregister --agent frontend-builder
+    """
+    agent_id = resolve_agent(agent)
+    result = call("agent.unregister", {"agentId": agent_id}, as_json=as_json)
+    current = load_current()
+    if current.get("agentId") == result["agentId"]:
+        save_current({k: v for k, v in current.items() if k not in ("agentId", "sessionId")})
+    emit_json(result) if as_json else click.echo(result["message"])
+
+
+@agent.command("show")
+@click.argument("agent_id")
+@json_option
+def show(agent_id: str, as_json: bool) -> None:
+    """Show one agent: identity, purpose, liveness, last heartbeat.
+
+    \b
+    Example:
+      pd agent show frontend-builder
+    """
+    result = call("agent.get", {"id": agent_id}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    a = result["agent"]
+    for label, value in (("Agent", a["id"]), ("Liveness", a["liveness"]), ("Identity", a["identity"]),
+                         ("Purpose", a["purpose"]), ("Type", a["type"]), ("Status", a["status"]), ("PID", a["pid"]),
+                         ("Last heartbeat", f"{age(a['lastHeartbeat'])} ago"),
+                         ("Registered", f"{age(a['registeredAt'])} ago")):  # fmt: skip
+        if value is not None:
+            click.echo(f"{label + ':':16}{value}")
+
+
+def agent_line(a: dict[str, Any]) -> str:
+    """``Active frontend-builder (payments:web, 30s ago)``; dead agents also show their salvage entry."""
+    where = ", ".join(filter(None, [a.get("identity"), f"{age(a['lastHeartbeat'])} ago"]))
+    line = f"{a['liveness'].capitalize():6} {a['id']} ({where})"
+    if a["liveness"] == "dead" and a.get("salvageStatus"):
+        line += f" [salvage {a['salvageStatus']}]"
+    return line
+
+
+@click.command("agents")
+@click.option("--active", is_flag=True, help="Only agents heard from recently.")
+@click.option("--identity", metavar="PATTERN", help="Only identities matching, e.g. 'payments:*'.")
+@json_option
+@quiet_option
+def agents(active: bool, identity: str | None, as_json: bool, quiet: bool) -> None:
+    """List agents with their liveness: Active, Stale (quiet too long) or Dead (work awaits salvage).
+
+    \b
+    Examples:
+      pd agents
+      pd agents --identity 'payments:*' --json
+    """
+    result = call("agent.list", {"active": active, "identity": identity}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo(result["count"])
+    elif not result["agents"]:
+        click.echo("No agents registered")
+    else:
+        for a in result["agents"]:
+            click.echo(agent_line(a))
+
+
+@click.group("salvage", invoke_without_command=True)
+@click.option("--project", "-p", metavar="P", help="Only dead agents whose identity is in P:* (globs allowed).")
+@click.option("--stack", metavar="S", help="Only this stack (globs allowed).")
+@click.option("--all", "all_", is_flag=True, help="Every entry, also claimed, completed and dismissed ones.")
+@click.option("--limit", type=int, help="At most this many (default 50).")
+@json_option
+@quiet_option
+@click.pass_context
+def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bool, limit: int | None,
+            as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """Dead agents' unfinished work: purpose, claimed files and last notes, ready to be taken over.
+
+    \b
+    Examples:
+      pd salvage --project payments
+      pd salvage claim database-builder --agent db-builder-2
+      pd salvage complete database-builder
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    result = call("salvage.list", {"project": project, "stack": stack, "all": all_, "limit": limit},
+                  as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
+        return
+    scope = f"{project}:*" if project else "all projects"
+    if not result["agents"]:
+        click.echo(f"No agents awaiting salvage in {scope}")
+        return
+    click.echo(f"Salvage queue ({scope})")
+    for e in result["agents"]:
+        click.echo(f"  {e['id']} ({e['status']}, dead {age(e['detectedAt'])} ago)")
+        for label, value in (("Identity", e["identity"]), ("Purpose", e["purpose"]), ("Session", e["sessionId"]),
+                             ("Files", ", ".join(e["files"]))):  # fmt: skip
+            if value:
+                click.echo(f"    {label + ':':10}{value}")
+        for note in e["notes"]:
+            click.echo(f"    - {note[:100]}")
+        if e["status"] == "pending":
+            click.echo(f"    Salvage:  pd salvage claim {e['id']}")
+    click.echo(f"{result['count']} agent(s) in salvage queue")
+
+
+def _move(action: str, dead_id: str, agent: str | None, as_json: bool) -> dict[str, Any]:
+    return call(f"salvage.{action}", {"id": dead_id, "newAgentId": resolve_agent(agent)}, as_json=as_json)
+
+
+@salvage.command("claim")
+@click.argument("dead_agent")
+@_AGENT
+@json_option
+def claim(dead_agent: str, agent: str | None, as_json: bool) -> None:
+    """Take over DEAD_AGENT's work: prints its purpose, files and notes, and records who took it.
+
+    \b
+    Example:
+      pd salvage claim database-builder --agent db-builder-2
+    """
+    result = _move("claim", dead_agent, agent, as_json)
+    if as_json:
+        emit_json(result)
+        return
+    context = result["context"]
+    click.echo(f"Claimed {dead_agent}'s work")
+    click.echo(f"  Purpose:  {context['purpose'] or '-'}")
+    click.echo(f"  Session:  {context['sessionId'] or '-'}")
+    if context["files"]:
+        click.echo(f"  Files:    {', '.join(context['files'])}")
+    for n in context["notes"]:
+        click.echo(f"  [{n['type']}] {n['content']}")
+    files = " ".join(f"'{f}'" for f in context["files"])
+    click.echo(f"Continue with: pd session start \"{context['purpose'] or 'continue'}\"" + (f" --files {files}"
+                                                                                            if files else ""))
+
+
+def _simple(action: str, done: str) -> click.Command:
+    @json_option
+    @_AGENT
+    @click.argument("dead_agent")
+    def command(dead_agent: str, agent: str | None, as_json: bool) -> None:
+        result = _move(action, dead_agent, agent, as_json)
+        emit_json(result) if as_json else click.echo(f"Salvage entry {dead_agent}: {done}")
+
+    command.__doc__ = {
+        "complete": "Mark DEAD_AGENT's salvaged work finished.\n\n\b\nExample:\n  pd salvage complete database-builder",
+        "abandon": "Give a claimed entry back to the queue.\n\n\b\nExample:\n  pd salvage abandon database-builder",
+        "dismiss": "Drop an entry without taking the work over.\n\n\b\nExample:\n  pd salvage dismiss database-builder",
+    }[action]
+    return click.command(action)(command)
+
+
+for _action, _done in (("complete", "completed"), ("abandon", "back in the queue"), ("dismiss", "dismissed")):
+    salvage.add_command(_simple(_action, _done))
+
+COMMANDS = (agent, agents, salvage)

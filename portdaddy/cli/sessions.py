@@ -1,0 +1,349 @@
+"""pd session start | end | list | show | files, pd note, pd notes, pd files, pd who-owns.
+
+The current session and agent are remembered per worktree in ``.portdaddy/current.json`` (cli/context.py), so
+``pd session start "…" --files …`` then ``pd note "…"`` needs no ids.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from portdaddy.cli.context import load_current, resolve_agent, resolve_session, save_current, worktree_root
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.transport import call, connect, fail
+from portdaddy.core.conflicts import conflict_line
+from portdaddy.errors import EXIT_REFUSED, PDError
+
+_AGENT = click.option("--agent", "-a", metavar="ID", help="Act as this agent (default: the worktree's current one).")
+_SESSION = click.option("--session", "-s", "session", metavar="ID",
+                        help="The session (default: the worktree's current one).")  # fmt: skip
+_FORCE = click.option("--force", "-f", is_flag=True, help="Claim even where another session holds the files.")
+
+
+def where() -> dict[str, Any]:
+    """Who is asking, for ops that default to the caller's current session."""
+    return {"sessionId": resolve_session(), "agentId": resolve_agent(), "worktree": str(worktree_root())}
+
+
+def warn_conflicts(conflicts: list[dict[str, Any]]) -> None:
+    for c in conflicts:
+        click.echo(f"Warning: {conflict_line(c)}", err=True)
+
+
+def claiming_call(action: str, args: dict[str, Any], *, as_json: bool) -> Any:
+    """A call that claims files: conflicts print as warnings; a refused claim says how to force it (exit 1)."""
+    try:
+        with connect(agent_id=os.environ.get("PORT_DADDY_AGENT")) as client:
+            result = client.request(action, args)
+    except PDError as e:
+        if e.code == "FILE_CONFLICT" and not as_json:
+            warn_conflicts(e.extra.get("conflicts") or [])
+            click.echo("Use --force to claim anyway", err=True)
+            sys.exit(EXIT_REFUSED)
+        fail(e, as_json=as_json)
+    if not as_json:
+        warn_conflicts(result.get("conflicts") or result.get("fileConflicts") or [])
+    return result
+
+
+@click.group()
+def session() -> None:
+    """Sessions: declare what you are working on, claim files, leave notes.
+
+    \b
+    Examples:
+      pd session start "Building payment API" --files "src/api/payments/*" src/types/Payment.ts
+      pd note "Created POST /api/payments endpoint" --type commit
+      pd session end "API ready for integration tests"
+    """
+
+
+@session.command("start")
+@click.argument("purpose")
+@click.argument("paths", nargs=-1)
+@click.option("--files", "files", multiple=True, metavar="PATH", help="A path or glob to claim (repeatable).")
+@_FORCE
+@_AGENT
+@json_option
+@quiet_option
+def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: bool, agent: str | None,
+          as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """Start a session for PURPOSE, claiming PATHS (paths or globs) for it; it becomes this worktree's current.
+
+    \b
+    Examples:
+      pd session start "Building checkout UI" --files "src/components/checkout/*" src/pages/checkout.tsx
+      pd session start "OAuth integration" --files src/middleware/auth.ts --force
+    """
+    agent_id = resolve_agent(agent)
+    args = {"purpose": purpose, "files": [*paths, *files], "force": force, "agentId": agent_id,
+            "worktree": str(worktree_root())}  # fmt: skip
+    result = claiming_call("session.start", args, as_json=as_json)
+    save_current({**load_current(), "sessionId": result["id"], "purpose": purpose,
+                  **({"agentId": agent_id} if agent_id else {})})  # fmt: skip
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo(result["id"])
+    else:
+        click.echo(f"Started session: {result['id']}")
+        click.echo(f"Purpose: {purpose}")
+        if result["files"]:
+            click.echo(f"Files claimed: {len(result['files'])}")
+
+
+@session.command("end")
+@click.argument("note", required=False)
+@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True)
+@_SESSION
+@json_option
+@quiet_option
+def end(note: str | None, status: str, session: str | None, as_json: bool, quiet: bool) -> None:
+    """End the current session with an optional handoff NOTE; its files are released.
+
+    \b
+    Examples:
+      pd session end "Schema merged; refunds table still TODO"
+      pd session end --status abandoned
+    """
+    result = call("session.end", {**where(), "sessionId": resolve_session(session), "note": note, "status": status},
+                  as_json=as_json)  # fmt: skip
+    current = load_current()
+    if current.get("sessionId") == result["id"]:
+        save_current({k: v for k, v in current.items() if k not in ("sessionId", "purpose")})
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["id"] if quiet else f"Session {result['id']} {result['status']}; "
+                   f"released {len(result['releasedFiles'])} file claim(s)")  # fmt: skip
+
+
+@session.command("list")
+@click.option("--all", "all_", is_flag=True, help="Include completed and abandoned sessions.")
+@click.option("--status", type=click.Choice(["active", "completed", "abandoned"]))
+@click.option("--agent", metavar="ID", help="Only this agent's sessions.")
+@click.option("--here", is_flag=True, help="Only sessions of this worktree.")
+@click.option("--limit", type=int, help="At most this many (default 50).")
+@json_option
+@quiet_option
+def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: int | None, as_json: bool,
+          quiet: bool) -> None:  # fmt: skip
+    """List sessions (active ones unless --all or --status), most recently updated first.
+
+    \b
+    Examples:
+      pd session list
+      pd session list --all --agent backend-builder --json
+    """
+    result = call("session.list", {"all": all_, "status": status, "agent": agent, "limit": limit,
+                                   "worktree": str(worktree_root()) if here else None}, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo(result["count"])
+    elif not result["sessions"]:
+        click.echo("No sessions")
+    else:
+        for s in result["sessions"]:
+            click.echo(f"{s['id']}  {s['status']:9}  {s['agentId'] or '-':20}  {s['noteCount']:3} notes  "
+                       f"{len(s['files']):3} files  {age(s['updatedAt']):>4}  {s['purpose']}")  # fmt: skip
+
+
+@session.command("show")
+@click.argument("session_id", required=False)
+@json_option
+def show(session_id: str | None, as_json: bool) -> None:
+    """Show a session (default: the current one) with its notes and file claims.
+
+    \b
+    Example:
+      pd session show session-1a2b3c4d5e6f
+    """
+    sid = session_id or resolve_session()
+    result = call("session.get", {"sessionId": sid}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    s = result["session"]
+    click.echo(f"{s['id']} ({s['status']}) {s['purpose']}")
+    click.echo(f"  Agent: {s['agentId'] or '-'}   started {age(s['createdAt'])} ago")
+    for f in result["files"]:
+        click.echo(f"  file: {f['filePath']}{' (released)' if f['releasedAt'] else ''}")
+    for n in result["notes"]:
+        click.echo(f"  [{age(n['createdAt'])}] [{n['type']}] {n['content']}")
+
+
+@session.group("files")
+def files_group() -> None:
+    """Claim or release files for the current session.
+
+    \b
+    Examples:
+      pd session files claim "src/api/*" src/types/Payment.ts
+      pd session files release src/types/Payment.ts
+    """
+
+
+@files_group.command("claim")
+@click.argument("paths", nargs=-1, required=True)
+@_FORCE
+@_SESSION
+@json_option
+def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_json: bool) -> None:
+    """Claim PATHS (paths or globs) for the session; a path another session holds is refused unless --force.
+
+    \b
+    Example:
+      pd session files claim "src/components/checkout/*" --force
+    """
+    args = {**where(), "sessionId": resolve_session(session), "files": list(paths), "force": force}
+    result = claiming_call("file.claim", args, as_json=as_json)
+    emit_json(result) if as_json else click.echo(f"Claimed {len(result['claimed'])} path(s) for {result['sessionId']}")
+
+
+@files_group.command("release")
+@click.argument("paths", nargs=-1)
+@_SESSION
+@json_option
+def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) -> None:
+    """Release PATHS (all of the session's claims when none are given).
+
+    \b
+    Example:
+      pd session files release src/types/Payment.ts
+    """
+    args = {**where(), "sessionId": resolve_session(session), "files": list(paths) or None}
+    result = call("file.release", args, as_json=as_json)
+    emit_json(result) if as_json else click.echo(f"Released {len(result['released'])} path(s)")
+
+
+@click.command("note")
+@click.argument("content")
+@click.option("--type", "-t", "type_", default="note", show_default=True,
+              help="note, commit, progress, decision, blocker, handoff, question, ...")  # fmt: skip
+@_SESSION
+@json_option
+@quiet_option
+def note(content: str, type_: str, session: str | None, as_json: bool, quiet: bool) -> None:
+    """Add a note to the current session (CONTENT '-' reads it from stdin). Notes are permanent.
+
+    \b
+    Examples:
+      pd note "Installed Stripe React library"
+      pd note "Created POST /api/payments endpoint" --type commit
+      git log -1 --format=%B | pd note - --type commit
+    """
+    text = sys.stdin.read() if content == "-" else content
+    result = call("note.add", {**where(), "sessionId": resolve_session(session), "content": text, "type": type_},
+                  as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["noteId"] if quiet else f"Note added to session {result['sessionId']}")
+
+
+def note_line(n: dict[str, Any]) -> str:
+    """``[frontend-builder] Built CheckoutForm component`` (the type is shown unless it is a plain note)."""
+    kind = "" if n["type"] == "note" else f"[{n['type']}] "
+    text = n["content"] if n["content"] is not None else "(unreadable: sealed body does not open)"
+    return f"[{n['agentId'] or n['sessionId']}] {kind}{text}"
+
+
+@click.command("notes")
+@click.option("--limit", "-n", type=int, default=20, show_default=True)
+@_SESSION
+@click.option("--agent", metavar="ID", help="Only this agent's notes.")
+@click.option("--project", metavar="P", help="Only sessions of agents whose identity is in P.")
+@click.option("--type", "-t", "type_", help="Only this type of note.")
+@click.option("--since", metavar="DURATION", help="Only notes of the last e.g. 30m.")
+@click.option("--verify", is_flag=True, help="Check every session's note chain instead (exit 1 if broken).")
+@json_option
+def notes(limit: int, session: str | None, agent: str | None, project: str | None, type_: str | None,
+          since: str | None, verify: bool, as_json: bool) -> None:  # fmt: skip
+    """The timeline of notes across agents, newest first.
+
+    \b
+    Examples:
+      pd notes --limit 20
+      pd notes --agent backend-builder --type commit
+      pd notes --verify
+    """
+    if verify:
+        result = call("note.verify", {"sessionId": session}, as_json=as_json)
+        if as_json:
+            emit_json(result)
+        elif result["valid"]:
+            click.echo(f"Note chain intact: {result['notes']} notes in {result['sessions']} session(s)")
+        else:
+            for p in result["problems"]:
+                click.echo(f"{p['sessionId']}: {p['problem']}", err=True)
+        sys.exit(0 if result["valid"] else EXIT_REFUSED)
+    result = call("note.list", {"limit": limit, "sessionId": session, "agent": agent, "project": project,
+                                "type": type_, "since": since}, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+    elif not result["notes"]:
+        click.echo("No notes")
+    else:
+        for n in result["notes"]:
+            click.echo(note_line(n))
+
+
+def claim_line(c: dict[str, Any]) -> str:
+    holder = f"{c['agentId']}: {c['purpose']}" if c["agentId"] else c["purpose"]
+    return f"{c['filePath']}  {c['sessionId']} ({holder}){' [forced]' if c['forced'] else ''}"
+
+
+@click.command("files")
+@click.argument("path", required=False)
+@click.option("--agent", metavar="ID", help="Only this agent's claims.")
+@json_option
+@quiet_option
+def files(path: str | None, agent: str | None, as_json: bool, quiet: bool) -> None:
+    """Files claimed by active sessions (only those overlapping PATH when given).
+
+    \b
+    Examples:
+      pd files
+      pd files "src/api/*" --json
+    """
+    result = call("file.list", {"path": path, "agent": agent}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo(result["count"])
+    elif not result["claims"]:
+        click.echo("No files claimed")
+    else:
+        for c in result["claims"]:
+            click.echo(claim_line(c))
+
+
+@click.command("who-owns")
+@click.argument("path")
+@json_option
+@quiet_option
+def who_owns(path: str, as_json: bool, quiet: bool) -> None:
+    """Which active sessions claim PATH (a path or glob; overlapping globs count).
+
+    \b
+    Examples:
+      pd who-owns src/middleware/auth.ts
+      pd who-owns "src/api/*" -q
+    """
+    result = call("file.owners", {"path": path}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        click.echo("claimed" if result["claimed"] else "unclaimed")
+    else:
+        click.echo(f"{result['filePath']}: claimed by {len(result['owners'])} session(s)")
+        for c in result["owners"]:
+            click.echo(f"  {claim_line(c)}")
+
+
+COMMANDS = (session, note, notes, files, who_owns)

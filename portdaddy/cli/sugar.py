@@ -1,0 +1,188 @@
+"""pd begin | done | whoami | sitrep | log: the agent lifecycle in one command each, and "catch me up"."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from portdaddy.cli.context import (
+    clear_current,
+    load_current,
+    resolve_agent,
+    resolve_session,
+    save_current,
+    worktree_root,
+)
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.sessions import claim_line, claiming_call, note_line
+from portdaddy.cli.transport import call
+
+
+@click.command("begin")
+@click.argument("purpose", required=False)
+@click.argument("paths", nargs=-1)
+@click.option("--purpose", "-p", "purpose_opt", help="What this agent is about to do.")
+@click.option("--identity", "-i", metavar="PROJECT:STACK[:CTX]", help="Semantic identity, e.g. payments:api.")
+@click.option("--agent", "-a", metavar="ID", help="Agent id (default: a new agent-xxxxxxxx).")
+@click.option("--type", "-t", "type_", help="ai, human, cli, ...")
+@click.option("--files", "files", multiple=True, metavar="PATH", help="A path or glob to claim (repeatable).")
+@click.option("--force", "-f", is_flag=True, help="Claim even where another session holds the files.")
+@json_option
+@quiet_option
+def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, identity: str | None,
+          agent: str | None, type_: str | None, files: tuple[str, ...], force: bool, as_json: bool,
+          quiet: bool) -> None:  # fmt: skip
+    """Register an agent and start its session in one step; this worktree remembers both.
+
+    \b
+    Examples:
+      pd begin "Refactor auth" --identity myapp:api --files src/auth.ts
+      pd begin -p "Write integration tests" --agent tester -q
+    """
+    args = {"purpose": purpose_opt or purpose, "identity": identity, "agentId": resolve_agent(agent),
+            "type": type_, "files": [*paths, *files], "force": force, "worktree": str(worktree_root())}  # fmt: skip
+    result = claiming_call("agent.begin", args, as_json=as_json)
+    save_current({"agentId": result["agentId"], "sessionId": result["sessionId"], "purpose": result["purpose"],
+                  "identity": result["identity"], "startedAt": result["startedAt"]})  # fmt: skip
+    if as_json:
+        emit_json(result)
+        return
+    if quiet:
+        click.echo(result["agentId"])
+        return
+    click.echo(f"Agent {result['agentId']} ready", err=True)
+    click.echo(f"  Session:  {result['sessionId']}", err=True)
+    click.echo(f"  Purpose:  {result['purpose']}", err=True)
+    if result["identity"]:
+        click.echo(f"  Identity: {result['identity']}", err=True)
+    if result["fileClaims"]:
+        click.echo(f"  Files:    {len(result['fileClaims'])} claimed", err=True)
+    if result["salvageHint"]:
+        click.echo(f"Warning: {result['salvageHint']}", err=True)
+
+
+@click.command("done")
+@click.argument("note", required=False)
+@click.option("--note", "-n", "note_opt", help="The handoff note.")
+@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True)
+@click.option("--agent", "-a", metavar="ID")
+@click.option("--session", "-s", metavar="ID")
+@json_option
+@quiet_option
+def done(note: str | None, note_opt: str | None, status: str, agent: str | None, session: str | None,
+         as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """End the session with a handoff NOTE, release its files and unregister the agent.
+
+    \b
+    Examples:
+      pd done "Auth refactor complete; tokens rotate every 15m"
+      pd done --status abandoned
+    """
+    args = {"agentId": resolve_agent(agent), "sessionId": resolve_session(session), "note": note_opt or note,
+            "status": status, "worktree": str(worktree_root())}  # fmt: skip
+    result = call("agent.done", args, as_json=as_json)
+    clear_current()
+    if as_json:
+        emit_json(result)
+        return
+    if quiet:
+        click.echo(result["sessionId"])
+        return
+    click.echo(f"Session {result['sessionId']} {result['sessionStatus']}", err=True)
+    if result["agentUnregistered"]:
+        click.echo(f"Agent {result['agentId']} unregistered", err=True)
+    click.echo(f"Notes: {result['notesCount']}", err=True)
+
+
+def _duration(ms: int) -> str:
+    return age(int(time.time() * 1000) - ms)
+
+
+@click.command("whoami")
+@click.option("--agent", "-a", metavar="ID")
+@json_option
+@quiet_option
+def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
+    """Who this worktree is working as: agent, session, purpose, claimed files, notes, duration.
+
+    \b
+    Example:
+      pd whoami
+    """
+    agent_id, session_id = resolve_agent(agent), resolve_session()
+    if not (agent_id or session_id):
+        result: dict[str, Any] = {"success": True, "active": False, "hint": "No active session. Use pd begin to start."}
+    else:
+        result = call("agent.whoami", {"agentId": agent_id, "sessionId": session_id,
+                                       "worktree": str(worktree_root())}, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json({**result, "localContext": load_current()})
+    elif "sessionId" not in result:
+        click.echo(result["hint"])
+    elif quiet:
+        click.echo(f"{result['agentId']}:{result['sessionId']}")
+    else:
+        for label, value in (("Agent", result["agentId"]), ("Session", f"{result['sessionId']} ({result['status']})"),
+                             ("Purpose", result["purpose"]), ("Identity", result["identity"]),
+                             ("Duration", _duration(result["startedAt"])), ("Notes", result["noteCount"]),
+                             ("Files", ", ".join(result["files"]) or "-")):  # fmt: skip
+            if value is not None:
+                click.echo(f"{label + ':':10}{value}")
+
+
+@click.command("sitrep")
+@click.option("--since", default="30m", show_default=True, metavar="DURATION", help="How far back.")
+@click.option("--project", "-p", metavar="P", help="Only this project's notes, sessions and dead agents.")
+@click.option("--limit", type=int, help="At most this many of each (default 20).")
+@json_option
+def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) -> None:
+    """Catch me up: recent notes, sessions, dead agents awaiting salvage, file claims.
+
+    \b
+    Examples:
+      pd sitrep
+      pd sitrep --since 2h --project payments --json
+    """
+    result = call("journal.sitrep", {"since": since, "project": project, "limit": limit}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(result["summary"])
+    sections = (("Notes", [note_line(n) for n in result["notes"]]),
+                ("Sessions", [f"{s['status']:9} {s['id']} {s['agentId'] or '-'}: {s['purpose']}"
+                              for s in result["sessions"]]),
+                ("Dead agents awaiting salvage", [f"{e['id']} ({e['identity'] or '-'}): {e['purpose'] or '-'}"
+                                                  for e in result["salvage_queue"]]),
+                ("File claims", [claim_line(c) for c in result["claims"]]))  # fmt: skip
+    for title, lines in sections:
+        if lines:
+            click.echo(f"\n{title}:")
+            for line in lines:
+                click.echo(f"  {line}")
+
+
+@click.command("log")
+@click.option("--limit", "-n", type=int, default=30, show_default=True)
+@click.option("--type", "-t", "type_", help="Only this event type (a prefix ending in * too, e.g. 'session.*').")
+@click.option("--agent", metavar="ID", help="Only this agent's activity.")
+@click.option("--since", metavar="DURATION", help="Only the last e.g. 1h.")
+@json_option
+def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool) -> None:
+    """The activity log: every state change, newest first.
+
+    \b
+    Examples:
+      pd log
+      pd log --type 'agent.*' --since 1h
+    """
+    result = call("activity.list", {"limit": limit, "type": type_, "agent": agent, "since": since}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    for e in result["entries"]:
+        click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {e['details'] or ''}")
+
+
+COMMANDS = (begin, done, whoami, sitrep, log)

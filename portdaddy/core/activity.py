@@ -1,0 +1,137 @@
+"""The activity log: one row per state change, written from the event bus (reference §13).
+
+Every event becomes a row except ``msg.publish`` and ``pheromone.spray`` (too chatty: they are hot paths).
+Rows are written in batches, after the change they describe has committed, so a SIGKILL can lose the last few
+log rows but never acknowledged state. Retention as the original: 7 days and the newest 10,000 rows.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from portdaddy.core import validate as v
+from portdaddy.core.clock import now_ms
+from portdaddy.core.events import Event
+from portdaddy.core.ops import Ctx, Op, Param
+
+SKIPPED = frozenset({"msg.publish", "pheromone.spray"})
+RETENTION_MS = 7 * 86_400_000
+MAX_ROWS = 10_000
+PRUNE_EVERY = 500
+# Where an event's subject is, in order of preference.
+_TARGET_KEYS = ("sessionId", "salvageId", "serviceId", "name", "harbor", "channel", "to", "tupleId", "rule", "runId",
+                "agentId")
+_AGENT_KEYS = ("agentId", "owner", "agent", "by", "from")
+MAX_DETAILS = 500
+MAX_METADATA = 4000
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def row_of(ev: Event) -> tuple[Any, ...]:
+    d = ev.data
+    agent = next((d[k] for k in _AGENT_KEYS if isinstance(d.get(k), str)), None)
+    target = next((str(d[k]) for k in _TARGET_KEYS if _scalar(d.get(k))), None)
+    details = ", ".join(f"{k}={val}" for k, val in d.items() if _scalar(val) and k not in ("hash", "prevHash"))
+    lists = [f"{k}={','.join(map(str, val))}" for k, val in d.items()
+             if isinstance(val, list) and all(map(_scalar, val))]  # fmt: skip
+    details = "; ".join(filter(None, [details, *lists]))[:MAX_DETAILS]
+    metadata = json.dumps(d, separators=(",", ":"), default=str)
+    if len(metadata) > MAX_METADATA:
+        metadata = json.dumps({"truncated": True}, separators=(",", ":"))
+    return (ev.at, ev.kind, agent, target, details, metadata)
+
+
+class Activity:
+    name = "activity"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.store = app.store
+        self.written = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"activityRows": self.store.scalar("SELECT count(*) FROM activity")}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.app.bus.subscribe() as rx:
+            task_status.started()
+            async for ev in rx:
+                batch = [ev]
+                while True:
+                    try:
+                        batch.append(rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                self.write([e for e in batch if e.kind not in SKIPPED])
+
+    def write(self, events: list[Event]) -> None:
+        if not events:
+            return
+        with self.store.write() as db:
+            db.executemany("INSERT INTO activity (timestamp, type, agent_id, target_id, details, metadata) "
+                           "VALUES (?,?,?,?,?,?)", [row_of(e) for e in events])  # fmt: skip
+            before = self.written // PRUNE_EVERY
+            self.written += len(events)
+            if self.written // PRUNE_EVERY != before:
+                self._prune(db)
+
+    def _prune(self, db: Any) -> None:
+        db.execute("DELETE FROM activity WHERE timestamp < ?", (now_ms() - RETENTION_MS,))
+        db.execute("DELETE FROM activity WHERE id <= (SELECT id FROM activity ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                   (MAX_ROWS,))  # fmt: skip
+
+    def entries(self, *, limit: int, type: str | None = None, agent: str | None = None, target: str | None = None,
+                since: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        where, args = ["1"], []
+        for column, value in (("type", type), ("agent_id", agent), ("target_id", target)):
+            if value is None:
+                continue
+            if value.endswith("*"):
+                where.append(f"substr({column}, 1, ?) = ?")
+                args += [len(value) - 1, value[:-1]]
+            else:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("timestamp >= ?")
+            args.append(since)
+        rows = self.store.all("SELECT id, timestamp, type, agent_id, target_id, details, metadata FROM activity "
+                              f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit))  # fmt: skip
+        return [{"id": i, "timestamp": ts, "type": t, "agentId": a, "targetId": tg, "details": d,
+                 "metadata": json.loads(m) if m else None} for i, ts, t, a, tg, d, m in rows]  # fmt: skip
+
+    def summary(self, since: int) -> dict[str, int]:
+        return dict(self.store.all("SELECT type, count(*) FROM activity WHERE timestamp >= ? GROUP BY type ORDER BY 2 "
+                                   "DESC", (since,)))  # fmt: skip
+
+
+def since_ms(ago: int | None) -> int | None:
+    return None if ago is None else now_ms() - ago
+
+
+def list_op(ctx: Ctx, *, limit, type, agent, target, since) -> dict[str, Any]:
+    found = ctx.app.activity.entries(limit=limit, type=type, agent=agent, target=target, since=since_ms(since))
+    return {"success": True, "entries": found, "count": len(found)}
+
+
+def summary_op(ctx: Ctx, *, since) -> dict[str, Any]:
+    start = since_ms(since) or 0
+    summary = ctx.app.activity.summary(start)
+    return {"success": True, "summary": summary, "total": sum(summary.values()), "since": start}
+
+
+_FILTER = v.text(200)
+OPS = (
+    Op("activity.list", list_op,
+       (Param("limit", v.integer(1, 1000), default=100), Param("type", _FILTER), Param("agent", _FILTER),
+        Param("target", _FILTER), Param("since", v.duration())),
+       summary="activity log, newest first (type/agent/target: exact, or a prefix ending in *; since: 30m ago)"),
+    Op("activity.summary", summary_op, (Param("since", v.duration()),),
+       summary="activity counts by type (since: a duration ago like 1h; default all)"),
+)

@@ -1,0 +1,557 @@
+"""Agents: registration, heartbeats, liveness by heartbeat age, the reaper, death and the salvage queue.
+
+Liveness is decided by how long an agent has been silent, never by its PID: ``active`` → ``stale`` past the
+stale threshold of its status → ``dead`` past the dead threshold (reference §10.3; ``PORT_DADDY_STALE_AFTER`` /
+``PORT_DADDY_DEAD_AFTER`` override every status). The reaper sleeps until the next agent's deadline, not on a
+tick. After the daemon starts, and after the host slept (the wall clock ran ahead of the monotonic one), no
+agent is judged for a grace period: their silence was ours.
+
+Death (``declare_dead``, also the fleet's entry point) abandons the agent's active sessions (claims and notes
+kept), records a salvage entry and tells the lock manager and harbors through the ``agent.dead`` event, all in
+one transaction. A dead agent stays listed until its salvage entry is claimed or dismissed (the original
+deleted agents before its salvage check could see them, reference §10.4).
+
+Agents live in memory (heartbeats are a hot path) and are written through to the store; a fire-and-forget
+heartbeat is flushed within a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from portdaddy.core import validate as v
+from portdaddy.core.clock import now_ms
+from portdaddy.core.identity import glob_segment
+from portdaddy.core.identity import matches as identity_matches
+from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.errors import Conflict, NotFound, bad_input
+
+log = logging.getLogger("portdaddy.agents")
+
+# Dead thresholds by declared status (reference §10.3); stale is 60% of dead.
+DEAD_AFTER_MS = {"starting": 900_000, "ready": 1_200_000, "busy": 1_800_000, "draining": 300_000}
+STALE_FRACTION = 0.6
+STATUSES = tuple(DEAD_AFTER_MS)
+GRACE_MS = 60_000
+# The wall clock moving this much further than the monotonic clock between two wake-ups means the host slept.
+SLEEP_JUMP_MS = 10_000
+FLUSH_S = 1.0
+SALVAGE_STATES = ("pending", "claimed", "completed", "dismissed")
+
+
+@dataclass(slots=True)
+class Agent:
+    id: str
+    name: str | None
+    type: str
+    pid: int | None
+    identity: str | None
+    purpose: str | None
+    status: str
+    liveness: str
+    capabilities: list[str] | None
+    worktree: str | None
+    metadata: dict[str, Any] | None
+    registered_at: int
+    last_heartbeat: int
+    dead_at: int | None = None
+
+    @property
+    def project(self) -> str | None:
+        return self.identity.split(":", 1)[0] if self.identity else None
+
+    def to_wire(self, now: int, stale_ms: int, dead_ms: int) -> dict[str, Any]:
+        segments = [*(self.identity or "").split(":"), None, None, None]
+        silence = now - self.last_heartbeat
+        return {
+            "id": self.id, "name": self.name or self.id, "type": self.type, "pid": self.pid,
+            "identity": self.identity, "identityProject": segments[0] or None, "identityStack": segments[1],
+            "identityContext": segments[2], "purpose": self.purpose, "status": self.status,
+            "liveness": self.liveness, "isActive": self.liveness == "active", "capabilities": self.capabilities,
+            "worktreeId": self.worktree, "metadata": self.metadata, "registeredAt": self.registered_at,
+            "lastHeartbeat": self.last_heartbeat, "timeSinceHeartbeat": silence, "deadAt": self.dead_at,
+            "healthAssessment": {"liveness": "alive" if self.liveness == "active" else self.liveness,
+                                 "staleAfterMs": stale_ms, "deadAfterMs": dead_ms,
+                                 "graceRemaining": max(0, dead_ms - silence)},
+        }  # fmt: skip
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+class Agents:
+    name = "agents"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.store = app.store
+        self._agents: dict[str, Agent] = {}
+        for row in self.store.all(
+            "SELECT id, name, type, pid, identity, purpose, status, liveness, capabilities, worktree, metadata, "
+            "registered_at, last_heartbeat, dead_at FROM agents"
+        ):
+            a = Agent(*row)
+            a.capabilities, a.metadata = _loads(row[8]), _loads(row[10])
+            self._agents[a.id] = a
+        self.grace_ms = min(GRACE_MS, *(self.thresholds(s)[0] for s in STATUSES))
+        self._grace_until = now_ms() + self.grace_ms
+        self._changed = trio.Event()
+        self._dirty: set[str] = set()
+        self._dirty_event = trio.Event()
+
+    def stats(self) -> dict[str, Any]:
+        counts = {"active": 0, "stale": 0, "dead": 0}
+        for a in self._agents.values():
+            counts[a.liveness] += 1
+        return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsDead": counts["dead"]}
+
+    def thresholds(self, status: str) -> tuple[int, int]:
+        """(stale, dead) silence in ms for an agent of ``status``."""
+        s = self.app.settings
+        dead = s.dead_after_ms or DEAD_AFTER_MS.get(status, DEAD_AFTER_MS["ready"])
+        stale = s.stale_after_ms or round(dead * STALE_FRACTION)
+        return min(stale, dead), dead
+
+    def get(self, agent_id: str) -> Agent | None:
+        return self._agents.get(agent_id)
+
+    def wire(self, agent: Agent, now: int | None = None) -> dict[str, Any]:
+        wire = agent.to_wire(now or now_ms(), *self.thresholds(agent.status))
+        if agent.liveness == "dead":
+            wire["salvageStatus"] = self.store.scalar("SELECT status FROM salvage WHERE agent_id=?", (agent.id,))
+        return wire
+
+    def list(self, *, identity: str | None = None, active_only: bool = False,
+             purpose: str | None = None) -> list[Agent]:  # fmt: skip
+        found = []
+        for a in self._agents.values():
+            if active_only and a.liveness != "active":
+                continue
+            if identity and not (a.identity and identity_matches(identity, a.identity)):
+                continue
+            if purpose and purpose.lower() not in (a.purpose or "").lower():
+                continue
+            found.append(a)
+        return sorted(found, key=lambda a: -a.last_heartbeat)
+
+    # -- registration and heartbeats -----------------------------------------------------------------------
+
+    def register(self, agent_id: str, *, identity: str | None = None, purpose: str | None = None,
+                 type: str | None = None, pid: int | None = None, capabilities: list[str] | None = None,
+                 status: str | None = None, worktree: str | None = None, name: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> tuple[Agent, bool]:  # fmt: skip
+        """Create or refresh an agent (a dead one comes back to life; its salvage entry stays). (agent, new)."""
+        now = now_ms()
+        old = self._agents.get(agent_id)
+
+        def keep(given: Any, attr: str, default: Any = None) -> Any:
+            return given if given is not None else getattr(old, attr) if old else default
+
+        agent = Agent(agent_id, keep(name, "name"), keep(type, "type", "cli"), keep(pid, "pid"),
+                      keep(identity, "identity"), keep(purpose, "purpose"), status or "ready", "active",
+                      keep(capabilities, "capabilities"), keep(worktree, "worktree"), keep(metadata, "metadata"),
+                      keep(None, "registered_at", now), now)  # fmt: skip
+        with self.store.write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO agents (id, name, type, pid, identity, purpose, status, liveness, "
+                "capabilities, worktree, metadata, registered_at, last_heartbeat, dead_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+                (agent.id, agent.name, agent.type, agent.pid, agent.identity, agent.purpose, agent.status,
+                 agent.liveness, _dumps(agent.capabilities), agent.worktree, _dumps(agent.metadata),
+                 agent.registered_at, agent.last_heartbeat),
+            )  # fmt: skip
+        self._agents[agent_id] = agent
+        self._dirty.discard(agent_id)
+        self._changed.set()
+        self.app.bus.emit("agent.register", agentId=agent_id, identity=agent.identity, purpose=agent.purpose,
+                          type=agent.type, pid=agent.pid, capabilities=agent.capabilities)  # fmt: skip
+        if old is None:
+            self.app.publish("agents", {"type": "registered", "agentId": agent_id, "identity": agent.identity,
+                                        "purpose": agent.purpose}, sender="daemon")  # fmt: skip
+        return agent, old is None
+
+    def heartbeat(self, agent_id: str, *, pid: int | None = None, durable: bool = True) -> Agent | None:
+        """Record a sign of life; None if the agent is unknown. ``durable=False`` defers the write (≤ 1 s)."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return None
+        agent.last_heartbeat = now_ms()
+        if pid is not None:
+            agent.pid = pid
+        if agent.liveness != "active":
+            agent.liveness, agent.dead_at = "active", None  # back from silence: judged afresh from now
+            durable = True
+        if durable:
+            self._write_heartbeats([agent])
+        else:
+            self._dirty.add(agent_id)
+            self._dirty_event.set()
+        return agent
+
+    def _write_heartbeats(self, agents: list[Agent]) -> None:
+        with self.store.write() as db:
+            db.executemany(
+                "UPDATE agents SET last_heartbeat=?, pid=?, liveness=?, dead_at=? WHERE id=?",
+                [(a.last_heartbeat, a.pid, a.liveness, a.dead_at, a.id) for a in agents],
+            )
+        for a in agents:
+            self._dirty.discard(a.id)
+
+    def flush(self) -> None:
+        pending = [self._agents[i] for i in self._dirty if i in self._agents]
+        self._dirty.clear()
+        if pending:
+            self._write_heartbeats(pending)
+
+    def unregister(self, agent_id: str) -> bool:
+        """Remove an agent that leaves on purpose: its active sessions end ``abandoned`` and give their files back."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return False
+        with self.store.write() as db:
+            ended = self.app.sessions.end_for_agent(agent_id)
+            db.execute("DELETE FROM agents WHERE id=?", (agent_id,))
+        del self._agents[agent_id]
+        self._dirty.discard(agent_id)
+        self.app.sessions.announce_ended(ended, agent_id, "abandoned")
+        self.app.bus.emit("agent.unregister", agentId=agent_id)
+        self.app.publish("agents", {"type": "unregistered", "agentId": agent_id}, sender="daemon")
+        return True
+
+    # -- death and salvage ---------------------------------------------------------------------------------
+
+    def declare_dead(self, agent_id: str, reason: str) -> bool:
+        """Declare an agent dead: the reaper's path, and the fleet's when a run crashes. False if not alive."""
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.liveness == "dead":
+            return False
+        now = now_ms()
+        with self.store.write() as db:
+            abandoned = self.app.sessions.abandon_by_agent(agent_id)
+            purpose = self.app.sessions.latest_purpose(agent_id) or agent.purpose
+            db.execute("UPDATE agents SET liveness='dead', dead_at=?, last_heartbeat=? WHERE id=?",
+                       (now, agent.last_heartbeat, agent_id))  # fmt: skip
+            db.execute(
+                "INSERT INTO salvage (agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, "
+                "status) VALUES (?,?,?,?,?,?,?,'pending') ON CONFLICT(agent_id) DO UPDATE SET "
+                "identity=excluded.identity, purpose=excluded.purpose, session_ids=excluded.session_ids, "
+                "last_heartbeat=excluded.last_heartbeat, "
+                "detected_at=excluded.detected_at, reason=excluded.reason, status='pending', claimed_by=NULL, "
+                "claimed_at=NULL, completed_by=NULL, completed_at=NULL",
+                (agent_id, agent.identity, purpose, json.dumps(abandoned or self.app.sessions.session_ids_of(agent_id)),
+                 agent.last_heartbeat, now, reason),
+            )  # fmt: skip
+        agent.liveness, agent.dead_at = "dead", now
+        self._dirty.discard(agent_id)
+        log.info("agent %s is dead: %s", agent_id, reason)
+        self.app.sessions.announce_ended(abandoned, agent_id, "abandoned")
+        self.app.bus.emit("agent.dead", agentId=agent_id, identity=agent.identity, lastHeartbeat=agent.last_heartbeat,
+                          sessionIds=abandoned, reason=reason)  # fmt: skip
+        self.app.bus.emit("salvage.create", salvageId=agent_id, agentId=agent_id, by="daemon")
+        message = {"type": "dead", "agentId": agent_id, "identity": agent.identity, "purpose": purpose,
+                   "zombiedSessions": abandoned, "reason": reason}  # fmt: skip
+        self.app.publish("resurrection", message, sender="daemon")
+        self.app.publish("agents", message, sender="daemon")
+        return True
+
+    def _mark_stale(self, agent: Agent) -> None:
+        agent.liveness = "stale"
+        with self.store.write() as db:
+            db.execute("UPDATE agents SET liveness='stale' WHERE id=?", (agent.id,))
+        self.app.bus.emit("agent.stale", agentId=agent.id, identity=agent.identity, lastHeartbeat=agent.last_heartbeat)
+        self.app.publish("resurrection", {"type": "stale", "agentId": agent.id, "identity": agent.identity,
+                                          "lastHeartbeat": agent.last_heartbeat}, sender="daemon")  # fmt: skip
+
+    def salvage_entries(self, *, project: str | None = None, stack: str | None = None,
+                        statuses: tuple[str, ...] = ("pending",), limit: int = 50) -> list[dict[str, Any]]:  # fmt: skip
+        marks = ",".join("?" * len(statuses))
+        rows = self.store.all(
+            "SELECT agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, status, claimed_by, "
+            f"claimed_at, completed_by, completed_at FROM salvage WHERE status IN ({marks}) ORDER BY detected_at DESC",
+            statuses,
+        )  # fmt: skip
+        entries = []
+        for row in rows:
+            entry = self._entry(row)
+            if project and not _segment_glob(project, entry["identityProject"]):
+                continue
+            if stack and not _segment_glob(stack, entry["identityStack"]):
+                continue
+            entries.append(entry)
+            if len(entries) >= limit:
+                break
+        return entries
+
+    def salvage_entry(self, agent_id: str) -> dict[str, Any]:
+        row = self.store.one(
+            "SELECT agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, status, claimed_by, "
+            "claimed_at, completed_by, completed_at FROM salvage WHERE agent_id=?", (agent_id,),
+        )  # fmt: skip
+        if row is None:
+            raise NotFound("NOT_FOUND", f"agent {agent_id} is not in the salvage queue; see pd salvage")
+        return self._entry(row)
+
+    def _entry(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        agent_id, identity, purpose, session_ids, last_hb, detected, reason, status, cby, cat, dby, dat = row
+        sessions = json.loads(session_ids)
+        segments = [*(identity or "").split(":"), None, None, None]
+        return {
+            "id": agent_id, "agentId": agent_id, "name": agent_id, "identity": identity,
+            "identityProject": segments[0] or None, "identityStack": segments[1], "identityContext": segments[2],
+            "purpose": purpose, "sessionId": sessions[-1] if sessions else None, "sessionIds": sessions,
+            "lastHeartbeat": last_hb, "staleSince": detected, "detectedAt": detected, "reason": reason,
+            "status": status, "claimedBy": cby, "claimedAt": cat, "completedBy": dby, "completedAt": dat,
+            "files": self.app.sessions.claimed_paths(sessions),
+            "notes": self.app.sessions.note_texts(sessions, limit=3),
+        }  # fmt: skip
+
+    def salvage_move(self, agent_id: str, action: str, by: str | None) -> dict[str, Any]:
+        """claim | complete | abandon | dismiss an entry; returns it as it now is."""
+        entry = self.salvage_entry(agent_id)
+        allowed = {"claim": ("pending",), "complete": ("pending", "claimed"), "abandon": ("claimed",),
+                   "dismiss": ("pending", "claimed")}[action]  # fmt: skip
+        if entry["status"] not in allowed:
+            raise Conflict("CONFLICT", f"salvage entry {agent_id} is {entry['status']}, not {' or '.join(allowed)}; "
+                           "see pd salvage --all")  # fmt: skip
+        now = now_ms()
+        with self.store.write() as db:
+            if action == "claim":
+                db.execute("UPDATE salvage SET status='claimed', claimed_by=?, claimed_at=? WHERE agent_id=?",
+                           (by, now, agent_id))  # fmt: skip
+            elif action == "complete":
+                db.execute("UPDATE salvage SET status='completed', completed_by=?, completed_at=?, "
+                           "claimed_by=coalesce(claimed_by, ?), claimed_at=coalesce(claimed_at, ?) WHERE agent_id=?",
+                           (by, now, by, now, agent_id))  # fmt: skip
+            elif action == "abandon":
+                db.execute("UPDATE salvage SET status='pending', claimed_by=NULL, claimed_at=NULL WHERE agent_id=?",
+                           (agent_id,))  # fmt: skip
+            else:
+                db.execute("UPDATE salvage SET status='dismissed', completed_at=? WHERE agent_id=?", (now, agent_id))
+            if action in ("claim", "complete", "dismiss"):
+                self._forget_dead(agent_id)
+        self.app.bus.emit(f"salvage.{action}", salvageId=agent_id, agentId=agent_id, by=by)
+        if action in ("claim", "complete"):
+            event = {"claim": "claimed", "complete": "resurrected"}[action]
+            self.app.publish("resurrection", {"type": event, "agentId": agent_id, "by": by}, sender="daemon")
+            if action == "complete":
+                self.app.publish("agents", {"type": event, "agentId": agent_id, "by": by}, sender="daemon")
+        return self.salvage_entry(agent_id)
+
+    def _forget_dead(self, agent_id: str) -> None:
+        """A dead agent leaves the registry once someone has taken over (or dismissed) its work."""
+        agent = self._agents.get(agent_id)
+        if agent is not None and agent.liveness == "dead":
+            self.store.execute("DELETE FROM agents WHERE id=?", (agent_id,))
+            del self._agents[agent_id]
+
+    # -- the reaper ----------------------------------------------------------------------------------------
+
+    def _next_deadline(self) -> float:
+        """Wall-clock ms of the next liveness change (inf if none)."""
+        soonest = math.inf
+        for a in self._agents.values():
+            if a.liveness == "dead":
+                continue
+            stale, dead = self.thresholds(a.status)
+            soonest = min(soonest, a.last_heartbeat + (stale if a.liveness == "active" else dead))
+        return max(soonest, self._grace_until)
+
+    def reap(self, now: int) -> None:
+        if now < self._grace_until:
+            return
+        self.flush()
+        for a in list(self._agents.values()):
+            if a.liveness == "dead":
+                continue
+            stale, dead = self.thresholds(a.status)
+            silence = now - a.last_heartbeat
+            if silence >= dead:
+                self.declare_dead(a.id, f"no heartbeat for {silence // 1000}s")
+            elif silence >= stale and a.liveness == "active":
+                self._mark_stale(a)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._flusher)
+            task_status.started()
+            wall, mono = now_ms(), trio.current_time()
+            while True:
+                wait_s = (self._next_deadline() - now_ms()) / 1000
+                with trio.move_on_after(max(wait_s, 0)):
+                    await self._changed.wait()
+                self._changed = trio.Event()
+                now, mono_now = now_ms(), trio.current_time()
+                if (now - wall) - (mono_now - mono) * 1000 > SLEEP_JUMP_MS:
+                    log.info("the host slept; no agent is judged for %ds", self.grace_ms // 1000)
+                    self._grace_until = now + self.grace_ms
+                wall, mono = now, mono_now
+                self.reap(now)
+
+    async def _flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await self._dirty_event.wait()
+                await trio.sleep(FLUSH_S)
+                self._dirty_event = trio.Event()
+                self.flush()
+        finally:
+            self.flush()
+
+
+def _segment_glob(pattern: str, value: str | None) -> bool:
+    return value is not None and glob_segment(pattern, value)
+
+
+def new_agent_id() -> str:
+    return f"agent-{secrets.token_hex(4)}"
+
+
+# -- operations ----------------------------------------------------------------------------------------------
+
+AGENT_ID = v.name("agent id")
+_CAPABILITY = v.name("capability", 100, wildcard=True)
+
+
+def caller(ctx: Ctx, agent_id: str | None, *, what: str = "agentId") -> str:
+    agent = agent_id or ctx.agent_id
+    if not agent:
+        raise bad_input(f"{what} is required; pass --agent, set PORT_DADDY_AGENT, or run pd begin first")
+    return agent
+
+
+def _register_reply(ctx: Ctx, agent: Agent, new: bool) -> dict[str, Any]:
+    agents: Agents = ctx.app.agents
+    reply = {"success": True, "agentId": agent.id, "registered": new,
+             "message": "agent registered" if new else "agent updated", "agent": agents.wire(agent),
+             "deadAgentsInProject": 0, "salvageHint": None}  # fmt: skip
+    if agent.project:
+        dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent.id]
+        if dead:
+            reply["deadAgentsInProject"] = len(dead)
+            reply["salvageHint"] = (f"{len(dead)} dead agent(s) in {agent.project}:*. "
+                                    f"Run: pd salvage --project {agent.project}")  # fmt: skip
+    return reply
+
+
+def register_op(ctx: Ctx, *, agentId, identity, purpose, type, pid, capabilities, status, worktree, name,
+                metadata) -> dict[str, Any]:  # fmt: skip
+    agent, new = ctx.app.agents.register(
+        caller(ctx, agentId), identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
+        capabilities=capabilities, status=status, worktree=worktree, name=name, metadata=metadata,
+    )  # fmt: skip
+    return _register_reply(ctx, agent, new)
+
+
+def heartbeat_op(ctx: Ctx, *, agentId, pid) -> dict[str, Any]:
+    """An unknown agent is registered by its heartbeat, as the original does (spec/journal.md)."""
+    agents: Agents = ctx.app.agents
+    agent_id = caller(ctx, agentId)
+    agent = agents.heartbeat(agent_id, pid=pid, durable=ctx.acknowledged)
+    if agent is None:
+        agent, new = agents.register(agent_id, pid=pid or ctx.pid)
+        return _register_reply(ctx, agent, new)
+    return {"success": True, "agentId": agent_id, "lastHeartbeat": agent.last_heartbeat,
+            "message": "heartbeat recorded", "health": {"liveness": "alive"}}  # fmt: skip
+
+
+def unregister_op(ctx: Ctx, *, agentId) -> dict[str, Any]:
+    agent_id = caller(ctx, agentId)
+    done = ctx.app.agents.unregister(agent_id)
+    return {"success": True, "unregistered": done, "agentId": agent_id,
+            "message": "agent unregistered" if done else f"agent {agent_id} was not registered"}  # fmt: skip
+
+
+def list_op(ctx: Ctx, *, active, identity, purpose) -> dict[str, Any]:
+    agents: Agents = ctx.app.agents
+    now = now_ms()
+    found = [agents.wire(a, now) for a in agents.list(identity=identity, active_only=active, purpose=purpose)]
+    return {"success": True, "agents": found, "count": len(found)}
+
+
+def get_op(ctx: Ctx, *, id) -> dict[str, Any]:
+    agents: Agents = ctx.app.agents
+    agent = agents.get(id)
+    if agent is None:
+        raise NotFound("AGENT_NOT_FOUND", f"agent {id} is not registered; see pd agents")
+    return {"success": True, "agent": agents.wire(agent)}
+
+
+def salvage_list_op(ctx: Ctx, *, project, stack, limit, all) -> dict[str, Any]:
+    statuses = SALVAGE_STATES if all else ("pending",)
+    entries = ctx.app.agents.salvage_entries(project=project, stack=stack, statuses=statuses, limit=limit)
+    return {"success": True, "agents": entries, "count": len(entries), "filtered": bool(project or stack)}
+
+
+def _salvage_op(action: str) -> Any:
+    def op(ctx: Ctx, *, id, newAgentId) -> dict[str, Any]:
+        agents: Agents = ctx.app.agents
+        by = newAgentId or ctx.agent_id
+        if action in ("claim", "complete") and not by:
+            raise bad_input(f"who takes the work over? pass --agent (newAgentId) to salvage {action}")
+        entry = agents.salvage_move(id, action, by)
+        reply: dict[str, Any] = {"success": True, "agent": entry}
+        if action == "claim":
+            reply["context"] = ctx.app.sessions.salvage_context(entry["sessionIds"], entry["purpose"])
+        return reply
+
+    op.__name__ = f"salvage_{action}_op"
+    return op
+
+
+def _status(name: str, value: Any) -> str:
+    return v.one_of(*STATUSES)(name, value)
+
+
+_AGENT = Param("agentId", AGENT_ID, aliases=("id",))
+# Ops that name *another* agent read ``id`` first: a bound IPC client adds its own ``agentId`` to every request.
+_OTHER = Param("id", AGENT_ID, required=True, aliases=("agentId",))
+REGISTER_PARAMS = (
+    Param("identity", v.identity),
+    Param("purpose", v.text(500)),
+    Param("type", v.name("agent type", 32), aliases=("agentType",)),
+    Param("pid", v.integer(1, 2**22)),
+    Param("capabilities", v.str_list(_CAPABILITY), aliases=("caps",)),
+    Param("status", _status),
+    Param("worktree", v.text(4096), aliases=("worktreeId",)),
+    Param("name", v.text(100)),
+    Param("metadata", v.json_object(16_000)),
+)
+
+OPS = (
+    Op("agent.register", register_op, (_AGENT, *REGISTER_PARAMS),
+       summary="register or refresh an agent (agentId, identity, purpose, type, pid, capabilities, status)"),
+    Op("agent.heartbeat", heartbeat_op, (_AGENT, Param("pid", v.integer(1, 2**22))), fire_and_forget=True,
+       summary="record a sign of life (fire-and-forget allowed); an unknown agent is registered"),
+    Op("agent.unregister", unregister_op, (_AGENT,),
+       summary="remove an agent; its active sessions end abandoned and release their files"),
+    Op("agent.list", list_op,
+       (Param("active", v.boolean, default=False), Param("identity", v.identity_pattern),
+        Param("purpose", v.text(200))),
+       summary="agents with liveness (active / stale / dead), most recent heartbeat first"),
+    Op("agent.get", get_op, (_OTHER,), summary="one agent with its liveness and thresholds"),
+    Op("salvage.list", salvage_list_op,
+       (Param("project", v.name("project", 64, wildcard=True)), Param("stack", v.name("stack", 64, wildcard=True)),
+        Param("limit", v.integer(1, 500), default=50), Param("all", v.boolean, default=False)),
+       summary="dead agents' work awaiting salvage (all=true: every entry), with purpose, files and last notes"),
+    Op("salvage.claim", _salvage_op("claim"), (_OTHER, Param("newAgentId", AGENT_ID)),
+       summary="take over a dead agent's work: returns its sessions, purpose, notes and files; records lineage"),
+    Op("salvage.complete", _salvage_op("complete"), (_OTHER, Param("newAgentId", AGENT_ID)),
+       summary="mark salvaged work finished"),
+    Op("salvage.abandon", _salvage_op("abandon"), (_OTHER, Param("newAgentId", AGENT_ID)),
+       summary="give a claimed salvage entry back to the queue"),
+    Op("salvage.dismiss", _salvage_op("dismiss"), (_OTHER, Param("newAgentId", AGENT_ID)),
+       summary="drop a salvage entry without taking the work over"),
+)

@@ -1,0 +1,483 @@
+"""Sessions, immutable sealed notes and advisory file claims.
+
+A session is an agent's declared unit of work ("Building payment API") in a worktree. It is scoped by the
+caller (DESIGN §3): the client sends its agent id and worktree root, and a note without a session id goes to
+that caller's latest active session, never to someone else's.
+
+Notes are append-only (the table refuses UPDATE and DELETE) and never deleted; each carries the hash of the
+previous note of its session (core/notechain.py) and its body is sealed under the session's key
+(core/sealing.py). File claims are paths or globs (core/globs.py); a claim that overlaps one held by another
+*active* session is refused unless forced, and a forced one is recorded with the conflict. Claims of abandoned
+sessions (their agent died) are kept for salvage but block nobody (the original's permanent 409s, §27 #6).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from portdaddy.core import globs
+from portdaddy.core import validate as v
+from portdaddy.core.agents import AGENT_ID
+from portdaddy.core.clock import now_ms
+from portdaddy.core.conflicts import conflict_line
+from portdaddy.core.notechain import GENESIS, Link, link_hash, verify
+from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.sealing import Sealer, load_or_create_master_key
+from portdaddy.errors import Conflict, NotFound, PDError, bad_input
+
+MAX_NOTE_CHARS = 16_000
+MAX_NOTES_PER_SESSION = 10_000
+MAX_PURPOSE_CHARS = 500
+MAXFILES = 200
+NOTE_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+END_STATUSES = ("completed", "abandoned")
+
+_SESSION_COLUMNS = ("id, purpose, status, agent_id, worktree, identity_project, created_at, updated_at, completed_at, "
+                    "metadata, note_count")  # fmt: skip
+_HELD = ("SELECT c.path, c.session_id, c.claimed_at, s.purpose, s.agent_id, c.forced FROM file_claims c "
+         "JOIN sessions s ON s.id = c.session_id WHERE c.released_at IS NULL AND s.status = 'active'")  # fmt: skip
+
+
+def _session_wire(row: tuple[Any, ...]) -> dict[str, Any]:
+    sid, purpose, status, agent, worktree, project, created, updated, completed, metadata, notes = row
+    return {"id": sid, "sessionId": sid, "purpose": purpose, "status": status, "agentId": agent,
+            "worktreeId": worktree, "identityProject": project, "createdAt": created, "updatedAt": updated,
+            "completedAt": completed, "metadata": None if metadata is None else json.loads(metadata),
+            "noteCount": notes}  # fmt: skip
+
+
+def _claim_wire(row: tuple[Any, ...]) -> dict[str, Any]:
+    path, session, claimed_at, purpose, agent, forced = row
+    return {"filePath": path, "sessionId": session, "purpose": purpose, "agentId": agent, "claimedAt": claimed_at,
+            "forced": bool(forced), "startLine": None, "endLine": None, "symbol": None}  # fmt: skip
+
+
+def file_conflict(conflicts: list[dict[str, Any]]) -> Conflict:
+    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+    return Conflict("FILE_CONFLICT", f"{conflict_line(conflicts[0])}{more}; use --force to claim anyway",
+                    conflicts=conflicts, hint="Use force=true to claim files anyway")  # fmt: skip
+
+
+class Sessions:
+    name = "sessions"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.store = app.store
+        self.sealer = Sealer(load_or_create_master_key(app.settings.master_key))
+
+    def stats(self) -> dict[str, Any]:
+        return {"sessionsActive": self.store.scalar("SELECT count(*) FROM sessions WHERE status='active'"),
+                "notes": self.store.scalar("SELECT coalesce(max(id), 0) FROM notes")}  # fmt: skip
+
+    # -- sessions ------------------------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        row = self.store.one(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id=?", (session_id,))
+        if row is None:
+            raise NotFound("SESSION_NOT_FOUND", f"session {session_id} does not exist; see pd session list --all")
+        return _session_wire(row)
+
+    def _active(self, session_id: str) -> dict[str, Any]:
+        s = self.session(session_id)
+        if s["status"] != "active":
+            raise Conflict("CONFLICT", f"session {session_id} is {s['status']}; start a new one with pd session start")
+        return s
+
+    def start(self, purpose: str, *, agent_id: str | None, files: list[str], force: bool, worktree: str | None,
+              metadata: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+        conflicts = self.conflicts(files)
+        if conflicts and not force:
+            raise file_conflict(conflicts)
+        now = now_ms()
+        sid = f"session-{uuid.uuid4().hex[:12]}"
+        agent = self.app.agents.get(agent_id) if agent_id else None
+        with self.store.write() as db:
+            db.execute(
+                "INSERT INTO sessions (id, purpose, status, agent_id, worktree, identity_project, created_at, "
+                "updated_at, metadata, wrapped_key, head_hash) VALUES (?,?,'active',?,?,?,?,?,?,?,?)",
+                (sid, purpose, agent_id, worktree, agent.project if agent else None, now, now,
+                 None if metadata is None else json.dumps(metadata), self.sealer.new_session_key(sid), GENESIS),
+            )  # fmt: skip
+            self._insert_claims(sid, files, bool(conflicts), now)
+        self.app.bus.emit("session.start", sessionId=sid, agentId=agent_id, purpose=purpose, files=files,
+                          metadata=metadata)  # fmt: skip
+        if files:
+            self.app.bus.emit("file.claim", sessionId=sid, agentId=agent_id, paths=files, conflicts=conflicts,
+                              forced=bool(conflicts))  # fmt: skip
+        return {**self.session(sid), "files": files, "conflicts": conflicts}
+
+    def end(self, session_id: str, *, note: str | None, status: str, agent_id: str | None) -> dict[str, Any]:
+        s = self._active(session_id)
+        with self.store.write() as db:
+            if note:
+                added = self.add_note(session_id, note, "handoff", agent_id or s["agentId"])
+            released = self._release(db, session_id, None)
+            now = now_ms()
+            db.execute("UPDATE sessions SET status=?, updated_at=?, completed_at=? WHERE id=?",
+                       (status, now, now, session_id))  # fmt: skip
+        self.announce_ended([session_id], s["agentId"], status)
+        return {"success": True, "id": session_id, "sessionId": session_id, "status": status,
+                "releasedFiles": released, "noteId": added["noteId"] if note else None}  # fmt: skip
+
+    def _ids(self, agent_id: str) -> list[str]:
+        rows = self.store.all("SELECT id FROM sessions WHERE agent_id=? AND status='active' ORDER BY created_at",
+                              (agent_id,))  # fmt: skip
+        return [r[0] for r in rows]
+
+    def abandon_by_agent(self, agent_id: str) -> list[str]:
+        """Set a dead agent's active sessions ``abandoned``, keeping claims and notes (call inside a write)."""
+        ids = self._ids(agent_id)
+        now = now_ms()
+        self.store.executemany("UPDATE sessions SET status='abandoned', updated_at=?, completed_at=? WHERE id=?",
+                               [(now, now, sid) for sid in ids])  # fmt: skip
+        return ids
+
+    def end_for_agent(self, agent_id: str) -> list[str]:
+        """An agent leaving on purpose: its active sessions end ``abandoned`` and release their files."""
+        ids = self.abandon_by_agent(agent_id)
+        for sid in ids:
+            self._release(self.store.db, sid, None)
+        return ids
+
+    def announce_ended(self, session_ids: list[str], agent_id: str | None, status: str) -> None:
+        for sid in session_ids:
+            self.app.bus.emit("session.end", sessionId=sid, agentId=agent_id, status=status)
+
+    def list(self, *, status: str | None, agent: str | None, worktree: str | None, project: str | None,
+             limit: int) -> list[dict[str, Any]]:  # fmt: skip
+        rows = self.store.all(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR status=?1) AND (?2 IS NULL OR agent_id=?2) "
+            "AND (?3 IS NULL OR worktree=?3) AND (?4 IS NULL OR identity_project=?4) "
+            "ORDER BY updated_at DESC, rowid DESC LIMIT ?5",
+            (status, agent, worktree, project, limit),
+        )  # fmt: skip
+        sessions = [_session_wire(r) for r in rows]
+        for s in sessions:
+            s["files"] = self.claimed_paths([s["id"]])
+        return sessions
+
+    def current(self, *, agent_id: str | None, worktree: str | None) -> str:
+        """The caller's latest active session: by agent (and worktree when known), else by worktree alone."""
+        if not agent_id and not worktree:
+            raise NotFound("NO_ACTIVE_SESSION", "which session? pass --session, or --agent, or run pd session start")
+        row = self.store.one(
+            "SELECT id FROM sessions WHERE status='active' AND (?1 IS NULL OR agent_id=?1) "
+            "AND (?2 IS NULL OR worktree=?2) ORDER BY updated_at DESC, rowid DESC LIMIT 1",
+            (agent_id, worktree),
+        )  # fmt: skip
+        if row is None:
+            who = " ".join(filter(None, [agent_id and f"agent {agent_id}", worktree and f"in {worktree}"]))
+            raise NotFound("NO_ACTIVE_SESSION",
+                           f"no active session for {who}; start one with pd session start or pd begin")
+        return row[0]
+
+    def latest_purpose(self, agent_id: str) -> str | None:
+        return self.store.scalar("SELECT purpose FROM sessions WHERE agent_id=? ORDER BY updated_at DESC, rowid DESC "
+                                 "LIMIT 1", (agent_id,))  # fmt: skip
+
+    def session_ids_of(self, agent_id: str) -> list[str]:
+        """The agent's most recent session (for a salvage entry when none was active)."""
+        row = self.store.one("SELECT id FROM sessions WHERE agent_id=? ORDER BY updated_at DESC, rowid DESC LIMIT 1",
+                             (agent_id,))  # fmt: skip
+        return [row[0]] if row else []
+
+    # -- notes ---------------------------------------------------------------------------------------------
+
+    def add_note(self, session_id: str, content: str, type: str, agent_id: str | None) -> dict[str, Any]:
+        row = self.store.one("SELECT wrapped_key, note_count, head_hash, agent_id FROM sessions WHERE id=?",
+                             (session_id,))  # fmt: skip
+        if row is None:
+            raise NotFound("SESSION_NOT_FOUND", f"session {session_id} does not exist; see pd session list --all")
+        wrapped, count, prev, owner = row
+        if count >= MAX_NOTES_PER_SESSION:
+            raise PDError("RESOURCE_LIMIT", f"session {session_id} has {count} notes, the limit; start a new session")
+        agent_id = agent_id or owner
+        seq, now = count + 1, now_ms()
+        body = self.sealer.seal(session_id, wrapped, content)
+        digest = link_hash(session_id, seq, agent_id, type, now, body, prev)
+        with self.store.write() as db:
+            db.execute("INSERT INTO notes (session_id, seq, agent_id, type, created_at, body, prev_hash, hash) "
+                       "VALUES (?,?,?,?,?,?,?,?)",
+                       (session_id, seq, agent_id, type, now, body, prev, digest))  # fmt: skip
+            note_id = db.last_insert_rowid()
+            db.execute("UPDATE sessions SET note_count=?, head_hash=?, updated_at=? WHERE id=?",
+                       (seq, digest, now, session_id))  # fmt: skip
+        self.app.bus.emit("note.add", sessionId=session_id, agentId=agent_id, noteId=note_id, seq=seq, type=type,
+                          hash=digest, prevHash=prev)  # fmt: skip
+        return {"success": True, "noteId": note_id, "sessionId": session_id, "seq": seq, "hash": digest,
+                "createdAt": now}  # fmt: skip
+
+    def notes(self, *, session_id: str | None = None, session_ids: list[str] | None = None, agent: str | None = None,
+              project: str | None = None, type: str | None = None, since: int | None = None,
+              limit: int = 50, oldest_first: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        where, args = ["1"], []
+        for clause, value in (("n.session_id = ?", session_id), ("coalesce(n.agent_id, s.agent_id) = ?", agent),
+                              ("s.identity_project = ?", project), ("n.type = ?", type), ("n.created_at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        if session_ids is not None:
+            where.append(f"n.session_id IN ({','.join('?' * len(session_ids))})")
+            args.extend(session_ids)
+        rows = self.store.all(
+            "SELECT n.id, n.session_id, n.seq, n.agent_id, n.type, n.created_at, n.body, n.hash, n.prev_hash, "
+            f"s.wrapped_key, s.purpose FROM notes n JOIN sessions s ON s.id = n.session_id WHERE {' AND '.join(where)} "
+            "ORDER BY n.id DESC LIMIT ?", (*args, limit),
+        )  # fmt: skip
+        notes = []
+        for nid, sid, seq, agent_id, ntype, created, body, digest, prev, wrapped, purpose in rows:
+            text = self.sealer.open(sid, wrapped, body)
+            notes.append({"id": nid, "noteId": nid, "sessionId": sid, "seq": seq, "agentId": agent_id, "type": ntype,
+                          "content": text, "unreadable": text is None, "createdAt": created, "hash": digest,
+                          "prevHash": prev, "sessionPurpose": purpose})  # fmt: skip
+        return notes[::-1] if oldest_first else notes
+
+    def verify(self, session_id: str | None = None) -> dict[str, Any]:
+        heads = self.store.all("SELECT id, note_count, head_hash FROM sessions WHERE ?1 IS NULL OR id=?1 "
+                               "ORDER BY rowid", (session_id,))  # fmt: skip
+        if session_id and not heads:
+            self.session(session_id)  # raises SESSION_NOT_FOUND
+        problems, notes = [], 0
+        for sid, count, head in heads:
+            links = [Link(*r) for r in self.store.all(
+                "SELECT seq, agent_id, type, created_at, body, prev_hash, hash FROM notes WHERE session_id=? "
+                "ORDER BY seq", (sid,))]  # fmt: skip
+            notes += len(links)
+            problems += [{"sessionId": sid, "problem": p} for p in verify(sid, links, count, head)]
+        return {"success": True, "valid": not problems, "sessions": len(heads), "notes": notes, "problems": problems}
+
+    def note_texts(self, session_ids: list[str], *, limit: int) -> list[str]:
+        if not session_ids:
+            return []
+        return [n["content"] or "" for n in self.notes(session_ids=session_ids, limit=limit, oldest_first=True)]
+
+    def salvage_context(self, session_ids: list[str], purpose: str | None) -> dict[str, Any]:
+        notes = self.notes(session_ids=session_ids, limit=500, oldest_first=True) if session_ids else []
+        return {"sessionId": session_ids[-1] if session_ids else None, "sessionIds": session_ids, "purpose": purpose,
+                "notes": notes, "files": self.claimed_paths(session_ids)}  # fmt: skip
+
+    # -- file claims ---------------------------------------------------------------------------------------
+
+    def conflicts(self, paths: Iterable[str], *, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Claims of other active sessions that overlap any of ``paths`` (one entry per pair)."""
+        paths = list(paths)
+        if not paths:
+            return []
+        skip = set(exclude)
+        held = [r for r in self.store.all(_HELD) if r[1] not in skip]
+        found = []
+        for path in paths:
+            for row in held:
+                if globs.overlaps(path, row[0]):
+                    found.append({**_claim_wire(row), "filePath": path, "claimedPath": row[0],
+                                  "example": globs.witness(path, row[0])})  # fmt: skip
+        return found
+
+    def _insert_claims(self, session_id: str, paths: list[str], forced: bool, now: int) -> list[str]:
+        held = {r[0] for r in self.store.all("SELECT path FROM file_claims WHERE session_id=? AND released_at IS NULL",
+                                             (session_id,))}  # fmt: skip
+        new = [p for p in paths if p not in held]
+        self.store.executemany("INSERT INTO file_claims (session_id, path, claimed_at, forced) VALUES (?,?,?,?)",
+                               [(session_id, p, now, int(forced)) for p in new])  # fmt: skip
+        return new
+
+    def claim(self, session_id: str, paths: list[str], *, force: bool) -> dict[str, Any]:
+        s = self._active(session_id)
+        conflicts = self.conflicts(paths, exclude=[session_id])
+        if conflicts and not force:
+            raise file_conflict(conflicts)
+        now = now_ms()
+        with self.store.write() as db:
+            self._insert_claims(session_id, paths, bool(conflicts), now)
+            db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
+        self.app.bus.emit("file.claim", sessionId=session_id, agentId=s["agentId"], paths=paths, conflicts=conflicts,
+                          forced=bool(conflicts))  # fmt: skip
+        return {"success": True, "sessionId": session_id, "claimed": paths, "conflicts": conflicts}
+
+    def _release(self, db: Any, session_id: str, paths: list[str] | None) -> list[str]:
+        held = [r[0] for r in db.execute("SELECT path FROM file_claims WHERE session_id=? AND released_at IS NULL",
+                                         (session_id,))]  # fmt: skip
+        gone = held if paths is None else [p for p in held if p in set(paths)]
+        db.executemany("UPDATE file_claims SET released_at=? WHERE session_id=? AND path=? AND released_at IS NULL",
+                       [(now_ms(), session_id, p) for p in gone])  # fmt: skip
+        return gone
+
+    def release(self, session_id: str, paths: list[str] | None) -> dict[str, Any]:
+        s = self.session(session_id)
+        with self.store.write() as db:
+            released = self._release(db, session_id, paths)
+        if released:
+            self.app.bus.emit("file.release", sessionId=session_id, agentId=s["agentId"], paths=released)
+        return {"success": True, "sessionId": session_id, "released": released}
+
+    def claimed_paths(self, session_ids: list[str]) -> list[str]:
+        if not session_ids:
+            return []
+        marks = ",".join("?" * len(session_ids))
+        rows = self.store.all(f"SELECT DISTINCT path FROM file_claims WHERE session_id IN ({marks}) AND released_at "
+                              "IS NULL ORDER BY id", session_ids)  # fmt: skip
+        return [r[0] for r in rows]
+
+    def held(self, *, path: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
+        claims = [_claim_wire(r) for r in self.store.all(_HELD + " ORDER BY c.id")]
+        if path is not None:
+            claims = [c for c in claims if globs.overlaps(path, c["filePath"])]
+        if agent is not None:
+            claims = [c for c in claims if c["agentId"] == agent]
+        return claims
+
+
+# -- operations ----------------------------------------------------------------------------------------------
+
+
+def _claim_path(name: str, value: Any) -> str:
+    return globs.normalize_claim_path(value)
+
+
+def _note_type(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not NOTE_TYPE.match(value.strip().lower()):
+        raise bad_input(f"{name} must be a short lowercase word like note, commit, progress, decision, blocker, "
+                        f"handoff; got {str(value)[:40]!r}")  # fmt: skip
+    return value.strip().lower()
+
+
+def _paths(name: str, value: Any) -> list[str]:
+    return list(dict.fromkeys(v.str_list(_claim_path, MAXFILES)(name, value)))
+
+
+_SESSION = Param("sessionId", v.name("session id", 100), aliases=("id", "session"))
+FILES = Param("files", _paths, default=[], aliases=("paths",))
+FORCE = Param("force", v.boolean, default=False)
+_WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
+_PURPOSE = Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True)
+_CONTENT = Param("content", v.text(MAX_NOTE_CHARS), required=True, aliases=("note", "text"))
+_LIMIT = Param("limit", v.integer(1, 1000), default=50)
+
+
+def _target(ctx: Ctx, session_id: str | None, agent_id: str | None, worktree: str | None) -> str:
+    return session_id or ctx.app.sessions.current(agent_id=agent_id or ctx.agent_id, worktree=worktree)
+
+
+def _alive(ctx: Ctx, agent_id: str | None) -> None:
+    """A journal write by a registered agent is a sign of life, like a heartbeat."""
+    if agent_id:
+        ctx.app.agents.heartbeat(agent_id, durable=False)
+
+
+def start_op(ctx: Ctx, *, purpose, agentId, files, force, worktree, metadata) -> dict[str, Any]:
+    result = ctx.app.sessions.start(purpose, agent_id=agentId or ctx.agent_id, files=files, force=force,
+                                    worktree=worktree, metadata=metadata)  # fmt: skip
+    _alive(ctx, result["agentId"])
+    return {"success": True, **result}
+
+
+def end_op(ctx: Ctx, *, sessionId, note, status, agentId, worktree) -> dict[str, Any]:
+    sid = _target(ctx, sessionId, agentId, worktree)
+    return ctx.app.sessions.end(sid, note=note, status=status, agent_id=agentId or ctx.agent_id)
+
+
+def get_op(ctx: Ctx, *, sessionId) -> dict[str, Any]:
+    sessions: Sessions = ctx.app.sessions
+    s = sessions.session(sessionId)
+    files = [{"sessionId": sessionId, "filePath": p, "claimedAt": c, "releasedAt": r, "forced": bool(f)}
+             for p, c, r, f in sessions.store.all("SELECT path, claimed_at, released_at, forced FROM file_claims "
+                                                  "WHERE session_id=? ORDER BY id", (sessionId,))]  # fmt: skip
+    notes = sessions.notes(session_id=sessionId, limit=1000, oldest_first=True)
+    return {"success": True, "session": s, "notes": notes, "files": files}
+
+
+def list_op(ctx: Ctx, *, status, agent, worktree, project, all, limit) -> dict[str, Any]:
+    found = ctx.app.sessions.list(status=None if all else (status or "active"), agent=agent, worktree=worktree,
+                                  project=project, limit=limit)  # fmt: skip
+    return {"success": True, "sessions": found, "count": len(found)}
+
+
+def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dict[str, Any]:
+    agent = agentId or ctx.agent_id
+    sid = _target(ctx, sessionId, agent, worktree)
+    _alive(ctx, agent)
+    return ctx.app.sessions.add_note(sid, content, type, agent)
+
+
+def note_list_op(ctx: Ctx, *, sessionId, agent, project, type, since, limit) -> dict[str, Any]:
+    since_ms = None if since is None else now_ms() - since
+    found = ctx.app.sessions.notes(session_id=sessionId, agent=agent, project=project, type=type, since=since_ms,
+                                   limit=limit)  # fmt: skip
+    return {"success": True, "notes": found, "count": len(found)}
+
+
+def verify_op(ctx: Ctx, *, sessionId) -> dict[str, Any]:
+    return ctx.app.sessions.verify(sessionId)
+
+
+def claim_op(ctx: Ctx, *, sessionId, files, force, agentId, worktree) -> dict[str, Any]:
+    if not files:
+        raise bad_input("files is empty; name the paths or globs to claim, e.g. src/api/*")
+    _alive(ctx, agentId or ctx.agent_id)
+    return ctx.app.sessions.claim(_target(ctx, sessionId, agentId, worktree), files, force=force)
+
+
+def release_op(ctx: Ctx, *, sessionId, files, agentId, worktree) -> dict[str, Any]:
+    return ctx.app.sessions.release(_target(ctx, sessionId, agentId, worktree), files or None)
+
+
+def files_op(ctx: Ctx, *, path, agent) -> dict[str, Any]:
+    claims = ctx.app.sessions.held(path=path, agent=agent)
+    return {"success": True, "claims": claims, "count": len(claims)}
+
+
+def who_owns_op(ctx: Ctx, *, path) -> dict[str, Any]:
+    owners = ctx.app.sessions.held(path=path)
+    return {"success": True, "filePath": path, "owners": owners, "claimed": bool(owners)}
+
+
+def check_op(ctx: Ctx, *, files, sessionId, agentId) -> dict[str, Any]:
+    """Which of ``files`` other active sessions claim (the caller's own sessions are not "other")."""
+    sessions: Sessions = ctx.app.sessions
+    agent = agentId or ctx.agent_id
+    own = [sessionId] if sessionId else []
+    if agent:
+        own += [s["id"] for s in sessions.list(status="active", agent=agent, worktree=None, project=None, limit=1000)]
+    conflicts = sessions.conflicts(files, exclude=own)
+    return {"success": True, "conflicts": conflicts, "count": len(conflicts), "checked": len(files)}
+
+
+OPS = (
+    Op("session.start", start_op,
+       (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, _WORKTREE, Param("metadata", v.json_object(16_000))),
+       summary="start a session with optional file claims (a conflicting claim is refused unless force)"),
+    Op("session.end", end_op,
+       (_SESSION, Param("note", v.text(MAX_NOTE_CHARS)), Param("status", v.one_of(*END_STATUSES), default="completed"),
+        Param("agentId", AGENT_ID), _WORKTREE),
+       summary="end a session (completed or abandoned) with an optional handoff note; releases its files"),
+    Op("session.get", get_op, (Param("sessionId", v.name("session id", 100), required=True, aliases=("id",)),),
+       summary="one session with its notes (oldest first) and file claims"),
+    Op("session.list", list_op,
+       (Param("status", v.one_of("active", *END_STATUSES)), Param("agent", AGENT_ID), _WORKTREE,
+        Param("project", v.name("project", 64)), Param("all", v.boolean, default=False), _LIMIT),
+       summary="sessions, most recently updated first (active only unless status or all)"),
+    Op("note.add", note_add_op,
+       (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), _WORKTREE),
+       summary="append a note to a session (default: the caller's current one); sealed at rest, hash-chained"),
+    Op("note.list", note_list_op,
+       (Param("sessionId", v.name("session id", 100), aliases=("id", "session")), Param("agent", AGENT_ID),
+        Param("project", v.name("project", 64)), Param("type", _note_type), Param("since", v.duration()), _LIMIT),
+       summary="notes across sessions and agents, newest first (since: a duration ago like 30m)"),
+    Op("note.verify", verify_op, (Param("sessionId", v.name("session id", 100), aliases=("id", "session")),),
+       summary="check the hash chain of one session's notes, or of every session"),
+    Op("file.claim", claim_op, (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), _WORKTREE),
+       summary="claim paths or globs for a session (a conflicting claim is refused unless force)"),
+    Op("file.release", release_op, (_SESSION, FILES, Param("agentId", AGENT_ID), _WORKTREE),
+       summary="release some (or all) of a session's claims"),
+    Op("file.list", files_op, (Param("path", _claim_path), Param("agent", AGENT_ID)),
+       summary="claims held by active sessions (path: only those overlapping it)"),
+    Op("file.owners", who_owns_op, (Param("path", _claim_path, required=True),),
+       summary="which active sessions claim a path (glob overlap)"),
+    Op("file.check", check_op, (FILES, _SESSION, Param("agentId", AGENT_ID)),
+       summary="which of these paths other active sessions claim (the git guard's question)"),
+)

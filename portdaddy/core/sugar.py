@@ -1,0 +1,118 @@
+"""Compound operations for the common agent lifecycle (reference §4.9, §14): begin, done, whoami, sitrep.
+
+``begin`` registers and starts a session in one transaction: a conflicting file claim refuses both, so no
+half-begun agent is left behind. ``done`` ends the session with a handoff note and unregisters the agent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from portdaddy.core import validate as v
+from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, Agents, new_agent_id
+from portdaddy.core.clock import now_ms
+from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.sessions import (
+    END_STATUSES,
+    FILES,
+    FORCE,
+    MAX_NOTE_CHARS,
+    MAX_PURPOSE_CHARS,
+    Sessions,
+    file_conflict,
+)
+from portdaddy.errors import NotFound
+
+DEFAULT_SITREP_MS = 30 * 60_000
+
+
+def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, type, pid, capabilities, status,
+             worktree, name) -> dict[str, Any]:  # fmt: skip
+    agents: Agents = ctx.app.agents
+    sessions: Sessions = ctx.app.sessions
+    conflicts = sessions.conflicts(files)
+    if conflicts and not force:
+        raise file_conflict(conflicts)
+    agent_id = agentId or ctx.agent_id or new_agent_id()
+    with ctx.app.store.write():
+        agent, _ = agents.register(agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
+                                   capabilities=capabilities, status=status, worktree=worktree, name=name)  # fmt: skip
+        started = sessions.start(purpose, agent_id=agent_id, files=files, force=force, worktree=worktree,
+                                 metadata=metadata)  # fmt: skip
+    dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent_id] if agent.project else []
+    return {"success": True, "agentId": agent_id, "sessionId": started["id"], "identity": agent.identity,
+            "purpose": purpose, "agentRegistered": True, "sessionStarted": True, "fileClaims": files,
+            "fileConflicts": conflicts, "startedAt": started["createdAt"],
+            "salvageHint": (f"{len(dead)} dead agent(s) in {agent.project}:*. Run: pd salvage --project "
+                            f"{agent.project}") if dead else None}  # fmt: skip
+
+
+def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str, Any]:
+    sessions: Sessions = ctx.app.sessions
+    agent_id = agentId or ctx.agent_id
+    sid = sessionId or sessions.current(agent_id=agent_id, worktree=worktree)
+    agent_id = agent_id or sessions.session(sid)["agentId"]
+    with ctx.app.store.write():
+        ended = sessions.end(sid, note=note, status=status, agent_id=agent_id)
+        unregistered = ctx.app.agents.unregister(agent_id) if agent_id else False
+    return {"success": True, "agentId": agent_id, "sessionId": sid, "sessionStatus": ended["status"],
+            "agentUnregistered": unregistered, "notesCount": sessions.session(sid)["noteCount"],
+            "finalNote": bool(note), "releasedFiles": ended["releasedFiles"]}  # fmt: skip
+
+
+def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
+    sessions: Sessions = ctx.app.sessions
+    agent_id = agentId or ctx.agent_id
+    try:
+        sid = sessionId or sessions.current(agent_id=agent_id, worktree=worktree)
+        s = sessions.session(sid)
+    except NotFound:
+        return {"success": True, "active": False, "agentId": agent_id,
+                "hint": "No active session. Use pd begin to start."}  # fmt: skip
+    agent = ctx.app.agents.get(s["agentId"]) if s["agentId"] else None
+    now = now_ms()
+    return {"success": True, "active": s["status"] == "active", "agentId": s["agentId"], "sessionId": sid,
+            "purpose": s["purpose"], "status": s["status"], "identity": agent.identity if agent else None,
+            "liveness": agent.liveness if agent else None, "files": sessions.claimed_paths([sid]),
+            "noteCount": s["noteCount"], "startedAt": s["createdAt"], "duration": now - s["createdAt"]}  # fmt: skip
+
+
+def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
+    """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity."""
+    sessions: Sessions = ctx.app.sessions
+    window = since or DEFAULT_SITREP_MS
+    start = now_ms() - window
+    notes = sessions.notes(project=project, since=start, limit=limit)
+    recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
+              if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
+    dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
+    claims = sessions.held()
+    activity = ctx.app.activity.entries(limit=limit, since=start)
+    active = sum(s["status"] == "active" for s in recent)
+    minutes = max(1, window // 60_000)
+    summary = (f"Last {minutes}m: {len(activity)} events, {len(notes)} notes, {active} active sessions, "
+               f"{len(dead)} dead agents awaiting salvage, {len(claims)} files claimed")  # fmt: skip
+    return {"success": True, "summary": summary, "since_ms": start, "since_minutes": minutes, "notes": notes,
+            "sessions": recent[:limit], "salvage_queue": dead, "claims": claims, "activity": activity}  # fmt: skip
+
+
+_AGENT = Param("agentId", AGENT_ID)
+_WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
+_SESSION = Param("sessionId", v.name("session id", 100), aliases=("session",))
+
+OPS = (
+    Op("agent.begin", begin_op,
+       (Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True), _AGENT,
+        FILES, FORCE, *REGISTER_PARAMS),
+       summary="register an agent and start its session in one step (a file conflict refuses both)"),
+    Op("agent.done", done_op,
+       (_AGENT, _SESSION, Param("note", v.text(MAX_NOTE_CHARS)),
+        Param("status", v.one_of(*END_STATUSES), default="completed"), _WORKTREE),
+       summary="end the caller's session with a handoff note and unregister the agent"),
+    Op("agent.whoami", whoami_op, (_AGENT, _SESSION, _WORKTREE),
+       summary="the caller's agent, session, claimed files, note count and duration"),
+    Op("journal.sitrep", sitrep_op,
+       (Param("since", v.duration()), Param("project", v.name("project", 64)),
+        Param("limit", v.integer(1, 100), default=20)),
+       summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity"),
+)

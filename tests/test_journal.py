@@ -1,0 +1,267 @@
+"""The journal through the real daemon: durability of notes, sealing at rest, bad input, HTTP, sugar, guard,
+the reaper's grace period."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import apsw
+import httpx
+import pytest
+import trio
+
+import portdaddy
+from portdaddy.errors import BadInput, Conflict, NotFound
+from tests.conftest import Daemon
+
+
+def _tree(root: Path, name: str) -> Path:
+    tree = root / name
+    (tree / ".git").mkdir(parents=True)
+    return tree
+
+
+def test_sigkill_after_acknowledged_notes_loses_nothing(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    sid = d.call("session.start", purpose="durable", agentId="scribe")["id"]
+    texts = [f"note {i}: {'x' * (i % 7)}." for i in range(60)]
+    with d.client("scribe") as c:
+        for t in texts:
+            c.request("note.add", {"sessionId": sid, "content": t, "type": "progress"})
+    d.kill9()
+    d.start()
+    notes = d.call("note.list", sessionId=sid, limit=100)["notes"]
+    assert [n["content"] for n in reversed(notes)] == texts
+    assert [n["seq"] for n in reversed(notes)] == list(range(1, 61))
+    assert d.call("note.verify")["valid"]
+    assert d.call("session.get", sessionId=sid)["session"]["noteCount"] == 60
+    with apsw.Connection(str(d.settings.db)) as db:
+        assert db.pragma("integrity_check") == "ok"
+
+
+def test_raw_database_shows_no_note_plaintext(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    secret = "the staging password is hunter2-correct-horse"
+    sid = d.call("session.start", purpose="secrets", agentId="sealer")["id"]
+    d.call("note.add", sessionId=sid, content=secret)
+    assert d.call("note.list", sessionId=sid)["notes"][0]["content"] == secret  # plaintext through the daemon
+    key = d.settings.master_key
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    with apsw.Connection(str(d.settings.db), flags=apsw.SQLITE_OPEN_READONLY) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in db.execute(f"SELECT * FROM {table}"):
+                for value in row:
+                    raw = value if isinstance(value, bytes) else str(value).encode()
+                    assert b"hunter2" not in raw, (table, row)
+    for path in d.settings.home.iterdir():
+        if path.name.startswith("portdaddy.db"):
+            assert b"hunter2" not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("session", "start", ""), "purpose must not be empty"),
+    (("session", "start", "   "), "purpose must not be empty"),
+    (("session", "start", "x", "--files", "../outside.ts"), "leaves the worktree"),
+    (("session", "start", "x", "--files", "/etc/passwd"), "absolute"),
+    (("note", "", "--session", "session-000000000000"), "content must not be empty"),
+    (("note", "x" * 20_000, "--session", "session-000000000000"), "the limit is 16000"),
+    (("note", "hello", "--type", "Not A Type", "--session", "session-000000000000"), "short lowercase word"),
+    (("agent", "register", "--agent", "bad agent"), "agent id"),
+    (("agent", "register", "--agent", "ok", "--identity", "a::b"), "empty segment"),
+    (("notes", "--since", "yesterday"), "not a duration"),
+])  # fmt: skip
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(daemon: Daemon, args, fragment) -> None:
+    before = daemon.call("daemon.status")["counts"]
+    r = daemon.pd(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr
+    after = daemon.call("daemon.status")["counts"]
+    assert {k: after[k] for k in ("agents", "sessionsActive", "notes")} == \
+        {k: before[k] for k in ("agents", "sessionsActive", "notes")}  # fmt: skip
+
+
+def test_a_one_megabyte_note_is_refused_with_its_limit(daemon: Daemon) -> None:
+    sid = daemon.call("session.start", purpose="big notes")["id"]
+    r = daemon.pd("note", "-", "--session", sid, input="y" * 1_000_000)
+    assert r.returncode == 2 and "limit" in r.stderr, r.stderr
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.settings.http_sock)), base_url="http://pd") as h:
+        big = h.post(f"/sessions/{sid}/notes", json={"content": "y" * 1_000_000})
+        assert big.status_code == 413 and big.json()["code"] == "PAYLOAD_TOO_LARGE"
+        over = h.post(f"/sessions/{sid}/notes", json={"content": "y" * 16_001})
+        assert over.status_code == 413 and "the limit is 16000" in over.json()["error"]
+    assert daemon.call("session.get", sessionId=sid)["session"]["noteCount"] == 0
+
+
+def test_unknown_session_and_no_session(daemon: Daemon, tmp_path: Path) -> None:
+    r = daemon.pd("note", "hello", "--session", "session-doesnotexist")
+    assert r.returncode == 1 and "session session-doesnotexist does not exist" in r.stderr
+    r = daemon.pd("note", "hello", cwd=_tree(tmp_path, "nobody"))
+    assert r.returncode == 1 and "no active session" in r.stderr and "pd session start" in r.stderr
+    assert daemon.pd("session", "end", "--session", "session-doesnotexist").returncode == 1
+
+
+def test_heartbeat_for_an_unknown_agent_registers_it(daemon: Daemon) -> None:
+    r = daemon.pd("agent", "heartbeat", "--agent", "newcomer", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["registered"] is True
+    assert daemon.call("agent.get", id="newcomer")["agent"]["liveness"] == "active"
+    with daemon.client("newcomer") as c:  # fire-and-forget heartbeats are accepted and applied
+        before = daemon.call("agent.get", id="newcomer")["agent"]["lastHeartbeat"]
+        time.sleep(0.01)
+        c.send("agent.heartbeat")
+        deadline = time.monotonic() + 5
+        while daemon.call("agent.get", id="newcomer")["agent"]["lastHeartbeat"] == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> None:
+    tree = _tree(tmp_path, "sugar")
+    r = daemon.pd("begin", "Refactor auth", "--identity", "sugar:api", "--files", "src/auth.ts", "-q", cwd=tree)
+    assert r.returncode == 0, r.stderr
+    agent = r.stdout.strip()
+    assert agent.startswith("agent-")
+    current = json.loads((tree / ".portdaddy" / "current.json").read_text())
+    assert current["agentId"] == agent and current["sessionId"].startswith("session-")
+    assert daemon.pd("note", "JWT refresh done", "--type", "progress", cwd=tree).returncode == 0
+    who = daemon.pd("whoami", cwd=tree).stdout
+    assert f"Agent:    {agent}" in who and "Purpose:  Refactor auth" in who and "Files:    src/auth.ts" in who
+    assert "Notes:    1" in who
+    clash = daemon.pd("begin", "Also auth", "--files", "src/*", cwd=_tree(tmp_path, "other"))
+    assert clash.returncode == 1 and "Use --force to claim anyway" in clash.stderr
+    done = daemon.pd("done", "Auth refactor complete", "--json", cwd=tree)
+    body = json.loads(done.stdout)
+    assert (body["sessionStatus"], body["agentUnregistered"], body["notesCount"]) == ("completed", True, 2)
+    assert not (tree / ".portdaddy" / "current.json").exists()
+    assert "No active session" in daemon.pd("whoami", cwd=tree).stdout
+    notes = daemon.call("note.list", sessionId=current["sessionId"])["notes"]
+    assert (notes[0]["type"], notes[0]["content"]) == ("handoff", "Auth refactor complete")
+    assert daemon.call("file.owners", path="src/auth.ts")["claimed"] is False
+    log = daemon.pd("log", "--agent", agent, "--json").stdout
+    assert {"agent.register", "session.start", "note.add", "session.end", "agent.unregister"} <= \
+        {e["type"] for e in json.loads(log)["entries"]}  # fmt: skip
+
+
+def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
+    tree = _tree(tmp_path, "sit")
+    daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)
+    daemon.pd("session", "start", "Sit UI", "--files", "web/components/*", cwd=tree)
+    daemon.pd("note", "buttons done", cwd=tree)
+    rep = daemon.pd("sitrep", "--since", "5m", "--project", "sit")
+    assert rep.returncode == 0 and "[sitter] buttons done" in rep.stdout and "web/components/*" in rep.stdout
+    owners = daemon.pd("who-owns", "web/components/Button.tsx")
+    assert "claimed by 1 session(s)" in owners.stdout and "sitter: Sit UI" in owners.stdout
+    assert daemon.pd("who-owns", "web/pages/x.ts", "-q").stdout.strip() == "unclaimed"
+    assert "web/components/*" in daemon.pd("files", "web").stdout
+    released = daemon.pd("session", "files", "release", "web/components/*", cwd=tree)
+    assert released.returncode == 0 and daemon.pd("who-owns", "web/components/a", "-q").stdout.strip() == "unclaimed"
+
+
+def _git(tree: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**(env or os.environ), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("mode, blocked", [("advisory", False), ("warn", False), ("enforce", True)])
+def test_guard_checks_staged_files_against_other_sessions(daemon: Daemon, tmp_path: Path, mode: str,
+                                                          blocked: bool) -> None:  # fmt: skip
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert _git(repo, "init", "-q").returncode == 0
+    (repo / "src").mkdir()
+    (repo / "src" / "auth.ts").write_text("x\n")
+    (repo / "README").write_text("r\n")
+    holder = daemon.call("session.start", purpose=f"guard {mode}", agentId=f"holder-{mode}", files=["src/*"])["id"]
+    r = daemon.pd("guard", "install", "--mode", mode, cwd=repo)
+    assert r.returncode == 0 and (repo / ".git" / "hooks" / "pre-commit").exists(), r.stderr
+    _git(repo, "add", "README")
+    ok = _git(repo, "commit", "-qm", "unclaimed file", env=daemon.env)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    _git(repo, "add", "src/auth.ts")
+    commit = _git(repo, "commit", "-qm", "claimed file", env=daemon.env)
+    assert (commit.returncode != 0) == blocked, commit.stderr
+    if mode == "advisory":
+        assert "pd guard: 1 file(s) are claimed by other sessions" in commit.stderr
+    else:
+        assert "Warning: src/auth.ts overlaps src/*, claimed by session-" in commit.stderr
+    daemon.call("session.end", sessionId=holder)
+
+
+def test_guard_install_keeps_a_foreign_hook(daemon: Daemon, tmp_path: Path) -> None:
+    repo = tmp_path / "foreign"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/sh\necho mine\n")
+    r = daemon.pd("guard", "install", cwd=repo)
+    assert r.returncode == 1 and "--force" in r.stderr and hook.read_text() == "#!/bin/sh\necho mine\n"
+
+
+def test_http_routes(daemon: Daemon) -> None:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.settings.http_sock)), base_url="http://pd") as h:
+        r = h.post("/agents", json={"agentId": "http-a", "identity": "http:api"}, headers={"X-PID": "1"})
+        assert r.json()["registered"] is True
+        assert h.post("/agents/http-a/heartbeat").json()["message"] == "heartbeat recorded"
+        assert h.get("/agents/http-a").json()["agent"]["identity"] == "http:api"
+        s = h.post("/sessions", json={"purpose": "HTTP work", "agentId": "http-a", "files": ["http/a.ts"]}).json()
+        clash = h.post("/sessions", json={"purpose": "other", "files": ["http/*"]})
+        assert clash.status_code == 409 and clash.json()["code"] == "FILE_CONFLICT"
+        assert clash.json()["conflicts"][0]["sessionId"] == s["id"] and "force" in clash.json()["hint"]
+        assert h.post(f"/sessions/{s['id']}/notes", json={"content": "from http"}).json()["seq"] == 1
+        quick = h.post("/notes", json={"content": "quick"}, headers={"X-Agent-Id": "http-a"}).json()
+        assert quick["sessionId"] == s["id"]
+        assert [n["content"] for n in h.get(f"/sessions/{s['id']}/notes").json()["notes"]] == ["quick", "from http"]
+        assert h.get("/files/who-owns", params={"path": "http/a.ts"}).json()["claimed"] is True
+        assert h.get("/notes/verify").json()["valid"] is True
+        assert h.get("/sessions/nope").status_code == 404
+        ended = h.put(f"/sessions/{s['id']}", json={"note": "bye"}).json()
+        assert ended["releasedFiles"] == ["http/a.ts"]
+        begun = h.post("/sugar/begin", json={"purpose": "sugar over http", "agentId": "http-b"}).json()
+        assert h.get("/sugar/whoami", params={"agentId": "http-b"}).json()["sessionId"] == begun["sessionId"]
+        assert h.post("/sugar/done", json={"agentId": "http-b"}).json()["agentUnregistered"] is True
+        assert h.delete("/agents/http-a").json()["unregistered"] is True
+        assert h.get("/activity", params={"agent": "http-b"}).json()["count"] >= 3
+        assert "summary" in h.get("/sitrep").json() and h.get("/salvage/pending").json()["count"] >= 0
+
+
+async def test_sdk_heartbeats_in_the_background(daemon: Daemon) -> None:
+    async with portdaddy.connect(agent_id="sdk-agent", settings=daemon.settings, autostart=False) as pd:
+        await pd.register_agent(identity="sdk:worker", purpose="sdk test")
+        first = (await pd.call("agent.get", id="sdk-agent"))["agent"]["lastHeartbeat"]
+        scope = pd.start_heartbeat(0.05)
+        with trio.fail_after(5):
+            while (await pd.call("agent.get", id="sdk-agent"))["agent"]["lastHeartbeat"] == first:
+                await trio.sleep(0.05)
+        scope.cancel()
+        sid = await pd.start_session("sdk session", files=["sdk/*"])
+        assert await pd.note("from the sdk") > 0
+        assert (await pd.notes(session_id=sid))[0]["content"] == "from the sdk"
+        with pytest.raises(Conflict):
+            await pd.start_session("clash", files=["sdk/x.py"])
+        with pytest.raises(BadInput):
+            await pd.note("")
+        with pytest.raises(NotFound):
+            await pd.note("x", session_id="session-unknown")
+        result = await pd.done("sdk done")
+        assert result["agentUnregistered"] and result["sessionId"] == sid
+
+
+def test_grace_after_restart_then_death(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_STALE_AFTER="2s", PORT_DADDY_DEAD_AFTER="3s")
+    d.call("agent.register", agentId="sleeper", identity="grace:x")
+    d.stop()
+    time.sleep(3.5)  # silent past the dead threshold, but the daemon was not there to hear it
+    d.start()
+    assert d.call("agent.get", id="sleeper")["agent"]["liveness"] == "active"
+    deadline = time.monotonic() + 15
+    while d.call("agent.get", id="sleeper")["agent"]["liveness"] != "dead":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert d.call("salvage.list", project="grace")["count"] == 1

@@ -1,0 +1,175 @@
+"""The journal's core in-process (no transport): claim conflicts against brute force, the note chain under
+tampering, death and salvage through the seam the fleet uses."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portdaddy.core import globs
+from portdaddy.core.agents import Agents
+from portdaddy.core.app import App
+from portdaddy.core.sessions import Sessions
+from portdaddy.errors import Conflict
+from tests.swarm_app import PublishRecorder, make_app
+from tests.test_globs import brute_common, claims_any, ref_matches
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[App]:
+    home = Path(tempfile.mkdtemp(prefix="pdj", dir="/tmp"))
+    a = make_app(home)
+    a.add(PublishRecorder())
+    a.add(Sessions(a))
+    a.add(Agents(a))
+    yield a
+    a.store.close()
+
+
+_CLAIM = claims_any.map("/".join).map(globs.normalize_claim_path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_CLAIM, min_size=1, max_size=3, unique=True), _CLAIM)
+def test_claim_conflicts_are_symmetric_and_agree_with_brute_force(app: App, held: list[str], new: str) -> None:
+    sessions: Sessions = app.sessions
+    holder = sessions.start("holder", agent_id=None, files=held, force=True, worktree=None, metadata=None)["id"]
+    other = None
+    try:
+        found = {c["claimedPath"]: c["example"] for c in sessions.conflicts([new])}
+        for h in held:
+            if brute_common(h, new) is not None:  # a sample path both cover: the claim must be refused
+                assert h in found, (h, new)
+        for h, example in found.items():  # every reported conflict is real: the example is covered by both
+            assert ref_matches(h, example) and ref_matches(new, example), (h, new, example)
+        other = sessions.start("other", agent_id=None, files=[new], force=True, worktree=None, metadata=None)["id"]
+        for h in held:  # and the other way round
+            back = {c["claimedPath"] for c in sessions.conflicts([h], exclude=[holder])}
+            assert (new in back) == (h in found), (h, new)
+    finally:
+        for sid in filter(None, (holder, other)):
+            sessions.end(sid, note=None, status="completed", agent_id=None)
+
+
+def test_conflicting_start_is_refused_and_creates_nothing(app: App) -> None:
+    sessions: Sessions = app.sessions
+    held = sessions.start("api", agent_id="api-agent", files=["src/api/*"], force=False, worktree=None, metadata=None)
+    before = app.store.scalar("SELECT count(*) FROM sessions")
+    with pytest.raises(Conflict) as refused:
+        sessions.start("x", agent_id=None, files=["src/api/pay.ts"], force=False, worktree=None, metadata=None)
+    assert refused.value.code == "FILE_CONFLICT" and refused.value.extra["conflicts"][0]["sessionId"] == held["id"]
+    assert app.store.scalar("SELECT count(*) FROM sessions") == before
+    sessions.end(held["id"], note=None, status="completed", agent_id=None)
+
+
+# -- the note chain ------------------------------------------------------------------------------------------
+
+_MUTATIONS = ("body", "type", "agent_id", "created_at", "seq", "hash", "prev_hash", "delete", "swap")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(min_size=1, max_size=40).filter(str.strip), min_size=1, max_size=8),
+       st.sampled_from(_MUTATIONS), st.data())  # fmt: skip
+def test_the_chain_detects_any_edited_or_removed_note(app: App, texts: list[str], mutation: str, data) -> None:
+    sessions: Sessions = app.sessions
+    sid = sessions.start("chain", agent_id="writer", files=[], force=False, worktree=None, metadata=None)["id"]
+    for t in texts:
+        sessions.add_note(sid, t.strip(), "note", "writer")
+    assert sessions.verify(sid)["valid"]
+    rows = [r[0] for r in app.store.all("SELECT id FROM notes WHERE session_id=? ORDER BY seq", (sid,))]
+    if mutation == "swap" and len(rows) < 2:
+        mutation = "delete"
+    victim = data.draw(st.sampled_from(rows))
+    db = app.store.db
+    triggers = [r[0] for r in app.store.all("SELECT sql FROM sqlite_master WHERE type='trigger' AND tbl_name='notes'")]
+    db.execute("DROP TRIGGER notes_append_only_update; DROP TRIGGER notes_append_only_delete")
+    try:
+        if mutation == "delete":
+            db.execute("DELETE FROM notes WHERE id=?", (victim,))
+        elif mutation == "swap":
+            a, b = rows[0], rows[1]
+            for note_id, seq in ((a, -1), (b, 1), (a, 2)):  # reorder the first two (seq is unique per session)
+                db.execute("UPDATE notes SET seq=? WHERE id=?", (seq, note_id))
+        elif mutation == "body":
+            body = bytearray(app.store.scalar("SELECT body FROM notes WHERE id=?", (victim,)))
+            body[-1] ^= 1  # one bit of the ciphertext
+            db.execute("UPDATE notes SET body=? WHERE id=?", (bytes(body), victim))
+        elif mutation in ("seq", "created_at"):
+            db.execute(f"UPDATE notes SET {mutation} = {mutation} + 1000 WHERE id=?", (victim,))
+        else:
+            db.execute(f"UPDATE notes SET {mutation} = {mutation} || 'x' WHERE id=?", (victim,))
+        result = sessions.verify(sid)
+        assert not result["valid"], mutation
+        assert all(p["sessionId"] == sid for p in result["problems"])
+        if mutation == "body":
+            note = next(n for n in sessions.notes(session_id=sid, limit=100) if n["id"] == victim)
+            assert note["content"] is None and note["unreadable"]
+    finally:
+        # Leave the table as the other examples expect it (a tampered session stays tampered, on its own).
+        for sql in triggers:
+            db.execute(sql)
+
+
+def test_notes_cannot_be_updated_or_deleted(app: App) -> None:
+    sid = app.sessions.start("ro", agent_id=None, files=[], force=False, worktree=None, metadata=None)["id"]
+    app.sessions.add_note(sid, "permanent", "note", None)
+    for sql in ("UPDATE notes SET type='x' WHERE session_id=?", "DELETE FROM notes WHERE session_id=?"):
+        with pytest.raises(Exception, match="append-only"):
+            app.store.execute(sql, (sid,))
+
+
+# -- death and salvage ---------------------------------------------------------------------------------------
+
+
+def test_declare_dead_abandons_sessions_keeps_claims_and_queues_salvage(app: App) -> None:
+    agents: Agents = app.agents
+    sessions: Sessions = app.sessions
+    agents.register("crashy", identity="fleet:worker", purpose="index the repo")
+    sid = sessions.start("Index the repo", agent_id="crashy", files=["index/**"], force=False, worktree=None,
+                         metadata=None)["id"]  # fmt: skip
+    sessions.add_note(sid, "half the files indexed", "progress", "crashy")
+    with app.bus.subscribe("agent.dead", "salvage.create", "session.end") as rx:
+        assert agents.declare_dead("crashy", "fleet run exited 137")
+        assert not agents.declare_dead("crashy", "again")  # once
+        kinds = [rx.receive_nowait() for _ in range(3)]
+    assert [e.kind for e in kinds] == ["session.end", "agent.dead", "salvage.create"]
+    assert kinds[1].data["sessionIds"] == [sid] and kinds[1].data["reason"] == "fleet run exited 137"
+    assert sessions.session(sid)["status"] == "abandoned"
+    assert sessions.claimed_paths([sid]) == ["index/**"]  # kept for the salvager
+    assert sessions.conflicts(["index/a.txt"]) == []  # but they block nobody
+    [entry] = agents.salvage_entries(project="fleet")
+    assert (entry["purpose"], entry["notes"], entry["files"]) == ("Index the repo", ["half the files indexed"],
+                                                                 ["index/**"])  # fmt: skip
+    assert agents.get("crashy").liveness == "dead"
+    published = [(ch, p["type"]) for ch, p, _ in app.broker.published if p.get("agentId") == "crashy"]
+    assert ("resurrection", "dead") in published and ("agents", "dead") in published
+    agents.salvage_move("crashy", "claim", "rescuer")
+    assert agents.get("crashy") is None
+    with pytest.raises(Conflict):
+        agents.salvage_move("crashy", "claim", "someone-else")
+    done = agents.salvage_move("crashy", "complete", "rescuer")
+    assert (done["status"], done["claimedBy"], done["completedBy"]) == ("completed", "rescuer", "rescuer")
+
+
+def test_a_dead_agent_that_heartbeats_is_alive_again(app: App) -> None:
+    agents: Agents = app.agents
+    agents.register("lazarus")
+    agents.declare_dead("lazarus", "test")
+    assert agents.heartbeat("lazarus").liveness == "active"
+    assert app.store.scalar("SELECT liveness FROM agents WHERE id='lazarus'") == "active"
+    assert agents.salvage_entry("lazarus")["status"] == "pending"
+
+
+def test_unregister_ends_sessions_and_releases_files(app: App) -> None:
+    app.agents.register("leaver")
+    sid = app.sessions.start("leave", agent_id="leaver", files=["docs/*"], force=False, worktree=None,
+                             metadata=None)["id"]  # fmt: skip
+    assert app.agents.unregister("leaver")
+    assert app.sessions.session(sid)["status"] == "abandoned"
+    assert app.sessions.claimed_paths([sid]) == []
+    assert app.store.scalar("SELECT count(*) FROM salvage WHERE agent_id='leaver'") == 0
