@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.identity import glob_segment
 from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import Conflict, NotFound, bad_input
 
 log = logging.getLogger("portdaddy.agents")
@@ -42,7 +44,6 @@ STATUSES = tuple(DEAD_AFTER_MS)
 GRACE_MS = 60_000
 # The wall clock moving this much further than the monotonic clock between two wake-ups means the host slept.
 SLEEP_JUMP_MS = 10_000
-FLUSH_S = 1.0
 SALVAGE_STATES = ("pending", "claimed", "completed", "dismissed")
 
 
@@ -108,8 +109,7 @@ class Agents:
         self.grace_ms = min(GRACE_MS, *(self.thresholds(s)[0] for s in STATUSES))
         self._grace_until = now_ms() + self.grace_ms
         self._changed = trio.Event()
-        self._dirty: set[str] = set()
-        self._dirty_event = trio.Event()
+        self._beats: WriteBehind[str] = WriteBehind(self.store, self._write_heartbeats)
 
     def stats(self) -> dict[str, Any]:
         counts = {"active": 0, "stale": 0, "dead": 0}
@@ -173,7 +173,6 @@ class Agents:
                  agent.registered_at, agent.last_heartbeat),
             )  # fmt: skip
         self._agents[agent_id] = agent
-        self._dirty.discard(agent_id)
         self._changed.set()
         self.app.bus.emit("agent.register", agentId=agent_id, identity=agent.identity, purpose=agent.purpose,
                           type=agent.type, pid=agent.pid, capabilities=agent.capabilities)  # fmt: skip
@@ -193,27 +192,19 @@ class Agents:
         if agent.liveness != "active":
             agent.liveness, agent.dead_at = "active", None  # back from silence: judged afresh from now
             durable = True
+        self._beats.mark(agent_id)
         if durable:
-            self._write_heartbeats([agent])
-        else:
-            self._dirty.add(agent_id)
-            self._dirty_event.set()
+            self.flush()
         return agent
 
-    def _write_heartbeats(self, agents: list[Agent]) -> None:
-        with self.store.write() as db:
-            db.executemany(
-                "UPDATE agents SET last_heartbeat=?, pid=?, liveness=?, dead_at=? WHERE id=?",
-                [(a.last_heartbeat, a.pid, a.liveness, a.dead_at, a.id) for a in agents],
-            )
-        for a in agents:
-            self._dirty.discard(a.id)
+    def _write_heartbeats(self, db: Any, agent_ids: Iterable[str]) -> None:
+        agents = [a for a in map(self._agents.get, agent_ids) if a is not None]  # unregistered meanwhile: skip
+        db.executemany("UPDATE agents SET last_heartbeat=?, pid=?, liveness=?, dead_at=? WHERE id=?",
+                       [(a.last_heartbeat, a.pid, a.liveness, a.dead_at, a.id) for a in agents])  # fmt: skip
 
     def flush(self) -> None:
-        pending = [self._agents[i] for i in self._dirty if i in self._agents]
-        self._dirty.clear()
-        if pending:
-            self._write_heartbeats(pending)
+        """Write pending heartbeats now."""
+        self._beats.flush()
 
     def unregister(self, agent_id: str) -> bool:
         """Remove an agent that leaves on purpose: its active sessions end ``abandoned`` and give their files back."""
@@ -224,7 +215,6 @@ class Agents:
             ended = self.app.sessions.end_for_agent(agent_id)
             db.execute("DELETE FROM agents WHERE id=?", (agent_id,))
         del self._agents[agent_id]
-        self._dirty.discard(agent_id)
         self.app.sessions.announce_ended(ended, agent_id, "abandoned")
         self.app.bus.emit("agent.unregister", agentId=agent_id)
         self.app.publish("agents", {"type": "unregistered", "agentId": agent_id}, sender="daemon")
@@ -254,7 +244,6 @@ class Agents:
                  agent.last_heartbeat, now, reason),
             )  # fmt: skip
         agent.liveness, agent.dead_at = "dead", now
-        self._dirty.discard(agent_id)
         log.info("agent %s is dead: %s", agent_id, reason)
         self.app.sessions.announce_ended(abandoned, agent_id, "abandoned")
         self.app.bus.emit("agent.dead", agentId=agent_id, identity=agent.identity, lastHeartbeat=agent.last_heartbeat,
@@ -384,7 +373,7 @@ class Agents:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._flusher)
+            await nursery.start(self._beats.run)
             task_status.started()
             wall, mono = now_ms(), trio.current_time()
             while True:
@@ -399,16 +388,6 @@ class Agents:
                 wall, mono = now, mono_now
                 self.reap(now)
 
-    async def _flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        try:
-            while True:
-                await self._dirty_event.wait()
-                await trio.sleep(FLUSH_S)
-                self._dirty_event = trio.Event()
-                self.flush()
-        finally:
-            self.flush()
 
 
 def _segment_glob(pattern: str, value: str | None) -> bool:
