@@ -18,11 +18,11 @@ from typing import Any
 
 import trio
 
+import portdaddy
 from bench.harness import PYTHON, Figure, bench_daemon, floor_pingpong, floor_send, pin, rss_mb, timed, unpin
 from portdaddy.config import Settings
 from portdaddy.ipc.client import BlockingClient
 from portdaddy.ipc.frame import Encoder, Performative
-from portdaddy.ipc.trio_client import TrioClient
 
 PINGPONG = "floor: unix ping-pong 16B (pinned)"
 PINGPONG_UNPINNED = "floor: unix ping-pong 16B (unpinned)"
@@ -104,30 +104,31 @@ def ipc_concurrent(cfg: Settings, quick: bool, conns: int = 16) -> list[Figure]:
 
 
 def sdk_fire_and_forget(cfg: Settings, quick: bool) -> list[Figure]:
-    """What an SDK caller pays for ``pd.spray(...)``: encode and a non-blocking send, no round trip."""
+    """What an SDK caller pays for ``pd.heartbeat()`` / ``pd.spray(...)``: encode and a non-blocking send."""
     n = 20000 if quick else 200000
 
-    async def run() -> list[float]:
-        client = TrioClient(cfg.ipc_sock, agent_id="bench-agent", reconnect=False)
+    async def run() -> dict[str, list[float]]:
         clock = time.perf_counter_ns
-        samples = []
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
-            for i in range(n):
-                t0 = clock()
-                client.send_nowait("pheromone.spray", SPRAY)
-                samples.append((clock() - t0) / 1000)
-                if i % 64 == 0:
-                    await trio.sleep(0)  # let the writer task drain anything the socket did not take
-            await client.request("daemon.health")  # everything sent before it has been handled
-            nursery.cancel_scope.cancel()
-        return samples[1000:]
+        samples: dict[str, list[float]] = {"heartbeat()": [], "spray()": []}
+        async with portdaddy.connect(settings=cfg, agent_id="bench-agent", autostart=False) as pd:
+            await pd.register_agent(identity="bench:sdk", purpose="benchmark")
+            calls = {"heartbeat()": pd.heartbeat, "spray()": lambda: pd.spray("services", "bench:api", "load", 0.5)}
+            for label, fn in calls.items():
+                out = samples[label]
+                for i in range(n):
+                    t0 = clock()
+                    fn()
+                    out.append((clock() - t0) / 1000)
+                    if i % 64 == 0:
+                        await trio.sleep(0)  # let the writer task drain anything the socket did not take
+                await pd.status()  # everything sent before it has been handled
+        return {label: s[1000:] for label, s in samples.items()}
 
-    return [Figure("sdk: fire-and-forget spray, client cost", trio.run(run), floor=SEND)]
+    return [Figure(f"sdk: fire-and-forget {label}, client cost", s, floor=SEND) for label, s in trio.run(run).items()]
 
 
-def _ingest_worker(path: str, frames: int, start: Any) -> None:
-    batch = Encoder().encode(Performative.INFORM, 0, {"action": "pheromone.spray", **SPRAY}) * 512
+def _ingest_worker(path: str, payload: dict[str, Any], frames: int, start: Any) -> None:
+    batch = Encoder().encode(Performative.INFORM, 0, payload) * 512
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
     start.wait()
@@ -139,26 +140,37 @@ def _ingest_worker(path: str, frames: int, start: Any) -> None:
 def daemon_ingest(cfg: Settings, quick: bool, conns: int = 4) -> list[Figure]:
     """Fire-and-forget frames the daemon handles per second, from ``conns`` connections at once."""
     per_conn = 512 * (40 if quick else 400)
+    kinds = {  # label: (payload for connection i, the status counter that counts them)
+        "heartbeats": (lambda i: {"action": "agent.heartbeat", "agentId": f"bench-ingest-{i}"}, "agentHeartbeats"),
+        "sprays": (lambda i: {"action": "pheromone.spray", **SPRAY}, "pheromoneSprays"),
+    }
+    figures = []
     with BlockingClient(cfg.ipc_sock) as c:
-        sprays = lambda: c.request("daemon.status")["counts"]["pheromoneSprays"]  # noqa: E731
-        before = sprays()
-        ctx = multiprocessing.get_context("fork")
-        start = ctx.Event()
-        procs = [ctx.Process(target=_ingest_worker, args=(str(cfg.ipc_sock), per_conn, start)) for _ in range(conns)]
-        for p in procs:
-            p.start()
-        time.sleep(0.3)
-        t0 = time.perf_counter()
-        start.set()
-        target = before + conns * per_conn
-        deadline = t0 + 120
-        while (done := sprays()) < target and time.perf_counter() < deadline:
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - t0
-        for p in procs:
-            p.join()
-    return [Figure(f"daemon ingest: fire-and-forget sprays, {conns} connections", [(done - before) / elapsed],
-                   unit="fr/s", note="" if done >= target else "INCOMPLETE: frames lost")]  # fmt: skip
+        for i in range(conns):
+            c.request("agent.register", {"id": f"bench-ingest-{i}", "purpose": "benchmark"})
+        for label, (payload, counter) in kinds.items():
+            count = lambda: c.request("daemon.status")["counts"][counter]  # noqa: B023, E731
+            before = count()
+            ctx = multiprocessing.get_context("fork")
+            start = ctx.Event()
+            procs = [ctx.Process(target=_ingest_worker, args=(str(cfg.ipc_sock), payload(i), per_conn, start))
+                     for i in range(conns)]  # fmt: skip
+            for p in procs:
+                p.start()
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            start.set()
+            target = before + conns * per_conn
+            deadline = t0 + 120
+            while (done := count()) < target and time.perf_counter() < deadline:
+                time.sleep(0.005)
+            elapsed = time.perf_counter() - t0
+            for p in procs:
+                p.join()
+            figures.append(Figure(f"daemon ingest: fire-and-forget {label}, {conns} connections",
+                                  [(done - before) / elapsed], unit="fr/s",
+                                  note="" if done >= target else "INCOMPLETE: frames lost"))  # fmt: skip
+    return figures
 
 
 # -- HTTP on the Unix socket --------------------------------------------------------------------------------

@@ -110,12 +110,14 @@ class Agents:
         self._grace_until = now_ms() + self.grace_ms
         self._changed = trio.Event()
         self._beats: WriteBehind[str] = WriteBehind(self.store, self._write_heartbeats)
+        self.heartbeats = 0
 
     def stats(self) -> dict[str, Any]:
         counts = {"active": 0, "stale": 0, "dead": 0}
         for a in self._agents.values():
             counts[a.liveness] += 1
-        return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsDead": counts["dead"]}
+        return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsDead": counts["dead"],
+                "agentHeartbeats": self.heartbeats}  # fmt: skip
 
     def thresholds(self, status: str) -> tuple[int, int]:
         """(stale, dead) silence in ms for an agent of ``status``."""
@@ -187,6 +189,7 @@ class Agents:
         if agent is None:
             return None
         agent.last_heartbeat = now_ms()
+        self.heartbeats += 1
         if pid is not None:
             agent.pid = pid
         if agent.liveness != "active":
