@@ -22,6 +22,7 @@ from portdaddy.config import Settings
 from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.harbors import Harbors
+from portdaddy.core.locks import Locks
 from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
 from portdaddy.core.store import Store
@@ -31,7 +32,7 @@ from portdaddy.ipc.server import IpcServer
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -51,6 +51,11 @@ ROUTES: list[Route] = [
     Route("GET", "/arbiter/status", "arbiter.status"),
     Route("GET", "/arbiter/violations", "arbiter.violations"),
     Route("POST", "/arbiter/test-invariant/<name>", "arbiter.test"),
+    Route("POST", "/locks/<name>", "lock.acquire"),
+    Route("DELETE", "/locks/<name>", "lock.release"),
+    Route("PUT", "/locks/<name>", "lock.extend"),
+    Route("GET", "/locks/<name>", "lock.get"),
+    Route("GET", "/locks", "lock.list"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
