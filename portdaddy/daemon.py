@@ -21,6 +21,7 @@ import trio
 from portdaddy.config import Settings
 from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
+from portdaddy.core.broker import Broker
 from portdaddy.core.harbors import Harbors
 from portdaddy.core.locks import Locks
 from portdaddy.core.pheromones import Pheromones
@@ -32,7 +33,7 @@ from portdaddy.ipc.server import IpcServer
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks, Broker)
 
 
 def _write_private(path: Path, text: str) -> None:

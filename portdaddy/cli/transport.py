@@ -20,8 +20,9 @@ import click
 
 from portdaddy import launcher
 from portdaddy.config import Settings
-from portdaddy.errors import DaemonUnavailable, PDError, exit_code
+from portdaddy.errors import DaemonUnavailable, PDError, bad_input, exit_code
 from portdaddy.ipc.client import BlockingClient
+from portdaddy.ipc.frame import FrameTooLarge
 
 
 def settings() -> Settings:
@@ -96,6 +97,8 @@ def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = Fal
         fail(e, as_json=as_json)
     except PDError as e:
         fail(e, as_json=as_json)
+    except FrameTooLarge as e:
+        fail(bad_input(str(e), code="PAYLOAD_TOO_LARGE"), as_json=as_json)
 
 
 

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from portdaddy.http.sse import subscribe_view
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -56,7 +58,15 @@ ROUTES: list[Route] = [
     Route("PUT", "/locks/<name>", "lock.extend"),
     Route("GET", "/locks/<name>", "lock.get"),
     Route("GET", "/locks", "lock.list"),
+    Route("POST", "/msg/<channel>", "msg.publish"),
+    Route("GET", "/msg/<channel>", "msg.history"),
+    Route("DELETE", "/msg/<channel>", "msg.clear"),
+    Route("GET", "/msg/<channel>/poll", "msg.poll"),
+    Route("GET", "/msg", "msg.channels"),
+    Route("GET", "/channels", "msg.channels"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
-STREAMS: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = []
+STREAMS: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
+    ("GET", "/msg/<channel>/subscribe", subscribe_view),
+]
