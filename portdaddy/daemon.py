@@ -23,6 +23,7 @@ from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.broker import Broker
 from portdaddy.core.harbors import Harbors
+from portdaddy.core.inbox import Inbox
 from portdaddy.core.locks import Locks
 from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
@@ -33,7 +34,7 @@ from portdaddy.ipc.server import IpcServer
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks, Broker)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks, Broker, Inbox)
 
 
 def _write_private(path: Path, text: str) -> None:

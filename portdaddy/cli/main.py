@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from portdaddy import __version__
-from portdaddy.cli import arbiter, daemon_cmds, harbors, locks, messaging, pheromones, services, tuples
+from portdaddy.cli import arbiter, daemon_cmds, harbors, inbox, locks, messaging, pheromones, services, tuples
 
 
 class PdGroup(click.Group):
@@ -36,7 +36,7 @@ def cli() -> None:
     """
 
 
-for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter, locks, messaging):
+for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter, locks, messaging, inbox):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -351,8 +351,8 @@ class Broker:
 
 # -- operations ----------------------------------------------------------------------------------------------
 
-channel_name = v.name("channel", 100)
-channel_pattern = v.name("channel", 100, wildcard=True)
+channel_name = v.name("channel", 120)
+channel_pattern = v.name("channel", 120, wildcard=True)
 _patterns = v.str_list(channel_pattern, max_items=20)
 _payload_size = v.json_value(MAX_PAYLOAD_BYTES)
 

@@ -64,6 +64,12 @@ ROUTES: list[Route] = [
     Route("GET", "/msg/<channel>/poll", "msg.poll"),
     Route("GET", "/msg", "msg.channels"),
     Route("GET", "/channels", "msg.channels"),
+    Route("POST", "/agents/<agentId>/inbox", "inbox.send"),
+    Route("GET", "/agents/<agentId>/inbox", "inbox.list"),
+    Route("GET", "/agents/<agentId>/inbox/stats", "inbox.stats"),
+    Route("PUT", "/agents/<agentId>/inbox/<int:messageId>/read", "inbox.read"),
+    Route("PUT", "/agents/<agentId>/inbox/read-all", "inbox.read"),
+    Route("DELETE", "/agents/<agentId>/inbox", "inbox.clear"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
