@@ -68,6 +68,8 @@ class Settings:
     ipc_max_conn: int
     ipc_rate: int
     autostart: bool
+    webhook_allow_private: bool  # deliver to loopback/private/link-local targets (tests, local tooling)
+    webhook_retry_base_ms: int  # first retry delay; then doubled (1, 2, 4, 8 s by default)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -113,6 +115,8 @@ class Settings:
             ipc_max_conn=integer("PORT_DADDY_IPC_MAX_CONN", 256),
             ipc_rate=integer("PORT_DADDY_IPC_RATE", 500),
             autostart=not flag("PORT_DADDY_NO_AUTOSTART"),
+            webhook_allow_private=flag("PORT_DADDY_WEBHOOK_ALLOW_PRIVATE"),
+            webhook_retry_base_ms=duration("PORT_DADDY_WEBHOOK_RETRY_BASE") or 1000,
         )
 
     def ensure_home(self) -> None:

@@ -29,12 +29,13 @@ from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
+from portdaddy.core.webhooks import Webhooks
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks, Broker, Inbox)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Locks, Broker, Inbox, Webhooks)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -9,7 +9,18 @@ from __future__ import annotations
 import click
 
 from portdaddy import __version__
-from portdaddy.cli import arbiter, daemon_cmds, harbors, inbox, locks, messaging, pheromones, services, tuples
+from portdaddy.cli import (
+    arbiter,
+    daemon_cmds,
+    harbors,
+    inbox,
+    locks,
+    messaging,
+    pheromones,
+    services,
+    tuples,
+    webhooks,
+)
 
 
 class PdGroup(click.Group):
@@ -36,7 +47,8 @@ def cli() -> None:
     """
 
 
-for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter, locks, messaging, inbox):
+for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter, locks, messaging, inbox,
+               webhooks):
     for command in module.COMMANDS:
         cli.add_command(command)
 

@@ -106,7 +106,7 @@ async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -
 
 def load_table() -> dict[str, Op]:
     """Every subsystem's operations. Imported lazily so that pure modules stay importable alone."""
-    from portdaddy.core import arbiter, broker, harbors, inbox, locks, pheromones, registry, system, tuples
+    from portdaddy.core import arbiter, broker, harbors, inbox, locks, pheromones, registry, system, tuples, webhooks
 
     return build_table(system.OPS, registry.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS, locks.OPS,
-                       broker.OPS, inbox.OPS)
+                       broker.OPS, inbox.OPS, webhooks.OPS)

@@ -70,6 +70,14 @@ ROUTES: list[Route] = [
     Route("PUT", "/agents/<agentId>/inbox/<int:messageId>/read", "inbox.read"),
     Route("PUT", "/agents/<agentId>/inbox/read-all", "inbox.read"),
     Route("DELETE", "/agents/<agentId>/inbox", "inbox.clear"),
+    Route("POST", "/webhooks", "webhook.register"),
+    Route("GET", "/webhooks", "webhook.list"),
+    Route("GET", "/webhooks/events", "webhook.events"),
+    Route("GET", "/webhooks/<id>", "webhook.get"),
+    Route("PUT", "/webhooks/<id>", "webhook.update"),
+    Route("DELETE", "/webhooks/<id>", "webhook.delete"),
+    Route("POST", "/webhooks/<id>/test", "webhook.test"),
+    Route("GET", "/webhooks/<id>/deliveries", "webhook.deliveries"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
