@@ -272,3 +272,16 @@ def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert daemon.call("msg.channels")["channels"] == before
+
+
+def test_watch_runs_the_command_per_new_message(daemon, tmp_path) -> None:
+    out = tmp_path / "seen"
+    daemon.pd("pub", "watch:x", "old")  # retained: not run for without --retained
+    before = _subscriptions(daemon)
+    proc = _spawn_pd(daemon, "watch", "watch:*", "--once", "--exec",
+                     f'echo "$PD_CHANNEL $PD_MESSAGE_CONTENT $PD_MESSAGE_ID" >> {out}')  # fmt: skip
+    _wait_for(lambda: _subscriptions(daemon) == before + 1)
+    new_id = daemon.call("msg.publish", channel="watch:y", payload={"n": 1})["id"]
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    assert out.read_text() == f'watch:y {{"n":1}} {new_id}\n'
