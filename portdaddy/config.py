@@ -69,6 +69,8 @@ class Settings:
     ipc_rate: int
     ipc_partial_timeout_ms: int
     autostart: bool
+    webhook_allow_private: bool  # deliver to loopback/private/link-local targets (tests, local tooling)
+    webhook_retry_base_ms: int  # first retry delay; then doubled (1, 2, 4, 8 s by default)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +117,8 @@ class Settings:
             ipc_rate=integer("PORT_DADDY_IPC_RATE", 500),
             ipc_partial_timeout_ms=duration("PORT_DADDY_IPC_PARTIAL_TIMEOUT") or 10_000,
             autostart=not flag("PORT_DADDY_NO_AUTOSTART"),
+            webhook_allow_private=flag("PORT_DADDY_WEBHOOK_ALLOW_PRIVATE"),
+            webhook_retry_base_ms=duration("PORT_DADDY_WEBHOOK_RETRY_BASE") or 1000,
         )
 
     def ensure_home(self) -> None:

@@ -23,19 +23,25 @@ from portdaddy.core.activity import Activity
 from portdaddy.core.agents import Agents
 from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
+from portdaddy.core.broker import Broker
 from portdaddy.core.harbors import Harbors
+from portdaddy.core.inbox import Inbox
+from portdaddy.core.locks import Locks
 from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
 from portdaddy.core.sessions import Sessions
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
+from portdaddy.core.webhooks import Webhooks
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-# Activity first, so that it logs every other subsystem's events from the start.
-SUBSYSTEMS = (Activity, Registry, Sessions, Agents, Harbors, TupleSpace, Pheromones, Arbiter)
+# Activity first, so that it logs every other subsystem's events from the start; the broker before the
+# journal, whose agents publish on `agents` and `resurrection`; locks before agents, whose deaths release them.
+SUBSYSTEMS = (Activity, Registry, Broker, Locks, Sessions, Agents, Inbox, Harbors, TupleSpace, Pheromones, Arbiter,
+              Webhooks)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ It speaks IPC over one connection (many requests in flight), starts the daemon i
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,13 +22,18 @@ import trio
 
 from portdaddy.config import Settings
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
+from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import TrioClient
 from portdaddy.launcher import ensure_daemon
 
 __all__ = [
-    "BadInput", "Claim", "Conflict", "DaemonUnavailable", "LockHeld", "NotFound", "PDError", "PortDaddy",
-    "Service", "Timeout", "connect",
+    "BadInput", "Claim", "Conflict", "DaemonUnavailable", "LockGrant", "LockHeld", "Message", "NotFound", "PDError",
+    "PortDaddy", "Service", "Subscription", "Timeout", "connect",
 ]  # fmt: skip
+
+# Deliveries buffered per subscription in the client; past this the SDK drops and catches up from history.
+SUBSCRIPTION_BUFFER = 1000
+_HISTORY_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +61,107 @@ class Service:
                    d.get("expiresAt"), d.get("metadata"))  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class LockGrant:
+    name: str
+    owner: str
+    token: int
+    expires_at: int
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> LockGrant:
+        return cls(d["name"], d["owner"], d["token"], d["expiresAt"])
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    channel: str
+    payload: Any
+    sender: str | None
+    created_at: int
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Message:
+        return cls(d["id"], d["channel"], d["payload"], d.get("sender"), d["createdAt"])
+
+
+class Subscription:
+    """Messages on some channels, in id order: ``async for msg in sub``. When this client or the daemon had
+    to drop deliveries (a slow reader), the gap is filled from history, so nothing still in history is lost."""
+
+    def __init__(self, pd: PortDaddy, patterns: list[str]) -> None:
+        self.patterns = patterns
+        self.id: int | None = None
+        self._pd = pd
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](SUBSCRIPTION_BUFFER)
+        self._backlog: deque[Message] = deque()
+        self._last = -1  # the last id handed to the reader
+        self._last_queued = -1
+        self._gap_after: int | None = None  # set when the buffer overflowed: drop until the reader catches up
+
+    def _offer(self, body: dict[str, Any]) -> None:
+        if self._gap_after is not None:
+            return
+        try:
+            self._send.send_nowait(body)
+        except trio.WouldBlock:
+            self._gap_after = self._last_queued
+            return
+        if body.get("action") == "msg.delivery":
+            self._last_queued = body["id"]
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        while True:
+            if self._backlog:
+                msg = self._backlog.popleft()
+            elif self._gap_after is not None and self._receive.statistics().current_buffer_used == 0:
+                after, self._gap_after = self._gap_after, None
+                await self._catch_up(after)
+                continue
+            else:
+                body = await self._receive.receive()
+                if body.get("action") == "msg.missed":
+                    await self._catch_up(body["after"])
+                    continue
+                msg = Message.from_wire(body)
+            if msg.id > self._last:
+                self._last = msg.id
+                return msg
+
+    async def _catch_up(self, after: int) -> None:
+        while True:
+            page = await self._pd.call("msg.history", channel=self.patterns, after=after, limit=_HISTORY_PAGE)
+            self._backlog.extend(Message.from_wire(m) for m in page["messages"])
+            if not page["more"]:
+                return
+            after = page["lastId"]
+
+
 class PortDaddy:
     """A connected client. Use ``portdaddy.connect()`` rather than constructing it."""
 
     def __init__(self, client: TrioClient, nursery: trio.Nursery) -> None:
         self._client = client
         self._nursery = nursery
+        self._subscriptions: dict[int, Subscription] = {}
+        # Deliveries can arrive before the reply that names their subscription: held here until it does.
+        self._unrouted: dict[int, list[dict[str, Any]]] = {}
+        client.push_handlers.append(self._route_push)
+
+    def _route_push(self, frame: Frame) -> None:
+        body = frame.payload
+        sub_id = body.get("subscription")
+        if body.get("action") not in ("msg.delivery", "msg.missed") or not isinstance(sub_id, int):
+            return
+        sub = self._subscriptions.get(sub_id)
+        if sub is not None:
+            sub._offer(body)
+        elif len(self._unrouted.setdefault(sub_id, [])) < SUBSCRIPTION_BUFFER:
+            self._unrouted[sub_id].append(body)
 
     @property
     def agent_id(self) -> str | None:
@@ -204,6 +305,94 @@ class PortDaddy:
         client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
         args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
         return await self._client.request(action, args, timeout=client_timeout)
+
+    # -- locks --------------------------------------------------------------------------------------------
+
+    async def lock(self, name: str, *, blocking: bool = True, timeout: float | None = None,
+                   ttl: str | int | None = None, owner: str | None = None,
+                   conn_bound: bool = False) -> LockGrant | None:  # fmt: skip
+        """Take a lock; the grant's ``token`` only ever grows. ``blocking=False`` returns None when it is held;
+        blocking waits in FIFO order (``timeout`` seconds, then ``Timeout``; cancelling withdraws the wait)."""
+        args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
+                "timeout": None if timeout is None else int(timeout * 1000)}  # fmt: skip
+        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
+        backstop = (timeout + 5 if timeout is not None else float("inf")) if blocking else None
+        try:
+            r = await self._client.request("lock.acquire", args, timeout=backstop)
+        except LockHeld:
+            return None
+        return LockGrant.from_wire(r)
+
+    async def unlock(self, name: str, *, token: int | None = None, owner: str | None = None,
+                     force: bool = False) -> bool:  # fmt: skip
+        """Release a lock; False if it was not held."""
+        return (await self.call("lock.release", name=name, token=token, owner=owner, force=force))["released"]
+
+    async def extend(self, name: str, *, ttl: str | int | None = None, token: int | None = None) -> LockGrant:
+        return LockGrant.from_wire(await self.call("lock.extend", name=name, ttl=ttl, token=token))
+
+    @asynccontextmanager
+    async def with_lock(self, name: str, *, ttl: float = 60.0,
+                        timeout: float | None = None) -> AsyncIterator[LockGrant]:  # fmt: skip
+        """Hold ``name`` for the block: waits for it, renews the lease every third of ``ttl`` seconds, and
+        releases it on exit; it is bound to this connection, so it is released if this process dies too."""
+        grant = await self.lock(name, timeout=timeout, ttl=int(ttl * 1000), conn_bound=True)
+        assert grant is not None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def renew() -> None:
+                    while True:
+                        await trio.sleep(ttl / 3)
+                        await self.extend(name, ttl=int(ttl * 1000), token=grant.token)
+
+                nursery.start_soon(renew)
+                yield grant
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.unlock(name, token=grant.token)
+
+    # -- pub/sub --------------------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: Any, *, sender: str | None = None) -> int:
+        """Publish any JSON value (a str is text); returns the message id."""
+        return (await self.call("msg.publish", channel=channel, payload=payload, sender=sender))["id"]
+
+    def publish_nowait(self, channel: str, payload: Any, *, sender: str | None = None) -> None:
+        """Fire-and-forget publish: never waits for the daemon (and hears of no error)."""
+        self.send("msg.publish", channel=channel, payload=payload, sender=sender)
+
+    @asynccontextmanager
+    async def subscribe(self, *channels: str, new: bool = False,
+                        after: int | None = None) -> AsyncIterator[Subscription]:  # fmt: skip
+        """``async with pd.subscribe("payments:*") as sub: async for msg in sub: ...`` — the retained message
+        of each matching channel first (unless ``new``), or every message after id ``after``."""
+        sub = Subscription(self, list(channels))
+        r = await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after)
+        sub.id = r["subscription"]
+        self._subscriptions[sub.id] = sub
+        for body in self._unrouted.pop(sub.id, ()):
+            sub._offer(body)
+        try:
+            yield sub
+        finally:
+            self._subscriptions.pop(sub.id, None)
+            if self._client.sock is not None:
+                with trio.CancelScope(shield=True):
+                    await self.call("msg.unsubscribe", subscription=sub.id)
+
+    async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
+        """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
+        ms = None if timeout is None else int(timeout * 1000)
+        r = await self._client.request("msg.wait", {"channels": list(channels), "timeout": ms},
+                                       timeout=float("inf") if timeout is None else timeout + 5)  # fmt: skip
+        newest = max(r["messages"].values(), key=lambda m: m["id"])
+        return Message.from_wire(newest)
+
+    async def history(self, channel: str, *, after: int | None = None, limit: int = 50) -> list[Message]:
+        r = await self.call("msg.history", channel=channel, after=after, limit=limit)
+        return [Message.from_wire(m) for m in r["messages"]]
 
     # -- pheromones -----------------------------------------------------------------------------------------
 

@@ -18,12 +18,18 @@ def drain(rx: trio.MemoryReceiveChannel) -> list[str]:
 
 async def test_routing_by_kind_area_and_catch_all() -> None:
     bus = EventBus()
-    with bus.subscribe() as everything, bus.subscribe("agent") as agents, bus.subscribe("pheromone.spray") as sprays:
+    with (
+        bus.subscribe() as everything,
+        bus.subscribe("agent") as agents,
+        bus.subscribe("pheromone.spray") as sprays,
+        bus.subscribe("*", "msg.publish") as all_and_publishes,
+    ):
         for kind in ("agent.register", "lock.acquire", "pheromone.spray", "msg.publish", "agent.heartbeat"):
             bus.emit(kind, n=1)
         assert drain(everything) == ["agent.register", "lock.acquire"]  # hot kinds only by name or area
         assert drain(agents) == ["agent.register", "agent.heartbeat"]
         assert drain(sprays) == ["pheromone.spray"]
+        assert drain(all_and_publishes) == ["agent.register", "lock.acquire", "msg.publish"]
     assert bus.emit("agent.register") is None  # nobody listens any more: nothing is built
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -103,3 +106,32 @@ def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = Fal
         fail(bad_input(str(e), code="PAYLOAD_TOO_LARGE"), as_json=as_json)
 
 
+# A blocking call without a timeout may wait for days; the daemon ends it, not the client.
+FOREVER_S = 10**7
+
+
+@contextmanager
+def spinning(label: str) -> Iterator[None]:
+    """Show ``Spinner(label)`` from a ticker thread while the body blocks (e.g. in a socket read)."""
+    spinner, done = Spinner(label), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.1):
+            spinner.tick()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        spinner.done()
+
+
+def blocking_call(action: str, args: dict[str, Any], *, label: str, timeout_ms: int | None,
+                  as_json: bool = False) -> Any:  # fmt: skip
+    """A call the daemon may hold (``wait``), with a spinner; the client waits a little past the daemon."""
+    with spinning(label):
+        return call(action, args, as_json=as_json,
+                    timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S)  # fmt: skip

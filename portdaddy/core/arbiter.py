@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,11 +133,16 @@ class Arbiter:
             task_status.started()
             while True:
                 with trio.move_on_at(min(self._awaiting_salvage.values(), default=math.inf)):
-                    event = await rx.receive()
-                    try:
-                        self.check(event)
-                    except Exception:  # a malformed event must not take the daemon down
-                        log.exception("arbiter could not check %s", event.kind)
+                    batch = [await rx.receive()]
+                    # Drain what is queued: one event per scheduler pass would fall behind a burst of emits.
+                    with suppress(trio.WouldBlock):
+                        while True:
+                            batch.append(rx.receive_nowait())
+                    for event in batch:
+                        try:
+                            self.check(event)
+                        except Exception:  # a malformed event must not take the daemon down
+                            log.exception("arbiter could not check %s", event.kind)
                 self._check_salvage_deadlines()
 
     def check(self, ev: Event) -> None:
@@ -342,7 +348,7 @@ _HANDLERS = {
 def _since(name: str, value: Any) -> int:
     """An epoch-ms timestamp (≥ 10^12) or a duration back from now (``1h``, ``90s``)."""
     if isinstance(value, int | str) and str(value).strip().isdigit() and int(value) >= 10**12:
-        return int(value)
+        return v.integer(0)(name, value)
     return now_ms() - v.duration()(name, value)
 
 

@@ -38,9 +38,11 @@ class Event:
 
 
 def kind_matches(kind: str, prefixes: frozenset[str] | None) -> bool:
+    """``prefixes`` None or holding ``*`` takes every kind that is not hot; hot kinds must be named."""
     if prefixes is None:
         return kind not in HOT_KINDS
-    return kind in prefixes or kind.split(".", 1)[0] in prefixes
+    named = kind in prefixes or kind.split(".", 1)[0] in prefixes
+    return named or ("*" in prefixes and kind not in HOT_KINDS)
 
 
 @dataclass(slots=True)
@@ -78,7 +80,8 @@ class EventBus:
     def subscribe(
         self, *kinds: str, buffer: float = math.inf
     ) -> Iterator[trio.MemoryReceiveChannel[Event]]:
-        """Receive events whose kind, or whose area (``agent``), is in ``kinds`` (all when empty)."""
+        """Receive events whose kind, or whose area (``agent``), is in ``kinds`` (all but hot ones when empty or
+        ``*``; ``subscribe("*", "msg.publish")`` adds one hot kind to everything else)."""
         send, receive = trio.open_memory_channel[Event](buffer)
         sub = _Subscriber(send, frozenset(kinds) if kinds else None)
         self._subscribers.append(sub)

@@ -119,7 +119,22 @@ async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -
 
 def load_table() -> dict[str, Op]:
     """Every subsystem's operations. Imported lazily so that pure modules stay importable alone."""
-    from portdaddy.core import activity, agents, arbiter, harbors, pheromones, registry, sessions, sugar, system, tuples
+    from portdaddy.core import (
+        activity,
+        agents,
+        arbiter,
+        broker,
+        harbors,
+        inbox,
+        locks,
+        pheromones,
+        registry,
+        sessions,
+        sugar,
+        system,
+        tuples,
+        webhooks,
+    )
 
-    return build_table(system.OPS, registry.OPS, agents.OPS, sessions.OPS, sugar.OPS, activity.OPS, harbors.OPS,
-                       tuples.OPS, pheromones.OPS, arbiter.OPS)
+    return build_table(system.OPS, registry.OPS, agents.OPS, sessions.OPS, sugar.OPS, activity.OPS, locks.OPS,
+                       broker.OPS, inbox.OPS, webhooks.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS)

@@ -69,13 +69,20 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
     return check
 
 
+# SQLite stores 64-bit integers; a larger one would crash the query instead of being refused.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    lo = INT64_MIN if lo is None else lo
+    hi = INT64_MAX if hi is None else hi
+
     def check(name: str, value: Any) -> int:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_input(f"{name} must be an integer, got {_type_name(value)}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if not lo <= value <= hi:
             raise bad_input(f"{name} must be between {lo} and {hi}, got {value}")
         return value
 
@@ -118,8 +125,9 @@ def duration(max_ms: int | None = None, *, code: str = "VALIDATION_ERROR") -> Ch
                 f"{name} {str(value)[:40]!r} is not a duration; use e.g. 90s, 5m, 2h30m or milliseconds",
                 code=code,
             )
-        if max_ms is not None and ms > max_ms:
-            raise bad_input(f"{name} {value!r} is over the limit of {max_ms // 1000}s", code=code)
+        limit = INT64_MAX // 2 if max_ms is None else max_ms  # half: callers add it to now
+        if ms > limit:
+            raise bad_input(f"{name} {str(value)[:40]!r} is over the limit of {limit // 1000}s", code=code)
         return ms
 
     return check

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from portdaddy.http.sse import subscribe_view
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -82,7 +84,34 @@ ROUTES: list[Route] = [
     Route("GET", "/arbiter/status", "arbiter.status"),
     Route("GET", "/arbiter/violations", "arbiter.violations"),
     Route("POST", "/arbiter/test-invariant/<name>", "arbiter.test"),
+    Route("POST", "/locks/<name>", "lock.acquire"),
+    Route("DELETE", "/locks/<name>", "lock.release"),
+    Route("PUT", "/locks/<name>", "lock.extend"),
+    Route("GET", "/locks/<name>", "lock.get"),
+    Route("GET", "/locks", "lock.list"),
+    Route("POST", "/msg/<channel>", "msg.publish"),
+    Route("GET", "/msg/<channel>", "msg.history"),
+    Route("DELETE", "/msg/<channel>", "msg.clear"),
+    Route("GET", "/msg/<channel>/poll", "msg.poll"),
+    Route("GET", "/msg", "msg.channels"),
+    Route("GET", "/channels", "msg.channels"),
+    Route("POST", "/agents/<agentId>/inbox", "inbox.send"),
+    Route("GET", "/agents/<agentId>/inbox", "inbox.list"),
+    Route("GET", "/agents/<agentId>/inbox/stats", "inbox.stats"),
+    Route("PUT", "/agents/<agentId>/inbox/<int:messageId>/read", "inbox.read"),
+    Route("PUT", "/agents/<agentId>/inbox/read-all", "inbox.read"),
+    Route("DELETE", "/agents/<agentId>/inbox", "inbox.clear"),
+    Route("POST", "/webhooks", "webhook.register"),
+    Route("GET", "/webhooks", "webhook.list"),
+    Route("GET", "/webhooks/events", "webhook.events"),
+    Route("GET", "/webhooks/<id>", "webhook.get"),
+    Route("PUT", "/webhooks/<id>", "webhook.update"),
+    Route("DELETE", "/webhooks/<id>", "webhook.delete"),
+    Route("POST", "/webhooks/<id>/test", "webhook.test"),
+    Route("GET", "/webhooks/<id>/deliveries", "webhook.deliveries"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
-STREAMS: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = []
+STREAMS: list[tuple[str, str, Callable[..., Awaitable[Any]]]] = [
+    ("GET", "/msg/<channel>/subscribe", subscribe_view),
+]

@@ -34,11 +34,11 @@ RECV_SIZE = 256 * 1024
 # instead of growing the daemon. Replies are never dropped.
 OUT_HIGH_WATER = 1024 * 1024
 OUT_LOW_WATER = 256 * 1024
-# Pushed deliveries are dropped (and counted, and the client told) once this much output is queued.
+# Pushed deliveries are dropped (and counted) once this much output is queued; ``push`` says so, and the
+# pusher tells its client what it missed (the broker's ``msg.missed``) once it reads again.
 MAX_PUSH_BACKLOG = 256 * 1024
 # Operations that wait (blocking acquires, tuple waits) in flight at once on one connection.
 MAX_WAITING_OPS = 256
-DROPPED_ACTION = "ipc.dropped"
 
 _REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_REF, Performative.SUBSCRIBE,
                 Performative.UNSUBSCRIBE}  # fmt: skip
@@ -84,7 +84,6 @@ class Connection:
         self.dropped_pushes = 0
         self.data: dict[str, Any] = {}  # per-connection state owned by subsystems (subscriptions, …)
         self._closers: list[Callable[[], None]] = []
-        self._unreported_drops = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._drained_lot = trio.lowlevel.ParkingLot()
         self._pending: dict[int, trio.CancelScope] = {}
@@ -107,8 +106,7 @@ class Connection:
 
     def push(self, payload: dict[str, Any]) -> bool:
         """Queue a server-initiated INFORM (conv 0). False if dropped: closed, too large, or the client is not
-        reading (more than MAX_PUSH_BACKLOG queued). Drops are counted and reported to the client with an
-        ``ipc.dropped`` INFORM once its queue has room again."""
+        reading (more than MAX_PUSH_BACKLOG queued)."""
         if self.closed:
             return False
         if len(self.out) > MAX_PUSH_BACKLOG:
@@ -120,23 +118,13 @@ class Connection:
             log.warning("dropped a %s push larger than one frame", payload.get("action"))
             self._drop_push()
             return False
-        if self._unreported_drops:
-            self._report_drops()
         self.out += frame
         self._flush()
         return True
 
     def _drop_push(self) -> None:
         self.dropped_pushes += 1
-        self._unreported_drops += 1
         self.server.dropped_pushes += 1
-
-    def _report_drops(self) -> None:
-        n, self._unreported_drops = self._unreported_drops, 0
-        self.out += self.encoder.encode(Performative.INFORM, 0, {
-            "action": DROPPED_ACTION, "dropped": n, "total": self.dropped_pushes,
-            "message": f"{n} pushed frames were dropped because this connection was not reading fast enough",
-        })  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -210,9 +198,6 @@ class Connection:
         out = self.out
         while True:
             if not out:
-                if self._unreported_drops:
-                    self._report_drops()
-                    continue
                 await self._writer_lot.park()
                 continue
             await trio.lowlevel.wait_writable(self.sock)

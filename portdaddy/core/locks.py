@@ -1,0 +1,381 @@
+"""Named locks with fencing tokens, leases (TTL), FIFO blocking waits and owner-death release.
+
+Every grant takes the next value of one persisted counter, so a lock's tokens only ever grow, across restarts
+(a resource guarded by the lock refuses writes carrying a token older than the newest it has seen).
+Re-acquiring a lock you hold (same owner) is idempotent: same token, lease refreshed.
+
+A lock is never free while someone waits for it: a release or an expiry hands it straight to the first
+waiter (FIFO, in the same step), so a late non-blocking caller cannot barge in. A cancelled waiter (timeout,
+disconnect) is removed by its abort function. State lives in memory and is written through to the store
+before any reply; expiries run at their deadline (the next one, not on a tick).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from outcome import Value
+
+from portdaddy.core import validate as v
+from portdaddy.core.clock import now_ms
+from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.errors import LockHeld, PDError, bad_input
+
+DEFAULT_TTL_MS = 5 * 60_000
+MAX_TTL_MS = 60 * 60_000
+MAX_WAIT_MS = 24 * 3600_000
+
+
+@dataclass(slots=True)
+class Lock:
+    name: str
+    owner: str
+    token: int
+    pid: int | None
+    acquired_at: int
+    expires_at: int
+    metadata: dict[str, Any] | None = None
+    conn: Any = None  # the IPC connection it is bound to (released when it closes), or None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "owner": self.owner, "token": self.token, "pid": self.pid,
+                "acquiredAt": self.acquired_at, "expiresAt": self.expires_at, "connBound": self.conn is not None,
+                "metadata": self.metadata}  # fmt: skip
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    owner: str
+    ttl_ms: int
+    pid: int | None
+    metadata: dict[str, Any] | None
+    conn: Any
+    task: trio.lowlevel.Task
+
+
+class Locks:
+    name = "locks"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.store = app.store
+        self._held: dict[str, Lock] = {}
+        self._waiters: dict[str, dict[_Waiter, None]] = {}  # per lock, an ordered set: FIFO, O(1) removal
+        self._deadlines: list[tuple[int, str]] = []
+        self._deadline_changed = trio.Event()
+        self.granted = 0
+        rows = self.store.all("SELECT name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata "
+                              "FROM locks")  # fmt: skip
+        for name, owner, token, pid, acquired, expires, conn_bound, meta in rows:
+            lock = Lock(name, owner, token, pid, acquired, expires, json.loads(meta) if meta else None)
+            self._held[name] = lock
+            if conn_bound:
+                # Its connection died with the previous daemon: nobody holds it any more.
+                self._release(lock, by=None, forced=False, reason="disconnect")
+            else:
+                heapq.heappush(self._deadlines, (expires, name))
+
+    def stats(self) -> dict[str, Any]:
+        return {"locks": len(self._held), "lockWaiters": sum(len(w) for w in self._waiters.values())}
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Lock | None:
+        self._expire_if_due(name)
+        return self._held.get(name)
+
+    def list(self, owner_glob: str | None = None) -> list[Lock]:
+        now = now_ms()
+        for lock in [lk for lk in self._held.values() if lk.expires_at <= now]:
+            self._expire_if_due(lock.name)
+        locks = sorted(self._held.values(), key=lambda lk: lk.acquired_at, reverse=True)
+        if owner_glob:
+            locks = [lk for lk in locks if fnmatch.fnmatchcase(lk.owner, owner_glob)]
+        return locks
+
+    # -- acquire -------------------------------------------------------------------------------------------
+
+    def try_acquire(self, name: str, owner: str, *, ttl_ms: int = DEFAULT_TTL_MS, pid: int | None = None,
+                    metadata: dict[str, Any] | None = None, conn: Any = None) -> tuple[Lock, bool]:  # fmt: skip
+        """Grant ``name`` to ``owner`` now, or raise LockHeld. Returns (lock, already held by this owner)."""
+        self._expire_if_due(name)
+        lock = self._held.get(name)
+        if lock is not None:
+            if lock.owner != owner:
+                raise self._held_error(lock)
+            lock.expires_at = now_ms() + ttl_ms
+            if conn is not None:
+                self._bind(lock, conn)
+            with self.store.write() as db:
+                db.execute("UPDATE locks SET expires_at=?, conn_bound=? WHERE name=?",
+                           (lock.expires_at, lock.conn is not None, name))  # fmt: skip
+            self._schedule(lock)
+            return lock, True
+        return self._grant(name, owner, ttl_ms, pid, metadata, conn), False
+
+    async def acquire_blocking(self, name: str, owner: str, *, ttl_ms: int, timeout_s: float | None,
+                               pid: int | None = None, metadata: dict[str, Any] | None = None,
+                               conn: Any = None) -> Lock:  # fmt: skip
+        """Wait in FIFO order until the lock is handed to ``owner`` (call after ``try_acquire`` refused)."""
+        waiter = _Waiter(owner, ttl_ms, pid, metadata, conn, trio.lowlevel.current_task())
+        queue = self._waiters.setdefault(name, {})
+        queue[waiter] = None
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            queue.pop(waiter, None)
+            if not queue and self._waiters.get(name) is queue:
+                del self._waiters[name]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(timeout_s if timeout_s is not None else float("inf")) as scope:
+            lock: Lock = await trio.lowlevel.wait_task_rescheduled(abort)
+            if conn is not None and conn.closed:
+                self._release(lock, by=None, forced=False, reason="disconnect")  # nobody is there to hold it
+                raise PDError("CANCELLED", "the connection closed before the lock was granted")
+            return lock
+        assert scope.cancelled_caught
+        holder = self._held.get(name)
+        raise PDError("TIMEOUT", f"lock {name!r} was not free within {timeout_s:g}s"
+                      + (f" (held by {holder.owner})" if holder else ""), timedOut=True,
+                      holder=holder.owner if holder else None)  # fmt: skip
+
+    def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
+               conn: Any) -> Lock:  # fmt: skip
+        now = now_ms()
+        with self.store.write() as db:
+            token = db.execute("UPDATE lock_fence SET last_token = last_token + 1 WHERE id = 1 "
+                               "RETURNING last_token").fetchone()[0]  # fmt: skip
+            lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
+            db.execute(
+                "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (name, owner, token, pid, now, lock.expires_at, conn is not None,
+                 json.dumps(metadata) if metadata is not None else None),
+            )  # fmt: skip
+        self._held[name] = lock
+        if conn is not None:
+            self._bind(lock, conn)
+        self._schedule(lock)
+        self.granted += 1
+        self.app.bus.emit("lock.acquire", name=name, owner=owner, token=token, expiresAt=lock.expires_at)
+        return lock
+
+    def _bind(self, lock: Lock, conn: Any) -> None:
+        lock.conn = conn
+        bound: set[str] | None = conn.data.get("locks")
+        if bound is None:
+            bound = conn.data["locks"] = set()
+            conn.on_close(lambda: self._connection_closed(conn))
+        bound.add(lock.name)
+
+    def _connection_closed(self, conn: Any) -> None:
+        for name in sorted(conn.data.get("locks", ())):
+            lock = self._held.get(name)
+            if lock is not None and lock.conn is conn:
+                self._release(lock, by=None, forced=False, reason="disconnect")
+
+    @staticmethod
+    def _held_error(lock: Lock) -> LockHeld:
+        return LockHeld("LOCK_HELD", f"lock {lock.name!r} is held by {lock.owner} (expires in "
+                        f"{max(0, lock.expires_at - now_ms()) // 1000}s); wait with --wait or try later",
+                        holder=lock.owner, heldSince=lock.acquired_at, expiresAt=lock.expires_at)  # fmt: skip
+
+    # -- release / extend ----------------------------------------------------------------------------------
+
+    def release(self, name: str, *, owner: str | None = None, token: int | None = None,
+                force: bool = False) -> Lock | None:  # fmt: skip
+        """Release ``name``; None if it was not held. Without force, a given owner or token must match."""
+        lock = self.get(name)
+        if lock is None:
+            return None
+        if not force:
+            if token is not None and token != lock.token:
+                raise PDError("NOT_OWNER", f"token {token} is stale: lock {name!r} is now held by {lock.owner} "
+                              f"with token {lock.token}", holder=lock.owner)  # fmt: skip
+            if owner is not None and owner != lock.owner:
+                raise PDError("NOT_OWNER", f"lock {name!r} is held by {lock.owner}, not {owner}; "
+                              "use --force to take it away", holder=lock.owner)  # fmt: skip
+        by = owner if owner is not None else lock.owner if token is not None else None
+        self._release(lock, by=by, forced=force, reason="release")
+        return lock
+
+    def extend(self, name: str, *, owner: str | None = None, token: int | None = None,
+               ttl_ms: int = DEFAULT_TTL_MS) -> Lock:  # fmt: skip
+        lock = self.get(name)
+        if lock is None:
+            raise PDError("LOCK_NOT_FOUND", f"lock {name!r} is not held (an expired lock cannot be extended); "
+                          "acquire it again")  # fmt: skip
+        if (owner is not None and owner != lock.owner) or (token is not None and token != lock.token):
+            raise PDError("NOT_OWNER", f"lock {name!r} is held by {lock.owner} with token {lock.token}; "
+                          "only its holder may extend it", holder=lock.owner)  # fmt: skip
+        lock.expires_at = now_ms() + ttl_ms
+        with self.store.write() as db:
+            db.execute("UPDATE locks SET expires_at=? WHERE name=?", (lock.expires_at, name))
+        self._schedule(lock)
+        return lock
+
+    def release_owner(self, owner: str, reason: str) -> list[str]:
+        """Release every lock ``owner`` holds (its agent died or unregistered)."""
+        names = [lk.name for lk in self._held.values() if lk.owner == owner]
+        for name in names:
+            self._release(self._held[name], by=None, forced=False, reason=reason)
+        return names
+
+    def _release(self, lock: Lock, *, by: str | None, forced: bool, reason: str) -> None:
+        """Drop ``lock`` and hand it to the first waiter, if any, in the same step."""
+        with self.store.write() as db:
+            db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
+            del self._held[lock.name]
+            if lock.conn is not None:
+                lock.conn.data.get("locks", set()).discard(lock.name)
+            self.app.bus.emit("lock.release", name=lock.name, owner=lock.owner, token=lock.token, by=by,
+                              forced=forced, reason=reason)  # fmt: skip
+            queue = self._waiters.get(lock.name)
+            if queue:
+                waiter = next(iter(queue))
+                del queue[waiter]
+                if not queue:
+                    del self._waiters[lock.name]
+                granted = self._grant(lock.name, waiter.owner, waiter.ttl_ms, waiter.pid, waiter.metadata,
+                                      waiter.conn)  # fmt: skip
+                trio.lowlevel.reschedule(waiter.task, Value(granted))
+
+    # -- expiry --------------------------------------------------------------------------------------------
+
+    def _schedule(self, lock: Lock) -> None:
+        heapq.heappush(self._deadlines, (lock.expires_at, lock.name))
+        if self._deadlines[0][1] == lock.name:
+            self._deadline_changed.set()
+
+    def _expire_if_due(self, name: str) -> None:
+        lock = self._held.get(name)
+        if lock is not None and lock.expires_at <= now_ms():
+            self._release(lock, by=None, forced=False, reason="expire")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Expire leases at their deadline, and release the locks of agents that die or unregister."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._owner_deaths)
+            task_status.started()
+            while True:
+                wait_s = (self._deadlines[0][0] - now_ms()) / 1000 if self._deadlines else float("inf")
+                with trio.move_on_after(max(wait_s, 0)):
+                    await self._deadline_changed.wait()
+                self._deadline_changed = trio.Event()
+                now = now_ms()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, name = heapq.heappop(self._deadlines)
+                    self._expire_if_due(name)  # an extended lease has a later entry and is left alone
+
+    async def _owner_deaths(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self.app.bus.subscribe("agent.dead", "agent.unregister") as rx:
+            task_status.started()
+            async for event in rx:
+                agent_id = event.data.get("agentId")
+                if isinstance(agent_id, str):
+                    self.release_owner(agent_id, "owner-dead")
+
+
+# -- operations ----------------------------------------------------------------------------------------------
+
+lock_name = v.name("lock name", 200)
+_ttl = v.duration(MAX_TTL_MS, code="INVALID_TTL")
+
+
+def _ttl_check(name: str, value: Any) -> int:
+    ms = _ttl(name, value)
+    if ms <= 0:
+        raise bad_input(f"{name} must be positive, e.g. 30s or 5m (at most 1h)", code="INVALID_TTL")
+    return ms
+
+
+def caller_owner(ctx: Ctx, owner: str | None) -> str:
+    """An explicit owner, else the caller's agent, else its process (over IPC), else a one-off name."""
+    if owner:
+        return owner
+    if ctx.agent_id:
+        return ctx.agent_id
+    if ctx.pid:
+        return f"pid-{ctx.pid}"
+    return f"anonymous-{secrets.token_hex(4)}"
+
+
+def _acquire_reply(lock: Lock, existing: bool) -> dict[str, Any]:
+    verb = "re-acquired (lease refreshed)" if existing else "acquired"
+    return {"success": True, **lock.to_wire(), "existing": existing, "message": f"{verb} lock: {lock.name}"}
+
+
+async def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) -> dict[str, Any]:
+    locks: Locks = ctx.app.locks
+    who = caller_owner(ctx, owner)
+    if connBound and ctx.conn is None:
+        raise bad_input("connBound needs an IPC connection (the lock is released when it closes)")
+    conn = ctx.conn if connBound else None
+    try:
+        lock, existing = locks.try_acquire(name, who, ttl_ms=ttl, pid=ctx.pid, metadata=metadata, conn=conn)
+    except LockHeld:
+        if not wait:
+            raise
+        lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=None if timeout is None else
+                                            timeout / 1000, pid=ctx.pid, metadata=metadata, conn=conn)  # fmt: skip
+        existing = False
+    return _acquire_reply(lock, existing)
+
+
+def _release(ctx: Ctx, *, name, owner, token, force) -> dict[str, Any]:
+    lock = ctx.app.locks.release(name, owner=owner or ctx.agent_id, token=token, force=force)
+    if lock is None:
+        return {"success": True, "released": False, "name": name, "message": f"lock {name!r} was not held"}
+    return {"success": True, "released": True, "name": name, "owner": lock.owner, "token": lock.token,
+            "forced": force, "message": f"released lock: {name}"}  # fmt: skip
+
+
+def _extend(ctx: Ctx, *, name, owner, token, ttl) -> dict[str, Any]:
+    lock = ctx.app.locks.extend(name, owner=owner or ctx.agent_id, token=token, ttl_ms=ttl)
+    return {"success": True, **lock.to_wire(), "message": f"extended lock: {name}"}
+
+
+def _get(ctx: Ctx, *, name) -> dict[str, Any]:
+    lock = ctx.app.locks.get(name)
+    return {"success": True, "held": False, "name": name} if lock is None else \
+        {"success": True, "held": True, **lock.to_wire()}  # fmt: skip
+
+
+def _list(ctx: Ctx, *, owner) -> dict[str, Any]:
+    locks = [lk.to_wire() for lk in ctx.app.locks.list(owner)]
+    return {"success": True, "locks": locks, "count": len(locks)}
+
+
+_NAME = Param("name", lock_name, required=True)
+_OWNER = Param("owner", v.text(200))
+_TOKEN = Param("token", v.integer(1))
+OPS = (
+    Op(
+        "lock.acquire",
+        _acquire,
+        (_NAME, _OWNER, Param("ttl", _ttl_check, default=DEFAULT_TTL_MS), Param("wait", v.boolean, default=False),
+         Param("timeout", v.duration(MAX_WAIT_MS)), Param("metadata", v.json_object(10_000)),
+         Param("connBound", v.boolean, default=False)),
+        summary="take a lock (fencing `token` in the reply); wait=true queues FIFO until it is free (timeout)",
+    ),
+    Op(
+        "lock.release",
+        _release,
+        (_NAME, _OWNER, _TOKEN, Param("force", v.boolean, default=False)),
+        summary="release a lock; a given owner or token must match unless force",
+    ),
+    Op(
+        "lock.extend",
+        _extend,
+        (_NAME, _OWNER, _TOKEN, Param("ttl", _ttl_check, default=DEFAULT_TTL_MS)),
+        summary="renew a held lock's lease to now + ttl",
+    ),
+    Op("lock.get", _get, (_NAME,), summary="whether a lock is held, and by whom"),
+    Op("lock.list", _list, (Param("owner", v.text(200)),), summary="held locks, newest first (owner: a glob)"),
+)

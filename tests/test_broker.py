@@ -1,0 +1,287 @@
+"""Pub/sub through the real daemon: retained messages (the blocking chain in both orders), wildcards, durable
+history with global ids, SSE resume with Last-Event-ID, long-poll woken by publish, slow subscribers that do
+not grow the daemon, the SDK, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import trio
+
+import portdaddy.sdk
+from portdaddy.errors import Timeout
+from portdaddy.ipc.client import BlockingClient
+from tests.conftest import PYTHON
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def _subscriptions(d) -> int:
+    return d.call("daemon.status")["counts"]["subscriptions"]
+
+
+def _spawn_pd(d, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 10) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_blocking_chain_publish_first(daemon) -> None:
+    assert daemon.pd("pub", "chain1:complete", '{"status":"ready"}').returncode == 0
+    r = daemon.pd("sub", "chain1:complete", "--once", timeout=10)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"status": "ready"}
+    w = daemon.pd("wait", "chain1:complete", "--timeout", "1s")
+    assert w.returncode == 0 and "ready" in w.stdout
+
+
+def test_blocking_chain_subscribe_first(daemon) -> None:
+    before = _subscriptions(daemon)
+    sub = _spawn_pd(daemon, "sub", "chain2:complete", "--once")
+    waiter = _spawn_pd(daemon, "wait", "chain2:complete", "chain2:other", "--json")
+    _wait_for(lambda: _subscriptions(daemon) == before + 1)
+    time.sleep(0.2)
+    assert sub.poll() is None and waiter.poll() is None
+    daemon.pd("pub", "chain2:complete", "done")
+    code, out, _ = _finish(sub)
+    assert (code, out) == (0, "done\n")
+    assert waiter.poll() is None  # still needs chain2:other
+    daemon.pd("pub", "chain2:other", "1")
+    code, out, _ = _finish(waiter)
+    assert code == 0 and set(json.loads(out)["messages"]) == {"chain2:complete", "chain2:other"}
+
+
+def test_wildcard_subscriber_receives_every_ready_signal(daemon) -> None:
+    before = _subscriptions(daemon)
+    sub = _spawn_pd(daemon, "sub", "payments:*", "--json", "--new")
+    _wait_for(lambda: _subscriptions(daemon) == before + 1)
+    for part in ("schema", "api", "queries", "frontend"):
+        daemon.call("msg.publish", channel=f"payments:{part}", payload={"status": "ready"}, sender=part)
+    daemon.call("msg.publish", channel="payments", payload="not under payments:*")
+    daemon.call("msg.publish", channel="billing:api", payload="other project")
+    daemon.call("msg.publish", channel="payments:api:v2", payload="deeper")
+    lines = []
+    _wait_for(lambda: lines.append(sub.stdout.readline()) or len(lines) == 5)
+    sub.kill()
+    sub.communicate()
+    got = [json.loads(line) for line in lines]
+    assert [m["channel"] for m in got] == ["payments:schema", "payments:api", "payments:queries",
+                                           "payments:frontend", "payments:api:v2"]  # fmt: skip
+    assert [m["id"] for m in got] == sorted(m["id"] for m in got)
+    # A late wildcard subscriber still sees each channel's retained (last) message.
+    late = json.loads(daemon.pd("history", "payments:*", "--json").stdout)
+    assert len(late["messages"]) == 5
+
+
+def test_history_ids_are_global_and_survive_sigkill(fresh_daemon) -> None:
+    ids = [fresh_daemon.call("msg.publish", channel=f"h:{i % 2}", payload=i)["id"] for i in range(6)]
+    assert ids == sorted(ids) and len(set(ids)) == 6
+    fresh_daemon.kill9()
+    fresh_daemon.start()
+    hist = fresh_daemon.call("msg.history", channel="h:0")
+    assert [m["payload"] for m in hist["messages"]] == [0, 2, 4]
+    assert [m["id"] for m in fresh_daemon.call("msg.history", channel="h:*", after=ids[3])["messages"]] == ids[4:]
+    assert fresh_daemon.call("msg.publish", channel="h:0", payload="after")["id"] > ids[-1]
+    r = fresh_daemon.pd("sub", "h:1", "--once")
+    assert r.stdout == "5\n"  # retained across the restart
+
+
+def test_history_is_capped_per_channel(daemon_factory) -> None:
+    from portdaddy.core.broker import HISTORY_PER_CHANNEL
+
+    fresh_daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    with fresh_daemon.client() as c:
+        for i in range(HISTORY_PER_CHANNEL + HISTORY_PER_CHANNEL // 10 + 1):
+            c.request("msg.publish", {"channel": "cap:x", "payload": i})
+    [info] = fresh_daemon.call("msg.channels")["channels"]
+    assert info["count"] == HISTORY_PER_CHANNEL
+    oldest = fresh_daemon.call("msg.history", channel="cap:x", after=0, limit=1)["messages"][0]
+    assert oldest["payload"] == HISTORY_PER_CHANNEL // 10 + 1
+
+
+def test_sse_resume_with_last_event_id_misses_nothing(daemon) -> None:
+    transport = httpx.HTTPTransport(uds=str(daemon.settings.http_sock))
+
+    def read_events(client: httpx.Client, n: int, headers: dict[str, str]) -> list[dict]:
+        events = []
+        with client.stream("GET", "/msg/sse:*/subscribe", headers=headers, timeout=10) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event_id = None
+            for line in r.iter_lines():
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("data: ") and event_id is not None:
+                    data = json.loads(line[6:])
+                    assert data["id"] == event_id
+                    events.append(data)
+                    event_id = None
+                    if len(events) == n:
+                        return events
+        return events
+
+    for i in range(3):
+        daemon.call("msg.publish", channel=f"sse:{i}", payload={"n": i})
+    with httpx.Client(transport=transport, base_url="http://x") as client:
+        first = read_events(client, 3, {})  # the retained message of each channel
+        assert [e["payload"]["n"] for e in first] == [0, 1, 2]
+        for i in range(3, 10):
+            daemon.call("msg.publish", channel=f"sse:{i % 3}", payload={"n": i})
+        resumed = read_events(client, 7, {"Last-Event-ID": str(first[-1]["id"])})
+        assert [e["payload"]["n"] for e in resumed] == list(range(3, 10))
+        bad = client.get("/msg/a::b/subscribe")
+        assert bad.status_code == 400 and "empty ':' segment" in bad.json()["error"]
+
+
+def test_long_poll_wakes_on_publish_not_on_a_tick(daemon) -> None:
+    after = daemon.call("msg.publish", channel="lp:x", payload="old")["id"]
+    result: dict = {}
+
+    def poll() -> None:
+        result.update(daemon.call("msg.poll", channel="lp:x", after=after, timeout="10s"))
+        result["at"] = time.monotonic()
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.3)
+    assert not result
+    published = time.monotonic()
+    new_id = daemon.call("msg.publish", channel="lp:x", payload="new")["id"]
+    t.join(timeout=10)
+    assert result["message"]["id"] == new_id and result["lastId"] == new_id
+    assert result["at"] - published < 0.25
+    empty = daemon.call("msg.poll", channel="lp:x", after=new_id, timeout=200)
+    assert empty["message"] is None and empty["lastId"] == new_id
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_slow_subscriber_does_not_grow_daemon_memory(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    payload = "x" * 2000
+    slow = BlockingClient(d.settings.ipc_sock, timeout=10).connect()
+    sub = slow.request("msg.subscribe", {"channels": ["slow:*"], "new": True})
+    with d.client() as pub:
+        for i in range(500):  # warm up allocator and page cache before measuring
+            pub.request("msg.publish", {"channel": f"warm:{i % 10}", "payload": payload})
+        base = _rss_kb(d.proc.pid)
+        started = time.monotonic()
+        for i in range(10_000):
+            pub.send("msg.publish", {"channel": f"slow:{i % 20}", "payload": payload})
+            if i % 1000 == 999:
+                pub.request("daemon.health")  # keep the daemon in step with the sender
+        assert time.monotonic() - started < 30
+        grown_mb = (_rss_kb(d.proc.pid) - base) / 1024
+    assert grown_mb < 12, f"daemon grew {grown_mb:.1f} MB for 20 MB published to a subscriber that never read"
+    assert d.call("daemon.status")["counts"]["lagging"] == 1
+    # The subscriber reads again: what it got, then one notice saying where to resume from history.
+    deliveries, notice = 0, None
+    while notice is None:
+        frame = slow.receive(timeout=10)
+        assert frame is not None
+        if frame.payload["action"] == "msg.delivery":
+            deliveries += 1
+        else:
+            notice = frame.payload
+    assert notice["action"] == "msg.missed" and notice["subscription"] == sub["subscription"]
+    assert deliveries + notice["missed"] == 10_000
+    resumed = slow.request("msg.history", {"channel": ["slow:*"], "after": notice["after"], "limit": 5})
+    assert resumed["messages"][0]["id"] > notice["after"]
+    slow.close()
+
+
+async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
+    daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
+        await pd.publish("sdk:ready", {"ok": True})
+        got = await pd.wait_for_signal("sdk:ready", timeout=5)
+        assert got.payload == {"ok": True}
+        with pytest.raises(Timeout):
+            await pd.wait_for_signal("sdk:never", timeout=0.2)
+        async with pd.subscribe("sdkq:*", new=True) as sub:
+            # 3,000 messages arrive while the reader sleeps: the SDK buffer overflows and history fills the gap.
+            async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as other:
+                sent = [await other.publish(f"sdkq:{i % 3}", i) for i in range(3000)]
+            received = []
+            with trio.fail_after(20):
+                async for msg in sub:
+                    received.append(msg.id)
+                    if len(received) == 3000:
+                        break
+            assert received == sent
+        grant = await pd.lock("sdk:lock", owner="first")
+        assert grant is not None and grant.token > 0
+        async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as other:
+            assert await other.lock("sdk:lock", blocking=False, owner="second") is None
+        assert await pd.unlock("sdk:lock", token=grant.token)
+        async with pd.with_lock("sdk:with", ttl=0.3) as held:
+            await trio.sleep(0.5)  # longer than the lease: renewed meanwhile
+            assert (await pd.call("lock.get", name="sdk:with"))["token"] == held.token
+        assert (await pd.call("lock.get", name="sdk:with"))["held"] is False
+
+
+def test_fire_and_forget_publish_and_duplicate_subscription(daemon) -> None:
+    with daemon.client() as c:
+        c.send("msg.publish", {"channel": "ff:x", "payload": "quick"})
+        first = c.request("msg.subscribe", {"channels": ["ff:x"]})
+        again = c.request("msg.subscribe", {"channels": ["ff:x"]})
+        assert again["existing"] is True and again["subscription"] == first["subscription"]
+        frame = c.receive(timeout=5)
+        assert frame.payload["payload"] == "quick" and frame.payload["action"] == "msg.delivery"
+
+
+def test_http_publish_history_and_channels(daemon) -> None:
+    transport = httpx.HTTPTransport(uds=str(daemon.settings.http_sock))
+    with httpx.Client(transport=transport, base_url="http://x") as c:
+        r = c.post("/msg/web:events", json={"payload": {"a": 1}, "sender": "curl"})
+        assert r.status_code == 200
+        hist = c.get("/msg/web:events").json()
+        assert hist["messages"][-1]["payload"] == {"a": 1} and hist["messages"][-1]["sender"] == "curl"
+        assert any(ch["channel"] == "web:events" for ch in c.get("/channels").json()["channels"])
+        assert c.delete("/msg/web:events").json()["deleted"] == 1
+
+
+@pytest.mark.parametrize("args", [
+    ("pub", "a::b", "x"),
+    ("pub", "has space", "x"),
+    ("pub", "ok:ch", "x" * 70_000),
+    ("pub", "ok:ch", "  "),
+    ("pub", "bad*wild", "x"),
+    ("sub", "a::b"),
+    ("history", "x" * 1024),
+    ("wait", "ok:ch", "--timeout", "soon"),
+])  # fmt: skip
+def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
+    before = daemon.call("msg.channels")["channels"]
+    r = daemon.pd(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("msg.channels")["channels"] == before
+
+
+def test_watch_runs_the_command_per_new_message(daemon, tmp_path) -> None:
+    out = tmp_path / "seen"
+    daemon.pd("pub", "watch:x", "old")  # retained: not run for without --retained
+    before = _subscriptions(daemon)
+    proc = _spawn_pd(daemon, "watch", "watch:*", "--once", "--exec",
+                     f'echo "$PD_CHANNEL $PD_MESSAGE_CONTENT $PD_MESSAGE_ID" >> {out}')  # fmt: skip
+    _wait_for(lambda: _subscriptions(daemon) == before + 1)
+    new_id = daemon.call("msg.publish", channel="watch:y", payload={"n": 1})["id"]
+    code, _, err = _finish(proc)
+    assert code == 0, err
+    assert out.read_text() == f'watch:y {{"n":1}} {new_id}\n'

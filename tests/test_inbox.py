@@ -1,0 +1,73 @@
+"""The inbox through the real daemon: messages to dead or unknown agents are kept and retrievable, the sender
+is told whether the recipient is alive, live delivery on inbox:<agent>, read/clear, limits and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+
+def test_message_to_an_unknown_agent_is_kept_and_retrievable(fresh_daemon) -> None:
+    sent = fresh_daemon.pd("inbox", "send", "ghost-agent", "schema v2 is in", "--from", "db-agent", "--json")
+    assert sent.returncode == 0, sent.stderr
+    reply = json.loads(sent.stdout)
+    assert reply["recipientAlive"] is False and "kept" in reply["message"]
+    fresh_daemon.kill9()
+    fresh_daemon.start()
+    listed = fresh_daemon.pd("inbox", "--agent", "ghost-agent", "--json")
+    [msg] = json.loads(listed.stdout)["messages"]
+    assert (msg["content"], msg["from"], msg["read"]) == ("schema v2 is in", "db-agent", False)
+    # Also on the agent's channel, retained for when it comes back.
+    assert fresh_daemon.call("msg.history", channel="inbox:ghost-agent")["messages"][0]["payload"]["id"] == msg["id"]
+
+
+def test_sender_learns_whether_the_recipient_is_alive(daemon) -> None:
+    daemon.call("agent.register", agentId="live-agent")
+    assert daemon.call("inbox.send", agentId="live-agent", content="hi")["recipientAlive"] is True
+    daemon.call("agent.unregister", agentId="live-agent")
+    assert daemon.call("inbox.send", agentId="live-agent", content="hi")["recipientAlive"] is False
+
+
+def test_unread_read_and_clear(daemon) -> None:
+    env = {"PORT_DADDY_AGENT": "reader"}
+    for text in ("one", '{"n": 2}'):
+        assert daemon.pd("inbox", "send", "reader", text).returncode == 0
+    assert daemon.pd("inbox", "--unread", "-q", env=env).stdout.strip() == "2"
+    listed = json.loads(daemon.pd("inbox", "--json", env=env).stdout)["messages"]
+    assert [m["content"] for m in listed] == [{"n": 2}, "one"]  # newest first; JSON comes back as JSON
+    assert daemon.pd("inbox", "read", str(listed[1]["id"]), env=env).returncode == 0
+    assert daemon.call("inbox.stats", agentId="reader") | {"success": True} == \
+        {"success": True, "agentId": "reader", "total": 2, "unread": 1}  # fmt: skip
+    assert "Marked 1" in daemon.pd("inbox", "read", env=env).stdout
+    assert "Deleted 2" in daemon.pd("inbox", "clear", env=env).stdout
+    assert "No messages" in daemon.pd("inbox", env=env).stdout
+
+
+def test_http_inbox_routes(daemon) -> None:
+    transport = httpx.HTTPTransport(uds=str(daemon.settings.http_sock))
+    with httpx.Client(transport=transport, base_url="http://x") as c:
+        r = c.post("/agents/web-agent/inbox", json={"content": "hi", "from": "curl"})
+        assert r.status_code == 200
+        mid = r.json()["messageId"]
+        assert c.get("/agents/web-agent/inbox", params={"unread": "true"}).json()["count"] == 1
+        assert c.put(f"/agents/web-agent/inbox/{mid}/read").json()["marked"] == 1
+        assert c.get("/agents/web-agent/inbox/stats").json()["unread"] == 0
+        assert c.put("/agents/web-agent/inbox/read-all").json()["marked"] == 0
+        assert c.delete("/agents/web-agent/inbox").json()["deleted"] == 1
+        assert c.post("/agents/web-agent/inbox", json={}).status_code == 400
+
+
+@pytest.mark.parametrize("args", [
+    ("inbox", "send", "bad agent", "hi"),
+    ("inbox", "send", "ok-agent", "x" * 70_000),
+    ("inbox", "send", "ok-agent", " "),
+    ("inbox",),  # no agent known
+])  # fmt: skip
+def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
+    before = daemon.call("inbox.stats", agentId="ok-agent")["total"]
+    r = daemon.pd(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("inbox.stats", agentId="ok-agent")["total"] == before

@@ -1,0 +1,330 @@
+"""Locks through the real daemon (CLI, IPC, HTTP) and in-process against a model: one holder, growing fencing
+tokens, FIFO waits, expiry, owner death, connection-bound release, SIGKILL survival, pd with-lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from portdaddy.core import locks as locks_module
+from portdaddy.core.locks import Locks
+from portdaddy.errors import LockHeld, PDError
+from tests.conftest import PYTHON
+from tests.swarm_app import make_app
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_cli_lock_unlock_and_token(daemon) -> None:
+    first = daemon.pd("lock", "cli:db-migrations", "-q")
+    assert first.returncode == 0, first.stderr
+    token = int(first.stdout)
+    held = daemon.pd("lock", "cli:db-migrations")  # another process: another owner
+    assert held.returncode == 1
+    assert "held by pid-" in held.stderr and held.stdout == ""
+    as_json = json.loads(daemon.pd("lock", "cli:db-migrations", "--json").stdout)
+    assert as_json["success"] is False and as_json["error"] == "LOCK_HELD" and as_json["holder"].startswith("pid-")
+    listed = json.loads(daemon.pd("locks", "--json").stdout)
+    assert [lk["token"] for lk in listed["locks"] if lk["name"] == "cli:db-migrations"] == [token]
+    unlocked = daemon.pd("unlock", "cli:db-migrations")
+    assert unlocked.returncode == 0 and "Released" in unlocked.stdout
+    assert "was not held" in daemon.pd("unlock", "cli:db-migrations").stderr
+    again = json.loads(daemon.pd("lock", "cli:db-migrations", "--json", "--owner", "me").stdout)
+    assert again["token"] > token
+    same = json.loads(daemon.pd("lock", "cli:db-migrations", "--json", "--owner", "me", "--ttl", "10m").stdout)
+    assert same["existing"] is True and same["token"] == again["token"]  # re-acquire is idempotent
+    refused = daemon.pd("unlock", "cli:db-migrations", "--owner", "someone-else")
+    assert refused.returncode == 1 and "held by me" in refused.stderr
+    assert daemon.pd("unlock", "cli:db-migrations", "--owner", "someone-else", "--force").returncode == 0
+    assert daemon.call("lock.get", name="cli:db-migrations")["held"] is False
+
+
+def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
+    cmd = [PYTHON, "-m", "portdaddy.cli", "lock", "race:x", "-q"]
+    procs = [subprocess.Popen(cmd, env=fresh_daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(32)]  # fmt: skip
+    results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    winners = [r for r in results if r[0] == 0]
+    assert len(winners) == 1, results
+    assert all(code == 1 and "is held by" in err for code, _, err in results if code != 0)
+    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(winners[0][1])
+
+
+def test_sigkill_keeps_locks_and_the_token_counter(fresh_daemon) -> None:
+    a = fresh_daemon.call("lock.acquire", name="keep:a", owner="alice", ttl="10m")
+    b = fresh_daemon.call("lock.acquire", name="keep:b", owner="bob", ttl="10m")
+    fresh_daemon.call("lock.release", name="keep:b", owner="bob")
+    fresh_daemon.kill9()
+    fresh_daemon.start()
+    kept = fresh_daemon.call("lock.get", name="keep:a")
+    assert kept["held"] and kept["owner"] == "alice" and kept["token"] == a["token"]
+    with pytest.raises(LockHeld):
+        fresh_daemon.call("lock.acquire", name="keep:a", owner="mallory")
+    c = fresh_daemon.call("lock.acquire", name="keep:b", owner="carol")
+    assert c["token"] > b["token"] > a["token"]
+
+
+def test_blocking_waiters_are_served_in_fifo_order_and_time_out(daemon) -> None:
+    daemon.call("lock.acquire", name="fifo:x", owner="holder")
+    order: list[str] = []
+
+    def waiter(owner: str) -> None:
+        with daemon.client() as c:
+            c.request("lock.acquire", {"name": "fifo:x", "owner": owner, "wait": True, "timeout": "20s"},
+                      timeout=30)  # fmt: skip
+            order.append(owner)
+            c.request("lock.release", {"name": "fifo:x", "owner": owner})
+
+    threads = []
+    for n, owner in enumerate(("w1", "w2", "w3"), 1):
+        threads.append(threading.Thread(target=waiter, args=(owner,)))
+        threads[-1].start()
+        _wait_for(lambda n=n: daemon.call("daemon.status")["counts"]["lockWaiters"] == n)
+    # A non-blocking caller does not barge in ahead of the queue when the lock is handed over.
+    daemon.call("lock.release", name="fifo:x", owner="holder")
+    for t in threads:
+        t.join(timeout=30)
+    assert order == ["w1", "w2", "w3"]
+    daemon.call("lock.acquire", name="fifo:x", owner="holder")
+    started = time.monotonic()
+    r = daemon.pd("lock", "fifo:x", "--wait", "--timeout", "300ms")
+    assert r.returncode == 1 and "not free within" in r.stderr
+    assert 0.25 < time.monotonic() - started < 10
+    daemon.call("lock.release", name="fifo:x", force=True)
+
+
+def test_expiry_hands_the_lock_to_a_waiter(daemon) -> None:
+    daemon.call("lock.acquire", name="exp:x", owner="short", ttl=200)
+    with daemon.client() as c:
+        got = c.request("lock.acquire", {"name": "exp:x", "owner": "next", "wait": True, "timeout": "10s"},
+                        timeout=15)  # fmt: skip
+    assert got["owner"] == "next"
+    with pytest.raises(PDError) as e:
+        daemon.call("lock.extend", name="exp:x", owner="short")
+    assert e.value.code == "NOT_OWNER"
+    daemon.call("lock.release", name="exp:x", owner="next")
+
+
+def test_connection_bound_lock_is_released_when_the_connection_closes(daemon) -> None:
+    with daemon.client() as c:
+        c.request("lock.acquire", {"name": "bound:x", "owner": "sdk", "connBound": True})
+        plain = c.request("lock.acquire", {"name": "bound:y", "owner": "sdk"})
+        assert daemon.call("lock.get", name="bound:x")["connBound"] is True
+    _wait_for(lambda: not daemon.call("lock.get", name="bound:x")["held"])
+    assert daemon.call("lock.get", name="bound:y")["token"] == plain["token"]  # not bound: kept
+    daemon.call("lock.release", name="bound:y")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_with_lock_runs_the_command_and_exits_with_its_status(daemon, tmp_path) -> None:
+    out = tmp_path / "token"
+    r = daemon.pd("with-lock", "wl:ok", "--", "sh", "-c", f'echo "$PD_LOCK_TOKEN" > {out}; exit 7')
+    assert r.returncode == 7, r.stderr
+    assert int(out.read_text()) > 0
+    assert daemon.call("lock.get", name="wl:ok")["held"] is False
+    daemon.call("lock.acquire", name="wl:held", owner="other")
+    r = daemon.pd("with-lock", "wl:held", "--", "true")
+    assert r.returncode == 1 and "held by other" in r.stderr
+    daemon.call("lock.release", name="wl:held")
+
+
+@pytest.mark.parametrize("victim", ["child", "with-lock"])
+def test_with_lock_releases_when_killed(daemon, victim) -> None:
+    name = f"wl:kill-{victim}"
+    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", "with-lock", name, "--ttl", "1s", "--", "sleep", "60"],
+                            env=daemon.env, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(lambda: daemon.call("lock.get", name=name)["held"] and _children(proc.pid))
+        time.sleep(0.6)  # past one lease renewal
+        assert daemon.call("lock.get", name=name)["held"]
+        if victim == "child":
+            os.kill(_children(proc.pid)[0], signal.SIGKILL)
+            assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+        else:
+            sleeper = _children(proc.pid)[0]
+            proc.kill()
+            proc.wait()
+            os.kill(sleeper, signal.SIGKILL)
+        _wait_for(lambda: not daemon.call("lock.get", name=name)["held"], timeout=3)  # well before the TTL
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_http_lock_routes(daemon) -> None:
+    transport = httpx.HTTPTransport(uds=str(daemon.settings.http_sock))
+    with httpx.Client(transport=transport, base_url="http://x") as c:
+        r = c.post("/locks/http:deploy", json={"owner": "ci", "ttl": "1m"})
+        assert r.status_code == 200 and r.json()["token"] > 0
+        held = c.post("/locks/http:deploy", json={"owner": "dev"})
+        assert held.status_code == 409 and held.json()["code"] == "LOCK_HELD" and held.json()["holder"] == "ci"
+        assert c.put("/locks/http:deploy", json={"owner": "ci", "ttl": "2m"}).status_code == 200
+        assert c.get("/locks/http:deploy").json()["owner"] == "ci"
+        assert c.request("DELETE", "/locks/http:deploy", json={"owner": "dev"}).status_code == 403
+        assert c.request("DELETE", "/locks/http:deploy", json={"owner": "ci"}).json()["released"] is True
+
+
+@pytest.mark.parametrize("args", [
+    ("lock", "has space"),
+    ("lock", "x" * 1024),
+    ("lock", "a::b"),
+    ("lock", "ok:name", "--ttl", "abc"),
+    ("lock", "ok:name", "--ttl", "2h"),
+    ("lock", "ok:name", "--wait", "--timeout", "soon"),
+    ("unlock", "has space"),
+])  # fmt: skip
+def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
+    before = daemon.call("lock.list")["locks"]
+    r = daemon.pd(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("lock.list")["locks"] == before
+
+
+# -- in-process: owner death and a stateful model ---------------------------------------------------------------
+
+
+async def test_agent_death_and_unregister_release_its_locks(tmp_path) -> None:
+    app = make_app(tmp_path)
+    locks = Locks(app)
+    app.add(locks)
+    with app.bus.subscribe("lock.release") as released:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(locks.run)
+            locks.try_acquire("db", "agent-a")
+            locks.try_acquire("cache", "agent-a")
+            locks.try_acquire("queue", "agent-b")
+            app.bus.emit("agent.dead", agentId="agent-a", identity=None, lastHeartbeat=0, sessionIds=[])
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(lk.name for lk in locks.list()) == ["queue"]
+            app.bus.emit("agent.unregister", agentId="agent-b")
+            await trio.testing.wait_all_tasks_blocked()
+            assert locks.list() == []
+            nursery.cancel_scope.cancel()
+        reasons = {(e.data["name"], e.data["reason"]) for e in [released.receive_nowait() for _ in range(3)]}
+    assert reasons == {("db", "owner-dead"), ("cache", "owner-dead"), ("queue", "owner-dead")}
+    app.store.close()
+
+
+_NAMES = st.sampled_from(["a", "b:c"])
+_OWNERS = st.sampled_from(["o1", "o2", "o3"])
+
+
+class LockModel(RuleBasedStateMachine):
+    """Acquire, release, force, expire (time moves), owner death and restart against a dict model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+        from pathlib import Path
+
+        self.home = Path(tempfile.mkdtemp(prefix="pdlk", dir="/tmp"))
+        self.now = 1_000_000
+        self._real_now = locks_module.now_ms
+        locks_module.now_ms = lambda: self.now
+        self.app = make_app(self.home)
+        self.locks = Locks(self.app)
+        self.model: dict[str, tuple[str, int, int]] = {}  # name -> (owner, token, expires_at)
+        self.last_token = 0
+
+    def teardown(self) -> None:
+        locks_module.now_ms = self._real_now
+        self.app.store.close()
+        import shutil
+
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def _live(self, name: str) -> tuple[str, int, int] | None:
+        held = self.model.get(name)
+        if held is not None and held[2] <= self.now:
+            del self.model[name]
+            return None
+        return held
+
+    @rule(name=_NAMES, owner=_OWNERS, ttl=st.integers(1, 100))
+    def acquire(self, name: str, owner: str, ttl: int) -> None:
+        held = self._live(name)
+        if held is not None and held[0] != owner:
+            with pytest.raises(LockHeld):
+                self.locks.try_acquire(name, owner, ttl_ms=ttl)
+            return
+        lock, existing = self.locks.try_acquire(name, owner, ttl_ms=ttl)
+        assert existing == (held is not None)
+        if held is not None:
+            assert lock.token == held[1]
+        else:
+            assert lock.token > self.last_token
+            self.last_token = lock.token
+        self.model[name] = (owner, lock.token, self.now + ttl)
+
+    @rule(name=_NAMES, owner=_OWNERS)
+    def release(self, name: str, owner: str) -> None:
+        held = self._live(name)
+        if held is not None and held[0] != owner:
+            with pytest.raises(PDError):
+                self.locks.release(name, owner=owner)
+            return
+        assert (self.locks.release(name, owner=owner) is not None) == (held is not None)
+        self.model.pop(name, None)
+
+    @rule(name=_NAMES)
+    def force(self, name: str) -> None:
+        held = self._live(name)
+        assert (self.locks.release(name, owner="admin", force=True) is not None) == (held is not None)
+        self.model.pop(name, None)
+
+    @rule(ms=st.integers(1, 150))
+    def time_passes(self, ms: int) -> None:
+        self.now += ms
+
+    @rule(owner=_OWNERS)
+    def owner_dies(self, owner: str) -> None:
+        self.locks.release_owner(owner, "owner-dead")
+        for name in [n for n, h in self.model.items() if h[0] == owner]:
+            del self.model[name]
+
+    @rule()
+    def restart(self) -> None:
+        self.app.store.close()
+        self.app = make_app(self.home)
+        self.locks = Locks(self.app)
+
+    @invariant()
+    def matches_model(self) -> None:
+        for name in ("a", "b:c"):
+            held, lock = self._live(name), self.locks.get(name)
+            assert (lock is None) == (held is None)
+            if lock is not None:
+                assert (lock.owner, lock.token, lock.expires_at) == held
+        rows = self.app.store.all("SELECT name, count(*) FROM locks GROUP BY name HAVING count(*) > 1")
+        assert rows == []
+        assert self.app.store.scalar("SELECT last_token FROM lock_fence") == self.last_token
+
+
+TestLockModel = LockModel.TestCase
+TestLockModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
