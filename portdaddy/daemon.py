@@ -26,12 +26,13 @@ from portdaddy.core.pheromones import Pheromones
 from portdaddy.core.registry import Registry
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
+from portdaddy.fleet.supervisor import Fleet
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter)
+SUBSYSTEMS = (Registry, Harbors, TupleSpace, Pheromones, Arbiter, Fleet)
 
 
 def _write_private(path: Path, text: str) -> None:

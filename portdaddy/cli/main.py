@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from portdaddy import __version__
-from portdaddy.cli import arbiter, daemon_cmds, harbors, pheromones, services, tuples
+from portdaddy.cli import arbiter, daemon_cmds, fleet, harbors, pheromones, services, spawn, tuples
 
 
 class PdGroup(click.Group):
@@ -36,7 +36,7 @@ def cli() -> None:
     """
 
 
-for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter):
+for module in (daemon_cmds, services, harbors, tuples, pheromones, arbiter, fleet, spawn):
     for command in module.COMMANDS:
         cli.add_command(command)
 

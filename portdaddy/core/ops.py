@@ -107,5 +107,6 @@ async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -
 def load_table() -> dict[str, Op]:
     """Every subsystem's operations. Imported lazily so that pure modules stay importable alone."""
     from portdaddy.core import arbiter, harbors, pheromones, registry, system, tuples
+    from portdaddy.fleet import ops as fleet
 
-    return build_table(system.OPS, registry.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS)
+    return build_table(system.OPS, registry.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS, fleet.OPS)

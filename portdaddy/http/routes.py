@@ -51,6 +51,18 @@ ROUTES: list[Route] = [
     Route("GET", "/arbiter/status", "arbiter.status"),
     Route("GET", "/arbiter/violations", "arbiter.violations"),
     Route("POST", "/arbiter/test-invariant/<name>", "arbiter.test"),
+    Route("GET", "/fleet", "fleet.status"),
+    Route("POST", "/fleet/start", "fleet.up"),
+    Route("POST", "/fleet/stop", "fleet.down"),
+    Route("POST", "/fleet/agent/run", "fleet.run"),
+    Route("POST", "/fleet/agent/reset", "fleet.reset"),
+    Route("GET", "/fleet/runs", "fleet.runs"),
+    Route("GET", "/fleet/logs", "fleet.logs"),
+    Route("POST", "/spawn", "spawn.start"),
+    Route("GET", "/spawn", "spawn.list"),
+    Route("DELETE", "/spawn/<id>", "spawn.kill"),
+    Route("GET", "/spawn/<id>/logs", "spawn.logs"),
+    Route("GET", "/spawn/<id>/wait", "spawn.wait"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).
