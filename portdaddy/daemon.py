@@ -15,6 +15,7 @@ import signal
 import sys
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -33,15 +34,26 @@ from portdaddy.core.sessions import Sessions
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
 from portdaddy.core.webhooks import Webhooks
+from portdaddy.fleet.supervisor import Fleet
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
 # Activity first, so that it logs every other subsystem's events from the start; the broker before the
-# journal, whose agents publish on `agents` and `resurrection`; locks before agents, whose deaths release them.
+# journal, whose agents publish on `agents` and `resurrection`; locks before agents, whose deaths release them;
+# the fleet last, as its runs are citizens of all the others.
 SUBSYSTEMS = (Activity, Registry, Broker, Locks, Sessions, Agents, Inbox, Harbors, TupleSpace, Pheromones, Arbiter,
-              Webhooks)
+              Webhooks, Fleet)
+
+
+async def start_subsystems(app: App, nursery: trio.Nursery, prebuilt: dict[type, Any] | None = None) -> None:
+    """Add every subsystem to ``app`` and start its task, in order (``prebuilt``: instances tests configure)."""
+    for cls in SUBSYSTEMS:
+        subsystem = (prebuilt or {}).get(cls) or cls(app)
+        app.add(subsystem)
+        if hasattr(subsystem, "run"):
+            await nursery.start(subsystem.run)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -92,11 +104,7 @@ async def run_daemon(settings: Settings, *, task_status: trio.TaskStatus[App] = 
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                for cls in SUBSYSTEMS:
-                    subsystem = cls(app)
-                    app.add(subsystem)
-                    if hasattr(subsystem, "run"):
-                        await nursery.start(subsystem.run)
+                await start_subsystems(app, nursery)
                 if settings.ipc_enabled:
                     ipc = IpcServer(app)
                     app.add(ipc)

@@ -33,6 +33,8 @@ COMMAND_MODULES: dict[str, str] = {
     "tuple": "tuples",
     "pheromone": "pheromones",
     "arbiter": "arbiter",
+    "fleet": "fleet",
+    "spawn": "spawn", "spawned": "spawn",
 }  # fmt: skip
 
 

@@ -109,6 +109,18 @@ ROUTES: list[Route] = [
     Route("DELETE", "/webhooks/<id>", "webhook.delete"),
     Route("POST", "/webhooks/<id>/test", "webhook.test"),
     Route("GET", "/webhooks/<id>/deliveries", "webhook.deliveries"),
+    Route("GET", "/fleet", "fleet.status"),
+    Route("POST", "/fleet/start", "fleet.up"),
+    Route("POST", "/fleet/stop", "fleet.down"),
+    Route("POST", "/fleet/agent/run", "fleet.run"),
+    Route("POST", "/fleet/agent/reset", "fleet.reset"),
+    Route("GET", "/fleet/runs", "fleet.runs"),
+    Route("GET", "/fleet/logs", "fleet.logs"),
+    Route("POST", "/spawn", "spawn.start"),
+    Route("GET", "/spawn", "spawn.list"),
+    Route("DELETE", "/spawn/<id>", "spawn.kill"),
+    Route("GET", "/spawn/<id>/logs", "spawn.logs"),
+    Route("GET", "/spawn/<id>/wait", "spawn.wait"),
 ]
 
 # (method, path, view) for routes whose reply is a stream; the view receives (core_app, request, **path).

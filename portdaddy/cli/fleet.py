@@ -1,0 +1,341 @@
+"""pd fleet init | validate | up | down | status | logs | reset | run | runs: background agents from pd-fleet.yml.
+
+``validate`` and ``init`` work without the daemon (they read and write files in the project); the rest ask the
+daemon, which supervises the fleet (it survives the terminal that ran ``pd fleet up``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from portdaddy.cli.context import worktree_root
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.transport import Spinner, call, fail
+from portdaddy.errors import PDError, bad_input
+from portdaddy.fleet import hook
+
+# The daemon stops children with SIGTERM, a grace period, then SIGKILL: a reply may take a while.
+_SLOW_TIMEOUT_S = 300.0
+
+
+@contextmanager
+def spinning(label: str) -> Iterator[None]:
+    """A stderr spinner (on a terminal, after one second) while the block waits on the daemon."""
+    spinner, done = Spinner(label), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.1):
+            spinner.tick()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        spinner.done()
+
+
+def project_dir(explicit: str | None) -> str:
+    """``--dir``, else the enclosing git worktree of the current directory."""
+    return str(Path(explicit).resolve() if explicit else worktree_root())
+
+
+_DIR = click.option("--dir", "-C", "directory", metavar="DIR", help="The project (default: the current git worktree).")
+
+
+@click.group()
+def fleet() -> None:
+    """Background agents declared in pd-fleet.yml, supervised by the daemon.
+
+    \b
+    Agents fire on a channel (trigger: git:committed, or another agent's on_success), or on a
+    five-field cron (schedule: "*/10 * * * *"). Each run is a registered agent with a session;
+    a crash goes to salvage; respawn with a circuit breaker; limits queue bursts.
+    Examples:
+      pd fleet init            write a starter pd-fleet.yml and the git post-commit hook
+      pd fleet validate        check the file (cycles, cron, missing backend programs)
+      pd fleet up              start (or reload) the fleet in the daemon
+      pd fleet status          agents, queues, breakers, last runs
+      pd fleet logs qa         output of qa's latest run
+      pd fleet down            stop it; children get SIGTERM, then SIGKILL
+    """
+
+
+@fleet.command("init")
+@_DIR
+@click.option("--force", is_flag=True, help="Overwrite an existing fleet file with the starter.")
+@click.option("--no-hook", is_flag=True, help="Do not install the git post-commit hook.")
+@json_option
+def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> None:
+    """Write a starter pd-fleet.yml and install the git post-commit hook (merged with an existing one).
+
+    \b
+    Examples:
+      pd fleet init
+      pd fleet init --no-hook -C ~/src/myapp
+    """
+    from portdaddy.fleet.config import STARTER_FLEET, find_fleet_file
+
+    root = Path(project_dir(directory))
+    existing = find_fleet_file(root)
+    wrote = None
+    if existing is None or force:
+        wrote = existing or root / "pd-fleet.yml"
+        wrote.write_text(STARTER_FLEET)
+    hook_path, action = None, None
+    if not no_hook:
+        try:
+            hook_path, action = hook.install(root)
+        except ValueError as exc:
+            fail(bad_input(f"{exc}; run git init first, or pass --no-hook"), as_json=as_json)
+    if as_json:
+        emit_json({"fleetFile": str(wrote or existing), "written": wrote is not None,
+                   "hook": str(hook_path) if hook_path else None, "hookAction": action})  # fmt: skip
+        return
+    if wrote is not None:
+        click.echo(f"Wrote {wrote}")
+    else:
+        click.echo(f"Kept {existing} (use --force to replace it with the starter)")
+    if hook_path is not None:
+        click.echo(f"Hook {action}: {hook_path} (publishes git:committed after each commit)")
+    click.echo("Next: edit the file, then pd fleet validate && pd fleet up")
+
+
+@fleet.command("validate")
+@_DIR
+@click.option("--file", "-f", "file", metavar="PATH", help="A fleet file (default: the project's).")
+@json_option
+def validate(directory: str | None, file: str | None, as_json: bool) -> None:
+    """Check the fleet file: schema, cron, the trigger graph (no cycles), backend programs on PATH.
+
+    Works without the daemon. Exit 2 with every problem (file:line: field: what is wrong) if invalid.
+
+    \b
+    Examples:
+      pd fleet validate
+      pd fleet validate -f ci/pd-fleet.yml --json
+    """
+    from portdaddy.fleet.config import FleetConfigError, check_backends, load_fleet
+    from portdaddy.fleet.loader import load_checked
+
+    try:
+        if file:
+            cfg = load_fleet(Path(file))
+            problems = check_backends(cfg)
+            if problems:
+                raise FleetConfigError([f"{file}: {p}" for p in problems], file)
+        else:
+            cfg = load_checked(project_dir(directory), os.environ.get("PATH"))
+    except FleetConfigError as exc:
+        if as_json:
+            emit_json({"valid": False, "file": str(exc.path), "errors": exc.errors})
+        else:
+            for line in exc.errors:
+                click.echo(f"error: {line}", err=True)
+        sys.exit(2)
+    except PDError as exc:
+        fail(exc, as_json=as_json)
+    if as_json:
+        emit_json({"valid": True, "file": str(cfg.path), "name": cfg.name, "agents": sorted(cfg.agents),
+                   "channels": sorted(cfg.channels), "warnings": cfg.warnings})  # fmt: skip
+        return
+    for line in cfg.warnings:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(f"{cfg.path}: fleet {cfg.name!r} is valid: {len(cfg.agents)} agent(s) "
+               f"({', '.join(cfg.agents) or 'none'}), {len(cfg.channels)} channel(s)")  # fmt: skip
+
+
+@fleet.command("up")
+@_DIR
+@json_option
+def up(directory: str | None, as_json: bool) -> None:
+    """Start the project's fleet in the daemon (or reload it after editing the file).
+
+    The fleet's children get this shell's PATH. Refused (exit 2) if the file is invalid.
+
+    \b
+    Example:
+      pd fleet up
+    """
+    with spinning("starting the fleet…"):
+        result = call("fleet.up", {"projectDir": project_dir(directory), "path": os.environ.get("PATH")},
+                      as_json=as_json, timeout=_SLOW_TIMEOUT_S)  # fmt: skip
+    if as_json:
+        emit_json(result)
+        return
+    for line in result["warnings"]:
+        click.echo(f"warning: {line}", err=True)
+    view = result["fleet"]
+    click.echo(f"Fleet {view['name']!r} is up: {len(view['agents'])} agent(s) in {view['projectDir']}")
+
+
+@fleet.command("down")
+@_DIR
+@json_option
+def down(directory: str | None, as_json: bool) -> None:
+    """Stop the fleet: queued runs are cancelled, running children get SIGTERM, then SIGKILL after a grace period.
+
+    \b
+    Example:
+      pd fleet down
+    """
+    with spinning("stopping the fleet…"):
+        result = call("fleet.down", {"projectDir": project_dir(directory)}, as_json=as_json,
+                      timeout=_SLOW_TIMEOUT_S)  # fmt: skip
+    if as_json:
+        emit_json(result)
+    elif result["stopped"]:
+        click.echo(f"Fleet stopped: {result['killed']} run(s) stopped, {result['cancelled']} queued run(s) cancelled")
+    else:
+        click.echo("No fleet was up for this project")
+
+
+def _agent_state(agent: dict[str, Any]) -> str:
+    if agent["circuit"]["open"]:
+        return "circuit open"
+    if not agent["enabled"]:
+        return "disabled"
+    if agent["running"]:
+        return "running"
+    return "queued" if agent["queued"] else "idle"
+
+
+@fleet.command("status")
+@_DIR
+@click.option("--all", "-a", "all_", is_flag=True, help="Every fleet that is up, not just this project's.")
+@json_option
+def status(directory: str | None, all_: bool, as_json: bool) -> None:
+    """Agents of the fleet: state, trigger, queue, failures, circuit breaker, last run.
+
+    \b
+    Examples:
+      pd fleet status
+      pd fleet status --all --json
+    """
+    result = call("fleet.status", {} if all_ else {"projectDir": project_dir(directory)}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    for view in result["fleets"]:
+        limits = view["limits"]
+        click.echo(f"Fleet {view['name']!r} ({view['projectDir']}): {view['running']} running, {view['queued']} "
+                   f"queued; limits {limits['maxConcurrentSpawns']} at once, {limits['maxSpawnsPerHour']}/hour")
+        rows = []
+        for a in view["agents"]:
+            last = a["lastRun"]
+            rows.append([a["name"], _agent_state(a), a["trigger"] or f"cron {a['schedule']}", a["backend"],
+                         a["queued"], f"{a['failures']}/{a['maxRespawns']}" if a["respawn"] else a["failures"],
+                         f"{last['status']} {age(last['endedAt'] or last['createdAt'])} ago" if last else "-"])
+        table(rows, ["AGENT", "STATE", "FIRES ON", "BACKEND", "QUEUED", "FAILURES", "LAST RUN"])
+        for a in view["agents"]:
+            if a["circuit"]["open"]:
+                click.echo(f"  {a['name']}: circuit open: {a['circuit']['reason']} (pd fleet reset {a['name']})")
+
+
+@fleet.command("logs")
+@click.argument("agent", required=False)
+@_DIR
+@click.option("--run", "run_id", metavar="ID", help="A particular run (see pd fleet runs).")
+@click.option("--tail", type=int, default=64_000, show_default=True, help="Bytes from the end of the log.")
+@json_option
+def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int, as_json: bool) -> None:
+    """Output of the latest run of the fleet, of AGENT, or of --run ID.
+
+    \b
+    Examples:
+      pd fleet logs qa
+      pd fleet logs --run fleet-qa-1a2b3c4d
+    """
+    args = {"projectDir": project_dir(directory), "agent": agent, "runId": run_id, "tail": tail}
+    result = call("fleet.logs", args, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    run = result["run"]
+    click.echo(f"== {run['id']} ({run['agent']}) {run['status']}", err=True)
+    click.echo(result["log"], nl=False)
+
+
+@fleet.command("runs")
+@click.argument("agent", required=False)
+@_DIR
+@click.option("--limit", type=int, default=20, show_default=True)
+@json_option
+def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) -> None:
+    """Recent runs of the fleet's agents, newest first.
+
+    \b
+    Example:
+      pd fleet runs qa --limit 5
+    """
+    result = call("fleet.runs", {"projectDir": project_dir(directory), "agent": agent, "limit": limit},
+                  as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
+        return
+    table([[r["id"], r["agent"], r["status"], r["attempt"], (r["trigger"] or {}).get("source", "-"),
+            r["exitCode"], age(r["createdAt"])] for r in result["runs"]],
+          ["RUN", "AGENT", "STATUS", "ATTEMPT", "TRIGGER", "EXIT", "AGE"])  # fmt: skip
+
+
+@fleet.command("run")
+@click.argument("agent")
+@_DIR
+@json_option
+@quiet_option
+def run_now(agent: str, directory: str | None, as_json: bool, quiet: bool) -> None:
+    """Queue one run of AGENT now (limits still apply).
+
+    \b
+    Example:
+      pd fleet run docs -q
+    """
+    result = call("fleet.run", {"projectDir": project_dir(directory), "agent": agent}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["run"]["id"] if quiet else f"Queued {result['run']['id']}")
+
+
+@fleet.command("reset")
+@click.argument("agent")
+@_DIR
+@json_option
+def reset(agent: str, directory: str | None, as_json: bool) -> None:
+    """Close AGENT's circuit breaker (opened after too many failed respawns) and forget its failures.
+
+    \b
+    Example:
+      pd fleet reset qa
+    """
+    result = call("fleet.reset", {"projectDir": project_dir(directory), "agent": agent}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"Circuit of {agent} closed" if result["wasOpen"] else f"Circuit of {agent} was not open")
+
+
+@fleet.group("hook", hidden=True)
+def hook_group() -> None:
+    """Entry points of the git hooks pd fleet init installs."""
+
+
+@hook_group.command("post-commit")
+def post_commit() -> None:
+    """Publish git:committed for the commit just made (called by .git/hooks/post-commit)."""
+    payload = hook.commit_payload(Path.cwd())
+    call("msg.publish", {"channel": "git:committed", "payload": payload, "sender": f"git:{payload['project']}"})
+
+
+COMMANDS = [fleet]
+

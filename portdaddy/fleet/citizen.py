@@ -1,0 +1,71 @@
+"""A run as a full Port Daddy citizen: a registered agent with a session, heartbeats while it runs, ``done``
+with its result, and salvage when it crashes (the journal, issue 3).
+
+The fleet reaches the journal through the operation table (``agent.register``, ``session.start``,
+``agent.heartbeat``, ``agent.done``) and ``app.agents.declare_dead``, so it stays in step with every other
+client. A journal error is logged and never fails the run (the child's work matters more than its bookkeeping).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from portdaddy.core.ops import Ctx, call
+from portdaddy.errors import PDError
+
+if TYPE_CHECKING:
+    from portdaddy.core.app import App
+    from portdaddy.fleet.runs import Run
+
+log = logging.getLogger("portdaddy.fleet")
+_CALL_TIMEOUT_S = 5.0
+NOTE_OUTPUT_MAX = 200  # characters of output in a done note, as the original
+
+
+async def _op(app: App, action: str, **args: Any) -> Any:
+    # Shielded: bookkeeping for a run that is being stopped must still reach the journal.
+    with trio.CancelScope(shield=True), trio.move_on_after(_CALL_TIMEOUT_S):
+        try:
+            return await call(app.ops, action, {k: v for k, v in args.items() if v is not None}, Ctx(app, "fleet"))
+        except PDError as exc:
+            log.warning("fleet: %s for %s failed: %s", action, args.get("agentId"), exc.message)
+    return None
+
+
+def purpose(run: Run) -> str:
+    if run.kind == "fleet":
+        return f"Fleet agent: {run.agent}"
+    text = run.task.command if run.task.backend == "custom" else run.task.prompt
+    return (text or run.agent)[:80]
+
+
+async def enter(app: App, run: Run) -> str | None:
+    """Register the run's agent and start its session; the session id (None if the journal refused)."""
+    if await _op(app, "agent.register", agentId=run.agent_id, identity=run.identity, purpose=purpose(run),
+                 type="fleet" if run.kind == "fleet" else "spawned") is None:  # fmt: skip
+        return None
+    metadata = {"runId": run.id, "kind": run.kind, "agent": run.agent, "fleet": run.fleet,
+                "backend": run.task.backend, "trigger": run.trigger, "attempt": run.attempt}  # fmt: skip
+    reply = await _op(app, "session.start", purpose=purpose(run), agentId=run.agent_id, force=True,
+                      worktree=run.project_dir, metadata=metadata)  # fmt: skip
+    return reply.get("sessionId") if isinstance(reply, dict) else None
+
+
+async def heartbeat(app: App, run: Run) -> None:
+    await _op(app, "agent.heartbeat", agentId=run.agent_id)
+
+
+async def done(app: App, run: Run, note: str) -> None:
+    """The run ended on its own terms (success, or stopped on purpose): end its session and unregister."""
+    await _op(app, "agent.done", agentId=run.agent_id, note=note, sessionId=run.session_id)
+
+
+def crashed(app: App, run: Run, reason: str) -> None:
+    """The run died (crash, timeout, lost with the daemon): the reaper's path, so its session goes to salvage."""
+    try:
+        app.agents.declare_dead(run.agent_id, reason)
+    except PDError as exc:
+        log.warning("fleet: declaring %s dead failed: %s", run.agent_id, exc.message)

@@ -1,0 +1,143 @@
+"""A run: one supervised child (a fleet agent firing, or ``pd spawn``), and its row in ``fleet_runs``.
+
+The row is written when the run is queued, updated when it starts and when it ends; each write commits
+before anyone is told (a reply, an event, a channel message).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from portdaddy.core.clock import now_ms
+from portdaddy.fleet.backends import Task
+
+LIVE = ("queued", "running")
+# completed: exit 0; failed: non-zero exit or could not start; timeout: ran past its timeout; killed: stopped
+# on purpose (pd spawn kill, pd fleet down, daemon shutdown); lost: the daemon died while it ran;
+# cancelled: was queued when its fleet went down.
+FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
+
+_COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "
+            "exit_code, error, log_path, session_id, created_at, started_at, ended_at")  # fmt: skip
+
+
+def new_id(kind: str, agent: str) -> str:
+    """``spawned-<12 hex>`` as the original; ``fleet-<agent>-<8 hex>`` so an id says whose run it is."""
+    return f"spawned-{secrets.token_hex(6)}" if kind == "spawn" else f"fleet-{agent}-{secrets.token_hex(4)}"
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    id: str
+    kind: str  # fleet | spawn
+    agent: str  # the fleet agent's name; "spawn" for pd spawn
+    identity: str
+    task: Task
+    trigger: dict[str, Any] | None = None
+    attempt: int = 0
+    project_dir: str | None = None
+    fleet: str | None = None
+    status: str = "queued"
+    pid: int | None = None
+    pid_start: int | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    log_path: str | None = None
+    session_id: str | None = None
+    created_at: int = field(default_factory=now_ms)
+    started_at: int | None = None
+    ended_at: int | None = None
+    # Live-only: cancelled to stop this one run; why it was stopped; set once the row says it finished.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stop_reason: str | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def agent_id(self) -> str:
+        """The run is registered as an agent under its own id."""
+        return self.id
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "agentId": self.agent_id, "kind": self.kind, "agent": self.agent,
+            "identity": self.identity, "backend": self.task.backend, "model": self.task.model,
+            "projectDir": self.project_dir, "fleet": self.fleet, "status": self.status, "attempt": self.attempt,
+            "trigger": self.trigger, "pid": self.pid, "exitCode": self.exit_code, "error": self.error,
+            "logPath": self.log_path, "sessionId": self.session_id, "createdAt": self.created_at,
+            "startedAt": self.started_at, "endedAt": self.ended_at,
+        }  # fmt: skip
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
+class RunTable:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def insert(self, run: Run) -> None:
+        with self.store.write() as db:
+            db.execute(
+                f"INSERT INTO fleet_runs ({_COLUMNS}) VALUES ({','.join('?' * 20)})",
+                (run.id, run.kind, run.project_dir, run.fleet, run.agent, run.identity, run.task.backend,
+                 _dumps(run.task.to_json()), _dumps(run.trigger), run.attempt, run.status, run.pid, run.pid_start,
+                 run.exit_code, run.error, run.log_path, run.session_id, run.created_at, run.started_at,
+                 run.ended_at),
+            )  # fmt: skip
+
+    def update(self, run: Run) -> None:
+        with self.store.write() as db:
+            db.execute(
+                "UPDATE fleet_runs SET status=?, pid=?, pid_start=?, exit_code=?, error=?, log_path=?, session_id=?,"
+                " started_at=?, ended_at=? WHERE id=?",
+                (run.status, run.pid, run.pid_start, run.exit_code, run.error, run.log_path, run.session_id,
+                 run.started_at, run.ended_at, run.id),
+            )  # fmt: skip
+
+    def _select(self, where: str, args: tuple[Any, ...] = (), limit: int = 1000) -> list[Run]:
+        rows = self.store.all(f"SELECT {_COLUMNS} FROM fleet_runs WHERE {where} LIMIT {int(limit)}", args)
+        return [self._from_row(r) for r in rows]
+
+    @staticmethod
+    def _from_row(row: tuple[Any, ...]) -> Run:
+        (rid, kind, project_dir, fleet, agent, identity, _backend, spec, trigger, attempt, status, pid, pid_start,
+         exit_code, error, log_path, session_id, created_at, started_at, ended_at) = row  # fmt: skip
+        return Run(rid, kind, agent, identity, Task.from_json(_loads(spec)), _loads(trigger), attempt, project_dir,
+                   fleet, status, pid, pid_start, exit_code, error, log_path, session_id, created_at, started_at,
+                   ended_at)  # fmt: skip
+
+    def get(self, run_id: str) -> Run | None:
+        found = self._select("id=?", (run_id,))
+        return found[0] if found else None
+
+    def with_status(self, status: str) -> list[Run]:
+        return self._select("status=? ORDER BY created_at, rowid", (status,), limit=100_000)
+
+    def recent(self, *, kind: str | None = None, project_dir: str | None = None, agent: str | None = None,
+               limit: int = 50) -> list[Run]:  # fmt: skip
+        clauses, args = ["1=1"], []
+        for column, value in (("kind", kind), ("project_dir", project_dir), ("agent", agent)):
+            if value is not None:
+                clauses.append(f"{column}=?")
+                args.append(value)
+        return self._select(" AND ".join(clauses) + " ORDER BY created_at DESC, rowid DESC", tuple(args), limit)
+
+    def prune(self, keep: int) -> list[str]:
+        """Forget all but the newest ``keep`` finished runs; returns the log paths of those forgotten."""
+        marks = ",".join("?" * len(FINISHED))
+        cutoff = f"SELECT rowid FROM fleet_runs WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT -1 OFFSET ?"
+        logs = [p for (p,) in self.store.all(f"SELECT log_path FROM fleet_runs WHERE rowid IN ({cutoff})",
+                                              (*FINISHED, keep)) if p]  # fmt: skip
+        with self.store.write() as db:
+            db.execute(f"DELETE FROM fleet_runs WHERE rowid IN ({cutoff})", (*FINISHED, keep))
+        return logs

@@ -1,0 +1,323 @@
+"""The fleet against a real daemon: pd fleet validate/init/up/down/status/logs/reset, limits, respawn and the
+circuit breaker, no orphans after down, reconciliation after SIGKILL, pd spawn."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Daemon
+from tests.fleet_helpers import FAST, git, make_bin, make_project, path_with, pid_alive, records, wait_for
+
+CHAIN = """
+fleet:
+  agents:
+    qa:
+      trigger: git:committed
+      backend: claude-cli
+      allowedTools: "Read,Grep"
+      model: sonnet
+      env: {PD_TEST_RECORD: "RECORDS"}
+      prompt: "Review {branch} for bugs"
+      on_success: publish qa:passed
+    tidy:
+      trigger: qa:passed
+      backend: custom
+      command: echo "tidy after $PD_TRIGGER_CHANNEL"
+  channels:
+    git:committed: commits
+    qa:passed: qa ok
+"""
+
+
+def pd_json(d: Daemon, *args: str, **kw: Any) -> Any:
+    r = d.pd(*args, "--json", **kw)
+    assert r.returncode == 0, r.stderr + r.stdout
+    return json.loads(r.stdout)
+
+
+def runs_of(d: Daemon, project: Path, agent: str | None = None) -> list[dict[str, Any]]:
+    return d.call("fleet.runs", projectDir=str(project), agent=agent, limit=500)["runs"]
+
+
+def finished(d: Daemon, project: Path, agent: str, n: int) -> list[dict[str, Any]]:
+    return wait_for(lambda: (lambda rs: rs if len(rs) >= n else None)(
+        [r for r in runs_of(d, project, agent) if r["status"] not in ("queued", "running")]), what=f"{n} {agent} runs")
+
+
+# --- validate and init (no daemon) ---------------------------------------------------------------------
+
+
+def test_validate_reports_cycles_yaml_lines_and_missing_backends(tmp_home: Path, daemon: Daemon) -> None:
+    bin_dir = make_bin(tmp_home)
+    project = make_project(tmp_home, CHAIN)
+    ok = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    assert ok.returncode == 0, ok.stderr
+    assert "2 agent(s) (qa, tidy)" in ok.stdout
+
+    missing = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2
+    assert "agent 'qa' uses backend claude-cli but 'claude' is not on PATH" in missing.stderr
+
+    (project / "pd-fleet.yml").write_text(
+        "agents:\n"
+        "  a: {trigger: x, backend: custom, command: 'true', on_success: publish y}\n"
+        "  b: {trigger: y, backend: custom, command: 'true', on_success: publish x}\n"
+    )
+    cyclic = daemon.pd("fleet", "validate", "-C", str(project), "--json")
+    assert cyclic.returncode == 2
+    report = json.loads(cyclic.stdout)
+    assert report["valid"] is False
+    assert any("cycle: a -> b -> a" in e for e in report["errors"]), report
+
+    (project / "pd-fleet.yml").write_text("agents:\n  a:\n    trigger: x\n   backend: custom\n")
+    broken = daemon.pd("fleet", "validate", "-C", str(project))
+    assert broken.returncode == 2
+    assert "pd-fleet.yml:4: yaml: syntax error" in broken.stderr
+
+
+def test_up_refuses_an_invalid_fleet_and_changes_nothing(fresh_daemon: Daemon, tmp_home: Path) -> None:
+    project = make_project(tmp_home, CHAIN)
+    r = fresh_daemon.pd("fleet", "up", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2
+    assert "'claude' is not on PATH" in r.stderr
+    assert fresh_daemon.call("fleet.status")["fleets"] == []
+    none = fresh_daemon.pd("fleet", "up", "-C", str(tmp_home))
+    assert none.returncode == 1 and "pd fleet init" in none.stderr
+
+
+def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: Daemon) -> None:
+    project = tmp_home / "p"
+    project.mkdir()
+    git(project, "init", "-q")
+    hook = project / ".git" / "hooks" / "post-commit"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/bash\necho mine\nexit 0\n")
+    r = daemon.pd("fleet", "init", "-C", str(project), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["written"] is True and out["hookAction"] == "merged"
+    text = hook.read_text()
+    # Ours runs before the existing hook's `exit 0`, which is kept.
+    assert text.startswith("#!/bin/bash\n# >>> port-daddy fleet >>>")
+    assert text.index("fleet hook post-commit") < text.index("echo mine") < text.index("exit 0")
+    assert hook.stat().st_mode & stat.S_IXUSR
+    starter_ok = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": path_with(make_bin(tmp_home))})
+    assert starter_ok.returncode == 0, starter_ok.stderr
+
+    again = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
+    assert again["written"] is False and again["hookAction"] == "updated"
+    assert hook.read_text().count("# >>> port-daddy fleet >>>") == 1
+
+    hook.write_text("#!/usr/bin/env python3\nprint('py hook')\n")
+    chained = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
+    assert chained["hookAction"] == "chained"
+    assert "print('py hook')" in (hook.parent / "post-commit.pd-chained").read_text()
+    assert 'exec "$(dirname "$0")/post-commit.pd-chained"' in hook.read_text()
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
+def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    bin_dir = make_bin(tmp_home)
+    project = make_project(tmp_home, CHAIN)
+    (project / "pd-fleet.yml").write_text(CHAIN.replace("RECORDS", str(tmp_home / "records")))
+    up = pd_json(d, "fleet", "up", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    assert [a["name"] for a in up["fleet"]["agents"]] == ["qa", "tidy"]
+    run = pd_json(d, "fleet", "run", "qa", "-C", str(project))["run"]
+    done = finished(d, project, "qa", 1)
+    assert done[0]["status"] == "completed", done
+    [rec] = records(tmp_home)
+    argv = rec["argv"]
+    assert argv[0] == "-p" and argv[1] == "Review main for bugs"  # manual run: no trigger context block
+    assert argv[2:] == ["--allowedTools", "Read,Grep", "--model", "sonnet"]
+    assert rec["env"]["PD_RUN_ID"] == run["id"] == rec["env"]["PORT_DADDY_AGENT"]
+    assert rec["env"]["PD_IDENTITY"] == "proj:fleet:qa"
+
+    logs = d.pd("fleet", "logs", "qa", "-C", str(project))
+    assert logs.returncode == 0 and "stand-in claude ran: -p" in logs.stdout
+    status = pd_json(d, "fleet", "status", "-C", str(project))["fleets"][0]
+    qa = next(a for a in status["agents"] if a["name"] == "qa")
+    assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
+
+
+def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    bin_dir = make_bin(tmp_home)
+    project = make_project(tmp_home, CHAIN.replace("RECORDS", str(tmp_home / "records")))
+    assert d.pd("fleet", "init", "-C", str(project), "--json").returncode == 0  # keeps our pd-fleet.yml
+    pd_json(d, "fleet", "up", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    (project / "app.py").write_text("print('hi')\n")
+    subprocess.run(["git", "add", "app.py"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "add app"], cwd=project, env=d.env, check=True, timeout=30)
+    sha = git(project, "rev-parse", "HEAD")
+    [qa] = finished(d, project, "qa", 1)
+    assert qa["status"] == "completed" and qa["trigger"]["channel"] == "git:committed"
+    assert qa["trigger"]["payload"]["sha"] == sha and "app.py" in json.dumps(qa["trigger"]["payload"])
+    [rec] = records(tmp_home)
+    assert sha in rec["argv"][1]  # the prompt carries the trigger context
+    [tidy] = finished(d, project, "tidy", 1)
+    assert tidy["status"] == "completed" and tidy["trigger"]["channel"] == "qa:passed"
+    # Each run was an agent with a session that ended with its result.
+    sessions = d.call("session.list", agent=qa["agentId"], all=True)["sessions"]
+    assert [s["status"] for s in sessions] == ["completed"]
+
+
+def test_crashing_agent_respawns_three_times_then_circuit_opens(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        agents:
+          flaky:
+            trigger: work
+            backend: custom
+            command: echo "attempt $PD_ATTEMPT"; exit 3
+            respawn: true
+            max_respawns: 3
+        channels: {work: work}
+    """)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    pd_json(d, "fleet", "run", "flaky", "-C", str(project))
+    wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["circuit"]["open"],
+             what="the circuit to open")  # fmt: skip
+    runs = finished(d, project, "flaky", 4)
+    assert sorted(r["attempt"] for r in runs) == [0, 1, 2, 3]
+    assert all(r["status"] == "failed" and r["exitCode"] == 3 for r in runs)
+
+    status = d.pd("fleet", "status", "-C", str(project))
+    assert "circuit open" in status.stdout and "pd fleet reset flaky" in status.stdout
+    refused = d.pd("fleet", "run", "flaky", "-C", str(project))
+    assert refused.returncode == 1 and "failures" in refused.stderr
+    assert len(runs_of(d, project, "flaky")) == 4  # nothing respawned after the breaker opened
+
+    assert "Circuit of flaky closed" in d.pd("fleet", "reset", "flaky", "-C", str(project)).stdout
+    pd_json(d, "fleet", "run", "flaky", "-C", str(project))
+    wait_for(lambda: len(runs_of(d, project, "flaky")) >= 5, what="a run after reset")
+    d.pd("fleet", "down", "-C", str(project))
+
+
+def test_limits_queue_a_burst(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    marks = tmp_home / "marks"
+    marks.mkdir()
+    project = make_project(tmp_home, f"""
+        fleet:
+          limits: {{max_concurrent_spawns: 2, max_spawns_per_hour: 6}}
+          agents:
+            qa:
+              trigger: git:committed
+              backend: custom
+              command: >-
+                mkdir {marks}/run-$PD_RUN_ID && ls {marks} | grep -c run- >> {marks}/seen;
+                sleep 0.3; rmdir {marks}/run-$PD_RUN_ID
+    """)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    for _ in range(10):
+        d.call("fleet.run", projectDir=str(project), agent="qa")
+    done = finished(d, project, "qa", 6)
+    assert all(r["status"] == "completed" for r in done)
+    status = d.call("fleet.status", projectDir=str(project))["fleets"][0]
+    assert status["queued"] == 4 and status["running"] == 0  # the hourly cap holds the rest
+    seen = [int(x) for x in (marks / "seen").read_text().split()]
+    assert len(seen) == 6 and max(seen) <= 2 and 2 in seen  # never more than two at once, and two did overlap
+    down = pd_json(d, "fleet", "down", "-C", str(project))
+    assert down["cancelled"] == 4
+    assert sorted(r["status"] for r in runs_of(d, project, "qa")).count("cancelled") == 4
+
+
+def _sleeper_fleet(tmp_home: Path) -> tuple[Path, Path]:
+    pids = tmp_home / "pids"
+    pids.mkdir()
+    # The leader ignores SIGTERM (so the grace period and SIGKILL are needed) and starts a grandchild.
+    project = make_project(tmp_home, f"""
+        fleet:
+          limits: {{max_concurrent_spawns: 3}}
+          agents:
+            sleeper:
+              trigger: work
+              backend: custom
+              command: >-
+                trap '' TERM; echo $$ > {pids}/$PD_RUN_ID.leader;
+                sleep 300 & echo $! > {pids}/$PD_RUN_ID.child; wait
+        """)  # fmt: skip
+    return project, pids
+
+
+def _recorded_pids(pids: Path, n: int) -> list[int]:
+    return wait_for(lambda: (lambda ps: ps if len(ps) == 2 * n else None)(
+        [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]), what="child pids")
+
+
+def test_down_stops_every_child_and_grandchild(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project, pids = _sleeper_fleet(tmp_home)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    for _ in range(2):
+        d.call("fleet.run", projectDir=str(project), agent="sleeper")
+    procs = _recorded_pids(pids, 2)
+    assert all(pid_alive(p) for p in procs)
+    down = pd_json(d, "fleet", "down", "-C", str(project))
+    assert (down["stopped"], down["killed"], down["cancelled"]) == (True, 2, 0)
+    assert not [p for p in procs if pid_alive(p)], "orphans left after pd fleet down"
+    assert {r["status"] for r in runs_of(d, project)} == {"killed"}
+    assert d.call("fleet.status")["fleets"] == []
+
+
+def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project, pids = _sleeper_fleet(tmp_home)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    run = d.call("fleet.run", projectDir=str(project), agent="sleeper")["run"]
+    procs = _recorded_pids(pids, 1)
+    d.kill9()
+    assert all(pid_alive(p) for p in procs)  # the children outlived the daemon ...
+    d.start()
+    assert not [p for p in procs if pid_alive(p)]  # ... until the restarted daemon reconciled them
+    [after] = runs_of(d, project)
+    assert after["id"] == run["id"] and after["status"] == "lost"
+    status = d.call("fleet.status", projectDir=str(project))["fleets"][0]  # the fleet came back up
+    assert status["running"] == 0 and status["agents"][0]["running"] == 0
+    d.call("fleet.down", projectDir=str(project))
+
+
+# --- spawn ---------------------------------------------------------------------------------------------
+
+
+def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> None:
+    d = fresh_daemon
+    r = d.pd("spawn", "--backend", "custom", "--wait", "--", "echo", "out-$PD_RUN_ID", cwd=tmp_home)
+    assert r.returncode == 0, r.stderr
+    first_id = r.stdout.split(":")[0]
+    assert f"out-{first_id}" in r.stdout
+
+    long_id = d.pd("spawn", "-b", "custom", "-q", "--", "sleep 300").stdout.strip()
+    assert long_id.startswith("spawned-")
+    listed = pd_json(d, "spawned")["agents"]
+    assert {a["id"]: a["status"] for a in listed} == {long_id: "running", first_id: "completed"}
+    killed = pd_json(d, "spawn", "kill", long_id)
+    assert killed["status"] == "killed"
+    assert f"out-{first_id}" in d.pd("spawn", "logs", first_id).stdout
+
+    failing = d.pd("spawn", "-b", "custom", "--wait", "--", "exit 7")
+    assert failing.returncode == 1 and "exit code 7" in failing.stdout
+    missing = d.pd("spawn", "-b", "codex", "--wait", "--", "hi", env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 1 and "'codex' on PATH" in missing.stdout
+    bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
+    assert bad.returncode == 2
+    assert d.pd("spawn", "kill", "spawned-000000000000").returncode == 1
+
+
+def test_spawn_timeout_stops_the_group(fresh_daemon: Daemon) -> None:
+    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "300ms", "--wait", "--", "sleep 30")
+    assert r.returncode == 1 and "timeout" in r.stdout
+
+
+def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(PORT_DADDY_NO_FLEET="1")
+    project = make_project(tmp_home, "agents: {}\n")
+    r = d.pd("fleet", "up", "-C", str(project))
+    assert r.returncode == 1 and "PORT_DADDY_NO_FLEET" in r.stderr

@@ -1,0 +1,171 @@
+"""The supervisor in-process (tests/swarm_app.py): channel triggers through ``msg.publish`` bus events, chaining
+through on_success, project-scoped git messages, and cron fired under trio's MockClock."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from portdaddy.core.app import App
+from portdaddy.daemon import start_subsystems
+from portdaddy.fleet.supervisor import Fleet, FleetSettings
+from tests.fleet_helpers import make_project
+from tests.swarm_app import make_app
+
+
+class Published:
+    """Every channel message, as the bus carries it (``msg.publish`` is hot: only named subscribers see it)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Any, str]] = []
+
+    async def record(self, app: App, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with app.bus.subscribe("msg.publish") as rx:
+            task_status.started()
+            async for ev in rx:
+                self.messages.append((ev.data["channel"], ev.data["payload"], ev.data["sender"]))
+
+
+FAST = FleetSettings(grace_s=0.5, heartbeat_s=3600, respawn_delay_s=0.01)
+BASE = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def home() -> Path:
+    return Path(tempfile.mkdtemp(prefix="pdf", dir="/tmp"))
+
+
+@asynccontextmanager
+async def start(home: Path, *, now: Any = None) -> AsyncIterator[tuple[App, Fleet, Published]]:
+    """The daemon's subsystems in-process, with a fleet on fast settings and an injectable wall clock."""
+    app = make_app(home)
+    fleet = Fleet(app, now=now, settings=FAST)
+    published = Published()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(published.record, app)
+        await start_subsystems(app, nursery, {Fleet: fleet})
+        yield app, fleet, published
+        for project_dir in list(fleet.fleets):
+            await fleet.down(project_dir)
+        nursery.cancel_scope.cancel()
+
+
+async def settled(fleet: Fleet, project: Path, agent: str, n: int, timeout: float = 10, poll: float = 0.02) -> list:
+    with trio.fail_after(timeout):
+        while True:
+            runs = [r for r in fleet.runs.recent(project_dir=str(project), agent=agent)
+                    if r.status not in ("queued", "running")]  # fmt: skip
+            if len(runs) >= n:
+                return runs
+            await trio.sleep(poll)
+
+
+CHAINED = """
+agents:
+  qa:
+    trigger: git:committed
+    backend: custom
+    command: echo "qa saw $PD_TRIGGER_PAYLOAD"
+    on_success: publish qa:passed
+  review:
+    trigger: qa:passed
+    backend: custom
+    command: echo "review after $PD_TRIGGER_CHANNEL"; exit 1
+    on_failure: publish review:failed
+channels:
+  qa:passed: ok
+  review:failed: not ok
+"""
+
+
+async def test_a_commit_message_fires_qa_and_its_success_chains_review(home: Path) -> None:
+    project = make_project(home, CHAINED)
+    async with start(home) as (app, fleet, published):
+        await fleet.up(str(project))
+        app.publish("git:committed", {"sha": "abc123", "projectDir": str(project)}, sender="git:proj")
+        [qa] = await settled(fleet, project, "qa", 1)
+        assert qa.status == "completed"
+        assert qa.trigger["channel"] == "git:committed" and qa.trigger["payload"]["sha"] == "abc123"
+        assert "qa saw" in fleet.output_tail(qa) and "abc123" in fleet.output_tail(qa)
+        [review] = await settled(fleet, project, "review", 1)
+        assert review.status == "failed" and review.trigger["channel"] == "qa:passed"
+        assert review.trigger["sender"] == "proj:fleet:qa"
+        channels = [c for c, _p, _s in published.messages if c not in ("agents", "resurrection")]
+        assert channels == ["git:committed", "qa:passed", "review:failed"]
+        # Each run was a citizen: qa's session ended with its result; review's crash went to salvage.
+        qa_session = app.sessions.session(qa.session_id)
+        assert qa_session["status"] == "completed" and qa_session["agentId"] == qa.agent_id
+        assert app.agents.salvage_entry(review.agent_id)["sessionIds"] == [review.session_id]
+        assert "resurrection" in [c for c, _p, _s in published.messages]
+        payloads = {c: p for c, p, _s in published.messages}
+        passed = payloads["qa:passed"]
+        assert passed["agent"] == "qa" and passed["runId"] == qa.id and "abc123" in passed["output"]
+        failed = payloads["review:failed"]
+        assert failed["status"] == "failed" and failed["exitCode"] == 1
+
+
+async def test_git_messages_are_scoped_to_their_project(home: Path) -> None:
+    one = make_project(home, CHAINED, name="one")
+    two = make_project(home, CHAINED, name="two")
+    async with start(home) as (_app, fleet, _published):
+        await fleet.up(str(one))
+        await fleet.up(str(two))
+        queued = fleet.on_message("git:committed", {"sha": "x", "projectDir": str(two)}, sender="git")
+        assert [(r.project_dir, r.agent) for r in queued] == [(str(two), "qa")]
+        unscoped = fleet.on_message("git:committed", "plain text", sender="someone")
+        assert sorted(r.project_dir for r in unscoped) == sorted([str(one), str(two)])
+        assert fleet.on_message("nobody:listens", {}, sender="x") == []
+        await settled(fleet, two, "qa", 2)
+
+
+async def test_disabled_agents_never_fire(home: Path) -> None:
+    project = make_project(home, CHAINED.replace("    on_success: publish qa:passed",
+                                                 "    on_success: publish qa:passed\n    enabled: false"))
+    async with start(home) as (_app, fleet, _published):
+        await fleet.up(str(project))
+        assert fleet.on_message("git:committed", {}, sender="git") == []
+
+
+CRON = """
+agents:
+  docs:
+    schedule: "*/5 * * * *"
+    backend: custom
+    command: echo "docs at $PD_TRIGGER_SOURCE"
+"""
+
+
+@pytest.fixture
+def jumpy_clock() -> trio.testing.MockClock:
+    # Jumps only after 0.2 s of real idleness: a child process running is I/O the clock must not skip past.
+    return trio.testing.MockClock(autojump_threshold=0.2)
+
+
+async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock: trio.testing.MockClock) -> None:
+    project = make_project(home, CRON)
+    assert trio.lowlevel.current_clock() is jumpy_clock
+    start_at = trio.current_time()
+
+    def now() -> datetime:
+        return BASE + timedelta(seconds=trio.current_time() - start_at)
+
+    async with start(home, now=now) as (_app, fleet, _published):
+        await fleet.up(str(project))
+        state = fleet.fleets[str(project)].state("docs")
+        await trio.sleep(0)  # let the cron task compute its first fire
+        assert state.next_fire == BASE.replace(minute=5, second=0)
+        # Polled every 10 virtual seconds: each mock-clock jump waits for 0.2 s of real idleness.
+        runs = await settled(fleet, project, "docs", 2, timeout=1200, poll=10)
+        fired = sorted(r.trigger["firedAt"] for r in runs)
+        assert fired == [BASE.replace(minute=5, second=0).isoformat(), BASE.replace(minute=10, second=0).isoformat()]
+        assert all(r.status == "completed" and r.trigger["source"] == "schedule" for r in runs)
+        assert "docs at schedule" in fleet.output_tail(runs[0])
+
