@@ -45,15 +45,25 @@ def floors(quick: bool) -> list[Figure]:
 def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]:
     n = 2000 if quick else 20000
     figures = []
-    with BlockingClient(cfg.ipc_sock) as c:
+    with BlockingClient(cfg.ipc_sock) as c, BlockingClient(cfg.ipc_sock) as subscriber:
         c.request("port.claim", {"id": "bench:api"})
+        subscriber.request("msg.subscribe", {"channels": ["bench:*"], "new": True})
 
         def tuple_out_in() -> None:
             c.request("tuple.out", {"fields": ["job", 1]})
             c.request("tuple.in", {"pattern": ["job", "*"]})
 
+        def lock_cycle() -> None:
+            token = c.request("lock.acquire", {"name": "bench:lock", "owner": "bench"})["token"]
+            c.request("lock.release", {"name": "bench:lock", "token": token})
+
+        def publish_to_receipt() -> None:  # fire-and-forget publish, timed until the subscriber has it
+            c.send("msg.publish", {"channel": "bench:ready", "payload": 1})
+            subscriber.receive(timeout=5)
+
         cases = {"port.claim existing": lambda: c.request("port.claim", {"id": "bench:api"}),
-                 "tuple.out + tuple.in": tuple_out_in}  # fmt: skip
+                 "tuple.out + tuple.in": tuple_out_in, "lock.acquire + lock.release": lock_cycle,
+                 "msg.publish (ff) to subscriber receipt": publish_to_receipt}  # fmt: skip
         for label, fn in cases.items():
             for pinned in (True, False):
                 if pinned:
@@ -198,7 +208,16 @@ def http_round_trips(cfg: Settings, quick: bool) -> list[Figure]:
         response.read()
         assert response.status == 200, response.status
 
+    def lock_cycle() -> None:
+        for method in ("POST", "DELETE"):
+            conn.request(method, "/locks/bench:http", json.dumps({"owner": "bench"}), headers)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+
     figures = [Figure("http/unix: POST /claim existing (keep-alive)", timed(claim, n, warmup=50),
+                      floor=PINGPONG_UNPINNED),
+               Figure("http/unix: POST + DELETE /locks/<name>", timed(lock_cycle, n, warmup=50),
                       floor=PINGPONG_UNPINNED)]  # fmt: skip
     conn.close()
     return figures

@@ -46,7 +46,6 @@ _TABLE: dict[str, tuple[int, int, int]] = {
     "rate_limited": (429, _REFUSE, EXIT_REFUSED),
     "max_connections": (503, _REFUSE, EXIT_REFUSED),
     "agent_mismatch": (403, _REFUSE, EXIT_REFUSED),
-    "subscription_limit": (429, _REFUSE, EXIT_REFUSED),
     "disconnected": (400, _REFUSE, EXIT_REFUSED),
     "DAEMON_UNAVAILABLE": (503, _FAILURE, EXIT_UNREACHABLE),
     "CANCELLED": (499, _FAILURE, EXIT_REFUSED),

@@ -11,6 +11,7 @@ It speaks IPC over one connection (many requests in flight), starts the daemon i
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,6 +26,8 @@ from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, No
 from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import TrioClient
 from portdaddy.launcher import ensure_daemon
+
+log = logging.getLogger("portdaddy.sdk")
 
 __all__ = [
     "BadInput", "Claim", "Conflict", "DaemonUnavailable", "LockGrant", "LockHeld", "Message", "NotFound", "PDError",
@@ -88,7 +91,8 @@ class Message:
 
 class Subscription:
     """Messages on some channels, in id order: ``async for msg in sub``. When this client or the daemon had
-    to drop deliveries (a slow reader), the gap is filled from history, so nothing still in history is lost."""
+    to drop deliveries (a slow reader), or the connection dropped (a daemon restart), the gap is filled from
+history, so nothing still in history is lost."""
 
     def __init__(self, pd: PortDaddy, patterns: list[str]) -> None:
         self.patterns = patterns
@@ -98,6 +102,7 @@ class Subscription:
         self._backlog: deque[Message] = deque()
         self._last = -1  # the last id handed to the reader
         self._last_queued = -1
+        self._resume_after = -1  # the daemon's last id when it answered the subscribe
         self._gap_after: int | None = None  # set when the buffer overflowed: drop until the reader catches up
 
     def _offer(self, body: dict[str, Any]) -> None:
@@ -147,10 +152,12 @@ class PortDaddy:
     def __init__(self, client: TrioClient, nursery: trio.Nursery) -> None:
         self._client = client
         self._nursery = nursery
-        self._subscriptions: dict[int, Subscription] = {}
+        self._subscriptions: dict[int, Subscription] = {}  # by the daemon's id, which a reconnect changes
+        self._open: set[Subscription] = set()
         # Deliveries can arrive before the reply that names their subscription: held here until it does.
         self._unrouted: dict[int, list[dict[str, Any]]] = {}
         client.push_handlers.append(self._route_push)
+        client.reconnect_handlers.append(self._renew_subscriptions)
 
     def _route_push(self, frame: Frame) -> None:
         body = frame.payload
@@ -162,6 +169,27 @@ class PortDaddy:
             sub._offer(body)
         elif len(self._unrouted.setdefault(sub_id, [])) < SUBSCRIPTION_BUFFER:
             self._unrouted[sub_id].append(body)
+
+    def _adopt(self, sub: Subscription, reply: dict[str, Any]) -> None:
+        sub.id = reply["subscription"]
+        sub._resume_after = max(sub._resume_after, reply["lastId"])
+        self._subscriptions[sub.id] = sub
+        for body in self._unrouted.pop(sub.id, ()):
+            sub._offer(body)
+
+    def _renew_subscriptions(self) -> None:
+        """After a reconnect the daemon knows none of our subscriptions: renew each from its last message."""
+        self._subscriptions.clear()
+        self._unrouted.clear()
+        for sub in self._open:
+            self._nursery.start_soon(self._renew, sub)
+
+    async def _renew(self, sub: Subscription) -> None:
+        after = max(sub._last_queued, sub._resume_after)  # history fills the gap; ids are global, so no repeats
+        try:
+            self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, after=after))
+        except (DaemonUnavailable, PDError) as exc:
+            log.warning("could not renew subscription to %s (%s); retrying at the next reconnect", sub.patterns, exc)
 
     @property
     def agent_id(self) -> str | None:
@@ -369,14 +397,12 @@ class PortDaddy:
         """``async with pd.subscribe("payments:*") as sub: async for msg in sub: ...`` — the retained message
         of each matching channel first (unless ``new``), or every message after id ``after``."""
         sub = Subscription(self, list(channels))
-        r = await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after)
-        sub.id = r["subscription"]
-        self._subscriptions[sub.id] = sub
-        for body in self._unrouted.pop(sub.id, ()):
-            sub._offer(body)
+        self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after))
+        self._open.add(sub)
         try:
             yield sub
         finally:
+            self._open.discard(sub)
             self._subscriptions.pop(sub.id, None)
             if self._client.sock is not None:
                 with trio.CancelScope(shield=True):

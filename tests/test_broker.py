@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import portdaddy.sdk
-from portdaddy.errors import Timeout
+from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from tests.conftest import PYTHON
 
@@ -205,6 +205,31 @@ def test_slow_subscriber_does_not_grow_daemon_memory(daemon_factory) -> None:
     slow.close()
 
 
+async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
+    d = fresh_daemon
+    async with portdaddy.sdk.connect(settings=d.settings, autostart=False) as pd:
+        async with pd.subscribe("deploy:*", new=True) as sub:
+            first = await pd.publish("deploy:api", "before")
+            with trio.fail_after(5):
+                assert (await sub.__anext__()).id == first
+            await trio.to_thread.run_sync(d.kill9)
+            await trio.to_thread.run_sync(d.start)
+            # Published by someone else before this client has reconnected (backoff starts at 1 s).
+            with BlockingClient(d.settings.ipc_sock) as other:
+                missed = [other.request("msg.publish", {"channel": f"deploy:{n}", "payload": n})["id"]
+                          for n in range(3)]  # fmt: skip
+            got = []
+            with trio.fail_after(15):
+                while len(got) < 3:
+                    got.append((await sub.__anext__()).id)
+            assert got == missed  # nothing lost, nothing twice, in order
+            with trio.fail_after(5):
+                while True:  # and live deliveries flow on the renewed subscription
+                    live = await pd.publish("deploy:web", "after")
+                    if (await sub.__anext__()).id == live:
+                        break
+
+
 async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
     daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
     async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
@@ -243,6 +268,17 @@ def test_fire_and_forget_publish_and_duplicate_subscription(daemon) -> None:
         assert again["existing"] is True and again["subscription"] == first["subscription"]
         frame = c.receive(timeout=5)
         assert frame.payload["payload"] == "quick" and frame.payload["action"] == "msg.delivery"
+
+
+def test_subscriptions_per_connection_are_limited(daemon) -> None:
+    with daemon.client() as c:
+        for n in range(64):
+            c.request("msg.subscribe", {"channels": [f"lim:{n}"], "new": True})
+        with pytest.raises(PDError) as refused:
+            c.request("msg.subscribe", {"channels": ["lim:one-too-many"], "new": True})
+        assert refused.value.code == "RESOURCE_LIMIT" and "unsubscribe" in refused.value.message
+        c.request("msg.unsubscribe", {"subscription": None})
+        assert c.request("msg.subscribe", {"channels": ["lim:again"], "new": True})["existing"] is False
 
 
 def test_http_publish_history_and_channels(daemon) -> None:

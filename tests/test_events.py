@@ -40,3 +40,12 @@ async def test_a_bounded_observer_counts_what_it_missed() -> None:
             bus.emit("lock.acquire")
         assert len(drain(rx)) == 2
         assert bus._subscribers[0].dropped == 3
+
+
+async def test_wants_keeps_unwanted_events_out_of_the_queue() -> None:
+    bus = EventBus()
+    with bus.subscribe("msg.publish", wants=lambda kind, data: data["channel"] == "git:committed") as rx:
+        for channel in ("noise", "git:committed", "noise"):
+            bus.emit("msg.publish", channel=channel)
+        assert rx.statistics().current_buffer_used == 1
+        assert rx.receive_nowait().data["channel"] == "git:committed"

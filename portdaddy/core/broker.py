@@ -270,7 +270,7 @@ class Broker:
             if sorted(sub.patterns) == sorted(patterns):
                 return sub, True
         if len(subs) >= MAX_SUBSCRIPTIONS:
-            raise PDError("subscription_limit", f"this connection has {len(subs)} subscriptions, the limit; "
+            raise PDError("RESOURCE_LIMIT", f"this connection has {len(subs)} subscriptions, the limit; "
                           "unsubscribe some or open another connection")  # fmt: skip
         if not subs:
             conn.on_close(lambda: self._connection_closed(conn))

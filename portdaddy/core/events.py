@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +49,7 @@ def kind_matches(kind: str, prefixes: frozenset[str] | None) -> bool:
 class _Subscriber:
     send: trio.MemorySendChannel[Event]
     kinds: frozenset[str] | None
+    wants: Callable[[str, dict[str, Any]], bool] | None = None
     dropped: int = 0
 
 
@@ -68,6 +69,8 @@ class EventBus:
             return None
         event = Event(kind, data)
         for sub in subs:
+            if sub.wants is not None and not sub.wants(kind, data):
+                continue
             try:
                 sub.send.send_nowait(event)
             except trio.WouldBlock:
@@ -78,12 +81,15 @@ class EventBus:
 
     @contextmanager
     def subscribe(
-        self, *kinds: str, buffer: float = math.inf
+        self, *kinds: str, buffer: float = math.inf, wants: Callable[[str, dict[str, Any]], bool] | None = None
     ) -> Iterator[trio.MemoryReceiveChannel[Event]]:
         """Receive events whose kind, or whose area (``agent``), is in ``kinds`` (all but hot ones when empty or
-        ``*``; ``subscribe("*", "msg.publish")`` adds one hot kind to everything else)."""
+        ``*``; ``subscribe("*", "msg.publish")`` adds one hot kind to everything else).
+
+        ``wants(kind, data)``, asked at emit time, keeps out events the subscriber would ignore anyway: a burst
+        of hot events nobody acts on must not queue up (and hold its payloads) on the way to being ignored."""
         send, receive = trio.open_memory_channel[Event](buffer)
-        sub = _Subscriber(send, frozenset(kinds) if kinds else None)
+        sub = _Subscriber(send, frozenset(kinds) if kinds else None, wants)
         self._subscribers.append(sub)
         self._routes.clear()
         try:

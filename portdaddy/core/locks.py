@@ -24,7 +24,7 @@ from outcome import Value
 
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
-from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.errors import LockHeld, PDError, bad_input
 
 DEFAULT_TTL_MS = 5 * 60_000
@@ -311,7 +311,7 @@ def _acquire_reply(lock: Lock, existing: bool) -> dict[str, Any]:
     return {"success": True, **lock.to_wire(), "existing": existing, "message": f"{verb} lock: {lock.name}"}
 
 
-async def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) -> dict[str, Any]:
+def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) -> dict[str, Any] | Later:
     locks: Locks = ctx.app.locks
     who = caller_owner(ctx, owner)
     if connBound and ctx.conn is None:
@@ -322,9 +322,14 @@ async def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connB
     except LockHeld:
         if not wait:
             raise
-        lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=None if timeout is None else
-                                            timeout / 1000, pid=ctx.pid, metadata=metadata, conn=conn)  # fmt: skip
-        existing = False
+
+        async def queue() -> dict[str, Any]:  # only a held lock pays for a task: the common case answers now
+            timeout_s = None if timeout is None else timeout / 1000
+            lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=timeout_s, pid=ctx.pid,
+                                                metadata=metadata, conn=conn)  # fmt: skip
+            return _acquire_reply(lock, False)
+
+        return Later(queue)
     return _acquire_reply(lock, existing)
 
 

@@ -131,12 +131,19 @@ class Webhooks:
 
     # -- events -> deliveries ------------------------------------------------------------------------------
 
-    def enqueue(self, events: list[Event]) -> int:
-        """Write a delivery for every (event, webhook that wants it); returns how many."""
-        if self._active is None:  # kept in memory: publishes arrive here by the thousand
+    def _hooks(self) -> list[tuple[str, set[str], str | None]]:
+        if self._active is None:  # kept in memory: asked for every publish
             rows = self.store.all("SELECT id, events, filter_pattern FROM webhooks WHERE active=1")
             self._active = [(hid, set(json.loads(evs)), pattern) for hid, evs, pattern in rows]
-        hooks = self._active
+        return self._active
+
+    def _wants(self, kind: str, data: dict[str, Any]) -> bool:
+        """Publishes only while some active webhook asks for them (they come by the thousand)."""
+        return kind != "msg.publish" or any({"*", "msg.*", "msg.publish"} & wanted for _, wanted, _ in self._hooks())
+
+    def enqueue(self, events: list[Event]) -> int:
+        """Write a delivery for every (event, webhook that wants it); returns how many."""
+        hooks = self._hooks()
         if not hooks:
             return 0
         rows = []
@@ -253,7 +260,7 @@ class Webhooks:
 
     async def _collect(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # msg.publish is a hot kind, sent only to subscribers that name it.
-        with self.app.bus.subscribe("*", "msg.publish") as rx:
+        with self.app.bus.subscribe("*", "msg.publish", wants=self._wants) as rx:
             task_status.started()
             while True:
                 batch = [await rx.receive()]

@@ -125,13 +125,18 @@ class Fleet:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self._reconcile()
-        with self.app.bus.subscribe("msg.publish") as messages:
+        with self.app.bus.subscribe("msg.publish", wants=self._is_trigger) as messages:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._listen, messages)
                 if self.settings.enabled:
                     await self._restore()  # before "started": a status asked right after start is truthful
                 task_status.started()
+
+    def _is_trigger(self, kind: str, data: dict[str, Any]) -> bool:
+        """Only messages on a channel some fleet that is up listens to (publishes come by the thousand)."""
+        channel = data.get("channel")
+        return any(spec.trigger == channel for lf in self.fleets.values() for spec in lf.config.agents.values())
 
     async def _listen(self, messages: trio.MemoryReceiveChannel[Any]) -> None:
         async for event in messages:

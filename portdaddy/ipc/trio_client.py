@@ -1,6 +1,6 @@
 """The trio IPC client the SDK stands on: many requests in flight on one connection, fire-and-forget sends
-that never await, server pushes routed to handlers, and reconnection with backoff that replays
-subscriptions.
+that never await, server pushes routed to handlers, and reconnection with backoff (after which the
+``reconnect_handlers`` run, so the layer above can renew what the daemon forgot, like subscriptions).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class TrioClient:
         self.sock: socket.socket | None = None
         self.connected = trio.Event()
         self.push_handlers: list[Callable[[Frame], None]] = []
-        # Interest to re-declare after a reconnect: key -> (action, args).
-        self.replay: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.reconnect_handlers: list[Callable[[], None]] = []
         self.reconnects = 0
         self._encoder = Encoder()
         self._conv = 0
@@ -116,9 +115,8 @@ class TrioClient:
                 break
             backoff = BACKOFF_START_S
             self.reconnects += 1
-            for action, args in self.replay.values():
-                self._conv = next_conv_id(self._conv)
-                self._write(self._encoder.encode(Performative.SUBSCRIBE, self._conv, self._payload(action, args)))
+            for handler in self.reconnect_handlers:
+                handler()
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
