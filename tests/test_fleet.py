@@ -216,8 +216,8 @@ def test_limits_queue_a_burst(daemon_factory: Any, tmp_home: Path) -> None:
                 sleep 0.3; rmdir {marks}/run-$PD_RUN_ID
     """)
     pd_json(d, "fleet", "up", "-C", str(project))
-    for _ in range(10):
-        d.call("fleet.run", projectDir=str(project), agent="qa")
+    for n in range(10):  # a burst of ten commits, as the git hook announces them
+        d.call("msg.publish", channel="git:committed", payload={"sha": f"{n:040x}", "projectDir": str(project)})
     done = finished(d, project, "qa", 6)
     assert all(r["status"] == "completed" for r in done)
     status = d.call("fleet.status", projectDir=str(project))["fleets"][0]
