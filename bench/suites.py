@@ -215,10 +215,25 @@ def http_round_trips(cfg: Settings, quick: bool) -> list[Figure]:
             response.read()
             assert response.status == 200, response.status
 
+    stream_conn = _UnixHTTPConnection(str(cfg.http_sock))
+    stream_conn.request("GET", "/msg/bench:sse/subscribe?new=true")
+    stream = stream_conn.getresponse()
+    assert stream.status == 200, stream.status
+
+    def publish_to_sse() -> None:  # POST a message, timed until the SSE subscriber has read its data line
+        conn.request("POST", "/msg/bench:sse", json.dumps({"payload": 1}), headers)
+        response = conn.getresponse()
+        response.read()
+        while not stream.fp.readline().startswith(b"data:"):
+            pass
+
     figures = [Figure("http/unix: POST /claim existing (keep-alive)", timed(claim, n, warmup=50),
                       floor=PINGPONG_UNPINNED),
                Figure("http/unix: POST + DELETE /locks/<name>", timed(lock_cycle, n, warmup=50),
+                      floor=PINGPONG_UNPINNED),
+               Figure("http/unix: POST /msg to SSE subscriber receipt", timed(publish_to_sse, n, warmup=50),
                       floor=PINGPONG_UNPINNED)]  # fmt: skip
+    stream_conn.close()
     conn.close()
     return figures
 

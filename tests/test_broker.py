@@ -207,27 +207,27 @@ def test_slow_subscriber_does_not_grow_daemon_memory(daemon_factory) -> None:
 
 async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
     d = fresh_daemon
-    async with portdaddy.sdk.connect(settings=d.settings, autostart=False) as pd:
-        async with pd.subscribe("deploy:*", new=True) as sub:
-            first = await pd.publish("deploy:api", "before")
-            with trio.fail_after(5):
-                assert (await sub.__anext__()).id == first
-            await trio.to_thread.run_sync(d.kill9)
-            await trio.to_thread.run_sync(d.start)
-            # Published by someone else before this client has reconnected (backoff starts at 1 s).
-            with BlockingClient(d.settings.ipc_sock) as other:
-                missed = [other.request("msg.publish", {"channel": f"deploy:{n}", "payload": n})["id"]
-                          for n in range(3)]  # fmt: skip
-            got = []
-            with trio.fail_after(15):
-                while len(got) < 3:
-                    got.append((await sub.__anext__()).id)
-            assert got == missed  # nothing lost, nothing twice, in order
-            with trio.fail_after(5):
-                while True:  # and live deliveries flow on the renewed subscription
-                    live = await pd.publish("deploy:web", "after")
-                    if (await sub.__anext__()).id == live:
-                        break
+    connected = portdaddy.sdk.connect(settings=d.settings, autostart=False)
+    async with connected as pd, pd.subscribe("deploy:*", new=True) as sub:
+        first = await pd.publish("deploy:api", "before")
+        with trio.fail_after(5):
+            assert (await sub.__anext__()).id == first
+        await trio.to_thread.run_sync(d.kill9)
+        await trio.to_thread.run_sync(d.start)
+        # Published by someone else before this client has reconnected (backoff starts at 1 s).
+        with BlockingClient(d.settings.ipc_sock) as other:
+            missed = [other.request("msg.publish", {"channel": f"deploy:{n}", "payload": n})["id"]
+                      for n in range(3)]  # fmt: skip
+        got = []
+        with trio.fail_after(15):
+            while len(got) < 3:
+                got.append((await sub.__anext__()).id)
+        assert got == missed  # nothing lost, nothing twice, in order
+        with trio.fail_after(5):
+            while True:  # and live deliveries flow on the renewed subscription
+                live = await pd.publish("deploy:web", "after")
+                if (await sub.__anext__()).id == live:
+                    break
 
 
 async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
