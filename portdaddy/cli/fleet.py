@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +15,12 @@ import click
 
 from portdaddy.cli.context import worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import Spinner, call, fail
+from portdaddy.cli.transport import call, fail, spinning
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import hook
 
 # The daemon stops children with SIGTERM, a grace period, then SIGKILL: a reply may take a while.
 _SLOW_TIMEOUT_S = 300.0
-
-
-@contextmanager
-def spinning(label: str) -> Iterator[None]:
-    """A stderr spinner (on a terminal, after one second) while the block waits on the daemon."""
-    spinner, done = Spinner(label), threading.Event()
-
-    def tick() -> None:
-        while not done.wait(0.1):
-            spinner.tick()
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        done.set()
-        ticker.join()
-        spinner.done()
 
 
 def project_dir(explicit: str | None) -> str:

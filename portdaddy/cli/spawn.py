@@ -8,13 +8,11 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.fleet import spinning
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call
+from portdaddy.cli.transport import FOREVER_S, call, spinning
 from portdaddy.config import parse_duration_ms
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
-_FOREVER_S = 10**7
 
 
 class SpawnGroup(click.Group):
@@ -72,7 +70,7 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
         ms = parse_duration_ms(timeout) if timeout else None
         with spinning(f"waiting for {result['agentId']}…"):
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
-                          timeout=(ms / 1000 + 60) if ms is not None else _FOREVER_S)  # fmt: skip
+                          timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip
         run = result["run"]
         if as_json:
             emit_json(result)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from typing import Any
 
 import click
 
 from portdaddy.cli.output import emit_json, json_option, quiet_option
-from portdaddy.cli.transport import Spinner, call, fail
+from portdaddy.cli.transport import blocking_call, call, fail
 from portdaddy.config import parse_duration_ms
 from portdaddy.errors import bad_input
 
 _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the global space).")
-# A blocking call without --timeout may wait for days; the daemon ends it, not the client.
-_FOREVER_S = 10**7
 
 
 @click.group()
@@ -42,25 +39,10 @@ def _json_arg(text: str, what: str) -> Any:
 
 
 def _blocking_call(action: str, args: dict[str, Any], *, as_json: bool, wait: bool, timeout: str | None) -> Any:
-    """A call that may block in the daemon, with a stderr spinner on a terminal after one second."""
     if not wait:
         return call(action, args, as_json=as_json)
-    ms = parse_duration_ms(timeout) if timeout is not None else None
-    client_timeout = ms / 1000 + 10 if ms is not None else _FOREVER_S
-    spinner, done = Spinner(f"waiting for a tuple matching {args['pattern']}…"), threading.Event()
-
-    def tick() -> None:
-        while not done.wait(0.1):
-            spinner.tick()
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        return call(action, args, as_json=as_json, timeout=client_timeout)
-    finally:
-        done.set()
-        ticker.join()
-        spinner.done()
+    return blocking_call(action, args, label=f"waiting for a tuple matching {args['pattern']}…", as_json=as_json,
+                         timeout_ms=parse_duration_ms(timeout) if timeout is not None else None)  # fmt: skip
 
 
 def _print_tuples(tuples: list[dict[str, Any]]) -> None:
