@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+# Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "connect"]

@@ -7,7 +7,10 @@ imported by the CLI, so it must stay free of heavy imports.
 
 from __future__ import annotations
 
-from typing import Any
+# ``pd`` never imports typing (~15 ms of a ``pd claim -q``); annotations only need the names for checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # CLI exit codes (DESIGN §4).
 EXIT_OK = 0

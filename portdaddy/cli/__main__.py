@@ -1,3 +1,3 @@
-from portdaddy.cli.main import main
+from portdaddy.cli.entry import main
 
 main()

@@ -10,10 +10,14 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Performative, next_conv_id
+
+# Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _OK = (Performative.INFORM_DONE, Performative.INFORM_REF, Performative.AGREE)
 

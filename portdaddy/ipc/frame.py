@@ -20,10 +20,16 @@ when the payload does not fit. See spec/ipc.md, "Frames".
 from __future__ import annotations
 
 import struct
+from collections import namedtuple
 from enum import IntEnum
-from typing import Any, NamedTuple
 
 import msgpack
+
+# Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py), hence also collections'
+# namedtuple below rather than typing.NamedTuple.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "HEADER",
@@ -67,19 +73,18 @@ class Performative(IntEnum):
     UNSUBSCRIBE = 0x31
 
 
-class Frame(NamedTuple):
-    """A decoded, well-formed frame. ``type`` is a plain int (compares equal to ``Performative`` members)."""
+class Frame(namedtuple("Frame", "type conv_id payload")):
+    """A decoded, well-formed frame: ``type`` (int; compares equal to ``Performative`` members), ``conv_id``
+    (int) and ``payload`` (dict[str, Any])."""
 
-    type: int
-    conv_id: int
-    payload: dict[str, Any]
+    __slots__ = ()
 
 
-class Malformed(NamedTuple):
-    """A frame that was skipped. ``conv_id`` is the header's, so the peer can be told NOT_UNDERSTOOD."""
+class Malformed(namedtuple("Malformed", "reason conv_id")):
+    """A frame that was skipped: ``reason`` (str) and the header's ``conv_id`` (int), so the peer can be told
+    NOT_UNDERSTOOD."""
 
-    reason: str
-    conv_id: int
+    __slots__ = ()
 
 
 DecodeEvent = Frame | Malformed
@@ -114,7 +119,7 @@ _KNOWN_TYPES = frozenset(int(p) for p in Performative)
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _unpackb = msgpack.unpackb
-_tuple_new = tuple.__new__  # builds Frame/Malformed without NamedTuple's Python-level __new__
+_tuple_new = tuple.__new__  # builds Frame/Malformed without namedtuple's Python-level __new__
 
 
 class _ExtRefused(Exception):

@@ -1,0 +1,69 @@
+"""The ``pd`` executable: ``pd claim ID -q`` without click, everything else through the click CLI.
+
+``PORT=$(pd claim myapp:api -q)`` is what scripts and agents run most, often in loops, and importing click is
+most of a ``pd`` process's life (~40 ms of ~100 ms). So that one shape is recognised here from argv and
+answered with the blocking IPC client alone. Anything else, any other option, and every case the fast path
+does not finish on its own (no daemon yet: auto-start and its spinner live in the click path) goes to
+``portdaddy.cli.main``, which prints exactly the same for the same request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+_QUIET = ("-q", "--quiet")
+
+
+def quick_claim_identity(argv: list[str]) -> str | None:
+    """The identity if ``argv`` is ``claim ID -q`` (either order, either spelling) or ``ID -q`` with a colon."""
+    if argv[:1] == ["claim"]:
+        argv = argv[1:]
+    elif not (argv and ":" in argv[0]):
+        return None
+    if len(argv) != 2:
+        return None
+    identity = argv[1] if argv[0] in _QUIET else argv[0] if argv[1] in _QUIET else None
+    if identity is None or identity.startswith("-") or len(identity) > 1000:
+        return None
+    return identity
+
+
+def ipc_sock(env: Mapping[str, str]) -> str:
+    """``Settings.from_env(env).ipc_sock`` without importing config's dataclasses and pathlib (a test keeps
+    the two in agreement)."""
+    home = env.get("PORT_DADDY_HOME") or os.path.join("~", ".port-daddy")
+    return os.path.expanduser(env.get("PORT_DADDY_IPC") or os.path.join(home, "daemon.ipc"))
+
+
+def _quick_claim(identity: str) -> int | None:
+    """Claim and print the port; the exit code, or None to let the click path handle it (no daemon)."""
+    from portdaddy.errors import DaemonUnavailable, PDError, exit_code
+    from portdaddy.ipc.client import BlockingClient
+
+    env = os.environ
+    try:
+        with BlockingClient(ipc_sock(env), agent_id=env.get("PORT_DADDY_AGENT"), timeout=10) as c:
+            port = c.request("port.claim", {"id": identity})["port"]
+    except DaemonUnavailable:
+        return None  # claims are idempotent: the click path may safely ask again after starting the daemon
+    except PDError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return exit_code(e.code)
+    print(port)
+    return 0
+
+
+def main() -> None:
+    identity = quick_claim_identity(sys.argv[1:])
+    if identity is not None:
+        code = _quick_claim(identity)
+        if code is not None:
+            sys.exit(code)
+    from portdaddy.cli.main import main as click_main
+
+    click_main()
