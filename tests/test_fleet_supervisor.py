@@ -33,6 +33,12 @@ class Published:
             async for ev in rx:
                 self.messages.append((ev.data["channel"], ev.data["payload"], ev.data["sender"]))
 
+    async def seen(self, channel: str, timeout: float = 10) -> None:
+        """Wait for a message on ``channel``: a run is marked ended before its on_success/on_failure goes out."""
+        with trio.fail_after(timeout):
+            while channel not in [c for c, _p, _s in self.messages]:
+                await trio.sleep(0.02)
+
 
 FAST = FleetSettings(grace_s=0.5, heartbeat_s=3600, respawn_delay_s=0.01)
 BASE = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
@@ -98,6 +104,7 @@ async def test_a_commit_message_fires_qa_and_its_success_chains_review(home: Pat
         [review] = await settled(fleet, project, "review", 1)
         assert review.status == "failed" and review.trigger["channel"] == "qa:passed"
         assert review.trigger["sender"] == "proj:fleet:qa"
+        await published.seen("review:failed")
         channels = [c for c, _p, _s in published.messages if c not in ("agents", "resurrection")]
         assert channels == ["git:committed", "qa:passed", "review:failed"]
         # Each run was a citizen: qa's session ended with its result; review's crash went to salvage.
