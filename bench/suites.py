@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,34 +81,71 @@ def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]
     return figures
 
 
-def _concurrent_worker(path: str, n: int, start: Any, out: Any) -> None:
+def _concurrent_case(c: BlockingClient, case: str, worker: int) -> Callable[[], object]:
+    """One worker's operation for ``case``, on names of its own: the figure measures the daemon's path for many
+    connections at once, not contention for one lock or channel."""
+    if case == "port.claim":
+        return lambda: c.request("port.claim", {"id": "bench:api"})
+    if case == "lock.acquire + lock.release":
+        name = f"bench:lock:{worker}"
+
+        def lock_cycle() -> None:
+            token = c.request("lock.acquire", {"name": name, "owner": f"bench{worker}"})["token"]
+            c.request("lock.release", {"name": name, "token": token})
+
+        return lock_cycle
+    channel = f"bench:w{worker}"
+    c.request("msg.subscribe", {"channels": [channel], "new": True})
+
+    def publish_to_receipt() -> None:  # the worker's own connection publishes and receives the delivery
+        c.send("msg.publish", {"channel": channel, "payload": 1})
+        c.receive(timeout=5)
+
+    return publish_to_receipt
+
+
+def _concurrent_worker(path: str, case: str, worker: int, n: int, start: Any, out: Any) -> None:
     with BlockingClient(path) as c:
-        c.request("port.claim", {"id": "bench:api"})
+        fn = _concurrent_case(c, case, worker)
+        for _ in range(20):
+            fn()
         start.wait()
         t0 = time.perf_counter()
-        samples = timed(lambda: c.request("port.claim", {"id": "bench:api"}), n, warmup=0)
+        samples = timed(fn, n, warmup=0)
         out.put((time.perf_counter() - t0, samples))
 
 
+# case -> what one operation is, for the throughput unit (a lock cycle is two requests)
+CONCURRENT_CASES = {
+    "port.claim": "req/s",
+    "lock.acquire + lock.release": "cyc/s",
+    "msg.publish (ff) to own receipt": "msg/s",
+}
+
+
 def ipc_concurrent(cfg: Settings, quick: bool, conns: int = 16) -> list[Figure]:
-    """``conns`` processes, one connection each, claiming as fast as they can."""
+    """``conns`` processes, one connection each, running each case as fast as they can."""
     n = 300 if quick else 3000
     ctx = multiprocessing.get_context("fork")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_concurrent_worker, args=(str(cfg.ipc_sock), n, start, out)) for _ in range(conns)]
-    for p in procs:
-        p.start()
-    time.sleep(0.3)  # every worker connected and warmed up
-    start.set()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join()
-    wall = max(elapsed for elapsed, _ in results)
-    samples = [s for _, per in results for s in per]
-    return [
-        Figure(f"ipc: port.claim, {conns} connections (latency)", samples, floor=PINGPONG_UNPINNED),
-        Figure(f"ipc: port.claim, {conns} connections (throughput)", [conns * n / wall], unit="req/s"),
-    ]
+    figures = []
+    for case, unit in CONCURRENT_CASES.items():
+        start, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_concurrent_worker, args=(str(cfg.ipc_sock), case, i, n, start, out))
+                 for i in range(conns)]  # fmt: skip
+        for p in procs:
+            p.start()
+        time.sleep(0.3)  # every worker connected and warmed up
+        start.set()
+        results = [out.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join()
+        wall = max(elapsed for elapsed, _ in results)
+        samples = [s for _, per in results for s in per]
+        figures += [
+            Figure(f"ipc: {case}, {conns} connections (latency)", samples, floor=PINGPONG_UNPINNED),
+            Figure(f"ipc: {case}, {conns} connections (throughput)", [conns * n / wall], unit=unit),
+        ]
+    return figures
 
 
 # -- fire-and-forget ---------------------------------------------------------------------------------------
