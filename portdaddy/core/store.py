@@ -13,7 +13,7 @@ never run on a database that is already past it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -49,6 +49,7 @@ class Store:
         self.db.pragma("synchronous", "NORMAL")
         self.db.pragma("foreign_keys", True)
         self._depth = 0
+        self._after_commit: list[Callable[[], None]] = []
         self.migrate()
 
     # -- schema ------------------------------------------------------------------------------------------
@@ -86,12 +87,23 @@ class Store:
         self._depth = 1
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self._depth = 0
-            self.db.execute("ROLLBACK")
+            self._after_commit.clear()
+            if self.db.in_transaction:  # a failed COMMIT may leave the transaction open (SQLITE_BUSY) or not
+                self.db.execute("ROLLBACK")
             raise
-        self._depth = 0
-        self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
+        callbacks, self._after_commit = self._after_commit, []
+        for fn in callbacks:
+            fn()
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the open transaction has committed; never if it rolls back. For memory that must not
+        run ahead of the disk (see the fencing-token reservation in locks.py)."""
+        assert self._depth, "after_commit() belongs inside write()"
+        self._after_commit.append(fn)
 
     def execute(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> apsw.Cursor:
         return self.db.execute(sql, args)

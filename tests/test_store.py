@@ -1,0 +1,53 @@
+"""The store's transaction helper: nesting, rollback, and callbacks that must not run ahead of the disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import apsw
+import pytest
+
+from portdaddy.core.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "portdaddy.db")
+    s.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    s.execute("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    return s
+
+
+def test_after_commit_runs_once_after_the_outermost_commit(store: Store) -> None:
+    ran: list[bool] = []
+    with store.write() as db:
+        with store.write():
+            store.after_commit(lambda: ran.append(store.db.in_transaction))
+        assert ran == []  # leaving the inner block commits nothing
+        db.execute("INSERT INTO parent VALUES (1)")
+    assert ran == [False]  # after COMMIT, outside any transaction
+    with store.write():
+        pass
+    assert ran == [False]
+
+
+def test_rollback_drops_the_callbacks_and_the_writes(store: Store) -> None:
+    ran: list[int] = []
+    with pytest.raises(ValueError), store.write() as db:
+        db.execute("INSERT INTO parent VALUES (1)")
+        store.after_commit(lambda: ran.append(1))
+        raise ValueError
+    assert ran == [] and store.scalar("SELECT count(*) FROM parent") == 0
+
+
+def test_a_failed_commit_rolls_back_and_the_store_stays_usable(store: Store) -> None:
+    ran: list[int] = []
+    # A deferred foreign key fails at COMMIT, which leaves SQLite's transaction open unless we roll it back.
+    with pytest.raises(apsw.ConstraintError), store.write() as db:
+        db.execute("INSERT INTO child VALUES (42)")
+        store.after_commit(lambda: ran.append(1))
+    assert ran == [] and not store.db.in_transaction
+    with store.write() as db:
+        db.execute("INSERT INTO parent VALUES (42)")
+        db.execute("INSERT INTO child VALUES (42)")
+    assert store.scalar("SELECT count(*) FROM child") == 1
