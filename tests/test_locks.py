@@ -323,7 +323,8 @@ class LockModel(RuleBasedStateMachine):
                 assert (lock.owner, lock.token, lock.expires_at) == held
         rows = self.app.store.all("SELECT name, count(*) FROM locks GROUP BY name HAVING count(*) > 1")
         assert rows == []
-        assert self.app.store.scalar("SELECT last_token FROM lock_fence") == self.last_token
+        # Every token handed out is covered by the durable reservation, so none is reused after a restart.
+        assert self.app.store.scalar("SELECT last_token FROM lock_fence") >= self.last_token
 
 
 TestLockModel = LockModel.TestCase

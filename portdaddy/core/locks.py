@@ -1,7 +1,9 @@
 """Named locks with fencing tokens, leases (TTL), FIFO blocking waits and owner-death release.
 
-Every grant takes the next value of one persisted counter, so a lock's tokens only ever grow, across restarts
-(a resource guarded by the lock refuses writes carrying a token older than the newest it has seen).
+Every grant takes the next value of one counter, so a lock's tokens only ever grow, across restarts (a
+resource guarded by the lock refuses writes carrying a token older than the newest it has seen). The store
+holds the highest token *reserved*, FENCE_BLOCK at a time, so most grants write only their lock row; after a
+restart tokens resume above every reserved one, leaving a gap, which fencing does not mind.
 Re-acquiring a lock you hold (same owner) is idempotent: same token, lease refreshed.
 
 A lock is never free while someone waits for it: a release or an expiry hands it straight to the first
@@ -17,6 +19,7 @@ import heapq
 import json
 import secrets
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -30,6 +33,7 @@ from portdaddy.errors import LockHeld, PDError, bad_input
 DEFAULT_TTL_MS = 5 * 60_000
 MAX_TTL_MS = 60 * 60_000
 MAX_WAIT_MS = 24 * 3600_000
+FENCE_BLOCK = 1024  # fencing tokens reserved per write of lock_fence
 
 
 @dataclass(slots=True)
@@ -68,8 +72,11 @@ class Locks:
         self._held: dict[str, Lock] = {}
         self._waiters: dict[str, dict[_Waiter, None]] = {}  # per lock, an ordered set: FIFO, O(1) removal
         self._deadlines: list[tuple[int, str]] = []
-        self._deadline_changed = trio.Event()
+        self._expiry: trio.CancelScope | None = None  # the expiry task's sleep; its deadline is the next expiry
         self.granted = 0
+        # lock_fence.last_token is the highest token reserved (0 before the first grant): ours start above it.
+        self._reserved = self.store.scalar("SELECT last_token FROM lock_fence WHERE id = 1")
+        self._next_token = self._reserved + 1
         rows = self.store.all("SELECT name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata "
                               "FROM locks")  # fmt: skip
         for name, owner, token, pid, acquired, expires, conn_bound, meta in rows:
@@ -148,9 +155,13 @@ class Locks:
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
                conn: Any) -> Lock:  # fmt: skip
         now = now_ms()
+        token = self._next_token
+        self._next_token += 1  # never handed out twice, even if this grant fails: a gap is harmless
         with self.store.write() as db:
-            token = db.execute("UPDATE lock_fence SET last_token = last_token + 1 WHERE id = 1 "
-                               "RETURNING last_token").fetchone()[0]  # fmt: skip
+            if token > self._reserved:
+                top = token + FENCE_BLOCK - 1
+                db.execute("UPDATE lock_fence SET last_token = ? WHERE id = 1", (top,))
+                self.store.after_commit(partial(self._reserved_up_to, top))
             lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
             db.execute(
                 "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
@@ -165,6 +176,9 @@ class Locks:
         self.granted += 1
         self.app.bus.emit("lock.acquire", name=name, owner=owner, token=token, expiresAt=lock.expires_at)
         return lock
+
+    def _reserved_up_to(self, top: int) -> None:
+        self._reserved = max(self._reserved, top)
 
     def _bind(self, lock: Lock, conn: Any) -> None:
         lock.conn = conn
@@ -250,8 +264,9 @@ class Locks:
 
     def _schedule(self, lock: Lock) -> None:
         heapq.heappush(self._deadlines, (lock.expires_at, lock.name))
-        if self._deadlines[0][1] == lock.name:
-            self._deadline_changed.set()
+        if self._deadlines[0][1] == lock.name and self._expiry is not None:
+            # Moving a deadline wakes nobody: a grant does not cost the expiry task a trip through the scheduler.
+            self._expiry.deadline = min(self._expiry.deadline, _trio_deadline(lock.expires_at))
 
     def _expire_if_due(self, name: str) -> None:
         lock = self._held.get(name)
@@ -264,10 +279,10 @@ class Locks:
             await nursery.start(self._owner_deaths)
             task_status.started()
             while True:
-                wait_s = (self._deadlines[0][0] - now_ms()) / 1000 if self._deadlines else float("inf")
-                with trio.move_on_after(max(wait_s, 0)):
-                    await self._deadline_changed.wait()
-                self._deadline_changed = trio.Event()
+                with trio.CancelScope() as self._expiry:
+                    if self._deadlines:
+                        self._expiry.deadline = _trio_deadline(self._deadlines[0][0])
+                    await trio.sleep_forever()
                 now = now_ms()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     _, name = heapq.heappop(self._deadlines)
@@ -280,6 +295,10 @@ class Locks:
                 agent_id = event.data.get("agentId")
                 if isinstance(agent_id, str):
                     self.release_owner(agent_id, "owner-dead")
+
+
+def _trio_deadline(expires_at_ms: int) -> float:
+    return trio.current_time() + (expires_at_ms - now_ms()) / 1000
 
 
 # -- operations ----------------------------------------------------------------------------------------------
