@@ -90,7 +90,8 @@ class Registry:
         self._by_id: SegmentTrie[Service] = SegmentTrie()
         self._by_port: dict[int, str] = {}
         self._expiry_changed = trio.Event()
-        # A re-claim that changes nothing but last_seen is answered from memory; the time is written behind.
+        # A re-claim that changes nothing but last_seen (and the claimant's pid) is answered from memory; they
+        # are written behind.
         self._seen: WriteBehind[str] = WriteBehind(self.store, self._write_seen)
         self._load()
 
@@ -154,12 +155,18 @@ class Registry:
         cwd: str | None = None,
         metadata: dict[str, Any] | None = None,
         agent_id: str | None = None,
+        peer_pid: int | None = None,
     ) -> dict[str, Any]:
+        """``pid`` is the caller's word and is committed before the reply; ``peer_pid`` (the process at the other
+        end of the socket) stands in when no ``pid`` is given, and on a re-claim it is bookkeeping like
+        ``last_seen``: written behind."""
         now = now_ms()
         expires_at = now + expires_ms if expires_ms else None
         svc = self._by_id.get(identity)
         if svc is not None:
             svc.last_seen = now
+            if not pid and peer_pid:
+                svc.pid = peer_pid
             if (pid and pid != svc.pid) or (cmd and cmd != svc.cmd) or (cwd and cwd != svc.cwd) or expires_at or (
                 metadata is not None and metadata != svc.metadata
             ):
@@ -196,6 +203,7 @@ class Registry:
             lo, hi = port_range or self.app.settings.port_range
             chosen = self._choose(identity, lo, hi)
 
+        pid = pid or peer_pid
         svc = Service(identity, chosen, pid, cmd, cwd, "assigned", agent_id, now, now, expires_at, metadata)
         svc.urls["local"] = f"http://localhost:{chosen}"
         with self.store.write() as db:
@@ -293,8 +301,8 @@ class Registry:
     # -- background ----------------------------------------------------------------------------------------
 
     def _write_seen(self, db: Any, identities: Iterable[str]) -> None:
-        rows = [(svc.last_seen, svc.id) for svc in map(self._by_id.get, identities) if svc is not None]
-        db.executemany("UPDATE services SET last_seen=? WHERE id=?", rows)
+        rows = [(svc.last_seen, svc.pid, svc.id) for svc in map(self._by_id.get, identities) if svc is not None]
+        db.executemany("UPDATE services SET last_seen=?, pid=? WHERE id=?", rows)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -337,8 +345,8 @@ def _check_url(name: str, value: Any) -> str:
 
 def _claim(ctx: Ctx, *, id: str, port, range, expires, pid, cmd, cwd, metadata) -> dict[str, Any]:
     return ctx.app.registry.claim(
-        id, port=port, port_range=range, expires_ms=expires, pid=pid or ctx.pid, cmd=cmd, cwd=cwd,
-        metadata=metadata, agent_id=ctx.agent_id,
+        id, port=port, port_range=range, expires_ms=expires, pid=pid, cmd=cmd, cwd=cwd,
+        metadata=metadata, agent_id=ctx.agent_id, peer_pid=ctx.pid,
     )  # fmt: skip
 
 
