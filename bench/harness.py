@@ -122,8 +122,8 @@ def floor_send(n: int) -> list[float]:
 
 
 @contextmanager
-def bench_daemon(**env: str) -> Iterator[tuple[Settings, subprocess.Popen[bytes], float]]:
-    """A daemon on a temporary home; yields (settings, process, start-to-healthy seconds)."""
+def bench_daemon(**env: str) -> Iterator[tuple[Settings, subprocess.Popen[bytes], tuple[float, float]]]:
+    """A daemon on a temporary home; yields (settings, process, seconds from spawn to (IPC healthy, HTTP ready))."""
     home = Path(tempfile.mkdtemp(prefix="pdb", dir="/tmp"))
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORT_DADDY_")}
     full_env.update(PORT_DADDY_HOME=str(home), PORT_DADDY_NO_TCP="1", PORT_DADDY_NO_AUTOSTART="1", **env)
@@ -134,8 +134,9 @@ def bench_daemon(**env: str) -> Iterator[tuple[Settings, subprocess.Popen[bytes]
     log.close()
     try:
         wait_healthy(cfg, proc, timeout=30)
-        started = time.perf_counter() - t0
-        yield cfg, proc, started
+        ipc_s = time.perf_counter() - t0
+        wait_healthy(cfg, proc, timeout=30, http=True)
+        yield cfg, proc, (ipc_s, time.perf_counter() - t0)
     finally:
         proc.terminate()
         proc.wait(timeout=15)

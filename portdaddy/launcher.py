@@ -48,11 +48,14 @@ def wait_healthy(
     *,
     timeout: float = START_TIMEOUT_S,
     tick: Callable[[], None] | None = None,
+    http: bool = False,
 ) -> dict[str, Any]:
+    """The daemon's health once its IPC socket answers; with ``http``, once its HTTP server listens too (it
+    starts a few hundred ms after IPC: what ``pd start`` and anyone about to speak HTTP wait for)."""
     deadline = time.monotonic() + timeout
     while True:
         health = probe(cfg, timeout=2.0)
-        if health is not None:
+        if health is not None and not (http and health.get("http") == "starting"):
             return health
         # Exit status 0 means "another daemon is already running": keep waiting for that one.
         if proc is not None and proc.poll() not in (None, 0):
@@ -61,7 +64,7 @@ def wait_healthy(
             raise DaemonUnavailable(f"the daemon did not become healthy in {timeout:g}s; see {cfg.log}")
         if tick is not None:
             tick()
-        time.sleep(0.01)
+        time.sleep(0.01 if health is None else 0.03)  # a daemon loading HTTP's imports has no GIL to spare
 
 
 def ensure_daemon(cfg: Settings) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class Daemon:
         log = open(self.home / "daemon.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([PYTHON, "-m", "portdaddy.daemon"], env=self.env, stdout=log, stderr=log)
         log.close()
-        wait_healthy(self.settings, self.proc, timeout=20)
+        wait_healthy(self.settings, self.proc, timeout=20, http=True)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:

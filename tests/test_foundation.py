@@ -242,6 +242,21 @@ def test_autostart_and_no_autostart(tmp_home: Path) -> None:
         BlockingClient(d.settings.ipc_sock).connect()
 
 
+def test_pd_start_returns_once_http_answers_too(tmp_home: Path) -> None:
+    """IPC answers first (auto-start waits for that alone); ``pd start`` also waits out HTTP's slower start."""
+    env = make_env(tmp_home)
+    try:
+        started = subprocess.run([PYTHON, "-m", "portdaddy.cli", "start", "--json"], env=env, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["http"] == "ready"
+        uds = str(Daemon(tmp_home, env).settings.http_sock)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=uds), base_url="http://x") as c:
+            assert c.get("/health").json()["http"] == "ready"
+    finally:
+        subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=env, capture_output=True, timeout=30)
+
+
 def test_pd_import_path_is_light() -> None:
     r = subprocess.run([PYTHON, "-X", "importtime", "-m", "portdaddy.cli", "--help"], capture_output=True,
                        text=True, env={**os.environ, "PORT_DADDY_NO_AUTOSTART": "1"})  # fmt: skip

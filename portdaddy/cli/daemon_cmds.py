@@ -44,7 +44,7 @@ def diagnose_down(cfg: Settings) -> tuple[str, str]:
 @click.command()
 @json_option
 def start(as_json: bool) -> None:
-    """Start the daemon in the background and wait until it is healthy.
+    """Start the daemon in the background and wait until it is healthy (IPC and HTTP both serving).
 
     \b
     Example:
@@ -52,9 +52,9 @@ def start(as_json: bool) -> None:
     """
     cfg = settings()
     health = probe(cfg)
-    if health is None:
+    if health is None or health.get("http") == "starting":
         try:
-            health = wait_healthy(cfg, spawn_daemon(cfg))
+            health = wait_healthy(cfg, spawn_daemon(cfg) if health is None else None, http=True)
         except DaemonUnavailable as e:
             fail(e, as_json=as_json)
         msg = f"Port Daddy running (pid {health['pid']}) in {cfg.home}"

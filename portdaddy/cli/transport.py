@@ -66,12 +66,12 @@ class Spinner:
             sys.stderr.flush()
 
 
-def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: bool = False) -> dict[str, Any]:
     from portdaddy import launcher  # only when the daemon must be started: it pulls in subprocess
 
     spinner = Spinner("starting the Port Daddy daemon…")
     try:
-        return launcher.wait_healthy(cfg, proc, tick=spinner.tick)
+        return launcher.wait_healthy(cfg, proc, tick=spinner.tick, http=http)
     finally:
         spinner.done()
 

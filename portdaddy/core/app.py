@@ -44,6 +44,7 @@ class App:
         # Set when shutdown begins, so long waits (SSE, blocking acquires) can finish promptly.
         self.stopping = trio.Event()
         self.http_stopped = trio.Event()
+        self.http_ready = False  # IPC serves first; HTTP follows once its imports have loaded
 
     def add(self, subsystem: Subsystem) -> None:
         setattr(self, subsystem.name, subsystem)

@@ -24,6 +24,7 @@ def health(ctx: Ctx) -> dict[str, Any]:
         "uptime_seconds": int(app.uptime_s),
         "active_ports": len(app.registry),
         "pid": app.pid,
+        "http": "ready" if app.http_ready else "starting",
     }
 
 
