@@ -33,22 +33,34 @@ MAX_DETAILS = 500
 MAX_METADATA = 4000
 
 
+_SCALARS = (str, int, float, bool)
+_NOT_DETAILS = frozenset({"hash", "prevHash"})
+# One encoder for every row: json.dumps with options builds a new JSONEncoder per call.
+_to_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
+    return isinstance(value, _SCALARS)
 
 
 def row_of(ev: Event) -> tuple[Any, ...]:
     d = ev.data
     agent = next((d[k] for k in _AGENT_KEYS if isinstance(d.get(k), str)), None)
     target = next((str(d[k]) for k in _TARGET_KEYS if _scalar(d.get(k))), None)
-    details = ", ".join(f"{k}={val}" for k, val in d.items() if _scalar(val) and k not in ("hash", "prevHash"))
-    lists = [f"{k}={','.join(map(str, val))}" for k, val in d.items()
-             if isinstance(val, list) and all(map(_scalar, val))]  # fmt: skip
-    details = "; ".join(filter(None, [details, *lists]))[:MAX_DETAILS]
-    metadata = json.dumps(d, separators=(",", ":"), default=str)
+    scalars, lists = [], []
+    for k, val in d.items():
+        if isinstance(val, _SCALARS):
+            if k not in _NOT_DETAILS:
+                scalars.append(f"{k}={val}")
+        elif isinstance(val, list) and all(map(_scalar, val)):
+            lists.append(f"{k}={','.join(map(str, val))}")
+    details = ", ".join(scalars)
+    if lists:
+        details = "; ".join(filter(None, [details, *lists]))
+    metadata = _to_json(d)
     if len(metadata) > MAX_METADATA:
-        metadata = json.dumps({"truncated": True}, separators=(",", ":"))
-    return (ev.at, ev.kind, agent, target, details, metadata)
+        metadata = '{"truncated":true}'
+    return (ev.at, ev.kind, agent, target, details[:MAX_DETAILS], metadata)
 
 
 class Activity:
