@@ -26,8 +26,8 @@ def render(figures: list[Figure]) -> tuple[str, dict]:
         data[f.name] = {"unit": f.unit, "p50": f.p50, "p90": f.pct(90), "p99": f.pct(99), "n": len(f.samples_us),
                         "floor": f.floor, "ratio": ratio, "note": f.note, **f.extra}  # fmt: skip
         ratio_text = f"{ratio:7.1f}x" if ratio else "      -"
-        rows.append(f"{f.name:56} {f.p50:10.1f} {f.pct(90):10.1f} {f.pct(99):10.1f} {f.unit:5} {ratio_text}  {f.note}")
-    header = f"{'figure':56} {'p50':>10} {'p90':>10} {'p99':>10} {'unit':5} {'÷floor':>8}"
+        rows.append(f"{f.name:66} {f.p50:10.1f} {f.pct(90):10.1f} {f.pct(99):10.1f} {f.unit:5} {ratio_text}  {f.note}")
+    header = f"{'figure':66} {'p50':>10} {'p90':>10} {'p99':>10} {'unit':5} {'÷floor':>8}"
     return "\n".join([header, "-" * len(header), *rows]), data
 
 

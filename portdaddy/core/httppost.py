@@ -9,7 +9,6 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
-import h11
 import trio
 
 from portdaddy.errors import bad_input
@@ -86,6 +85,8 @@ async def post(url: str, body: bytes, headers: list[tuple[str, str]], *, allow_p
 
 async def _exchange(stream: trio.abc.Stream, parts: SplitResult, body: bytes,
                     headers: list[tuple[str, str]]) -> Reply:  # fmt: skip
+    import h11  # here, not at the top: the daemon imports this module before its IPC socket answers
+
     conn = h11.Connection(h11.CLIENT)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = h11.Request(method="POST", target=target, headers=[

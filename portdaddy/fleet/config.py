@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from croniter import croniter
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -214,6 +213,8 @@ def render_template(text: str, variables: dict[str, str]) -> str:
 
 def cron_problem(expr: str) -> str | None:
     """Why ``expr`` is not a usable five-field cron expression; None when it is."""
+    from croniter import croniter  # only fleets with a schedule need it: not on the daemon's start path
+
     fields = expr.split()
     if len(fields) != 5:
         return f"{expr!r} has {len(fields)} field(s); expected {_CRON_FORM}"
@@ -232,6 +233,8 @@ def next_fire(schedule: str, after: datetime) -> datetime:
     problem = cron_problem(schedule)
     if problem is not None:
         raise bad_input(f"schedule {problem}")
+    from croniter import croniter
+
     return croniter(schedule, after).get_next(datetime)
 
 
