@@ -445,6 +445,8 @@ def heartbeat_op(ctx: Ctx, *, agentId, pid) -> dict[str, Any]:
     if agent is None:
         agent, new = agents.register(agent_id, pid=pid or ctx.pid)
         return _register_reply(ctx, agent, new)
+    if not ctx.acknowledged:
+        return None  # fire-and-forget: nobody reads a reply
     return {"success": True, "agentId": agent_id, "lastHeartbeat": agent.last_heartbeat,
             "message": "heartbeat recorded", "health": {"liveness": "alive"}}  # fmt: skip
 

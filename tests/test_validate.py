@@ -1,0 +1,38 @@
+"""The name check remembers names it accepted; remembering must never change an answer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from portdaddy.core import validate
+from portdaddy.errors import PDError
+
+# Mostly valid names with the characters that make them invalid mixed in: stars, spaces, colons, dots, slashes.
+values = st.one_of(st.text(alphabet="ab:.* /-", max_size=6), st.integers(), st.none())
+
+
+def answer(check: validate.Check, value: object) -> tuple[str, str]:
+    try:
+        return "ok", check("name", value)
+    except PDError as e:
+        return "refused", e.message
+
+
+@given(st.lists(values, max_size=40), st.booleans())
+def test_a_remembering_check_answers_as_a_fresh_one(seq: list[object], wildcard: bool) -> None:
+    shared = validate.name("lock name", 5, wildcard=wildcard)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validate, "NAME_MEMO", 4)  # overflow the memory often
+        for value in seq:
+            assert answer(shared, value) == answer(validate.name("lock name", 5, wildcard=wildcard), value)
+
+
+def test_accepted_names_come_back_stripped_and_refusals_are_never_remembered() -> None:
+    check = validate.name("channel", 20)
+    assert check("c", " build:done ") == "build:done"
+    assert check("c", " build:done ") == "build:done"
+    for _ in range(2):
+        with pytest.raises(PDError, match="may not contain"):
+            check("c", "build:*")
