@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from portdaddy.paths import home_dir, runtime_path
+
 DEFAULT_TCP_PORT = 9876
 TCP_PORT_ATTEMPTS = 11  # 9876..9886, as the original
 DEFAULT_RANGE = (3100, 9999)
@@ -75,10 +77,10 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        home = Path(env.get("PORT_DADDY_HOME") or Path.home() / ".port-daddy").expanduser()
+        home = Path(home_dir(env))
 
         def path(var: str, name: str) -> Path:
-            return Path(env[var]).expanduser() if env.get(var) else home / name
+            return Path(runtime_path(env, var, name))
 
         def flag(var: str) -> bool:
             return env.get(var, "").lower() in ("1", "true", "yes", "on")

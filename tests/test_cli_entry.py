@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 
-from portdaddy.cli.entry import ipc_sock, quick_claim_identity
+from portdaddy.cli.entry import quick_claim_identity
 from portdaddy.config import Settings
+from portdaddy.paths import runtime_path
 from tests.conftest import PYTHON, Daemon
 
 CLICK_PATH = "import sys; from portdaddy.cli.main import main; sys.argv[0] = 'pd'; main()"
@@ -38,7 +39,7 @@ def test_only_the_plain_quiet_claim_takes_the_fast_path(argv: list[str], identit
     {"PORT_DADDY_HOME": "/tmp/pdx", "PORT_DADDY_IPC": "~/y.ipc"}, {"PORT_DADDY_HOME": ""},
 ])  # fmt: skip
 def test_fast_path_finds_the_socket_where_settings_put_it(env: dict[str, str]) -> None:
-    assert ipc_sock(env) == str(Settings.from_env(env).ipc_sock)
+    assert runtime_path(env, "PORT_DADDY_IPC", "daemon.ipc") == str(Settings.from_env(env).ipc_sock)
 
 
 def _modules(importtime: str) -> set[str]:

@@ -12,10 +12,6 @@ from __future__ import annotations
 import os
 import sys
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
 _QUIET = ("-q", "--quiet")
 
 
@@ -33,21 +29,16 @@ def quick_claim_identity(argv: list[str]) -> str | None:
     return identity
 
 
-def ipc_sock(env: Mapping[str, str]) -> str:
-    """``Settings.from_env(env).ipc_sock`` without importing config's dataclasses and pathlib (a test keeps
-    the two in agreement)."""
-    home = env.get("PORT_DADDY_HOME") or os.path.join("~", ".port-daddy")
-    return os.path.expanduser(env.get("PORT_DADDY_IPC") or os.path.join(home, "daemon.ipc"))
-
-
 def _quick_claim(identity: str) -> int | None:
     """Claim and print the port; the exit code, or None to let the click path handle it (no daemon)."""
     from portdaddy.errors import DaemonUnavailable, PDError, exit_code
     from portdaddy.ipc.client import BlockingClient
+    from portdaddy.paths import runtime_path
 
     env = os.environ
+    sock = runtime_path(env, "PORT_DADDY_IPC", "daemon.ipc")
     try:
-        with BlockingClient(ipc_sock(env), agent_id=env.get("PORT_DADDY_AGENT"), timeout=10) as c:
+        with BlockingClient(sock, agent_id=env.get("PORT_DADDY_AGENT"), timeout=10) as c:
             port = c.request("port.claim", {"id": identity})["port"]
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
