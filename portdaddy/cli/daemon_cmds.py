@@ -51,16 +51,17 @@ def start(as_json: bool) -> None:
       pd start
     """
     cfg = settings()
-    health = probe(cfg)
-    if health is None or health.get("http") == "starting":
-        try:
-            health = wait_healthy(cfg, spawn_daemon(cfg) if health is None else None, http=True)
-        except DaemonUnavailable as e:
-            fail(e, as_json=as_json)
-        msg = f"Port Daddy running (pid {health['pid']}) in {cfg.home}"
+    running = probe(cfg) is not None
+    try:  # a daemon already running may still be starting its HTTP server: wait for that too
+        health = wait_healthy(cfg, None if running else spawn_daemon(cfg), http=True)
+    except DaemonUnavailable as e:
+        fail(e, as_json=as_json)
+    if as_json:
+        emit_json(health)
+    elif running:
+        click.echo(f"Port Daddy already running (pid {health['pid']})")
     else:
-        msg = f"Port Daddy already running (pid {health['pid']})"
-    emit_json(health) if as_json else click.echo(msg)
+        click.echo(f"Port Daddy running (pid {health['pid']}) in {cfg.home}")
 
 
 @click.command()
