@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -148,6 +149,11 @@ def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) 
     assert daemon.call("port.find", pattern="big:*")["count"] == 0
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -178,6 +184,36 @@ def test_a_client_that_never_reads_cannot_grow_the_daemon(fresh_daemon: Daemon) 
     assert grown_mb < 16, f"daemon grew {grown_mb:.1f} MB for a client that never reads"
     sock.close()
     assert d.call("daemon.health")["status"] == "ok"
+
+
+def test_a_slow_reader_gets_every_reply_in_order_and_the_daemon_goes_idle(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    d.call("port.claim", id="slow:catchup")
+    n = 20_000  # ~4 MB of replies: reading stops and resumes several times on the way
+    encoder = Encoder()
+    requests = b"".join(encoder.encode(Performative.REQUEST, conv, {"action": "port.find", "pattern": "slow:*"})
+                        for conv in range(1, n + 1))  # fmt: skip
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(d.settings.ipc_sock))
+    sender = threading.Thread(target=sock.sendall, args=(requests,))
+    sender.start()
+    time.sleep(1.0)  # not reading: the daemon stops taking requests once its outbox is full
+    assert sender.is_alive(), "the daemon took every request although nobody read a reply"
+    decoder, convs = Decoder(), []
+    sock.settimeout(10)
+    while len(convs) < n:
+        data = sock.recv(1 << 20)
+        assert data, f"the daemon closed the connection after {len(convs)} replies"
+        decoder.feed(data)
+        for frame in decoder.events():
+            assert isinstance(frame, Frame) and frame.type == Performative.INFORM_DONE, frame
+            convs.append(frame.conv_id)
+    sender.join(10)
+    assert convs == list(range(1, n + 1))
+    used = cpu_seconds(d.proc.pid)
+    time.sleep(1.0)
+    assert cpu_seconds(d.proc.pid) - used < 0.3, "the daemon kept spinning after the client caught up"
+    sock.close()
 
 
 async def test_sdk_fails_pending_requests_fast_and_reconnects(fresh_daemon: Daemon) -> None:

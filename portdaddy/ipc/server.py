@@ -1,11 +1,12 @@
 """The binary IPC server: frames in, operations run, frames out, on ``daemon.ipc``.
 
-Each connection reads straight from a non-blocking stdlib socket (``wait_readable`` then one large ``recv``),
-parses every whole frame in the buffer, runs synchronous operations inline (they are atomic on the trio
-thread) and flushes all replies with one ``send``. Operations that wait (blocking acquires, ``tuple in
---wait``) run as tasks in the connection's nursery so the connection keeps serving. Limits (reference §20.5):
-connection cap, per-connection rate, a three-strike budget for malformed frames, bounded output, one agent
-identity per connection.
+One task, the reactor, serves every connection: the sockets are registered once in an epoll of the server's
+own, whose fd trio waits on. For each ready socket it does one large non-blocking ``recv``, parses every whole
+frame, runs synchronous operations inline (they are atomic on the trio thread) and flushes all replies with
+one ``send``; what the socket does not take waits for EPOLLOUT. Operations that wait (blocking acquires,
+``tuple in --wait``) run as tasks in the server's nursery, cancelled when their connection closes, so the
+connection keeps serving. Limits (reference §20.5): connection cap, per-connection rate, a three-strike budget
+for malformed frames, bounded output, one agent identity per connection.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -40,6 +42,8 @@ MAX_PUSH_BACKLOG = 256 * 1024
 # Operations that wait (blocking acquires, tuple waits) in flight at once on one connection.
 MAX_WAITING_OPS = 256
 
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_IN_OR_GONE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_REF, Performative.SUBSCRIBE,
                 Performative.UNSUBSCRIBE}  # fmt: skip
 
@@ -70,11 +74,15 @@ def bind_unix(path: os.PathLike[str] | str) -> socket.socket:
 
 
 class Connection:
-    """One client. Ops see it as ``ctx.conn``: ``push`` deliveries, ``on_close`` cleanups, ``data`` slots."""
+    """One client. Ops see it as ``ctx.conn``: ``push`` deliveries, ``on_close`` cleanups, ``data`` slots.
+
+    It has no task of its own: the server's reactor calls ``on_readable`` / ``on_writable`` when epoll says so.
+    """
 
     def __init__(self, server: IpcServer, sock: socket.socket, peer_pid: int) -> None:
         self.server = server
         self.sock = sock
+        self.fd = sock.fileno()
         self.peer_pid = peer_pid
         self.ctx = Ctx(server.app, "ipc", pid=peer_pid, conn=self)
         self.decoder = Decoder()
@@ -84,13 +92,13 @@ class Connection:
         self.dropped_pushes = 0
         self.data: dict[str, Any] = {}  # per-connection state owned by subsystems (subscriptions, …)
         self._closers: list[Callable[[], None]] = []
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._drained_lot = trio.lowlevel.ParkingLot()
-        self._pending: dict[int, trio.CancelScope] = {}
-        self._waiting_ops = 0
+        self._events: list[Frame | Malformed] = []  # decoded, not yet handled (reading paused on a full outbox)
+        self._next_event = 0
+        self.watching = _IN  # what the reactor watches this socket for
+        self._pending: dict[int, trio.CancelScope] = {}  # conv id -> its waiting operation
+        self._waiting: set[trio.CancelScope] = set()
         self._window = 0
         self._window_count = 0
-        self._nursery: trio.Nursery | None = None
         self.hangup = False  # stop reading: the connection is being cut off
         self.closed = False
 
@@ -126,65 +134,72 @@ class Connection:
         self.dropped_pushes += 1
         self.server.dropped_pushes += 1
 
-    # -- the loop ------------------------------------------------------------------------------------------
+    # -- what the reactor calls ----------------------------------------------------------------------------
 
-    async def serve(self) -> None:
-        sock = self.sock
+    def on_readable(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._writer)
-                while not self.hangup:
-                    if self.decoder.buffered:
-                        # Half a frame holds a connection slot: the rest must follow promptly.
-                        with trio.move_on_after(self.server.partial_timeout) as wait:
-                            await trio.lowlevel.wait_readable(sock)
-                        if wait.cancelled_caught:
-                            self.server.cut_off += 1
-                            self._reply(Performative.REFUSE, 0, {
-                                "action": "", "error": "disconnected",
-                                "message": f"a partial frame waited {self.server.partial_timeout:g}s for its rest",
-                            })  # fmt: skip
-                            break
-                    else:
-                        await trio.lowlevel.wait_readable(sock)
-                    try:
-                        data = sock.recv(RECV_SIZE)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        break
-                    if not data:
-                        break
-                    self.decoder.feed(data)
-                    await self._handle_all(self.decoder.events())
-                nursery.cancel_scope.cancel()
-        finally:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
             self.close()
+            return
+        self.decoder.feed(data)
+        self._events, self._next_event = self.decoder.events(), 0
+        self._handle_events()
 
-    async def _handle_all(self, events: list[Frame | Malformed]) -> None:
-        handle = self._handle
-        for event in events:
-            handle(event)
+    def on_writable(self) -> None:
+        self._flush()
+        if self._next_event < len(self._events) and len(self.out) <= OUT_LOW_WATER:
+            self._handle_events()  # the client read its replies down: carry on with the frames it sent
+        else:
+            self._watch()  # level-triggered: a drained outbox must stop watching for output
+
+    def _handle_events(self) -> None:
+        """Handle decoded frames in order; stop reading while the outbox is over OUT_HIGH_WATER."""
+        events, handle = self._events, self._handle
+        i = self._next_event
+        while i < len(events):
+            handle(events[i])
+            i += 1
             if self.hangup:
                 break
             if len(self.out) > OUT_HIGH_WATER:
                 self._flush()
-                while len(self.out) > OUT_LOW_WATER and not self.hangup:
-                    await self._drained_lot.park()
+                if len(self.out) > OUT_LOW_WATER:
+                    break
+        self._next_event = i
+        if self.hangup:
+            self.close()
+            return
         self._flush()
+        if self.out or self.watching != _IN or i < len(events):
+            self._watch()
+        if self.decoder.buffered or self.server.partial:
+            self.server.track_partial(self)
+
+    def _watch(self) -> None:
+        """Watch for input unless frames still wait on a full outbox; for output while some is queued."""
+        mask = (0 if self._next_event < len(self._events) else _IN) | (_OUT if self.out else 0)
+        if mask != self.watching and not self.closed:
+            self.watching = mask
+            self.server.epoll.modify(self.fd, mask)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.server.forget(self)
+        for scope in self._waiting:
+            scope.cancel()
         for fn in reversed(self._closers):
             try:
                 fn()
             except Exception:
                 log.exception("connection cleanup failed")
         self._closers.clear()
-        self.server.connections.discard(self)
         # Best effort: let the last frames (a REFUSE before disconnect) reach the client.
         if self.out:
             try:
@@ -192,31 +207,6 @@ class Connection:
             except OSError:
                 pass
         self.sock.close()
-
-    async def _writer(self) -> None:
-        """Drains output the non-blocking send in ``_flush`` could not write at once."""
-        out = self.out
-        while True:
-            if not out:
-                await self._writer_lot.park()
-                continue
-            await trio.lowlevel.wait_writable(self.sock)
-            try:
-                sent = self.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                self._lost()
-                return
-            del out[:sent]
-            if len(out) <= OUT_LOW_WATER:
-                self._drained_lot.unpark_all()
-
-    def _lost(self) -> None:
-        """The peer is gone (EPIPE, ECONNRESET): nothing more can be written."""
-        self.out.clear()
-        self.hangup = True
-        self._drained_lot.unpark_all()
 
     def _flush(self) -> None:
         out = self.out
@@ -226,12 +216,13 @@ class Connection:
             sent = self.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            self._lost()
+        except OSError:  # the peer is gone (EPIPE, ECONNRESET): its hang-up wakes the reactor, which closes
+            out.clear()
+            self.hangup = True
             return
         del out[:sent]
-        if out:
-            self._writer_lot.unpark_all()
+        if out and not self.watching & _OUT:
+            self._watch()
 
     # -- frames --------------------------------------------------------------------------------------------
 
@@ -258,7 +249,7 @@ class Connection:
                 "action": "", "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
                 "message": "too many malformed frames; connection closed",
             })  # fmt: skip
-            self.hangup = True  # the read loop stops and close() runs
+            self.hangup = True  # _handle_events stops and closes
             return
         self._reply(Performative.NOT_UNDERSTOOD, conv_id, {
             "action": "", "error": "frame_decode_error", "message": reason, "violations": self.strikes,
@@ -344,18 +335,19 @@ class Connection:
             self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
 
     def _start_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
-        if self._waiting_ops >= MAX_WAITING_OPS:
+        if len(self._waiting) >= MAX_WAITING_OPS:
             message = f"{MAX_WAITING_OPS} waiting operations are in flight on this connection; wait or open another"
             raise PDError("RESOURCE_LIMIT", message)
-        assert self._nursery is not None
-        self._waiting_ops += 1
-        self._nursery.start_soon(self._run_waiting_op, action, run, conv_id)
+        scope = trio.CancelScope()  # close() cancels it
+        self._waiting.add(scope)
+        if conv_id:
+            self._pending[conv_id] = scope
+        self.server.nursery.start_soon(self._run_waiting_op, action, run, conv_id, scope)
 
-    async def _run_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
+    async def _run_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int,
+                              scope: trio.CancelScope) -> None:  # fmt: skip
         try:
-            with trio.CancelScope() as scope:
-                if conv_id:
-                    self._pending[conv_id] = scope
+            with scope:
                 try:
                     result = await run()
                 except PDError as e:
@@ -366,14 +358,14 @@ class Connection:
                 else:
                     if conv_id:
                         self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
-                finally:
-                    self._pending.pop(conv_id, None)
-                self._flush()
             if scope.cancelled_caught and conv_id and not self.closed:
                 self._error(conv_id, action, PDError("CANCELLED", f"{action} was cancelled"))
-                self._flush()
         finally:
-            self._waiting_ops -= 1
+            self._waiting.discard(scope)
+            if self._pending.get(conv_id) is scope:
+                del self._pending[conv_id]
+        if not self.closed:
+            self._flush()
 
 
 class IpcServer:
@@ -387,6 +379,10 @@ class IpcServer:
         # A connection holding part of a frame is closed if the rest does not come within this long.
         self.partial_timeout = app.settings.ipc_partial_timeout_ms / 1000
         self.connections: set[Connection] = set()
+        self.epoll = select.epoll()
+        self.nursery: trio.Nursery  # set by serve(); waiting operations run in it
+        self._by_fd: dict[int, Connection] = {}
+        self.partial: dict[Connection, float] = {}  # connection holding half a frame -> trio deadline
         self.uid = os.getuid()
         # Counters since start (daemon.status "counts"): what the limits refused or dropped.
         self.refused = 0  # connections refused: over the cap or another uid
@@ -408,26 +404,59 @@ class IpcServer:
         listener = bind_unix(path)
         try:
             async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._accept, listener)
                 task_status.started()
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    try:
-                        sock, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as e:  # EMFILE and friends: back off instead of spinning
-                        log.warning("accept failed: %s", e)
-                        await trio.sleep(0.05)
-                        continue
-                    self._admit(sock, nursery)
+                await self._react()
         finally:
+            for conn in list(self.connections):
+                conn.close()
+            self.epoll.close()
             listener.close()
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
 
-    def _admit(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+    async def _react(self) -> None:
+        """The reactor: one task serves every connection. A trio task per connection paid a scheduler pass
+        and an epoll re-registration per request; here one wake-up serves every ready socket (level-triggered,
+        registered once), which doubles what 16 busy connections get through."""
+        epoll, by_fd, epfd = self.epoll, self._by_fd, self.epoll.fileno()
+        while True:
+            if self.partial:
+                with trio.move_on_at(min(self.partial.values())):
+                    await trio.lowlevel.wait_readable(epfd)
+            else:  # no cancel scope to enter and leave on the hot path
+                await trio.lowlevel.wait_readable(epfd)
+            for fd, mask in epoll.poll(0):
+                conn = by_fd.get(fd)
+                if conn is None:  # closed earlier in this pass
+                    continue
+                if mask & _OUT:
+                    conn.on_writable()
+                if mask & _IN_OR_GONE and not conn.closed:
+                    if conn.hangup or not conn.watching & _IN:  # cut off, or the peer left mid-backlog
+                        conn.close()
+                    else:
+                        conn.on_readable()
+            if self.partial:
+                self._cut_off_partials()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", e)
+                await trio.sleep(0.05)
+                continue
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         pid, uid, _ = peer_credentials(sock)
         conn = Connection(self, sock, pid)
@@ -439,7 +468,33 @@ class IpcServer:
                                                   "close idle ones or raise PORT_DADDY_IPC_MAX_CONN")  # fmt: skip
         else:
             self.connections.add(conn)
-            nursery.start_soon(conn.serve)
+            self._by_fd[conn.fd] = conn
+            self.epoll.register(conn.fd, _IN)
+
+    def forget(self, conn: Connection) -> None:
+        """A closing connection leaves the reactor (before its socket closes and its fd number is reused)."""
+        self.connections.discard(conn)
+        if self._by_fd.pop(conn.fd, None) is not None:
+            self.epoll.unregister(conn.fd)
+        self.partial.pop(conn, None)
+
+    def track_partial(self, conn: Connection) -> None:
+        """Half a frame holds a connection slot: its rest must follow within ``partial_timeout`` of the last
+        bytes that came (a connection not being read, its outbox full, is not timed)."""
+        if conn.decoder.buffered and conn.watching & _IN:
+            self.partial[conn] = trio.current_time() + self.partial_timeout
+        elif self.partial:
+            self.partial.pop(conn, None)
+
+    def _cut_off_partials(self) -> None:
+        now = trio.current_time()
+        for conn in [c for c, deadline in self.partial.items() if deadline <= now]:
+            self.cut_off += 1
+            conn._reply(Performative.REFUSE, 0, {
+                "action": "", "error": "disconnected",
+                "message": f"a partial frame waited {self.partial_timeout:g}s for its rest",
+            })  # fmt: skip
+            conn.close()
 
     def _refuse(self, conn: Connection, code: str, message: str) -> None:
         self.refused += 1
