@@ -49,3 +49,24 @@ async def test_wants_keeps_unwanted_events_out_of_the_queue() -> None:
             bus.emit("msg.publish", channel=channel)
         assert rx.statistics().current_buffer_used == 1
         assert rx.receive_nowait().data["channel"] == "git:committed"
+
+
+async def test_an_observer_runs_inline_and_its_failure_stays_its_own(caplog) -> None:
+    bus = EventBus()
+    seen: list[str] = []
+
+    def flaky(event) -> None:
+        seen.append(event.kind)
+        if event.kind == "lock.release":
+            raise RuntimeError("observer bug")
+
+    with bus.observe(flaky), bus.subscribe("lock") as locks:
+        bus.emit("lock.acquire", name="db")
+        assert seen == ["lock.acquire"]  # before emit returned: no task had to run
+        bus.emit("lock.release", name="db")  # the observer raises; the emitter does not see it
+        bus.emit("msg.publish", channel="c")  # hot kinds reach observers only by name, like subscribers
+        assert seen == ["lock.acquire", "lock.release"]
+        assert drain(locks) == ["lock.acquire", "lock.release"]  # other subscribers still get the event
+    assert "observer failed on lock.release" in caplog.text
+    bus.emit("lock.acquire", name="db")
+    assert seen == ["lock.acquire", "lock.release"]  # gone once its block ends

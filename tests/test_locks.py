@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import suppress
 
 import httpx
 import pytest
@@ -228,6 +229,33 @@ async def test_agent_death_and_unregister_release_its_locks(tmp_path) -> None:
             nursery.cancel_scope.cancel()
         reasons = {(e.data["name"], e.data["reason"]) for e in [released.receive_nowait() for _ in range(3)]}
     assert reasons == {("db", "owner-dead"), ("cache", "owner-dead"), ("queue", "owner-dead")}
+    app.store.close()
+
+
+async def test_released_leases_do_not_pile_up_and_expiry_still_fires(tmp_path) -> None:
+    app = make_app(tmp_path)
+    locks = Locks(app)
+    app.add(locks)
+    with app.bus.subscribe("lock.release") as released:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(locks.run)
+            locks.try_acquire("steady", "holder")  # held throughout, 5-minute lease
+            for _ in range(2000):  # churn: every lease released long before its deadline
+                locks.try_acquire("churn", "worker")
+                locks.release("churn", owner="worker")
+            assert len(locks._deadlines) <= 2 * 1 + locks_module.COMPACT_SLACK + 1
+            locks.try_acquire("short", "brief", ttl_ms=50)
+            with trio.fail_after(5):
+                while "short" in locks._held:  # not get(), which would expire it on the spot
+                    await trio.sleep(0.02)
+            assert "steady" in locks._held
+            nursery.cancel_scope.cancel()
+        reasons = {}
+        with suppress(trio.WouldBlock):
+            while True:
+                event = released.receive_nowait()
+                reasons[event.data["name"]] = event.data["reason"]
+    assert reasons == {"churn": "release", "short": "expire"}
     app.store.close()
 
 

@@ -5,6 +5,10 @@ sessions abandoned, webhooks queued, the arbiter checks). ``emit`` never blocks:
 synchronous operations. Core subscribers ask for an unbounded buffer so that nothing they must act on is
 dropped; observers (webhooks, SSE, tests) take a bounded one and learn how many they missed.
 
+An observer (``observe``) is called inline instead, at emit time, for checks cheap enough to run inside the
+emitting operation (the arbiter): a channel subscriber costs a task wake-up, and so a scheduler pass, for
+every event. An observer that raises is logged; the emitter never sees it.
+
 Hot-path kinds (``HOT_KINDS``: sprays, publishes, heartbeats, at up to hundreds of thousands a second) reach
 only subscribers that name them or their area; "everything" subscribers (the arbiter, the activity log) would
 otherwise queue every one of them. Each kind's list of subscribers is computed once and cached, so emitting a
@@ -13,6 +17,7 @@ kind nobody listens to costs a dict lookup.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+log = logging.getLogger("portdaddy.events")
 
 HOT_KINDS = frozenset({"pheromone.spray", "msg.publish", "agent.heartbeat"})
 
@@ -47,9 +54,10 @@ def kind_matches(kind: str, prefixes: frozenset[str] | None) -> bool:
 
 @dataclass(slots=True)
 class _Subscriber:
-    send: trio.MemorySendChannel[Event]
+    send: trio.MemorySendChannel[Event] | None  # None for an observer
     kinds: frozenset[str] | None
     wants: Callable[[str, dict[str, Any]], bool] | None = None
+    call: Callable[[Event], None] | None = None  # an observer
     dropped: int = 0
 
 
@@ -71,8 +79,14 @@ class EventBus:
         for sub in subs:
             if sub.wants is not None and not sub.wants(kind, data):
                 continue
+            if sub.call is not None:
+                try:
+                    sub.call(event)
+                except Exception:  # an observer's bug must not fail the operation that emitted
+                    log.exception("an observer failed on %s", kind)
+                continue
             try:
-                sub.send.send_nowait(event)
+                sub.send.send_nowait(event)  # type: ignore[union-attr]
             except trio.WouldBlock:
                 sub.dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -89,12 +103,24 @@ class EventBus:
         ``wants(kind, data)``, asked at emit time, keeps out events the subscriber would ignore anyway: a burst
         of hot events nobody acts on must not queue up (and hold its payloads) on the way to being ignored."""
         send, receive = trio.open_memory_channel[Event](buffer)
-        sub = _Subscriber(send, frozenset(kinds) if kinds else None, wants)
+        with self._added(_Subscriber(send, frozenset(kinds) if kinds else None, wants)):
+            try:
+                yield receive
+            finally:
+                send.close()
+
+    @contextmanager
+    def observe(self, call: Callable[[Event], None], *kinds: str) -> Iterator[None]:
+        """Call ``call(event)`` inline from ``emit`` for the kinds ``subscribe`` would deliver."""
+        with self._added(_Subscriber(None, frozenset(kinds) if kinds else None, call=call)):
+            yield
+
+    @contextmanager
+    def _added(self, sub: _Subscriber) -> Iterator[None]:
         self._subscribers.append(sub)
         self._routes.clear()
         try:
-            yield receive
+            yield
         finally:
             self._subscribers.remove(sub)
             self._routes.clear()
-            send.close()

@@ -33,6 +33,7 @@ from portdaddy.errors import LockHeld, PDError, bad_input
 DEFAULT_TTL_MS = 5 * 60_000
 MAX_TTL_MS = 60 * 60_000
 MAX_WAIT_MS = 24 * 3600_000
+COMPACT_SLACK = 64  # stale expiry entries tolerated beyond twice the locks held
 FENCE_BLOCK = 1024  # fencing tokens reserved per write of lock_fence
 
 
@@ -263,8 +264,15 @@ class Locks:
     # -- expiry --------------------------------------------------------------------------------------------
 
     def _schedule(self, lock: Lock) -> None:
-        heapq.heappush(self._deadlines, (lock.expires_at, lock.name))
-        if self._deadlines[0][1] == lock.name and self._expiry is not None:
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._held) + COMPACT_SLACK:
+            # A released or extended lease leaves its entry behind until that deadline: under steady churn the
+            # heap would hold every grant of the last TTL (hundreds of thousands). Rebuild it from the holders.
+            deadlines[:] = [(held.expires_at, held.name) for held in self._held.values()]
+            heapq.heapify(deadlines)
+        else:
+            heapq.heappush(deadlines, (lock.expires_at, lock.name))
+        if deadlines[0][1] == lock.name and self._expiry is not None:
             # Moving a deadline wakes nobody: a grant does not cost the expiry task a trip through the scheduler.
             self._expiry.deadline = min(self._expiry.deadline, _trio_deadline(lock.expires_at))
 
