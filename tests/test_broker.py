@@ -99,6 +99,32 @@ def test_history_ids_are_global_and_survive_sigkill(fresh_daemon) -> None:
     assert r.stdout == "5\n"  # retained across the restart
 
 
+def test_fire_and_forget_publishes_are_pushed_at_once_and_their_ids_never_reused(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    acknowledged = d.call("msg.publish", channel="ffw:x", payload="kept")["id"]
+    with d.client() as sub, d.client() as pub:
+        sub.request("msg.subscribe", {"channels": ["ffw:*"], "new": True})
+        for i in range(50):
+            pub.send("msg.publish", {"channel": "ffw:x", "payload": i})
+        seen = [sub.receive(timeout=5).payload for _ in range(50)]
+    assert [m["payload"] for m in seen] == list(range(50))
+    ids = [m["id"] for m in seen]
+    assert ids == list(range(acknowledged + 1, acknowledged + 51))  # in order, from memory
+    # Reading history writes what is pending first: it sees every message it was told about.
+    assert [m["id"] for m in d.call("msg.history", channel="ffw:x", after=acknowledged)["messages"]] == ids
+    with d.client() as pub:
+        for i in range(50, 60):  # written behind, and the daemon dies before the second is up
+            pub.send("msg.publish", {"channel": "ffw:x", "payload": i})
+        pub.request("daemon.health")  # handled, pushed, not yet on disk
+        d.kill9()
+    d.start()
+    history = d.call("msg.history", channel="ffw:x", after=0, limit=500)["messages"]
+    assert [m["id"] for m in history][:51] == [acknowledged, *ids]  # acknowledged or read: on disk
+    after = d.call("msg.publish", channel="ffw:x", payload="after")["id"]
+    assert after > max(m["id"] for m in history)  # a lost fire-and-forget id is a gap, never a reused id
+    assert after > ids[-1] + 10
+
+
 def test_history_is_capped_per_channel(daemon_factory) -> None:
     from portdaddy.core.broker import HISTORY_PER_CHANNEL
 

@@ -1,8 +1,12 @@
 """Channels that remember: durable capped history with global ids, a retained last message per channel,
 IPC push subscriptions, and cursor waits (long-poll, SSE, ``pd wait``) woken by publish, never by a tick.
 
-A publish commits its row, then pushes it to every matching IPC subscription and wakes every matching cursor
-waiter, on the trio thread, so a subscriber sees messages in id order. Patterns follow the identity rules:
+A publish that is answered commits its row before it pushes it to every matching IPC subscription and wakes
+every matching cursor waiter, on the trio thread, so a subscriber sees messages in id order. A fire-and-forget
+publish (nobody is told it was stored) is pushed at once and written behind, within a second, with the ones
+around it. Ids come from memory: each block of ``ID_BLOCK`` ids is reserved durably (``sqlite_sequence``)
+before the first of them is handed out, so a message lost with a killed daemon leaves a gap in the ids, never
+an id that names two messages. Patterns follow the identity rules:
 ``payments:*`` matches ``payments:api`` and deeper (not ``payments``), ``*`` matches everything, a ``*`` inside a
 segment globs that segment.
 
@@ -18,6 +22,7 @@ import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,6 +31,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.identity import WILDCARD, matches
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import PDError, bad_input
 
 HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in batches
@@ -33,6 +39,7 @@ MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded; a delivery must fit one IPC frame (6
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
 IPC_REPLY_BUDGET = 56_000  # bytes of history per IPC reply (a frame holds 65,535)
+ID_BLOCK = 1024  # message ids reserved per durable write of sqlite_sequence
 
 
 @dataclass(slots=True)
@@ -103,6 +110,9 @@ class Broker:
         self._sub_ids = itertools.count(1)
         self.published = 0
         self.last_id = self.store.scalar("SELECT seq FROM sqlite_sequence WHERE name='messages'") or 0
+        self._reserved = self.last_id  # ids up to here are durably taken
+        self._unwritten: list[tuple[Any, ...]] = []  # rows of fire-and-forget publishes, in id order
+        self._writes = WriteBehind(self.store, self._write_messages)  # keyed by channel, for trimming
         for channel, count, last_id in self.store.all(
             "SELECT channel, count(*), max(id) FROM messages GROUP BY channel"
         ):
@@ -120,25 +130,51 @@ class Broker:
         """Store and deliver a message (the in-daemon seam: ``app.publish``); returns its id."""
         return self.post(channel, payload, sender=sender).id
 
-    def post(self, channel: str, payload: Any, *, sender: str | None = None) -> Message:
+    def post(self, channel: str, payload: Any, *, sender: str | None = None, durable: bool = True) -> Message:
+        """Store and deliver a message. ``durable=False`` (fire-and-forget) writes it within a second."""
         content_type = "text" if isinstance(payload, str) else "json"
-        now = now_ms()
-        with self.store.write() as db:
-            db.execute("INSERT INTO messages (channel, payload, content_type, sender, created_at) VALUES (?,?,?,?,?)",
-                       (channel, json.dumps(payload, separators=(",", ":")), content_type, sender, now))  # fmt: skip
-            msg = Message(db.last_insert_rowid(), channel, payload, content_type, sender, now)
-            info = self._channels.get(channel)
-            if info is None:
-                info = self._channels[channel] = _Channel(0, msg)
-            info.count += 1
-            info.last = msg
-            if info.count > HISTORY_PER_CHANNEL + HISTORY_PER_CHANNEL // 10:
-                self._trim(db, channel, info)
+        msg = Message(self.last_id + 1, channel, payload, content_type, sender, now_ms())
+        self._unwritten.append((msg.id, channel, json.dumps(payload, separators=(",", ":")), content_type, sender,
+                                msg.created_at))  # fmt: skip
         self.last_id = msg.id
+        info = self._channels.get(channel)
+        if info is None:
+            info = self._channels[channel] = _Channel(0, msg)
+        info.count += 1
+        info.last = msg
+        self._writes.mark(channel)
+        if durable or msg.id > self._reserved:  # an id goes out only once its block is reserved on disk
+            self._writes.flush()
         self.published += 1
         self._deliver(msg)
         self.app.bus.emit("msg.publish", channel=channel, id=msg.id, sender=sender, payload=payload)
         return msg
+
+    def _write_messages(self, db: Any, channels: Iterable[str]) -> None:
+        rows = self._unwritten
+        if not rows:
+            return
+        # Rows leave the list only once committed (a rollback keeps them for the next write); OR IGNORE skips the
+        # ones a flush nested in the same open transaction has already inserted.
+        db.executemany("INSERT OR IGNORE INTO messages (id, channel, payload, content_type, sender, created_at) "
+                       "VALUES (?,?,?,?,?,?)", rows)  # fmt: skip
+        if self.last_id > self._reserved:
+            top = self.last_id + ID_BLOCK - 1
+            db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='messages'", (top,))
+            self.store.after_commit(partial(setattr, self, "_reserved", top))
+        for channel in channels:
+            info = self._channels.get(channel)
+            if info is not None and info.count > HISTORY_PER_CHANNEL + HISTORY_PER_CHANNEL // 10:
+                self._trim(db, channel, info)
+        self.store.after_commit(partial(self._written, rows[-1][0]))
+
+    def _written(self, last_id: int) -> None:
+        """Rows up to ``last_id`` are on disk (by id: a nested flush may have written some of them twice)."""
+        rows = self._unwritten
+        n = 0
+        while n < len(rows) and rows[n][0] <= last_id:
+            n += 1
+        del rows[:n]
 
     def _trim(self, db: Any, channel: str, info: _Channel) -> None:
         keep_from = db.execute("SELECT id FROM messages WHERE channel=? ORDER BY id DESC LIMIT 1 OFFSET ?",
@@ -181,6 +217,7 @@ class Broker:
 
     def since(self, patterns: Iterable[str], after: int, limit: int = 200) -> list[Message]:
         """Messages on any pattern with id > ``after``, oldest first."""
+        self._writes.flush()
         pats = tuple(patterns)
         if WILDCARD in pats:
             where, args = "1", []
@@ -200,6 +237,7 @@ class Broker:
 
     def latest(self, patterns: Iterable[str], limit: int) -> list[Message]:
         """The newest ``limit`` messages on any pattern, oldest first."""
+        self._writes.flush()
         pats = tuple(patterns)
         if len(pats) == 1 and WILDCARD not in pats[0]:
             rows = self.store.all(f"SELECT {_COLS} FROM messages WHERE channel=? ORDER BY id DESC LIMIT ?",
@@ -222,6 +260,7 @@ class Broker:
 
     def clear(self, pattern: str) -> int:
         names = [n for n in self._channels if matches(pattern, n)]
+        self._writes.flush()
         with self.store.write() as db:
             for name in names:
                 db.execute("DELETE FROM messages WHERE channel=?", (name,))
@@ -335,6 +374,7 @@ class Broker:
         """Tell lagging subscribers what they missed once they read again; end cursor waits at shutdown."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wake_waiters_at_shutdown)
+            await nursery.start(self._writes.run)
             task_status.started()
             while True:
                 await self._lag_started.wait()
@@ -365,7 +405,8 @@ def payload_check(name: str, value: Any) -> Any:
 
 
 def _publish(ctx: Ctx, *, channel, payload, sender) -> dict[str, Any]:
-    msg = ctx.app.broker.post(channel, {} if payload is None else payload, sender=sender or ctx.agent_id)
+    msg = ctx.app.broker.post(channel, {} if payload is None else payload, sender=sender or ctx.agent_id,
+                              durable=ctx.acknowledged)  # fmt: skip
     return {"success": True, "id": msg.id, "channel": channel, "message": f"published to {channel}"}
 
 
