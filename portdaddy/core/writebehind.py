@@ -1,10 +1,11 @@
-"""Write-behind for hot, low-value changes (a re-claim's ``last_seen``, fire-and-forget sprays, heartbeats).
+"""Write-behind for hot, low-value changes (a re-claim's ``last_seen``, fire-and-forget sprays, heartbeats and
+publishes).
 
 Memory changes at once; the store catches up at most ``delay`` seconds later, all pending keys in one
 transaction, coalesced per key (a thousand heartbeats of one agent are one row write). A commit costs tens of
 microseconds, more than the rest of a request, so paying it per frame would make these paths slow for no
-gain: what they record is a hint whose loss on a crash is harmless. Anything a caller is told was done is
-still committed before the reply (``flush()`` first).
+gain: nobody was told these were stored, so losing the last second of them to a crash breaks no promise.
+Anything a caller is told was done is still committed before the reply (``flush()`` first).
 """
 
 from __future__ import annotations
