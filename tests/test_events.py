@@ -1,4 +1,5 @@
-"""The event bus: area and kind subscriptions, hot kinds kept from catch-all subscribers, bounded observers."""
+"""The event bus: area and kind subscriptions, hot kinds kept from catch-all subscribers, bounded watchers, inline
+observers."""
 
 from __future__ import annotations
 

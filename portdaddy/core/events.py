@@ -3,7 +3,7 @@
 Commands are calls; events are how subsystems tell each other what happened (agent died → locks released,
 sessions abandoned, webhooks queued, the arbiter checks). ``emit`` never blocks: it is called from inside
 synchronous operations. Core subscribers ask for an unbounded buffer so that nothing they must act on is
-dropped; observers (webhooks, SSE, tests) take a bounded one and learn how many they missed.
+dropped; watchers (webhooks, SSE, tests) take a bounded one and learn how many they missed.
 
 An observer (``observe``) is called inline instead, at emit time, for checks cheap enough to run inside the
 emitting operation (the arbiter): a channel subscriber costs a task wake-up, and so a scheduler pass, for
