@@ -34,7 +34,7 @@ async def test_routing_by_kind_area_and_catch_all() -> None:
     assert bus.emit("agent.register") is None  # nobody listens any more: nothing is built
 
 
-async def test_a_bounded_observer_counts_what_it_missed() -> None:
+async def test_a_bounded_watcher_counts_what_it_missed() -> None:
     bus = EventBus()
     with bus.subscribe("lock", buffer=2) as rx:
         for _ in range(5):
