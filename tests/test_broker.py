@@ -347,3 +347,29 @@ def test_watch_runs_the_command_per_new_message(daemon, tmp_path) -> None:
     code, _, err = _finish(proc)
     assert code == 0, err
     assert out.read_text() == f'watch:y {{"n":1}} {new_id}\n'
+
+
+def test_a_publish_the_store_refuses_leaves_no_trace(tmp_path) -> None:
+    import apsw
+
+    from portdaddy.core.broker import Broker
+    from tests.swarm_app import make_app
+
+    app = make_app(tmp_path)
+    broker = Broker(app)
+    first = broker.post("busy:x", "stored").id
+    other = apsw.Connection(str(tmp_path / "portdaddy.db"))
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database: the next commit cannot happen
+    app.store.db.set_busy_timeout(50)
+    with pytest.raises(apsw.BusyError):
+        broker.post("busy:x", "refused")
+    with pytest.raises(apsw.BusyError):
+        broker.post("busy:new", "refused")
+    other.execute("ROLLBACK")
+    assert broker.last_id == first and [c["channel"] for c in broker.channels()] == ["busy:x"]
+    assert broker.channels()[0]["lastMessage"]["payload"] == "stored"  # the retained message is the stored one
+    after = broker.post("busy:x", "next")
+    assert after.id == first + 1
+    assert [(m.id, m.payload) for m in broker.since(["busy:*"], 0)] == [(first, "stored"), (after.id, "next")]
+    other.close()
+    app.store.close()

@@ -138,13 +138,23 @@ class Broker:
                                 msg.created_at))  # fmt: skip
         self.last_id = msg.id
         info = self._channels.get(channel)
+        before = None if info is None else (info.count, info.last)
         if info is None:
             info = self._channels[channel] = _Channel(0, msg)
         info.count += 1
         info.last = msg
         self._writes.mark(channel)
         if durable or msg.id > self._reserved:  # an id goes out only once its block is reserved on disk
-            self._writes.flush()
+            try:
+                self._writes.flush()
+            except BaseException:  # not stored, so it never happened: the caller hears the error, nobody the message
+                self._unwritten.pop()
+                self.last_id = msg.id - 1
+                if before is None:
+                    del self._channels[channel]
+                else:
+                    info.count, info.last = before
+                raise
         self.published += 1
         self._deliver(msg)
         self.app.bus.emit("msg.publish", channel=channel, id=msg.id, sender=sender, payload=payload)
