@@ -9,7 +9,9 @@ import signal
 import subprocess
 import threading
 import time
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import httpx
 import pytest
@@ -210,53 +212,59 @@ def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
 # -- in-process: owner death and a stateful model ---------------------------------------------------------------
 
 
-async def test_agent_death_and_unregister_release_its_locks(tmp_path) -> None:
+@asynccontextmanager
+async def _running_locks(tmp_path) -> AsyncIterator[tuple[Any, Locks, trio.MemoryReceiveChannel]]:
+    """An in-process Locks with its expiry and owner-death task running, and the lock.release events it emits."""
     app = make_app(tmp_path)
     locks = Locks(app)
     app.add(locks)
-    with app.bus.subscribe("lock.release") as released:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(locks.run)
-            locks.try_acquire("db", "agent-a")
-            locks.try_acquire("cache", "agent-a")
-            locks.try_acquire("queue", "agent-b")
-            app.bus.emit("agent.dead", agentId="agent-a", identity=None, lastHeartbeat=0, sessionIds=[])
-            await trio.testing.wait_all_tasks_blocked()
-            assert sorted(lk.name for lk in locks.list()) == ["queue"]
-            app.bus.emit("agent.unregister", agentId="agent-b")
-            await trio.testing.wait_all_tasks_blocked()
-            assert locks.list() == []
-            nursery.cancel_scope.cancel()
-        reasons = {(e.data["name"], e.data["reason"]) for e in [released.receive_nowait() for _ in range(3)]}
-    assert reasons == {("db", "owner-dead"), ("cache", "owner-dead"), ("queue", "owner-dead")}
-    app.store.close()
+    try:
+        with app.bus.subscribe("lock.release") as released:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(locks.run)
+                yield app, locks, released
+                nursery.cancel_scope.cancel()
+    finally:
+        app.store.close()
+
+
+def _releases(released: trio.MemoryReceiveChannel) -> list[tuple[str, str]]:
+    """Every (name, reason) released so far, in order."""
+    found = []
+    with suppress(trio.WouldBlock):
+        while True:
+            event = released.receive_nowait()
+            found.append((event.data["name"], event.data["reason"]))
+    return found
+
+
+async def test_agent_death_and_unregister_release_its_locks(tmp_path) -> None:
+    async with _running_locks(tmp_path) as (app, locks, released):
+        locks.try_acquire("db", "agent-a")
+        locks.try_acquire("cache", "agent-a")
+        locks.try_acquire("queue", "agent-b")
+        app.bus.emit("agent.dead", agentId="agent-a", identity=None, lastHeartbeat=0, sessionIds=[])
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(lk.name for lk in locks.list()) == ["queue"]
+        app.bus.emit("agent.unregister", agentId="agent-b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert locks.list() == []
+        assert sorted(_releases(released)) == [("cache", "owner-dead"), ("db", "owner-dead"), ("queue", "owner-dead")]
 
 
 async def test_released_leases_do_not_pile_up_and_expiry_still_fires(tmp_path) -> None:
-    app = make_app(tmp_path)
-    locks = Locks(app)
-    app.add(locks)
-    with app.bus.subscribe("lock.release") as released:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(locks.run)
-            locks.try_acquire("steady", "holder")  # held throughout, 5-minute lease
-            for _ in range(2000):  # churn: every lease released long before its deadline
-                locks.try_acquire("churn", "worker")
-                locks.release("churn", owner="worker")
-            assert len(locks._deadlines) <= 2 * 1 + locks_module.COMPACT_SLACK + 1
-            locks.try_acquire("short", "brief", ttl_ms=50)
-            with trio.fail_after(5):
-                while "short" in locks._held:  # not get(), which would expire it on the spot
-                    await trio.sleep(0.02)
-            assert "steady" in locks._held
-            nursery.cancel_scope.cancel()
-        reasons = {}
-        with suppress(trio.WouldBlock):
-            while True:
-                event = released.receive_nowait()
-                reasons[event.data["name"]] = event.data["reason"]
-    assert reasons == {"churn": "release", "short": "expire"}
-    app.store.close()
+    async with _running_locks(tmp_path) as (_, locks, released):
+        locks.try_acquire("steady", "holder")  # held throughout, 5-minute lease
+        for _ in range(2000):  # churn: every lease released long before its deadline
+            locks.try_acquire("churn", "worker")
+            locks.release("churn", owner="worker")
+        assert len(locks._deadlines) <= 2 * 1 + locks_module.COMPACT_SLACK + 1
+        locks.try_acquire("short", "brief", ttl_ms=50)
+        with trio.fail_after(5):
+            while "short" in locks._held:  # not get(), which would expire it on the spot
+                await trio.sleep(0.02)
+        assert "steady" in locks._held
+        assert set(_releases(released)) == {("churn", "release"), ("short", "expire")}
 
 
 _NAMES = st.sampled_from(["a", "b:c"])
