@@ -7,7 +7,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from portdaddy.core.store import Store
+from portdaddy.core.store import Reserved, Store
 
 
 @pytest.fixture
@@ -51,3 +51,30 @@ def test_a_failed_commit_rolls_back_and_the_store_stays_usable(store: Store) -> 
         db.execute("INSERT INTO parent VALUES (42)")
         db.execute("INSERT INTO child VALUES (42)")
     assert store.scalar("SELECT count(*) FROM child") == 1
+
+
+def test_reserved_numbers_raise_the_mark_once_per_block_and_only_when_committed(store: Store) -> None:
+    store.execute("CREATE TABLE mark (top INTEGER)")
+    store.execute("INSERT INTO mark VALUES (0)")
+    written: list[int] = []
+
+    def write_mark(db, top: int) -> None:
+        written.append(top)
+        db.execute("UPDATE mark SET top = ?", (top,))
+
+    numbers = Reserved(store, store.scalar("SELECT top FROM mark"), 4, write_mark)
+    with pytest.raises(RuntimeError), store.write() as db:
+        assert numbers.take() == 1
+        numbers.cover(db)
+        raise RuntimeError("the write fails")
+    assert numbers.mark == 0 and store.scalar("SELECT top FROM mark") == 0  # rolled back: not trusted
+    got = []
+    for _ in range(6):
+        got.append(numbers.take())
+        with store.write() as db:
+            numbers.cover(db)
+        assert numbers.covered
+    assert got == [2, 3, 4, 5, 6, 7]  # 1 went out once; never again
+    assert written == [4, 5, 9]  # one mark per block once committed (the failed write's 4 did not count)
+    again = Reserved(store, store.scalar("SELECT top FROM mark"), 4, write_mark)  # a restart
+    assert again.take() == 10

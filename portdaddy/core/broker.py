@@ -31,6 +31,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.identity import WILDCARD, matches
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.store import Reserved
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import PDError, bad_input
 
@@ -83,6 +84,11 @@ class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
 
 
+def _write_id_mark(db: Any, top: int) -> None:
+    # The messages row exists: the ids being covered were just inserted, which creates it.
+    db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='messages'", (top,))
+
+
 def _row(r: tuple[Any, ...]) -> Message:
     return Message(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5])
 
@@ -109,8 +115,8 @@ class Broker:
         self._lag_started = trio.Event()
         self._sub_ids = itertools.count(1)
         self.published = 0
-        self.last_id = self.store.scalar("SELECT seq FROM sqlite_sequence WHERE name='messages'") or 0
-        self._reserved = self.last_id  # ids up to here are durably taken
+        self._ids = Reserved(self.store, self.store.scalar("SELECT seq FROM sqlite_sequence WHERE name='messages'")
+                             or 0, ID_BLOCK, _write_id_mark)  # fmt: skip
         self._unwritten: list[tuple[Any, ...]] = []  # rows of fire-and-forget publishes, in id order
         self._writes = WriteBehind(self.store, self._write_messages)  # keyed by channel, for trimming
         for channel, count, last_id in self.store.all(
@@ -118,6 +124,11 @@ class Broker:
         ):
             last = _row(self.store.one(f"SELECT {_COLS} FROM messages WHERE id=?", (last_id,)))
             self._channels[channel] = _Channel(count, last)
+
+    @property
+    def last_id(self) -> int:
+        """The newest message id handed out."""
+        return self._ids.last
 
     def stats(self) -> dict[str, Any]:
         return {"channels": len(self._channels), "messagesPublished": self.published,
@@ -133,10 +144,9 @@ class Broker:
     def post(self, channel: str, payload: Any, *, sender: str | None = None, durable: bool = True) -> Message:
         """Store and deliver a message. ``durable=False`` (fire-and-forget) writes it within a second."""
         content_type = "text" if isinstance(payload, str) else "json"
-        msg = Message(self.last_id + 1, channel, payload, content_type, sender, now_ms())
+        msg = Message(self._ids.take(), channel, payload, content_type, sender, now_ms())
         self._unwritten.append((msg.id, channel, json.dumps(payload, separators=(",", ":")), content_type, sender,
                                 msg.created_at))  # fmt: skip
-        self.last_id = msg.id
         info = self._channels.get(channel)
         before = None if info is None else (info.count, info.last)
         if info is None:
@@ -144,12 +154,12 @@ class Broker:
         info.count += 1
         info.last = msg
         self._writes.mark(channel)
-        if durable or msg.id > self._reserved:  # an id goes out only once its block is reserved on disk
+        if durable or not self._ids.covered:  # an id goes out only once its block is reserved on disk
             try:
                 self._writes.flush()
             except BaseException:  # not stored, so it never happened: the caller hears the error, nobody the message
                 self._unwritten.pop()
-                self.last_id = msg.id - 1
+                self._ids.last -= 1  # nobody saw the id: hand it out again
                 if before is None:
                     del self._channels[channel]
                 else:
@@ -168,10 +178,7 @@ class Broker:
         # ones a flush nested in the same open transaction has already inserted.
         db.executemany("INSERT OR IGNORE INTO messages (id, channel, payload, content_type, sender, created_at) "
                        "VALUES (?,?,?,?,?,?)", rows)  # fmt: skip
-        if self.last_id > self._reserved:
-            top = self.last_id + ID_BLOCK - 1
-            db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='messages'", (top,))
-            self.store.after_commit(partial(setattr, self, "_reserved", top))
+        self._ids.cover(db)
         for channel in channels:
             info = self._channels.get(channel)
             if info is not None and info.count > HISTORY_PER_CHANNEL + HISTORY_PER_CHANNEL // 10:

@@ -19,7 +19,6 @@ import heapq
 import json
 import secrets
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import trio
@@ -28,6 +27,7 @@ from outcome import Value
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Later, Op, Param
+from portdaddy.core.store import Reserved
 from portdaddy.errors import LockHeld, PDError, bad_input
 
 DEFAULT_TTL_MS = 5 * 60_000
@@ -76,8 +76,8 @@ class Locks:
         self._expiry: trio.CancelScope | None = None  # the expiry task's sleep; its deadline is the next expiry
         self.granted = 0
         # lock_fence.last_token is the highest token reserved (0 before the first grant): ours start above it.
-        self._reserved = self.store.scalar("SELECT last_token FROM lock_fence WHERE id = 1")
-        self._next_token = self._reserved + 1
+        self._tokens = Reserved(self.store, self.store.scalar("SELECT last_token FROM lock_fence WHERE id = 1"),
+                                FENCE_BLOCK, _write_fence)  # fmt: skip
         rows = self.store.all("SELECT name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata "
                               "FROM locks")  # fmt: skip
         for name, owner, token, pid, acquired, expires, conn_bound, meta in rows:
@@ -156,13 +156,9 @@ class Locks:
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
                conn: Any) -> Lock:  # fmt: skip
         now = now_ms()
-        token = self._next_token
-        self._next_token += 1  # never handed out twice, even if this grant fails: a gap is harmless
+        token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
         with self.store.write() as db:
-            if token > self._reserved:
-                top = token + FENCE_BLOCK - 1
-                db.execute("UPDATE lock_fence SET last_token = ? WHERE id = 1", (top,))
-                self.store.after_commit(partial(self._reserved_up_to, top))
+            self._tokens.cover(db)
             lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
             db.execute(
                 "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
@@ -177,9 +173,6 @@ class Locks:
         self.granted += 1
         self.app.bus.emit("lock.acquire", name=name, owner=owner, token=token, expiresAt=lock.expires_at)
         return lock
-
-    def _reserved_up_to(self, top: int) -> None:
-        self._reserved = max(self._reserved, top)
 
     def _bind(self, lock: Lock, conn: Any) -> None:
         lock.conn = conn
@@ -303,6 +296,10 @@ class Locks:
                 agent_id = event.data.get("agentId")
                 if isinstance(agent_id, str):
                     self.release_owner(agent_id, "owner-dead")
+
+
+def _write_fence(db: Any, top: int) -> None:
+    db.execute("UPDATE lock_fence SET last_token = ? WHERE id = 1", (top,))
 
 
 def _trio_deadline(expires_at_ms: int) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,36 @@ class Store:
             self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
         finally:
             self.db.close()
+
+
+class Reserved:
+    """Numbers handed out from memory (fencing tokens, message ids) whose durable mark is written once per
+    ``block``: a write that uses a number above the mark calls ``cover(db)`` to raise it in the same
+    transaction, and memory trusts the new mark only once that has committed. After a restart numbers resume
+    above the mark: a gap, never a number handed out twice."""
+
+    def __init__(self, store: Store, mark: int, block: int, write_mark: Callable[[Any, int], None]) -> None:
+        self.store = store
+        self.block = block
+        self._write_mark = write_mark
+        self.mark = mark  # the highest number durably reserved
+        self.last = mark  # the highest number handed out
+
+    def take(self) -> int:
+        self.last += 1
+        return self.last
+
+    @property
+    def covered(self) -> bool:
+        """Every number handed out is below the durable mark."""
+        return self.last <= self.mark
+
+    def cover(self, db: Any) -> None:
+        """Inside an open write: raise the durable mark past ``last`` if it is not already."""
+        if self.last > self.mark:
+            top = self.last + self.block - 1
+            self._write_mark(db, top)
+            self.store.after_commit(partial(self._raised, top))
+
+    def _raised(self, top: int) -> None:
+        self.mark = max(self.mark, top)
