@@ -156,6 +156,7 @@ class PortDaddy:
         self._open: set[Subscription] = set()
         # Deliveries can arrive before the reply that names their subscription: held here until it does.
         self._unrouted: dict[int, list[dict[str, Any]]] = {}
+        self._heartbeats: dict[str | None, bytes] = {}  # agent id -> its encoded heartbeat frame
         client.push_handlers.append(self._route_push)
         client.reconnect_handlers.append(self._renew_subscriptions)
 
@@ -247,7 +248,12 @@ class PortDaddy:
 
     def heartbeat(self, agent_id: str | None = None) -> None:
         """Fire-and-forget a sign of life."""
-        self.send("agent.heartbeat", agentId=agent_id)
+        # A heartbeat's frame never changes: encoded once per agent, a beat costs about one send().
+        frame = self._heartbeats.get(agent_id)
+        if frame is None:
+            frame = self._heartbeats[agent_id] = self._client.fire_and_forget_frame("agent.heartbeat",
+                                                                                      {"agentId": agent_id})
+        self._client.send_frame(frame)
 
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
         """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled

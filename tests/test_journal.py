@@ -240,6 +240,10 @@ async def test_sdk_heartbeats_in_the_background(daemon: Daemon) -> None:
             while (await pd.call("agent.get", id="sdk-agent"))["agent"]["lastHeartbeat"] == first:
                 await trio.sleep(0.05)
         scope.cancel()
+        before = (await pd.status())["counts"]["agentHeartbeats"]
+        for _ in range(3):
+            pd.heartbeat()  # the same pre-encoded frame each time: every one still counts
+        assert (await pd.status())["counts"]["agentHeartbeats"] == before + 3
         sid = await pd.start_session("sdk session", files=["sdk/*"])
         assert await pd.note("from the sdk") > 0
         assert (await pd.notes(session_id=sid))[0]["content"] == "from the sdk"

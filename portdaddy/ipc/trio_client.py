@@ -91,9 +91,15 @@ class TrioClient:
 
     def send_nowait(self, action: str, args: dict[str, Any] | None = None) -> None:
         """Fire-and-forget: written now if the socket takes it, else queued for the writer. Never awaits."""
-        if self.sock is None:
-            raise DaemonUnavailable(f"not connected to {self.path}")
-        self._write(self._encoder.encode(Performative.INFORM, 0, self._payload(action, args)))
+        self.send_frame(self.fire_and_forget_frame(action, args))
+
+    def fire_and_forget_frame(self, action: str, args: dict[str, Any] | None = None) -> bytes:
+        """The encoded frame ``send_nowait`` would write, for a caller that sends the same one again and again."""
+        return self._encoder.encode(Performative.INFORM, 0, self._payload(action, args))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Write an already encoded fire-and-forget frame (see ``fire_and_forget_frame``). Never awaits."""
+        self._write(frame)
 
     # -- connection lifecycle ------------------------------------------------------------------------------
 
