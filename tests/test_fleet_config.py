@@ -19,10 +19,10 @@ from portdaddy.fleet.config import (
     check_backends,
     find_fleet_file,
     load_fleet,
-    next_fire,
     render_template,
     template_vars,
 )
+from portdaddy.fleet.spec import next_fire
 
 VARS = {"project": "myapp", "project_dir": "/src/myapp", "branch": "main", "sha": "abc1234"}
 

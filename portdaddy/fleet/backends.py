@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from portdaddy.errors import bad_input
-from portdaddy.fleet.config import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS
+from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS
 
 DEFAULT_OLLAMA_MODEL = "llama3.2"
 TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a prompt (as the original)

@@ -1,4 +1,4 @@
-"""``pd-fleet.yml``: discovery, templating, parsing into typed specs, and static checks.
+"""``pd-fleet.yml``: discovery, templating, parsing into the typed specs of ``spec.py``, and static checks.
 
 Pure: no daemon, no trio. The supervisor and ``pd fleet`` both build on ``load_fleet``.
 
@@ -20,8 +20,6 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +30,26 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
 from portdaddy.core.validate import name as _name_check
-from portdaddy.errors import BadInput, PDError, bad_input
+from portdaddy.errors import BadInput, PDError
+from portdaddy.fleet.spec import (
+    BACKEND_ALIASES,
+    BACKEND_BINARIES,
+    BACKENDS,
+    DEFAULT_BACKEND,
+    AgentSpec,
+    ChannelSpec,
+    FleetConfig,
+    Limits,
+    WatcherSpec,
+    cron_problem,
+    fleet_project_dir,
+)
 
 FLEET_FILES = ("pd-fleet.yml", "pd-fleet.yaml", ".portdaddy/fleet.yml", ".portdaddy/fleet.yaml")
 
-BACKENDS = ("claude-cli", "codex", "gemini", "aider", "ollama", "custom")
-BACKEND_ALIASES = {"claude": "claude-cli"}
-# The binary each backend runs; None = no binary (ollama is spoken to over HTTP).
-BACKEND_BINARIES: dict[str, str | None] = {
-    "claude-cli": "claude",
-    "codex": "codex",
-    "gemini": "gemini",
-    "aider": "aider",
-    "ollama": None,
-}
 # Channels published from outside the fleet by the post-commit hook `pd fleet init` installs.
 GIT_HOOK_CHANNELS = frozenset({"git:committed"})
 
-DEFAULT_BACKEND = "claude-cli"
 DEFAULT_IDENTITY = "{project}:fleet:{name}"
 
 _TEMPLATE_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -57,7 +57,6 @@ _AGENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _PUBLISH = re.compile(r"^publish\s+(\S+)$")
-_CRON_FORM = "five fields 'minute hour day-of-month month day-of-week', e.g. '*/15 9-17 * * 1-5'"
 _GIT_TIMEOUT_S = 5.0
 
 _ROOT_KEYS = ("name", "harbor", "limits", "agents", "watchers", "channels")
@@ -88,70 +87,6 @@ class FleetConfigError(BadInput):
         self.path = Path(path)
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_concurrent_spawns: int = 2
-    max_spawns_per_hour: int = 30
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSpec:
-    name: str
-    trigger: str | None = None
-    schedule: str | None = None
-    backend: str = DEFAULT_BACKEND
-    model: str | None = None
-    prompt: str = ""
-    command: str | None = None
-    respawn: bool = False
-    max_respawns: int = 3
-    on_success: str | None = None
-    on_failure: str | None = None
-    identity: str = ""
-    timeout_s: float | None = None
-    allowed_tools: str | None = None
-    enabled: bool = True
-    run_on_start: bool = False
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def publishes(self) -> tuple[str, ...]:
-        """Channels this agent may publish (success first), without duplicates."""
-        return tuple(dict.fromkeys(c for c in (self.on_success, self.on_failure) if c))
-
-
-@dataclass(frozen=True, slots=True)
-class WatcherSpec:
-    name: str
-    trigger: str
-    exec: str
-    condition: str | None = None
-    confirm: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelSpec:
-    name: str
-    description: str = ""
-    consumers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class FleetConfig:
-    name: str
-    harbor: str | None
-    limits: Limits
-    agents: dict[str, AgentSpec]
-    watchers: dict[str, WatcherSpec]
-    channels: dict[str, ChannelSpec]
-    path: Path
-    warnings: list[str]
-
-    @property
-    def project_dir(self) -> Path:
-        return fleet_project_dir(self.path)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Discovery and templating
 
@@ -163,12 +98,6 @@ def find_fleet_file(project_dir: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def fleet_project_dir(path: Path) -> Path:
-    """The project a fleet file belongs to: its directory, or the parent of ``.portdaddy/``."""
-    parent = Path(path).parent
-    return parent.parent if parent.name == ".portdaddy" else parent
 
 
 def _git(project_dir: Path, *args: str) -> str | None:
@@ -205,37 +134,6 @@ def template_vars(project_dir: Path) -> dict[str, str]:
 def render_template(text: str, variables: dict[str, str]) -> str:
     """Replace ``{name}`` tokens found in ``variables``; unknown tokens stay as they are (one pass)."""
     return _TEMPLATE_TOKEN.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Cron
-
-
-def cron_problem(expr: str) -> str | None:
-    """Why ``expr`` is not a usable five-field cron expression; None when it is."""
-    from croniter import croniter  # only fleets with a schedule need it: not on the daemon's start path
-
-    fields = expr.split()
-    if len(fields) != 5:
-        return f"{expr!r} has {len(fields)} field(s); expected {_CRON_FORM}"
-    if not croniter.is_valid(expr):
-        return f"{expr!r} is not a valid cron expression; expected {_CRON_FORM}"
-    try:
-        # is_valid accepts expressions that can never fire (e.g. '0 0 30 2 *'); one real step finds them.
-        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
-    except Exception:
-        return f"{expr!r} never fires; expected {_CRON_FORM}"
-    return None
-
-
-def next_fire(schedule: str, after: datetime) -> datetime:
-    """The first time strictly after ``after`` that ``schedule`` fires (same tzinfo as ``after``)."""
-    problem = cron_problem(schedule)
-    if problem is not None:
-        raise bad_input(f"schedule {problem}")
-    from croniter import croniter
-
-    return croniter(schedule, after).get_next(datetime)
 
 
 # --------------------------------------------------------------------------------------------------------

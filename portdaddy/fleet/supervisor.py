@@ -31,8 +31,8 @@ from portdaddy.core.clock import now_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
-from portdaddy.fleet.config import AgentSpec, FleetConfig, next_fire
 from portdaddy.fleet.runs import Run, RunTable, new_id
+from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire
 
 log = logging.getLogger("portdaddy.fleet")
 

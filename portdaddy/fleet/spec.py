@@ -1,0 +1,127 @@
+"""The fleet's typed specs, backends and cron: what the running daemon needs of a fleet file once parsed.
+
+Parsing the YAML (``config.py``) is separate so that the daemon does not import PyYAML to start: it loads a
+fleet file only when ``pd fleet up`` asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from portdaddy.errors import bad_input
+
+BACKENDS = ("claude-cli", "codex", "gemini", "aider", "ollama", "custom")
+BACKEND_ALIASES = {"claude": "claude-cli"}
+# The binary each backend runs; None = no binary (ollama is spoken to over HTTP).
+BACKEND_BINARIES: dict[str, str | None] = {
+    "claude-cli": "claude",
+    "codex": "codex",
+    "gemini": "gemini",
+    "aider": "aider",
+    "ollama": None,
+}
+DEFAULT_BACKEND = "claude-cli"
+_CRON_FORM = "five fields 'minute hour day-of-month month day-of-week', e.g. '*/15 9-17 * * 1-5'"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrent_spawns: int = 2
+    max_spawns_per_hour: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    name: str
+    trigger: str | None = None
+    schedule: str | None = None
+    backend: str = DEFAULT_BACKEND
+    model: str | None = None
+    prompt: str = ""
+    command: str | None = None
+    respawn: bool = False
+    max_respawns: int = 3
+    on_success: str | None = None
+    on_failure: str | None = None
+    identity: str = ""
+    timeout_s: float | None = None
+    allowed_tools: str | None = None
+    enabled: bool = True
+    run_on_start: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def publishes(self) -> tuple[str, ...]:
+        """Channels this agent may publish (success first), without duplicates."""
+        return tuple(dict.fromkeys(c for c in (self.on_success, self.on_failure) if c))
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherSpec:
+    name: str
+    trigger: str
+    exec: str
+    condition: str | None = None
+    confirm: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    name: str
+    description: str = ""
+    consumers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    name: str
+    harbor: str | None
+    limits: Limits
+    agents: dict[str, AgentSpec]
+    watchers: dict[str, WatcherSpec]
+    channels: dict[str, ChannelSpec]
+    path: Path
+    warnings: list[str]
+
+    @property
+    def project_dir(self) -> Path:
+        return fleet_project_dir(self.path)
+
+
+def fleet_project_dir(path: Path) -> Path:
+    """The project a fleet file belongs to: its directory, or the parent of ``.portdaddy/``."""
+    parent = Path(path).parent
+    return parent.parent if parent.name == ".portdaddy" else parent
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cron
+
+
+def cron_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a usable five-field cron expression; None when it is."""
+    from croniter import croniter  # only fleets with a schedule need it: not on the daemon's start path
+
+    fields = expr.split()
+    if len(fields) != 5:
+        return f"{expr!r} has {len(fields)} field(s); expected {_CRON_FORM}"
+    if not croniter.is_valid(expr):
+        return f"{expr!r} is not a valid cron expression; expected {_CRON_FORM}"
+    try:
+        # is_valid accepts expressions that can never fire (e.g. '0 0 30 2 *'); one real step finds them.
+        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
+    except Exception:
+        return f"{expr!r} never fires; expected {_CRON_FORM}"
+    return None
+
+
+def next_fire(schedule: str, after: datetime) -> datetime:
+    """The first time strictly after ``after`` that ``schedule`` fires (same tzinfo as ``after``)."""
+    problem = cron_problem(schedule)
+    if problem is not None:
+        raise bad_input(f"schedule {problem}")
+    from croniter import croniter
+
+    return croniter(schedule, after).get_next(datetime)
