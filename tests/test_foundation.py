@@ -265,6 +265,31 @@ def test_pd_import_path_is_light() -> None:
     assert not modules & {"trio", "quart", "quart_trio", "hypercorn", "apsw", "nacl"}
 
 
+_START_AND_LIST_MODULES = """
+import sys, trio
+from portdaddy.config import Settings
+from portdaddy.daemon import run_daemon
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_daemon, Settings.from_env())
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_daemon_start_path_leaves_yaml_and_nacl_unloaded(tmp_home: Path) -> None:
+    """Start-to-healthy is mostly imports: PyYAML (fleet files) and PyNaCl (sealed notes) load on first use."""
+    r = subprocess.run([PYTHON, "-c", _START_AND_LIST_MODULES], env=make_env(tmp_home), capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    modules = set(r.stdout.split())
+    assert {"trio", "apsw", "portdaddy"} <= modules  # it did start
+    assert not modules & {"yaml", "nacl", "croniter"}
+
+
 def test_colon_shortcut_claims(daemon: Daemon) -> None:
     r = daemon.pd("shortcut:api", "-q")
     assert r.returncode == 0 and r.stdout.strip().isdigit()

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nacl.exceptions
-import nacl.secret
-import nacl.utils
+if TYPE_CHECKING:
+    from nacl.secret import SecretBox
 
-KEY_SIZE = nacl.secret.SecretBox.KEY_SIZE
+KEY_SIZE = 32  # SecretBox.KEY_SIZE: PyNaCl (libsodium, ~11 ms) loads with the first sealed note, not at start
+
+
+def _secret_box(key: bytes) -> SecretBox:
+    import nacl.secret
+
+    return nacl.secret.SecretBox(key)
 
 
 def load_or_create_master_key(path: Path) -> bytes:
@@ -28,7 +34,7 @@ def load_or_create_master_key(path: Path) -> bytes:
             raise RuntimeError(f"{path} holds {len(key)} bytes, not a {KEY_SIZE}-byte key; restore it from backup "
                                "(notes sealed with another key cannot be read)") from None
         return key
-    key = nacl.utils.random(KEY_SIZE)
+    key = os.urandom(KEY_SIZE)  # the kernel CSPRNG, as nacl.utils.random uses
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key
@@ -38,19 +44,25 @@ class Sealer:
     """Wraps session keys and seals note bodies; unwrapped keys are cached for the daemon's life."""
 
     def __init__(self, master_key: bytes) -> None:
-        self._master = nacl.secret.SecretBox(master_key)
-        self._boxes: dict[str, nacl.secret.SecretBox] = {}
+        self._master_key = master_key
+        self._master: SecretBox | None = None
+        self._boxes: dict[str, SecretBox] = {}
+
+    def _wrapping(self) -> SecretBox:
+        if self._master is None:
+            self._master = _secret_box(self._master_key)
+        return self._master
 
     def new_session_key(self, session_id: str) -> bytes:
         """A fresh key for ``session_id``; returns it wrapped, for the session's row."""
-        key = nacl.utils.random(KEY_SIZE)
-        self._boxes[session_id] = nacl.secret.SecretBox(key)
-        return bytes(self._master.encrypt(key))
+        key = os.urandom(KEY_SIZE)
+        self._boxes[session_id] = _secret_box(key)
+        return bytes(self._wrapping().encrypt(key))
 
-    def _box(self, session_id: str, wrapped: bytes) -> nacl.secret.SecretBox:
+    def _box(self, session_id: str, wrapped: bytes) -> SecretBox:
         box = self._boxes.get(session_id)
         if box is None:
-            box = self._boxes[session_id] = nacl.secret.SecretBox(self._master.decrypt(wrapped))
+            box = self._boxes[session_id] = _secret_box(self._wrapping().decrypt(wrapped))
         return box
 
     def seal(self, session_id: str, wrapped: bytes, text: str) -> bytes:
@@ -58,7 +70,9 @@ class Sealer:
 
     def open(self, session_id: str, wrapped: bytes, body: bytes) -> str | None:
         """The note text, or None if the body (or the key) was tampered with."""
+        from nacl.exceptions import CryptoError
+
         try:
             return self._box(session_id, wrapped).decrypt(body).decode()
-        except (nacl.exceptions.CryptoError, UnicodeDecodeError):
+        except (CryptoError, UnicodeDecodeError):
             return None
