@@ -89,7 +89,7 @@ def _loads(text: str | None) -> Any:
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else v.compact_json(value)
 
 
 class Agents:

@@ -84,6 +84,10 @@ class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
 
 
+def _subscription_id(sub: Subscription) -> int:
+    return sub.id
+
+
 def _write_id_mark(db: Any, top: int) -> None:
     # The messages row exists: the ids being covered were just inserted, which creates it.
     db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='messages'", (top,))
@@ -145,7 +149,7 @@ class Broker:
         """Store and deliver a message. ``durable=False`` (fire-and-forget) writes it within a second."""
         content_type = "text" if isinstance(payload, str) else "json"
         msg = Message(self._ids.take(), channel, payload, content_type, sender, now_ms())
-        self._unwritten.append((msg.id, channel, json.dumps(payload, separators=(",", ":")), content_type, sender,
+        self._unwritten.append((msg.id, channel, v.compact_json(payload), content_type, sender,
                                 msg.created_at))  # fmt: skip
         info = self._channels.get(channel)
         before = None if info is None else (info.count, info.last)
@@ -200,14 +204,17 @@ class Broker:
         info.count = HISTORY_PER_CHANNEL
 
     def _deliver(self, msg: Message) -> None:
-        subs = set(self._exact.get(msg.channel, ()))
-        subs.update(s for s in self._wild if s.wants(msg.channel))
-        for sub in sorted(subs, key=lambda s: s.id):
+        channel = msg.channel
+        subs = [*self._exact.get(channel, ()), *(s for s in self._wild if s.wants(channel))]
+        if len(subs) > 1:  # one copy each (a subscription can match both ways), in subscription order
+            subs = sorted(set(subs), key=_subscription_id)
+        for sub in subs:
             self._push(sub, msg)
-        woken = [w for w in self._waiters if any(matches(p, msg.channel) for p in w.patterns)]
-        for w in woken:
-            self._waiters.discard(w)
-            w.event.set()
+        if self._waiters:
+            woken = [w for w in self._waiters if any(matches(p, channel) for p in w.patterns)]
+            for w in woken:
+                self._waiters.discard(w)
+                w.event.set()
 
     def _push(self, sub: Subscription, msg: Message) -> None:
         if sub.lagging:
@@ -444,7 +451,7 @@ def _fit_frame(found: list[Message]) -> list[Message]:
     """The first messages whose reply fits one IPC frame (always at least one: a payload fits a delivery)."""
     size = 0
     for n, m in enumerate(found):
-        size += len(json.dumps(m.payload, separators=(",", ":"))) + len(m.channel) + 120
+        size += len(v.compact_json(m.payload)) + len(m.channel) + 120
         if size > IPC_REPLY_BUDGET and n:
             return found[:n]
     return found

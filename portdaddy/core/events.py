@@ -68,17 +68,17 @@ class EventBus:
         self.emitted = 0
 
     def emit(self, kind: str, **data: Any) -> Event | None:
-        """Deliver to every matching subscriber; returns the event, or None when nobody listens to ``kind``."""
+        """Deliver to every matching subscriber; returns the event, or None when nobody took it."""
         self.emitted += 1
         subs = self._routes.get(kind)
         if subs is None:
             subs = self._routes[kind] = [s for s in self._subscribers if kind_matches(kind, s.kinds)]
-        if not subs:
-            return None
-        event = Event(kind, data)
+        event = None
         for sub in subs:
             if sub.wants is not None and not sub.wants(kind, data):
                 continue
+            if event is None:  # built only for a taker: most hot events are turned away by every ``wants``
+                event = Event(kind, data)
             if sub.call is not None:
                 try:
                     sub.call(event)

@@ -57,7 +57,7 @@ class Harbor:
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else v.compact_json(value)
 
 
 class Harbors:

@@ -325,7 +325,7 @@ class Registry:
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
+    return None if value is None else v.compact_json(value)
 
 
 # -- operations ----------------------------------------------------------------------------------------------

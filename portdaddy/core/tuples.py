@@ -121,7 +121,7 @@ class TupleSpace:
         with self.store.write() as db:
             db.execute(
                 "INSERT INTO tuples (id, harbor, fields, written_by, created_at, expires_at) VALUES (?,?,?,?,?,?)",
-                (t.id or None, t.harbor, json.dumps(t.fields, separators=(",", ":")), t.written_by, t.created_at,
+                (t.id or None, t.harbor, v.compact_json(t.fields), t.written_by, t.created_at,
                  t.expires_at),
             )  # fmt: skip
             t.id = db.last_insert_rowid()

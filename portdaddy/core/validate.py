@@ -17,6 +17,10 @@ from portdaddy.errors import bad_input
 
 Check = Callable[[str, Any], Any]
 
+# The compact JSON the daemon checks sizes with and stores. json.dumps with options builds a new JSONEncoder on
+# every call (a third of its cost for a small payload); this one is built once.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 # Names that travel in URLs, channels and file names: no spaces, no slashes, no `..` tricks.
 NAME_CHARS = re.compile(r"^[A-Za-z0-9._:*-]+$")
 NAME_MEMO = 512  # per check: bounded memory (~100 KB) whatever names a client sends
@@ -154,7 +158,7 @@ def json_value(max_bytes: int) -> Check:
 
     def check(name: str, value: Any) -> Any:
         try:
-            encoded = json.dumps(value, separators=(",", ":"))
+            encoded = compact_json(value)
         except (TypeError, ValueError, RecursionError):
             raise bad_input(f"{name} must be JSON-serialisable") from None
         if len(encoded) > max_bytes:
