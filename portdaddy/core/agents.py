@@ -88,10 +88,6 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else v.compact_json(value)
-
-
 class Agents:
     name = "agents"
 
@@ -171,7 +167,7 @@ class Agents:
                 "capabilities, worktree, metadata, registered_at, last_heartbeat, dead_at) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
                 (agent.id, agent.name, agent.type, agent.pid, agent.identity, agent.purpose, agent.status,
-                 agent.liveness, _dumps(agent.capabilities), agent.worktree, _dumps(agent.metadata),
+                 agent.liveness, v.optional_json(agent.capabilities), agent.worktree, v.optional_json(agent.metadata),
                  agent.registered_at, agent.last_heartbeat),
             )  # fmt: skip
         self._agents[agent_id] = agent

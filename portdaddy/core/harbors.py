@@ -56,10 +56,6 @@ class Harbor:
         }  # fmt: skip
 
 
-def _dumps(value: Any) -> str | None:
-    return None if value is None else v.compact_json(value)
-
-
 class Harbors:
     name = "harbors"
 
@@ -124,8 +120,8 @@ class Harbors:
             db.execute(
                 "INSERT INTO harbors (name, capabilities, channels, agent_patterns, created_at, expires_at, metadata)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (name, _dumps(harbor.capabilities), _dumps(harbor.channels), _dumps(harbor.agent_patterns), now,
-                 harbor.expires_at, _dumps(metadata)),
+                (name, v.optional_json(harbor.capabilities), v.optional_json(harbor.channels),
+                 v.optional_json(harbor.agent_patterns), now, harbor.expires_at, v.optional_json(metadata)),
             )  # fmt: skip
         self._harbors[name] = harbor
         return harbor, True
@@ -140,7 +136,7 @@ class Harbors:
                 "INSERT INTO harbor_members (harbor_name, agent_id, identity, capabilities, joined_at) "
                 "VALUES (?,?,?,?,?) ON CONFLICT(harbor_name, agent_id) DO UPDATE SET "
                 "identity=excluded.identity, capabilities=excluded.capabilities",
-                (name, agent_id, identity, _dumps(caps), now),
+                (name, agent_id, identity, v.optional_json(caps), now),
             )
         old = harbor.members.get(agent_id)
         harbor.members[agent_id] = Member(agent_id, identity, caps, old.joined_at if old else now)

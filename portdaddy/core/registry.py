@@ -178,7 +178,7 @@ class Registry:
                 with self.store.write() as db:
                     db.execute(
                         "UPDATE services SET last_seen=?, pid=?, cmd=?, cwd=?, expires_at=?, metadata=? WHERE id=?",
-                        (now, svc.pid, svc.cmd, svc.cwd, svc.expires_at, _dumps(svc.metadata), identity),
+                        (now, svc.pid, svc.cmd, svc.cwd, svc.expires_at, v.optional_json(svc.metadata), identity),
                     )
                 if expires_at:
                     self._expiry_changed.set()
@@ -210,7 +210,8 @@ class Registry:
             db.execute(
                 "INSERT INTO services (id, port, pid, cmd, cwd, status, agent_id, created_at, last_seen, "
                 "expires_at, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (identity, chosen, pid, cmd, cwd, "assigned", agent_id, now, now, expires_at, _dumps(metadata)),
+                (identity, chosen, pid, cmd, cwd, "assigned", agent_id, now, now, expires_at,
+                 v.optional_json(metadata)),
             )
             db.execute(
                 "INSERT INTO endpoints (service_id, env, url, created_at, updated_at) VALUES (?,?,?,?,?)",
@@ -322,10 +323,6 @@ class Registry:
             now = now_ms()
             gone = [s for _, s in self._by_id.items() if s.expires_at is not None and s.expires_at <= now]
             self._delete(gone, "expire")
-
-
-def _dumps(value: Any) -> str | None:
-    return None if value is None else v.compact_json(value)
 
 
 # -- operations ----------------------------------------------------------------------------------------------

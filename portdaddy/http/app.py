@@ -26,6 +26,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from portdaddy.core.ops import Ctx, call
+from portdaddy.core.validate import compact_json
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
 
@@ -37,7 +38,7 @@ _OPEN_PATHS = frozenset({"/health"})
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status=status, content_type="application/json")
+    return Response(compact_json(body), status=status, content_type="application/json")
 
 
 def error_body(err: PDError) -> dict[str, Any]:
@@ -159,7 +160,7 @@ async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
 
 
 async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = compact_json(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})  # fmt: skip

@@ -26,12 +26,11 @@ import trio
 
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
-from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
+from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
 
 log = logging.getLogger("portdaddy.ipc")
 
 MAX_STRIKES = 3
-RECV_SIZE = 256 * 1024
 # Backpressure: past this much queued output the connection stops handling frames until the client reads it
 # down to OUT_LOW_WATER, so a client that sends but never reads blocks in its own send (kernel buffers full)
 # instead of growing the daemon. Replies are never dropped.
@@ -380,9 +379,7 @@ class IpcServer:
         self.partial_timeout = app.settings.ipc_partial_timeout_ms / 1000
         self.connections: set[Connection] = set()
         self.epoll = select.epoll()
-        # Every read lands in this one buffer and is copied straight into its connection's decoder: a fresh
-        # bytes object per recv of RECV_SIZE is over glibc's mmap threshold, which can cost an mmap, an
-        # mremap and a munmap per read (~20 µs here).
+        # Every read lands in this one buffer (see RECV_SIZE) and is copied straight into its connection's decoder.
         self.read_buffer = bytearray(RECV_SIZE)
         self.read_view = memoryview(self.read_buffer)
         self.nursery: trio.Nursery  # set by serve(); waiting operations run in it
