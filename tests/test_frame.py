@@ -263,6 +263,52 @@ def test_many_small_frames_are_linear() -> None:
     assert time.perf_counter() - t < 10  # O(n^2) over 700 kB would take far longer
 
 
+# -- repeated fire-and-forget frames ---------------------------------------------------------------------
+
+BEAT = {"action": "agent.heartbeat", "agentId": "a1", "pid": 42}
+
+
+def test_repeated_flat_fire_and_forget_frame_is_decoded_once() -> None:
+    dec = Decoder(reuse_repeats=True)
+    dec.feed(encode(Performative.INFORM, 0, BEAT) * 3)
+    first, second, third = drain(dec)
+    assert first == Frame(Performative.INFORM, 0, BEAT)
+    assert second is first and third is first
+
+
+def test_repeats_are_not_reused_by_default() -> None:
+    dec = Decoder()
+    dec.feed(encode(Performative.INFORM, 0, BEAT) * 2)
+    first, second = drain(dec)
+    assert first == second and first is not second and first.payload is not second.payload
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        pytest.param((Performative.REQUEST, 7, BEAT), (Performative.REQUEST, 7, BEAT), id="request-conv-id"),
+        pytest.param((Performative.INFORM, 0, BEAT), (Performative.CANCEL, 0, BEAT), id="other-type-same-body"),
+        pytest.param((Performative.INFORM, 0, BEAT), (Performative.INFORM, 0, {**BEAT, "pid": 43}), id="other-body"),
+        pytest.param((Performative.INFORM, 0, {"action": "m", "p": {"k": 1}}),
+                     (Performative.INFORM, 0, {"action": "m", "p": {"k": 1}}), id="nested-payload"),
+    ],
+)  # fmt: skip
+def test_what_is_decoded_afresh(a: tuple, b: tuple) -> None:
+    dec = Decoder(reuse_repeats=True)
+    dec.feed(encode(*a) + encode(*b))
+    first, second = drain(dec)
+    assert first == Frame(*a) and second == Frame(*b)
+    assert second is not first
+    if a[2] == b[2]:
+        assert second.payload is not first.payload  # nested values are never shared: a reader may change them
+
+
+def test_a_malformed_repeat_stays_malformed() -> None:
+    dec = Decoder(reuse_repeats=True)
+    dec.feed(raw_frame(Performative.INFORM, 0, msgpack.packb({"name": "x"})) * 2)
+    assert drain(dec) == [Malformed(fr.R_NO_ACTION, 0)] * 2
+
+
 # -- malformed frames ------------------------------------------------------------------------------------
 
 VALID_AFTER = encode(Performative.REQUEST, 42, {"action": "after"})
@@ -414,8 +460,9 @@ def _chunks(data: bytes, sizes: list[int]) -> list[bytes]:
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(frames, max_size=6), st.lists(st.integers(min_value=1, max_value=64), max_size=10), st.booleans())
 def test_property_frames_survive_any_chunking(fs: list[Frame], sizes: list[int], one_by_one: bool) -> None:
+    fs = fs + fs[-1:] * 2  # repeats, to exercise reuse_repeats
     data = b"".join(encode(*f) for f in fs)
-    dec = Decoder()
+    dec = Decoder(reuse_repeats=one_by_one)
     got: list[Frame | Malformed] = []
     for chunk in _chunks(data, sizes):
         dec.feed(chunk)

@@ -113,6 +113,28 @@ def test_rate_limit_refuses_requests_and_drops_fire_and_forget(daemon_factory) -
     assert counts["ipcRateLimited"] >= len(refused) + 50 and counts["ipcDroppedFrames"] >= 50
 
 
+def test_repeated_fire_and_forget_frames_each_act_and_a_bad_repeat_is_each_dropped(daemon: Daemon) -> None:
+    # The daemon decodes and validates a repeated frame once (Decoder(reuse_repeats=True)); every copy must
+    # still act, a refused one must still be refused, and a change of frame must not keep the old values.
+    raw = Raw(daemon)
+    before = daemon.call("daemon.status")["counts"]
+
+    def spray(entity: str, strength: object) -> bytes:
+        payload = {"action": "pheromone.spray", "table": "services", "id": entity, "key": "load", "strength": strength}
+        return raw.encoder.encode(Performative.INFORM, 0, payload)
+
+    raw.sock.sendall(spray("repeat:a", 0.25) * 100 + spray("repeat:a", 2) * 50 + spray("repeat:b", 0.75) * 100
+                     + spray("repeat:a", 0.5) * 20)  # fmt: skip
+    raw.send(Performative.REQUEST, 1, {"action": "daemon.status"})  # handled after every frame before it
+    [status] = raw.frames(1)
+    counts = status.payload["result"]["counts"]
+    assert counts["pheromoneSprays"] - before["pheromoneSprays"] == 220
+    assert counts["ipcDroppedFrames"] - before["ipcDroppedFrames"] == 50
+    a = daemon.call("pheromone.sniff", table="services", id="repeat:a")["pheromones"]["load"]
+    b = daemon.call("pheromone.sniff", table="services", id="repeat:b")["pheromones"]["load"]
+    assert 0.45 < a <= 0.5 and 0.7 < b <= 0.75
+
+
 def test_three_malformed_frames_disconnect_two_do_not(daemon: Daemon) -> None:
     raw = Raw(daemon)
     for strike in (1, 2):

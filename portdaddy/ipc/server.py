@@ -85,7 +85,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer_pid = peer_pid
         self.ctx = Ctx(server.app, "ipc", pid=peer_pid, conn=self)
-        self.decoder = Decoder()
+        self.decoder = Decoder(reuse_repeats=True)
         self.encoder = Encoder()
         self.out = bytearray()
         self.strikes = 0
@@ -96,6 +96,8 @@ class Connection:
         self.watching = _IN  # what the reactor watches this socket for
         self._pending: dict[int, trio.CancelScope] = {}  # conv id -> its waiting operation
         self._waiting: set[trio.CancelScope] = set()
+        self._repeated: Frame | None = None  # the last fire-and-forget frame bound, and its kwargs
+        self._repeated_kwargs: dict[str, Any] = {}
         self._window = 0
         self._window_count = 0
         self.hangup = False  # stop reading: the connection is being cut off
@@ -314,7 +316,12 @@ class Connection:
             self.server.dropped_frames += 1  # cannot report an error for a request nobody waits on
             return
         try:
-            kwargs = op.bind(payload)
+            if event is self._repeated:  # the decoder handed back the last fire-and-forget frame: same kwargs
+                kwargs = self._repeated_kwargs
+            else:
+                kwargs = op.bind(payload)
+                if not conv_id:
+                    self._repeated, self._repeated_kwargs = event, kwargs
             if op.is_async:
                 self._start_waiting_op(action, functools.partial(op.handler, self.ctx, **kwargs), conv_id)
                 return
