@@ -13,9 +13,10 @@ import trio
 from conftest import Daemon
 
 import portdaddy
-from portdaddy.errors import DaemonUnavailable, PDError
+from portdaddy.errors import DaemonUnavailable, PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, FrameTooLarge, Performative
+from portdaddy.ipc.trio_client import TrioClient
 
 
 class Raw:
@@ -237,6 +238,22 @@ def test_a_slow_reader_gets_every_reply_in_order_and_the_daemon_goes_idle(daemon
     time.sleep(1.0)
     assert cpu_seconds(d.proc.pid) - used < 0.3, "the daemon kept spinning after the client caught up"
     sock.close()
+
+
+async def test_trio_client_timeout_withdraws_the_request_and_the_connection_goes_on(daemon: Daemon) -> None:
+    client = TrioClient(daemon.settings.ipc_sock, timeout=0.3)
+    take = {"pattern": ["client-timeout", "*"], "harbor": "ct"}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with pytest.raises(Timeout):
+            await client.request("tuple.in", {**take, "wait": True, "timeout": 60_000})
+        with trio.fail_after(10):  # the daemon was sent CANCEL: its waiter is gone
+            while (await client.request("daemon.status"))["counts"]["tupleWaiters"]:
+                await trio.sleep(0.02)
+        await client.request("tuple.out", {"fields": ["client-timeout", 1], "harbor": "ct"})
+        taken = await client.request("tuple.in", take)  # nobody withdrawn swallowed it, no reply went astray
+        assert [t["fields"] for t in taken["taken"]] == [["client-timeout", 1]]
+        nursery.cancel_scope.cancel()
 
 
 async def test_sdk_fails_pending_requests_fast_and_reconnects(fresh_daemon: Daemon) -> None:

@@ -5,6 +5,7 @@ that never await, server pushes routed to handlers, and reconnection with backof
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from outcome import Value
 
 from portdaddy.errors import DaemonUnavailable, Timeout
 from portdaddy.ipc.client import reply_result
@@ -23,12 +25,8 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 
 
-class _Pending:
-    __slots__ = ("event", "frame")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.frame: Frame | None = None
+# What a waiting request holds when its time runs out (None means the connection was lost).
+_NO_REPLY: Any = object()
 
 
 class TrioClient:
@@ -51,7 +49,10 @@ class TrioClient:
         self.reconnects = 0
         self._encoder = Encoder()
         self._conv = 0
-        self._pending: dict[int, _Pending] = {}
+        # conv id -> the task waiting for its reply; the reader reschedules it with the reply frame, or with None
+        # when the connection is lost. A task parked by hand, not a trio.Event: a request is two task switches,
+        # and an Event with its parking lot per request was a measurable part of the rest.
+        self._pending: dict[int, trio.lowlevel.Task] = {}
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
 
@@ -67,26 +68,31 @@ class TrioClient:
     ) -> Any:
         if self.sock is None:
             raise DaemonUnavailable(f"not connected to {self.path}")
-        self._conv = next_conv_id(self._conv)
-        conv = self._conv
-        pending = self._pending[conv] = _Pending()
+        conv = self._conv = next_conv_id(self._conv)
+        self._pending[conv] = trio.lowlevel.current_task()
+        frame = _NO_REPLY
         try:
             self._write(self._encoder.encode(kind, conv, self._payload(action, args)))
             with trio.move_on_after(self.timeout if timeout is None else timeout):
-                await pending.event.wait()
+                frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
         except trio.Cancelled:
             # The caller gave up: tell the daemon too, so a blocked take does not win a tuple nobody receives.
-            if pending.frame is None and self.sock is not None:
+            if self.sock is not None:
                 self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
             raise
         finally:
             self._pending.pop(conv, None)
-        if pending.frame is None:
-            if pending.event.is_set():
-                raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
+        if frame is None:
+            raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
+        if frame is _NO_REPLY:
             self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
             raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
-        return reply_result(pending.frame)
+        return reply_result(frame)
+
+    def _give_up(self, conv: int, _: Any) -> trio.lowlevel.Abort:
+        """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody."""
+        self._pending.pop(conv, None)
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def send_nowait(self, action: str, args: dict[str, Any] | None = None) -> None:
         """Fire-and-forget: written now if the socket takes it, else queued for the writer. Never awaits."""
@@ -157,23 +163,23 @@ class TrioClient:
                     if not size:
                         break
                     decoder.feed(view[:size])
-                    for event in decoder.events():
-                        if isinstance(event, Frame):
+                    while (event := decoder.next_event()) is not None:
+                        if event.__class__ is Frame:
                             self._dispatch(event)
                 nursery.cancel_scope.cancel()
         finally:
             self.sock = None
             self.connected = trio.Event()
             sock.close()
-            for pending in self._pending.values():
-                pending.event.set()  # frame stays None: the waiter raises DaemonUnavailable
+            waiting, self._pending = self._pending, {}
+            for task in waiting.values():
+                trio.lowlevel.reschedule(task, Value(None))  # the waiter raises DaemonUnavailable
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.conv_id:
-            pending = self._pending.get(frame.conv_id)
-            if pending is not None:
-                pending.frame = frame
-                pending.event.set()
+            task = self._pending.pop(frame.conv_id, None)
+            if task is not None:
+                trio.lowlevel.reschedule(task, Value(frame))
             return
         for handler in self.push_handlers:
             handler(frame)
