@@ -274,6 +274,7 @@ def test_repeated_flat_fire_and_forget_frame_is_decoded_once() -> None:
     first, second, third = drain(dec)
     assert first == Frame(Performative.INFORM, 0, BEAT)
     assert second is first and third is first
+    assert dec.repeatable is first
 
 
 def test_repeats_are_not_reused_by_default() -> None:

@@ -236,6 +236,11 @@ class Decoder:
         self._last_frame: Frame | None = None
 
     @property
+    def repeatable(self) -> Frame | None:
+        """The frame a byte-identical repeat would be handed back as (``reuse_repeats`` only)."""
+        return self._last_frame
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
         return len(self._buf) - self._pos

@@ -96,7 +96,7 @@ class Connection:
         self.watching = _IN  # what the reactor watches this socket for
         self._pending: dict[int, trio.CancelScope] = {}  # conv id -> its waiting operation
         self._waiting: set[trio.CancelScope] = set()
-        self._repeated: Frame | None = None  # the last fire-and-forget frame bound, and its kwargs
+        self._repeated: Frame | None = None  # the decoder's repeatable frame, once bound, and its kwargs
         self._repeated_kwargs: dict[str, Any] = {}
         self._window = 0
         self._window_count = 0
@@ -320,7 +320,7 @@ class Connection:
                 kwargs = self._repeated_kwargs
             else:
                 kwargs = op.bind(payload)
-                if not conv_id:
+                if event is self.decoder.repeatable:  # only a frame the decoder may hand back is worth keeping
                     self._repeated, self._repeated_kwargs = event, kwargs
             if op.is_async:
                 self._start_waiting_op(action, functools.partial(op.handler, self.ctx, **kwargs), conv_id)
