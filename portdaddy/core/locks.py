@@ -258,16 +258,20 @@ class Locks:
 
     def _schedule(self, lock: Lock) -> None:
         deadlines = self._deadlines
+        entry = (lock.expires_at, lock.name)
         if len(deadlines) > 2 * len(self._held) + COMPACT_SLACK:
             # A released or extended lease leaves its entry behind until that deadline: under steady churn the
             # heap would hold every grant of the last TTL (hundreds of thousands). Rebuild it from the holders.
             deadlines[:] = [(held.expires_at, held.name) for held in self._held.values()]
             heapq.heapify(deadlines)
         else:
-            heapq.heappush(deadlines, (lock.expires_at, lock.name))
-        if deadlines[0][1] == lock.name and self._expiry is not None:
+            heapq.heappush(deadlines, entry)
+        if deadlines[0] == entry and self._expiry is not None:
             # Moving a deadline wakes nobody: a grant does not cost the expiry task a trip through the scheduler.
-            self._expiry.deadline = min(self._expiry.deadline, _trio_deadline(lock.expires_at))
+            # Only an earlier one is set: trio's deadline setter costs a few µs even when the value stays.
+            deadline = _trio_deadline(lock.expires_at)
+            if deadline < self._expiry.deadline:
+                self._expiry.deadline = deadline
 
     def _expire_if_due(self, name: str) -> None:
         lock = self._held.get(name)
