@@ -153,6 +153,41 @@ def test_three_malformed_frames_disconnect_two_do_not(daemon: Daemon) -> None:
     assert daemon.call("daemon.health")["status"] == "ok"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another uid needs root")
+def test_a_peer_of_another_uid_is_refused(fresh_daemon: Daemon) -> None:
+    """The socket is 0600. Opened up here, the SO_PEERCRED check is what turns another user away."""
+    d = fresh_daemon
+    os.chmod(d.home, 0o711)
+    os.chmod(d.settings.ipc_sock, 0o666)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, connect, hand back every byte the daemon sends until it closes
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(5)
+            sock.connect(str(d.settings.ipc_sock))
+            while data := sock.recv(65536):
+                os.write(write_end, data)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    received = b""
+    while chunk := os.read(read_end, 65536):
+        received += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    decoder = Decoder()
+    decoder.feed(received)
+    [refusal] = decoder.events()
+    assert refusal.type == Performative.REFUSE and refusal.payload["error"] == "FORBIDDEN"
+    assert "uid 65534" in refusal.payload["message"]
+    assert d.call("daemon.status")["counts"]["ipcRefused"] == 1
+    assert d.call("daemon.health")["status"] == "ok"  # the daemon's own user is served as before
+
+
 def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
     raw = Raw(daemon)
     raw.send(Performative.REQUEST, 1, {"action": "daemon.health", "agentId": "agent-a"})
