@@ -153,22 +153,23 @@ def test_three_malformed_frames_disconnect_two_do_not(daemon: Daemon) -> None:
     assert daemon.call("daemon.health")["status"] == "ok"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another uid needs root")
-def test_a_peer_of_another_uid_is_refused(fresh_daemon: Daemon) -> None:
-    """The socket is 0600. Opened up here, the SO_PEERCRED check is what turns another user away."""
-    d = fresh_daemon
-    os.chmod(d.home, 0o711)
-    os.chmod(d.settings.ipc_sock, 0o666)
+def _as_nobody(path: os.PathLike[str], request: bytes) -> bytes:
+    """Connect to ``path`` as uid 65534, send ``request`` and return b"+" and every byte that came back until the
+    daemon closed; b"" if the connection could not be made."""
+    os.chmod(os.path.dirname(path), 0o711)
+    os.chmod(path, 0o666)  # the socket is 0600, which alone keeps other users out: open it so the uid check is tested
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: become nobody, connect, hand back every byte the daemon sends until it closes
+    if pid == 0:
         try:
             os.close(read_end)
             os.setgid(65534)
             os.setuid(65534)
             sock = socket.socket(socket.AF_UNIX)
             sock.settimeout(5)
-            sock.connect(str(d.settings.ipc_sock))
+            sock.connect(os.fspath(path))
+            os.write(write_end, b"+")
+            sock.sendall(request)
             while data := sock.recv(65536):
                 os.write(write_end, data)
         finally:
@@ -179,13 +180,24 @@ def test_a_peer_of_another_uid_is_refused(fresh_daemon: Daemon) -> None:
         received += chunk
     os.close(read_end)
     os.waitpid(pid, 0)
+    return received
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="connecting as another uid needs root")
+def test_a_peer_of_another_uid_is_refused(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    received = _as_nobody(d.settings.ipc_sock, Encoder().encode(Performative.REQUEST, 1, {"action": "daemon.health"}))
+    assert received.startswith(b"+"), "the child could not connect"
     decoder = Decoder()
-    decoder.feed(received)
-    [refusal] = decoder.events()
+    decoder.feed(received[1:])
+    [refusal] = decoder.events()  # and no answer to its request: the daemon closed the connection
     assert refusal.type == Performative.REFUSE and refusal.payload["error"] == "FORBIDDEN"
     assert "uid 65534" in refusal.payload["message"]
+    http = _as_nobody(d.settings.http_sock, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert http == b"+"  # connected, then closed unanswered
     assert d.call("daemon.status")["counts"]["ipcRefused"] == 1
     assert d.call("daemon.health")["status"] == "ok"  # the daemon's own user is served as before
+    assert "refused HTTP connection from uid 65534" in d.log()
 
 
 def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
