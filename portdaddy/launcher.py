@@ -34,7 +34,8 @@ def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
 
 
 def probe(cfg: Settings, action: str = "daemon.health", timeout: float = 3.0) -> Any:
-    """The daemon's answer to ``action``, or None if no daemon answers."""
+    """The daemon's answer to ``action``, or None if no daemon answers. A daemon that answers with a refusal
+    (over its connection cap) raises it: it is running, and starting another would not help."""
     try:
         with BlockingClient(cfg.ipc_sock, timeout=timeout) as c:
             return c.request(action)

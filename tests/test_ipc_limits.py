@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -73,6 +74,53 @@ def test_connection_cap_refuses_the_next_one_and_frees_a_slot_on_close(daemon_fa
     held.pop().close()
     held.append(served_client(d))
     assert held[-1].request("daemon.status")["counts"]["ipcRefused"] >= 1
+
+
+def test_at_the_connection_cap_clients_say_why_they_were_turned_away(daemon_factory) -> None:
+    """Not "connection reset" and "pd stop && pd start" (which would cut every agent off): the daemon's reason."""
+    d = daemon_factory(PORT_DADDY_IPC_MAX_CONN="1")
+    held = served_client(d)
+    late = d.client()  # the kernel accepts it; the daemon refuses and closes it...
+    time.sleep(0.3)  # ...most likely before this request goes out, so the send fails: the reason is read after
+    with pytest.raises(PDError) as refused:
+        late.request("daemon.health")
+    assert refused.value.code == "max_connections" and "PORT_DADDY_IPC_MAX_CONN" in refused.value.message
+    claim = d.pd("claim", "cap:api", "-q")  # sends at once: the refusal usually comes while it waits for a reply
+    assert claim.returncode == 1 and "PORT_DADDY_IPC_MAX_CONN" in claim.stderr, claim.stderr
+    status = d.pd("status")
+    assert status.returncode == 1, status.stderr
+    assert status.stderr.startswith("Port Daddy is running but refused this connection: the daemon serves at most 1")
+    held.close()
+    assert served_client(d).request("port.claim", {"id": "cap:api"})["port"]
+
+
+async def test_sdk_at_the_connection_cap_fails_with_the_daemons_reason(daemon_factory) -> None:
+    d = daemon_factory(PORT_DADDY_IPC_MAX_CONN="1")
+    held = served_client(d)
+    client = TrioClient(d.settings.ipc_sock, reconnect=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        for _ in range(2):  # in flight when the refusal comes, and after the connection is gone
+            with pytest.raises(PDError) as refused:
+                await client.request("daemon.health")
+            assert refused.value.code == "max_connections"
+    held.close()
+
+
+async def test_sdk_request_waiting_when_the_daemon_cuts_the_connection_gets_the_reason(daemon: Daemon) -> None:
+    client = TrioClient(daemon.settings.ipc_sock, reconnect=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+
+        async def three_strikes() -> None:
+            await trio.sleep(0.3)  # the take below is waiting in the daemon by now
+            for _ in range(3):
+                client.send_frame(malformed_frame(0))
+
+        nursery.start_soon(three_strikes)
+        with pytest.raises(PDError) as cut:
+            await client.request("tuple.in", {"pattern": ["cut-off", "*"], "wait": True, "timeout": 60_000})
+        assert cut.value.code == "disconnected" and "malformed" in cut.value.message
 
 
 def served_client(d: Daemon) -> BlockingClient:
@@ -169,7 +217,8 @@ def _as_nobody(path: os.PathLike[str], request: bytes) -> bytes:
             sock.settimeout(5)
             sock.connect(os.fspath(path))
             os.write(write_end, b"+")
-            sock.sendall(request)
+            with suppress(OSError):  # the daemon may have refused and closed already: read what it said
+                sock.sendall(request)
             while data := sock.recv(65536):
                 os.write(write_end, data)
         finally:

@@ -13,7 +13,7 @@ from portdaddy import __version__
 from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import fail, settings, wait_healthy
 from portdaddy.config import Settings
-from portdaddy.errors import EXIT_UNREACHABLE, DaemonUnavailable, PDError
+from portdaddy.errors import EXIT_UNREACHABLE, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
 
 
@@ -51,10 +51,11 @@ def start(as_json: bool) -> None:
       pd start
     """
     cfg = settings()
-    running = probe(cfg) is not None
-    try:  # a daemon already running may still be starting its HTTP server: wait for that too
+    try:
+        running = probe(cfg) is not None
+        # A daemon already running may still be starting its HTTP server: wait for that too.
         health = wait_healthy(cfg, None if running else spawn_daemon(cfg), http=True)
-    except DaemonUnavailable as e:
+    except PDError as e:
         fail(e, as_json=as_json)
     if as_json:
         emit_json(health)
@@ -74,7 +75,10 @@ def stop(as_json: bool) -> None:
       pd stop
     """
     cfg = settings()
-    health = probe(cfg)
+    try:
+        health = probe(cfg)
+    except PDError as e:
+        fail(e, as_json=as_json)
     if health is None:
         emit_json({"success": True, "running": False}) if as_json else click.echo("Port Daddy is not running")
         return
@@ -102,7 +106,14 @@ def status(as_json: bool) -> None:
       pd status
     """
     cfg = settings()
-    st = probe(cfg, "daemon.status")
+    try:
+        st = probe(cfg, "daemon.status")
+    except PDError as e:  # running, but turning this connection away
+        if as_json:
+            emit_json({"success": False, "running": True, "error": e.code, "reason": e.message, "home": str(cfg.home)})
+        else:
+            click.echo(f"Port Daddy is running but refused this connection: {e.message}", err=True)
+        sys.exit(exit_code(e.code))
     if st is None:
         why, fix = diagnose_down(cfg)
         if as_json:
@@ -129,14 +140,19 @@ def status(as_json: bool) -> None:
 @quiet_option
 def version(as_json: bool, quiet: bool) -> None:
     """Print the client version, and the daemon's if one is running (never starts it)."""
-    daemon = probe(settings(), "daemon.version")
+    try:
+        daemon = probe(settings(), "daemon.version")
+    except PDError as e:
+        daemon = {"refused": e.message}
     if as_json:
         emit_json({"client": __version__, "daemon": daemon})
     elif quiet:
         click.echo(__version__)
     else:
         click.echo(f"Port Daddy {__version__}")
-        if daemon:
+        if daemon and "refused" in daemon:
+            click.echo(f"Daemon running, but it refused this connection: {daemon['refused']}")
+        elif daemon:
             click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {daemon['uptime']}s)")
         else:
             click.echo("Daemon not running")

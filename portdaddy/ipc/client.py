@@ -29,6 +29,21 @@ def reply_result(frame: Frame) -> Any:
     raise PDError.from_wire(frame.payload)
 
 
+def parting_refusal(sock: socket.socket, decoder: Decoder) -> Frame | None:
+    """After a send found the daemon gone: the REFUSE it sent before hanging up (over its connection cap, another
+    uid), read from what is already in the socket, so the caller learns why instead of "connection reset"."""
+    sock.setblocking(False)
+    try:
+        while data := sock.recv(65536):
+            decoder.feed(data)
+    except OSError:
+        pass
+    for event in decoder.events():
+        if isinstance(event, Frame) and event.conv_id == 0 and event.type == Performative.REFUSE:
+            return event
+    return None
+
+
 class BlockingClient:
     def __init__(self, path: os.PathLike[str] | str, *, agent_id: str | None = None, timeout: float = 5.0) -> None:
         self.path = os.fspath(path)
@@ -78,6 +93,9 @@ class BlockingClient:
         try:
             self.sock.sendall(data)
         except OSError as e:
+            refusal = parting_refusal(self.sock, self._decoder)
+            if refusal is not None:
+                raise PDError.from_wire(refusal.payload) from None
             raise DaemonUnavailable(f"lost the daemon while sending: {e}") from None
 
     def send(self, action: str, args: dict[str, Any] | None = None) -> None:
@@ -120,7 +138,8 @@ class BlockingClient:
 
     @staticmethod
     def _check_pushed(frame: Frame) -> None:
-        if frame.type == Performative.REFUSE and frame.payload.get("error") == "disconnected":
+        # The daemon sends a REFUSE outside any conversation only as it closes the connection, and says why.
+        if frame.type == Performative.REFUSE:
             raise PDError.from_wire(frame.payload)
 
     def _next_frame(self, deadline: float | None) -> Frame | None:

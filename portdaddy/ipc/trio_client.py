@@ -15,8 +15,8 @@ from typing import Any
 import trio
 from outcome import Value
 
-from portdaddy.errors import DaemonUnavailable, Timeout
-from portdaddy.ipc.client import reply_result
+from portdaddy.errors import DaemonUnavailable, PDError, Timeout
+from portdaddy.ipc.client import parting_refusal, reply_result
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Performative, next_conv_id
 
 log = logging.getLogger("portdaddy.client")
@@ -55,6 +55,7 @@ class TrioClient:
         self._pending: dict[int, trio.lowlevel.Task] = {}
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -67,7 +68,7 @@ class TrioClient:
         kind: int = Performative.REQUEST,
     ) -> Any:
         if self.sock is None:
-            raise DaemonUnavailable(f"not connected to {self.path}")
+            raise self._gone(f"not connected to {self.path}")
         conv = self._conv = next_conv_id(self._conv)
         self._pending[conv] = trio.lowlevel.current_task()
         frame = _NO_REPLY
@@ -139,6 +140,7 @@ class TrioClient:
             raise DaemonUnavailable(f"no daemon at {self.path}: {e.strerror or e}; start it with: pd start") from None
         sock.setblocking(False)
         self.sock = sock
+        self._parting = None
         self._out.clear()
         self.connected.set()
 
@@ -173,7 +175,14 @@ class TrioClient:
             sock.close()
             waiting, self._pending = self._pending, {}
             for task in waiting.values():
-                trio.lowlevel.reschedule(task, Value(None))  # the waiter raises DaemonUnavailable
+                # The waiter raises the daemon's parting REFUSE, or DaemonUnavailable when there was none.
+                trio.lowlevel.reschedule(task, Value(self._parting))
+
+    def _gone(self, message: str) -> PDError:
+        """Why there is no connection: the REFUSE the daemon sent as it closed the last one, if it sent one."""
+        if self._parting is not None:
+            return PDError.from_wire(self._parting.payload)
+        return DaemonUnavailable(message)
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.conv_id:
@@ -181,6 +190,8 @@ class TrioClient:
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
             return
+        if frame.type == Performative.REFUSE:  # sent only as the daemon closes the connection: why it does
+            self._parting = frame
         for handler in self.push_handlers:
             handler(frame)
 
@@ -204,7 +215,9 @@ class TrioClient:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as e:
-                raise DaemonUnavailable(f"lost the daemon: {e}") from None
+                if self._parting is None:  # the reader has not seen it yet: it may still be in the socket
+                    self._parting = parting_refusal(sock, Decoder())
+                raise self._gone(f"lost the daemon: {e}") from None
             if sent == len(data):
                 return
             data = data[sent:]
