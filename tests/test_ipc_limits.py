@@ -123,6 +123,24 @@ async def test_sdk_request_waiting_when_the_daemon_cuts_the_connection_gets_the_
         assert cut.value.code == "disconnected" and "malformed" in cut.value.message
 
 
+async def test_sdk_request_cancelled_on_a_dead_socket_is_just_cancelled(daemon: Daemon) -> None:
+    """The CANCEL it sends the daemon is best effort: a socket that no longer takes it must not turn the
+    caller's cancellation into DaemonUnavailable."""
+    client = TrioClient(daemon.settings.ipc_sock, reconnect=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        with trio.CancelScope() as scope:
+
+            async def break_then_cancel() -> None:
+                await trio.sleep(0.3)
+                client.sock.shutdown(socket.SHUT_WR)  # sends fail from now on; the reader has seen nothing yet
+                scope.cancel()
+
+            nursery.start_soon(break_then_cancel)
+            await client.request("tuple.in", {"pattern": ["never", "*"], "wait": True, "timeout": 60_000})
+        assert scope.cancelled_caught
+
+
 def served_client(d: Daemon) -> BlockingClient:
     """A connection the daemon admitted. Retries while slots of just-closed connections are still counted
     (the daemon notices a close on its next read of that socket)."""

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -78,8 +79,10 @@ class TrioClient:
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
         except trio.Cancelled:
             # The caller gave up: tell the daemon too, so a blocked take does not win a tuple nobody receives.
+            # Best effort: a daemon that is gone has nothing to cancel, and Cancelled must propagate as it is.
             if self.sock is not None:
-                self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
+                with suppress(PDError):
+                    self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
             raise
         finally:
             self._pending.pop(conv, None)
