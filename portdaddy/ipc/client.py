@@ -29,6 +29,12 @@ def reply_result(frame: Frame) -> Any:
     raise PDError.from_wire(frame.payload)
 
 
+def is_parting(frame: Frame) -> bool:
+    """A REFUSE outside any conversation: the daemon sends one only as it closes the connection, saying why
+    (over its connection cap, another uid, three malformed frames, a partial frame left hanging)."""
+    return frame.conv_id == 0 and frame.type == Performative.REFUSE
+
+
 def parting_refusal(sock: socket.socket, decoder: Decoder) -> Frame | None:
     """After a send found the daemon gone: the REFUSE it sent before hanging up (over its connection cap, another
     uid), read from what is already in the socket, so the caller learns why instead of "connection reset"."""
@@ -39,7 +45,7 @@ def parting_refusal(sock: socket.socket, decoder: Decoder) -> Frame | None:
     except OSError:
         pass
     for event in decoder.events():
-        if isinstance(event, Frame) and event.conv_id == 0 and event.type == Performative.REFUSE:
+        if isinstance(event, Frame) and is_parting(event):
             return event
     return None
 
@@ -138,8 +144,7 @@ class BlockingClient:
 
     @staticmethod
     def _check_pushed(frame: Frame) -> None:
-        # The daemon sends a REFUSE outside any conversation only as it closes the connection, and says why.
-        if frame.type == Performative.REFUSE:
+        if is_parting(frame):
             raise PDError.from_wire(frame.payload)
 
     def _next_frame(self, deadline: float | None) -> Frame | None:

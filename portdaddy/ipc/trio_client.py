@@ -17,7 +17,7 @@ import trio
 from outcome import Value
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
-from portdaddy.ipc.client import parting_refusal, reply_result
+from portdaddy.ipc.client import is_parting, parting_refusal, reply_result
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Performative, next_conv_id
 
 log = logging.getLogger("portdaddy.client")
@@ -193,7 +193,7 @@ class TrioClient:
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
             return
-        if frame.type == Performative.REFUSE:  # sent only as the daemon closes the connection: why it does
+        if is_parting(frame):
             self._parting = frame
         for handler in self.push_handlers:
             handler(frame)
