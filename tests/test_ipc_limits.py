@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -368,6 +369,67 @@ async def test_trio_client_timeout_withdraws_the_request_and_the_connection_goes
         taken = await client.request("tuple.in", take)  # nobody withdrawn swallowed it, no reply went astray
         assert [t["fields"] for t in taken["taken"]] == [["client-timeout", 1]]
         nursery.cancel_scope.cancel()
+
+
+def test_blocking_client_timeouts_follow_each_call_and_withdraw_the_request(daemon: Daemon) -> None:
+    """The blocking client waits in the kernel (SO_RCVTIMEO), as long as each call allows: shorter or longer than
+    its default. A request that timed out is withdrawn, and the connection goes on."""
+    take = {"pattern": ["blocking-timeout", "*"], "harbor": "bt", "wait": True, "timeout": 60_000}
+    with BlockingClient(daemon.settings.ipc_sock, timeout=0.3) as c:
+        started = time.monotonic()
+        with pytest.raises(Timeout, match=r"no reply to tuple\.in within 0\.3s"):
+            c.request("tuple.in", take)
+        assert 0.25 < time.monotonic() - started < 3
+        deadline = time.monotonic() + 10  # the daemon was sent CANCEL: its waiter is gone
+        while c.request("daemon.status")["counts"]["tupleWaiters"]:
+            assert time.monotonic() < deadline, "the timed-out take still waits on the daemon"
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert c.receive(timeout=0.1) is None
+        assert 0.08 < time.monotonic() - started < 3
+        put = threading.Timer(1.0, daemon.call, ("tuple.out",), {"fields": ["blocking-timeout", 1], "harbor": "bt"})
+        put.start()
+        started = time.monotonic()
+        taken = c.request("tuple.in", take, timeout=20)  # longer than the client's 0.3 s: waits for the tuple
+        put.join()
+        assert [t["fields"] for t in taken["taken"]] == [["blocking-timeout", 1]]
+        assert time.monotonic() - started > 0.9
+
+
+def test_blocking_client_gives_up_on_a_socket_that_never_accepts(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the listen backlog: the next connect would wait for an accept that never comes
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            queued.append(s)
+            s.connect(str(path))
+    except BlockingIOError:
+        pass
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            BlockingClient(path, timeout=0.3).connect()
+        except BaseException as e:
+            failed.append(e)
+
+    try:
+        started = time.monotonic()
+        attempt = threading.Thread(target=connect, daemon=True)
+        attempt.start()
+        attempt.join(5)
+        assert not attempt.is_alive(), "connect() still waits for an accept that never comes"
+        assert 0.25 < time.monotonic() - started < 3
+        assert isinstance(failed[0], DaemonUnavailable)
+        assert "did not accept a connection within 0.3s" in str(failed[0])
+    finally:
+        for s in [listener, *queued]:
+            s.close()
 
 
 async def test_sdk_fails_pending_requests_fast_and_reconnects(fresh_daemon: Daemon) -> None:
