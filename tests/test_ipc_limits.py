@@ -372,8 +372,8 @@ async def test_trio_client_timeout_withdraws_the_request_and_the_connection_goes
 
 
 def test_blocking_client_timeouts_follow_each_call_and_withdraw_the_request(daemon: Daemon) -> None:
-    """The blocking client waits in the kernel (SO_RCVTIMEO), as long as each call allows: shorter or longer than
-    its default. A request that timed out is withdrawn, and the connection goes on."""
+    """The blocking client waits as long as each call allows, shorter or longer than its default. A request that
+    timed out is withdrawn, and the connection goes on."""
     take = {"pattern": ["blocking-timeout", "*"], "harbor": "bt", "wait": True, "timeout": 60_000}
     with BlockingClient(daemon.settings.ipc_sock, timeout=0.3) as c:
         started = time.monotonic()

@@ -21,15 +21,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 _OK = frozenset(map(int, (Performative.INFORM_DONE, Performative.INFORM_REF, Performative.AGREE)))
-_SOL_SOCKET, _SO_RCVTIMEO, _SO_SNDTIMEO = socket.SOL_SOCKET, socket.SO_RCVTIMEO, socket.SO_SNDTIMEO
 _TIMEVAL = struct.Struct("@ll")
 
 
-def kernel_timeout(seconds: float | None) -> bytes:
-    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO: ``None`` waits forever (the kernel's 0); any other
-    wait is at least 1 µs, so a nearly spent deadline does not become "forever"."""
-    if seconds is None:
-        return _TIMEVAL.pack(0, 0)
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_SNDTIMEO, at least 1 µs (the kernel reads 0 as "forever")."""
     return _TIMEVAL.pack(*divmod(max(1, int(seconds * 1_000_000)), 1_000_000))
 
 
@@ -71,16 +67,12 @@ class BlockingClient:
         self._encoder = Encoder()
         self._conv = 0
         self._pushed: deque[Frame] = deque()
-        self._recv_timeout: float | None = None  # the socket's SO_RCVTIMEO, seconds (None: forever)
 
     def connect(self) -> BlockingClient:
-        # A blocking socket with kernel timeouts, not Python's timeout mode: that polls before every recv, and
-        # waking from poll() and then reading costs ~30 µs a request when the daemon runs on another CPU.
-        # SO_SNDTIMEO also bounds connect() on a Unix socket whose listen backlog is full.
+        # Connect blocking, bounded by SO_SNDTIMEO: with Python's timeout mode a Unix socket whose listen backlog
+        # is full fails at once (EAGAIN) instead of waiting for the daemon to accept.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setsockopt(_SOL_SOCKET, _SO_SNDTIMEO, kernel_timeout(self.timeout))
-        sock.setsockopt(_SOL_SOCKET, _SO_RCVTIMEO, kernel_timeout(self.timeout))
-        self._recv_timeout = self.timeout
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
         try:
             sock.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError) as e:
@@ -93,6 +85,7 @@ class BlockingClient:
         except OSError as e:
             sock.close()
             raise DaemonUnavailable(f"cannot reach the daemon at {self.path}: {e}") from None
+        sock.settimeout(self.timeout)
         self.sock = sock
         return self
 
@@ -177,19 +170,6 @@ class BlockingClient:
         if is_parting(frame):
             raise PDError.from_wire(frame.payload)
 
-    def _set_recv_timeout(self, seconds: float | None) -> None:
-        """Make the next recv wait at most ``seconds``. The one in force is kept when it is at most 1 ms longer
-        (a request's first read, under the default timeout): a setsockopt costs ~10 µs between context switches."""
-        current = self._recv_timeout
-        if seconds is None:
-            if current is None:
-                return
-        elif current is not None and 0 <= current - seconds <= 0.001:
-            return
-        assert self.sock is not None
-        self.sock.setsockopt(_SOL_SOCKET, _SO_RCVTIMEO, kernel_timeout(seconds))
-        self._recv_timeout = seconds
-
     def _next_frame(self, deadline: float | None) -> Frame | None:
         assert self.sock is not None, "connect() first"
         while True:
@@ -201,10 +181,10 @@ class BlockingClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self._set_recv_timeout(remaining)
+            self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(65536)
-            except BlockingIOError:  # EAGAIN: SO_RCVTIMEO passed
+            except TimeoutError:
                 return None
             except OSError as e:
                 raise DaemonUnavailable(f"lost the daemon: {e}") from None
