@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portdaddy.core import validate
+from portdaddy.core.ops import load_table
 from portdaddy.errors import PDError
 
 # Mostly valid names with the characters that make them invalid mixed in: stars, spaces, colons, dots, slashes.
@@ -36,3 +37,24 @@ def test_accepted_names_come_back_stripped_and_refusals_are_never_remembered() -
     for _ in range(2):
         with pytest.raises(PDError, match="may not contain"):
             check("c", "build:*")
+
+
+# The IPC server binds a repeated fire-and-forget frame once and hands the same arguments to every copy
+# (spec/ipc.md, "The server"). That is safe only while a flat frame binds to values nobody can change.
+FLAT_FIRE_AND_FORGET = {
+    "agent.heartbeat": {"agentId": "agent-1", "pid": 42},
+    "pheromone.spray": {"table": "services", "id": "bench:api", "key": "load", "strength": 0.5, "harbor": "h"},
+    "msg.publish": {"channel": "build:done", "payload": "green", "sender": "ci"},
+}
+IMMUTABLE = (str, int, float, bool, type(None), tuple, frozenset)
+
+
+@pytest.mark.parametrize("action", sorted(FLAT_FIRE_AND_FORGET))
+def test_flat_fire_and_forget_frames_bind_to_immutable_values(action: str) -> None:
+    table = load_table()
+    assert {name for name, op in table.items() if op.fire_and_forget} == set(FLAT_FIRE_AND_FORGET), (
+        "a fire-and-forget operation was added or removed: list a flat frame for it here")
+    op, raw = table[action], FLAT_FIRE_AND_FORGET[action]
+    assert {p.name for p in op.params} == set(raw), f"give every parameter of {action} a value here"
+    for name, value in op.bind({"action": action, **raw}).items():
+        assert isinstance(value, IMMUTABLE), f"{action} binds {name} to a {type(value).__name__}, which can change"
