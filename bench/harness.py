@@ -76,15 +76,32 @@ def _echo_server(sock: socket.socket, size: int) -> None:
         sock.sendall(data)
 
 
-def floor_pingpong(n: int, pinned: bool) -> list[float]:
-    """A raw AF_UNIX blocking ping-pong of 16-byte messages between two Python processes."""
+def _trio_echo_server(sock: socket.socket, size: int) -> None:
+    """The same echo as a trio task: what any trio server pays per request before doing any work of its own."""
+    import trio
+
+    async def serve() -> None:
+        sock.setblocking(False)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            data = sock.recv(size)
+            if not data:
+                return
+            sock.send(data)
+
+    trio.run(serve)
+
+
+def floor_pingpong(n: int, pinned: bool, server: Callable[[socket.socket, int], None] = _echo_server) -> list[float]:
+    """A raw AF_UNIX blocking ping-pong of 16-byte messages between two Python processes; ``server`` echoes in
+    the child (a blocking loop; ``trio_echo`` for the same echo as a trio task)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # child: echo until EOF
         a.close()
         if pinned:
             pin()
-        _echo_server(b, 16)
+        server(b, 16)
         os._exit(0)
     b.close()
     if pinned:
@@ -101,6 +118,11 @@ def floor_pingpong(n: int, pinned: bool) -> list[float]:
         unpin()
         a.close()
         os.waitpid(pid, 0)
+
+
+def trio_echo(n: int) -> list[float]:
+    """Pinned ping-pong against a trio echo task: the share of a round trip trio itself takes."""
+    return floor_pingpong(n, pinned=True, server=_trio_echo_server)
 
 
 def floor_send(n: int) -> list[float]:

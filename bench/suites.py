@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 import portdaddy
-from bench.harness import PYTHON, Figure, bench_daemon, floor_pingpong, floor_send, pin, rss_mb, timed, unpin
+from bench.harness import PYTHON, Figure, bench_daemon, floor_pingpong, floor_send, pin, rss_mb, timed, trio_echo, unpin
 from portdaddy.config import Settings
 from portdaddy.ipc.client import BlockingClient
 from portdaddy.ipc.frame import Encoder, Performative
@@ -37,6 +37,8 @@ def floors(quick: bool) -> list[Figure]:
         Figure(PINGPONG, floor_pingpong(n, pinned=True)),
         Figure(PINGPONG_UNPINNED, floor_pingpong(n, pinned=False)),
         Figure(SEND, floor_send(n * 5)),
+        # Not a floor: the bare trio echo shows what a trio daemon pays per request before any work of its own.
+        Figure("reference: trio echo task 16B (pinned)", trio_echo(n), floor=PINGPONG),
     ]
 
 
