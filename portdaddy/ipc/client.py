@@ -170,6 +170,17 @@ class BlockingClient:
         if is_parting(frame):
             raise PDError.from_wire(frame.payload)
 
+    def _wait_at_most(self, seconds: float | None) -> None:
+        """Bound the next recv to ``seconds``. The socket's timeout is kept when it is at most 1 ms longer (a
+        request's first read, under the default timeout): ``settimeout`` is a syscall every time it is called."""
+        assert self.sock is not None
+        current = self.sock.gettimeout()
+        if seconds is None:
+            if current is not None:
+                self.sock.settimeout(None)
+        elif current is None or not 0 <= current - seconds <= 0.001:
+            self.sock.settimeout(seconds)
+
     def _next_frame(self, deadline: float | None) -> Frame | None:
         assert self.sock is not None, "connect() first"
         while True:
@@ -181,7 +192,7 @@ class BlockingClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self.sock.settimeout(remaining)
+            self._wait_at_most(remaining)
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
