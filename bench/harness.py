@@ -94,7 +94,7 @@ def _trio_echo_server(sock: socket.socket, size: int) -> None:
 
 def floor_pingpong(n: int, pinned: bool, server: Callable[[socket.socket, int], None] = _echo_server) -> list[float]:
     """A raw AF_UNIX blocking ping-pong of 16-byte messages between two Python processes; ``server`` echoes in
-    the child (a blocking loop; ``trio_echo`` for the same echo as a trio task)."""
+    the child (a blocking loop; ``trio_echo`` passes a trio task instead)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # child: echo until EOF
