@@ -26,6 +26,7 @@ def optional_json(value: Any) -> str | None:
     """A nullable JSON column's text: None stays NULL."""
     return None if value is None else compact_json(value)
 
+
 # Names that travel in URLs, channels and file names: no spaces, no slashes, no `..` tricks.
 NAME_CHARS = re.compile(r"^[A-Za-z0-9._:*-]+$")
 NAME_MEMO = 512  # per check: bounded memory (~100 KB) whatever names a client sends

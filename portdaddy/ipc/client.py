@@ -110,6 +110,7 @@ class BlockingClient:
 
     def _send(self, data: bytes) -> None:
         assert self.sock is not None, "connect() first"
+        self._bound(self.timeout)  # not what a timed-out read left: a cut-short send would break the stream
         try:
             self.sock.sendall(data)
         except OSError as e:
@@ -170,9 +171,9 @@ class BlockingClient:
         if is_parting(frame):
             raise PDError.from_wire(frame.payload)
 
-    def _wait_at_most(self, seconds: float | None) -> None:
-        """Bound the next recv to ``seconds``. The socket's timeout is kept when it is at most 1 ms longer (a
-        request's first read, under the default timeout): ``settimeout`` is a syscall every time it is called."""
+    def _bound(self, seconds: float | None) -> None:
+        """Bound the next socket call to ``seconds``. The socket's timeout is kept when it is at most 1 ms longer
+        (a request's first read, under the default timeout): ``settimeout`` is a syscall every time it is called."""
         assert self.sock is not None
         current = self.sock.gettimeout()
         if seconds is None:
@@ -192,7 +193,7 @@ class BlockingClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self._wait_at_most(remaining)
+            self._bound(remaining)
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:

@@ -78,20 +78,23 @@ class TrioClient:
             with trio.move_on_after(self.timeout if timeout is None else timeout):
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
         except trio.Cancelled:
-            # The caller gave up: tell the daemon too, so a blocked take does not win a tuple nobody receives.
-            # Best effort: a daemon that is gone has nothing to cancel, and Cancelled must propagate as it is.
-            if self.sock is not None:
-                with suppress(PDError):
-                    self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
+            self._withdraw(conv, action)  # Cancelled must propagate as it is
             raise
         finally:
             self._pending.pop(conv, None)
         if frame is None:
             raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
         if frame is _NO_REPLY:
-            self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
+            self._withdraw(conv, action)
             raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
         return reply_result(frame)
+
+    def _withdraw(self, conv: int, action: str) -> None:
+        """Tell the daemon nobody waits for ``conv`` any more, so a blocked take does not win a tuple nobody
+        receives. Best effort: a daemon that is gone has nothing to cancel."""
+        if self.sock is not None:
+            with suppress(PDError):
+                self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
 
     def _give_up(self, conv: int, _: Any) -> trio.lowlevel.Abort:
         """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody."""
