@@ -20,8 +20,7 @@ run: bytecode
 	$(VENV)/bin/pd daemon
 
 ## make test: lint, then the whole suite against real daemons
-test: bytecode
-	$(VENV)/bin/ruff check portdaddy tests bench
+test: lint bytecode
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## make bench: the full benchmark table (bench/results.json)

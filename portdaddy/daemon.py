@@ -47,8 +47,21 @@ log = logging.getLogger("portdaddy")
 # Activity first, so that it logs every other subsystem's events from the start; the broker before the
 # journal, whose agents publish on `agents` and `resurrection`; locks before agents, whose deaths release them;
 # the fleet last, as its runs are citizens of all the others.
-SUBSYSTEMS = (Activity, Registry, Broker, Locks, Sessions, Agents, Inbox, Harbors, TupleSpace, Pheromones, Arbiter,
-              Webhooks, Fleet)
+SUBSYSTEMS = (
+    Activity,
+    Registry,
+    Broker,
+    Locks,
+    Sessions,
+    Agents,
+    Inbox,
+    Harbors,
+    TupleSpace,
+    Pheromones,
+    Arbiter,
+    Webhooks,
+    Fleet,
+)
 
 
 async def start_subsystems(app: App, nursery: trio.Nursery, prebuilt: dict[type, Any] | None = None) -> None:

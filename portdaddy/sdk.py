@@ -91,8 +91,8 @@ class Message:
 
 class Subscription:
     """Messages on some channels, in id order: ``async for msg in sub``. When this client or the daemon had
-    to drop deliveries (a slow reader), or the connection dropped (a daemon restart), the gap is filled from
-history, so nothing still in history is lost."""
+        to drop deliveries (a slow reader), or the connection dropped (a daemon restart), the gap is filled from
+    history, so nothing still in history is lost."""
 
     def __init__(self, pd: PortDaddy, patterns: list[str]) -> None:
         self.patterns = patterns
@@ -251,8 +251,9 @@ class PortDaddy:
         # A heartbeat's frame never changes: encoded once per agent, a beat costs about one send().
         frame = self._heartbeats.get(agent_id)
         if frame is None:
-            frame = self._heartbeats[agent_id] = self._client.fire_and_forget_frame("agent.heartbeat",
-                                                                                      {"agentId": agent_id})
+            frame = self._heartbeats[agent_id] = self._client.fire_and_forget_frame(
+                "agent.heartbeat", {"agentId": agent_id}
+            )
         self._client.send_frame(frame)
 
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:

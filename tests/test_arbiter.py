@@ -136,7 +136,9 @@ async def test_heartbeat_freshness_stale_and_unsalvaged_dead(app, mock_clock) ->
         ("salvage.create", {"salvageId": 1, "agentId": "ivy", "by": "daemon"}),
     ], after=pass_window)  # fmt: skip
     assert [(v["rule"], v["severity"], v["agentId"]) for v in sorted(found, key=lambda v: v["id"])] == [
-        ("HEARTBEAT_FRESHNESS", "warning", "hal"), ("HEARTBEAT_FRESHNESS", "critical", "hal")]
+        ("HEARTBEAT_FRESHNESS", "warning", "hal"),
+        ("HEARTBEAT_FRESHNESS", "critical", "hal"),
+    ]
 
 
 async def test_normal_traffic_records_nothing(app, mock_clock, tmp_path) -> None:
@@ -195,8 +197,10 @@ async def test_strict_mode_sends_critical_violations_overboard(app) -> None:
             except trio.WouldBlock:
                 break
     assert len(found) == 2
-    assert [(e.data["rule"], e.data["manOverboard"]) for e in seen] == [("LOCK_OWNER_VALID", True),
-                                                                        ("ESCROW_POSITIVE", False)]
+    assert [(e.data["rule"], e.data["manOverboard"]) for e in seen] == [
+        ("LOCK_OWNER_VALID", True),
+        ("ESCROW_POSITIVE", False),
+    ]
     channels = [(c, p["type"], p["rule"]) for c, p, _ in app.broker.published]
     assert channels == [("resurrection", "man_overboard", "LOCK_OWNER_VALID")]
 

@@ -44,8 +44,12 @@ def runs_of(d: Daemon, project: Path, agent: str | None = None) -> list[dict[str
 
 
 def finished(d: Daemon, project: Path, agent: str, n: int) -> list[dict[str, Any]]:
-    return wait_for(lambda: (lambda rs: rs if len(rs) >= n else None)(
-        [r for r in runs_of(d, project, agent) if r["status"] not in ("queued", "running")]), what=f"{n} {agent} runs")
+    return wait_for(
+        lambda: (lambda rs: rs if len(rs) >= n else None)(
+            [r for r in runs_of(d, project, agent) if r["status"] not in ("queued", "running")]
+        ),
+        what=f"{n} {agent} runs",
+    )
 
 
 # --- validate and init (no daemon) ---------------------------------------------------------------------
@@ -170,7 +174,9 @@ def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_fact
 
 def test_crashing_agent_respawns_three_times_then_circuit_opens(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
-    project = make_project(tmp_home, """
+    project = make_project(
+        tmp_home,
+        """
         agents:
           flaky:
             trigger: work
@@ -179,7 +185,8 @@ def test_crashing_agent_respawns_three_times_then_circuit_opens(daemon_factory: 
             respawn: true
             max_respawns: 3
         channels: {work: work}
-    """)
+    """,
+    )
     pd_json(d, "fleet", "up", "-C", str(project))
     pd_json(d, "fleet", "run", "flaky", "-C", str(project))
     wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["circuit"]["open"],
@@ -204,7 +211,9 @@ def test_limits_queue_a_burst(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     marks = tmp_home / "marks"
     marks.mkdir()
-    project = make_project(tmp_home, f"""
+    project = make_project(
+        tmp_home,
+        f"""
         fleet:
           limits: {{max_concurrent_spawns: 2, max_spawns_per_hour: 6}}
           agents:
@@ -214,7 +223,8 @@ def test_limits_queue_a_burst(daemon_factory: Any, tmp_home: Path) -> None:
               command: >-
                 mkdir {marks}/run-$PD_RUN_ID && ls {marks} | grep -c run- >> {marks}/seen;
                 sleep 0.3; rmdir {marks}/run-$PD_RUN_ID
-    """)
+    """,
+    )
     pd_json(d, "fleet", "up", "-C", str(project))
     for n in range(10):  # a burst of ten commits, as the git hook announces them
         d.call("msg.publish", channel="git:committed", payload={"sha": f"{n:040x}", "projectDir": str(project)})
@@ -248,8 +258,12 @@ def _sleeper_fleet(tmp_home: Path) -> tuple[Path, Path]:
 
 
 def _recorded_pids(pids: Path, n: int) -> list[int]:
-    return wait_for(lambda: (lambda ps: ps if len(ps) == 2 * n else None)(
-        [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]), what="child pids")
+    return wait_for(
+        lambda: (lambda ps: ps if len(ps) == 2 * n else None)(
+            [int(p.read_text()) for p in pids.iterdir() if p.read_text().strip()]
+        ),
+        what="child pids",
+    )
 
 
 def test_down_stops_every_child_and_grandchild(daemon_factory: Any, tmp_home: Path) -> None:

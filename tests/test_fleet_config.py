@@ -186,9 +186,7 @@ ERROR_CASES = [
 
 
 @pytest.mark.parametrize(("body", "line", "fld", "words"), ERROR_CASES)
-def test_agent_error_names_file_line_field(
-    tmp_path: Path, body: str, line: int, fld: str, words: str
-) -> None:
+def test_agent_error_names_file_line_field(tmp_path: Path, body: str, line: int, fld: str, words: str) -> None:
     err = fail(tmp_path, AGENT_HEAD + textwrap.indent(body, "      ") + "\n")
     path = tmp_path / "pd-fleet.yml"
     assert len(err.errors) == 1, err.errors
@@ -354,8 +352,7 @@ def test_self_cycle_is_refused(tmp_path: Path) -> None:
         """,
     )
     assert err.message.startswith(
-        f"{tmp_path / 'pd-fleet.yml'}:5: agents.loop.on_failure: "
-        "fleet has a cycle: loop -> loop (via channel again)"
+        f"{tmp_path / 'pd-fleet.yml'}:5: agents.loop.on_failure: fleet has a cycle: loop -> loop (via channel again)"
     )
 
 
@@ -401,9 +398,7 @@ def test_channel_warnings(tmp_path: Path) -> None:
     path = tmp_path / "pd-fleet.yml"
     warnings = sorted(cfg.warnings, key=lambda w: int(w.split(":")[1]))
     assert len(warnings) == 4, warnings
-    assert warnings[0].startswith(
-        f"{path}:5: agents.a.on_success: channel 'a:done' is published but not declared"
-    )
+    assert warnings[0].startswith(f"{path}:5: agents.a.on_success: channel 'a:done' is published but not declared")
     assert warnings[1].startswith(f"{path}:7: agents.b.trigger: channel 'nobody:sends' is never published")
     assert warnings[2].startswith(f"{path}:14: watchers.w.trigger: channel 'also:nobody' is never published")
     assert warnings[3].startswith(f"{path}:17: channels.external.consumers: 'ghost' is not an agent")

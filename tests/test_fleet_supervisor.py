@@ -134,8 +134,10 @@ async def test_git_messages_are_scoped_to_their_project(home: Path) -> None:
 
 
 async def test_disabled_agents_never_fire(home: Path) -> None:
-    project = make_project(home, CHAINED.replace("    on_success: publish qa:passed",
-                                                 "    on_success: publish qa:passed\n    enabled: false"))
+    project = make_project(
+        home,
+        CHAINED.replace("    on_success: publish qa:passed", "    on_success: publish qa:passed\n    enabled: false"),
+    )
     async with start(home) as (_app, fleet, _published):
         await fleet.up(str(project))
         assert fleet.on_message("git:committed", {}, sender="git") == []
@@ -175,4 +177,3 @@ async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock
         assert fired == [BASE.replace(minute=5, second=0).isoformat(), BASE.replace(minute=10, second=0).isoformat()]
         assert all(r.status == "completed" and r.trigger["source"] == "schedule" for r in runs)
         assert "docs at schedule" in fleet.output_tail(runs[0])
-

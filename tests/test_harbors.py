@@ -10,8 +10,7 @@ def test_enter_show_list_leave_destroy(daemon) -> None:
     assert r.returncode == 0, r.stderr
     daemon.pd("harbor", "enter", "hb:fleet", "--agent", "qa")
     shown = json.loads(daemon.pd("harbor", "show", "hb:fleet", "--json").stdout)["harbor"]
-    assert {m["agentId"]: m["capabilities"] for m in shown["members"]} == {"spider": ["db:read", "deploy:*"],
-                                                                            "qa": []}
+    assert {m["agentId"]: m["capabilities"] for m in shown["members"]} == {"spider": ["db:read", "deploy:*"], "qa": []}
     assert "hb:fleet" in daemon.pd("harbor", "list", "hb:*", "-q").stdout.split()
     agent_view = daemon.call("harbor.list", agentId="spider")
     assert [h["name"] for h in agent_view["harbors"]] == ["hb:fleet"]
@@ -29,8 +28,11 @@ def test_create_keeps_an_existing_harbor(daemon) -> None:
 
 def test_bad_input_exits_2_and_changes_nothing(daemon) -> None:
     before = daemon.call("harbor.list")["count"]
-    for args in (("enter", "bad name", "--agent", "x"), ("create", "x" * 200), ("enter", "ok:h", "--agent", "x",
-                                                                                 "--cap", "a b")):
+    for args in (
+        ("enter", "bad name", "--agent", "x"),
+        ("create", "x" * 200),
+        ("enter", "ok:h", "--agent", "x", "--cap", "a b"),
+    ):
         r = daemon.pd("harbor", *args)
         assert r.returncode == 2 and r.stderr.startswith("error: "), (args, r.stderr)
     assert daemon.call("harbor.list")["count"] == before

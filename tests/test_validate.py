@@ -53,7 +53,8 @@ IMMUTABLE = (str, int, float, bool, type(None), tuple, frozenset)
 def test_flat_fire_and_forget_frames_bind_to_immutable_values(action: str) -> None:
     table = load_table()
     assert {name for name, op in table.items() if op.fire_and_forget} == set(FLAT_FIRE_AND_FORGET), (
-        "a fire-and-forget operation was added or removed: list a flat frame for it here")
+        "a fire-and-forget operation was added or removed: list a flat frame for it here"
+    )
     op, raw = table[action], FLAT_FIRE_AND_FORGET[action]
     assert {p.name for p in op.params} == set(raw), f"give every parameter of {action} a value here"
     for name, value in op.bind({"action": action, **raw}).items():

@@ -92,8 +92,12 @@ def test_retries_with_backoff_then_delivers(daemon_factory, receiver) -> None:
     receiver.statuses = [500, 503]
     d.call("lock.acquire", name="retry:x", owner="a")
     # The receiver counts the third request before the daemon has read its 200 and recorded the delivery.
-    _wait_for(lambda: [x["status"] for x in d.call("webhook.deliveries", id=hook["id"])["deliveries"]] in (
-        ["delivered"], ["failed"]))
+    _wait_for(
+        lambda: (
+            [x["status"] for x in d.call("webhook.deliveries", id=hook["id"])["deliveries"]]
+            in (["delivered"], ["failed"])
+        )
+    )
     [delivery] = d.call("webhook.deliveries", id=hook["id"])["deliveries"]
     assert (delivery["status"], delivery["attempts"], delivery["responseStatus"]) == ("delivered", 3, 200)
     assert len(receiver.requests) == 3

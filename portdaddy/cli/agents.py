@@ -221,8 +221,9 @@ def claim(dead_agent: str, agent: str | None, as_json: bool) -> None:
     for n in context["notes"]:
         click.echo(f"  [{n['type']}] {n['content']}")
     files = " ".join(f"'{f}'" for f in context["files"])
-    click.echo(f"Continue with: pd session start \"{context['purpose'] or 'continue'}\"" + (f" --files {files}"
-                                                                                            if files else ""))
+    click.echo(
+        f'Continue with: pd session start "{context["purpose"] or "continue"}"' + (f" --files {files}" if files else "")
+    )
 
 
 def _simple(action: str, done: str) -> click.Command:

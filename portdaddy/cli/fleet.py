@@ -206,14 +206,24 @@ def status(directory: str | None, all_: bool, as_json: bool) -> None:
         return
     for view in result["fleets"]:
         limits = view["limits"]
-        click.echo(f"Fleet {view['name']!r} ({view['projectDir']}): {view['running']} running, {view['queued']} "
-                   f"queued; limits {limits['maxConcurrentSpawns']} at once, {limits['maxSpawnsPerHour']}/hour")
+        click.echo(
+            f"Fleet {view['name']!r} ({view['projectDir']}): {view['running']} running, {view['queued']} "
+            f"queued; limits {limits['maxConcurrentSpawns']} at once, {limits['maxSpawnsPerHour']}/hour"
+        )
         rows = []
         for a in view["agents"]:
             last = a["lastRun"]
-            rows.append([a["name"], _agent_state(a), a["trigger"] or f"cron {a['schedule']}", a["backend"],
-                         a["queued"], f"{a['failures']}/{a['maxRespawns']}" if a["respawn"] else a["failures"],
-                         f"{last['status']} {age(last['endedAt'] or last['createdAt'])} ago" if last else "-"])
+            rows.append(
+                [
+                    a["name"],
+                    _agent_state(a),
+                    a["trigger"] or f"cron {a['schedule']}",
+                    a["backend"],
+                    a["queued"],
+                    f"{a['failures']}/{a['maxRespawns']}" if a["respawn"] else a["failures"],
+                    f"{last['status']} {age(last['endedAt'] or last['createdAt'])} ago" if last else "-",
+                ]
+            )
         table(rows, ["AGENT", "STATE", "FIRES ON", "BACKEND", "QUEUED", "FAILURES", "LAST RUN"])
         for a in view["agents"]:
             if a["circuit"]["open"]:
@@ -316,4 +326,3 @@ def post_commit() -> None:
 
 
 COMMANDS = [fleet]
-

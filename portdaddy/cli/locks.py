@@ -165,8 +165,9 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
         # One connection for the whole run: the lock is bound to it.
         with connect() as client:
             with spinning(f"waiting for lock {name}…"):
-                granted = client.request("lock.acquire", args,
-                                         timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S)
+                granted = client.request(
+                    "lock.acquire", args, timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S
+                )
             status = _run_holding(client, granted, ttl_ms, command)
     except PDError as e:
         fail(e)

@@ -63,8 +63,16 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
       pd spawn -- "summarise TODO comments"
       pd spawn -b custom -q -- ./scripts/nightly.sh
     """
-    args = {"backend": backend, "task": " ".join(task), "model": model, "identity": identity, "timeout": timeout,
-            "allowedTools": allowed_tools, "workdir": os.path.abspath(workdir or "."), "path": os.environ.get("PATH")}
+    args = {
+        "backend": backend,
+        "task": " ".join(task),
+        "model": model,
+        "identity": identity,
+        "timeout": timeout,
+        "allowedTools": allowed_tools,
+        "workdir": os.path.abspath(workdir or "."),
+        "path": os.environ.get("PATH"),
+    }
     result = call("spawn.start", args, as_json=as_json)
     if wait:
         ms = parse_duration_ms(timeout) if timeout else None

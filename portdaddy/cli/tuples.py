@@ -35,7 +35,7 @@ def _json_arg(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        fail(bad_input(f"{what} must be a JSON array like '[\"task\", \"*\"]', got {text[:60]!r}"))
+        fail(bad_input(f'{what} must be a JSON array like \'["task", "*"]\', got {text[:60]!r}'))
 
 
 def _blocking_call(action: str, args: dict[str, Any], *, as_json: bool, wait: bool, timeout: str | None) -> Any:

@@ -26,8 +26,19 @@ MAX_ROWS = 10_000
 PRUNE_EVERY = 500
 BATCH_S = 1.0
 # Where an event's subject is, in order of preference.
-_TARGET_KEYS = ("sessionId", "salvageId", "serviceId", "name", "harbor", "channel", "to", "tupleId", "rule", "runId",
-                "agentId")
+_TARGET_KEYS = (
+    "sessionId",
+    "salvageId",
+    "serviceId",
+    "name",
+    "harbor",
+    "channel",
+    "to",
+    "tupleId",
+    "rule",
+    "runId",
+    "agentId",
+)
 _AGENT_KEYS = ("agentId", "owner", "agent", "by", "from")
 MAX_DETAILS = 500
 MAX_METADATA = 4000
@@ -156,10 +167,22 @@ def summary_op(ctx: Ctx, *, since) -> dict[str, Any]:
 
 _FILTER = v.text(200)
 OPS = (
-    Op("activity.list", list_op,
-       (Param("limit", v.integer(1, 1000), default=100), Param("type", _FILTER), Param("agent", _FILTER),
-        Param("target", _FILTER), Param("since", v.duration())),
-       summary="activity log, newest first (type/agent/target: exact, or a prefix ending in *; since: 30m ago)"),
-    Op("activity.summary", summary_op, (Param("since", v.duration()),),
-       summary="activity counts by type (since: a duration ago like 1h; default all)"),
+    Op(
+        "activity.list",
+        list_op,
+        (
+            Param("limit", v.integer(1, 1000), default=100),
+            Param("type", _FILTER),
+            Param("agent", _FILTER),
+            Param("target", _FILTER),
+            Param("since", v.duration()),
+        ),
+        summary="activity log, newest first (type/agent/target: exact, or a prefix ending in *; since: 30m ago)",
+    ),
+    Op(
+        "activity.summary",
+        summary_op,
+        (Param("since", v.duration()),),
+        summary="activity counts by type (since: a duration ago like 1h; default all)",
+    ),
 )

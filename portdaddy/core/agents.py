@@ -388,7 +388,6 @@ class Agents:
                 self.reap(now)
 
 
-
 def _segment_glob(pattern: str, value: str | None) -> bool:
     return value is not None and glob_segment(pattern, value)
 
@@ -511,27 +510,69 @@ REGISTER_PARAMS = (
 )
 
 OPS = (
-    Op("agent.register", register_op, (_AGENT, *REGISTER_PARAMS),
-       summary="register or refresh an agent (agentId, identity, purpose, type, pid, capabilities, status)"),
-    Op("agent.heartbeat", heartbeat_op, (_AGENT, Param("pid", v.integer(1, 2**22))), fire_and_forget=True,
-       summary="record a sign of life (fire-and-forget allowed); an unknown agent is registered"),
-    Op("agent.unregister", unregister_op, (_AGENT,),
-       summary="remove an agent; its active sessions end abandoned and release their files"),
-    Op("agent.list", list_op,
-       (Param("active", v.boolean, default=False), Param("identity", v.identity_pattern),
-        Param("purpose", v.text(200))),
-       summary="agents with liveness (active / stale / dead), most recent heartbeat first"),
+    Op(
+        "agent.register",
+        register_op,
+        (_AGENT, *REGISTER_PARAMS),
+        summary="register or refresh an agent (agentId, identity, purpose, type, pid, capabilities, status)",
+    ),
+    Op(
+        "agent.heartbeat",
+        heartbeat_op,
+        (_AGENT, Param("pid", v.integer(1, 2**22))),
+        fire_and_forget=True,
+        summary="record a sign of life (fire-and-forget allowed); an unknown agent is registered",
+    ),
+    Op(
+        "agent.unregister",
+        unregister_op,
+        (_AGENT,),
+        summary="remove an agent; its active sessions end abandoned and release their files",
+    ),
+    Op(
+        "agent.list",
+        list_op,
+        (
+            Param("active", v.boolean, default=False),
+            Param("identity", v.identity_pattern),
+            Param("purpose", v.text(200)),
+        ),
+        summary="agents with liveness (active / stale / dead), most recent heartbeat first",
+    ),
     Op("agent.get", get_op, (_OTHER,), summary="one agent with its liveness and thresholds"),
-    Op("salvage.list", salvage_list_op,
-       (Param("project", v.name("project", 64, wildcard=True)), Param("stack", v.name("stack", 64, wildcard=True)),
-        Param("limit", v.integer(1, 500), default=50), Param("all", v.boolean, default=False)),
-       summary="dead agents' work awaiting salvage (all=true: every entry), with purpose, files and last notes"),
-    Op("salvage.claim", _salvage_op("claim"), (_OTHER, Param("newAgentId", AGENT_ID)),
-       summary="take over a dead agent's work: returns its sessions, purpose, notes and files; records lineage"),
-    Op("salvage.complete", _salvage_op("complete"), (_OTHER, Param("newAgentId", AGENT_ID)),
-       summary="mark salvaged work finished"),
-    Op("salvage.abandon", _salvage_op("abandon"), (_OTHER, Param("newAgentId", AGENT_ID)),
-       summary="give a claimed salvage entry back to the queue"),
-    Op("salvage.dismiss", _salvage_op("dismiss"), (_OTHER, Param("newAgentId", AGENT_ID)),
-       summary="drop a salvage entry without taking the work over"),
+    Op(
+        "salvage.list",
+        salvage_list_op,
+        (
+            Param("project", v.name("project", 64, wildcard=True)),
+            Param("stack", v.name("stack", 64, wildcard=True)),
+            Param("limit", v.integer(1, 500), default=50),
+            Param("all", v.boolean, default=False),
+        ),
+        summary="dead agents' work awaiting salvage (all=true: every entry), with purpose, files and last notes",
+    ),
+    Op(
+        "salvage.claim",
+        _salvage_op("claim"),
+        (_OTHER, Param("newAgentId", AGENT_ID)),
+        summary="take over a dead agent's work: returns its sessions, purpose, notes and files; records lineage",
+    ),
+    Op(
+        "salvage.complete",
+        _salvage_op("complete"),
+        (_OTHER, Param("newAgentId", AGENT_ID)),
+        summary="mark salvaged work finished",
+    ),
+    Op(
+        "salvage.abandon",
+        _salvage_op("abandon"),
+        (_OTHER, Param("newAgentId", AGENT_ID)),
+        summary="give a claimed salvage entry back to the queue",
+    ),
+    Op(
+        "salvage.dismiss",
+        _salvage_op("dismiss"),
+        (_OTHER, Param("newAgentId", AGENT_ID)),
+        summary="drop a salvage entry without taking the work over",
+    ),
 )

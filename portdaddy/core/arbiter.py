@@ -372,10 +372,18 @@ OPS = (
     Op(
         "arbiter.violations",
         _violations,
-        (Param("since", _since), Param("rule", _rule), Param("limit", v.integer(1, 1000), default=50),
-         Param("offset", v.integer(0, None), default=0)),
+        (
+            Param("since", _since),
+            Param("rule", _rule),
+            Param("limit", v.integer(1, 1000), default=50),
+            Param("offset", v.integer(0, None), default=0),
+        ),
         summary="recorded violations, newest first (since: epoch ms or a duration ago like 1h)",
     ),
-    Op("arbiter.test", _test, (Param("name", _rule, required=True, aliases=("rule",)),),
-       summary="record a synthetic violation of a rule (never man overboard) to check alerts and webhooks"),
+    Op(
+        "arbiter.test",
+        _test,
+        (Param("name", _rule, required=True, aliases=("rule",)),),
+        summary="record a synthetic violation of a rule (never man overboard) to check alerts and webhooks",
+    ),
 )

@@ -462,7 +462,7 @@ def _history(ctx: Ctx, *, channel, after, limit) -> dict[str, Any]:
     found = broker.since(channel, after, limit) if after is not None else broker.latest(channel, limit)
     page = _fit_frame(found) if ctx.transport == "ipc" else found
     if after is None and len(page) < len(found):
-        page = found[len(found) - len(page):]  # the newest ones, as asked
+        page = found[len(found) - len(page) :]  # the newest ones, as asked
     wire = [m.to_wire() for m in page]
     last_id = wire[-1]["id"] if wire else (after or 0)
     # more: a cursor read stopped at the limit or the frame size; read again after lastId.
@@ -505,21 +505,27 @@ OPS = (
     Op(
         "msg.publish",
         _publish,
-        (Param("channel", channel_name, required=True), Param("payload", payload_check),
-         Param("sender", v.text(200))),
+        (Param("channel", channel_name, required=True), Param("payload", payload_check), Param("sender", v.text(200))),
         fire_and_forget=True,
         summary="publish a message (any JSON value; a string is text) to a channel; the reply carries its id",
     ),
     Op(
         "msg.subscribe",
         _subscribe,
-        (Param("channels", _patterns, required=True, aliases=("channel",)), Param("after", v.integer(0)),
-         Param("new", v.boolean, default=False)),
+        (
+            Param("channels", _patterns, required=True, aliases=("channel",)),
+            Param("after", v.integer(0)),
+            Param("new", v.boolean, default=False),
+        ),
         summary="IPC only: push `msg.delivery` INFORM frames for channels (wildcards); retained messages first "
         "unless new, or history after id `after`; `msg.missed` tells a subscriber that fell behind",
     ),
-    Op("msg.unsubscribe", _unsubscribe, (Param("subscription", v.integer(1)),),
-       summary="end one subscription of this connection (all when none is given)"),
+    Op(
+        "msg.unsubscribe",
+        _unsubscribe,
+        (Param("subscription", v.integer(1)),),
+        summary="end one subscription of this connection (all when none is given)",
+    ),
     Op(
         "msg.history",
         _history,
@@ -527,20 +533,26 @@ OPS = (
         summary="a channel's (or pattern's) messages: the newest `limit`, or those after id `after`, oldest first",
     ),
     Op("msg.channels", _channels, summary="every channel with its message count and retained message"),
-    Op("msg.clear", _clear, (Param("channel", channel_pattern, required=True),),
-       summary="delete the history of a channel (or pattern)"),
+    Op(
+        "msg.clear",
+        _clear,
+        (Param("channel", channel_pattern, required=True),),
+        summary="delete the history of a channel (or pattern)",
+    ),
     Op(
         "msg.poll",
         _poll,
-        (_CHANNELS, Param("after", v.integer(0), default=0),
-         Param("timeout", v.duration(60_000), default=30_000)),
+        (_CHANNELS, Param("after", v.integer(0), default=0), Param("timeout", v.duration(60_000), default=30_000)),
         summary="long-poll: the first message after id `after`, waiting (woken by publish) up to `timeout`",
     ),
     Op(
         "msg.wait",
         _wait,
-        (Param("channels", _patterns, required=True, aliases=("channel",)), Param("after", v.integer(0), default=0),
-         Param("timeout", v.duration(24 * 3600_000))),
+        (
+            Param("channels", _patterns, required=True, aliases=("channel",)),
+            Param("after", v.integer(0), default=0),
+            Param("timeout", v.duration(24 * 3600_000)),
+        ),
         summary="wait until every named channel (or pattern) has a message after id `after` (retained ones count)",
     ),
 )

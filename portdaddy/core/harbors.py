@@ -278,4 +278,3 @@ OPS = (
 
 def covers(capabilities: list[str], wanted: str) -> bool:
     return any(fnmatch.fnmatchcase(wanted, cap) for cap in capabilities)
-

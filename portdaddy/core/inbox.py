@@ -115,19 +115,31 @@ OPS = (
     Op(
         "inbox.send",
         _send,
-        (_AGENT, Param("content", payload_check, required=True, aliases=("message",)),
-         Param("sender", v.text(200), aliases=("from",)), Param("type", v.text(50), default="message")),
+        (
+            _AGENT,
+            Param("content", payload_check, required=True, aliases=("message",)),
+            Param("sender", v.text(200), aliases=("from",)),
+            Param("type", v.text(50), default="message"),
+        ),
         summary="send a direct message to an agent (kept even if it is dead or unknown; says whether it is alive)",
     ),
     Op(
         "inbox.list",
         _list,
-        (_AGENT, Param("unread", v.boolean, default=False), Param("since", v.integer(0)),
-         Param("limit", v.integer(1, 1000), default=50)),
+        (
+            _AGENT,
+            Param("unread", v.boolean, default=False),
+            Param("since", v.integer(0)),
+            Param("limit", v.integer(1, 1000), default=50),
+        ),
         summary="an agent's inbox, newest first (unread only, or since a time in ms)",
     ),
     Op("inbox.stats", _stats, (_AGENT,), summary="how many messages an agent's inbox holds, and how many unread"),
-    Op("inbox.read", _read, (_AGENT, Param("messageId", v.integer(1))),
-       summary="mark one message (or all) of an agent's inbox read"),
+    Op(
+        "inbox.read",
+        _read,
+        (_AGENT, Param("messageId", v.integer(1))),
+        summary="mark one message (or all) of an agent's inbox read",
+    ),
     Op("inbox.clear", _clear, (_AGENT,), summary="delete every message of an agent's inbox"),
 )

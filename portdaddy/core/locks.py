@@ -392,9 +392,15 @@ OPS = (
     Op(
         "lock.acquire",
         _acquire,
-        (_NAME, _OWNER, Param("ttl", _ttl_check, default=DEFAULT_TTL_MS), Param("wait", v.boolean, default=False),
-         Param("timeout", v.duration(MAX_WAIT_MS)), Param("metadata", v.json_object(10_000)),
-         Param("connBound", v.boolean, default=False)),
+        (
+            _NAME,
+            _OWNER,
+            Param("ttl", _ttl_check, default=DEFAULT_TTL_MS),
+            Param("wait", v.boolean, default=False),
+            Param("timeout", v.duration(MAX_WAIT_MS)),
+            Param("metadata", v.json_object(10_000)),
+            Param("connBound", v.boolean, default=False),
+        ),
         summary="take a lock (fencing `token` in the reply); wait=true queues FIFO until it is free (timeout)",
     ),
     Op(

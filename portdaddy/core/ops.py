@@ -137,6 +137,20 @@ def load_table() -> dict[str, Op]:
     )
     from portdaddy.fleet import ops as fleet
 
-    return build_table(system.OPS, registry.OPS, agents.OPS, sessions.OPS, sugar.OPS, activity.OPS, locks.OPS,
-                       broker.OPS, inbox.OPS, webhooks.OPS, harbors.OPS, tuples.OPS, pheromones.OPS, arbiter.OPS,
-                       fleet.OPS)
+    return build_table(
+        system.OPS,
+        registry.OPS,
+        agents.OPS,
+        sessions.OPS,
+        sugar.OPS,
+        activity.OPS,
+        locks.OPS,
+        broker.OPS,
+        inbox.OPS,
+        webhooks.OPS,
+        harbors.OPS,
+        tuples.OPS,
+        pheromones.OPS,
+        arbiter.OPS,
+        fleet.OPS,
+    )

@@ -148,8 +148,12 @@ class Pheromones:
 
     def record_claim(self, session_id: str, agent_id: str | None, paths: list[str], conflicted: bool) -> None:
         now = self._now_ms()
-        held = {p for (p,) in self.store.all(
-            "SELECT path FROM pheromone_claims WHERE session_id=? AND released_at IS NULL", (session_id,))}
+        held = {
+            p
+            for (p,) in self.store.all(
+                "SELECT path FROM pheromone_claims WHERE session_id=? AND released_at IS NULL", (session_id,)
+            )
+        }
         rows = [(session_id, agent_id, p, now, int(conflicted)) for p in dict.fromkeys(paths) if p not in held]
         if rows:
             with self.store.write() as db:
@@ -177,8 +181,19 @@ class Pheromones:
         )
         files: dict[str, dict[str, Any]] = {}
         for path, session, agent, claimed, released, conflicted in rows:
-            f = files.setdefault(path, {"path": path, "heat": 0.0, "activeClaims": 0, "totalClaims": 0,
-                                        "lastActivity": 0, "agents": [], "sessions": set(), "flagged": False})
+            f = files.setdefault(
+                path,
+                {
+                    "path": path,
+                    "heat": 0.0,
+                    "activeClaims": 0,
+                    "totalClaims": 0,
+                    "lastActivity": 0,
+                    "agents": [],
+                    "sessions": set(),
+                    "flagged": False,
+                },
+            )
             f["totalClaims"] += 1
             f["lastActivity"] = max(f["lastActivity"], released or claimed, claimed)
             f["heat"] = min(1.0, f["heat"] + HEAT_PER_CLAIM * math.exp(-max(0, now - claimed) / HEAT_TAU_MS))
@@ -275,8 +290,13 @@ OPS = (
     Op(
         "pheromone.spray",
         _spray,
-        (_TABLE, _ID, Param("key", v.name("pheromone key"), required=True),
-         Param("strength", _strength, required=True), _HARBOR),
+        (
+            _TABLE,
+            _ID,
+            Param("key", v.name("pheromone key"), required=True),
+            Param("strength", _strength, required=True),
+            _HARBOR,
+        ),
         fire_and_forget=True,
         summary="set a 0-1 signal on an entity (fire-and-forget allowed; it decays when read)",
     ),
@@ -290,8 +310,11 @@ OPS = (
     Op(
         "pheromone.files",
         _files,
-        (Param("path", v.text(4096, allow_empty=True), default=""), Param("depth", v.integer(1, 50), default=5),
-         Param("limit", v.integer(1, 500), default=50)),
+        (
+            Param("path", v.text(4096, allow_empty=True), default=""),
+            Param("depth", v.integer(1, 50), default=5),
+            Param("limit", v.integer(1, 500), default=50),
+        ),
         summary="file heat map from claim history and active claims, with conflicts",
     ),
 )

@@ -167,8 +167,12 @@ class Registry:
             svc.last_seen = now
             if not pid and peer_pid:
                 svc.pid = peer_pid
-            if (pid and pid != svc.pid) or (cmd and cmd != svc.cmd) or (cwd and cwd != svc.cwd) or expires_at or (
-                metadata is not None and metadata != svc.metadata
+            if (
+                (pid and pid != svc.pid)
+                or (cmd and cmd != svc.cmd)
+                or (cwd and cwd != svc.cwd)
+                or expires_at
+                or (metadata is not None and metadata != svc.metadata)
             ):
                 svc.pid = pid or svc.pid
                 svc.cmd = cmd or svc.cmd
@@ -210,8 +214,19 @@ class Registry:
             db.execute(
                 "INSERT INTO services (id, port, pid, cmd, cwd, status, agent_id, created_at, last_seen, "
                 "expires_at, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (identity, chosen, pid, cmd, cwd, "assigned", agent_id, now, now, expires_at,
-                 v.optional_json(metadata)),
+                (
+                    identity,
+                    chosen,
+                    pid,
+                    cmd,
+                    cwd,
+                    "assigned",
+                    agent_id,
+                    now,
+                    now,
+                    expires_at,
+                    v.optional_json(metadata),
+                ),
             )
             db.execute(
                 "INSERT INTO endpoints (service_id, env, url, created_at, updated_at) VALUES (?,?,?,?,?)",

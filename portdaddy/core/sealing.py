@@ -31,8 +31,10 @@ def load_or_create_master_key(path: Path) -> bytes:
     except FileExistsError:
         key = path.read_bytes()
         if len(key) != KEY_SIZE:
-            raise RuntimeError(f"{path} holds {len(key)} bytes, not a {KEY_SIZE}-byte key; restore it from backup "
-                               "(notes sealed with another key cannot be read)") from None
+            raise RuntimeError(
+                f"{path} holds {len(key)} bytes, not a {KEY_SIZE}-byte key; restore it from backup "
+                "(notes sealed with another key cannot be read)"
+            ) from None
         return key
     key = os.urandom(KEY_SIZE)  # the kernel CSPRNG, as nacl.utils.random uses
     with os.fdopen(fd, "wb") as f:

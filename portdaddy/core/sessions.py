@@ -172,8 +172,9 @@ class Sessions:
         )  # fmt: skip
         if row is None:
             who = " ".join(filter(None, [agent_id and f"agent {agent_id}", worktree and f"in {worktree}"]))
-            raise NotFound("NO_ACTIVE_SESSION",
-                           f"no active session for {who}; start one with pd session start or pd begin")
+            raise NotFound(
+                "NO_ACTIVE_SESSION", f"no active session for {who}; start one with pd session start or pd begin"
+            )
         return row[0]
 
     def latest_purpose(self, agent_id: str) -> str | None:
@@ -216,8 +217,13 @@ class Sessions:
               project: str | None = None, type: str | None = None, since: int | None = None,
               limit: int = 50, oldest_first: bool = False) -> list[dict[str, Any]]:  # fmt: skip
         where, args = ["1"], []
-        for clause, value in (("n.session_id = ?", session_id), ("coalesce(n.agent_id, s.agent_id) = ?", agent),
-                              ("s.identity_project = ?", project), ("n.type = ?", type), ("n.created_at >= ?", since)):
+        for clause, value in (
+            ("n.session_id = ?", session_id),
+            ("coalesce(n.agent_id, s.agent_id) = ?", agent),
+            ("s.identity_project = ?", project),
+            ("n.type = ?", type),
+            ("n.created_at >= ?", since),
+        ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
@@ -448,36 +454,96 @@ def check_op(ctx: Ctx, *, files, sessionId, agentId) -> dict[str, Any]:
 
 
 OPS = (
-    Op("session.start", start_op,
-       (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, _WORKTREE, Param("metadata", v.json_object(16_000))),
-       summary="start a session with optional file claims (a conflicting claim is refused unless force)"),
-    Op("session.end", end_op,
-       (_SESSION, Param("note", v.text(MAX_NOTE_CHARS)), Param("status", v.one_of(*END_STATUSES), default="completed"),
-        Param("agentId", AGENT_ID), _WORKTREE),
-       summary="end a session (completed or abandoned) with an optional handoff note; releases its files"),
-    Op("session.get", get_op, (Param("sessionId", v.name("session id", 100), required=True, aliases=("id",)),),
-       summary="one session with its notes (oldest first) and file claims"),
-    Op("session.list", list_op,
-       (Param("status", v.one_of("active", *END_STATUSES)), Param("agent", AGENT_ID), _WORKTREE,
-        Param("project", v.name("project", 64)), Param("all", v.boolean, default=False), _LIMIT),
-       summary="sessions, most recently updated first (active only unless status or all)"),
-    Op("note.add", note_add_op,
-       (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), _WORKTREE),
-       summary="append a note to a session (default: the caller's current one); sealed at rest, hash-chained"),
-    Op("note.list", note_list_op,
-       (Param("sessionId", v.name("session id", 100), aliases=("id", "session")), Param("agent", AGENT_ID),
-        Param("project", v.name("project", 64)), Param("type", _note_type), Param("since", v.duration()), _LIMIT),
-       summary="notes across sessions and agents, newest first (since: a duration ago like 30m)"),
-    Op("note.verify", verify_op, (Param("sessionId", v.name("session id", 100), aliases=("id", "session")),),
-       summary="check the hash chain of one session's notes, or of every session"),
-    Op("file.claim", claim_op, (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), _WORKTREE),
-       summary="claim paths or globs for a session (a conflicting claim is refused unless force)"),
-    Op("file.release", release_op, (_SESSION, FILES, Param("agentId", AGENT_ID), _WORKTREE),
-       summary="release some (or all) of a session's claims"),
-    Op("file.list", files_op, (Param("path", _claim_path), Param("agent", AGENT_ID)),
-       summary="claims held by active sessions (path: only those overlapping it)"),
-    Op("file.owners", who_owns_op, (Param("path", _claim_path, required=True),),
-       summary="which active sessions claim a path (glob overlap)"),
-    Op("file.check", check_op, (FILES, _SESSION, Param("agentId", AGENT_ID)),
-       summary="which of these paths other active sessions claim (the git guard's question)"),
+    Op(
+        "session.start",
+        start_op,
+        (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, _WORKTREE, Param("metadata", v.json_object(16_000))),
+        summary="start a session with optional file claims (a conflicting claim is refused unless force)",
+    ),
+    Op(
+        "session.end",
+        end_op,
+        (
+            _SESSION,
+            Param("note", v.text(MAX_NOTE_CHARS)),
+            Param("status", v.one_of(*END_STATUSES), default="completed"),
+            Param("agentId", AGENT_ID),
+            _WORKTREE,
+        ),
+        summary="end a session (completed or abandoned) with an optional handoff note; releases its files",
+    ),
+    Op(
+        "session.get",
+        get_op,
+        (Param("sessionId", v.name("session id", 100), required=True, aliases=("id",)),),
+        summary="one session with its notes (oldest first) and file claims",
+    ),
+    Op(
+        "session.list",
+        list_op,
+        (
+            Param("status", v.one_of("active", *END_STATUSES)),
+            Param("agent", AGENT_ID),
+            _WORKTREE,
+            Param("project", v.name("project", 64)),
+            Param("all", v.boolean, default=False),
+            _LIMIT,
+        ),
+        summary="sessions, most recently updated first (active only unless status or all)",
+    ),
+    Op(
+        "note.add",
+        note_add_op,
+        (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), _WORKTREE),
+        summary="append a note to a session (default: the caller's current one); sealed at rest, hash-chained",
+    ),
+    Op(
+        "note.list",
+        note_list_op,
+        (
+            Param("sessionId", v.name("session id", 100), aliases=("id", "session")),
+            Param("agent", AGENT_ID),
+            Param("project", v.name("project", 64)),
+            Param("type", _note_type),
+            Param("since", v.duration()),
+            _LIMIT,
+        ),
+        summary="notes across sessions and agents, newest first (since: a duration ago like 30m)",
+    ),
+    Op(
+        "note.verify",
+        verify_op,
+        (Param("sessionId", v.name("session id", 100), aliases=("id", "session")),),
+        summary="check the hash chain of one session's notes, or of every session",
+    ),
+    Op(
+        "file.claim",
+        claim_op,
+        (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), _WORKTREE),
+        summary="claim paths or globs for a session (a conflicting claim is refused unless force)",
+    ),
+    Op(
+        "file.release",
+        release_op,
+        (_SESSION, FILES, Param("agentId", AGENT_ID), _WORKTREE),
+        summary="release some (or all) of a session's claims",
+    ),
+    Op(
+        "file.list",
+        files_op,
+        (Param("path", _claim_path), Param("agent", AGENT_ID)),
+        summary="claims held by active sessions (path: only those overlapping it)",
+    ),
+    Op(
+        "file.owners",
+        who_owns_op,
+        (Param("path", _claim_path, required=True),),
+        summary="which active sessions claim a path (glob overlap)",
+    ),
+    Op(
+        "file.check",
+        check_op,
+        (FILES, _SESSION, Param("agentId", AGENT_ID)),
+        summary="which of these paths other active sessions claim (the git guard's question)",
+    ),
 )

@@ -101,18 +101,38 @@ _WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
 _SESSION = Param("sessionId", v.name("session id", 100), aliases=("session",))
 
 OPS = (
-    Op("agent.begin", begin_op,
-       (Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True), _AGENT,
-        FILES, FORCE, *REGISTER_PARAMS),
-       summary="register an agent and start its session in one step (a file conflict refuses both)"),
-    Op("agent.done", done_op,
-       (_AGENT, _SESSION, Param("note", v.text(MAX_NOTE_CHARS)),
-        Param("status", v.one_of(*END_STATUSES), default="completed"), _WORKTREE),
-       summary="end the caller's session with a handoff note and unregister the agent"),
-    Op("agent.whoami", whoami_op, (_AGENT, _SESSION, _WORKTREE),
-       summary="the caller's agent, session, claimed files, note count and duration"),
-    Op("journal.sitrep", sitrep_op,
-       (Param("since", v.duration()), Param("project", v.name("project", 64)),
-        Param("limit", v.integer(1, 100), default=20)),
-       summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity"),
+    Op(
+        "agent.begin",
+        begin_op,
+        (Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True), _AGENT, FILES, FORCE, *REGISTER_PARAMS),
+        summary="register an agent and start its session in one step (a file conflict refuses both)",
+    ),
+    Op(
+        "agent.done",
+        done_op,
+        (
+            _AGENT,
+            _SESSION,
+            Param("note", v.text(MAX_NOTE_CHARS)),
+            Param("status", v.one_of(*END_STATUSES), default="completed"),
+            _WORKTREE,
+        ),
+        summary="end the caller's session with a handoff note and unregister the agent",
+    ),
+    Op(
+        "agent.whoami",
+        whoami_op,
+        (_AGENT, _SESSION, _WORKTREE),
+        summary="the caller's agent, session, claimed files, note count and duration",
+    ),
+    Op(
+        "journal.sitrep",
+        sitrep_op,
+        (
+            Param("since", v.duration()),
+            Param("project", v.name("project", 64)),
+            Param("limit", v.integer(1, 100), default=20),
+        ),
+        summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity",
+    ),
 )

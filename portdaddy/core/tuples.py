@@ -275,6 +275,7 @@ def _rd(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
     space: TupleSpace = ctx.app.tuples
     found = space.rd(pattern, harbor=harbor, limit=limit)
     if not found and wait:
+
         async def wait_for_one() -> dict[str, Any]:
             return _rd_reply([await space.wait(pattern, harbor=harbor, take=False, timeout_s=_seconds(timeout))])
 
@@ -290,6 +291,7 @@ def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
     space: TupleSpace = ctx.app.tuples
     taken = space.take(pattern, harbor=harbor, limit=limit, agent_id=ctx.agent_id)
     if not taken and wait:
+
         async def wait_to_take() -> dict[str, Any]:
             t = await space.wait(pattern, harbor=harbor, take=True, timeout_s=_seconds(timeout))
             if ctx.conn is not None and ctx.conn.closed:
@@ -341,22 +343,36 @@ OPS = (
     Op(
         "tuple.rd",
         _rd,
-        (Param("pattern", _PATTERN, default=["*"]), _HARBOR, Param("limit", v.integer(1, 1000), default=100),
-         _WAIT, _TIMEOUT),
+        (
+            Param("pattern", _PATTERN, default=["*"]),
+            _HARBOR,
+            Param("limit", v.integer(1, 1000), default=100),
+            _WAIT,
+            _TIMEOUT,
+        ),
         summary="read tuples matching a pattern, newest first; wait=true blocks until one is written",
     ),
     Op(
         "tuple.in",
         _in,
-        (Param("pattern", _PATTERN, required=True), _HARBOR, Param("limit", v.integer(1, 1000), default=1),
-         _WAIT, _TIMEOUT),
+        (
+            Param("pattern", _PATTERN, required=True),
+            _HARBOR,
+            Param("limit", v.integer(1, 1000), default=1),
+            _WAIT,
+            _TIMEOUT,
+        ),
         summary="take (read and remove) matching tuples, oldest first; exactly one caller gets each tuple",
     ),
     Op(
         "tuple.poll",
         _poll,
-        (Param("pattern", _PATTERN, default=["*"]), _HARBOR, Param("after", v.integer(0), default=0),
-         Param("limit", v.integer(1, 1000), default=1)),
+        (
+            Param("pattern", _PATTERN, default=["*"]),
+            _HARBOR,
+            Param("after", v.integer(0), default=0),
+            Param("limit", v.integer(1, 1000), default=1),
+        ),
         summary="matching tuples written after id `after`, oldest first, and the cursor (`lastId`) to poll from next",
     ),
     Op(

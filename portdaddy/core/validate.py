@@ -45,9 +45,7 @@ def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True
         if not value and not allow_empty:
             raise bad_input(f"{name} must not be empty")
         if len(value) > max_len:
-            raise bad_input(
-                f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE"
-            )
+            raise bad_input(f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE")
         if "\x00" in value:
             raise bad_input(f"{name} contains a NUL byte")
         return value
@@ -168,9 +166,7 @@ def json_value(max_bytes: int) -> Check:
         except (TypeError, ValueError, RecursionError):
             raise bad_input(f"{name} must be JSON-serialisable") from None
         if len(encoded) > max_bytes:
-            raise bad_input(
-                f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE"
-            )
+            raise bad_input(f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE")
         return value
 
     return check

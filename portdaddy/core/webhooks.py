@@ -238,7 +238,9 @@ class Webhooks:
                 busy = list(self._in_flight) or [""]
                 due = self.store.all(
                     "SELECT id FROM webhook_deliveries WHERE status IN ('pending','retrying') AND next_attempt_at<=? "
-                    f"AND id NOT IN ({','.join('?' * len(busy))}) ORDER BY next_attempt_at LIMIT 50", (now, *busy))
+                    f"AND id NOT IN ({','.join('?' * len(busy))}) ORDER BY next_attempt_at LIMIT 50",
+                    (now, *busy),
+                )
                 for (delivery_id,) in due:
                     self._in_flight.add(delivery_id)
                     nursery.start_soon(self._send, delivery_id, limiter)

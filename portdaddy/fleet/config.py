@@ -348,9 +348,7 @@ def _env(ctx: _Ctx, node: Node, fld: str) -> dict[str, str]:
     return out
 
 
-def _agent(
-    ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variables: dict[str, str]
-) -> AgentSpec | None:
+def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variables: dict[str, str]) -> AgentSpec | None:
     n_errors = ctx.n_errors
     if not _AGENT_NAME.match(name):
         ctx.error(
@@ -410,13 +408,9 @@ def _agent(
 
     trig, sched = get("trigger"), get("schedule")
     if trig is not None and sched is not None:
-        ctx.error(
-            sched[0], f"{fld}.schedule", "an agent has either trigger or schedule, not both; remove one"
-        )
+        ctx.error(sched[0], f"{fld}.schedule", "an agent has either trigger or schedule, not both; remove one")
     elif trig is None and sched is None:
-        ctx.error(
-            name_node, fld, "needs trigger: <channel> or schedule: '<cron>'; e.g. trigger: git:committed"
-        )
+        ctx.error(name_node, fld, "needs trigger: <channel> or schedule: '<cron>'; e.g. trigger: git:committed")
     if sched is not None:
         text = _text(ctx, sched[1], f"{fld}.schedule")
         if text is not None:
@@ -434,9 +428,7 @@ def _agent(
         kw["timeout_s"] = _duration_s(ctx, items[timeouts[0]][1], f"{fld}.{timeouts[0]}")
     tools = [k for k in ("allowedTools", "allowed_tools") if k in items]
     if len(tools) == 2:
-        ctx.error(
-            items["allowed_tools"][0], f"{fld}.allowed_tools", "given together with allowedTools; keep one"
-        )
+        ctx.error(items["allowed_tools"][0], f"{fld}.allowed_tools", "given together with allowedTools; keep one")
     elif tools:
         kw["allowed_tools"] = _allowed_tools(ctx, items[tools[0]][1], f"{fld}.{tools[0]}")
 
@@ -531,9 +523,7 @@ def _named_entries(ctx: _Ctx, node: Node, fld: str) -> list[tuple[str, Node, Nod
                 continue
             name = _text(ctx, items["name"][1], f"{fld}[{i}].name")
             if name is not None:
-                item.value = [
-                    (k, v) for k, v in item.value if not (isinstance(k, ScalarNode) and k.value == "name")
-                ]
+                item.value = [(k, v) for k, v in item.value if not (isinstance(k, ScalarNode) and k.value == "name")]
                 out.append((name, items["name"][1], item))
         return out
     items = _mapping(ctx, node, fld)
@@ -652,9 +642,7 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
             channels[name] = cspec
             for consumer in cspec.consumers:
                 if consumer not in locs["agents"] and consumer not in locs["watchers"]:
-                    ctx.warn(
-                        node, f"{fld}.consumers", f"{consumer!r} is not an agent or watcher in this fleet"
-                    )
+                    ctx.warn(node, f"{fld}.consumers", f"{consumer!r} is not an agent or watcher in this fleet")
 
     def where(kind: str, name: str, key: str) -> tuple[Node | int, str]:
         """The line and dotted field of ``kind.name.key`` (the entry's name when the key is absent)."""
@@ -772,9 +760,7 @@ def load_fleet(path: Path, variables: dict[str, str] | None = None) -> FleetConf
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise FleetConfigError(
-            [f"{path}:{line}: file: not UTF-8 text; save the file as UTF-8"], path
-        ) from None
+        raise FleetConfigError([f"{path}:{line}: file: not UTF-8 text; save the file as UTF-8"], path) from None
     return parse_fleet(text, path, resolved)
 
 

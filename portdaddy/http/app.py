@@ -161,8 +161,13 @@ async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
 
 async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any) -> None:
     data = compact_json(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})  # fmt: skip
 
 
@@ -173,8 +178,13 @@ def _create_quart(core: Any) -> QuartTrio:
 
     @app.before_request
     async def guard() -> Response | None:
-        refused = refusal(core, over_tcp=request.scope.get("client") is not None, path=request.path,
-                          host=request.headers.get("Host", ""), authorization=request.headers.get("Authorization", ""))
+        refused = refusal(
+            core,
+            over_tcp=request.scope.get("client") is not None,
+            path=request.path,
+            host=request.headers.get("Host", ""),
+            authorization=request.headers.get("Authorization", ""),
+        )
         return None if refused is None else json_response(refused[1], refused[0])  # fmt: skip
 
     @app.errorhandler(HTTPException)
