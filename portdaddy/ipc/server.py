@@ -173,9 +173,12 @@ class Connection:
             if len(self.out) > OUT_HIGH_WATER:
                 self._flush()
                 if len(self.out) > OUT_LOW_WATER:
+                    # No second flush: one that drained the outbox would leave a paused connection watching
+                    # nothing. Paused, it has output queued, so EPOLLOUT (on_writable) resumes it.
                     self._paused = True
                     break
-        self._flush()
+        else:
+            self._flush()
         if self.out or self.watching != _IN or self._paused:
             self._watch()
         if self.decoder.buffered or self.server.partial:
