@@ -361,6 +361,24 @@ def test_malformed_reason_and_recovery(ftype: int, body: bytes, reason: str) -> 
     assert got == [Malformed(reason, 77), FRAME_AFTER]
 
 
+# What only the nesting walk catches: a client's decoder (``from_daemon``) lets these through.
+NESTING_ONLY = {"bin-key", "nested-bin-key", "depth-33", "depth-1001"}
+
+
+@pytest.mark.parametrize(("ftype", "body", "reason"), MALFORMED_CASES)
+def test_a_clients_decoder_skips_only_the_nesting_walk(
+    ftype: int, body: bytes, reason: str, request: pytest.FixtureRequest
+) -> None:
+    dec = Decoder(from_daemon=True)
+    dec.feed(raw_frame(ftype, 77, body) + VALID_AFTER)
+    first, after = dec.events()
+    assert after == FRAME_AFTER
+    if request.node.callspec.id in NESTING_ONLY:
+        assert first.__class__ is Frame and first.payload["action"] == "x"
+    else:
+        assert first == Malformed(reason, 77)  # msgpack's own checks and ours outside the walk still apply
+
+
 def test_depth_limit_is_exactly_32_levels() -> None:
     (ev,) = decode_all(raw_frame(0x10, 1, nested_list_payload(31)))
     assert isinstance(ev, Frame)

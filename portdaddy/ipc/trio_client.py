@@ -153,7 +153,7 @@ class TrioClient:
     async def _serve_connection(self) -> None:
         sock = self.sock
         assert sock is not None
-        decoder = Decoder()
+        decoder = Decoder(from_daemon=True)
         # One reused read buffer (see RECV_SIZE).
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
@@ -222,7 +222,7 @@ class TrioClient:
                 sent = 0
             except OSError as e:
                 if self._parting is None:  # the reader has not seen it yet: it may still be in the socket
-                    self._parting = parting_refusal(sock, Decoder())
+                    self._parting = parting_refusal(sock, Decoder(from_daemon=True))
                 raise self._gone(f"lost the daemon: {e}") from None
             if sent == len(data):
                 return
