@@ -474,6 +474,15 @@ def salvage_list_op(ctx: Ctx, *, project, stack, limit, all) -> dict[str, Any]:
     return {"success": True, "agents": entries, "count": len(entries), "filtered": bool(project or stack)}
 
 
+# The moves of a salvage entry: each is one op taking the same arguments.
+SALVAGE_MOVES = {
+    "claim": "take over a dead agent's work: returns its sessions, purpose, notes and files; records lineage",
+    "complete": "mark salvaged work finished",
+    "abandon": "give a claimed salvage entry back to the queue",
+    "dismiss": "drop a salvage entry without taking the work over",
+}
+
+
 def _salvage_op(action: str) -> Any:
     def op(ctx: Ctx, *, id, newAgentId) -> dict[str, Any]:
         agents: Agents = ctx.app.agents
@@ -551,28 +560,8 @@ OPS = (
         ),
         summary="dead agents' work awaiting salvage (all=true: every entry), with purpose, files and last notes",
     ),
-    Op(
-        "salvage.claim",
-        _salvage_op("claim"),
-        (_OTHER, Param("newAgentId", AGENT_ID)),
-        summary="take over a dead agent's work: returns its sessions, purpose, notes and files; records lineage",
-    ),
-    Op(
-        "salvage.complete",
-        _salvage_op("complete"),
-        (_OTHER, Param("newAgentId", AGENT_ID)),
-        summary="mark salvaged work finished",
-    ),
-    Op(
-        "salvage.abandon",
-        _salvage_op("abandon"),
-        (_OTHER, Param("newAgentId", AGENT_ID)),
-        summary="give a claimed salvage entry back to the queue",
-    ),
-    Op(
-        "salvage.dismiss",
-        _salvage_op("dismiss"),
-        (_OTHER, Param("newAgentId", AGENT_ID)),
-        summary="drop a salvage entry without taking the work over",
+    *(
+        Op(f"salvage.{action}", _salvage_op(action), (_OTHER, Param("newAgentId", AGENT_ID)), summary=summary)
+        for action, summary in SALVAGE_MOVES.items()
     ),
 )
