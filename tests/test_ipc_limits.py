@@ -16,6 +16,7 @@ from conftest import Daemon
 
 import portdaddy
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
+from portdaddy.ipc import trio_client
 from portdaddy.ipc.client import BlockingClient
 from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, FrameTooLarge, Performative
 from portdaddy.ipc.trio_client import TrioClient
@@ -105,6 +106,24 @@ async def test_sdk_at_the_connection_cap_fails_with_the_daemons_reason(daemon_fa
             with pytest.raises(PDError) as refused:
                 await client.request("daemon.health")
             assert refused.value.code == "max_connections"
+    held.close()
+
+
+async def test_sdk_turned_away_at_the_cap_backs_off_instead_of_knocking_at_a_steady_pace(
+    daemon_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refused connection connects fine and is closed at once: the backoff must still grow, or the client
+    would knock at BACKOFF_START_S forever."""
+    monkeypatch.setattr(trio_client, "BACKOFF_START_S", 0.05)
+    d = daemon_factory(PORT_DADDY_IPC_MAX_CONN="1")
+    held = served_client(d)
+    client = TrioClient(d.settings.ipc_sock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await trio.sleep(1.6)  # doubling from 0.05 s: attempts at ~0, .05, .15, .35, .75, 1.55 s; steady: ~32
+        nursery.cancel_scope.cancel()
+    refused = held.request("daemon.status")["counts"]["ipcRefused"]
+    assert 4 <= refused <= 8, refused
     held.close()
 
 

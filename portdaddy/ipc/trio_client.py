@@ -124,15 +124,18 @@ class TrioClient:
             await self._serve_connection()
             if not self.reconnect:
                 return
+            # A connection the daemon closed saying why (its connection cap, another uid) connects again at once
+            # and is turned away again: only one that was lost starts the backoff over.
+            if self._parting is None:
+                backoff = BACKOFF_START_S
             while True:
                 await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
                 try:
                     self._connect()
                 except DaemonUnavailable:
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 break
-            backoff = BACKOFF_START_S
             self.reconnects += 1
             for handler in self.reconnect_handlers:
                 handler()
