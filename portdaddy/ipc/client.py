@@ -31,6 +31,18 @@ def _timeval(seconds: float | None) -> bytes:
     return _TIMEVAL.pack(*divmod(max(1, int(seconds * 1_000_000)), 1_000_000))
 
 
+def request_payload(action: str, agent_id: str | None, args: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's payload: its action, the agent it speaks for, and the arguments that are not None."""
+    payload = {"action": action}
+    if agent_id:
+        payload["agentId"] = agent_id
+    if args:
+        for k, v in args.items():  # a loop, not a generator: ~2 µs less per request under load
+            if v is not None:
+                payload[k] = v
+    return payload
+
+
 def reply_result(frame: Frame) -> Any:
     """The result of a reply frame, or the PDError it carries."""
     if frame.type in _OK:
@@ -106,16 +118,6 @@ class BlockingClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _payload(self, action: str, args: dict[str, Any] | None) -> dict[str, Any]:
-        payload = {"action": action}
-        if self.agent_id:
-            payload["agentId"] = self.agent_id
-        if args:
-            for k, v in args.items():  # a loop, not a generator: ~2 µs less per request under load
-                if v is not None:
-                    payload[k] = v
-        return payload
-
     def _send(self, data: bytes) -> None:
         assert self.sock is not None, "connect() first"
         try:
@@ -128,7 +130,7 @@ class BlockingClient:
 
     def send(self, action: str, args: dict[str, Any] | None = None) -> None:
         """Fire-and-forget (conv id 0): no reply comes, even on error."""
-        self._send(self._encoder.encode(Performative.INFORM, 0, self._payload(action, args)))
+        self._send(self._encoder.encode(Performative.INFORM, 0, request_payload(action, self.agent_id, args)))
 
     def request(
         self,
@@ -140,7 +142,7 @@ class BlockingClient:
     ) -> Any:
         self._conv = next_conv_id(self._conv)
         conv = self._conv
-        self._send(self._encoder.encode(kind, conv, self._payload(action, args)))
+        self._send(self._encoder.encode(kind, conv, request_payload(action, self.agent_id, args)))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             frame = self._next_frame(deadline)

@@ -17,7 +17,7 @@ import trio
 from outcome import Value
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
-from portdaddy.ipc.client import is_parting, parting_refusal, reply_result
+from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_payload
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Performative, next_conv_id
 
 log = logging.getLogger("portdaddy.client")
@@ -74,7 +74,7 @@ class TrioClient:
         self._pending[conv] = trio.lowlevel.current_task()
         frame = _NO_REPLY
         try:
-            self._write(self._encoder.encode(kind, conv, self._payload(action, args)))
+            self._write(self._encoder.encode(kind, conv, request_payload(action, self.agent_id, args)))
             with trio.move_on_after(self.timeout if timeout is None else timeout):
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
         except trio.Cancelled:
@@ -107,7 +107,7 @@ class TrioClient:
 
     def fire_and_forget_frame(self, action: str, args: dict[str, Any] | None = None) -> bytes:
         """The encoded frame ``send_nowait`` would write, for a caller that sends the same one again and again."""
-        return self._encoder.encode(Performative.INFORM, 0, self._payload(action, args))
+        return self._encoder.encode(Performative.INFORM, 0, request_payload(action, self.agent_id, args))
 
     def send_frame(self, frame: bytes) -> None:
         """Write an already encoded fire-and-forget frame (see ``fire_and_forget_frame``). Never awaits."""
@@ -205,14 +205,6 @@ class TrioClient:
             handler(frame)
 
     # -- output --------------------------------------------------------------------------------------------
-
-    def _payload(self, action: str, args: dict[str, Any] | None) -> dict[str, Any]:
-        payload = {"action": action}
-        if self.agent_id:
-            payload["agentId"] = self.agent_id
-        if args:
-            payload.update((k, v) for k, v in args.items() if v is not None)
-        return payload
 
     def _write(self, data: bytes) -> None:
         sock = self.sock
