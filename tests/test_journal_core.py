@@ -8,12 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portdaddy.core import agents as agents_module
 from portdaddy.core import globs
-from portdaddy.core.agents import Agents
+from portdaddy.core.agents import GRACE_MS, Agents
 from portdaddy.core.app import App
+from portdaddy.core.clock import now_ms
 from portdaddy.core.sessions import Sessions
 from portdaddy.errors import Conflict
 from tests.swarm_app import PublishRecorder, make_app
@@ -173,3 +177,47 @@ def test_unregister_ends_sessions_and_releases_files(app: App) -> None:
     assert app.sessions.session(sid)["status"] == "abandoned"
     assert app.sessions.claimed_paths([sid]) == []
     assert app.store.scalar("SELECT count(*) FROM salvage WHERE agent_id='leaver'") == 0
+
+
+class HostClock:
+    """The wall clock the agents module reads, driven by the test: it follows trio's (mock) clock, plus however
+    long the host has slept. A suspended host stops the monotonic clock; the wall clock keeps going."""
+
+    def __init__(self) -> None:
+        self.base, self.start, self.slept_ms = now_ms(), trio.current_time(), 0
+
+    def __call__(self) -> int:
+        return self.base + round((trio.current_time() - self.start) * 1000) + self.slept_ms
+
+
+async def test_after_the_host_sleeps_no_agent_is_judged_until_the_grace_ends(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two hours asleep is two hours without heartbeats, but the silence was the host's: the reaper waits a
+    grace period for the agents to speak, then judges those that did not."""
+    clock = HostClock()
+    monkeypatch.setattr(agents_module, "now_ms", clock)
+    app = make_app(tmp_path)
+    app.add(PublishRecorder())
+    app.add(Sessions(app))
+    agents = Agents(app)
+    app.add(agents)
+    grace_s = GRACE_MS / 1000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agents.run)
+        agents.register("sleeper")  # "ready": stale after 12 min of silence, dead after 20
+        agents.register("waker")
+        registered = trio.current_time()
+        await trio.sleep(grace_s + 1)  # past the grace every start gets
+        clock.slept_ms = 2 * 3600 * 1000  # the lid closes for two hours
+        # The reaper wakes at its next deadline, the agents' stale check on the monotonic clock, and finds the
+        # wall clock two hours further on than that.
+        await trio.sleep_until(registered + agents.thresholds("ready")[0] / 1000 + 5)
+        assert {agents.get(a).liveness for a in ("sleeper", "waker")} == {"active"}
+        agents.heartbeat("waker")  # an agent that wakes with the host speaks within the grace
+        await trio.sleep(grace_s + 1)
+        assert agents.get("waker").liveness == "active"
+        assert agents.get("sleeper").liveness == "dead"  # one that does not is judged once the grace is over
+        assert "no heartbeat for 7" in app.store.scalar("SELECT reason FROM salvage WHERE agent_id='sleeper'")
+        nursery.cancel_scope.cancel()
+    app.store.close()
