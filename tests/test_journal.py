@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import trio
 
 import portdaddy
-from portdaddy.errors import BadInput, Conflict, NotFound
+from portdaddy.errors import BadInput, Conflict, NotFound, PDError
 from tests.conftest import Daemon
 
 
@@ -269,3 +270,53 @@ def test_grace_after_restart_then_death(daemon_factory) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert d.call("salvage.list", project="grace")["count"] == 1
+
+
+def test_an_agents_quotas_bound_its_locks_and_services(daemon: Daemon, tmp_path: Path) -> None:
+    """A registered agent holds, or waits for, at most ``maxLocks`` locks and claims at most ``maxServices``
+    services (20 and 50 unless it registered others). Over the limit: exit 1, HTTP 429, and nothing changes."""
+    r = daemon.pd(
+        "agent", "register", "--agent", "quota-a", "--max-locks", "2", "--max-services", "1", "--json", cwd=tmp_path
+    )  # register remembers the current agent in the worktree: not this repo's
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["agent"]["maxLocks"], json.loads(r.stdout)["agent"]["maxServices"]) == (2, 1)
+    for name in ("quota:one", "quota:two"):
+        assert daemon.pd("lock", name, "--owner", "quota-a").returncode == 0
+    over = daemon.pd("lock", "quota:three", "--owner", "quota-a")
+    assert over.returncode == 1 and "--max-locks" in over.stderr, over.stderr
+    assert daemon.call("lock.get", name="quota:three")["held"] is False
+    assert daemon.pd("lock", "quota:one", "--owner", "quota-a").returncode == 0  # re-acquiring is not a new lock
+    assert daemon.pd("lock", "quota:free", "--owner", "not-an-agent").returncode == 0  # only agents are limited
+
+    # A queued acquire counts: one held and one waited for is the limit of two.
+    daemon.call("lock.release", name="quota:two", owner="quota-a")
+    daemon.call("lock.acquire", name="quota:busy", owner="someone-else")
+    waiter = daemon.client()
+    pending = threading.Thread(
+        target=waiter.request,
+        args=("lock.acquire", {"name": "quota:busy", "owner": "quota-a", "wait": True, "timeout": 20_000}),
+        kwargs={"timeout": 30},
+    )
+    pending.start()
+    deadline = time.monotonic() + 10
+    while daemon.call("daemon.status")["counts"]["lockWaiters"] == 0:
+        assert time.monotonic() < deadline, "the acquire never queued"
+        time.sleep(0.02)
+    with pytest.raises(PDError) as refused:
+        daemon.call("lock.acquire", name="quota:three", owner="quota-a")
+    assert refused.value.code == "RESOURCE_LIMIT" and "holds or waits for 2 locks" in refused.value.message
+    daemon.call("lock.release", name="quota:busy", owner="someone-else")
+    pending.join(10)
+    assert daemon.call("lock.get", name="quota:busy")["owner"] == "quota-a"
+    waiter.close()
+
+    with daemon.client("quota-a") as c:
+        port = c.request("port.claim", {"id": "quota:api"})["port"]
+        with pytest.raises(PDError) as refused:
+            c.request("port.claim", {"id": "quota:web"})
+        assert refused.value.code == "RESOURCE_LIMIT" and "--max-services" in refused.value.message
+        assert c.request("port.claim", {"id": "quota:api"})["port"] == port  # a re-claim is not a new service
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.settings.http_sock)), base_url="http://pd") as h:
+        r = h.post("/claim", json={"id": "quota:web"}, headers={"X-Agent-Id": "quota-a"})
+        assert r.status_code == 429 and (r.json()["current"], r.json()["max"]) == (1, 1)
+    assert [s["id"] for s in daemon.call("port.find", pattern="quota:*")["services"]] == ["quota:api"]

@@ -34,19 +34,25 @@ def agent() -> None:
 @click.option("--status", type=click.Choice(["starting", "ready", "busy", "draining"]),
               help="Declared status; sets how long silence is tolerated (default ready).")  # fmt: skip
 @click.option("--cap", help="Capabilities, comma-separated (globs like db:*).")
+@click.option("--max-locks", "--maxLocks", "max_locks", type=click.IntRange(1, 100_000), metavar="N",
+              help="Locks the agent may hold or wait for at once (default 20).")  # fmt: skip
+@click.option("--max-services", "--maxServices", "max_services", type=click.IntRange(1, 100_000), metavar="N",
+              help="Services the agent may claim (default 50).")  # fmt: skip
 @json_option
 @quiet_option
 def register(agent: str | None, identity: str | None, purpose: str | None, type_: str | None, status: str | None,
-             cap: str | None, as_json: bool, quiet: bool) -> None:  # fmt: skip
+             cap: str | None, max_locks: int | None, max_services: int | None, as_json: bool,
+             quiet: bool) -> None:  # fmt: skip
     """Register (or refresh) an agent; this worktree remembers it as the current agent.
 
     \b
-    Example:
+    Examples:
       pd agent register --agent backend-builder --identity payments:api --purpose "Stripe API" --type ai
+      pd agent register --agent migrator --max-locks 3    # a runaway loop cannot take every lock
     """
     caps = [c.strip() for c in cap.split(",") if c.strip()] if cap else None
     args = {"agentId": resolve_agent(agent), "identity": identity, "purpose": purpose, "type": type_,
-            "status": status, "capabilities": caps}  # fmt: skip
+            "status": status, "capabilities": caps, "maxLocks": max_locks, "maxServices": max_services}  # fmt: skip
     result = call("agent.register", args, as_json=as_json)
     save_current({**load_current(), "agentId": result["agentId"]})
     if as_json:

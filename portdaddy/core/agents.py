@@ -42,6 +42,9 @@ DEAD_AFTER_MS = {"starting": 900_000, "ready": 1_200_000, "busy": 1_800_000, "dr
 STALE_FRACTION = 0.6
 STATUSES = tuple(DEAD_AFTER_MS)
 GRACE_MS = 60_000
+# What a registered agent may hold at once unless it registered other limits (the original's defaults).
+DEFAULT_MAX_LOCKS = 20
+DEFAULT_MAX_SERVICES = 50
 # The wall clock moving this much further than the monotonic clock between two wake-ups means the host slept.
 SLEEP_JUMP_MS = 10_000
 SALVAGE_STATES = ("pending", "claimed", "completed", "dismissed")
@@ -63,6 +66,8 @@ class Agent:
     registered_at: int
     last_heartbeat: int
     dead_at: int | None = None
+    max_locks: int | None = None  # None: DEFAULT_MAX_LOCKS
+    max_services: int | None = None  # None: DEFAULT_MAX_SERVICES
 
     @property
     def project(self) -> str | None:
@@ -78,6 +83,7 @@ class Agent:
             "liveness": self.liveness, "isActive": self.liveness == "active", "capabilities": self.capabilities,
             "worktreeId": self.worktree, "metadata": self.metadata, "registeredAt": self.registered_at,
             "lastHeartbeat": self.last_heartbeat, "timeSinceHeartbeat": silence, "deadAt": self.dead_at,
+            "maxLocks": self.max_locks or DEFAULT_MAX_LOCKS, "maxServices": self.max_services or DEFAULT_MAX_SERVICES,
             "healthAssessment": {"liveness": "alive" if self.liveness == "active" else self.liveness,
                                  "staleAfterMs": stale_ms, "deadAfterMs": dead_ms,
                                  "graceRemaining": max(0, dead_ms - silence)},
@@ -97,7 +103,7 @@ class Agents:
         self._agents: dict[str, Agent] = {}
         for row in self.store.all(
             "SELECT id, name, type, pid, identity, purpose, status, liveness, capabilities, worktree, metadata, "
-            "registered_at, last_heartbeat, dead_at FROM agents"
+            "registered_at, last_heartbeat, dead_at, max_locks, max_services FROM agents"
         ):
             a = Agent(*row)
             a.capabilities, a.metadata = _loads(row[8]), _loads(row[10])
@@ -125,6 +131,16 @@ class Agents:
     def get(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
 
+    def limit(self, agent_id: str | None, what: str) -> int | None:
+        """How many ``what`` ("locks", "services") ``agent_id`` may hold, or None: not a live registered agent
+        (anonymous owners and CLI names are not limited, as in the original)."""
+        agent = self._agents.get(agent_id) if agent_id else None
+        if agent is None or agent.liveness == "dead":
+            return None
+        if what == "locks":
+            return agent.max_locks or DEFAULT_MAX_LOCKS
+        return agent.max_services or DEFAULT_MAX_SERVICES
+
     def wire(self, agent: Agent, now: int | None = None) -> dict[str, Any]:
         wire = agent.to_wire(now or now_ms(), *self.thresholds(agent.status))
         if agent.liveness == "dead":
@@ -149,7 +165,8 @@ class Agents:
     def register(self, agent_id: str, *, identity: str | None = None, purpose: str | None = None,
                  type: str | None = None, pid: int | None = None, capabilities: list[str] | None = None,
                  status: str | None = None, worktree: str | None = None, name: str | None = None,
-                 metadata: dict[str, Any] | None = None) -> tuple[Agent, bool]:  # fmt: skip
+                 metadata: dict[str, Any] | None = None, max_locks: int | None = None,
+                 max_services: int | None = None) -> tuple[Agent, bool]:  # fmt: skip
         """Create or refresh an agent (a dead one comes back to life; its salvage entry stays). (agent, new)."""
         now = now_ms()
         old = self._agents.get(agent_id)
@@ -160,15 +177,16 @@ class Agents:
         agent = Agent(agent_id, keep(name, "name"), keep(type, "type", "cli"), keep(pid, "pid"),
                       keep(identity, "identity"), keep(purpose, "purpose"), status or "ready", "active",
                       keep(capabilities, "capabilities"), keep(worktree, "worktree"), keep(metadata, "metadata"),
-                      keep(None, "registered_at", now), now)  # fmt: skip
+                      keep(None, "registered_at", now), now, None, keep(max_locks, "max_locks"),
+                      keep(max_services, "max_services"))  # fmt: skip
         with self.store.write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO agents (id, name, type, pid, identity, purpose, status, liveness, "
-                "capabilities, worktree, metadata, registered_at, last_heartbeat, dead_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+                "capabilities, worktree, metadata, registered_at, last_heartbeat, dead_at, max_locks, max_services) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,?)",
                 (agent.id, agent.name, agent.type, agent.pid, agent.identity, agent.purpose, agent.status,
                  agent.liveness, v.optional_json(agent.capabilities), agent.worktree, v.optional_json(agent.metadata),
-                 agent.registered_at, agent.last_heartbeat),
+                 agent.registered_at, agent.last_heartbeat, agent.max_locks, agent.max_services),
             )  # fmt: skip
         self._agents[agent_id] = agent
         self._changed.set()
@@ -424,10 +442,11 @@ def _register_reply(ctx: Ctx, agent: Agent, new: bool) -> dict[str, Any]:
 
 
 def register_op(ctx: Ctx, *, agentId, identity, purpose, type, pid, capabilities, status, worktree, name,
-                metadata) -> dict[str, Any]:  # fmt: skip
+                metadata, maxLocks, maxServices) -> dict[str, Any]:  # fmt: skip
     agent, new = ctx.app.agents.register(
         caller(ctx, agentId), identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
         capabilities=capabilities, status=status, worktree=worktree, name=name, metadata=metadata,
+        max_locks=maxLocks, max_services=maxServices,
     )  # fmt: skip
     return _register_reply(ctx, agent, new)
 
@@ -516,6 +535,8 @@ REGISTER_PARAMS = (
     Param("worktree", v.text(4096), aliases=("worktreeId",)),
     Param("name", v.text(100)),
     Param("metadata", v.json_object(16_000)),
+    Param("maxLocks", v.integer(1, 100_000)),
+    Param("maxServices", v.integer(1, 100_000)),
 )
 
 OPS = (
@@ -523,7 +544,8 @@ OPS = (
         "agent.register",
         register_op,
         (_AGENT, *REGISTER_PARAMS),
-        summary="register or refresh an agent (agentId, identity, purpose, type, pid, capabilities, status)",
+        summary="register or refresh an agent (agentId, identity, purpose, type, pid, capabilities, status, "
+        "maxLocks, maxServices)",
     ),
     Op(
         "agent.heartbeat",

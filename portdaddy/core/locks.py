@@ -125,12 +125,28 @@ class Locks:
                            (lock.expires_at, lock.conn is not None, name))  # fmt: skip
             self._schedule(lock)
             return lock, True
+        self._check_quota(owner)
         return self._grant(name, owner, ttl_ms, pid, metadata, conn), False
+
+    def _check_quota(self, owner: str) -> None:
+        """A registered agent holds, or waits for, at most its ``maxLocks`` locks (a runaway agent cannot take
+        every lock there is); other owners are not limited."""
+        agents = getattr(self.app, "agents", None)
+        limit = agents.limit(owner, "locks") if agents is not None else None
+        if limit is None:
+            return
+        held = sum(lk.owner == owner for lk in self._held.values())
+        held += sum(w.owner == owner for queue in self._waiters.values() for w in queue)
+        if held >= limit:
+            raise PDError("RESOURCE_LIMIT", f"agent {owner} holds or waits for {held} locks, its limit; release one, "
+                          f"or raise it with: pd agent register --agent {owner} --max-locks N",
+                          current=held, max=limit)  # fmt: skip
 
     async def acquire_blocking(self, name: str, owner: str, *, ttl_ms: int, timeout_s: float | None,
                                pid: int | None = None, metadata: dict[str, Any] | None = None,
                                conn: Any = None) -> Lock:  # fmt: skip
         """Wait in FIFO order until the lock is handed to ``owner`` (call after ``try_acquire`` refused)."""
+        self._check_quota(owner)
         waiter = _Waiter(owner, ttl_ms, pid, metadata, conn, trio.lowlevel.current_task())
         queue = self._waiters.setdefault(name, {})
         queue[waiter] = None

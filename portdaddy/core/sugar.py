@@ -27,7 +27,7 @@ DEFAULT_SITREP_MS = 30 * 60_000
 
 
 def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, type, pid, capabilities, status,
-             worktree, name) -> dict[str, Any]:  # fmt: skip
+             worktree, name, maxLocks, maxServices) -> dict[str, Any]:  # fmt: skip
     agents: Agents = ctx.app.agents
     sessions: Sessions = ctx.app.sessions
     conflicts = sessions.conflicts(files)
@@ -36,7 +36,8 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
     agent_id = agentId or ctx.agent_id or new_agent_id()
     with ctx.app.store.write():
         agent, _ = agents.register(agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
-                                   capabilities=capabilities, status=status, worktree=worktree, name=name)  # fmt: skip
+                                   capabilities=capabilities, status=status, worktree=worktree, name=name,
+                                   max_locks=maxLocks, max_services=maxServices)  # fmt: skip
         started = sessions.start(purpose, agent_id=agent_id, files=files, force=force, worktree=worktree,
                                  metadata=metadata)  # fmt: skip
     dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent_id] if agent.project else []
