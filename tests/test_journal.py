@@ -304,7 +304,7 @@ def test_an_agents_quotas_bound_its_locks_and_services(daemon: Daemon, tmp_path:
         time.sleep(0.02)
     with pytest.raises(PDError) as refused:
         daemon.call("lock.acquire", name="quota:three", owner="quota-a")
-    assert refused.value.code == "RESOURCE_LIMIT" and "holds or waits for 2 locks" in refused.value.message
+    assert refused.value.code == "RESOURCE_LIMIT" and "has 2 locks" in refused.value.message
     daemon.call("lock.release", name="quota:busy", owner="someone-else")
     pending.join(10)
     assert daemon.call("lock.get", name="quota:busy")["owner"] == "quota-a"

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from portdaddy.core.identity import glob_segment
 from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
-from portdaddy.errors import Conflict, NotFound, bad_input
+from portdaddy.errors import Conflict, NotFound, PDError, bad_input
 
 log = logging.getLogger("portdaddy.agents")
 
@@ -131,15 +131,22 @@ class Agents:
     def get(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
 
-    def limit(self, agent_id: str | None, what: str) -> int | None:
-        """How many ``what`` ("locks", "services") ``agent_id`` may hold, or None: not a live registered agent
-        (anonymous owners and CLI names are not limited, as in the original)."""
+    def check_quota(self, agent_id: str | None, what: str, held: Callable[[], int]) -> None:
+        """Refuse a live registered agent one more of ``what`` ("locks" or "services") past its limit; ``held()``
+        counts what it has, and is called only for such an agent (other owners are not limited, as in the
+        original)."""
         agent = self._agents.get(agent_id) if agent_id else None
         if agent is None or agent.liveness == "dead":
-            return None
-        if what == "locks":
-            return agent.max_locks or DEFAULT_MAX_LOCKS
-        return agent.max_services or DEFAULT_MAX_SERVICES
+            return
+        own, default = (
+            (agent.max_locks, DEFAULT_MAX_LOCKS) if what == "locks" else (agent.max_services, DEFAULT_MAX_SERVICES)
+        )
+        limit = own or default
+        count = held()
+        if count >= limit:
+            raise PDError("RESOURCE_LIMIT", f"agent {agent_id} has {count} {what}, its limit; release one, or raise "
+                          f"it with: pd agent register --agent {agent_id} --max-{what} N",
+                          current=count, max=limit)  # fmt: skip
 
     def wire(self, agent: Agent, now: int | None = None) -> dict[str, Any]:
         wire = agent.to_wire(now or now_ms(), *self.thresholds(agent.status))

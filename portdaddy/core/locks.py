@@ -129,18 +129,12 @@ class Locks:
         return self._grant(name, owner, ttl_ms, pid, metadata, conn), False
 
     def _check_quota(self, owner: str) -> None:
-        """A registered agent holds, or waits for, at most its ``maxLocks`` locks (a runaway agent cannot take
-        every lock there is); other owners are not limited."""
+        """A registered agent holds, or waits for, at most its ``maxLocks`` locks: a runaway agent cannot take
+        every lock there is, nor queue for them."""
         agents = getattr(self.app, "agents", None)
-        limit = agents.limit(owner, "locks") if agents is not None else None
-        if limit is None:
-            return
-        held = sum(lk.owner == owner for lk in self._held.values())
-        held += sum(w.owner == owner for queue in self._waiters.values() for w in queue)
-        if held >= limit:
-            raise PDError("RESOURCE_LIMIT", f"agent {owner} holds or waits for {held} locks, its limit; release one, "
-                          f"or raise it with: pd agent register --agent {owner} --max-locks N",
-                          current=held, max=limit)  # fmt: skip
+        if agents is not None:
+            agents.check_quota(owner, "locks", lambda: sum(lk.owner == owner for lk in self._held.values())
+                               + sum(w.owner == owner for queue in self._waiters.values() for w in queue))  # fmt: skip
 
     async def acquire_blocking(self, name: str, owner: str, *, ttl_ms: int, timeout_s: float | None,
                                pid: int | None = None, metadata: dict[str, Any] | None = None,

@@ -146,14 +146,10 @@ class Registry:
     def _check_quota(self, agent_id: str | None) -> None:
         """A registered agent claims at most its ``maxServices`` services; re-claims do not count."""
         agents = getattr(self.app, "agents", None)
-        limit = agents.limit(agent_id, "services") if agents is not None else None
-        if limit is None:
-            return
-        held = sum(svc.agent_id == agent_id for _, svc in self._by_id.items())
-        if held >= limit:
-            raise PDError("RESOURCE_LIMIT", f"agent {agent_id} has claimed {held} services, its limit; release one, "
-                          f"or raise it with: pd agent register --agent {agent_id} --max-services N",
-                          current=held, max=limit)  # fmt: skip
+        if agents is not None:
+            agents.check_quota(
+                agent_id, "services", lambda: sum(s.agent_id == agent_id for _, s in self._by_id.items())
+            )
 
     def claim(
         self,
