@@ -76,8 +76,16 @@ class Daemon:
            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
         return subprocess.run(
             [PYTHON, "-m", "portdaddy.cli", *args], env={**self.env, **(env or {})}, input=input,
-            capture_output=True, text=True, timeout=timeout, cwd=cwd,
+            capture_output=True, text=True, timeout=timeout, cwd=self.workdir if cwd is None else cwd,
         )  # fmt: skip
+
+    @property
+    def workdir(self) -> Path:
+        """Where ``pd`` runs unless a test says otherwise: a directory of this daemon's, not the repo, since
+        ``pd begin`` and ``pd agent register`` remember the current agent in the worktree they run in."""
+        path = self.home / "worktree"
+        path.mkdir(exist_ok=True)
+        return path
 
     def client(self, agent_id: str | None = None) -> BlockingClient:
         return BlockingClient(self.settings.ipc_sock, agent_id=agent_id, timeout=10).connect()

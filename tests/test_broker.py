@@ -31,7 +31,7 @@ def _subscriptions(d) -> int:
 
 
 def _spawn_pd(d, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, stdout=subprocess.PIPE,
+    return subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 

@@ -272,12 +272,10 @@ def test_grace_after_restart_then_death(daemon_factory) -> None:
     assert d.call("salvage.list", project="grace")["count"] == 1
 
 
-def test_an_agents_quotas_bound_its_locks_and_services(daemon: Daemon, tmp_path: Path) -> None:
+def test_an_agents_quotas_bound_its_locks_and_services(daemon: Daemon) -> None:
     """A registered agent holds, or waits for, at most ``maxLocks`` locks and claims at most ``maxServices``
     services (20 and 50 unless it registered others). Over the limit: exit 1, HTTP 429, and nothing changes."""
-    r = daemon.pd(
-        "agent", "register", "--agent", "quota-a", "--max-locks", "2", "--max-services", "1", "--json", cwd=tmp_path
-    )  # register remembers the current agent in the worktree: not this repo's
+    r = daemon.pd("agent", "register", "--agent", "quota-a", "--max-locks", "2", "--max-services", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert (json.loads(r.stdout)["agent"]["maxLocks"], json.loads(r.stdout)["agent"]["maxServices"]) == (2, 1)
     for name in ("quota:one", "quota:two"):

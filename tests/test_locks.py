@@ -61,8 +61,8 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
 
 def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
     cmd = [PYTHON, "-m", "portdaddy.cli", "lock", "race:x", "-q"]
-    procs = [subprocess.Popen(cmd, env=fresh_daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(32)]  # fmt: skip
+    procs = [subprocess.Popen(cmd, env=fresh_daemon.env, cwd=fresh_daemon.workdir, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(32)]  # fmt: skip
     results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
