@@ -79,6 +79,11 @@ class Daemon:
             capture_output=True, text=True, timeout=timeout, cwd=self.workdir if cwd is None else cwd,
         )  # fmt: skip
 
+    def spawn_pd(self, *args: str) -> subprocess.Popen[str]:
+        """Start ``pd`` without waiting for it (as ``pd`` does, in ``workdir``), its output piped."""
+        return subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=self.env, cwd=self.workdir,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
     @property
     def workdir(self) -> Path:
         """Where ``pd`` runs unless a test says otherwise: a directory of this daemon's, not the repo, since

@@ -16,7 +16,6 @@ import trio
 import portdaddy.sdk
 from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
-from tests.conftest import PYTHON
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:
@@ -28,11 +27,6 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 
 def _subscriptions(d) -> int:
     return d.call("daemon.status")["counts"]["subscriptions"]
-
-
-def _spawn_pd(d, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 10) -> tuple[int, str, str]:
@@ -50,8 +44,8 @@ def test_blocking_chain_publish_first(daemon) -> None:
 
 def test_blocking_chain_subscribe_first(daemon) -> None:
     before = _subscriptions(daemon)
-    sub = _spawn_pd(daemon, "sub", "chain2:complete", "--once")
-    waiter = _spawn_pd(daemon, "wait", "chain2:complete", "chain2:other", "--json")
+    sub = daemon.spawn_pd("sub", "chain2:complete", "--once")
+    waiter = daemon.spawn_pd("wait", "chain2:complete", "chain2:other", "--json")
     _wait_for(lambda: _subscriptions(daemon) == before + 1)
     time.sleep(0.2)
     assert sub.poll() is None and waiter.poll() is None
@@ -66,7 +60,7 @@ def test_blocking_chain_subscribe_first(daemon) -> None:
 
 def test_wildcard_subscriber_receives_every_ready_signal(daemon) -> None:
     before = _subscriptions(daemon)
-    sub = _spawn_pd(daemon, "sub", "payments:*", "--json", "--new")
+    sub = daemon.spawn_pd("sub", "payments:*", "--json", "--new")
     _wait_for(lambda: _subscriptions(daemon) == before + 1)
     for part in ("schema", "api", "queries", "frontend"):
         daemon.call("msg.publish", channel=f"payments:{part}", payload={"status": "ready"}, sender=part)
@@ -340,7 +334,7 @@ def test_watch_runs_the_command_per_new_message(daemon, tmp_path) -> None:
     out = tmp_path / "seen"
     daemon.pd("pub", "watch:x", "old")  # retained: not run for without --retained
     before = _subscriptions(daemon)
-    proc = _spawn_pd(daemon, "watch", "watch:*", "--once", "--exec",
+    proc = daemon.spawn_pd("watch", "watch:*", "--once", "--exec",
                      f'echo "$PD_CHANNEL $PD_MESSAGE_CONTENT $PD_MESSAGE_ID" >> {out}')  # fmt: skip
     _wait_for(lambda: _subscriptions(daemon) == before + 1)
     new_id = daemon.call("msg.publish", channel="watch:y", payload={"n": 1})["id"]

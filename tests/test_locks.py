@@ -24,7 +24,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from portdaddy.core import locks as locks_module
 from portdaddy.core.locks import Locks
 from portdaddy.errors import LockHeld, PDError
-from tests.conftest import PYTHON
 from tests.swarm_app import make_app
 
 
@@ -60,9 +59,7 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
 
 
 def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
-    cmd = [PYTHON, "-m", "portdaddy.cli", "lock", "race:x", "-q"]
-    procs = [subprocess.Popen(cmd, env=fresh_daemon.env, cwd=fresh_daemon.workdir, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(32)]  # fmt: skip
+    procs = [fresh_daemon.spawn_pd("lock", "race:x", "-q") for _ in range(32)]
     results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
@@ -158,8 +155,7 @@ def test_with_lock_runs_the_command_and_exits_with_its_status(daemon, tmp_path) 
 @pytest.mark.parametrize("victim", ["child", "with-lock"])
 def test_with_lock_releases_when_killed(daemon, victim) -> None:
     name = f"wl:kill-{victim}"
-    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", "with-lock", name, "--ttl", "1s", "--", "sleep", "60"],
-                            env=daemon.env, stderr=subprocess.PIPE)  # fmt: skip
+    proc = daemon.spawn_pd("with-lock", name, "--ttl", "1s", "--", "sleep", "60")
     try:
         _wait_for(lambda: daemon.call("lock.get", name=name)["held"] and _children(proc.pid))
         time.sleep(0.6)  # past one lease renewal
@@ -176,6 +172,7 @@ def test_with_lock_releases_when_killed(daemon, victim) -> None:
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
         proc.stderr.close()
 
 
