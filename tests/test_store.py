@@ -7,7 +7,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from portdaddy.core.store import Reserved, Store
+from portdaddy.core.store import Reserved, Store, migrations
 
 
 @pytest.fixture
@@ -78,3 +78,26 @@ def test_reserved_numbers_raise_the_mark_once_per_block_and_only_when_committed(
     assert written == [4, 5, 9]  # one mark per block once committed (the failed write's 4 did not count)
     again = Reserved(store, store.scalar("SELECT top FROM mark"), 4, write_mark)  # a restart
     assert again.take() == 10
+
+
+def test_locks_move_to_a_table_keyed_by_name_and_keep_their_rows(tmp_path: Path) -> None:
+    """Migration 009 rebuilds ``locks`` WITHOUT ROWID (one page per acquire or release instead of two)."""
+    path = tmp_path / "portdaddy.db"
+    db = apsw.Connection(str(path))
+    for number, _name, sql in migrations():
+        if number < 9:
+            with db:
+                db.execute(sql)
+                db.pragma("user_version", number)
+    row = ("deploy", "agent-a", 7, 123, 1000, 2000, 1, '{"why":"release"}')
+    db.execute("INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
+               "VALUES (?,?,?,?,?,?,?,?)", row)  # fmt: skip
+    db.close()
+    store = Store(path)
+    assert store.user_version >= 9
+    columns = "name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata"
+    assert store.all(f"SELECT {columns} FROM locks") == [row]
+    assert "WITHOUT ROWID" in store.scalar("SELECT sql FROM sqlite_schema WHERE name = 'locks'")
+    with pytest.raises(apsw.ConstraintError), store.write() as w:  # the name is still the key
+        w.execute("INSERT INTO locks (name, owner, token, acquired_at, expires_at) VALUES ('deploy','b',8,1,2)")
+    assert store.integrity_check() == "ok"
