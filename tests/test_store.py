@@ -7,7 +7,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from portdaddy.core.store import Reserved, Store, migrations
+from portdaddy.core.store import Reserved, Store, autoincrement_ids, migrations
 
 
 @pytest.fixture
@@ -101,3 +101,21 @@ def test_locks_move_to_a_table_keyed_by_name_and_keep_their_rows(tmp_path: Path)
     with pytest.raises(apsw.ConstraintError), store.write() as w:  # the name is still the key
         w.execute("INSERT INTO locks (name, owner, token, acquired_at, expires_at) VALUES ('deploy','b',8,1,2)")
     assert store.integrity_check() == "ok"
+
+
+def test_autoincrement_ids_reserve_a_block_in_sqlite_sequence(store: Store) -> None:
+    store.execute("CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)")
+    ids = autoincrement_ids(store, "items", 8)
+    taken = []
+    for n in range(10):
+        taken.append(ids.take())
+        with store.write() as db:
+            db.execute("INSERT INTO items (id, v) VALUES (?, ?)", (taken[-1], str(n)))
+            ids.cover(db)
+        assert ids.covered
+        seq = store.scalar("SELECT seq FROM sqlite_sequence WHERE name='items'")
+        assert seq == (8 if n < 8 else 16)  # raised once per block; inserts below it leave it alone
+    assert taken == list(range(1, 11))
+    store.execute("DELETE FROM items")
+    again = autoincrement_ids(store, "items", 8)  # a restart: above every id reserved, taken or not
+    assert again.take() == 17

@@ -31,7 +31,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.identity import WILDCARD, matches
 from portdaddy.core.ops import Ctx, Op, Param
-from portdaddy.core.store import Reserved
+from portdaddy.core.store import autoincrement_ids
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import PDError, bad_input
 
@@ -88,11 +88,6 @@ def _subscription_id(sub: Subscription) -> int:
     return sub.id
 
 
-def _write_id_mark(db: Any, top: int) -> None:
-    # The messages row exists: the ids being covered were just inserted, which creates it.
-    db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='messages'", (top,))
-
-
 def _row(r: tuple[Any, ...]) -> Message:
     return Message(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5])
 
@@ -119,8 +114,7 @@ class Broker:
         self._lag_started = trio.Event()
         self._sub_ids = itertools.count(1)
         self.published = 0
-        self._ids = Reserved(self.store, self.store.scalar("SELECT seq FROM sqlite_sequence WHERE name='messages'")
-                             or 0, ID_BLOCK, _write_id_mark)  # fmt: skip
+        self._ids = autoincrement_ids(self.store, "messages", ID_BLOCK)
         self._unwritten: list[tuple[Any, ...]] = []  # rows of fire-and-forget publishes, in id order
         self._writes = WriteBehind(self.store, self._write_messages)  # keyed by channel, for trimming
         for channel, count, last_id in self.store.all(

@@ -164,3 +164,15 @@ class Reserved:
 
     def _raised(self, top: int) -> None:
         self.mark = max(self.mark, top)
+
+
+def autoincrement_ids(store: Store, table: str, block: int) -> Reserved:
+    """Ids for an AUTOINCREMENT table handed out from memory, its ``sqlite_sequence`` row the durable mark. An
+    insert below the mark leaves that row alone, so most inserts write one page fewer. Insert the rows before
+    ``cover(db)``: the first insert is what creates the row the mark updates."""
+
+    def write_mark(db: Any, top: int) -> None:
+        db.execute("UPDATE sqlite_sequence SET seq=? WHERE name=?", (top, table))
+
+    mark = store.scalar("SELECT seq FROM sqlite_sequence WHERE name=?", (table,)) or 0
+    return Reserved(store, mark, block, write_mark)
