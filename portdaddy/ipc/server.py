@@ -3,7 +3,9 @@
 One task, the reactor, serves every connection: the sockets are registered once in an epoll of the server's
 own, whose fd trio waits on. For each ready socket it does one large non-blocking ``recv``, decodes and
 handles its whole frames one by one, running synchronous operations inline (they are atomic on the trio
-thread), and flushes all replies with one ``send``; what the socket does not take waits for EPOLLOUT.
+thread), and flushes all replies with one ``send``; what the socket does not take waits for EPOLLOUT. A
+connection gets at most FRAMES_PER_PASS frames handled per pass; the rest wait in its decoder, unread socket
+behind them, until the next pass, so one client's burst cannot hold up the others.
 Operations that wait (blocking acquires, ``tuple in --wait``) run as tasks in the server's nursery, cancelled
 when their connection closes, so the connection keeps serving. Limits (reference §20.5): connection cap,
 per-connection rate, a three-strike budget for malformed frames, bounded output, one agent identity per
@@ -41,6 +43,9 @@ OUT_LOW_WATER = 256 * 1024
 MAX_PUSH_BACKLOG = 256 * 1024
 # Operations that wait (blocking acquires, tuple waits) in flight at once on one connection.
 MAX_WAITING_OPS = 256
+# Frames one connection gets handled per reactor pass. The rest wait in its decoder for the next pass, so a
+# client flooding the socket delays the others by one budget, not by a whole read (thousands of frames).
+FRAMES_PER_PASS = 32
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _IN_OR_GONE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
@@ -101,6 +106,7 @@ class Connection:
         self._window = 0
         self._window_count = 0
         self.hangup = False  # stop reading: the connection is being cut off
+        self.backlogged = False  # whole frames wait in the decoder for the next pass (FRAMES_PER_PASS)
         self.closed = False
 
     # -- what operations use -------------------------------------------------------------------------------
@@ -138,6 +144,8 @@ class Connection:
     # -- what the reactor calls ----------------------------------------------------------------------------
 
     def on_readable(self) -> None:
+        if self.backlogged:  # not read until the frames it sent are handled: the reactor carries on with those
+            return
         try:
             size = self.sock.recv_into(self.server.read_buffer)
         except (BlockingIOError, InterruptedError):
@@ -148,23 +156,26 @@ class Connection:
             self.close()
             return
         self.decoder.feed(self.server.read_view[:size])
-        self._handle_events()
+        self.handle_frames()
 
     def on_writable(self) -> None:
         self._flush()
         if self._paused and len(self.out) <= OUT_LOW_WATER:
             self._paused = False
-            self._handle_events()  # the client read its replies down: carry on with the frames it sent
+            self.handle_frames()  # the client read its replies down: carry on with the frames it sent
         else:
             self._watch()  # level-triggered: a drained outbox must stop watching for output
 
-    def _handle_events(self) -> None:
-        """Handle whole frames in order; pause while the outbox is over OUT_HIGH_WATER.
+    def handle_frames(self) -> None:
+        """Handle whole frames in order, at most FRAMES_PER_PASS of them (the reactor calls again next pass while
+        ``backlogged``); pause while the outbox is over OUT_HIGH_WATER.
 
         One frame is decoded, handled and dropped before the next: decoding a whole read first kept thousands
         of payloads alive at once, which the garbage collector then promoted and traversed (a third of the
         time per fire-and-forget frame under a flood)."""
         next_event, handle = self.decoder.next_event, self._handle
+        budget = FRAMES_PER_PASS
+        self.backlogged = False
         while (event := next_event()) is not None:
             handle(event)
             if self.hangup:
@@ -177,6 +188,12 @@ class Connection:
                     # nothing. Paused, it has output queued, so EPOLLOUT (on_writable) resumes it.
                     self._paused = True
                     break
+            budget -= 1
+            if not budget:
+                self.backlogged = True
+                self.server.backlog.append(self)
+                self._flush()
+                break
         else:
             self._flush()
         if self.out or self.watching != _IN or self._paused:
@@ -253,7 +270,7 @@ class Connection:
                 "action": "", "error": "disconnected", "reason": f"{self.strikes} malformed frames; last: {reason}",
                 "message": "too many malformed frames; connection closed",
             })  # fmt: skip
-            self.hangup = True  # _handle_events stops and closes
+            self.hangup = True  # handle_frames stops and closes
             return
         self._reply(Performative.NOT_UNDERSTOOD, conv_id, {
             "action": "", "error": "frame_decode_error", "message": reason, "violations": self.strikes,
@@ -395,6 +412,7 @@ class IpcServer:
         self.nursery: trio.Nursery  # set by serve(); waiting operations run in it
         self._by_fd: dict[int, Connection] = {}
         self.partial: dict[Connection, float] = {}  # connection holding half a frame -> trio deadline
+        self.backlog: list[Connection] = []  # connections with frames left over from this pass, in order
         self.uid = os.getuid()
         # Counters since start (daemon.status "counts"): what the limits refused or dropped.
         self.refused = 0  # connections refused: over the cap or another uid
@@ -436,11 +454,14 @@ class IpcServer:
         registered once): 16 busy connections get ~1.5 times the requests through."""
         epoll, by_fd, epfd = self.epoll, self._by_fd, self.epoll.fileno()
         while True:
-            if self.partial:
+            if self.backlog:  # frames are waiting: let trio's other tasks (HTTP among them) run, then go on
+                await trio.lowlevel.checkpoint()
+            elif self.partial:
                 with trio.move_on_at(min(self.partial.values())):
                     await trio.lowlevel.wait_readable(epfd)
             else:  # no cancel scope to enter and leave on the hot path
                 await trio.lowlevel.wait_readable(epfd)
+            backlog, self.backlog = self.backlog, []
             for fd, mask in epoll.poll(0):
                 conn = by_fd.get(fd)
                 if conn is None:  # closed earlier in this pass
@@ -452,6 +473,9 @@ class IpcServer:
                         conn.close()
                     else:
                         conn.on_readable()
+            for conn in backlog:
+                if conn.backlogged and not conn.closed:
+                    conn.handle_frames()
             if self.partial:
                 self._cut_off_partials()
 
