@@ -177,12 +177,15 @@ def sdk_fire_and_forget(cfg: Settings, quick: bool) -> list[Figure]:
     return [Figure(f"sdk: fire-and-forget {label}, client cost", s, floor=SEND) for label, s in trio.run(run).items()]
 
 
-def _ingest_worker(path: str, payload: dict[str, Any], frames: int, start: Any) -> None:
+def _flood_worker(path: str, payload: dict[str, Any], batches: int, start: Any, stop: Any) -> None:
+    """Send ``payload`` as fire-and-forget frames, 512 to a send, ``batches`` times or until ``stop`` is set."""
     batch = Encoder().encode(Performative.INFORM, 0, payload) * 512
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
     start.wait()
-    for _ in range(frames // 512):
+    for _ in range(batches):
+        if stop.is_set():
+            break
         sock.sendall(batch)
     sock.close()
 
@@ -202,9 +205,9 @@ def daemon_ingest(cfg: Settings, quick: bool, conns: int = 4) -> list[Figure]:
             count = lambda: c.request("daemon.status")["counts"][counter]  # noqa: B023, E731
             before = count()
             ctx = multiprocessing.get_context("fork")
-            start = ctx.Event()
-            procs = [ctx.Process(target=_ingest_worker, args=(str(cfg.ipc_sock), payload(i), per_conn, start))
-                     for i in range(conns)]  # fmt: skip
+            start, never = ctx.Event(), ctx.Event()
+            procs = [ctx.Process(target=_flood_worker, args=(str(cfg.ipc_sock), payload(i), per_conn // 512, start,
+                                                             never)) for i in range(conns)]  # fmt: skip
             for p in procs:
                 p.start()
             time.sleep(0.3)
@@ -221,6 +224,32 @@ def daemon_ingest(cfg: Settings, quick: bool, conns: int = 4) -> list[Figure]:
                                   [(done - before) / elapsed], unit="fr/s",
                                   note="" if done >= target else "INCOMPLETE: frames lost"))  # fmt: skip
     return figures
+
+
+def ipc_behind_flood(cfg: Settings, quick: bool, flooders: int = 2) -> list[Figure]:
+    """A claim round trip while other connections flood the daemon with fire-and-forget frames: what one agent's
+    burst costs everyone else (spec/ipc.md, "Fairness"; unbounded, it was ~100 times a quiet claim)."""
+    n = 500 if quick else 3000
+    ctx = multiprocessing.get_context("fork")
+    start, stop = ctx.Event(), ctx.Event()
+    payload = {"action": "pheromone.spray", **SPRAY}
+    procs = [ctx.Process(target=_flood_worker, args=(str(cfg.ipc_sock), payload, 1 << 40, start, stop))
+             for _ in range(flooders)]  # fmt: skip
+    for p in procs:
+        p.start()
+    try:
+        with BlockingClient(cfg.ipc_sock) as c:
+            claim = lambda: c.request("port.claim", {"id": "bench:api"})  # noqa: E731
+            start.set()
+            time.sleep(0.3)  # the flood is under way
+            samples = timed(claim, n)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    return [Figure(f"ipc: port.claim behind {flooders} flooding connections", samples, floor=PINGPONG_UNPINNED)]
 
 
 # -- HTTP on the Unix socket --------------------------------------------------------------------------------
@@ -321,6 +350,7 @@ def run_all(quick: bool = False) -> list[Figure]:
         figures += ipc_concurrent(cfg, quick)
         figures += sdk_fire_and_forget(cfg, quick)
         figures += daemon_ingest(cfg, quick)
+        figures += ipc_behind_flood(cfg, quick)
         figures += http_round_trips(cfg, quick)
         figures += cli(cfg, quick)
         figures.append(Figure("daemon RSS after load", [rss_mb(proc.pid)], unit="MB"))
