@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import trio
@@ -102,13 +103,15 @@ class TupleSpace:
             if not space:
                 del self._spaces[t.harbor]
 
-    def _matching(self, matches: Matcher, harbor: Harbor, *, newest_first: bool, after: int = 0) -> list[Tuple]:
+    def _matching(self, matches: Matcher, harbor: Harbor, *, newest_first: bool, after: int = 0) -> Iterator[Tuple]:
+        """Live matches in id order, lazily: a take of the oldest job stops at the first match instead of matching
+        every tuple in the space (a queue of 5,000 made each take+out cost 2.7 ms)."""
         space = self._spaces.get(harbor)
         if not space:
-            return []
+            return iter(())
         now = now_ms()
         tuples = reversed(space.values()) if newest_first else space.values()
-        return [t for t in tuples if t.id > after and t.live(now) and matches(t.fields)]
+        return (t for t in tuples if t.id > after and t.live(now) and matches(t.fields))
 
     # -- out -----------------------------------------------------------------------------------------------
 
@@ -161,12 +164,12 @@ class TupleSpace:
 
     def rd(self, pattern: list[Any], *, harbor: Harbor = None, limit: int = 100) -> list[Tuple]:
         """Matching tuples, newest first, left in the space."""
-        return self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=True)[:limit]
+        return list(islice(self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=True), limit))
 
     def take(self, pattern: list[Any], *, harbor: Harbor = None, limit: int = 1,
              agent_id: str | None = None) -> list[Tuple]:  # fmt: skip
         """Remove and return up to ``limit`` matching tuples, oldest first (a work queue hands out in order)."""
-        found = self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=False)[:limit]
+        found = list(islice(self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=False), limit))
         self._delete(found)
         for t in found:
             self.app.bus.emit("tuple.in", harbor=harbor, tupleId=t.id, agentId=agent_id)
@@ -208,7 +211,8 @@ class TupleSpace:
 
     def poll(self, pattern: list[Any], *, harbor: Harbor = None, after: int = 0, limit: int = 1) -> list[Tuple]:
         """Matching tuples written after id ``after``, oldest first: a reader's cursor over new work."""
-        return self._matching(tuplematch.compile_pattern(pattern), harbor, newest_first=False, after=after)[:limit]
+        matches = tuplematch.compile_pattern(pattern)
+        return list(islice(self._matching(matches, harbor, newest_first=False, after=after), limit))
 
     # -- scan / count --------------------------------------------------------------------------------------
 
@@ -216,12 +220,12 @@ class TupleSpace:
         found = self._matching(lambda _: True, harbor, newest_first=True)
         if query:
             q = query.lower()
-            found = [t for t in found if q in json.dumps([t.fields, t.written_by]).lower()]
-        return found[:limit]
+            found = (t for t in found if q in json.dumps([t.fields, t.written_by]).lower())
+        return list(islice(found, limit))
 
     def count(self, pattern: list[Any] | None = None, *, harbor: Harbor = None) -> int:
         matches = tuplematch.compile_pattern(pattern) if pattern is not None else (lambda _: True)
-        return len(self._matching(matches, harbor, newest_first=False))
+        return sum(1 for _ in self._matching(matches, harbor, newest_first=False))
 
     # -- expiry --------------------------------------------------------------------------------------------
 
