@@ -128,7 +128,8 @@ class TupleSpace:
     def _put(self, t: Tuple) -> None:
         """Store ``t`` (a new one gets its id) and offer it to the harbor's waiters in FIFO order."""
         readers, taker = self._claimants(t)
-        t.id = self._ids.take()  # never handed out twice, even if this write fails: a gap is harmless
+        if not t.id:  # a tuple given back keeps its id
+            t.id = self._ids.take()  # never handed out twice, even if this write fails: a gap is harmless
         with self.store.write() as db:
             db.execute(
                 "INSERT INTO tuples (id, harbor, fields, written_by, created_at, expires_at) VALUES (?,?,?,?,?,?)",
