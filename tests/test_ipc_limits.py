@@ -308,9 +308,14 @@ def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) 
     assert daemon.call("port.find", pattern="big:*")["count"] == 0
 
 
-def cpu_seconds(pid: int) -> float:
+def stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state first, then ppid, … (utime and stime at 11 and 12)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -376,11 +381,6 @@ def test_a_slow_reader_gets_every_reply_in_order_and_the_daemon_goes_idle(daemon
     sock.close()
 
 
-def process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def test_a_flooding_connection_waits_its_turn_behind_another_clients_request(daemon_factory) -> None:
     """A read can hold thousands of frames; one connection gets FRAMES_PER_PASS of them handled before the next
     ready connection is served (spec/ipc.md, "Fairness"). Unbounded, one agent's burst of publishes delayed every
@@ -399,7 +399,7 @@ def test_a_flooding_connection_waits_its_turn_behind_another_clients_request(dae
         counted: list[int] = []
         d.proc.send_signal(signal.SIGSTOP)
         try:
-            wait_for(lambda: process_state(d.proc.pid) == "T", timeout=5, what="the daemon to stop")
+            wait_for(lambda: stat_fields(d.proc.pid)[0] == "T", timeout=5, what="the daemon to stop")
             flooder.sock.sendall(burst)
             asker = threading.Thread(target=lambda: counted.append(other.request("daemon.status")["counts"]))
             asker.start()
