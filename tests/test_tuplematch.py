@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portdaddy.core.tuplematch import compile_pattern, json_equal, match, validate_pattern, validate_tuple
+from portdaddy.core.tuplematch import (
+    compile_pattern,
+    json_equal,
+    literal_head,
+    match,
+    validate_pattern,
+    validate_tuple,
+)
 from portdaddy.errors import PDError
 
 # --- tables -----------------------------------------------------------------------------------------------
@@ -74,6 +81,17 @@ from portdaddy.errors import PDError
 def test_match_table(pattern: list, tup: list, expected: bool) -> None:
     assert match(pattern, tup) is expected
     assert compile_pattern(pattern)(tup) is expected
+
+
+@pytest.mark.parametrize(("pattern", "head"), [
+    (["job", "*"], "job"), (["my*"], "my*"), ([">x"], ">x"), (["a:b"], "a:b"),
+    ([], None), (["*"], None), ([None, "job"], None), ([">3"], None), (["<-1.5"], None), (["a:*"], None),
+    (["*:b"], None), ([7], None), ([["job"]], None),
+])  # fmt: skip
+def test_literal_head_is_the_first_string_only_itself_can_match(pattern: list, head: str | None) -> None:
+    assert literal_head(pattern) == head
+    if head is not None:  # the index's promise: no tuple with another first field matches
+        assert not match(pattern, ["other", "x"]) and match(pattern[:1], [head])
 
 
 def test_compiled_pattern_is_reusable() -> None:
@@ -233,6 +251,14 @@ patterns = st.lists(pattern_elements, max_size=4)
 def test_compiled_agrees_with_reference(pattern: list, tup: list) -> None:
     pattern, tup = validate_pattern(pattern), validate_tuple(tup)
     assert compile_pattern(pattern)(tup) == reference_match(pattern, tup)
+
+
+@settings(max_examples=500)
+@given(patterns, tuples)
+def test_a_literal_head_matches_only_tuples_starting_with_it(pattern: list, tup: list) -> None:
+    head = literal_head(pattern)
+    if head is not None and match(pattern, tup):
+        assert tup[0] == head  # so the space may look only at tuples indexed under head
 
 
 @given(st.integers(-10, 10) | st.floats(-10, 10, allow_nan=False), st.integers(-10, 10))

@@ -167,26 +167,39 @@ def _segments_predicate(pattern: str) -> Predicate | None:
     return segmentwise
 
 
+def _string_predicate(element: str) -> Predicate | None:
+    """The test for a pattern string with a meaning of its own (a threshold, an identity-style pattern); None
+    when the string stands for itself."""
+    if element[:1] in (">", "<"):
+        threshold = _parse_threshold(element[1:])
+        if threshold is not None:
+            greater = element[0] == ">"
+
+            def compare(v: Any) -> bool:
+                if _is_number(v):
+                    return v > threshold if greater else v < threshold
+                return isinstance(v, str) and v == element  # non-numbers: plain equality
+
+            return compare
+    return _segments_predicate(element)
+
+
 def _element_predicate(element: Any) -> Predicate | None:
     """The test for one pattern position; None means "matches anything"."""
     if element is None or element == WILDCARD:
         return None
     if isinstance(element, str):
-        if element[:1] in (">", "<"):
-            threshold = _parse_threshold(element[1:])
-            if threshold is not None:
-                greater = element[0] == ">"
-
-                def compare(v: Any) -> bool:
-                    if _is_number(v):
-                        return v > threshold if greater else v < threshold
-                    return isinstance(v, str) and v == element  # non-numbers: plain equality
-
-                return compare
-        segmentwise = _segments_predicate(element)
-        if segmentwise is not None:
-            return segmentwise
+        return _string_predicate(element) or _equal_to(element)
     return _equal_to(element)
+
+
+def literal_head(pattern: list) -> str | None:
+    """The pattern's first element when only a tuple whose first field is that very string can match it (the
+    key of the tuple space's index by first field), else None."""
+    head = pattern[0] if pattern else None
+    if isinstance(head, str) and head != WILDCARD and _string_predicate(head) is None:
+        return head
+    return None
 
 
 def compile_pattern(pattern: list) -> Callable[[list], bool]:
