@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -102,8 +103,11 @@ def test_a_one_megabyte_note_is_refused_with_its_limit(daemon: Daemon) -> None:
 def test_unknown_session_and_no_session(daemon: Daemon, tmp_path: Path) -> None:
     r = daemon.pd("note", "hello", "--session", "session-doesnotexist")
     assert r.returncode == 1 and "session session-doesnotexist does not exist" in r.stderr
-    r = daemon.pd("note", "hello", cwd=_tree(tmp_path, "nobody"))
-    assert r.returncode == 1 and "no active session" in r.stderr and "pd session start" in r.stderr
+    nobody = _tree(tmp_path, "nobody")
+    r = daemon.pd("note", "hello", cwd=nobody)
+    assert r.returncode == 1 and f"no active session in {nobody};" in r.stderr and "pd session start" in r.stderr
+    r = daemon.pd("session", "show", cwd=nobody)
+    assert r.returncode == 1 and "no active session in" in r.stderr
     assert daemon.pd("session", "end", "--session", "session-doesnotexist").returncode == 1
 
 
@@ -132,7 +136,7 @@ def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> No
     assert daemon.pd("note", "JWT refresh done", "--type", "progress", cwd=tree).returncode == 0
     who = daemon.pd("whoami", cwd=tree).stdout
     assert f"Agent:    {agent}" in who and "Purpose:  Refactor auth" in who and "Files:    src/auth.ts" in who
-    assert "Notes:    1" in who
+    assert "Notes:    1" in who and re.search(r"^Duration: \d+s$", who, re.M), who
     clash = daemon.pd("begin", "Also auth", "--files", "src/*", cwd=_tree(tmp_path, "other"))
     assert clash.returncode == 1 and "Use --force to claim anyway" in clash.stderr
     done = daemon.pd("done", "Auth refactor complete", "--json", cwd=tree)
@@ -146,6 +150,34 @@ def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> No
     log = daemon.pd("log", "--agent", agent, "--json").stdout
     assert {"agent.register", "session.start", "note.add", "session.end", "agent.unregister"} <= \
         {e["type"] for e in json.loads(log)["entries"]}  # fmt: skip
+
+
+def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon, tmp_path: Path) -> None:
+    """One current.json per worktree, several agents told apart by PORT_DADDY_AGENT: the file holds whoever
+    wrote it last, and nobody else's note, session end or done may land on that session."""
+    tree = _tree(tmp_path, "shared")
+
+    def pd(agent: str, *args: str) -> subprocess.CompletedProcess[str]:
+        r = daemon.pd(*args, cwd=tree, env={"PORT_DADDY_AGENT": agent})
+        assert r.returncode == 0, r.stderr
+        return r
+
+    alice = json.loads(pd("alice", "begin", "Alice work", "--files", "a.ts", "--json").stdout)["sessionId"]
+    bob = pd("bob", "session", "start", "Bob work", "--files", "b.ts", "-q").stdout.strip()
+    assert json.loads((tree / ".portdaddy" / "current.json").read_text())["agentId"] == "bob"
+    assert f"to session {alice}" in pd("alice", "note", "from alice").stdout
+    assert json.loads(pd("alice", "session", "show", "--json").stdout)["session"]["id"] == alice
+    assert "Agent:    alice" in pd("alice", "whoami").stdout
+    done = json.loads(pd("alice", "done", "alice finished", "--json").stdout)
+    assert (done["agentId"], done["sessionId"]) == ("alice", alice)
+    assert daemon.call("session.get", sessionId=bob)["session"]["status"] == "active"
+    assert daemon.call("file.owners", path="b.ts")["claimed"] is True
+    assert json.loads((tree / ".portdaddy" / "current.json").read_text())["sessionId"] == bob  # bob's, kept
+    assert f"to session {bob}" in pd("bob", "note", "from bob").stdout
+    # Registering another agent here does not hand it bob's session.
+    pd("carol", "agent", "register", "--agent", "carol")
+    assert "sessionId" not in json.loads((tree / ".portdaddy" / "current.json").read_text())
+    assert f"to session {bob}" in pd("bob", "note", "bob again").stdout
 
 
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
     assert again["token"] > token
     same = json.loads(daemon.pd("lock", "cli:db-migrations", "--json", "--owner", "me", "--ttl", "10m").stdout)
     assert same["existing"] is True and same["token"] == again["token"]  # re-acquire is idempotent
+    assert "expires in 10m)" in daemon.pd("lock", "cli:db-migrations", "--owner", "me", "--ttl", "10m").stdout
     refused = daemon.pd("unlock", "cli:db-migrations", "--owner", "someone-else")
     assert refused.returncode == 1 and "held by me" in refused.stderr
     assert daemon.pd("unlock", "cli:db-migrations", "--owner", "someone-else", "--force").returncode == 0

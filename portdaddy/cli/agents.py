@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import load_current, resolve_agent, save_current
+from portdaddy.cli.context import forget, remember, resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.transport import call
 
@@ -54,7 +54,7 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
     args = {"agentId": resolve_agent(agent), "identity": identity, "purpose": purpose, "type": type_,
             "status": status, "capabilities": caps, "maxLocks": max_locks, "maxServices": max_services}  # fmt: skip
     result = call("agent.register", args, as_json=as_json)
-    save_current({**load_current(), "agentId": result["agentId"]})
+    remember(result["agentId"])
     if as_json:
         emit_json(result)
         return
@@ -90,9 +90,7 @@ def unregister(agent: str | None, as_json: bool) -> None:
     """
     agent_id = resolve_agent(agent)
     result = call("agent.unregister", {"agentId": agent_id}, as_json=as_json)
-    current = load_current()
-    if current.get("agentId") == result["agentId"]:
-        save_current({k: v for k, v in current.items() if k not in ("agentId", "sessionId")})
+    forget(agent_id=result["agentId"])
     emit_json(result) if as_json else click.echo(result["message"])
 
 

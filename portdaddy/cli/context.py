@@ -2,6 +2,12 @@
 
 Precedence: an explicit ``--agent``/``--session`` flag, then ``PORT_DADDY_AGENT``/``PORT_DADDY_SESSION`` (and
 ``AGENT_ID``, as the original), then the worktree's current.json written by ``pd begin``/``pd session start``.
+
+Several agents may share a worktree, each with its own ``PORT_DADDY_AGENT``, while the worktree has one
+current.json: it holds one agent and that agent's session, whoever wrote it last. Its session is used only by
+that agent; another agent's commands name no session and the daemon finds that agent's latest active one by
+agent and worktree. Writing the file for another agent starts it afresh, and only the agent or session it
+holds can clear it.
 """
 
 from __future__ import annotations
@@ -50,9 +56,34 @@ def clear_current(root: Path | None = None) -> None:
         pass
 
 
+def remember(agent_id: str | None, **fields: Any) -> None:
+    """Record what this worktree's current agent is doing. What the file held for another agent (its session,
+    its identity) is dropped first: none of it is this agent's."""
+    current = load_current()
+    if current.get("agentId") != agent_id:
+        current = {}
+    save_current({**current, **({"agentId": agent_id} if agent_id else {}), **fields})
+
+
+def forget(*, agent_id: str | None = None, session_id: str | None = None) -> None:
+    """The agent is gone (everything the file holds goes) or the session ended (the session goes); a file that
+    holds another agent's or session is left alone."""
+    current = load_current()
+    if agent_id and current.get("agentId") == agent_id:
+        clear_current()
+    elif session_id and current.get("sessionId") == session_id:
+        save_current({k: v for k, v in current.items() if k not in ("sessionId", "purpose")})
+
+
 def resolve_agent(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("PORT_DADDY_AGENT") or os.environ.get("AGENT_ID") or load_current().get("agentId")
 
 
-def resolve_session(explicit: str | None = None) -> str | None:
-    return explicit or os.environ.get("PORT_DADDY_SESSION") or load_current().get("sessionId")
+def resolve_session(explicit: str | None = None, agent: str | None = None) -> str | None:
+    """The session to act on: ``explicit``, ``PORT_DADDY_SESSION``, or current.json's when it belongs to the
+    acting agent (``agent``: its ``--agent`` flag, if any). None lets the daemon find the agent's own."""
+    chosen = explicit or os.environ.get("PORT_DADDY_SESSION")
+    if chosen:
+        return chosen
+    current = load_current()
+    return current.get("sessionId") if current.get("agentId") == resolve_agent(agent) else None

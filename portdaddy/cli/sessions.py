@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import load_current, resolve_agent, resolve_session, save_current, worktree_root
+from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session, worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.transport import call, connect, fail
 from portdaddy.core.conflicts import conflict_line
@@ -83,8 +83,7 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
     args = {"purpose": purpose, "files": [*paths, *files], "force": force, "agentId": agent_id,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("session.start", args, as_json=as_json)
-    save_current({**load_current(), "sessionId": result["id"], "purpose": purpose,
-                  **({"agentId": agent_id} if agent_id else {})})  # fmt: skip
+    remember(agent_id, sessionId=result["id"], purpose=purpose)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -112,9 +111,7 @@ def end(note: str | None, status: str, session: str | None, as_json: bool, quiet
     """
     result = call("session.end", {**where(), "sessionId": resolve_session(session), "note": note, "status": status},
                   as_json=as_json)  # fmt: skip
-    current = load_current()
-    if current.get("sessionId") == result["id"]:
-        save_current({k: v for k, v in current.items() if k not in ("sessionId", "purpose")})
+    forget(session_id=result["id"])
     if as_json:
         emit_json(result)
     else:
@@ -163,8 +160,7 @@ def show(session_id: str | None, as_json: bool) -> None:
     Example:
       pd session show session-1a2b3c4d5e6f
     """
-    sid = session_id or resolve_session()
-    result = call("session.get", {"sessionId": sid}, as_json=as_json)
+    result = call("session.get", {**where(), "sessionId": resolve_session(session_id)}, as_json=as_json)
     if as_json:
         emit_json(result)
         return

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
 
-from portdaddy.cli.context import (
-    clear_current,
-    load_current,
-    resolve_agent,
-    resolve_session,
-    save_current,
-    worktree_root,
-)
+from portdaddy.cli.context import forget, load_current, resolve_agent, resolve_session, save_current, worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.sessions import claim_line, claiming_call, note_line
 from portdaddy.cli.transport import call
@@ -80,10 +72,10 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
       pd done "Auth refactor complete; tokens rotate every 15m"
       pd done --status abandoned
     """
-    args = {"agentId": resolve_agent(agent), "sessionId": resolve_session(session), "note": note_opt or note,
+    args = {"agentId": resolve_agent(agent), "sessionId": resolve_session(session, agent), "note": note_opt or note,
             "status": status, "worktree": str(worktree_root())}  # fmt: skip
     result = call("agent.done", args, as_json=as_json)
-    clear_current()
+    forget(agent_id=result["agentId"] if result["agentUnregistered"] else None, session_id=result["sessionId"])
     if as_json:
         emit_json(result)
         return
@@ -94,10 +86,6 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
     if result["agentUnregistered"]:
         click.echo(f"Agent {result['agentId']} unregistered", err=True)
     click.echo(f"Notes: {result['notesCount']}", err=True)
-
-
-def _duration(ms: int) -> str:
-    return age(int(time.time() * 1000) - ms)
 
 
 @click.command("whoami")
@@ -111,7 +99,7 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
     Example:
       pd whoami
     """
-    agent_id, session_id = resolve_agent(agent), resolve_session()
+    agent_id, session_id = resolve_agent(agent), resolve_session(agent=agent)
     if not (agent_id or session_id):
         result: dict[str, Any] = {"success": True, "active": False, "hint": "No active session. Use pd begin to start."}
     else:
@@ -126,7 +114,7 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
     else:
         for label, value in (("Agent", result["agentId"]), ("Session", f"{result['sessionId']} ({result['status']})"),
                              ("Purpose", result["purpose"]), ("Identity", result["identity"]),
-                             ("Duration", _duration(result["startedAt"])), ("Notes", result["noteCount"]),
+                             ("Duration", age(result["startedAt"])), ("Notes", result["noteCount"]),
                              ("Files", ", ".join(result["files"]) or "-")):  # fmt: skip
             if value is not None:
                 click.echo(f"{label + ':':10}{value}")

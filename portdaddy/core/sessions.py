@@ -171,10 +171,8 @@ class Sessions:
             (agent_id, worktree),
         )  # fmt: skip
         if row is None:
-            who = " ".join(filter(None, [agent_id and f"agent {agent_id}", worktree and f"in {worktree}"]))
-            raise NotFound(
-                "NO_ACTIVE_SESSION", f"no active session for {who}; start one with pd session start or pd begin"
-            )
+            who = (f" for agent {agent_id}" if agent_id else "") + (f" in {worktree}" if worktree else "")
+            raise NotFound("NO_ACTIVE_SESSION", f"no active session{who}; start one with pd session start or pd begin")
         return row[0]
 
     def latest_purpose(self, agent_id: str) -> str | None:
@@ -387,8 +385,9 @@ def end_op(ctx: Ctx, *, sessionId, note, status, agentId, worktree) -> dict[str,
     return ctx.app.sessions.end(sid, note=note, status=status, agent_id=agentId or ctx.agent_id)
 
 
-def get_op(ctx: Ctx, *, sessionId) -> dict[str, Any]:
+def get_op(ctx: Ctx, *, sessionId, agentId, worktree) -> dict[str, Any]:
     sessions: Sessions = ctx.app.sessions
+    sessionId = _target(ctx, sessionId, agentId, worktree)
     s = sessions.session(sessionId)
     files = [{"sessionId": sessionId, "filePath": p, "claimedAt": c, "releasedAt": r, "forced": bool(f)}
              for p, c, r, f in sessions.store.all("SELECT path, claimed_at, released_at, forced FROM file_claims "
@@ -475,8 +474,8 @@ OPS = (
     Op(
         "session.get",
         get_op,
-        (Param("sessionId", v.name("session id", 100), required=True, aliases=("id",)),),
-        summary="one session with its notes (oldest first) and file claims",
+        (_SESSION, Param("agentId", AGENT_ID), _WORKTREE),
+        summary="one session with its notes (oldest first) and file claims (default: the caller's current one)",
     ),
     Op(
         "session.list",
