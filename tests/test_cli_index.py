@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
+
+import click
 
 import portdaddy.cli
 from portdaddy.cli.main import COMMAND_MODULES, cli
@@ -30,3 +33,20 @@ def test_every_indexed_command_resolves() -> None:
     for name in COMMAND_MODULES:
         assert cli.get_command(ctx, name).name == name
     assert cli.get_command(ctx, "no-such-command") is None
+
+
+def _leaf_commands(command: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, click.Command]]:
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from _leaf_commands(command.get_command(ctx, name), (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_every_command_takes_json() -> None:
+    """What `pd --help` promises: --json everywhere (but `pd daemon`, which is the daemon itself)."""
+    leaves = dict(_leaf_commands(cli, ()))
+    assert len(leaves) > 60
+    without = [path for path, cmd in leaves.items() if not any("--json" in p.opts for p in cmd.params)]
+    assert without == ["daemon"]

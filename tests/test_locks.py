@@ -150,6 +150,8 @@ def test_with_lock_runs_the_command_and_exits_with_its_status(daemon, tmp_path) 
     daemon.call("lock.acquire", name="wl:held", owner="other")
     r = daemon.pd("with-lock", "wl:held", "--", "true")
     assert r.returncode == 1 and "held by other" in r.stderr
+    r = daemon.pd("with-lock", "wl:held", "--json", "--", "true")
+    assert r.returncode == 1 and json.loads(r.stdout)["holder"] == "other"
     daemon.call("lock.release", name="wl:held")
 
 

@@ -319,10 +319,14 @@ def hook_group() -> None:
 
 
 @hook_group.command("post-commit")
-def post_commit() -> None:
-    """Publish git:committed for the commit just made (called by .git/hooks/post-commit)."""
+@json_option
+def post_commit(as_json: bool) -> None:
+    """Publish git:committed for the commit just made (called by .git/hooks/post-commit; silent unless --json)."""
     payload = hook.commit_payload(Path.cwd())
-    call("msg.publish", {"channel": "git:committed", "payload": payload, "sender": f"git:{payload['project']}"})
+    result = call("msg.publish", {"channel": "git:committed", "payload": payload,
+                                  "sender": f"git:{payload['project']}"}, as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json(result)
 
 
 COMMANDS = [fleet]

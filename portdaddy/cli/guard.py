@@ -39,33 +39,37 @@ def _git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
 
-def _hooks_dir(root: Path) -> Path:
+def _hooks_dir(root: Path, as_json: bool) -> Path:
     try:
         return (root / _git(root, "rev-parse", "--git-path", "hooks").strip()).resolve()
     except (OSError, subprocess.CalledProcessError):
-        fail(bad_input(f"{root} is not a git worktree; run pd guard install inside one"))
+        fail(bad_input(f"{root} is not a git worktree; run pd guard install inside one"), as_json=as_json)
 
 
 @guard.command("install")
 @click.option("--mode", type=click.Choice(MODES), default="warn", show_default=True)
 @click.option("--force", is_flag=True, help="Replace a pre-commit hook that is not ours.")
-def install(mode: str, force: bool) -> None:
+@json_option
+def install(mode: str, force: bool, as_json: bool) -> None:
     """Write .git/hooks/pre-commit (of this worktree's repository) running pd guard check on staged files.
 
     \b
     Example:
       pd guard install --mode enforce
     """
-    hooks = _hooks_dir(worktree_root())
+    hooks = _hooks_dir(worktree_root(), as_json)
     hook = hooks / "pre-commit"
     if hook.exists() and MARKER not in hook.read_text(errors="replace") and not force:
         fail(PDError("CONFLICT", f"{hook} already exists; add '{sys.executable} -m portdaddy.cli guard check "
-                     f"--staged --mode {mode}' to it, or replace it with --force"))  # fmt: skip
+                     f"--staged --mode {mode}' to it, or replace it with --force"), as_json=as_json)  # fmt: skip
     hooks.mkdir(parents=True, exist_ok=True)
     hook.write_text(f"#!/bin/sh\n{MARKER} (pd guard install --mode {mode})\n"
                     f"exec \"{sys.executable}\" -m portdaddy.cli guard check --staged --mode {mode}\n")  # fmt: skip
     os.chmod(hook, 0o755)
-    click.echo(f"Installed {hook} (mode {mode})")
+    if as_json:
+        emit_json({"success": True, "hook": str(hook), "mode": mode})
+    else:
+        click.echo(f"Installed {hook} (mode {mode})")
 
 
 @guard.command("check")

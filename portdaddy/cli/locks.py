@@ -143,14 +143,16 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @_WAIT
 @_TIMEOUT
 @_OWNER
+@json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str | None,
+def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str | None, as_json: bool,
               command: tuple[str, ...]) -> None:  # fmt: skip
     """Run COMMAND holding the lock NAME; exit with the command's status.
 
     The lease is extended while the command runs; the lock is released when it exits, when it is killed,
     and when this process dies (the lock is bound to its connection). The command sees the fencing token
-    in PD_LOCK_TOKEN. Exit 1 if the lock is held (without --wait).
+    in PD_LOCK_TOKEN. Exit 1 if the lock is held (without --wait). With --json, pd's own refusals print as
+    JSON on stdout; the command's output is its own.
 
     \b
     Examples:
@@ -170,7 +172,7 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
                 )
             status = _run_holding(client, granted, ttl_ms, command)
     except PDError as e:
-        fail(e)
+        fail(e, as_json=as_json)
     sys.exit(status)
 
 

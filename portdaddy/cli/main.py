@@ -68,7 +68,7 @@ def cli() -> None:
       pd status                        is the daemon healthy?
 
     Exit codes: 0 done, 1 refused (held, conflict, timeout, not found), 2 bad input,
-    3 daemon unreachable. Every command takes --json.
+    3 daemon unreachable. Every command takes --json (but pd daemon, which is the daemon).
     """
 
 

@@ -148,11 +148,13 @@ def wait(channels: tuple[str, ...], timeout: str | None, after: int, as_json: bo
 @click.option("--exec", "command", required=True, help="Shell command run once per message.")
 @click.option("--once", is_flag=True, help="Exit after the first message.")
 @click.option("--retained", is_flag=True, help="Also run for the retained (last) message of each channel.")
-def watch(channel: str, command: str, once: bool, retained: bool) -> None:
+@json_option
+def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool) -> None:
     """Run a command for every new message on CHANNEL, one at a time, in order.
 
     The command sees PD_CHANNEL, PD_MESSAGE (the whole message as JSON), PD_MESSAGE_CONTENT (the
-    payload: text as-is, else JSON), PD_MESSAGE_ID and PD_SENDER.
+    payload: text as-is, else JSON), PD_MESSAGE_ID and PD_SENDER. With --json, pd's own refusals print as
+    JSON on stdout; the command's output is its own.
 
     \b
     Examples:
@@ -171,7 +173,7 @@ def watch(channel: str, command: str, once: bool, retained: bool) -> None:
                 if once:
                     return
     except PDError as e:
-        fail(e)
+        fail(e, as_json=as_json)
     except KeyboardInterrupt:
         sys.exit(130)
 
