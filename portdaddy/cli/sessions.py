@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session, worktree_root
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call, connect, fail
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
@@ -145,9 +145,9 @@ def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: 
     elif not result["sessions"]:
         click.echo("No sessions")
     else:
-        for s in result["sessions"]:
-            click.echo(f"{s['id']}  {s['status']:9}  {s['agentId'] or '-':20}  {s['noteCount']:3} notes  "
-                       f"{len(s['files']):3} files  {age(s['updatedAt']):>4}  {s['purpose']}")  # fmt: skip
+        table([(s["id"], s["status"], s["agentId"] or "-", s["noteCount"], len(s["files"]), age(s["updatedAt"]),
+               s["purpose"]) for s in result["sessions"]],
+              ("SESSION", "STATUS", "AGENT", "NOTES", "FILES", "LAST ACTIVE", "PURPOSE"))  # fmt: skip
 
 
 @session.command("show")
