@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 from conftest import Daemon
 
@@ -45,3 +48,22 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))
         assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert c.get("/health").json()["status"] == "ok"  # the connection is still good
+
+
+def test_a_body_cut_short_by_the_peer_closes_only_that_connection(fresh_daemon: Daemon) -> None:
+    """A request whose body stops short of its Content-Length, then a close: hypercorn fails that connection
+    (it stopped the whole daemon), with or without a token, on either socket."""
+    cfg = fresh_daemon.settings
+    port = int(cfg.port_file.read_text())
+    for attempt in range(16):
+        if attempt % 2:  # no token: refused, but only after the body has been read
+            sock, path = socket.create_connection(("127.0.0.1", port)), b"/health"
+        else:
+            sock, path = socket.socket(socket.AF_UNIX), b"/claim"
+            sock.connect(str(cfg.http_sock))
+        with sock:
+            sock.sendall(b"POST " + path + b' HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"id":"a:b"}')
+            time.sleep(0.02 * (attempt % 3))
+        time.sleep(0.05)
+        assert fresh_daemon.call("port.claim", id="still:here")["port"]
+    assert fresh_daemon.proc is not None and fresh_daemon.proc.poll() is None

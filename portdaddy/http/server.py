@@ -3,7 +3,10 @@
 Two fixes to hypercorn 0.18 (pinned in pyproject) are installed on its per-connection ``TCPServer``:
 - the peer's uid is checked (SO_PEERCRED) on Unix-socket connections, as on the IPC socket;
 - ``_close`` runs shielded: otherwise, after a ``Connection: close`` request, the close runs in a task
-  quart-trio has just cancelled, and the connection (and its fd) is never closed.
+  quart-trio has just cancelled, and the connection (and its fd) is never closed;
+- an error escaping one connection ends that connection, not the server: hypercorn lets some out (a body cut
+  short by the peer's close makes it send a 400 while another task is sending: ``BusyResourceError``), and
+  trio's serve_listeners would carry it up through the daemon's nursery: one such request stopped the daemon.
 """
 
 from __future__ import annotations
@@ -35,11 +38,22 @@ class _GuardedTCPServer(TCPServer):
                 log.warning("refused HTTP connection from uid %d", uid)
                 await self.stream.aclose()
                 return
-        await super().run()
+        try:
+            await super().run()
+        except Exception as e:  # Cancelled is not an Exception: shutdown still goes through
+            log.warning("HTTP connection failed: %s", _first_error(e))
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True):
             await super()._close()
+
+
+def _first_error(e: BaseException) -> str:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {e}"
 
 
 hypercorn.trio.run.TCPServer = _GuardedTCPServer  # type: ignore[misc]
