@@ -18,7 +18,7 @@ TCP_PORT_ATTEMPTS = 11  # 9876..9886, as the original
 DEFAULT_RANGE = (3100, 9999)
 RESERVED_PORTS = frozenset({8000, 8080, 9876})
 
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")  # ASCII digits: \d would take "٣"
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -35,7 +35,7 @@ def parse_duration_ms(value: object) -> int | None:
     text = value.strip().lower()
     if not text or len(text) > 50:
         return None
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone takes "²", which int() refuses
         return int(text)
     total, pos = 0, 0
     for m in _DURATION_PART.finditer(text):
@@ -91,7 +91,7 @@ class Settings:
 
         def integer(var: str, default: int) -> int:
             raw = env.get(var, "")
-            return int(raw) if raw.strip().isdigit() else default
+            return int(raw) if raw.strip().isascii() and raw.strip().isdigit() else default
 
         start = integer("PORT_DADDY_RANGE_START", DEFAULT_RANGE[0])
         end = integer("PORT_DADDY_RANGE_END", DEFAULT_RANGE[1])

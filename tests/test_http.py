@@ -6,8 +6,10 @@ import socket
 import time
 
 import httpx
+import pytest
 from conftest import Daemon
 
+from portdaddy.errors import PDError
 from portdaddy.http.app import Router
 from portdaddy.http.routes import ROUTES, Route
 
@@ -67,3 +69,47 @@ def test_a_body_cut_short_by_the_peer_closes_only_that_connection(fresh_daemon: 
         time.sleep(0.05)
         assert fresh_daemon.call("port.claim", id="still:here")["port"]
     assert fresh_daemon.proc is not None and fresh_daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/msg/poison", b'{"payload": "\\ud800"}'),
+    ("/claim", b'{"id": "poison:api", "metadata": {"k": ["ok", "\\udfff"]}}'),
+    ("/claim", b'{"id": "poison:api", "metadata": {"\\ud83d": 1}}'),
+])  # fmt: skip
+def test_a_lone_surrogate_is_refused_at_the_door(daemon: Daemon, path: str, body: bytes) -> None:
+    """JSON can spell a lone UTF-16 surrogate; stored, it broke every IPC reply that carried it (msgpack
+    refuses to encode it), and a subscriber's delivery stopped the daemon."""
+    with unix_client(daemon) as c:
+        r = c.post(path, content=body)
+        assert r.status_code == 400 and "surrogate" in r.json()["error"], r.text
+        r = c.post("/msg/fine", content=b'{"payload": "\\ud83d\\ude00 \\u00e9"}')  # a pair is a character
+        assert r.status_code == 200
+    assert daemon.call("msg.history", channel="poison")["messages"] == []
+    assert daemon.call("port.find", pattern="poison:*")["services"] == []
+    assert daemon.call("msg.history", channel="fine")["messages"][-1]["payload"] == "😀 é"
+
+
+@pytest.mark.parametrize("header", ["Bearer \xe9t\xe9", "Bearer ²", "Basic x"])
+def test_a_bad_token_is_a_401_whatever_its_characters(daemon: Daemon, header: str) -> None:
+    port = int(daemon.settings.port_file.read_text())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+        for path in ("/status", "/msg/x/subscribe"):  # the dispatcher's route and quart's
+            r = c.get(path, headers={"Authorization": header.encode("latin-1")})
+            assert r.status_code == 401 and r.json() == {"success": False, "code": "UNAUTHORIZED",
+                                                         "error": r.json()["error"]}  # fmt: skip
+
+
+def test_hostile_numbers_headers_and_nesting_are_400s_not_500s(daemon: Daemon) -> None:
+    with unix_client(daemon) as c:
+        for query in ("limit=--5", "limit=%C2%B2", "limit=abc"):
+            r = c.get(f"/services?{query}")
+            assert r.status_code == 400 and "limit must be an integer" in r.json()["error"], r.text
+        for pid in ("\xb2", "9" * 30):  # an X-PID that is not a pid is ignored
+            r = c.post("/claim", json={"id": "hostile:pid"}, headers={"X-PID": pid.encode("latin-1")})
+            assert r.status_code == 200, r.text
+        r = c.post("/msg/deep", content=b'{"payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        assert r.status_code == 400 and "nests too deep" in r.json()["error"]
+    for action, args in (("arbiter.violations", {"rule": ["ports"]}), ("arbiter.test", {"name": {"a": 1}})):
+        with pytest.raises(PDError) as refused:
+            daemon.call(action, **args)
+        assert refused.value.code == "VALIDATION_ERROR"

@@ -11,6 +11,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 import trio
 from conftest import Daemon
@@ -536,3 +537,24 @@ def test_half_a_frame_then_silence_is_cut_off(daemon_factory) -> None:
     time.sleep(0.6)
     idle.send(Performative.REQUEST, 2, {"action": "daemon.health"})
     assert idle.frames(1)[0].type == Performative.INFORM_DONE
+
+
+def test_a_reply_that_cannot_be_encoded_fails_alone(fresh_daemon: Daemon) -> None:
+    """A lone surrogate stored before HTTP refused them (or written by hand) cannot go into msgpack: the
+    request that would carry it fails, subscribers lose that delivery, and the daemon serves on."""
+    d = fresh_daemon
+    d.call("msg.publish", channel="poison", payload="fine")
+    d.stop()
+    db = apsw.Connection(str(d.settings.db))
+    db.execute("INSERT INTO messages (channel, payload, content_type, created_at) VALUES "
+               "('poison', '\"\\ud800\"', 'json', 1)")  # fmt: skip
+    db.close()
+    d.start()
+    with d.client() as c:
+        with pytest.raises(PDError) as refused:
+            c.request("msg.history", {"channel": "poison"})
+        assert refused.value.code == "INTERNAL" and "could not be encoded" in refused.value.message
+        c.request("msg.subscribe", {"channels": ["poison"], "after": 0})
+        assert c.request("port.claim", {"id": "still:serving"})["port"]
+    assert "could not encode a msg.history reply" in d.log()
+    assert d.proc is not None and d.proc.poll() is None

@@ -59,3 +59,21 @@ def test_flat_fire_and_forget_frames_bind_to_immutable_values(action: str) -> No
     assert {p.name for p in op.params} == set(raw), f"give every parameter of {action} a value here"
     for name, value in op.bind({"action": action, **raw}).items():
         assert isinstance(value, IMMUTABLE), f"{action} binds {name} to a {type(value).__name__}, which can change"
+
+
+@given(st.text(max_size=8) | st.sampled_from(["²", "--5", "٣", "1²", " 7 ", "-0", "9" * 30, "3s", "٣s", "1e3"]))
+def test_numbers_in_text_are_accepted_or_refused_never_crashed_on(text: str) -> None:
+    """str.isdigit() takes "²", which int() refuses: the check used to end in a ValueError (an HTTP 500)."""
+    for check in (validate.integer(), validate.integer(0, 100), validate.duration()):
+        verdict, value = answer(check, text)
+        if verdict == "ok":
+            assert isinstance(value, int) and text.strip().lstrip("-")[:1] in "0123456789"
+
+
+def test_integers_and_durations_are_ascii_digits() -> None:
+    assert validate.integer()("n", " -12 ") == -12
+    assert validate.duration()("d", "90s") == 90_000 and validate.duration()("d", "250") == 250
+    for text in ("٣", "²", "--5", "1.5", "٣s"):
+        for check in (validate.integer(), validate.duration()):
+            with pytest.raises(PDError):
+                check("n", text)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,6 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.events import Event
 from portdaddy.core.harbors import covers
 from portdaddy.core.ops import Ctx, Op, Param
-from portdaddy.errors import bad_input
 
 log = logging.getLogger("portdaddy.arbiter")
 
@@ -340,9 +340,12 @@ _HANDLERS = {
 # -- operations ----------------------------------------------------------------------------------------------
 
 
+_EPOCH_MS = re.compile(r"[0-9]{13,}")  # 10^12 ms and up: a timestamp, not a number of ms back
+
+
 def _since(name: str, value: Any) -> int:
     """An epoch-ms timestamp (≥ 10^12) or a duration back from now (``1h``, ``90s``)."""
-    if isinstance(value, int | str) and str(value).strip().isdigit() and int(value) >= 10**12:
+    if isinstance(value, int | str) and _EPOCH_MS.fullmatch(str(value).strip()):
         return v.integer(0)(name, value)
     return now_ms() - v.duration()(name, value)
 
@@ -361,12 +364,6 @@ def _test(ctx: Ctx, *, name: str) -> dict[str, Any]:
     return {"success": True, "violation": found}
 
 
-def _rule(name: str, value: Any) -> str:
-    if value not in RULES:
-        raise bad_input(f"{name} must be one of {', '.join(RULES)}, got {str(value)[:40]!r}")
-    return value
-
-
 OPS = (
     Op("arbiter.status", _status, summary="the invariants checked, events checked per rule, counts and mode"),
     Op(
@@ -374,7 +371,7 @@ OPS = (
         _violations,
         (
             Param("since", _since),
-            Param("rule", _rule),
+            Param("rule", v.one_of(*RULES)),
             Param("limit", v.integer(1, 1000), default=50),
             Param("offset", v.integer(0, None), default=0),
         ),
@@ -383,7 +380,7 @@ OPS = (
     Op(
         "arbiter.test",
         _test,
-        (Param("name", _rule, required=True, aliases=("rule",)),),
+        (Param("name", v.one_of(*RULES), required=True, aliases=("rule",)),),
         summary="record a synthetic violation of a rule (never man overboard) to check alerts and webhooks",
     ),
 )

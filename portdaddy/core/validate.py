@@ -95,6 +95,8 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
 
 # SQLite stores 64-bit integers; a larger one would crash the query instead of being refused.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and int() takes "٣".
+_INTEGER_TEXT = re.compile(r"\s*-?[0-9]+\s*")
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
@@ -102,8 +104,10 @@ def integer(lo: int | None = None, hi: int | None = None) -> Check:
     hi = INT64_MAX if hi is None else hi
 
     def check(name: str, value: Any) -> int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value.strip())
+        if isinstance(value, str):
+            if not _INTEGER_TEXT.fullmatch(value):
+                raise bad_input(f"{name} must be an integer, got {value[:40]!r}")
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_input(f"{name} must be an integer, got {_type_name(value)}")
         if not lo <= value <= hi:
@@ -200,7 +204,7 @@ def str_list(item: Check, max_items: int = 100) -> Check:
 
 def one_of(*choices: str) -> Check:
     def check(name: str, value: Any) -> str:
-        if value not in choices:
+        if value.__class__ is not str or value not in choices:
             raise bad_input(f"{name} must be one of {', '.join(choices)}, got {str(value)[:40]!r}")
         return value
 

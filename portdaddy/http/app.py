@@ -35,6 +35,8 @@ log = logging.getLogger("portdaddy.http")
 MAX_BODY = 1024 * 1024
 _LOCAL_HOST = re.compile(r"^(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$")
 _OPEN_PATHS = frozenset({"/health"})
+# JSON's \ud800-\udfff escapes: a lone one decodes to a str that no UTF-8 encoder (msgpack's, ours) accepts.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -54,12 +56,14 @@ def refusal(core: Any, *, over_tcp: bool, host: str, path: str, authorization: s
     if not over_tcp:
         return None
     if not _LOCAL_HOST.match(host):
-        return 403, {"error": "Host header must be localhost", "code": "FORBIDDEN"}
+        return 403, {"success": False, "error": "Host header must be localhost", "code": "FORBIDDEN"}
     if path in _OPEN_PATHS:
         return None
-    if not (authorization.startswith("Bearer ") and hmac.compare_digest(authorization[7:].strip(), core.http_token)):
-        return 401, {"error": f"missing or wrong bearer token; read it from {core.settings.token_file}",
-                     "code": "UNAUTHORIZED"}  # fmt: skip
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    given = authorization[7:].strip().encode("utf-8", "replace")
+    if not (authorization.startswith("Bearer ") and hmac.compare_digest(given, core.http_token.encode())):
+        return 401, {"success": False, "error": f"missing or wrong bearer token; read it from "
+                     f"{core.settings.token_file}", "code": "UNAUTHORIZED"}  # fmt: skip
     return None
 
 
@@ -68,9 +72,32 @@ def parse_body(body: bytes) -> dict[str, Any]:
         parsed = json.loads(body)
     except ValueError:
         raise PDError("VALIDATION_ERROR", "request body is not valid JSON") from None
+    except RecursionError:
+        raise PDError("VALIDATION_ERROR", "request body nests too deep; flatten it") from None
     if not isinstance(parsed, dict):
         raise PDError("VALIDATION_ERROR", "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(parsed):
+        # Stored, it would fail every later reply that carries it (IPC's msgpack encodes UTF-8 strictly).
+        raise PDError("VALIDATION_ERROR", "request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a "
+                      "string; send valid Unicode")  # fmt: skip
     return parsed
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class Router:
@@ -135,13 +162,18 @@ async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict
         args.update(path_args)
         args.update(route.fixed)
         pid = headers.get(b"x-pid", "")
-        ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=int(pid) if pid.isdigit() else None)
+        ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=_pid(pid))
         return 200, await call(core.ops, route.op, args, ctx)
     except PDError as e:
         return http_status(e.code), error_body(e)
     except Exception:
         log.exception("%s %s failed", route.method, route.path)
         return 500, error_body(PDError("INTERNAL", f"{route.op} failed; see daemon.log"))
+
+
+def _pid(header: str) -> int | None:
+    """The X-PID header's process id, or None if it is not one (ASCII digits; Linux pids stay below 2**22)."""
+    return int(header) if header.isascii() and header.isdigit() and len(header) <= 7 else None
 
 
 async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
@@ -171,6 +203,9 @@ async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any)
     await send({"type": "http.response.body", "body": data})  # fmt: skip
 
 
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
 def _create_quart(core: Any) -> QuartTrio:
     app = QuartTrio("portdaddy")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -189,8 +224,9 @@ def _create_quart(core: Any) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Response:
-        code = "PAYLOAD_TOO_LARGE" if e.code == 413 else "NOT_FOUND" if e.code == 404 else "VALIDATION_ERROR"
-        return json_response({"success": False, "error": e.description or e.name, "code": code}, e.code or 500)
+        status = e.code or 500
+        code = _HTTP_CODES.get(status, "INTERNAL" if status >= 500 else "VALIDATION_ERROR")
+        return json_response({"success": False, "error": e.description or e.name, "code": code}, status)
 
     for method, path, view in STREAMS:
         app.add_url_rule(path, endpoint=f"{method} {path}", view_func=partial(view, core), methods=[method])

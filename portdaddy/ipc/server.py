@@ -129,8 +129,8 @@ class Connection:
             return False
         try:
             frame = self.encoder.encode(Performative.INFORM, 0, payload)
-        except FrameTooLarge:
-            log.warning("dropped a %s push larger than one frame", payload.get("action"))
+        except (TypeError, ValueError) as e:  # FrameTooLarge, or a value msgpack cannot carry
+            log.warning("dropped a %s push: %s", payload.get("action"), e)
             self._drop_push()
             return False
         self.out += frame
@@ -252,6 +252,13 @@ class Connection:
             self.out += self.encoder.encode(kind, conv_id, payload)
         except FrameTooLarge as e:
             body = {"action": payload.get("action") or "", "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
+            self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
+        except (TypeError, ValueError) as e:
+            # A value msgpack cannot carry (a lone surrogate stored before input refused it): this reply fails,
+            # the reactor and every other connection carry on.
+            log.error("could not encode a %s reply: %s", payload.get("action"), e)
+            body = {"action": str(payload.get("action") or ""), "error": "INTERNAL",
+                    "message": "the reply could not be encoded; see daemon.log"}  # fmt: skip
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
 
     def _error(self, conv_id: int, action: str, err: PDError) -> None:
