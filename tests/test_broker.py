@@ -367,3 +367,14 @@ def test_a_publish_the_store_refuses_leaves_no_trace(tmp_path) -> None:
     assert [(m.id, m.payload) for m in broker.since(["busy:*"], 0)] == [(first, "stored"), (after.id, "next")]
     other.close()
     app.store.close()
+
+
+@pytest.mark.parametrize("channels", [[], "", " ", ",", "\r\n", [" "]])
+def test_an_empty_channel_list_is_refused_and_subscribes_nothing(fresh_daemon, channels) -> None:
+    """It reached SQL as "IN ()" (a syntax error, a 500) after the subscription had been registered."""
+    with fresh_daemon.client() as c:
+        for action, args in (("msg.subscribe", {"after": 0}), ("msg.history", {}), ("msg.poll", {"timeout": 10})):
+            with pytest.raises(PDError) as refused:
+                c.request(action, {"channels": channels, **args})
+            assert refused.value.code == "VALIDATION_ERROR", (action, refused.value.message)
+        assert c.request("daemon.status")["counts"]["subscriptions"] == 0

@@ -411,7 +411,7 @@ class Broker:
 
 channel_name = v.name("channel", 120)
 channel_pattern = v.name("channel", 120, wildcard=True)
-_patterns = v.str_list(channel_pattern, max_items=20)
+_patterns = v.str_list(channel_pattern, max_items=20, example="build:*")
 _payload_size = v.json_value(MAX_PAYLOAD_BYTES)
 
 

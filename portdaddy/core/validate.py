@@ -187,8 +187,9 @@ def json_object(max_bytes: int) -> Check:
     return check
 
 
-def str_list(item: Check, max_items: int = 100) -> Check:
-    """A list of strings (a lone string or comma-separated string is accepted too)."""
+def str_list(item: Check, max_items: int = 100, *, example: str | None = None) -> Check:
+    """A list of strings (a lone string or comma-separated string is accepted too); with ``example``, one that
+    may not be empty (blank items do not count)."""
 
     def check(name: str, value: Any) -> list[Any]:
         if isinstance(value, str):
@@ -197,6 +198,8 @@ def str_list(item: Check, max_items: int = 100) -> Check:
             raise bad_input(f"{name} must be a list of strings, got {_type_name(value)}")
         if len(value) > max_items:
             raise bad_input(f"{name} has {len(value)} items; the limit is {max_items}")
+        if example is not None and not value:
+            raise bad_input(f"{name} is empty; name at least one, e.g. {example}")
         return [item(f"{name}[{i}]", v) for i, v in enumerate(value)]
 
     return check
