@@ -70,7 +70,7 @@ def send(to: str, text: tuple[str, ...], sender: str | None, kind: str | None, a
       pd inbox send frontend-agent "API is on port 3101"
       pd inbox send qa '{"retest": ["checkout"]}'
     """
-    result = call("inbox.send", {"agentId": to, "content": parse_payload(" ".join(text)),
+    result = call("inbox.send", {"to": to, "content": parse_payload(" ".join(text)),
                                  "sender": sender or resolve_agent(), "type": kind}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)

@@ -85,11 +85,11 @@ class Inbox:
 # -- operations ----------------------------------------------------------------------------------------------
 
 
-def _send(ctx: Ctx, *, agentId, content, sender, type) -> dict[str, Any]:
-    msg = ctx.app.inbox.send(agentId, content, sender=sender or ctx.agent_id, kind=type)
+def _send(ctx: Ctx, *, to, content, sender, type) -> dict[str, Any]:
+    msg = ctx.app.inbox.send(to, content, sender=sender or ctx.agent_id, kind=type)
     alive = msg["recipientAlive"]
-    state = "delivered to a live agent" if alive else f"{agentId} is not alive; kept in its inbox"
-    return {"success": True, "messageId": msg["id"], "agentId": agentId, "recipientAlive": alive, "message": state}
+    state = "delivered to a live agent" if alive else f"{to} is not alive; kept in its inbox"
+    return {"success": True, "messageId": msg["id"], "agentId": to, "recipientAlive": alive, "message": state}
 
 
 def _list(ctx: Ctx, *, agentId, unread, since, limit) -> dict[str, Any]:
@@ -116,7 +116,8 @@ OPS = (
         "inbox.send",
         _send,
         (
-            _AGENT,
+            # "to" first: over IPC a payload's agentId is also the sender's own identity, and took its place.
+            Param("to", v.name("agent id"), required=True, aliases=("agentId", "agent", "id")),
             Param("content", payload_check, required=True, aliases=("message",)),
             Param("sender", v.text(200), aliases=("from",)),
             Param("type", v.text(50), default="message"),
