@@ -21,6 +21,7 @@ from portdaddy.ipc.frame import (
     Frame,
     FrameTooLarge,
     Malformed,
+    Parts,
     Performative,
     encode,
     next_conv_id,
@@ -66,6 +67,7 @@ def test_constants() -> None:
         "INFORM": 0x01,
         "INFORM_DONE": 0x02,
         "INFORM_REF": 0x03,
+        "INFORM_PART": 0x04,
         "REQUEST": 0x10,
         "QUERY_IF": 0x11,
         "QUERY_REF": 0x12,
@@ -537,3 +539,31 @@ def test_property_garbage_frames_never_raise(parts: list[bytes], sizes: list[int
     _check_garbage(_chunks(data, sizes), one_by_one)
     # and framing is never lost: one event per frame, in order
     assert len(decode_all(data)) == len(parts)
+
+
+def test_a_reply_too_large_for_a_frame_goes_in_parts_and_comes_back_whole() -> None:
+    result = {"services": [{"id": f"big:{i}", "metadata": {"blob": "x" * 9000}} for i in range(20)]}
+    payload = {"action": "port.find", "result": result}
+    wire = Encoder().encode_in_parts(Performative.INFORM_DONE, 7, payload)
+    frames = decode_all(wire)
+    assert [f.type for f in frames] == [Performative.INFORM_PART] * 2 + [Performative.INFORM_DONE]
+    assert all(isinstance(f, Frame) and f.conv_id == 7 for f in frames)
+    for cut in range(0, len(wire), 997):  # the bytes split anywhere
+        dec, parts = Decoder(from_daemon=True), Parts()
+        got = []
+        for chunk in (wire[:cut], wire[cut:]):
+            dec.feed(chunk)
+            got += [whole for f in drain(dec) if (whole := parts.feed(f)) is not None]
+        assert got == [Frame(Performative.INFORM_DONE, 7, payload)]
+    other = Frame(Performative.INFORM_DONE, 8, {"action": "port.claim", "result": {"port": 3100}})
+    parts = Parts()  # another conversation's reply between the parts
+    got = [whole for f in (frames[0], other, *frames[1:]) if (whole := parts.feed(f)) is not None]
+    assert got == [other, Frame(Performative.INFORM_DONE, 7, payload)]
+    small = Frame(Performative.REFUSE, 9, {"action": "lock.acquire", "error": "LOCK_HELD"})
+    assert Parts().feed(small) is small  # a reply in one frame passes straight through
+
+
+def test_a_reply_over_max_reply_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(FrameTooLarge) as info:
+        Encoder().encode_in_parts(Performative.INFORM_DONE, 1, {"action": "x", "blob": b"x" * (fr.MAX_REPLY + 1)})
+    assert info.value.limit == fr.MAX_REPLY

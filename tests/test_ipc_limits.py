@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -558,3 +559,18 @@ def test_a_reply_that_cannot_be_encoded_fails_alone(fresh_daemon: Daemon) -> Non
         assert c.request("port.claim", {"id": "still:serving"})["port"]
     assert "could not encode a msg.history reply" in d.log()
     assert d.proc is not None and d.proc.poll() is None
+
+
+async def test_a_listing_larger_than_a_frame_arrives_whole(fresh_daemon: Daemon) -> None:
+    """Eight services with 9 KB of metadata each are a 73 KB reply: it was refused (PAYLOAD_TOO_LARGE, exit 2)
+    and pd find, pd services and pd locks could not list at all. It now comes in parts, to both clients."""
+    d = fresh_daemon
+    for i in range(8):
+        d.call("port.claim", id=f"big:svc{i}", metadata={"blob": f"{i}" * 9000})
+    listed = d.pd("find", "big:*", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(s["id"] for s in json.loads(listed.stdout)["services"]) == [f"big:svc{i}" for i in range(8)]
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        found = await pd.call("port.find", pattern="big:*")
+        assert {s["metadata"]["blob"][0] for s in found["services"]} == {str(i) for i in range(8)}
+        assert (await pd.claim("big:svc0")).port  # the connection goes on after a reply in parts

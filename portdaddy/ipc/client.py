@@ -13,7 +13,7 @@ import time
 from collections import deque
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
-from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Performative, next_conv_id
+from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Parts, Performative, next_conv_id
 
 # Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
 TYPE_CHECKING = False
@@ -79,6 +79,7 @@ class BlockingClient:
         self.sock: socket.socket | None = None
         self._decoder = Decoder(from_daemon=True)
         self._encoder = Encoder()
+        self._parts = Parts()
         self._conv = 0
         self._pushed: deque[Frame] = deque()
         self._recv_timeout: float | None = None  # what SO_RCVTIMEO is set to
@@ -150,7 +151,10 @@ class BlockingClient:
                 self._withdraw(conv, action)
                 raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
             if frame.conv_id == conv:
-                return reply_result(frame)
+                whole = self._parts.feed(frame)
+                if whole is not None:
+                    return reply_result(whole)
+                continue
             if frame.conv_id == 0:
                 self._check_pushed(frame)
                 self._pushed.append(frame)

@@ -43,6 +43,7 @@ __all__ = [
     "Frame",
     "FrameTooLarge",
     "Malformed",
+    "Parts",
     "Performative",
     "encode",
     "next_conv_id",
@@ -56,6 +57,10 @@ MAX_PAYLOAD = 65535
 RECV_SIZE = 256 * 1024
 MAX_CONV_ID = 0x7FFFFFFF
 MAX_DEPTH = 32
+# A reply too large for one frame goes as slices of its packed payload this large (room left for the map
+# around each slice), up to MAX_REPLY bytes in all.
+PART_SIZE = MAX_PAYLOAD - 1024
+MAX_REPLY = 16 * 1024 * 1024
 
 assert HEADER.size == HEADER_SIZE
 
@@ -64,6 +69,7 @@ class Performative(IntEnum):
     INFORM = 0x01
     INFORM_DONE = 0x02
     INFORM_REF = 0x03
+    INFORM_PART = 0x04
     REQUEST = 0x10
     QUERY_IF = 0x11
     QUERY_REF = 0x12
@@ -319,6 +325,42 @@ class Encoder:
             raise ValueError(
                 f"frame header out of range: type={type!r} (uint8), conv_id={conv_id!r} (uint32)"
             ) from None
+
+    def encode_in_parts(self, type: int, conv_id: int, payload: dict[str, Any]) -> bytes:
+        """A reply too large for one frame: ``INFORM_PART`` frames, then one of ``type``, each ``{action, part}``
+        with the next slice of the packed payload (``Parts`` puts it together). Raises FrameTooLarge over
+        MAX_REPLY bytes."""
+        body = self._pack(payload)
+        if len(body) > MAX_REPLY:
+            raise FrameTooLarge(len(body), MAX_REPLY)
+        action = payload.get("action") or ""
+        starts = range(0, len(body), PART_SIZE)
+        return b"".join(
+            self.encode(type if start == starts[-1] else Performative.INFORM_PART, conv_id,
+                        {"action": action, "part": body[start:start + PART_SIZE]})
+            for start in starts
+        )  # fmt: skip
+
+
+class Parts:
+    """Puts replies sent in parts back together, per conversation: ``feed`` each reply frame; it returns the
+    frame whole (at once for a reply in one frame), or None while parts are still coming."""
+
+    __slots__ = ("_slices",)
+
+    def __init__(self) -> None:
+        self._slices: dict[int, list[bytes]] = {}
+
+    def feed(self, frame: Frame) -> Frame | None:
+        part = frame.payload.get("part")
+        if part.__class__ is not bytes:
+            return frame
+        slices = self._slices.setdefault(frame.conv_id, [])
+        slices.append(part)
+        if frame.type == Performative.INFORM_PART:
+            return None
+        del self._slices[frame.conv_id]
+        return _tuple_new(Frame, (frame.type, frame.conv_id, _unpackb(b"".join(slices), raw=False)))
 
 
 _default_encoder = Encoder()

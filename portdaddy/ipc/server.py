@@ -249,7 +249,10 @@ class Connection:
 
     def _reply(self, kind: int, conv_id: int, payload: dict[str, Any]) -> None:
         try:
-            self.out += self.encoder.encode(kind, conv_id, payload)
+            try:
+                self.out += self.encoder.encode(kind, conv_id, payload)
+            except FrameTooLarge:  # a long listing: in parts (spec/ipc.md "Replies")
+                self.out += self.encoder.encode_in_parts(kind, conv_id, payload)
         except FrameTooLarge as e:
             body = {"action": payload.get("action") or "", "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)

@@ -18,7 +18,7 @@ from outcome import Value
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
 from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_payload
-from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Performative, next_conv_id
+from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
 
 log = logging.getLogger("portdaddy.client")
 
@@ -57,6 +57,7 @@ class TrioClient:
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
+        self._parts = Parts()  # replies in parts, per connection
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class TrioClient:
         sock.setblocking(False)
         self.sock = sock
         self._parting = None
+        self._parts = Parts()
         self._out.clear()
         self.connected.set()
 
@@ -195,6 +197,9 @@ class TrioClient:
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.conv_id:
+            frame = self._parts.feed(frame)
+            if frame is None:
+                return
             task = self._pending.pop(frame.conv_id, None)
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
