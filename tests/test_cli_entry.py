@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -73,3 +74,14 @@ def test_agent_from_the_environment_travels_with_the_fast_claim(daemon: Daemon) 
     assert r.returncode == 0, r.stderr
     service = daemon.call("port.find", pattern="fast:owned")["services"][0]
     assert service["port"] == int(r.stdout) and service["agentId"] == "fast-agent"
+
+
+@pytest.mark.parametrize("args", [
+    ("claim", os.fsdecode(b"a:\xed\xa0\x80"), "-q"),  # the fast path
+    ("claim", os.fsdecode(b"a:\xff")),
+    ("pub", "ch", '"\\ud800"'),  # JSON can spell a lone surrogate
+])  # fmt: skip
+def test_text_that_is_not_unicode_is_bad_input_not_a_traceback(daemon: Daemon, args: tuple[str, ...]) -> None:
+    r = daemon.pd(*args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "not valid Unicode" in r.stderr

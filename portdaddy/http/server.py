@@ -81,6 +81,7 @@ async def serve_http(core: Any, *, task_status: trio.TaskStatus[None] = trio.TAS
     config.errorlog = log
     config.graceful_timeout = 1.0
     config.keep_alive_max_requests = 100_000
+    config.backlog = 512  # as the IPC socket: a burst of agents connecting at once is not refused (EAGAIN)
     if settings.tcp_enabled:
         port = pick_tcp_port(settings.tcp_port)
         if port is None:

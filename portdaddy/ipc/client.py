@@ -12,7 +12,7 @@ import struct
 import time
 from collections import deque
 
-from portdaddy.errors import DaemonUnavailable, PDError, Timeout
+from portdaddy.errors import DaemonUnavailable, PDError, Timeout, bad_input
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Parts, Performative, next_conv_id
 
 # Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
@@ -41,6 +41,17 @@ def request_payload(action: str, agent_id: str | None, args: dict[str, Any] | No
             if v is not None:
                 payload[k] = v
     return payload
+
+
+def request_frame(encoder: Encoder, kind: int, conv: int, action: str, agent_id: str | None,
+                  args: dict[str, Any] | None) -> bytes:  # fmt: skip
+    """A request encoded. Text msgpack cannot encode as UTF-8 (a lone surrogate, as Python makes of an argument's
+    undecodable bytes or as JSON can spell) is the caller's bad input, not a crash."""
+    try:
+        return encoder.encode(kind, conv, request_payload(action, agent_id, args))
+    except UnicodeEncodeError:
+        raise bad_input("the request holds text that is not valid Unicode (a lone surrogate, or an argument "
+                        "whose bytes are not UTF-8); send UTF-8 text") from None  # fmt: skip
 
 
 def reply_result(frame: Frame) -> Any:
@@ -131,7 +142,7 @@ class BlockingClient:
 
     def send(self, action: str, args: dict[str, Any] | None = None) -> None:
         """Fire-and-forget (conv id 0): no reply comes, even on error."""
-        self._send(self._encoder.encode(Performative.INFORM, 0, request_payload(action, self.agent_id, args)))
+        self._send(request_frame(self._encoder, Performative.INFORM, 0, action, self.agent_id, args))
 
     def request(
         self,
@@ -143,7 +154,7 @@ class BlockingClient:
     ) -> Any:
         self._conv = next_conv_id(self._conv)
         conv = self._conv
-        self._send(self._encoder.encode(kind, conv, request_payload(action, self.agent_id, args)))
+        self._send(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             frame = self._next_frame(deadline)

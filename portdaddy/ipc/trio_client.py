@@ -17,7 +17,7 @@ import trio
 from outcome import Value
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
-from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_payload
+from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_frame
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
 
 log = logging.getLogger("portdaddy.client")
@@ -75,7 +75,7 @@ class TrioClient:
         self._pending[conv] = trio.lowlevel.current_task()
         frame = _NO_REPLY
         try:
-            self._write(self._encoder.encode(kind, conv, request_payload(action, self.agent_id, args)))
+            self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
             with trio.move_on_after(self.timeout if timeout is None else timeout):
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
         except trio.Cancelled:
@@ -108,7 +108,7 @@ class TrioClient:
 
     def fire_and_forget_frame(self, action: str, args: dict[str, Any] | None = None) -> bytes:
         """The encoded frame ``send_nowait`` would write, for a caller that sends the same one again and again."""
-        return self._encoder.encode(Performative.INFORM, 0, request_payload(action, self.agent_id, args))
+        return request_frame(self._encoder, Performative.INFORM, 0, action, self.agent_id, args)
 
     def send_frame(self, frame: bytes) -> None:
         """Write an already encoded fire-and-forget frame (see ``fire_and_forget_frame``). Never awaits."""
