@@ -536,7 +536,7 @@ REGISTER_PARAMS = (
     Param("identity", v.identity),
     Param("purpose", v.text(500)),
     Param("type", v.name("agent type", 32), aliases=("agentType",)),
-    Param("pid", v.integer(1, 2**22)),
+    Param("pid", v.pid),
     Param("capabilities", v.str_list(_CAPABILITY), aliases=("caps",)),
     Param("status", _status),
     Param("worktree", v.text(4096), aliases=("worktreeId",)),
@@ -557,7 +557,7 @@ OPS = (
     Op(
         "agent.heartbeat",
         heartbeat_op,
-        (_AGENT, Param("pid", v.integer(1, 2**22))),
+        (_AGENT, Param("pid", v.pid)),
         fire_and_forget=True,
         summary="record a sign of life (fire-and-forget allowed); an unknown agent is registered",
     ),

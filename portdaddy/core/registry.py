@@ -399,7 +399,7 @@ OPS = (
             Param("port", v.integer(1024, 65535)),
             Param("range", v.port_range),
             Param("expires", v.duration()),
-            Param("pid", v.integer(1, 4_194_304)),
+            Param("pid", v.pid),
             Param("cmd", v.text(1000)),
             Param("cwd", v.text(4096)),
             Param("metadata", v.json_object(10_000)),

@@ -117,6 +117,10 @@ def integer(lo: int | None = None, hi: int | None = None) -> Check:
     return check
 
 
+# A process id: Linux's pid_max is at most 2**22.
+pid = integer(1, 2**22)
+
+
 def number(lo: float, hi: float) -> Check:
     def check(name: str, value: Any) -> float:
         if isinstance(value, str):

@@ -25,8 +25,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, call
-from portdaddy.core.validate import compact_json
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
 
@@ -40,7 +40,7 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(compact_json(body), status=status, content_type="application/json")
+    return Response(v.compact_json(body), status=status, content_type="application/json")
 
 
 def error_body(err: PDError) -> dict[str, Any]:
@@ -172,8 +172,12 @@ async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict
 
 
 def _pid(header: str) -> int | None:
-    """The X-PID header's process id, or None if it is not one (ASCII digits; Linux pids stay below 2**22)."""
-    return int(header) if header.isascii() and header.isdigit() and len(header) <= 7 else None
+    """The X-PID header's process id, checked as a ``pid`` parameter is; None when absent or not one (it only
+    labels the caller, so a bad one is not worth refusing the request for)."""
+    try:
+        return v.pid("X-PID", header) if header else None
+    except PDError:
+        return None
 
 
 async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
@@ -192,7 +196,7 @@ async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
 
 
 async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any) -> None:
-    data = compact_json(body).encode()
+    data = v.compact_json(body).encode()
     await send(
         {
             "type": "http.response.start",
