@@ -26,7 +26,8 @@ def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
     assert found is not None and found[0].op == "harbor.list" and found[1] == {"agentId": "a:b"}
     assert router.match("GET", "/harbors/myapp:review")[0].op == "harbor.get"
     assert router.match("GET", "/harbors/x/members")[0].op == "harbor.members"
-    assert router.match("POST", "/harbors/x") is None  # no such method: left to Quart
+    assert router.match("POST", "/harbors/x") is None  # no such method: a 405
+    assert router.methods("/harbors/x") == ["GET"] and router.methods("/nowhere") == []
     assert router.match("GET", "/harbors//members") is None  # an empty argument is no argument
 
 
@@ -45,6 +46,12 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         assert c.get("/services/body%3Aapi").json()["service"]["id"] == "body:api"
         r = c.get("/no/such/path")
         assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+        r = c.post("/services/body%3Aapi")  # a route's path, another method
+        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["code"] == "METHOD_NOT_ALLOWED"
+        assert r.json()["allowed"] == ["GET"] and "use GET" in r.json()["error"]
+        assert c.delete("/locks").json()["allowed"] == ["GET"]
+        assert sorted(c.patch("/locks/x").json()["allowed"]) == ["DELETE", "GET", "POST", "PUT"]
+        assert c.post("/msg/x/subscribe").status_code == 405  # a stream's path: Quart says so
         r = c.post("/claim", content=b"[1, 2]")
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
         r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from portdaddy import errors
 from portdaddy.core.ops import load_table
 from portdaddy.http.routes import ROUTES, STREAMS
 
@@ -39,3 +40,11 @@ def test_every_operation_is_listed_in_the_ipc_spec() -> None:
     text = (SPEC / "ipc.md").read_text()
     missing = sorted(name for name in load_table() if f"`{name}`" not in text)
     assert not missing, f"operations missing from spec/ipc.md: {missing}"
+
+
+def test_every_error_code_is_listed_with_its_mapping() -> None:
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| `(\w+)` \| (\d+) \| (\w+) \| (\d) \|",
+                                                              (SPEC / "errors.md").read_text(), re.M)}  # fmt: skip
+    names = {0x21: "REFUSE", 0x22: "FAILURE", 0x23: "NOT_UNDERSTOOD"}
+    table = {code: (str(status), names[perf], str(exit_)) for code, (status, perf, exit_) in errors._TABLE.items()}
+    assert rows == table

@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -115,17 +115,28 @@ class Router:
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         parts = path.strip("/").split("/")
         for segments, route in self._routes.get((method, len(parts)), ()):
-            args = {}
-            for seg, part in zip(segments, parts, strict=True):
-                if seg.startswith("<"):
-                    if not part:
-                        break
-                    args[seg[1:-1]] = unquote(part)
-                elif seg != part:
-                    break
-            else:
+            args = _bind_path(segments, parts)
+            if args is not None:
                 return route, args
         return None
+
+    def methods(self, path: str) -> list[str]:
+        """The methods some route serves ``path`` with (for a 405's ``Allow``)."""
+        parts = path.strip("/").split("/")
+        return sorted({method for (method, size), candidates in self._routes.items() if size == len(parts)
+                       for segments, _ in candidates if _bind_path(segments, parts) is not None})  # fmt: skip
+
+
+def _bind_path(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
+    args = {}
+    for seg, part in zip(segments, parts, strict=True):
+        if seg.startswith("<"):
+            if not part:
+                return None
+            args[seg[1:-1]] = unquote(part)
+        elif seg != part:
+            return None
+    return args
 
 
 def create_app(core: Any) -> Callable[..., Awaitable[None]]:
@@ -136,18 +147,22 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
     async def app(scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                   send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
         found = router.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        if found is None:
-            await quart(scope, receive, send)
+        allowed = router.methods(scope["path"]) if found is None and scope["type"] == "http" else []
+        if found is None and not allowed:
+            await quart(scope, receive, send)  # the streams, and 404s
             return
-        route, path_args = found
         headers = {k: v.decode("latin-1") for k, v in scope["headers"]}
         refused = refusal(core, over_tcp=scope.get("client") is not None, host=headers.get(b"host", ""),
                           path=scope["path"], authorization=headers.get(b"authorization", ""))  # fmt: skip
         if refused is not None:
             await _respond(send, refused[0], refused[1])
-            return
-        status, body = await _serve(core, route, path_args, scope, headers, receive)
-        await _respond(send, status, body)
+        elif found is None:
+            err = PDError("METHOD_NOT_ALLOWED", f"{scope['method']} is not served on {scope['path']}; "
+                          f"use {' or '.join(allowed)}", allowed=allowed)  # fmt: skip
+            await _respond(send, 405, error_body(err), [(b"allow", ", ".join(allowed).encode())])
+        else:
+            status, body = await _serve(core, found[0], found[1], scope, headers, receive)
+            await _respond(send, status, body)
 
     return app
 
@@ -195,16 +210,12 @@ async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
             return b"".join(chunks)
 
 
-async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any) -> None:
+async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any,
+                   headers: Sequence[tuple[bytes, bytes]] = ()) -> None:  # fmt: skip
     data = v.compact_json(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})  # fmt: skip
+    fixed = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*fixed, *headers]})
+    await send({"type": "http.response.body", "body": data})
 
 
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
