@@ -243,6 +243,19 @@ def test_three_malformed_frames_disconnect_two_do_not(daemon: Daemon) -> None:
     assert daemon.call("daemon.health")["status"] == "ok"
 
 
+def test_subscription_performatives_carry_only_their_own_action(daemon: Daemon) -> None:
+    raw = Raw(daemon)
+    raw.send(Performative.SUBSCRIBE, 1, {"action": "lock.acquire", "name": "sub:lock"})
+    [refused] = raw.frames(1)
+    assert refused.type == Performative.NOT_UNDERSTOOD and refused.payload["error"] == "VALIDATION_ERROR"
+    assert "SUBSCRIBE frame carries msg.subscribe" in refused.payload["message"]
+    assert daemon.call("lock.get", name="sub:lock")["held"] is False  # refused, so nothing was done
+    raw.send(Performative.SUBSCRIBE, 2, {"action": "msg.subscribe", "channels": ["sub:*"]})
+    raw.send(Performative.UNSUBSCRIBE, 3, {"action": "msg.unsubscribe"})
+    assert [f.type for f in raw.frames(2)] == [Performative.INFORM_DONE, Performative.INFORM_DONE]
+    raw.close()
+
+
 def _as_nobody(path: os.PathLike[str], request: bytes) -> bytes:
     """Connect to ``path`` as uid 65534, send ``request`` and return b"+" and every byte that came back until the
     daemon closed; b"" if the connection could not be made."""

@@ -51,6 +51,8 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _IN_OR_GONE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_REF, Performative.SUBSCRIBE,
                 Performative.UNSUBSCRIBE}  # fmt: skip
+# The one action each subscription performative carries (the original's clients re-subscribe with SUBSCRIBE).
+_SUBSCRIPTION_ACTIONS = {Performative.SUBSCRIBE: "msg.subscribe", Performative.UNSUBSCRIBE: "msg.unsubscribe"}
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -332,6 +334,11 @@ class Connection:
             return
         if not wants_reply:
             conv_id = 0
+        subscription_action = _SUBSCRIPTION_ACTIONS.get(kind)
+        if subscription_action is not None and action != subscription_action:
+            self._error(conv_id, action, bad_input(f"a {Performative(kind).name} frame carries {subscription_action}; "
+                                                   f"send {action[:64]!r} as a REQUEST"))  # fmt: skip
+            return
         agent = payload.get("agentId")
         if agent is not None:
             refusal = self._bind_agent(agent)
