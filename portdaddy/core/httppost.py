@@ -49,8 +49,11 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
     host = parts.hostname.lower()
     try:
         private = private_address(host)
-    except ValueError:  # a name, not an address
-        private = host == "localhost" or host.endswith(_PRIVATE_SUFFIXES)
+    except ValueError:
+        try:  # the resolver's legacy IPv4 spellings (0x7f000001, 2130706433, 127.1) are addresses too
+            private = private_address(socket.inet_ntoa(socket.inet_aton(host)))
+        except OSError:  # a name
+            private = host == "localhost" or host.endswith(_PRIVATE_SUFFIXES)
     if private:
         raise bad_input(f"url host {host!r} is private, loopback or link-local; webhooks go to public hosts "
                         "(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE=1 on the daemon allows local targets)")  # fmt: skip
