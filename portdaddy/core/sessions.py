@@ -363,7 +363,8 @@ _CONTENT = Param("content", v.text(MAX_NOTE_CHARS), required=True, aliases=("not
 _LIMIT = Param("limit", v.integer(1, 1000), default=50)
 
 
-def _target(ctx: Ctx, session_id: str | None, agent_id: str | None, worktree: str | None) -> str:
+def target_session(ctx: Ctx, session_id: str | None, agent_id: str | None, worktree: str | None) -> str:
+    """The session named, else the caller's active one (by agent, else worktree); NO_ACTIVE_SESSION if none."""
     return session_id or ctx.app.sessions.current(agent_id=agent_id or ctx.agent_id, worktree=worktree)
 
 
@@ -381,13 +382,13 @@ def start_op(ctx: Ctx, *, purpose, agentId, files, force, worktree, metadata) ->
 
 
 def end_op(ctx: Ctx, *, sessionId, note, status, agentId, worktree) -> dict[str, Any]:
-    sid = _target(ctx, sessionId, agentId, worktree)
+    sid = target_session(ctx, sessionId, agentId, worktree)
     return ctx.app.sessions.end(sid, note=note, status=status, agent_id=agentId or ctx.agent_id)
 
 
 def get_op(ctx: Ctx, *, sessionId, agentId, worktree) -> dict[str, Any]:
     sessions: Sessions = ctx.app.sessions
-    sessionId = _target(ctx, sessionId, agentId, worktree)
+    sessionId = target_session(ctx, sessionId, agentId, worktree)
     s = sessions.session(sessionId)
     files = [{"sessionId": sessionId, "filePath": p, "claimedAt": c, "releasedAt": r, "forced": bool(f)}
              for p, c, r, f in sessions.store.all("SELECT path, claimed_at, released_at, forced FROM file_claims "
@@ -404,7 +405,7 @@ def list_op(ctx: Ctx, *, status, agent, worktree, project, all, limit) -> dict[s
 
 def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dict[str, Any]:
     agent = agentId or ctx.agent_id
-    sid = _target(ctx, sessionId, agent, worktree)
+    sid = target_session(ctx, sessionId, agent, worktree)
     _alive(ctx, agent)
     return ctx.app.sessions.add_note(sid, content, type, agent)
 
@@ -424,11 +425,11 @@ def claim_op(ctx: Ctx, *, sessionId, files, force, agentId, worktree) -> dict[st
     if not files:
         raise bad_input("files is empty; name the paths or globs to claim, e.g. src/api/*")
     _alive(ctx, agentId or ctx.agent_id)
-    return ctx.app.sessions.claim(_target(ctx, sessionId, agentId, worktree), files, force=force)
+    return ctx.app.sessions.claim(target_session(ctx, sessionId, agentId, worktree), files, force=force)
 
 
 def release_op(ctx: Ctx, *, sessionId, files, agentId, worktree) -> dict[str, Any]:
-    return ctx.app.sessions.release(_target(ctx, sessionId, agentId, worktree), files or None)
+    return ctx.app.sessions.release(target_session(ctx, sessionId, agentId, worktree), files or None)
 
 
 def files_op(ctx: Ctx, *, path, agent) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from portdaddy.core.sessions import (
     MAX_PURPOSE_CHARS,
     Sessions,
     file_conflict,
+    target_session,
 )
 from portdaddy.errors import NotFound
 
@@ -50,9 +51,8 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
 
 def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str, Any]:
     sessions: Sessions = ctx.app.sessions
-    agent_id = agentId or ctx.agent_id
-    sid = sessionId or sessions.current(agent_id=agent_id, worktree=worktree)
-    agent_id = agent_id or sessions.session(sid)["agentId"]
+    sid = target_session(ctx, sessionId, agentId, worktree)
+    agent_id = agentId or ctx.agent_id or sessions.session(sid)["agentId"]
     with ctx.app.store.write():
         ended = sessions.end(sid, note=note, status=status, agent_id=agent_id)
         unregistered = ctx.app.agents.unregister(agent_id) if agent_id else False
@@ -65,7 +65,7 @@ def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
     sessions: Sessions = ctx.app.sessions
     agent_id = agentId or ctx.agent_id
     try:
-        sid = sessionId or sessions.current(agent_id=agent_id, worktree=worktree)
+        sid = target_session(ctx, sessionId, agent_id, worktree)
         s = sessions.session(sid)
     except NotFound:
         return {"success": True, "active": False, "agentId": agent_id,
