@@ -17,6 +17,7 @@ DEFAULT_TCP_PORT = 9876
 TCP_PORT_ATTEMPTS = 11  # 9876..9886, as the original
 DEFAULT_RANGE = (3100, 9999)
 RESERVED_PORTS = frozenset({8000, 8080, 9876})
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less its NUL
 
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")  # ASCII digits: \d would take "٣"
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -123,7 +124,20 @@ class Settings:
             webhook_retry_base_ms=duration("PORT_DADDY_WEBHOOK_RETRY_BASE") or 1000,
         )
 
+    def home_problem(self) -> tuple[str, str] | None:
+        """(what stops a daemon from living in this home, what to do), or None."""
+        if self.home.exists() and not self.home.is_dir():
+            return f"PORT_DADDY_HOME {self.home} is a file, not a directory", "point PORT_DADDY_HOME at a directory"
+        for sock in (self.ipc_sock, self.http_sock):
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                return (f"socket path {sock} is {len(os.fsencode(sock))} bytes; Unix sockets allow {MAX_SOCKET_PATH}",
+                        "use a shorter PORT_DADDY_HOME")  # fmt: skip
+        return None
+
     def ensure_home(self) -> None:
-        """Create the runtime dir 0700 (and tighten it if it already exists)."""
+        """Create the runtime dir 0700 (and tighten it if it already exists); OSError says why it cannot be."""
+        problem = self.home_problem()
+        if problem is not None:
+            raise OSError(f"{problem[0]}; {problem[1]}")
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.home, 0o700)

@@ -18,8 +18,11 @@ START_TIMEOUT_S = 15.0
 def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
     """Start ``python -m portdaddy.daemon`` in its own session (it outlives this terminal), logging to
     daemon.log. If another daemon wins the race for the home, this one exits 0 at once."""
-    cfg.ensure_home()
-    log = open(cfg.log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        cfg.ensure_home()
+        log = open(cfg.log, "ab")  # noqa: SIM115 - handed to the child
+    except OSError as e:
+        raise DaemonUnavailable(f"cannot start the daemon: {e}") from None
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "portdaddy.daemon"],

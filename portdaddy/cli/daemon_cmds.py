@@ -19,6 +19,9 @@ from portdaddy.launcher import probe, spawn_daemon
 
 def diagnose_down(cfg: Settings) -> tuple[str, str]:
     """(why the daemon is not answering, what to run)."""
+    problem = cfg.home_problem()
+    if problem is not None:
+        return problem
     if not cfg.home.exists():
         return f"{cfg.home} does not exist yet (never started here)", "pd start"
     pid = None

@@ -28,7 +28,8 @@ def project_dir(explicit: str | None) -> str:
     return str(Path(explicit).resolve() if explicit else worktree_root())
 
 
-_DIR = click.option("--dir", "-C", "directory", metavar="DIR", help="The project (default: the current git worktree).")
+_DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+                    help="The project (default: the current git worktree).")  # fmt: skip
 
 
 @click.group()

@@ -6,11 +6,16 @@ or apsw), and only the module of the command being run is imported, so ``pd`` st
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import sys
 
 import click
 
 from portdaddy import __version__
+from portdaddy.cli.transport import fail
+from portdaddy.errors import EXIT_OK, EXIT_REFUSED, bad_input
 
 # Which module of ``portdaddy.cli`` defines each top-level command (in its ``COMMANDS``). Importing one
 # module instead of all of them is most of the CLI's start-up budget; tests/test_cli_index.py keeps this
@@ -73,4 +78,30 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli(prog_name="pd")
+    """Run ``pd``; click's own error printing is replaced so that bad usage, like any other bad input, is one
+    ``error:`` line (or a JSON object under ``--json``) and exit 2."""
+    try:
+        code = cli.main(prog_name="pd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # `pd`, `pd agent`: the help is what was asked for
+        click.echo(e.format_message())
+        code = EXIT_OK
+    except click.UsageError as e:
+        where = f"; see {e.ctx.command_path} --help" if e.ctx else ""
+        fail(bad_input(f"{e.format_message().rstrip('.')}{where}"), as_json=_asks_for_json(sys.argv[1:]))
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.Abort:  # Ctrl-C; click has already closed the terminal's ^C line
+        code = EXIT_REFUSED
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+        # The reader went away (`pd agents | head -1`): print nothing more, not even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_REFUSED
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _asks_for_json(argv: list[str]) -> bool:
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in options or "-j" in options

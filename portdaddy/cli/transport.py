@@ -31,7 +31,9 @@ def settings() -> Settings:
 
 
 def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
-    if as_json:
+    """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit."""
+    ctx = click.get_current_context(silent=True)
+    if as_json or (ctx is not None and ctx.params.get("as_json")):
         click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
     else:
         click.echo(f"error: {err.message}", err=True)
@@ -82,8 +84,9 @@ def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autosta
     client = BlockingClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout)
     try:
         return client.connect()
-    except DaemonUnavailable:
+    except DaemonUnavailable as e:
         if not (autostart and cfg.autostart):
+            e.message += "; start it with: pd start (or unset PORT_DADDY_NO_AUTOSTART)"
             raise
     from portdaddy import launcher
 
@@ -91,19 +94,23 @@ def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autosta
     return client.connect()
 
 
+def request(action: str, args: dict[str, Any] | None = None, *, agent_id: str | None = None,
+            timeout: float = 10.0) -> Any:  # fmt: skip
+    """One request; raises PDError."""
+    try:
+        with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
+            return client.request(action, args, timeout=timeout)
+    except FrameTooLarge as e:
+        raise bad_input(str(e), code="PAYLOAD_TOO_LARGE") from None
+
+
 def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = False, agent_id: str | None = None,
          timeout: float = 10.0) -> Any:  # fmt: skip
     """One request; on error print it and exit with its class's code."""
     try:
-        with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
-            return client.request(action, args, timeout=timeout)
-    except DaemonUnavailable as e:
-        e.message += "; start it with: pd start (or unset PORT_DADDY_NO_AUTOSTART)"
-        fail(e, as_json=as_json)
+        return request(action, args, agent_id=agent_id, timeout=timeout)
     except PDError as e:
         fail(e, as_json=as_json)
-    except FrameTooLarge as e:
-        fail(bad_input(str(e), code="PAYLOAD_TOO_LARGE"), as_json=as_json)
 
 
 # A blocking call without a timeout may wait for days; the daemon ends it, not the client.
@@ -132,6 +139,8 @@ def spinning(label: str) -> Iterator[None]:
 def blocking_call(action: str, args: dict[str, Any], *, label: str, timeout_ms: int | None,
                   as_json: bool = False) -> Any:  # fmt: skip
     """A call the daemon may hold (``wait``), with a spinner; the client waits a little past the daemon."""
-    with spinning(label):
-        return call(action, args, as_json=as_json,
-                    timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S)  # fmt: skip
+    try:
+        with spinning(label):  # cleared before an error is printed, so the error gets a line of its own
+            return request(action, args, timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S)
+    except PDError as e:
+        fail(e, as_json=as_json)

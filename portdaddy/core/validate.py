@@ -20,6 +20,8 @@ Check = Callable[[str, Any], Any]
 # The compact JSON the daemon checks sizes with and stores. json.dumps with options builds a new JSONEncoder on
 # every call (a third of its cost for a small payload); this one is built once.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
+# What input must be: JSON proper, so NaN and Infinity (which Python's json writes and reads) are refused.
+_strict_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def optional_json(value: Any) -> str | None:
@@ -170,9 +172,10 @@ def json_value(max_bytes: int) -> Check:
 
     def check(name: str, value: Any) -> Any:
         try:
-            encoded = compact_json(value)
+            encoded = _strict_json(value)
         except (TypeError, ValueError, RecursionError):
-            raise bad_input(f"{name} must be JSON-serialisable") from None
+            raise bad_input(f"{name} must be JSON: objects, arrays, text, numbers (not NaN or Infinity), "
+                            "true, false or null") from None  # fmt: skip
         if len(encoded) > max_bytes:
             raise bad_input(f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE")
         return value

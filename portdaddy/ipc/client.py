@@ -52,6 +52,9 @@ def request_frame(encoder: Encoder, kind: int, conv: int, action: str, agent_id:
     except UnicodeEncodeError:
         raise bad_input("the request holds text that is not valid Unicode (a lone surrogate, or an argument "
                         "whose bytes are not UTF-8); send UTF-8 text") from None  # fmt: skip
+    except OverflowError:
+        raise bad_input("the request holds a whole number outside 64 bits (-2**63 to 2**64-1); quote it to "
+                        "send it as text") from None  # fmt: skip
 
 
 def reply_result(frame: Frame) -> Any:

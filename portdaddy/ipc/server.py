@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from portdaddy.config import MAX_SOCKET_PATH
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
@@ -63,8 +64,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def bind_unix(path: os.PathLike[str] | str) -> socket.socket:
     """A listening Unix socket created 0600 (umask around bind, so there is no window where it is wider)."""
     path = os.fspath(path)
-    if len(path.encode()) > 107:
-        raise OSError(f"socket path is {len(path)} bytes; Unix sockets allow 107: {path}")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise OSError(f"socket path is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}: {path}")
     try:
         os.unlink(path)
     except FileNotFoundError:

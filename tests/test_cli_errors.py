@@ -1,0 +1,67 @@
+"""How ``pd`` fails: one ``error:`` line (or one JSON object under ``--json``), the exit code of its class,
+never a traceback, whatever the mistake: bad usage, a home it cannot use, values the wire cannot carry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, Daemon, make_env
+
+
+def pd(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "portdaddy.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=cwd)  # fmt: skip
+
+
+def one_error_line(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["claim"], ["Missing argument 'IDENTITY'", "see pd claim --help"]),
+    (["claim", "-myapp:api"], ["No such option '-m'"]),
+    (["nosuch"], ["No such command 'nosuch'"]),
+    (["claim", "a:b", "--port", "many"], ["'many' is not a valid integer"]),
+    (["fleet", "init", "--no-hook", "-C", "/nonexistent/dir"], ["'/nonexistent/dir' does not exist"]),
+])  # fmt: skip
+def test_bad_usage_is_one_line_or_one_json_object(tmp_home: Path, args: list[str], words: list[str]) -> None:
+    env = make_env(tmp_home)
+    one_error_line(pd(env, *args), 2, *words)
+    r = pd(env, *args, "--json")
+    assert r.returncode == 2 and r.stderr == ""
+    body = json.loads(r.stdout)
+    assert body["success"] is False and body["error"] == "VALIDATION_ERROR" and words[0] in body["message"]
+
+
+def test_a_group_without_a_command_shows_its_help(tmp_home: Path) -> None:
+    for args in ([], ["agent"]):
+        r = pd(make_env(tmp_home), *args)
+        assert r.returncode == 0 and r.stdout.startswith("Usage: pd") and "Commands:" in r.stdout
+
+
+def test_a_home_the_daemon_cannot_live_in_is_named_with_the_fix(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    env = make_env(afile, PORT_DADDY_NO_AUTOSTART="")
+    one_error_line(pd(env, "claim", "a:b", "-q"), 3, "is a file, not a directory")
+    status = pd(env, "status")
+    assert status.returncode == 3 and "point PORT_DADDY_HOME at a directory" in status.stdout + status.stderr
+    deep = tmp_path / ("x" * 110)
+    env = make_env(deep, PORT_DADDY_NO_AUTOSTART="")
+    one_error_line(pd(env, "start"), 3, "Unix sockets allow 107", "use a shorter PORT_DADDY_HOME")
+    assert not deep.exists()  # refused before anything was created
+
+
+def test_values_the_wire_cannot_carry_are_bad_input(daemon: Daemon) -> None:
+    one_error_line(daemon.pd("pub", "wire:x", "100000000000000000000"), 2, "outside 64 bits")
+    one_error_line(daemon.pd("tuple", "out", "[100000000000000000000]"), 2, "outside 64 bits")
+    one_error_line(daemon.pd("notes", "--limit", "100000000000000000000"), 2)
+    one_error_line(daemon.pd("pub", "wire:x", "1e999"), 2, "not NaN or Infinity")
+    assert daemon.call("msg.history", channel="wire:x")["messages"] == []
