@@ -64,7 +64,7 @@ def test_normalize_refuses(raw: object, fragment: str) -> None:
 
 
 def test_dotdot_message_says_what_to_do() -> None:
-    expected = r"path 'x/\.\./y' leaves the worktree; claim paths relative to the repo root"
+    expected = r"path 'x/\.\./y' leaves the worktree; give paths inside it"
     with pytest.raises(PDError, match=expected):
         normalize_claim_path("x/../y")
 

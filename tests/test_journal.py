@@ -195,6 +195,23 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     assert released.returncode == 0 and daemon.pd("who-owns", "web/components/a", "-q").stdout.strip() == "unclaimed"
 
 
+def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: Path) -> None:
+    """Claims are repo-relative; pd turns paths typed in a subdirectory, or absolute inside the worktree, into
+    them (who-owns auth.ts inside src/ said 'unclaimed' about src/auth.ts)."""
+    tree = _tree(tmp_path, "rel")
+    (tree / "src").mkdir()
+    env = {"PORT_DADDY_AGENT": "relative"}
+    daemon.pd("begin", "Relative paths", "--files", "src/auth.ts", cwd=tree, env=env)
+    src = tree / "src"
+    for typed in ("auth.ts", "../src/auth.ts", str(src / "auth.ts")):
+        assert daemon.pd("who-owns", typed, "-q", cwd=src).stdout.strip() == "claimed", typed
+    assert daemon.pd("who-owns", "other.ts", "-q", cwd=src).stdout.strip() == "unclaimed"
+    assert daemon.pd("session", "files", "claim", "api/", cwd=src, env=env).returncode == 0
+    assert "src/api/**" in daemon.pd("files", "src", cwd=tree).stdout
+    outside = daemon.pd("who-owns", "../../elsewhere.ts", cwd=src)
+    assert outside.returncode == 2 and "leaves the worktree" in outside.stderr
+
+
 def _git(tree: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**(env or os.environ), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip

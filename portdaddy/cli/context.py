@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,22 @@ def worktree_root(start: Path | None = None) -> Path:
         if (d / ".git").exists():
             return d
     return here
+
+
+def repo_paths(paths: Iterable[str], root: Path | None = None) -> list[str]:
+    """Paths or globs as typed in the current directory (or absolute), made relative to the worktree root,
+    which is what claims are. One that leads out of the worktree is left as typed: the daemon refuses it."""
+    root = root or worktree_root()
+    cwd = Path.cwd().resolve()
+    out = []
+    for typed in paths:
+        full = os.path.normpath(os.path.join(cwd, typed.strip()))
+        rel = os.path.relpath(full, root)
+        if rel == ".." or rel.startswith("../"):
+            out.append(typed)
+        else:
+            out.append(rel + "/" if typed.endswith("/") and rel != "." else rel)  # a trailing / claims a subtree
+    return out
 
 
 def current_path(root: Path | None = None) -> Path:

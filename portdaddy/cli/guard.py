@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from portdaddy.cli.context import resolve_agent, resolve_session, worktree_root
+from portdaddy.cli.context import repo_paths, resolve_agent, resolve_session, worktree_root
 from portdaddy.cli.output import emit_json, json_option
 from portdaddy.cli.sessions import warn_conflicts
 from portdaddy.cli.transport import connect, fail
@@ -85,7 +85,7 @@ def check(paths: tuple[str, ...], staged: bool, mode: str, as_json: bool) -> Non
       pd guard check src/middleware/auth.ts
       pd guard check --staged --mode enforce
     """
-    files = list(paths)
+    files = repo_paths(paths)
     if staged:
         files += [f for f in _git(worktree_root(), "diff", "--cached", "--name-only", "-z").split("\0") if f]
     if not files:

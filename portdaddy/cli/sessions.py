@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session, worktree_root
+from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call, connect, fail
 from portdaddy.core.conflicts import conflict_line
@@ -80,7 +80,7 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
       pd session start "OAuth integration" --files src/middleware/auth.ts --force
     """
     agent_id = resolve_agent(agent)
-    args = {"purpose": purpose, "files": [*paths, *files], "force": force, "agentId": agent_id,
+    args = {"purpose": purpose, "files": repo_paths([*paths, *files]), "force": force, "agentId": agent_id,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("session.start", args, as_json=as_json)
     remember(agent_id, sessionId=result["id"], purpose=purpose)
@@ -196,7 +196,7 @@ def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_jso
     Example:
       pd session files claim "src/components/checkout/*" --force
     """
-    args = {**where(), "sessionId": resolve_session(session), "files": list(paths), "force": force}
+    args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths), "force": force}
     result = claiming_call("file.claim", args, as_json=as_json)
     emit_json(result) if as_json else click.echo(f"Claimed {len(result['claimed'])} path(s) for {result['sessionId']}")
 
@@ -212,7 +212,7 @@ def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) ->
     Example:
       pd session files release src/types/Payment.ts
     """
-    args = {**where(), "sessionId": resolve_session(session), "files": list(paths) or None}
+    args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths) or None}
     result = call("file.release", args, as_json=as_json)
     emit_json(result) if as_json else click.echo(f"Released {len(result['released'])} path(s)")
 
@@ -307,7 +307,7 @@ def files(path: str | None, agent: str | None, as_json: bool, quiet: bool) -> No
       pd files
       pd files "src/api/*" --json
     """
-    result = call("file.list", {"path": path, "agent": agent}, as_json=as_json)
+    result = call("file.list", {"path": repo_paths([path])[0] if path else None, "agent": agent}, as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -331,7 +331,7 @@ def who_owns(path: str, as_json: bool, quiet: bool) -> None:
       pd who-owns src/middleware/auth.ts
       pd who-owns "src/api/*" -q
     """
-    result = call("file.owners", {"path": path}, as_json=as_json)
+    result = call("file.owners", {"path": repo_paths([path])[0]}, as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:

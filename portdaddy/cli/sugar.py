@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import forget, load_current, resolve_agent, resolve_session, save_current, worktree_root
+from portdaddy.cli.context import (
+    forget,
+    load_current,
+    repo_paths,
+    resolve_agent,
+    resolve_session,
+    save_current,
+    worktree_root,
+)
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.sessions import claim_line, claiming_call, note_line
 from portdaddy.cli.transport import call
@@ -34,7 +42,8 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
       pd begin -p "Write integration tests" --agent tester -q
     """
     args = {"purpose": purpose_opt or purpose, "identity": identity, "agentId": resolve_agent(agent),
-            "type": type_, "files": [*paths, *files], "force": force, "worktree": str(worktree_root())}  # fmt: skip
+            "type": type_, "files": repo_paths([*paths, *files]), "force": force,
+            "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("agent.begin", args, as_json=as_json)
     save_current({"agentId": result["agentId"], "sessionId": result["sessionId"], "purpose": result["purpose"],
                   "identity": result["identity"], "startedAt": result["startedAt"]})  # fmt: skip

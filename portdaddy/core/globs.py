@@ -64,10 +64,10 @@ def normalize_claim_path(path: object) -> str:
     if "\x00" in text or "\n" in text or "\r" in text:
         raise bad_input(f"claim path {_show(text)} contains a NUL or line break; claim one path per entry")
     if text.startswith("/"):
-        raise bad_input(f"claim path {_show(text)} is absolute; claim paths relative to the repo root")
+        raise bad_input(f"path {_show(text)} is absolute; give paths relative to the repo root")
     raw_segments = text.split("/")
     if ".." in raw_segments:
-        raise bad_input(f"path {_show(text)} leaves the worktree; claim paths relative to the repo root")
+        raise bad_input(f"path {_show(text)} leaves the worktree; give paths inside it")
     directory = text.endswith("/")
     # Empty segments come from '//' and the trailing '/'; '.' segments from './'. Neither names anything.
     segments = [_canon_segment(s) for s in raw_segments if s not in ("", ".")]
