@@ -65,3 +65,35 @@ def test_values_the_wire_cannot_carry_are_bad_input(daemon: Daemon) -> None:
     one_error_line(daemon.pd("notes", "--limit", "100000000000000000000"), 2)
     one_error_line(daemon.pd("pub", "wire:x", "1e999"), 2, "not NaN or Infinity")
     assert daemon.call("msg.history", channel="wire:x")["messages"] == []
+
+
+def _on_a_terminal(d: Daemon, *args: str) -> bytes:
+    """What ``pd args`` writes to stdout when stdout is a terminal."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, stdout=slave,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(master)
+    return out
+
+
+def test_text_from_other_agents_cannot_drive_your_terminal(daemon: Daemon) -> None:
+    hostile = "retitled\x1b]0;owned\x07 and \x1b[2Joverwritten\rline"
+    daemon.call("msg.publish", channel="tty:x", payload=hostile)
+    shown = _on_a_terminal(daemon, "history", "tty:x")
+    assert b"\x1b" not in shown and b"\x07" not in shown and b"\\x1b]0;owned\\x07" in shown
+    piped = daemon.pd("history", "tty:x", "--json")
+    assert json.loads(piped.stdout)["messages"][0]["payload"] == hostile  # the data itself is unchanged

@@ -14,6 +14,7 @@ import sys
 import click
 
 from portdaddy import __version__
+from portdaddy.cli.output import guard_terminal
 from portdaddy.cli.transport import fail
 from portdaddy.errors import EXIT_OK, EXIT_REFUSED, bad_input
 
@@ -80,6 +81,7 @@ def cli() -> None:
 def main() -> None:
     """Run ``pd``; click's own error printing is replaced so that bad usage, like any other bad input, is one
     ``error:`` line (or a JSON object under ``--json``) and exit 2."""
+    guard_terminal()
     try:
         code = cli.main(prog_name="pd", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # `pd`, `pd agent`: the help is what was asked for

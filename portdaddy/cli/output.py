@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -10,6 +12,34 @@ from typing import Any, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# C0 controls but tab and newline, DEL and C1 controls, shown as \x1b and the like.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(32), *range(0x7F, 0xA0)) if c not in (9, 10)}
+
+
+_LINE_CONTROLS = {**_CONTROLS, 9: "\\t", 10: "\\n"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped, line breaks too: for lines that must stay one line."""
+    return text.translate(_LINE_CONTROLS)
+
+
+class _TerminalText(io.TextIOWrapper):
+    """stdout on a terminal. What pd prints comes from other agents (notes, payloads, purposes, paths): their
+    escape sequences must not retitle, recolour or overwrite the reader's terminal, so controls are shown
+    escaped. Piped output passes unchanged; --json escapes them as JSON does."""
+
+    def write(self, text: str) -> int:
+        return super().write(text.translate(_CONTROLS))
+
+
+def guard_terminal() -> None:
+    """Escape control characters in what pd prints to a terminal (call before any output)."""
+    out = sys.stdout
+    if out is not None and out.isatty() and hasattr(out, "buffer"):
+        sys.stdout = _TerminalText(out.buffer, encoding=out.encoding, errors=out.errors, line_buffering=True)
 
 
 def json_option(f: F) -> F:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from portdaddy.cli.output import one_line
 from portdaddy.config import Settings
 from portdaddy.errors import DaemonUnavailable, PDError, bad_input, exit_code
 from portdaddy.ipc.client import BlockingClient
@@ -36,7 +37,7 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     if as_json or (ctx is not None and ctx.params.get("as_json")):
         click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
     else:
-        click.echo(f"error: {err.message}", err=True)
+        click.echo(f"error: {one_line(err.message)}", err=True)
     sys.exit(exit_code(err.code))
 
 
