@@ -313,6 +313,12 @@ def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
     assert first.type == Performative.INFORM_DONE and same.type == Performative.INFORM_DONE
     assert other.type == Performative.REFUSE and other.payload["error"] == "agent_mismatch"
     assert "agent-a" in other.payload["message"]
+    fresh = Raw(daemon)  # an agent id is checked as every op checks one, before it binds the connection
+    fresh.send(Performative.REQUEST, 1, {"action": "daemon.health", "agentId": "has space"})
+    fresh.send(Performative.REQUEST, 2, {"action": "daemon.health", "agentId": "agent-c"})
+    refused, bound = fresh.frames(2)
+    assert refused.type == Performative.NOT_UNDERSTOOD and "agent id 'has space'" in refused.payload["message"]
+    assert bound.type == Performative.INFORM_DONE
 
 
 def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) -> None:

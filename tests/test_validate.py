@@ -37,6 +37,9 @@ def test_accepted_names_come_back_stripped_and_refusals_are_never_remembered() -
     for _ in range(2):
         with pytest.raises(PDError, match="may not contain"):
             check("c", "build:*")
+    with pytest.raises(PDError, match="starts with '-'"):  # pd would take it for an option
+        check("c", "-dash")
+    assert check("c", "a-dash") == "a-dash"
 
 
 # The IPC server binds a repeated fire-and-forget frame once and hands the same arguments to every copy

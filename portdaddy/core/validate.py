@@ -90,6 +90,8 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
             raise bad_input(f"{what} {value!r} has an empty ':' segment")
         if not value.strip("."):
             raise bad_input(f"{what} {value!r} is not a name")
+        if value.startswith("-"):  # pd would read it as an option everywhere it is typed
+            raise bad_input(f"{what} {value!r} starts with '-'; start it with a letter or digit")
         return value
 
     return check

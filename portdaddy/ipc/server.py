@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from portdaddy.config import MAX_SOCKET_PATH
+from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
@@ -306,9 +307,10 @@ class Connection:
         if self.ctx.agent_id is not None:
             return PDError("agent_mismatch", f"this connection is bound to agent {self.ctx.agent_id!r}; "
                                              f"open another connection to act as {str(agent)[:100]!r}")  # fmt: skip
-        if not (isinstance(agent, str) and 0 < len(agent) <= 100):
-            return bad_input("agentId must be a string of 1-100 characters")
-        self.ctx.agent_id = agent
+        try:
+            self.ctx.agent_id = AGENT_ID("agentId", agent)
+        except PDError as e:
+            return e
         return None
 
     def _handle(self, event: Frame | Malformed) -> None:
