@@ -97,3 +97,15 @@ def test_text_from_other_agents_cannot_drive_your_terminal(daemon: Daemon) -> No
     assert b"\x1b" not in shown and b"\x07" not in shown and b"\\x1b]0;owned\\x07" in shown
     piped = daemon.pd("history", "tty:x", "--json")
     assert json.loads(piped.stdout)["messages"][0]["payload"] == hostile  # the data itself is unchanged
+
+
+def test_a_refusal_under_json_is_a_json_refusal(daemon: Daemon) -> None:
+    r = daemon.pd("tuple", "rd", '["nothing-here"]', "--json")
+    assert r.returncode == 1 and json.loads(r.stdout) == {
+        "success": False, "error": "NOT_FOUND", "message": 'no tuple matches ["nothing-here"]'}  # fmt: skip
+
+
+def test_a_timeout_means_waiting(daemon: Daemon) -> None:
+    daemon.call("lock.acquire", name="cli:timed", owner="someone-else")
+    r = daemon.pd("lock", "cli:timed", "--timeout", "300ms")  # no --wait: the timeout says how long to wait
+    one_error_line(r, 1, "was not free within 0.3s", "held by someone-else")

@@ -195,6 +195,19 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     assert released.returncode == 0 and daemon.pd("who-owns", "web/components/a", "-q").stdout.strip() == "unclaimed"
 
 
+def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tmp_path: Path) -> None:
+    tree = _tree(tmp_path, "ended")
+    agent = daemon.pd("begin", "Short job", "-q", cwd=tree).stdout.strip()
+    assert daemon.pd("session", "end", cwd=tree).returncode == 0
+    done = daemon.pd("done", "late note", cwd=tree)
+    assert done.returncode == 0 and "No active session to end (the note was not kept)" in done.stderr
+    assert f"Agent {agent} unregistered" in done.stderr
+    assert agent not in [a["id"] for a in daemon.call("agent.list")["agents"]]
+    again = daemon.pd("done", cwd=tree)
+    assert again.returncode == 1 and "no active session" in again.stderr  # nothing left to end or let go
+    assert daemon.pd("whoami", "-q", cwd=tree).stdout == ""
+
+
 def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: Path) -> None:
     """Claims are repo-relative; pd turns paths typed in a subdirectory, or absolute inside the worktree, into
     them (who-owns auth.ts inside src/ said 'unclaimed' about src/auth.ts)."""

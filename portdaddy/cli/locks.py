@@ -18,7 +18,8 @@ from portdaddy.errors import PDError, bad_input
 
 _TTL = click.option("--ttl", metavar="DURATION", help="Lease length, e.g. 30s or 10m (default 5m, max 1h).")
 _WAIT = click.option("--wait", "-w", is_flag=True, help="Queue (FIFO) until the lock is free instead of exit 1.")
-_TIMEOUT = click.option("--timeout", metavar="DURATION", help="With --wait: give up after e.g. 30s (exit 1).")
+_TIMEOUT = click.option("--timeout", metavar="DURATION",
+                        help="Wait at most this long, e.g. 30s (implies --wait; exit 1).")  # fmt: skip
 _OWNER = click.option("--owner", help="Who holds it (default: the current agent, else this process).")
 
 
@@ -53,7 +54,7 @@ def lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str
       pd lock db-migrations --wait --timeout 2m
       pd lock db-migrations --extend --ttl 10m
     """
-    owner = owner or resolve_agent()
+    owner, wait = owner or resolve_agent(), wait or timeout is not None
     if extend:
         result = call("lock.extend", {"name": name, "owner": owner, "ttl": ttl}, as_json=as_json)
     else:
@@ -62,7 +63,7 @@ def lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str
             result = blocking_call("lock.acquire", args, label=f"waiting for lock {name}…", as_json=as_json,
                                    timeout_ms=_duration_ms(timeout, "--timeout"))  # fmt: skip
         else:
-            result = _acquire_or_show_holder(args, as_json)
+            result = call("lock.acquire", args, as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -71,18 +72,6 @@ def lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str
         verb = "Extended" if extend else "Re-acquired" if result.get("existing") else "Acquired"
         click.echo(f"✓ {verb} lock: {name} (token {result['token']}, owner {result['owner']}, "
                    f"expires {until(result['expiresAt'])})")  # fmt: skip
-
-
-def _acquire_or_show_holder(args: dict[str, Any], as_json: bool) -> Any:
-    try:
-        with connect() as client:
-            return client.request("lock.acquire", args)
-    except PDError as e:
-        if e.code == "LOCK_HELD" and not as_json:
-            click.echo(f"Lock '{args['name']}' is held by {e.extra.get('holder')} "
-                       f"(expires {until(e.extra.get('expiresAt'))})", err=True)  # fmt: skip
-            sys.exit(1)
-        fail(e, as_json=as_json)
 
 
 @click.command()
@@ -160,8 +149,8 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
       pd with-lock deploy --wait --timeout 5m -- ./deploy.sh
     """
     ttl_ms = _duration_ms(ttl, "--ttl") or 60_000
-    args = {"name": name, "owner": owner or resolve_agent(), "ttl": ttl_ms, "wait": wait, "timeout": timeout,
-            "connBound": True}  # fmt: skip
+    args = {"name": name, "owner": owner or resolve_agent(), "ttl": ttl_ms, "wait": wait or timeout is not None,
+            "timeout": timeout, "connBound": True}  # fmt: skip
     timeout_ms = _duration_ms(timeout, "--timeout")
     try:
         # One connection for the whole run: the lock is bound to it.

@@ -89,9 +89,12 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
         emit_json(result)
         return
     if quiet:
-        click.echo(result["sessionId"])
+        click.echo(result["sessionId"] or "")
         return
-    click.echo(f"Session {result['sessionId']} {result['sessionStatus']}", err=True)
+    if result["sessionId"]:
+        click.echo(f"Session {result['sessionId']} {result['sessionStatus']}", err=True)
+    else:
+        click.echo("No active session to end" + (" (the note was not kept)" if note_opt or note else ""), err=True)
     if result["agentUnregistered"]:
         click.echo(f"Agent {result['agentId']} unregistered", err=True)
     click.echo(f"Notes: {result['notesCount']}", err=True)
@@ -117,7 +120,7 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
     if as_json:
         emit_json({**result, "localContext": load_current()})
     elif "sessionId" not in result:
-        click.echo(result["hint"])
+        click.echo(result["hint"], err=quiet)  # -q prints the value, and there is none
     elif quiet:
         click.echo(f"{result['agentId']}:{result['sessionId']}")
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
@@ -11,7 +10,7 @@ import click
 from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import blocking_call, call, fail
 from portdaddy.config import parse_duration_ms
-from portdaddy.errors import bad_input
+from portdaddy.errors import NotFound, bad_input
 
 _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the global space).")
 
@@ -41,7 +40,8 @@ def _json_arg(text: str, what: str) -> Any:
 def _blocking_call(action: str, args: dict[str, Any], *, as_json: bool, wait: bool, timeout: str | None) -> Any:
     if not wait:
         return call(action, args, as_json=as_json)
-    return blocking_call(action, args, label=f"waiting for a tuple matching {args['pattern']}…", as_json=as_json,
+    label = f"waiting for a tuple matching {json.dumps(args['pattern'])}…"
+    return blocking_call(action, args, label=label, as_json=as_json,
                          timeout_ms=parse_duration_ms(timeout) if timeout is not None else None)  # fmt: skip
 
 
@@ -76,24 +76,24 @@ def out(fields: str, harbor: str | None, ttl: str | None, written_by: str | None
 
 def _read(action: str, pattern: str, harbor: str | None, limit: int | None, wait: bool, timeout: str | None,
           as_json: bool, quiet: bool) -> None:  # fmt: skip
+    wait = wait or timeout is not None
     args = {"pattern": _json_arg(pattern, "PATTERN"), "harbor": harbor, "limit": limit, "wait": wait,
             "timeout": timeout}  # fmt: skip
     result = _blocking_call(action, args, as_json=as_json, wait=wait, timeout=timeout)
     found = result["taken"] if action == "tuple.in" else result["tuples"]
+    if not found:
+        fail(NotFound("NOT_FOUND", f"no tuple matches {pattern}"), as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:
         click.echo(len(found))
-    elif found:
+    else:
         _print_tuples(found)
-    if not found:
-        if not as_json:
-            click.echo(f"no tuple matches {pattern}", err=True)
-        sys.exit(1)
 
 
 _WAIT = click.option("--wait", "-w", is_flag=True, help="Block until a matching tuple is written.")
-_TIMEOUT = click.option("--timeout", metavar="DURATION", help="Give up waiting after e.g. 30s (exit 1).")
+_TIMEOUT = click.option("--timeout", metavar="DURATION",
+                        help="Wait at most this long, e.g. 30s (implies --wait; exit 1).")  # fmt: skip
 
 
 @tuple_.command("rd")
