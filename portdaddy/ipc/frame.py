@@ -109,7 +109,7 @@ class FrameTooLarge(ValueError):
         self.limit = limit
 
     def __str__(self) -> str:
-        return f"payload is {self.size} bytes, over the {self.limit} one IPC frame carries; send less or split it"
+        return f"payload is {self.size} bytes, over the {self.limit}-byte limit of one IPC frame; send less or split it"
 
 
 # Malformed reasons. Stable strings: the server puts them in its NOT_UNDERSTOOD reply and tests match them.
