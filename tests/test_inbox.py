@@ -41,6 +41,9 @@ def test_unread_read_and_clear(daemon) -> None:
     assert daemon.call("inbox.stats", agentId="reader") | {"success": True} == \
         {"success": True, "agentId": "reader", "total": 2, "unread": 1}  # fmt: skip
     assert "Marked 1" in daemon.pd("inbox", "read", env=env).stdout
+    assert daemon.pd("inbox", "read", str(listed[1]["id"]), env=env).returncode == 0  # already read: fine
+    missing = daemon.pd("inbox", "read", "999999", env=env)
+    assert missing.returncode == 1 and "message 999999 is not in reader's inbox" in missing.stderr
     assert "Deleted 2" in daemon.pd("inbox", "clear", env=env).stdout
     assert "No messages" in daemon.pd("inbox", env=env).stdout
 

@@ -208,6 +208,14 @@ def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tm
     assert daemon.pd("whoami", "-q", cwd=tree).stdout == ""
 
 
+def test_the_worktrees_agent_speaks_on_channels(daemon: Daemon, tmp_path: Path) -> None:
+    tree = _tree(tmp_path, "speaker")
+    agent = daemon.pd("begin", "Announce things", "-q", cwd=tree).stdout.strip()
+    published = json.loads(daemon.pd("pub", "speaker:news", "hi", "--json", cwd=tree).stdout)
+    assert daemon.call("msg.history", channel="speaker:news")["messages"][0]["sender"] == agent
+    assert published["success"] is True
+
+
 def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: Path) -> None:
     """Claims are repo-relative; pd turns paths typed in a subdirectory, or absolute inside the worktree, into
     them (who-owns auth.ts inside src/ said 'unclaimed' about src/auth.ts)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
 from portdaddy.config import parse_duration_ms
@@ -78,7 +79,7 @@ def pub(channel: str, payload: tuple[str, ...], sender: str | None, as_json: boo
       pd pub build:complete done
     """
     result = call("msg.publish", {"channel": channel, "payload": parse_payload(" ".join(payload)),
-                                  "sender": sender}, as_json=as_json)  # fmt: skip
+                                  "sender": sender or resolve_agent()}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
     else:

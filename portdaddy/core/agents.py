@@ -514,7 +514,9 @@ def _salvage_op(action: str) -> Any:
         agents: Agents = ctx.app.agents
         by = newAgentId or ctx.agent_id
         if action in ("claim", "complete") and not by:
-            raise bad_input(f"who takes the work over? pass --agent (newAgentId) to salvage {action}")
+            who = "who takes the work over" if action == "claim" else "who finished the work"
+            raise bad_input(f"{who}? name the agent (pd salvage {action} --agent ID, or pd begin first; "
+                            "newAgentId over HTTP)")  # fmt: skip
         entry = agents.salvage_move(id, action, by)
         reply: dict[str, Any] = {"success": True, "agent": entry}
         if action == "claim":

@@ -11,7 +11,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.broker import payload_check
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
-from portdaddy.errors import PDError
+from portdaddy.errors import NotFound, PDError
 
 MAX_PER_AGENT = 1000  # then sends are refused (RESOURCE_LIMIT), never silently evicted
 
@@ -74,7 +74,11 @@ class Inbox:
                 db.execute("UPDATE inbox SET read=1 WHERE agent_id=? AND read=0", (agent_id,))
             else:
                 db.execute("UPDATE inbox SET read=1 WHERE agent_id=? AND id=? AND read=0", (agent_id, message_id))
-            return db.changes()
+            marked = db.changes()
+        if not marked and message_id is not None and not self.store.one(
+                "SELECT 1 FROM inbox WHERE agent_id=? AND id=?", (agent_id, message_id)):  # fmt: skip
+            raise NotFound("NOT_FOUND", f"message {message_id} is not in {agent_id}'s inbox; see pd inbox")
+        return marked
 
     def clear(self, agent_id: str) -> int:
         with self.store.write() as db:
