@@ -30,6 +30,7 @@ def one_error_line(r: subprocess.CompletedProcess[str], code: int, *words: str) 
     (["nosuch"], ["No such command 'nosuch'"]),
     (["claim", "a:b", "--port", "many"], ["'many' is not a valid integer"]),
     (["fleet", "init", "--no-hook", "-C", "/nonexistent/dir"], ["'/nonexistent/dir' does not exist"]),
+    (["begin"], ["say what this agent is about to do"]),
 ])  # fmt: skip
 def test_bad_usage_is_one_line_or_one_json_object(tmp_home: Path, args: list[str], words: list[str]) -> None:
     env = make_env(tmp_home)

@@ -224,6 +224,7 @@ def test_status_and_version(daemon: Daemon) -> None:
     assert r.returncode == 0 and "is running (pid" in r.stdout and "database:" in r.stdout
     st = json.loads(daemon.pd("status", "--json").stdout)
     assert st["sockets"]["ipc"].endswith("daemon.ipc") and "services" in st["counts"]
+    assert st["success"] is True and st["running"] is True and isinstance(st["warnings"], list)
     assert daemon.pd("version", "-q").stdout.strip() == st["version"]
 
 

@@ -120,13 +120,15 @@ def status(as_json: bool) -> None:
     if st is None:
         why, fix = diagnose_down(cfg)
         if as_json:
-            emit_json({"success": False, "running": False, "reason": why, "fix": fix, "home": str(cfg.home)})
+            emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
+                       "running": False, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip
         else:
             click.echo(f"Port Daddy is not running: {why}", err=True)
             click.echo(f"  fix: {fix}", err=True)
         sys.exit(EXIT_UNREACHABLE)
+    warnings = attention(st["counts"])
     if as_json:
-        emit_json(st)
+        emit_json({"success": True, "running": True, **st, "warnings": warnings})
         return
     click.echo(f"Port Daddy {st['version']} is running (pid {st['pid']}, up {st['uptimeHuman']})")
     click.echo(f"  home:     {st['home']}")
@@ -134,8 +136,25 @@ def status(as_json: bool) -> None:
         if where:
             click.echo(f"  {name + ':':9} {where}")
     click.echo(f"  database: {st['db']}")
-    counts = ", ".join(f"{v} {k}" for k, v in st["counts"].items())
+    counts = ", ".join(f"{v} {k}" for k, v in st["counts"].items() if v) or "nothing yet"
     click.echo(f"  counts:   {counts}")
+    for line in warnings:
+        click.echo(f"  warning:  {line}")
+
+
+# count -> (what it means when above zero, where to look)
+_ATTENTION = {
+    "agentsDead": ("dead agent(s) left work behind", "pd salvage"),
+    "arbiterViolations": ("invariant violation(s) recorded", "pd arbiter violations"),
+    "webhookFailed": ("webhook delivery(ies) failed", "pd webhook ls"),
+    "lagging": ("subscriber(s) fell behind and missed messages", "pd channels"),
+    "ipcCutOff": ("IPC connection(s) cut off for malformed frames", "daemon.log"),
+}
+
+
+def attention(counts: dict[str, int]) -> list[str]:
+    """What in a running daemon wants a look, each with where to look."""
+    return [f"{counts[key]} {what}: see {where}" for key, (what, where) in _ATTENTION.items() if counts.get(key)]
 
 
 @click.command()

@@ -17,7 +17,8 @@ from portdaddy.cli.context import (
 )
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.sessions import claim_line, claiming_call, note_line
-from portdaddy.cli.transport import call
+from portdaddy.cli.transport import call, fail
+from portdaddy.errors import bad_input
 
 
 @click.command("begin")
@@ -41,6 +42,8 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
       pd begin "Refactor auth" --identity myapp:api --files src/auth.ts
       pd begin -p "Write integration tests" --agent tester -q
     """
+    if not (purpose_opt or purpose):
+        fail(bad_input('say what this agent is about to do: pd begin "Refactor auth" (or --purpose)'))
     args = {"purpose": purpose_opt or purpose, "identity": identity, "agentId": resolve_agent(agent),
             "type": type_, "files": repo_paths([*paths, *files]), "force": force,
             "worktree": str(worktree_root())}  # fmt: skip
