@@ -261,6 +261,8 @@ def test_guard_checks_staged_files_against_other_sessions(daemon: Daemon, tmp_pa
         assert "pd guard: 1 file(s) are claimed by other sessions" in commit.stderr
     else:
         assert "Warning: src/auth.ts overlaps src/*, claimed by session-" in commit.stderr
+    as_json = daemon.pd("guard", "check", "src/auth.ts", "--mode", mode, "--json", cwd=repo)
+    assert (as_json.returncode, json.loads(as_json.stdout)["success"]) == ((1, False) if blocked else (0, True))
     daemon.call("session.end", sessionId=holder)
 
 

@@ -89,25 +89,34 @@ def check(paths: tuple[str, ...], staged: bool, mode: str, as_json: bool) -> Non
     if staged:
         files += [f for f in _git(worktree_root(), "diff", "--cached", "--name-only", "-z").split("\0") if f]
     if not files:
+        if as_json:
+            emit_json({"success": True, "checked": True, "conflicts": []})
         return
     args = {"files": files, "sessionId": resolve_session(), "agentId": resolve_agent()}
     try:
         with connect(autostart=False) as client:
             result = client.request("file.check", args)
-    except DaemonUnavailable:
-        click.echo("pd guard: Port Daddy is not running; file claims not checked", err=True)
+    except DaemonUnavailable:  # a commit hook must not stop commits because the daemon is down
+        message = "Port Daddy is not running; file claims not checked"
+        if as_json:
+            emit_json({"success": True, "checked": False, "conflicts": [], "message": message})
+        else:
+            click.echo(f"pd guard: {message}", err=True)
         return
     except PDError as e:
         fail(e, as_json=as_json)
     conflicts = result["conflicts"]
+    refused = bool(conflicts) and mode == "enforce"
     if as_json:
-        emit_json(result)
+        emit_json({**result, "checked": True} if not refused else {
+            **result, "checked": True, "success": False, "error": "FILE_CONFLICT",
+            "message": "commit refused: files are claimed by other sessions"})  # fmt: skip
     elif conflicts and mode == "advisory":
         click.echo(f"pd guard: {len({c['filePath'] for c in conflicts})} file(s) are claimed by other sessions "
                    "(see pd who-owns PATH)", err=True)  # fmt: skip
     elif conflicts:
         warn_conflicts(conflicts)
-    if conflicts and mode == "enforce":
+    if refused:
         if not as_json:
             click.echo("Commit refused: coordinate with the holder first, or commit with --no-verify", err=True)
         sys.exit(EXIT_REFUSED)

@@ -7,7 +7,8 @@ import sys
 import click
 
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call
+from portdaddy.cli.transport import call, fail
+from portdaddy.errors import NotFound
 
 
 @click.command()
@@ -126,12 +127,12 @@ def url(identity: str, env_name: str, as_json: bool) -> None:
     """
     service = call("port.get", {"id": identity}, as_json=as_json)["service"]
     found = service["urls"].get(env_name)
-    if as_json:
-        emit_json({"id": identity, "env": env_name, "url": found})
     if not found:
-        click.echo(f"error: {identity} has no {env_name!r} URL; known: {', '.join(service['urls'])}", err=True)
-        sys.exit(1)
-    if not as_json:
+        fail(NotFound("NOT_FOUND", f"{identity} has no {env_name!r} URL; known: {', '.join(service['urls'])}"),
+             as_json=as_json)  # fmt: skip
+    if as_json:
+        emit_json({"success": True, "id": identity, "env": env_name, "url": found})
+    else:
         click.echo(found)
 
 
