@@ -41,7 +41,7 @@ def status(as_json: bool) -> None:
 @arbiter.command("violations")
 @click.option("--since", metavar="WHEN", help="A duration ago (1h, 30m) or epoch milliseconds.")
 @click.option("--rule", help="Only this rule (e.g. LOCK_OWNER_VALID).")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="Show at most this many.")
 @json_option
 @quiet_option
 def violations(since: str | None, rule: str | None, limit: int, as_json: bool, quiet: bool) -> None:

@@ -48,7 +48,7 @@ def create(name: str, cap: str | None, channels: str | None, expires: str | None
 
 @harbor.command("list")
 @click.argument("pattern", default="*")
-@click.option("--agent", help="Only the harbors this agent is in.")
+@click.option("--agent", metavar="ID", help="Only the harbors this agent is in.")
 @json_option
 @quiet_option
 def list_(pattern: str, agent: str | None, as_json: bool, quiet: bool) -> None:
@@ -95,7 +95,7 @@ def show(name: str, as_json: bool) -> None:
 
 @harbor.command("enter")
 @click.argument("name")
-@click.option("--agent", help="Agent id (default: PORT_DADDY_AGENT or this worktree's pd begin).")
+@click.option("--agent", metavar="ID", help="Agent id (default: PORT_DADDY_AGENT or this worktree's pd begin).")
 @click.option("--cap", help="This member's capabilities, comma-separated.")
 @click.option("--identity", help="The member's semantic identity.")
 @json_option
@@ -117,7 +117,7 @@ def enter(name: str, agent: str | None, cap: str | None, identity: str | None, a
 
 @harbor.command("leave")
 @click.argument("name")
-@click.option("--agent", help="Agent id (default: PORT_DADDY_AGENT or this worktree's pd begin).")
+@click.option("--agent", metavar="ID", help="Agent id (default: PORT_DADDY_AGENT or this worktree's pd begin).")
 @json_option
 def leave(name: str, agent: str | None, as_json: bool) -> None:
     """Leave harbor NAME.

@@ -12,7 +12,7 @@ from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
 
-_AGENT = click.option("--agent", "-a", help="Whose inbox (default: the current agent).")
+_AGENT = click.option("--agent", "-a", metavar="ID", help="Whose inbox (default: the current agent).")
 
 
 def _me(agent: str | None) -> str:

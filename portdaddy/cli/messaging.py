@@ -100,7 +100,7 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
 
     \b
     Examples:
-      pd sub payments:*
+      pd sub 'payments:*'
       pd sub build:complete --once            # the blocking chain: wait for the signal
       pd sub payments:api,payments:queries --new --json
     """

@@ -27,10 +27,10 @@ def pheromone() -> None:
 @click.option("--table", "-t", required=True, type=_TABLES, help="What kind of entity.")
 @click.option("--id", "-i", "entity", required=True, help="The entity (e.g. myapp:api, src/auth.ts).")
 @click.option("--key", "-k", required=True, help="The signal's name (e.g. urgency, heat).")
-@click.option("--strength", "-s", required=True, help="0 to 1; replaces the faded value.")
+@click.option("--strength", "-s", required=True, type=float, help="0 to 1; replaces the faded value.")
 @_HARBOR
 @json_option
-def spray(table: str, entity: str, key: str, strength: str, harbor: str | None, as_json: bool) -> None:
+def spray(table: str, entity: str, key: str, strength: float, harbor: str | None, as_json: bool) -> None:
     """Set a signal on an entity (committed before the reply).
 
     \b

@@ -121,7 +121,7 @@ def end(note: str | None, status: str, session: str | None, as_json: bool, quiet
 
 @session.command("list")
 @click.option("--all", "all_", is_flag=True, help="Include completed and abandoned sessions.")
-@click.option("--status", type=click.Choice(["active", "completed", "abandoned"]))
+@click.option("--status", type=click.Choice(["active", "completed", "abandoned"]), help="Only sessions in this state.")
 @click.option("--agent", metavar="ID", help="Only this agent's sessions.")
 @click.option("--here", is_flag=True, help="Only sessions of this worktree.")
 @click.option("--limit", type=int, help="At most this many (default 50).")
@@ -250,7 +250,7 @@ def note_line(n: dict[str, Any]) -> str:
 
 
 @click.command("notes")
-@click.option("--limit", "-n", type=int, default=20, show_default=True)
+@click.option("--limit", "-n", type=int, default=20, show_default=True, help="Show at most this many.")
 @_SESSION
 @click.option("--agent", metavar="ID", help="Only this agent's notes.")
 @click.option("--project", metavar="P", help="Only sessions of agents whose identity is in P.")

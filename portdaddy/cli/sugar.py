@@ -70,9 +70,10 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
 @click.command("done")
 @click.argument("note", required=False)
 @click.option("--note", "-n", "note_opt", help="The handoff note.")
-@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True)
-@click.option("--agent", "-a", metavar="ID")
-@click.option("--session", "-s", metavar="ID")
+@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True,
+              help="How the session ends.")  # fmt: skip
+@click.option("--agent", "-a", metavar="ID", help="The agent that is done (default: this worktree's).")
+@click.option("--session", "-s", metavar="ID", help="The session to end (default: the agent's active one).")
 @json_option
 @quiet_option
 def done(note: str | None, note_opt: str | None, status: str, agent: str | None, session: str | None,
@@ -104,7 +105,7 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
 
 
 @click.command("whoami")
-@click.option("--agent", "-a", metavar="ID")
+@click.option("--agent", "-a", metavar="ID", help="Ask about this agent (default: this worktree's).")
 @json_option
 @quiet_option
 def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
@@ -167,7 +168,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
 
 
 @click.command("log")
-@click.option("--limit", "-n", type=int, default=30, show_default=True)
+@click.option("--limit", "-n", type=int, default=30, show_default=True, help="Show at most this many.")
 @click.option("--type", "-t", "type_", help="Only this event type (a prefix ending in * too, e.g. 'session.*').")
 @click.option("--agent", metavar="ID", help="Only this agent's activity.")
 @click.option("--since", metavar="DURATION", help="Only the last e.g. 1h.")

@@ -18,7 +18,7 @@ def webhook() -> None:
     Examples:
       pd webhook add https://ci.example.com/hooks/pd --events lock.acquire,lock.release --secret s3cret
       pd webhook ls
-      pd webhook test 6f1c…
+      pd webhook test <id>
     """
 
 
@@ -78,7 +78,7 @@ def test(webhook_id: str, as_json: bool) -> None:
 
     \b
     Example:
-      pd webhook test 6f1c2a…
+      pd webhook test <id>
     """
     result = call("webhook.test", {"id": webhook_id}, as_json=as_json, timeout=20)
     if as_json:
@@ -99,7 +99,7 @@ def rm(webhook_id: str, as_json: bool) -> None:
 
     \b
     Example:
-      pd webhook rm 6f1c2a…
+      pd webhook rm <id>
     """
     result = call("webhook.delete", {"id": webhook_id}, as_json=as_json)
     emit_json(result) if as_json else click.echo(f"Deleted webhook {webhook_id}")
@@ -114,7 +114,7 @@ def deliveries(webhook_id: str, limit: int | None, as_json: bool) -> None:
 
     \b
     Example:
-      pd webhook deliveries 6f1c2a… --limit 10
+      pd webhook deliveries <id> --limit 10
     """
     result = call("webhook.deliveries", {"id": webhook_id, "limit": limit}, as_json=as_json)
     if as_json:
