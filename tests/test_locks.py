@@ -365,3 +365,10 @@ class LockModel(RuleBasedStateMachine):
 
 TestLockModel = LockModel.TestCase
 TestLockModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_quiet_unlock_and_heartbeat_print_one_word(daemon) -> None:
+    assert daemon.pd("lock", "cli:quiet", "-q").returncode == 0
+    assert daemon.pd("unlock", "cli:quiet", "-q").stdout == "released\n"
+    assert daemon.pd("unlock", "cli:quiet", "-q").stdout == "not-held\n"
+    assert daemon.pd("agent", "heartbeat", "--agent", "quiet-one", "-q").stdout == "quiet-one\n"

@@ -67,7 +67,8 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
 @agent.command("heartbeat")
 @_AGENT
 @json_option
-def heartbeat(agent: str | None, as_json: bool) -> None:
+@quiet_option
+def heartbeat(agent: str | None, as_json: bool, quiet: bool) -> None:
     """Tell the daemon the agent is alive (an unknown agent is registered).
 
     \b
@@ -75,7 +76,10 @@ def heartbeat(agent: str | None, as_json: bool) -> None:
       pd agent heartbeat --agent frontend-builder
     """
     result = call("agent.heartbeat", {"agentId": resolve_agent(agent)}, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Heartbeat recorded: {result['agentId']}")
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["agentId"] if quiet else f"Heartbeat recorded: {result['agentId']}")
 
 
 @agent.command("unregister")

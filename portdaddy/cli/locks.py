@@ -80,8 +80,11 @@ def lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner: str
 @click.option("--token", type=int, help="Release only if the lock still carries this fencing token.")
 @click.option("--force", "-f", is_flag=True, help="Release even if someone else holds it (recorded).")
 @json_option
-def unlock(name: str, owner: str | None, token: int | None, force: bool, as_json: bool) -> None:
+@quiet_option
+def unlock(name: str, owner: str | None, token: int | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Release the lock NAME. Without --owner or a current agent, anyone may release it.
+
+    -q prints released or not-held.
 
     \b
     Examples:
@@ -92,6 +95,8 @@ def unlock(name: str, owner: str | None, token: int | None, force: bool, as_json
                                    "force": force}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo("released" if result["released"] else "not-held")
     elif result["released"]:
         click.echo(f"✓ Released lock: {name}" + (" (forced)" if force else ""))
     else:

@@ -118,7 +118,8 @@ def services(pattern: str, as_json: bool, quiet: bool) -> None:
 @click.argument("identity")
 @click.option("--env", "-e", "env_name", default="local", show_default=True, help="Endpoint environment.")
 @json_option
-def url(identity: str, env_name: str, as_json: bool) -> None:
+@quiet_option
+def url(identity: str, env_name: str, as_json: bool, quiet: bool) -> None:  # -q: the URL is all it prints
     """Print the URL of IDENTITY for an environment.
 
     \b

@@ -163,7 +163,8 @@ def scan(harbor: str | None, limit: int | None, query: str | None, as_json: bool
 @click.argument("pattern", required=False)
 @_HARBOR
 @json_option
-def count(pattern: str | None, harbor: str | None, as_json: bool) -> None:
+@quiet_option
+def count(pattern: str | None, harbor: str | None, as_json: bool, quiet: bool) -> None:
     """Count live tuples matching PATTERN (all when omitted).
 
     \b
@@ -173,7 +174,7 @@ def count(pattern: str | None, harbor: str | None, as_json: bool) -> None:
     """
     args = {"pattern": _json_arg(pattern, "PATTERN") if pattern else None, "harbor": harbor}
     result = call("tuple.count", args, as_json=as_json)
-    emit_json(result) if as_json else click.echo(result["count"])
+    emit_json(result) if as_json else click.echo(result["count"])  # the count is all it prints, -q or not
 
 
 tuple_.name = "tuple"
