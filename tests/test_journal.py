@@ -214,6 +214,7 @@ def test_the_worktrees_agent_speaks_on_channels(daemon: Daemon, tmp_path: Path) 
     published = json.loads(daemon.pd("pub", "speaker:news", "hi", "--json", cwd=tree).stdout)
     assert daemon.call("msg.history", channel="speaker:news")["messages"][0]["sender"] == agent
     assert published["success"] is True
+    assert daemon.pd("done", cwd=tree).returncode == 0
 
 
 def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: Path) -> None:
@@ -231,6 +232,7 @@ def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: P
     assert "src/api/**" in daemon.pd("files", "src", cwd=tree).stdout
     outside = daemon.pd("who-owns", "../../elsewhere.ts", cwd=src)
     assert outside.returncode == 2 and "leaves the worktree" in outside.stderr
+    assert daemon.pd("done", cwd=tree, env=env).returncode == 0  # the module's daemon: give src/ back
 
 
 def _git(tree: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
