@@ -100,6 +100,7 @@ def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: D
     hook = project / ".git" / "hooks" / "post-commit"
     hook.parent.mkdir(parents=True, exist_ok=True)
     hook.write_text("#!/bin/bash\necho mine\nexit 0\n")
+    hook.chmod(0o755)
     r = daemon.pd("fleet", "init", "-C", str(project), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -117,10 +118,107 @@ def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: D
     assert hook.read_text().count("# >>> port-daddy fleet >>>") == 1
 
     hook.write_text("#!/usr/bin/env python3\nprint('py hook')\n")
+    hook.chmod(0o755)
     chained = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
     assert chained["hookAction"] == "chained"
     assert "print('py hook')" in (hook.parent / "post-commit.pd-chained").read_text()
-    assert 'exec "$(dirname "$0")/post-commit.pd-chained"' in hook.read_text()
+    assert '; then exec "$(dirname "$0")/post-commit.pd-chained" "$@"; fi' in hook.read_text()
+    assert chained["hook"] and "PORT_DADDY_HOME=" + str(daemon.home) in hook.read_text()  # not the default home
+
+
+def test_init_outside_a_git_repository_writes_nothing(tmp_home: Path, daemon: Daemon) -> None:
+    plain = tmp_home / "plain"
+    plain.mkdir()
+    r = daemon.pd("fleet", "init", "-C", str(plain))
+    assert r.returncode == 2 and "not inside a git repository" in r.stderr
+    assert list(plain.iterdir()) == []  # refused before the fleet file was written
+
+
+def test_a_disabled_hook_is_chained_but_stays_disabled(tmp_home: Path, daemon: Daemon) -> None:
+    project = tmp_home / "p"
+    project.mkdir()
+    git(project, "init", "-q")
+    git(project, "config", "user.email", "t@example.com")
+    git(project, "config", "user.name", "Test")
+    hook = project / ".git" / "hooks" / "post-commit"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/sh\necho disabled-hook-ran\n")
+    hook.chmod(0o644)  # not executable: git does not run it
+    out = json.loads(daemon.pd("fleet", "init", "--no-hook", "-C", str(project), "--json").stdout)
+    assert out["hook"] is None
+    out = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
+    assert out["hookAction"] == "chained"
+    chained = hook.parent / "post-commit.pd-chained"
+    commit = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "c"], cwd=project, env=daemon.env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert commit.returncode == 0 and commit.stdout + commit.stderr == "", commit  # no "Permission denied"
+    chained.chmod(0o755)  # enabled again: now it runs
+    commit = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "c2"], cwd=project, env=daemon.env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "disabled-hook-ran" in commit.stdout + commit.stderr
+
+
+HOOKED = """
+fleet:
+  limits: {max_concurrent_spawns: 4, max_spawns_per_hour: 100}
+  agents:
+    qa: {trigger: git:committed, backend: custom, command: "true"}
+"""
+
+
+def _hooked_project(d: Daemon, tmp_home: Path) -> Path:
+    project = make_project(tmp_home, HOOKED)
+    init = d.pd("fleet", "init", "-C", str(project), "--json")
+    assert init.returncode == 0, init.stderr
+    pd_json(d, "fleet", "up", "-C", str(project))
+    return project
+
+
+def _commit(project: Path, env: dict[str, str], name: str) -> str:
+    (project / name).write_text(name)
+    subprocess.run(["git", "add", name], cwd=project, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", name], cwd=project, check=True, env=env, timeout=30)
+    return git(project, "rev-parse", "HEAD")
+
+
+def test_quick_successive_commits_each_reach_the_fleet(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    # Faster than a backgrounded pd starts: each must still report its own commit, not the last one.
+    shas = [_commit(project, d.env, f"c{n}") for n in range(3)]
+    runs = finished(d, project, "qa", 3)
+    assert sorted(r["trigger"]["payload"]["sha"] for r in runs) == sorted(shas)
+    assert {r["trigger"]["payload"]["branch"] for r in runs} == {"main"}
+
+
+def test_the_hook_pins_a_non_default_home(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    # A shell without PORT_DADDY_HOME (and a HOME whose ~/.port-daddy has no daemon) still reaches this one.
+    elsewhere = tmp_home / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in d.env.items() if k != "PORT_DADDY_HOME"} | {"HOME": str(elsewhere)}
+    sha = _commit(project, env, "pinned")
+    [run] = finished(d, project, "qa", 1)
+    assert run["trigger"]["payload"]["sha"] == sha
+    assert not (elsewhere / ".port-daddy").exists()
+
+
+def test_a_huge_commit_is_announced_with_its_file_list_cut(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    deep = project / ("long-directory-name-" * 5)
+    deep.mkdir()
+    for n in range(450):
+        (deep / f"{'file-with-a-long-name-' * 3}{n}.txt").write_text("x")
+    git(project, "add", ".")
+    git(project, "-c", "core.hooksPath=/dev/null", "commit", "-qm", "huge")  # the hook is run below, in front
+    r = d.pd("fleet", "hook", "post-commit", "--json", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr  # was: too large for one IPC frame, silently lost
+    [run] = finished(d, project, "qa", 1)
+    payload = run["trigger"]["payload"]
+    assert payload["fileCount"] == 451 and payload["truncated"] is True  # 450 + pd-fleet.yml
+    assert 0 < len(payload["files"]) < 451 and len(json.dumps(payload["files"], separators=(",", ":"))) <= 32_000
 
 
 # --- running -------------------------------------------------------------------------------------------

@@ -66,6 +66,11 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
     from portdaddy.fleet.config import STARTER_FLEET, find_fleet_file
 
     root = Path(project_dir(directory))
+    if not no_hook:
+        try:
+            hook.hooks_dir(root)  # before writing anything: a refused init leaves nothing behind
+        except ValueError as exc:
+            fail(bad_input(f"{exc}; run git init first, or pass --no-hook"), as_json=as_json)
     existing = find_fleet_file(root)
     wrote = None
     if existing is None or force:
@@ -73,10 +78,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
         wrote.write_text(STARTER_FLEET)
     hook_path, action = None, None
     if not no_hook:
-        try:
-            hook_path, action = hook.install(root)
-        except ValueError as exc:
-            fail(bad_input(f"{exc}; run git init first, or pass --no-hook"), as_json=as_json)
+        hook_path, action = hook.install(root, home=hook.pinned_home())
     if as_json:
         emit_json({"fleetFile": str(wrote or existing), "written": wrote is not None,
                    "hook": str(hook_path) if hook_path else None, "hookAction": action})  # fmt: skip
@@ -320,10 +322,15 @@ def hook_group() -> None:
 
 
 @hook_group.command("post-commit")
+@click.argument("sha", required=False)
+@click.argument("branch", required=False)
 @json_option
-def post_commit(as_json: bool) -> None:
-    """Publish git:committed for the commit just made (called by .git/hooks/post-commit; silent unless --json)."""
-    payload = hook.commit_payload(Path.cwd())
+def post_commit(sha: str | None, branch: str | None, as_json: bool) -> None:
+    """Publish git:committed for the commit SHA on BRANCH, as the hook read them (default: HEAD now).
+
+    Called by .git/hooks/post-commit; silent unless --json.
+    """
+    payload = hook.commit_payload(Path.cwd(), sha, branch)
     result = call("msg.publish", {"channel": "git:committed", "payload": payload,
                                   "sender": f"git:{payload['project']}"}, as_json=as_json)  # fmt: skip
     if as_json:
