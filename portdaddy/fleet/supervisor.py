@@ -32,7 +32,7 @@ from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, new_id
-from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire
+from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
 
 log = logging.getLogger("portdaddy.fleet")
 
@@ -296,8 +296,10 @@ class Fleet:
                                        "reason": f"queue full ({self.settings.max_queued} runs waiting)"},
                              sender="fleet")  # fmt: skip
             return None
-        task = Task(backend=spec.backend, prompt=spec.prompt, command=spec.command, model=spec.model,
-                    allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
+        variables = run_variables(trigger, lf.config.variables)
+        command = render_template(spec.command, variables) if spec.command else None
+        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=command,
+                    model=spec.model, allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
                     timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
