@@ -433,3 +433,31 @@ def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Pat
     project = make_project(tmp_home, "agents: {}\n")
     r = d.pd("fleet", "up", "-C", str(project))
     assert r.returncode == 1 and "PORT_DADDY_NO_FLEET" in r.stderr
+
+
+def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 1}
+          agents:
+            slow: {trigger: work, backend: custom, command: "sleep 300"}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    first = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
+    second = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
+    wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["running"] == 1, what="a run")
+    assert d.stop() == 0  # pd stop: SIGTERM
+    d.start()
+    by_id = {r["id"]: r for r in runs_of(d, project)}
+    assert by_id[first["id"]]["status"] == "lost", by_id  # was: failed, "killed by signal 15"
+    assert by_id[first["id"]]["error"].startswith("daemon shutting down")
+    salvage = d.call("salvage.list", all=True, limit=500)
+    assert first["id"] in json.dumps(salvage)  # as after a SIGKILL: its session went to salvage
+    assert by_id[second["id"]]["status"] in ("queued", "running"), by_id  # was: cancelled
+    wait_for(lambda: {r["id"]: r["status"] for r in runs_of(d, project)}[second["id"]] == "running",
+             what="the queued run to start once the fleet is back")  # fmt: skip
+    # The interrupted run was not respawned or counted as a failure.
+    assert len(runs_of(d, project)) == 2
+    assert d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["failures"] == 0
+    d.call("fleet.down", projectDir=str(project))

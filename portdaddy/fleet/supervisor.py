@@ -39,6 +39,7 @@ log = logging.getLogger("portdaddy.fleet")
 HOUR_S = 3600.0
 OUTPUT_TAIL = 2000  # bytes of a run's output put into its on_success/on_failure message
 CRON_RECHECK_S = 60.0  # re-read the wall clock at least this often (it may jump: suspend, NTP)
+SHUTTING_DOWN = "daemon shutting down"  # the stop reason of runs the daemon's own shutdown interrupts
 
 
 def _env_seconds(env: dict[str, str], var: str, default: float) -> float:
@@ -97,6 +98,7 @@ class LiveFleet:
     finished: trio.Event = field(default_factory=trio.Event)
     nursery: trio.Nursery | None = None
     up_at: int = field(default_factory=now_ms)
+    going_down: bool = False  # pd fleet down, as opposed to the daemon stopping (the fleet comes back then)
 
     def state(self, agent: str) -> AgentState:
         return self.agents.setdefault(agent, AgentState())
@@ -222,7 +224,10 @@ class Fleet:
                     task_status.started()
         finally:
             for run in list(lf.queue):
-                self._finish_unstarted(run, "cancelled", "the fleet went down before this run started")
+                if lf.going_down:
+                    self._finish_unstarted(run, "cancelled", "the fleet went down before this run started")
+                else:  # the daemon is stopping: the row stays queued and comes back with the fleet
+                    self.live.pop(run.id, None)
             lf.queue.clear()
             if self.fleets.get(lf.project_dir) is lf:
                 del self.fleets[lf.project_dir]
@@ -236,6 +241,7 @@ class Fleet:
         if lf is None:
             return {"stopped": False, "killed": 0, "cancelled": 0}
         killed, cancelled = len(lf.running), len(lf.queue)
+        lf.going_down = True
         for run in lf.running.values():
             run.stop_reason = "the fleet was brought down (pd fleet down)"
         lf.scope.cancel()
@@ -442,8 +448,9 @@ class Fleet:
             if lf is not None:
                 lf.running.pop(run.id, None)
                 lf.wake.set()
-            if run.status == "queued":  # cancelled before its child started
+            if run.status == "queued" and (lf is None or run.stop_reason is not None):  # stopped before it started
                 self._finish_unstarted(run, "cancelled", run.stop_reason or "stopped before it started")
+            # else: the daemon stopped before this fleet run's child started; it stays queued and comes back.
             self.live.pop(run.id, None)
             run.done.set()
             if lf is not None and run.stop_reason is None:
@@ -487,9 +494,10 @@ class Fleet:
                     await proc.wait()
                     nursery.cancel_scope.cancel()
             timed_out = deadline.cancelled_caught
-        except trio.Cancelled:
-            # Not our own scope (that one is caught above): the fleet is going down or the daemon is stopping.
-            run.stop_reason = run.stop_reason or "stopped because the daemon is shutting down"
+        except* trio.Cancelled:
+            # Not our own scope (caught above): the fleet is going down (stop_reason set) or the daemon is stopping.
+            # except*: out of the nursery, Cancelled comes wrapped in an exception group.
+            run.stop_reason = run.stop_reason or SHUTTING_DOWN
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -516,7 +524,10 @@ class Fleet:
 
     async def _record_end(self, run: Run, code: int | None, timed_out: bool) -> None:
         run.exit_code, run.ended_at = code, now_ms()
-        if run.stop_reason is not None:
+        if run.stop_reason == SHUTTING_DOWN:
+            # As after a daemon SIGKILL: the work was cut off, not finished or refused, so it goes to salvage.
+            run.status, run.error = "lost", f"{SHUTTING_DOWN}: stopped while it ran; its session went to salvage"
+        elif run.stop_reason is not None:
             run.status, run.error = "killed", run.stop_reason
         elif timed_out:
             run.status, run.error = "timeout", f"ran past its timeout of {run.task.timeout_s:g}s and was stopped"
