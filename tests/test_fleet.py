@@ -4,6 +4,7 @@ circuit breaker, no orphans after down, reconciliation after SIGKILL, pd spawn."
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -461,3 +462,31 @@ def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_fact
     assert len(runs_of(d, project)) == 2
     assert d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["failures"] == 0
     d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_fleet_whose_directory_was_deleted_stops_firing_and_can_be_brought_down(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, "agents:\n  qa: {trigger: work, backend: custom, command: 'echo ran-once'}\n")
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="qa")
+    [run] = finished(d, project, "qa", 1)
+    shutil.rmtree(project)
+
+    d.call("msg.publish", channel="work", payload={"n": 1})
+    status = d.pd("fleet", "status", "-C", str(project))
+    assert status.returncode == 0, status.stderr
+    assert f"problem: project directory {project} is gone" in status.stdout
+    assert len(runs_of(d, project)) == 1  # the trigger fired nothing (a cron would have failed every minute)
+    salvage = d.call("salvage.list", all=True, limit=500)
+    assert "fleet-qa" not in json.dumps(salvage)
+    said = [m["payload"] for m in d.call("msg.history", channels="fleet")["messages"]]
+    assert [m["event"] for m in said] == ["project-missing"]  # said once, not per trigger
+    assert run["id"] in d.pd("fleet", "runs", "-C", str(project)).stdout
+    assert "ran-once" in d.pd("fleet", "logs", "qa", "-C", str(project)).stdout
+
+    down = d.pd("fleet", "down", "-C", str(project))
+    assert down.returncode == 0, down.stderr  # was: a usage error, then "is not a directory"
+    assert "Fleet stopped" in down.stdout
+    assert d.call("fleet.status")["fleets"] == []

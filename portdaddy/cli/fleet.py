@@ -30,6 +30,9 @@ def project_dir(explicit: str | None) -> str:
 
 _DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Path(exists=True, file_okay=False),
                     help="The project (default: the current git worktree).")  # fmt: skip
+# For commands about a fleet that is up: its directory may have been deleted since, and it must still be stoppable.
+_UP_DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Path(file_okay=False),
+                       help="The project (default: the current git worktree), even one deleted since.")  # fmt: skip
 
 
 @click.group()
@@ -161,7 +164,7 @@ def up(directory: str | None, as_json: bool) -> None:
 
 
 @fleet.command("down")
-@_DIR
+@_UP_DIR
 @json_option
 def down(directory: str | None, as_json: bool) -> None:
     """Stop the fleet: queued runs are cancelled, running children get SIGTERM, then SIGKILL after a grace period.
@@ -192,7 +195,7 @@ def _agent_state(agent: dict[str, Any]) -> str:
 
 
 @fleet.command("status")
-@_DIR
+@_UP_DIR
 @click.option("--all", "-a", "all_", is_flag=True, help="Every fleet that is up, not just this project's.")
 @json_option
 def status(directory: str | None, all_: bool, as_json: bool) -> None:
@@ -228,6 +231,8 @@ def status(directory: str | None, all_: bool, as_json: bool) -> None:
                 ]
             )
         table(rows, ["AGENT", "STATE", "FIRES ON", "BACKEND", "QUEUED", "FAILURES", "LAST RUN"])
+        if view["problem"]:
+            click.echo(f"  problem: {view['problem']}")
         for a in view["agents"]:
             if a["circuit"]["open"]:
                 click.echo(f"  {a['name']}: circuit open: {a['circuit']['reason']} (pd fleet reset {a['name']})")
@@ -235,7 +240,7 @@ def status(directory: str | None, all_: bool, as_json: bool) -> None:
 
 @fleet.command("logs")
 @click.argument("agent", required=False)
-@_DIR
+@_UP_DIR
 @click.option("--run", "run_id", metavar="ID", help="A particular run (see pd fleet runs).")
 @click.option("--tail", type=int, default=64_000, show_default=True, help="Bytes from the end of the log.")
 @json_option
@@ -259,7 +264,7 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
 
 @fleet.command("runs")
 @click.argument("agent", required=False)
-@_DIR
+@_UP_DIR
 @click.option("--limit", type=int, default=20, show_default=True)
 @json_option
 def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) -> None:
@@ -300,7 +305,7 @@ def run_now(agent: str, directory: str | None, as_json: bool, quiet: bool) -> No
 
 @fleet.command("reset")
 @click.argument("agent")
-@_DIR
+@_UP_DIR
 @json_option
 def reset(agent: str, directory: str | None, as_json: bool) -> None:
     """Close AGENT's circuit breaker (opened after too many failed respawns) and forget its failures.

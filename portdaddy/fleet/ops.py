@@ -22,6 +22,10 @@ def _dir(name: str, value: Any) -> str:
     return require_dir(value)
 
 
+def _dir_or_gone(name: str, value: Any) -> str:
+    return require_dir(value, exists=False)
+
+
 def _env_map(name: str, value: Any) -> dict[str, str]:
     value = v.json_object(16_000)(name, value)
     bad = [k for k, item in value.items() if not isinstance(item, str) or not k or "=" in k or "\x00" in k + item]
@@ -31,7 +35,9 @@ def _env_map(name: str, value: Any) -> dict[str, str]:
 
 
 _PROJECT = Param("projectDir", _dir, required=True, aliases=("project_dir", "dir"))
-_PROJECT_OPT = Param("projectDir", _dir, aliases=("project_dir", "dir"))
+# Down, status, runs, logs and reset also take a directory that is gone (its fleet may still be up).
+_PROJECT_KNOWN = Param("projectDir", _dir_or_gone, required=True, aliases=("project_dir", "dir"))
+_PROJECT_OPT = Param("projectDir", _dir_or_gone, aliases=("project_dir", "dir"))
 _AGENT = Param("agent", v.name("agent name", 64), required=True, aliases=("agentName", "name"))
 _TAIL = Param("tail", v.integer(1, LOG_TAIL_MAX), default=LOG_TAIL_DEFAULT)
 _PATH = Param("path", v.text(10_000, strip=False))
@@ -141,10 +147,15 @@ _LIMIT = Param("limit", v.integer(1, 1000), default=50)
 
 OPS = (
     Op("fleet.up", _up, (_PROJECT, _PATH), summary="load, check and start (or reload) a project's fleet"),
-    Op("fleet.down", _down, (_PROJECT,), summary="stop a fleet: queued runs cancelled, children SIGTERM then SIGKILL"),
+    Op(
+        "fleet.down",
+        _down,
+        (_PROJECT_KNOWN,),
+        summary="stop a fleet: queued runs cancelled, children SIGTERM then SIGKILL",
+    ),
     Op("fleet.status", _status, (_PROJECT_OPT,), summary="fleets that are up, their agents, queues and breakers"),
     Op("fleet.run", _run, (_PROJECT, _AGENT), summary="queue one run of a fleet agent now"),
-    Op("fleet.reset", _reset, (_PROJECT, _AGENT), summary="close an agent's circuit breaker"),
+    Op("fleet.reset", _reset, (_PROJECT_KNOWN, _AGENT), summary="close an agent's circuit breaker"),
     Op(
         "fleet.runs",
         _runs,

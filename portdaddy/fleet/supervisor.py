@@ -99,6 +99,7 @@ class LiveFleet:
     nursery: trio.Nursery | None = None
     up_at: int = field(default_factory=now_ms)
     going_down: bool = False  # pd fleet down, as opposed to the daemon stopping (the fleet comes back then)
+    gone_at: int | None = None  # when its project directory was found missing (it fires nothing until back)
 
     def state(self, agent: str) -> AgentState:
         return self.agents.setdefault(agent, AgentState())
@@ -297,6 +298,8 @@ class Fleet:
         if state.circuit is not None:
             state.skipped += 1
             return None
+        if self._project_gone(lf):
+            return None
         if len(lf.queue) >= self.settings.max_queued:
             self.app.publish("fleet", {"event": "dropped", "fleet": lf.config.name, "agent": agent,
                                        "reason": f"queue full ({self.settings.max_queued} runs waiting)"},
@@ -312,6 +315,20 @@ class Fleet:
         self.runs.insert(run)
         self._requeue(lf, run)
         return run
+
+    def _project_gone(self, lf: LiveFleet) -> bool:
+        """Whether the fleet's project directory is missing; said once (log, ``fleet`` channel) when found so.
+        Its runs could only fail (each one more salvage entry, every minute for a cron), so it fires nothing."""
+        if os.path.isdir(lf.project_dir):
+            lf.gone_at = None
+            return False
+        if lf.gone_at is None:
+            lf.gone_at = now_ms()
+            log.warning("fleet %s: %s", lf.config.name, _gone_reason(lf))
+            self.app.publish("fleet", {"event": "project-missing", "fleet": lf.config.name,
+                                       "projectDir": lf.project_dir, "reason": _gone_reason(lf)},
+                             sender="fleet")  # fmt: skip
+        return True
 
     def _requeue(self, lf: LiveFleet, run: Run) -> None:
         lf.queue.append(run)
@@ -333,6 +350,8 @@ class Fleet:
         while lf.starts and lf.starts[0] <= now - HOUR_S:
             lf.starts.popleft()
         limits = lf.config.limits
+        if lf.queue and self._project_gone(lf):
+            return CRON_RECHECK_S  # queued runs wait for the directory to come back (or pd fleet down)
         while lf.queue and len(lf.running) < limits.max_concurrent_spawns:
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
@@ -643,7 +662,8 @@ class Fleet:
                 "limits": {"maxConcurrentSpawns": limits.max_concurrent_spawns,
                            "maxSpawnsPerHour": limits.max_spawns_per_hour},
                 "running": len(lf.running), "queued": len(lf.queue), "agents": agents,
-                "warnings": lf.config.warnings}  # fmt: skip
+                "warnings": lf.config.warnings,
+                "problem": _gone_reason(lf) if self._project_gone(lf) else None}  # fmt: skip
 
 
 def _dumps(value: Any) -> str:
@@ -652,13 +672,19 @@ def _dumps(value: Any) -> str:
     return "" if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
-def require_dir(project_dir: Any) -> str:
-    """A project directory as the fleet keys it: absolute and resolved."""
+def _gone_reason(lf: LiveFleet) -> str:
+    return (f"project directory {lf.project_dir} is gone: nothing fires until it is back; "
+            f"stop the fleet with: pd fleet down -C {lf.project_dir}")  # fmt: skip
+
+
+def require_dir(project_dir: Any, *, exists: bool = True) -> str:
+    """A project directory as the fleet keys it: absolute and resolved. ``exists=False`` also takes one that is
+    gone (a fleet that is up can still be seen and brought down after its directory was deleted)."""
     if not isinstance(project_dir, str) or not project_dir.strip():
         raise bad_input("projectDir must be a directory path; run pd fleet from inside the project")
     path = Path(project_dir).expanduser()
     if not path.is_absolute():
         raise bad_input(f"projectDir must be absolute, got {project_dir!r}")
-    if not path.is_dir():
+    if exists and not path.is_dir():
         raise bad_input(f"projectDir {project_dir!r} is not a directory")
     return str(path.resolve())
