@@ -417,16 +417,26 @@ def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> 
 
     failing = d.pd("spawn", "-b", "custom", "--wait", "--", "exit 7")
     assert failing.returncode == 1 and "exit code 7" in failing.stdout
-    missing = d.pd("spawn", "-b", "codex", "--wait", "--", "hi", env={"PATH": "/usr/bin:/bin"})
-    assert missing.returncode == 1 and "'codex' on PATH" in missing.stdout
+    # A missing backend program is refused up front (was: "Spawned ...", exit 0, then a failed run).
+    before = d.call("spawn.list")["count"]
+    missing = d.pd("spawn", "-b", "codex", "--", "hi", env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "'codex' on PATH" in missing.stderr and missing.stdout == ""
+    assert d.call("spawn.list")["count"] == before  # nothing was started
     bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
     assert bad.returncode == 2
     assert d.pd("spawn", "kill", "spawned-000000000000").returncode == 1
 
 
 def test_spawn_timeout_stops_the_group(fresh_daemon: Daemon) -> None:
-    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "300ms", "--wait", "--", "sleep 30")
+    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "1s", "--wait", "--", "sleep 30")
     assert r.returncode == 1 and "timeout" in r.stdout
+
+
+def test_spawn_refuses_a_timeout_under_a_second_as_a_unit_mistake(fresh_daemon: Daemon) -> None:
+    r = fresh_daemon.pd("spawn", "-b", "custom", "-t", "30", "--", "true")
+    assert r.returncode == 2 and "--timeout 30 is 30 ms" in r.stderr and "--timeout 30s" in r.stderr
+    assert fresh_daemon.call("spawn.list")["agents"] == []
+    assert "A bare number is milliseconds" in fresh_daemon.pd("spawn", "start", "--help").stdout
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
