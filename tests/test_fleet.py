@@ -7,6 +7,7 @@ import json
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -500,3 +501,38 @@ def test_a_fleet_whose_directory_was_deleted_stops_firing_and_can_be_brought_dow
     assert down.returncode == 0, down.stderr  # was: a usage error, then "is not a directory"
     assert "Fleet stopped" in down.stdout
     assert d.call("fleet.status")["fleets"] == []
+
+
+def test_run_refuses_a_disabled_agent_and_unknown_agents_are_named(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 1}
+          agents:
+            on: {trigger: work, backend: custom, command: "sleep 300"}
+            off: {trigger: work, backend: custom, command: "true", enabled: false}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    off = d.pd("fleet", "run", "off", "-C", str(project))
+    assert off.returncode == 1 and "agent 'off' is disabled (enabled: false" in off.stderr
+    assert runs_of(d, project, "off") == []
+
+    for command in ("logs", "runs"):
+        r = d.pd("fleet", command, "nosuch", "-C", str(project))
+        assert r.returncode == 1 and "agent 'nosuch' does not exist" in r.stderr, (command, r.stderr)
+    never_ran = d.pd("fleet", "logs", "on", "-C", str(project))
+    assert never_ran.returncode == 1 and "agent 'on' has no runs yet" in never_ran.stderr
+
+    for _ in range(101):  # one running, a hundred waiting: the queue is full
+        d.call("fleet.run", projectDir=str(project), agent="on")
+    full = d.pd("fleet", "run", "on", "-C", str(project))
+    assert full.returncode == 1 and "queue is full (100 runs waiting)" in full.stderr
+    assert "reset" not in full.stderr  # a reset closes a circuit; it does nothing for a full queue
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_validate_and_init_help_do_not_mention_a_daemon(tmp_home: Path) -> None:
+    for command in ("validate", "init"):
+        r = subprocess.run([sys.executable, "-m", "portdaddy.cli", "fleet", command, "--help"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0 and "--json" in r.stdout and "daemon's reply" not in r.stdout, r.stdout

@@ -35,6 +35,10 @@ _UP_DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Pat
                        help="The project (default: the current git worktree), even one deleted since.")  # fmt: skip
 
 
+# init and validate work on files alone: --json prints their own result, not a daemon's reply.
+_LOCAL_JSON = click.option("--json", "-j", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
 @click.group()
 def fleet() -> None:
     """Background agents declared in pd-fleet.yml, supervised by the daemon.
@@ -57,7 +61,7 @@ def fleet() -> None:
 @_DIR
 @click.option("--force", is_flag=True, help="Overwrite an existing fleet file with the starter.")
 @click.option("--no-hook", is_flag=True, help="Do not install the git post-commit hook.")
-@json_option
+@_LOCAL_JSON
 def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> None:
     """Write a starter pd-fleet.yml and install the git post-commit hook (merged with an existing one).
 
@@ -98,7 +102,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
 @fleet.command("validate")
 @_DIR
 @click.option("--file", "-f", "file", metavar="PATH", help="A fleet file (default: the project's).")
-@json_option
+@_LOCAL_JSON
 def validate(directory: str | None, file: str | None, as_json: bool) -> None:
     """Check the fleet file: schema, cron, the trigger graph (no cycles), backend programs on PATH.
 

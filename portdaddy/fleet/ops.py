@@ -75,10 +75,18 @@ def _status(ctx: Ctx, *, projectDir: str | None) -> dict[str, Any]:
 def _run(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
     fleet = ctx.app.fleet
     lf = fleet.get(projectDir)
+    spec = lf.config.agents.get(agent)
+    if spec is not None and not spec.enabled:
+        raise PDError("CONFLICT", f"agent {agent!r} is disabled (enabled: false in {lf.config.path}); set enabled: "
+                                  "true and reload with pd fleet up to run it")  # fmt: skip
     run = fleet.fire(lf, agent, {"source": "manual", "by": ctx.agent_id})
     if run is None:
-        reason = lf.state(agent).circuit or "the fleet's queue is full"
-        raise PDError("CONFLICT", f"agent {agent!r} not run: {reason}; see pd fleet status (pd fleet reset {agent})")
+        circuit = lf.state(agent).circuit
+        if circuit is not None:
+            raise PDError("CONFLICT", f"agent {agent!r} not run: its circuit is open ({circuit}); close it with "
+                                      f"pd fleet reset {agent}")  # fmt: skip
+        raise PDError("CONFLICT", f"agent {agent!r} not run: the fleet's queue is full ({len(lf.queue)} runs "
+                                  "waiting); let it drain (pd fleet status), or cancel all: pd fleet down")  # fmt: skip
     return {"run": run.to_wire()}
 
 
@@ -86,7 +94,22 @@ def _reset(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
     return {"agent": agent, "wasOpen": ctx.app.fleet.reset(projectDir, agent)}
 
 
+def _known_agent(ctx: Ctx, project_dir: str | None, agent: str | None) -> None:
+    """Refuse an agent name that neither the fleet that is up nor any past run knows (a typo, not "no runs")."""
+    if agent is None:
+        return
+    fleet = ctx.app.fleet
+    lf = fleet.fleets.get(project_dir or "")
+    if lf is not None and agent in lf.config.agents:
+        return
+    if fleet.runs.recent(kind="fleet", project_dir=project_dir, agent=agent, limit=1):
+        return  # an agent since removed from the file: its runs are still there
+    where = f"fleet {lf.config.name!r}" if lf is not None else "any fleet that is up or has run"
+    raise PDError("NOT_FOUND", f"agent {agent!r} does not exist in {where}; see pd fleet status")
+
+
 def _runs(ctx: Ctx, *, projectDir: str | None, agent: str | None, limit: int) -> dict[str, Any]:
+    _known_agent(ctx, projectDir, agent)
     runs = ctx.app.fleet.runs.recent(kind="fleet", project_dir=projectDir, agent=agent, limit=limit)
     return {"runs": [r.to_wire() for r in runs], "count": len(runs)}
 
@@ -95,6 +118,7 @@ def _logs(ctx: Ctx, *, projectDir: str | None, agent: str | None, runId: str | N
     fleet = ctx.app.fleet
     if runId is not None:
         return _log_reply(fleet.find(runId), tail)
+    _known_agent(ctx, projectDir, agent)
     runs = fleet.runs.recent(kind="fleet", project_dir=projectDir, agent=agent, limit=1)
     if not runs:
         who = f"agent {agent!r}" if agent else "this fleet"
