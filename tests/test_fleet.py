@@ -4,8 +4,10 @@ circuit breaker, no orphans after down, reconciliation after SIGKILL, pd spawn."
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,7 @@ def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: D
     hook = project / ".git" / "hooks" / "post-commit"
     hook.parent.mkdir(parents=True, exist_ok=True)
     hook.write_text("#!/bin/bash\necho mine\nexit 0\n")
+    hook.chmod(0o755)
     r = daemon.pd("fleet", "init", "-C", str(project), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -117,10 +120,107 @@ def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: D
     assert hook.read_text().count("# >>> port-daddy fleet >>>") == 1
 
     hook.write_text("#!/usr/bin/env python3\nprint('py hook')\n")
+    hook.chmod(0o755)
     chained = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
     assert chained["hookAction"] == "chained"
     assert "print('py hook')" in (hook.parent / "post-commit.pd-chained").read_text()
-    assert 'exec "$(dirname "$0")/post-commit.pd-chained"' in hook.read_text()
+    assert '; then exec "$(dirname "$0")/post-commit.pd-chained" "$@"; fi' in hook.read_text()
+    assert chained["hook"] and "PORT_DADDY_HOME=" + str(daemon.home) in hook.read_text()  # not the default home
+
+
+def test_init_outside_a_git_repository_writes_nothing(tmp_home: Path, daemon: Daemon) -> None:
+    plain = tmp_home / "plain"
+    plain.mkdir()
+    r = daemon.pd("fleet", "init", "-C", str(plain))
+    assert r.returncode == 2 and "not inside a git repository" in r.stderr
+    assert list(plain.iterdir()) == []  # refused before the fleet file was written
+
+
+def test_a_disabled_hook_is_chained_but_stays_disabled(tmp_home: Path, daemon: Daemon) -> None:
+    project = tmp_home / "p"
+    project.mkdir()
+    git(project, "init", "-q")
+    git(project, "config", "user.email", "t@example.com")
+    git(project, "config", "user.name", "Test")
+    hook = project / ".git" / "hooks" / "post-commit"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text("#!/bin/sh\necho disabled-hook-ran\n")
+    hook.chmod(0o644)  # not executable: git does not run it
+    out = json.loads(daemon.pd("fleet", "init", "--no-hook", "-C", str(project), "--json").stdout)
+    assert out["hook"] is None
+    out = json.loads(daemon.pd("fleet", "init", "-C", str(project), "--json").stdout)
+    assert out["hookAction"] == "chained"
+    chained = hook.parent / "post-commit.pd-chained"
+    commit = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "c"], cwd=project, env=daemon.env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert commit.returncode == 0 and commit.stdout + commit.stderr == "", commit  # no "Permission denied"
+    chained.chmod(0o755)  # enabled again: now it runs
+    commit = subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "c2"], cwd=project, env=daemon.env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert "disabled-hook-ran" in commit.stdout + commit.stderr
+
+
+HOOKED = """
+fleet:
+  limits: {max_concurrent_spawns: 4, max_spawns_per_hour: 100}
+  agents:
+    qa: {trigger: git:committed, backend: custom, command: "true"}
+"""
+
+
+def _hooked_project(d: Daemon, tmp_home: Path) -> Path:
+    project = make_project(tmp_home, HOOKED)
+    init = d.pd("fleet", "init", "-C", str(project), "--json")
+    assert init.returncode == 0, init.stderr
+    pd_json(d, "fleet", "up", "-C", str(project))
+    return project
+
+
+def _commit(project: Path, env: dict[str, str], name: str) -> str:
+    (project / name).write_text(name)
+    subprocess.run(["git", "add", name], cwd=project, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", name], cwd=project, check=True, env=env, timeout=30)
+    return git(project, "rev-parse", "HEAD")
+
+
+def test_quick_successive_commits_each_reach_the_fleet(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    # Faster than a backgrounded pd starts: each must still report its own commit, not the last one.
+    shas = [_commit(project, d.env, f"c{n}") for n in range(3)]
+    runs = finished(d, project, "qa", 3)
+    assert sorted(r["trigger"]["payload"]["sha"] for r in runs) == sorted(shas)
+    assert {r["trigger"]["payload"]["branch"] for r in runs} == {"main"}
+
+
+def test_the_hook_pins_a_non_default_home(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    # A shell without PORT_DADDY_HOME (and a HOME whose ~/.port-daddy has no daemon) still reaches this one.
+    elsewhere = tmp_home / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in d.env.items() if k != "PORT_DADDY_HOME"} | {"HOME": str(elsewhere)}
+    sha = _commit(project, env, "pinned")
+    [run] = finished(d, project, "qa", 1)
+    assert run["trigger"]["payload"]["sha"] == sha
+    assert not (elsewhere / ".port-daddy").exists()
+
+
+def test_a_huge_commit_is_announced_with_its_file_list_cut(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = _hooked_project(d, tmp_home)
+    deep = project / ("long-directory-name-" * 5)
+    deep.mkdir()
+    for n in range(450):
+        (deep / f"{'file-with-a-long-name-' * 3}{n}.txt").write_text("x")
+    git(project, "add", ".")
+    git(project, "-c", "core.hooksPath=/dev/null", "commit", "-qm", "huge")  # the hook is run below, in front
+    r = d.pd("fleet", "hook", "post-commit", "--json", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr  # was: too large for one IPC frame, silently lost
+    [run] = finished(d, project, "qa", 1)
+    payload = run["trigger"]["payload"]
+    assert payload["fileCount"] == 451 and payload["truncated"] is True  # 450 + pd-fleet.yml
+    assert 0 < len(payload["files"]) < 451 and len(json.dumps(payload["files"], separators=(",", ":"))) <= 32_000
 
 
 # --- running -------------------------------------------------------------------------------------------
@@ -318,16 +418,26 @@ def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> 
 
     failing = d.pd("spawn", "-b", "custom", "--wait", "--", "exit 7")
     assert failing.returncode == 1 and "exit code 7" in failing.stdout
-    missing = d.pd("spawn", "-b", "codex", "--wait", "--", "hi", env={"PATH": "/usr/bin:/bin"})
-    assert missing.returncode == 1 and "'codex' on PATH" in missing.stdout
+    # A missing backend program is refused up front (was: "Spawned ...", exit 0, then a failed run).
+    before = d.call("spawn.list")["count"]
+    missing = d.pd("spawn", "-b", "codex", "--", "hi", env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "'codex' on PATH" in missing.stderr and missing.stdout == ""
+    assert d.call("spawn.list")["count"] == before  # nothing was started
     bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
     assert bad.returncode == 2
     assert d.pd("spawn", "kill", "spawned-000000000000").returncode == 1
 
 
 def test_spawn_timeout_stops_the_group(fresh_daemon: Daemon) -> None:
-    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "300ms", "--wait", "--", "sleep 30")
+    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "1s", "--wait", "--", "sleep 30")
     assert r.returncode == 1 and "timeout" in r.stdout
+
+
+def test_spawn_refuses_a_timeout_under_a_second_as_a_unit_mistake(fresh_daemon: Daemon) -> None:
+    r = fresh_daemon.pd("spawn", "-b", "custom", "-t", "30", "--", "true")
+    assert r.returncode == 2 and "--timeout 30 is 30 ms" in r.stderr and "--timeout 30s" in r.stderr
+    assert fresh_daemon.call("spawn.list")["agents"] == []
+    assert "A bare number is milliseconds" in fresh_daemon.pd("spawn", "start", "--help").stdout
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
@@ -335,3 +445,94 @@ def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Pat
     project = make_project(tmp_home, "agents: {}\n")
     r = d.pd("fleet", "up", "-C", str(project))
     assert r.returncode == 1 and "PORT_DADDY_NO_FLEET" in r.stderr
+
+
+def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 1}
+          agents:
+            slow: {trigger: work, backend: custom, command: "sleep 300"}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    first = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
+    second = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
+    wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["running"] == 1, what="a run")
+    assert d.stop() == 0  # pd stop: SIGTERM
+    d.start()
+    by_id = {r["id"]: r for r in runs_of(d, project)}
+    assert by_id[first["id"]]["status"] == "lost", by_id  # was: failed, "killed by signal 15"
+    assert by_id[first["id"]]["error"].startswith("daemon shutting down")
+    salvage = d.call("salvage.list", all=True, limit=500)
+    assert first["id"] in json.dumps(salvage)  # as after a SIGKILL: its session went to salvage
+    assert by_id[second["id"]]["status"] in ("queued", "running"), by_id  # was: cancelled
+    wait_for(lambda: {r["id"]: r["status"] for r in runs_of(d, project)}[second["id"]] == "running",
+             what="the queued run to start once the fleet is back")  # fmt: skip
+    # The interrupted run was not respawned or counted as a failure.
+    assert len(runs_of(d, project)) == 2
+    assert d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["failures"] == 0
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_fleet_whose_directory_was_deleted_stops_firing_and_can_be_brought_down(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, "agents:\n  qa: {trigger: work, backend: custom, command: 'echo ran-once'}\n")
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="qa")
+    [run] = finished(d, project, "qa", 1)
+    shutil.rmtree(project)
+
+    d.call("msg.publish", channel="work", payload={"n": 1})
+    status = d.pd("fleet", "status", "-C", str(project))
+    assert status.returncode == 0, status.stderr
+    assert f"problem: project directory {project} is gone" in status.stdout
+    assert len(runs_of(d, project)) == 1  # the trigger fired nothing (a cron would have failed every minute)
+    salvage = d.call("salvage.list", all=True, limit=500)
+    assert "fleet-qa" not in json.dumps(salvage)
+    said = [m["payload"] for m in d.call("msg.history", channels="fleet")["messages"]]
+    assert [m["event"] for m in said] == ["project-missing"]  # said once, not per trigger
+    assert run["id"] in d.pd("fleet", "runs", "-C", str(project)).stdout
+    assert "ran-once" in d.pd("fleet", "logs", "qa", "-C", str(project)).stdout
+
+    down = d.pd("fleet", "down", "-C", str(project))
+    assert down.returncode == 0, down.stderr  # was: a usage error, then "is not a directory"
+    assert "Fleet stopped" in down.stdout
+    assert d.call("fleet.status")["fleets"] == []
+
+
+def test_run_refuses_a_disabled_agent_and_unknown_agents_are_named(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 1}
+          agents:
+            on: {trigger: work, backend: custom, command: "sleep 300"}
+            off: {trigger: work, backend: custom, command: "true", enabled: false}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    off = d.pd("fleet", "run", "off", "-C", str(project))
+    assert off.returncode == 1 and "agent 'off' is disabled (enabled: false" in off.stderr
+    assert runs_of(d, project, "off") == []
+
+    for command in ("logs", "runs"):
+        r = d.pd("fleet", command, "nosuch", "-C", str(project))
+        assert r.returncode == 1 and "agent 'nosuch' does not exist" in r.stderr, (command, r.stderr)
+    never_ran = d.pd("fleet", "logs", "on", "-C", str(project))
+    assert never_ran.returncode == 1 and "agent 'on' has no runs yet" in never_ran.stderr
+
+    for _ in range(101):  # one running, a hundred waiting: the queue is full
+        d.call("fleet.run", projectDir=str(project), agent="on")
+    full = d.pd("fleet", "run", "on", "-C", str(project))
+    assert full.returncode == 1 and "queue is full (100 runs waiting)" in full.stderr
+    assert "reset" not in full.stderr  # a reset closes a circuit; it does nothing for a full queue
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_validate_and_init_help_do_not_mention_a_daemon(tmp_home: Path) -> None:
+    for command in ("validate", "init"):
+        r = subprocess.run([sys.executable, "-m", "portdaddy.cli", "fleet", command, "--help"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0 and "--json" in r.stdout and "daemon's reply" not in r.stdout, r.stdout

@@ -22,7 +22,7 @@ from portdaddy.fleet.config import (
     render_template,
     template_vars,
 )
-from portdaddy.fleet.spec import next_fire
+from portdaddy.fleet.spec import next_fire, run_variables
 
 VARS = {"project": "myapp", "project_dir": "/src/myapp", "branch": "main", "sha": "abc1234"}
 
@@ -61,7 +61,8 @@ def test_starter_loads_clean(tmp_path: Path) -> None:
     assert qa.identity == "myapp:fleet:qa"
     assert qa.timeout_s == 600.0
     assert qa.respawn is True and qa.max_respawns == 3
-    assert "(main)" in qa.prompt  # {branch} substituted
+    assert "({branch})" in qa.prompt  # filled per run, from the commit that fires it
+    assert cfg.variables == {"branch": "main", "sha": "abc1234"}  # for runs no commit fired
     assert cfg.agents["docs"].schedule == "0 * * * *"
     assert cfg.agents["reviewer"].trigger == "qa:passed"
     assert {"git:committed", "qa:passed", "qa:failed", "review:done"} <= set(cfg.channels)
@@ -465,6 +466,22 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def test_run_variables_come_from_the_commit_that_fired_the_run() -> None:
+    loaded = {"sha": "abc1234", "branch": "main"}
+    commit = {"source": "channel", "channel": "git:committed",
+              "payload": {"sha": "d" * 40, "shortSha": "ddddddd", "branch": "feature/x"}}  # fmt: skip
+    assert run_variables(commit, loaded) == {"sha": "ddddddd", "branch": "feature/x"}
+    # Up a chain: qa:passed carries the trigger of the qa run that the commit fired.
+    chained = {"source": "channel", "channel": "qa:passed", "payload": {"agent": "qa", "trigger": commit}}
+    assert run_variables(chained, loaded) == {"sha": "ddddddd", "branch": "feature/x"}
+    for other in (None, {"source": "manual"}, {"source": "schedule"},
+                  {"source": "channel", "channel": "x", "payload": "text"}):  # fmt: skip
+        assert run_variables(other, loaded) == loaded
+    # Values that git would never produce (they may reach a shell command) are not taken.
+    hostile = {"source": "channel", "channel": "git:committed", "payload": {"sha": "$(rm -rf ~)", "branch": "a;b"}}
+    assert run_variables(hostile, loaded) == loaded
+
+
 def test_template_vars_from_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never see a repo above tmp_path
     plain = tmp_path / "plain"
@@ -496,7 +513,7 @@ def test_template_vars_from_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         repo,
         """
         fleet:
-          harbor: "{project}:fleet"
+          harbor: "{project}:fleet:{sha}"
           agents:
             a:
               trigger: git:committed
@@ -505,8 +522,10 @@ def test_template_vars_from_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ".portdaddy/fleet.yml",
     )
     cfg = load_fleet(path)
-    assert cfg.name == "shop" and cfg.harbor == "shop:fleet"
-    assert cfg.agents["a"].prompt == f"on feature/cart at {sha} in {repo.resolve()}; keep {{unknown}}"
+    assert cfg.name == "shop" and cfg.harbor == f"shop:fleet:{sha}"  # outside prompt/command: at load
+    # {branch} and {sha} wait for the run (run_variables); the rest is filled now.
+    assert cfg.agents["a"].prompt == f"on {{branch}} at {{sha}} in {repo.resolve()}; keep {{unknown}}"
+    assert cfg.variables == {"branch": "feature/cart", "sha": sha}
     assert cfg.agents["a"].identity == "shop:fleet:a"
     assert cfg.project_dir == repo
 

@@ -177,3 +177,37 @@ async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock
         assert fired == [BASE.replace(minute=5, second=0).isoformat(), BASE.replace(minute=10, second=0).isoformat()]
         assert all(r.status == "completed" and r.trigger["source"] == "schedule" for r in runs)
         assert "docs at schedule" in fleet.output_tail(runs[0])
+
+
+PER_COMMIT = """
+agents:
+  qa:
+    trigger: git:committed
+    backend: custom
+    command: echo "qa of {sha} on {branch}"
+    on_success: publish qa:passed
+  review:
+    trigger: qa:passed
+    backend: custom
+    command: echo "review of {sha} on {branch}"
+channels:
+  qa:passed: ok
+"""
+
+
+async def test_sha_and_branch_are_the_commit_that_fired_the_run(home: Path) -> None:
+    project = make_project(home, PER_COMMIT)
+    async with start(home) as (app, fleet, _published):
+        await fleet.up(str(project))  # no commit yet: loaded as sha "unknown" on main
+        for n, branch in ((1, "feature/a"), (2, "fix-b")):
+            app.publish("git:committed", {"sha": f"{n}" * 40, "shortSha": f"{n}" * 7, "branch": branch,
+                                          "projectDir": str(project)}, sender="git:proj")  # fmt: skip
+        outputs = sorted(fleet.output_tail(r) for r in await settled(fleet, project, "qa", 2))
+        assert outputs == ["qa of 1111111 on feature/a", "qa of 2222222 on fix-b"]
+        # A chained agent gets the commit that started the chain.
+        reviews = sorted(fleet.output_tail(r) for r in await settled(fleet, project, "review", 2))
+        assert reviews == ["review of 1111111 on feature/a", "review of 2222222 on fix-b"]
+        # A run no commit fired gets the values read at load time.
+        fleet.fire(fleet.get(str(project)), "qa", {"source": "manual"})
+        manual = [r for r in await settled(fleet, project, "qa", 3) if r.trigger["source"] == "manual"]
+        assert [fleet.output_tail(r) for r in manual] == ["qa of unknown on main"]

@@ -30,6 +30,13 @@ def project_dir(explicit: str | None) -> str:
 
 _DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Path(exists=True, file_okay=False),
                     help="The project (default: the current git worktree).")  # fmt: skip
+# For commands about a fleet that is up: its directory may have been deleted since, and it must still be stoppable.
+_UP_DIR = click.option("--dir", "-C", "directory", metavar="DIR", type=click.Path(file_okay=False),
+                       help="The project (default: the current git worktree), even one deleted since.")  # fmt: skip
+
+
+# init and validate work on files alone: --json prints their own result, not a daemon's reply.
+_LOCAL_JSON = click.option("--json", "-j", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
 @click.group()
@@ -54,7 +61,7 @@ def fleet() -> None:
 @_DIR
 @click.option("--force", is_flag=True, help="Overwrite an existing fleet file with the starter.")
 @click.option("--no-hook", is_flag=True, help="Do not install the git post-commit hook.")
-@json_option
+@_LOCAL_JSON
 def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> None:
     """Write a starter pd-fleet.yml and install the git post-commit hook (merged with an existing one).
 
@@ -66,6 +73,11 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
     from portdaddy.fleet.config import STARTER_FLEET, find_fleet_file
 
     root = Path(project_dir(directory))
+    if not no_hook:
+        try:
+            hook.hooks_dir(root)  # before writing anything: a refused init leaves nothing behind
+        except ValueError as exc:
+            fail(bad_input(f"{exc}; run git init first, or pass --no-hook"), as_json=as_json)
     existing = find_fleet_file(root)
     wrote = None
     if existing is None or force:
@@ -73,10 +85,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
         wrote.write_text(STARTER_FLEET)
     hook_path, action = None, None
     if not no_hook:
-        try:
-            hook_path, action = hook.install(root)
-        except ValueError as exc:
-            fail(bad_input(f"{exc}; run git init first, or pass --no-hook"), as_json=as_json)
+        hook_path, action = hook.install(root, home=hook.pinned_home())
     if as_json:
         emit_json({"fleetFile": str(wrote or existing), "written": wrote is not None,
                    "hook": str(hook_path) if hook_path else None, "hookAction": action})  # fmt: skip
@@ -93,7 +102,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
 @fleet.command("validate")
 @_DIR
 @click.option("--file", "-f", "file", metavar="PATH", help="A fleet file (default: the project's).")
-@json_option
+@_LOCAL_JSON
 def validate(directory: str | None, file: str | None, as_json: bool) -> None:
     """Check the fleet file: schema, cron, the trigger graph (no cycles), backend programs on PATH.
 
@@ -159,7 +168,7 @@ def up(directory: str | None, as_json: bool) -> None:
 
 
 @fleet.command("down")
-@_DIR
+@_UP_DIR
 @json_option
 def down(directory: str | None, as_json: bool) -> None:
     """Stop the fleet: queued runs are cancelled, running children get SIGTERM, then SIGKILL after a grace period.
@@ -190,7 +199,7 @@ def _agent_state(agent: dict[str, Any]) -> str:
 
 
 @fleet.command("status")
-@_DIR
+@_UP_DIR
 @click.option("--all", "-a", "all_", is_flag=True, help="Every fleet that is up, not just this project's.")
 @json_option
 def status(directory: str | None, all_: bool, as_json: bool) -> None:
@@ -226,6 +235,8 @@ def status(directory: str | None, all_: bool, as_json: bool) -> None:
                 ]
             )
         table(rows, ["AGENT", "STATE", "FIRES ON", "BACKEND", "QUEUED", "FAILURES", "LAST RUN"])
+        if view["problem"]:
+            click.echo(f"  problem: {view['problem']}")
         for a in view["agents"]:
             if a["circuit"]["open"]:
                 click.echo(f"  {a['name']}: circuit open: {a['circuit']['reason']} (pd fleet reset {a['name']})")
@@ -233,7 +244,7 @@ def status(directory: str | None, all_: bool, as_json: bool) -> None:
 
 @fleet.command("logs")
 @click.argument("agent", required=False)
-@_DIR
+@_UP_DIR
 @click.option("--run", "run_id", metavar="ID", help="A particular run (see pd fleet runs).")
 @click.option("--tail", type=int, default=64_000, show_default=True, help="Bytes from the end of the log.")
 @json_option
@@ -257,7 +268,7 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
 
 @fleet.command("runs")
 @click.argument("agent", required=False)
-@_DIR
+@_UP_DIR
 @click.option("--limit", type=int, default=20, show_default=True)
 @json_option
 def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) -> None:
@@ -298,7 +309,7 @@ def run_now(agent: str, directory: str | None, as_json: bool, quiet: bool) -> No
 
 @fleet.command("reset")
 @click.argument("agent")
-@_DIR
+@_UP_DIR
 @json_option
 def reset(agent: str, directory: str | None, as_json: bool) -> None:
     """Close AGENT's circuit breaker (opened after too many failed respawns) and forget its failures.
@@ -320,10 +331,15 @@ def hook_group() -> None:
 
 
 @hook_group.command("post-commit")
+@click.argument("sha", required=False)
+@click.argument("branch", required=False)
 @json_option
-def post_commit(as_json: bool) -> None:
-    """Publish git:committed for the commit just made (called by .git/hooks/post-commit; silent unless --json)."""
-    payload = hook.commit_payload(Path.cwd())
+def post_commit(sha: str | None, branch: str | None, as_json: bool) -> None:
+    """Publish git:committed for the commit SHA on BRANCH, as the hook read them (default: HEAD now).
+
+    Called by .git/hooks/post-commit; silent unless --json.
+    """
+    payload = hook.commit_payload(Path.cwd(), sha, branch)
     result = call("msg.publish", {"channel": "git:committed", "payload": payload,
                                   "sender": f"git:{payload['project']}"}, as_json=as_json)  # fmt: skip
     if as_json:

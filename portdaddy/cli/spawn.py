@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import FOREVER_S, call, spinning
+from portdaddy.cli.transport import FOREVER_S, call, fail, spinning
 from portdaddy.config import parse_duration_ms
+from portdaddy.errors import bad_input
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
 
@@ -48,7 +49,9 @@ def _print_run(run: dict[str, Any]) -> None:
 @click.option("--backend", "-b", type=click.Choice(_BACKENDS), default="claude-cli", show_default=True)
 @click.option("--model", "-m", help="Model name for the backend.")
 @click.option("--identity", "-i", help="Semantic identity of the agent (default spawned:BACKEND).")
-@click.option("--timeout", "-t", metavar="DURATION", help="Stop it after e.g. 10m (default 5m).")
+@click.option("--timeout", "-t", metavar="DURATION",
+              help="Stop it after e.g. 90s, 10m, 1h (default 5m). A bare number is milliseconds, as everywhere in "
+                   "pd (in pd-fleet.yml it is seconds); under 1s is refused as a likely unit mistake.")  # fmt: skip
 @click.option("--allowed-tools", help="claude-cli --allowedTools, e.g. 'Read,Grep'.")
 @click.option("--workdir", "-w", type=click.Path(file_okay=False, exists=True), help="Run it here (default: .).")
 @click.option("--wait", is_flag=True, help="Wait until it ends; print its output; exit 1 unless it completed.")
@@ -63,6 +66,11 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
       pd spawn -- "summarise TODO comments"
       pd spawn -b custom -q -- ./scripts/nightly.sh
     """
+    ms = parse_duration_ms(timeout) if timeout else None
+    if ms is not None and ms < 1000:
+        # `-t 30` meaning 30 ms is almost always a unit mistake (`timeout: 30` in pd-fleet.yml is 30 seconds).
+        fail(bad_input(f"--timeout {timeout} is {ms} ms, too short for any agent; give a unit, e.g. --timeout "
+                       f"{timeout.strip()}s or 10m (a bare number is milliseconds)"), as_json=as_json)  # fmt: skip
     args = {
         "backend": backend,
         "task": " ".join(task),
@@ -75,7 +83,6 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
     }
     result = call("spawn.start", args, as_json=as_json)
     if wait:
-        ms = parse_duration_ms(timeout) if timeout else None
         with spinning(f"waiting for {result['agentId']}…"):
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
                           timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip

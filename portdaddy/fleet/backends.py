@@ -78,6 +78,19 @@ def binary_for(task: Task) -> str | None:
     return BACKEND_BINARIES.get(task.backend)
 
 
+def find_binary(task: Task) -> str | None:
+    """The backend's program found on the task's PATH (None: the backend needs none). Raises BadInput when it is
+    missing, so ``pd spawn`` is refused up front rather than starting a run that fails at once."""
+    binary = binary_for(task)
+    if binary is None:
+        return None
+    found = shutil.which(binary, path=task.path)
+    if found is None:
+        raise bad_input(f"backend {task.backend} needs {binary!r} on PATH but it is not there; install it "
+                        "or pick another backend")  # fmt: skip
+    return found
+
+
 def argv_for(task: Task, prompt: str) -> list[str]:
     """The child's argv. Raises BadInput when the backend's binary is not on the task's PATH."""
     model = ["--model", task.model] if task.model else []
@@ -87,11 +100,8 @@ def argv_for(task: Task, prompt: str) -> list[str]:
         return ["/bin/sh", "-c", task.command]
     if task.backend == "ollama":
         return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL]
-    binary = binary_for(task)
-    assert binary is not None
-    found = shutil.which(binary, path=task.path)
-    if found is None:
-        raise bad_input(f"backend {task.backend} needs {binary!r} on PATH but it is not there; install it")
+    found = find_binary(task)
+    assert found is not None
     if task.backend == "claude-cli":
         tools = ["--allowedTools", task.allowed_tools] if task.allowed_tools else []
         return [found, "-p", prompt, *tools, *model]

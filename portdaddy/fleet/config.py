@@ -36,6 +36,7 @@ from portdaddy.fleet.spec import (
     BACKEND_BINARIES,
     BACKENDS,
     DEFAULT_BACKEND,
+    RUN_VARIABLES,
     AgentSpec,
     ChannelSpec,
     FleetConfig,
@@ -43,6 +44,7 @@ from portdaddy.fleet.spec import (
     WatcherSpec,
     cron_problem,
     fleet_project_dir,
+    render_template,
 )
 
 FLEET_FILES = ("pd-fleet.yml", "pd-fleet.yaml", ".portdaddy/fleet.yml", ".portdaddy/fleet.yaml")
@@ -52,7 +54,10 @@ GIT_HOOK_CHANNELS = frozenset({"git:committed"})
 
 DEFAULT_IDENTITY = "{project}:fleet:{name}"
 
-_TEMPLATE_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# While the file is parsed, {sha} and {branch} stand as these markers (plain YAML words, safe in any scalar),
+# so prompt and command can keep the tokens for the run to fill while every other field gets the value now.
+_RUN_MARKERS = {key: f"PDRUNVAR{key.upper()}6F3A" for key in RUN_VARIABLES}
+_KEEPS_RUN_VARIABLES = ("prompt", "command")
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -131,9 +136,23 @@ def template_vars(project_dir: Path) -> dict[str, str]:
     }
 
 
-def render_template(text: str, variables: dict[str, str]) -> str:
-    """Replace ``{name}`` tokens found in ``variables``; unknown tokens stay as they are (one pass)."""
-    return _TEMPLATE_TOKEN.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
+def _unmark(node: Node, variables: dict[str, str], keep: bool = False, seen: set[int] | None = None) -> None:
+    """Replace the run-variable markers in every scalar: by the tokens again under prompt/command (``keep``),
+    by their load-time values elsewhere."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return  # an alias: already done
+    seen.add(id(node))
+    if isinstance(node, ScalarNode):
+        for key, marker in _RUN_MARKERS.items():
+            node.value = node.value.replace(marker, f"{{{key}}}" if keep else variables.get(key, f"{{{key}}}"))
+    elif isinstance(node, SequenceNode):
+        for item in node.value:
+            _unmark(item, variables, keep, seen)
+    elif isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            _unmark(key_node, variables, False, seen)
+            _unmark(value_node, variables, getattr(key_node, "value", None) in _KEEPS_RUN_VARIABLES, seen)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -553,7 +572,7 @@ def _limits(ctx: _Ctx, node: Node, fld: str) -> Limits:
 def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig:
     """Parse fleet YAML ``text`` (``path`` is used for messages); raise ``FleetConfigError`` on any error."""
     ctx = _Ctx(Path(path))
-    rendered = render_template(text, variables)
+    rendered = render_template(text, {**variables, **_RUN_MARKERS})
     try:
         root_doc = yaml.compose(rendered, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -570,12 +589,14 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
         raise FleetConfigError(ctx.errors, path) from None
 
     fleet_name = variables.get("project") or fleet_project_dir(Path(path)).resolve().name
+    run_values = {k: variables[k] for k in RUN_VARIABLES if k in variables}
 
     def empty() -> FleetConfig:
-        return FleetConfig(fleet_name, None, Limits(), {}, {}, {}, Path(path), ctx.warnings)
+        return FleetConfig(fleet_name, None, Limits(), {}, {}, {}, Path(path), ctx.warnings, run_values)
 
     if root_doc is None or _is_null(root_doc):
         return empty()
+    _unmark(root_doc, variables)
     top = _mapping(ctx, root_doc, "")
     if top is None:
         raise FleetConfigError(ctx.errors, path)
@@ -653,7 +674,8 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
         _check_graph(ctx, agents, watchers, channels, where)
     if ctx.errors:
         raise FleetConfigError(ctx.errors, path)
-    return FleetConfig(fleet_name, harbor, limits, agents, watchers, channels, Path(path), ctx.warnings)
+    return FleetConfig(fleet_name, harbor, limits, agents, watchers, channels, Path(path), ctx.warnings,
+                       run_values)  # fmt: skip
 
 
 def _items_quiet(node: Node) -> dict[str, tuple[Node, Node]]:
@@ -821,8 +843,9 @@ def check_backends(cfg: FleetConfig, which: Callable[[str], str | None] = shutil
 STARTER_FLEET = """\
 # pd-fleet.yml: background agents for this project, run by `pd fleet up`.
 #
-# Template variables, replaced before the file is parsed: {project} (directory name), {project_dir},
-# {branch}, {sha}. Each agent fires on a channel (trigger:) or on a five-field cron (schedule:), never both.
+# Template variables: {project} (directory name), {project_dir}, {branch}, {sha}. In a prompt or command,
+# {branch} and {sha} are those of the commit that fired the run (else of HEAD at `pd fleet up`).
+# Each agent fires on a channel (trigger:) or on a five-field cron (schedule:), never both.
 # `pd fleet init` installs a git post-commit hook that publishes to git:committed.
 fleet:
   name: "{project}"

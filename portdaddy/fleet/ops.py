@@ -10,7 +10,7 @@ import trio
 from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.errors import PDError, bad_input
-from portdaddy.fleet.backends import Task, normalise_backend
+from portdaddy.fleet.backends import Task, find_binary, normalise_backend
 from portdaddy.fleet.runs import Run
 from portdaddy.fleet.supervisor import require_dir
 
@@ -22,6 +22,10 @@ def _dir(name: str, value: Any) -> str:
     return require_dir(value)
 
 
+def _dir_or_gone(name: str, value: Any) -> str:
+    return require_dir(value, exists=False)
+
+
 def _env_map(name: str, value: Any) -> dict[str, str]:
     value = v.json_object(16_000)(name, value)
     bad = [k for k, item in value.items() if not isinstance(item, str) or not k or "=" in k or "\x00" in k + item]
@@ -31,7 +35,9 @@ def _env_map(name: str, value: Any) -> dict[str, str]:
 
 
 _PROJECT = Param("projectDir", _dir, required=True, aliases=("project_dir", "dir"))
-_PROJECT_OPT = Param("projectDir", _dir, aliases=("project_dir", "dir"))
+# Down, status, runs, logs and reset also take a directory that is gone (its fleet may still be up).
+_PROJECT_KNOWN = Param("projectDir", _dir_or_gone, required=True, aliases=("project_dir", "dir"))
+_PROJECT_OPT = Param("projectDir", _dir_or_gone, aliases=("project_dir", "dir"))
 _AGENT = Param("agent", v.name("agent name", 64), required=True, aliases=("agentName", "name"))
 _TAIL = Param("tail", v.integer(1, LOG_TAIL_MAX), default=LOG_TAIL_DEFAULT)
 _PATH = Param("path", v.text(10_000, strip=False))
@@ -69,10 +75,18 @@ def _status(ctx: Ctx, *, projectDir: str | None) -> dict[str, Any]:
 def _run(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
     fleet = ctx.app.fleet
     lf = fleet.get(projectDir)
+    spec = lf.config.agents.get(agent)
+    if spec is not None and not spec.enabled:
+        raise PDError("CONFLICT", f"agent {agent!r} is disabled (enabled: false in {lf.config.path}); set enabled: "
+                                  "true and reload with pd fleet up to run it")  # fmt: skip
     run = fleet.fire(lf, agent, {"source": "manual", "by": ctx.agent_id})
     if run is None:
-        reason = lf.state(agent).circuit or "the fleet's queue is full"
-        raise PDError("CONFLICT", f"agent {agent!r} not run: {reason}; see pd fleet status (pd fleet reset {agent})")
+        circuit = lf.state(agent).circuit
+        if circuit is not None:
+            raise PDError("CONFLICT", f"agent {agent!r} not run: its circuit is open ({circuit}); close it with "
+                                      f"pd fleet reset {agent}")  # fmt: skip
+        raise PDError("CONFLICT", f"agent {agent!r} not run: the fleet's queue is full ({len(lf.queue)} runs "
+                                  "waiting); let it drain (pd fleet status), or cancel all: pd fleet down")  # fmt: skip
     return {"run": run.to_wire()}
 
 
@@ -80,7 +94,22 @@ def _reset(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
     return {"agent": agent, "wasOpen": ctx.app.fleet.reset(projectDir, agent)}
 
 
+def _known_agent(ctx: Ctx, project_dir: str | None, agent: str | None) -> None:
+    """Refuse an agent name that neither the fleet that is up nor any past run knows (a typo, not "no runs")."""
+    if agent is None:
+        return
+    fleet = ctx.app.fleet
+    lf = fleet.fleets.get(project_dir or "")
+    if lf is not None and agent in lf.config.agents:
+        return
+    if fleet.runs.recent(kind="fleet", project_dir=project_dir, agent=agent, limit=1):
+        return  # an agent since removed from the file: its runs are still there
+    where = f"fleet {lf.config.name!r}" if lf is not None else "any fleet that is up or has run"
+    raise PDError("NOT_FOUND", f"agent {agent!r} does not exist in {where}; see pd fleet status")
+
+
 def _runs(ctx: Ctx, *, projectDir: str | None, agent: str | None, limit: int) -> dict[str, Any]:
+    _known_agent(ctx, projectDir, agent)
     runs = ctx.app.fleet.runs.recent(kind="fleet", project_dir=projectDir, agent=agent, limit=limit)
     return {"runs": [r.to_wire() for r in runs], "count": len(runs)}
 
@@ -89,6 +118,7 @@ def _logs(ctx: Ctx, *, projectDir: str | None, agent: str | None, runId: str | N
     fleet = ctx.app.fleet
     if runId is not None:
         return _log_reply(fleet.find(runId), tail)
+    _known_agent(ctx, projectDir, agent)
     runs = fleet.runs.recent(kind="fleet", project_dir=projectDir, agent=agent, limit=1)
     if not runs:
         who = f"agent {agent!r}" if agent else "this fleet"
@@ -107,6 +137,7 @@ def _spawn(ctx: Ctx, *, backend: str, task: str, identity: str | None, model: st
     spec = Task(backend=backend, prompt="" if custom else task, command=task if custom else None, model=model,
                 allowed_tools=allowedTools, env=env or {}, cwd=workdir or str(ctx.app.settings.home),
                 timeout_s=timeout / 1000 if timeout else None, path=path)  # fmt: skip
+    find_binary(spec)
     run = ctx.app.fleet.spawn(spec, identity=identity or f"spawned:{backend}")
     return {"agentId": run.agent_id, "status": "spawned", "run": run.to_wire()}
 
@@ -141,10 +172,15 @@ _LIMIT = Param("limit", v.integer(1, 1000), default=50)
 
 OPS = (
     Op("fleet.up", _up, (_PROJECT, _PATH), summary="load, check and start (or reload) a project's fleet"),
-    Op("fleet.down", _down, (_PROJECT,), summary="stop a fleet: queued runs cancelled, children SIGTERM then SIGKILL"),
+    Op(
+        "fleet.down",
+        _down,
+        (_PROJECT_KNOWN,),
+        summary="stop a fleet: queued runs cancelled, children SIGTERM then SIGKILL",
+    ),
     Op("fleet.status", _status, (_PROJECT_OPT,), summary="fleets that are up, their agents, queues and breakers"),
     Op("fleet.run", _run, (_PROJECT, _AGENT), summary="queue one run of a fleet agent now"),
-    Op("fleet.reset", _reset, (_PROJECT, _AGENT), summary="close an agent's circuit breaker"),
+    Op("fleet.reset", _reset, (_PROJECT_KNOWN, _AGENT), summary="close an agent's circuit breaker"),
     Op(
         "fleet.runs",
         _runs,

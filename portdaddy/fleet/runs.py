@@ -18,8 +18,8 @@ from portdaddy.fleet.backends import Task
 
 LIVE = ("queued", "running")
 # completed: exit 0; failed: non-zero exit or could not start; timeout: ran past its timeout; killed: stopped
-# on purpose (pd spawn kill, pd fleet down, daemon shutdown); lost: the daemon died while it ran;
-# cancelled: was queued when its fleet went down.
+# on purpose (pd spawn kill, pd fleet down); lost: the daemon died or shut down while it ran;
+# cancelled: was queued when its fleet went down (a daemon restart keeps queued fleet runs queued).
 FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
 
 _COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "

@@ -6,9 +6,11 @@ fleet file only when ``pd fleet up`` asks.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from portdaddy.errors import bad_input
 
@@ -23,6 +25,12 @@ BACKEND_BINARIES: dict[str, str | None] = {
     "ollama": None,
 }
 DEFAULT_BACKEND = "claude-cli"
+# Template variables an agent's prompt and command keep until a run is fired (see ``run_variables``).
+RUN_VARIABLES = ("sha", "branch")
+_TEMPLATE_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A commit's values are put into a custom agent's shell command: only what git itself would produce is taken.
+_RUN_VALUE = {"sha": re.compile(r"[0-9a-f]{4,64}"), "branch": re.compile(r"[\w./+@-]{1,250}")}
+_CHAIN_MAX = 16  # on_success/on_failure hops followed back to the commit that started a chain
 _CRON_FORM = "five fields 'minute hour day-of-month month day-of-week', e.g. '*/15 9-17 * * 1-5'"
 
 
@@ -84,6 +92,8 @@ class FleetConfig:
     channels: dict[str, ChannelSpec]
     path: Path
     warnings: list[str]
+    # {sha} and {branch} as read when the file was loaded: a run not fired by a commit gets these.
+    variables: dict[str, str] = field(default_factory=dict)
 
     @property
     def project_dir(self) -> Path:
@@ -94,6 +104,40 @@ def fleet_project_dir(path: Path) -> Path:
     """The project a fleet file belongs to: its directory, or the parent of ``.portdaddy/``."""
     parent = Path(path).parent
     return parent.parent if parent.name == ".portdaddy" else parent
+
+
+# --------------------------------------------------------------------------------------------------------
+# Template variables
+
+
+def render_template(text: str, variables: dict[str, str]) -> str:
+    """Replace ``{name}`` tokens found in ``variables``; unknown tokens stay as they are (one pass)."""
+    return _TEMPLATE_TOKEN.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
+def _commit_of(trigger: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``git:committed`` payload that fired a run, directly or up a chain of on_success/on_failure messages
+    (each carries the trigger of the run that published it)."""
+    for _ in range(_CHAIN_MAX):
+        if not isinstance(trigger, dict) or trigger.get("source") != "channel":
+            return None
+        payload = trigger.get("payload")
+        if not isinstance(payload, dict):
+            return None
+        if trigger.get("channel") == "git:committed":
+            return payload
+        trigger = payload.get("trigger")
+    return None
+
+
+def run_variables(trigger: dict[str, Any] | None, loaded: dict[str, str]) -> dict[str, str]:
+    """``{sha}`` (short) and ``{branch}`` for one run: the triggering commit's, else those of ``loaded``."""
+    values = {k: loaded[k] for k in RUN_VARIABLES if k in loaded}
+    commit = _commit_of(trigger) or {}
+    for key, value in (("sha", commit.get("shortSha") or commit.get("sha")), ("branch", commit.get("branch"))):
+        if isinstance(value, str) and _RUN_VALUE[key].fullmatch(value):
+            values[key] = value
+    return values
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, new_id
-from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire
+from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
 
 log = logging.getLogger("portdaddy.fleet")
 
 HOUR_S = 3600.0
 OUTPUT_TAIL = 2000  # bytes of a run's output put into its on_success/on_failure message
 CRON_RECHECK_S = 60.0  # re-read the wall clock at least this often (it may jump: suspend, NTP)
+SHUTTING_DOWN = "daemon shutting down"  # the stop reason of runs the daemon's own shutdown interrupts
 
 
 def _env_seconds(env: dict[str, str], var: str, default: float) -> float:
@@ -97,6 +98,8 @@ class LiveFleet:
     finished: trio.Event = field(default_factory=trio.Event)
     nursery: trio.Nursery | None = None
     up_at: int = field(default_factory=now_ms)
+    going_down: bool = False  # pd fleet down, as opposed to the daemon stopping (the fleet comes back then)
+    gone_at: int | None = None  # when its project directory was found missing (it fires nothing until back)
 
     def state(self, agent: str) -> AgentState:
         return self.agents.setdefault(agent, AgentState())
@@ -222,7 +225,10 @@ class Fleet:
                     task_status.started()
         finally:
             for run in list(lf.queue):
-                self._finish_unstarted(run, "cancelled", "the fleet went down before this run started")
+                if lf.going_down:
+                    self._finish_unstarted(run, "cancelled", "the fleet went down before this run started")
+                else:  # the daemon is stopping: the row stays queued and comes back with the fleet
+                    self.live.pop(run.id, None)
             lf.queue.clear()
             if self.fleets.get(lf.project_dir) is lf:
                 del self.fleets[lf.project_dir]
@@ -236,6 +242,7 @@ class Fleet:
         if lf is None:
             return {"stopped": False, "killed": 0, "cancelled": 0}
         killed, cancelled = len(lf.running), len(lf.queue)
+        lf.going_down = True
         for run in lf.running.values():
             run.stop_reason = "the fleet was brought down (pd fleet down)"
         lf.scope.cancel()
@@ -291,19 +298,37 @@ class Fleet:
         if state.circuit is not None:
             state.skipped += 1
             return None
+        if self._project_gone(lf):
+            return None
         if len(lf.queue) >= self.settings.max_queued:
             self.app.publish("fleet", {"event": "dropped", "fleet": lf.config.name, "agent": agent,
                                        "reason": f"queue full ({self.settings.max_queued} runs waiting)"},
                              sender="fleet")  # fmt: skip
             return None
-        task = Task(backend=spec.backend, prompt=spec.prompt, command=spec.command, model=spec.model,
-                    allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
+        variables = run_variables(trigger, lf.config.variables)
+        command = render_template(spec.command, variables) if spec.command else None
+        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=command,
+                    model=spec.model, allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
                     timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
         self.runs.insert(run)
         self._requeue(lf, run)
         return run
+
+    def _project_gone(self, lf: LiveFleet) -> bool:
+        """Whether the fleet's project directory is missing; said once (log, ``fleet`` channel) when found so.
+        Its runs could only fail (each one more salvage entry, every minute for a cron), so it fires nothing."""
+        if os.path.isdir(lf.project_dir):
+            lf.gone_at = None
+            return False
+        if lf.gone_at is None:
+            lf.gone_at = now_ms()
+            log.warning("fleet %s: %s", lf.config.name, _gone_reason(lf))
+            self.app.publish("fleet", {"event": "project-missing", "fleet": lf.config.name,
+                                       "projectDir": lf.project_dir, "reason": _gone_reason(lf)},
+                             sender="fleet")  # fmt: skip
+        return True
 
     def _requeue(self, lf: LiveFleet, run: Run) -> None:
         lf.queue.append(run)
@@ -325,6 +350,8 @@ class Fleet:
         while lf.starts and lf.starts[0] <= now - HOUR_S:
             lf.starts.popleft()
         limits = lf.config.limits
+        if lf.queue and self._project_gone(lf):
+            return CRON_RECHECK_S  # queued runs wait for the directory to come back (or pd fleet down)
         while lf.queue and len(lf.running) < limits.max_concurrent_spawns:
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
@@ -440,8 +467,9 @@ class Fleet:
             if lf is not None:
                 lf.running.pop(run.id, None)
                 lf.wake.set()
-            if run.status == "queued":  # cancelled before its child started
+            if run.status == "queued" and (lf is None or run.stop_reason is not None):  # stopped before it started
                 self._finish_unstarted(run, "cancelled", run.stop_reason or "stopped before it started")
+            # else: the daemon stopped before this fleet run's child started; it stays queued and comes back.
             self.live.pop(run.id, None)
             run.done.set()
             if lf is not None and run.stop_reason is None:
@@ -485,9 +513,10 @@ class Fleet:
                     await proc.wait()
                     nursery.cancel_scope.cancel()
             timed_out = deadline.cancelled_caught
-        except trio.Cancelled:
-            # Not our own scope (that one is caught above): the fleet is going down or the daemon is stopping.
-            run.stop_reason = run.stop_reason or "stopped because the daemon is shutting down"
+        except* trio.Cancelled:
+            # Not our own scope (caught above): the fleet is going down (stop_reason set) or the daemon is stopping.
+            # except*: out of the nursery, Cancelled comes wrapped in an exception group.
+            run.stop_reason = run.stop_reason or SHUTTING_DOWN
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -514,7 +543,10 @@ class Fleet:
 
     async def _record_end(self, run: Run, code: int | None, timed_out: bool) -> None:
         run.exit_code, run.ended_at = code, now_ms()
-        if run.stop_reason is not None:
+        if run.stop_reason == SHUTTING_DOWN:
+            # As after a daemon SIGKILL: the work was cut off, not finished or refused, so it goes to salvage.
+            run.status, run.error = "lost", f"{SHUTTING_DOWN}: stopped while it ran; its session went to salvage"
+        elif run.stop_reason is not None:
             run.status, run.error = "killed", run.stop_reason
         elif timed_out:
             run.status, run.error = "timeout", f"ran past its timeout of {run.task.timeout_s:g}s and was stopped"
@@ -630,7 +662,8 @@ class Fleet:
                 "limits": {"maxConcurrentSpawns": limits.max_concurrent_spawns,
                            "maxSpawnsPerHour": limits.max_spawns_per_hour},
                 "running": len(lf.running), "queued": len(lf.queue), "agents": agents,
-                "warnings": lf.config.warnings}  # fmt: skip
+                "warnings": lf.config.warnings,
+                "problem": _gone_reason(lf) if self._project_gone(lf) else None}  # fmt: skip
 
 
 def _dumps(value: Any) -> str:
@@ -639,13 +672,19 @@ def _dumps(value: Any) -> str:
     return "" if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
-def require_dir(project_dir: Any) -> str:
-    """A project directory as the fleet keys it: absolute and resolved."""
+def _gone_reason(lf: LiveFleet) -> str:
+    return (f"project directory {lf.project_dir} is gone: nothing fires until it is back; "
+            f"stop the fleet with: pd fleet down -C {lf.project_dir}")  # fmt: skip
+
+
+def require_dir(project_dir: Any, *, exists: bool = True) -> str:
+    """A project directory as the fleet keys it: absolute and resolved. ``exists=False`` also takes one that is
+    gone (a fleet that is up can still be seen and brought down after its directory was deleted)."""
     if not isinstance(project_dir, str) or not project_dir.strip():
         raise bad_input("projectDir must be a directory path; run pd fleet from inside the project")
     path = Path(project_dir).expanduser()
     if not path.is_absolute():
         raise bad_input(f"projectDir must be absolute, got {project_dir!r}")
-    if not path.is_dir():
+    if exists and not path.is_dir():
         raise bad_input(f"projectDir {project_dir!r} is not a directory")
     return str(path.resolve())
