@@ -120,3 +120,33 @@ def test_hostile_numbers_headers_and_nesting_are_400s_not_500s(daemon: Daemon) -
         with pytest.raises(PDError) as refused:
             daemon.call(action, **args)
         assert refused.value.code == "VALIDATION_ERROR"
+
+
+def _hang_up_while_waiting(d: Daemon, method: str, path: str, body: bytes, counter: str) -> None:
+    """Send a request that waits, wait until the daemon counts the waiter, then hang up."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(d.settings.http_sock))
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while d.call("daemon.status")["counts"][counter] != 1:
+        assert time.monotonic() < deadline, f"the daemon never counted the {counter}"
+        time.sleep(0.02)
+    sock.close()
+    while d.call("daemon.status")["counts"][counter] != 0:
+        assert time.monotonic() < deadline, f"the {counter} outlived its client"
+        time.sleep(0.02)
+
+
+def test_a_waiter_that_hangs_up_is_withdrawn(fresh_daemon: Daemon) -> None:
+    """A blocking take or queued lock over HTTP whose client left was still served: the next tuple went to
+    nobody, and the lock to a dead client for its whole lease."""
+    d = fresh_daemon
+    _hang_up_while_waiting(d, "DELETE", "/tuples", b'{"pattern": ["job"], "harbor": "h", "wait": true}',
+                           "tupleWaiters")  # fmt: skip
+    d.call("tuple.out", fields=["job", 1], harbor="h")
+    assert d.call("tuple.count", harbor="h")["count"] == 1
+    d.call("lock.acquire", name="hang:up", owner="holder")
+    _hang_up_while_waiting(d, "POST", "/locks/hang:up", b'{"owner": "ghost", "wait": true}', "lockWaiters")
+    d.call("lock.release", name="hang:up", owner="holder")
+    assert d.call("lock.get", name="hang:up")["held"] is False

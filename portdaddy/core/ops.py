@@ -106,14 +106,17 @@ def lookup(table: dict[str, Op], name: object) -> Op:
     return op
 
 
-async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx) -> Any:
-    """Validate and run one operation (the slow-but-general path; IPC inlines this for sync ops)."""
+async def call(table: dict[str, Op], name: str, raw: dict[str, Any], ctx: Ctx, *,
+               waiting: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None) -> Any:  # fmt: skip
+    """Validate and run one operation (the slow-but-general path; IPC inlines this for sync ops). ``waiting``
+    runs the part that may wait (an async handler, a ``Later``), e.g. to cancel it when the caller leaves."""
     op = lookup(table, name)
     result = op.handler(ctx, **op.bind(raw))
     if op.is_async:
-        result = await result
+        coro = result
+        result = await (waiting(lambda: coro) if waiting else coro)
     if result.__class__ is Later:
-        result = await result.run()
+        result = await (waiting(result.run) if waiting else result.run())
     return result
 
 

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -178,12 +179,34 @@ async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict
         args.update(route.fixed)
         pid = headers.get(b"x-pid", "")
         ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=_pid(pid))
-        return 200, await call(core.ops, route.op, args, ctx)
+        return 200, await call(core.ops, route.op, args, ctx, waiting=partial(_unless_the_client_leaves, receive))
     except PDError as e:
         return http_status(e.code), error_body(e)
     except Exception:
         log.exception("%s %s failed", route.method, route.path)
         return 500, error_body(PDError("INTERNAL", f"{route.op} failed; see daemon.log"))
+
+
+_LEFT = object()
+
+
+async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an operation that may wait (a queued lock, a blocking take) until it ends or the client hangs up.
+    A hang-up cancels it, which withdraws the wait: a lock is not granted, nor a tuple taken, for nobody."""
+    result = _LEFT
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        result = await run()
+        nursery.cancel_scope.cancel()
+    if result is _LEFT:
+        raise PDError("CANCELLED", "the client went away while the operation waited")
+    return result
 
 
 def _pid(header: str) -> int | None:
