@@ -193,7 +193,7 @@ _LEFT = object()
 async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run: Callable[[], Awaitable[Any]]) -> Any:
     """Run an operation that may wait (a queued lock, a blocking take) until it ends or the client hangs up.
     A hang-up cancels it, which withdraws the wait: a lock is not granted, nor a tuple taken, for nobody."""
-    result = _LEFT
+    result, error = _LEFT, None
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
@@ -202,8 +202,13 @@ async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run:
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
-        result = await run()
+        try:
+            result = await run()
+        except Exception as e:  # re-raised below as itself: out of a nursery it would come in an exception group
+            error = e
         nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
     if result is _LEFT:
         raise PDError("CANCELLED", "the client went away while the operation waited")
     return result
