@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ import trio
 from portdaddy.config import Settings
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
 from portdaddy.ipc.frame import Frame
-from portdaddy.ipc.trio_client import TrioClient
+from portdaddy.ipc.trio_client import TrioClient, Undo
 from portdaddy.launcher import ensure_daemon
 
 log = logging.getLogger("portdaddy.sdk")
@@ -37,6 +38,19 @@ __all__ = [
 # Deliveries buffered per subscription in the client; past this the SDK drops and catches up from history.
 SUBSCRIPTION_BUFFER = 1000
 _HISTORY_PAGE = 1000
+
+
+def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Undo a take nobody received: each tuple written again, with what is left of its TTL."""
+    now = int(time.time() * 1000)
+    return [("tuple.out", {"fields": t["fields"], "harbor": t["harbor"],
+                           "ttl": None if t["expiresAt"] is None else t["expiresAt"] - now})
+            for t in taken["taken"] if t["expiresAt"] is None or t["expiresAt"] > now]  # fmt: skip
+
+
+def _release(granted: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Undo a lock grant nobody received."""
+    return [("lock.release", {"name": granted["name"], "token": granted["token"]})]
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +336,9 @@ class PortDaddy:
         """Take one matching tuple (exactly one caller gets it); None if none and not ``wait``.
 
         With ``wait=True`` it blocks until one is written; cancelling the calling task (or ``timeout``
-        seconds, which raises ``Timeout``) withdraws the request from the daemon's queue of waiters."""
-        return (await self._blocking("tuple.in", pattern, harbor, 1, wait, timeout))["tuple"]
+        seconds, which raises ``Timeout``) withdraws the request from the daemon's queue of waiters. A tuple
+        the daemon handed over just as the caller gave up is written back to the space (with a new id)."""
+        return (await self._blocking("tuple.in", pattern, harbor, 1, wait, timeout, undo=_write_back))["tuple"]
 
     in_ = take
 
@@ -334,12 +349,12 @@ class PortDaddy:
         return (await self.call("tuple.count", pattern=pattern, harbor=harbor))["count"]
 
     async def _blocking(self, action: str, pattern: list[Any], harbor: str | None, limit: int, wait: bool,
-                        timeout: float | None) -> dict[str, Any]:  # fmt: skip
+                        timeout: float | None, undo: Undo | None = None) -> dict[str, Any]:  # fmt: skip
         ms = None if timeout is None else int(timeout * 1000)
         # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
         client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
         args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
-        return await self._client.request(action, args, timeout=client_timeout)
+        return await self._client.request(action, args, timeout=client_timeout, undo=undo)
 
     # -- locks --------------------------------------------------------------------------------------------
 
@@ -347,13 +362,14 @@ class PortDaddy:
                    ttl: str | int | None = None, owner: str | None = None,
                    conn_bound: bool = False) -> LockGrant | None:  # fmt: skip
         """Take a lock; the grant's ``token`` only ever grows. ``blocking=False`` returns None when it is held;
-        blocking waits in FIFO order (``timeout`` seconds, then ``Timeout``; cancelling withdraws the wait)."""
+        blocking waits in FIFO order (``timeout`` seconds, then ``Timeout``; cancelling withdraws the wait, and
+        releases a grant that was already on its way)."""
         args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
                 "timeout": None if timeout is None else int(timeout * 1000)}  # fmt: skip
         # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
         backstop = (timeout + 5 if timeout is not None else float("inf")) if blocking else None
         try:
-            r = await self._client.request("lock.acquire", args, timeout=backstop)
+            r = await self._client.request("lock.acquire", args, timeout=backstop, undo=_release)
         except LockHeld:
             return None
         return LockGrant.from_wire(r)

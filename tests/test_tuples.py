@@ -221,6 +221,30 @@ async def test_sdk_blocking_take_is_cancellable_and_loses_nothing(daemon) -> Non
         assert [t["fields"] for t in await pd.rd(["sdk-*"], harbor="sdk")] == []
 
 
+async def test_sdk_calls_given_up_mid_flight_give_back_what_they_were_granted(daemon_factory) -> None:
+    """A take or lock whose caller gives up while the grant is on its way back: the SDK returns the tuple to
+    the space and releases the lock (they were lost, and the lock held for its lease, before)."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")  # 400 requests in a blink
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        for i in range(100):
+            await pd.out(["flight", i], harbor="flight", ttl="1h")
+        received, locked = 0, 0
+        for i in range(100):
+            with trio.move_on_after(0.0001):  # usually passes while the request is in flight
+                await pd.take(["flight"], harbor="flight", wait=True)
+                received += 1
+            with trio.move_on_after(0.0001):
+                await pd.lock(f"flight:{i}")
+                locked += 1
+        with trio.fail_after(10):
+            while await pd.count(["flight"], harbor="flight") != 100 - received:
+                await trio.sleep(0.02)
+            while (await pd.call("lock.list"))["count"] != locked:
+                await trio.sleep(0.02)
+        assert received < 50 and locked < 50  # most were given up, so the give-back was exercised
+        assert all(t["expiresAt"] for t in await pd.scan(harbor="flight"))  # written back with their TTL
+
+
 def test_sigkill_restart_keeps_tuples_minus_expired(fresh_daemon) -> None:
     d = fresh_daemon
     keep = [d.call("tuple.out", fields=["durable", n], harbor="dur")["id"] for n in range(20)]

@@ -28,6 +28,8 @@ BACKOFF_MAX_S = 30.0
 
 # What a waiting request holds when its time runs out (None means the connection was lost).
 _NO_REPLY: Any = object()
+# What gives back a granted result: the (action, args) requests to send, e.g. a taken tuple written again.
+Undo = Callable[[Any], list[tuple[str, dict[str, Any]]]]
 
 
 class TrioClient:
@@ -54,6 +56,9 @@ class TrioClient:
         # when the connection is lost. A task parked by hand, not a trio.Event: a request is two task switches,
         # and an Event with its parking lot per request was a measurable part of the rest.
         self._pending: dict[int, trio.lowlevel.Task] = {}
+        # conv id -> what undoes the success of a request its caller gave up on (None: nothing, just consume it).
+        # A take or a lock the daemon granted as the caller left is given back when the reply comes.
+        self._orphans: dict[int, Undo | None] = {}
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
@@ -68,7 +73,10 @@ class TrioClient:
         *,
         timeout: float | None = None,
         kind: int = Performative.REQUEST,
+        undo: Undo | None = None,
     ) -> Any:
+        """One request and its reply. ``undo`` turns a success that arrives after the caller gave up (cancelled,
+        or its timeout) into the requests that give back what was granted."""
         if self.sock is None:
             raise self._gone(f"not connected to {self.path}")
         conv = self._conv = next_conv_id(self._conv)
@@ -77,7 +85,7 @@ class TrioClient:
         try:
             self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
             with trio.move_on_after(self.timeout if timeout is None else timeout):
-                frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv))
+                frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv, undo))
         except trio.Cancelled:
             self._withdraw(conv, action)  # Cancelled must propagate as it is
             raise
@@ -97,9 +105,24 @@ class TrioClient:
             with suppress(PDError):
                 self._write(self._encoder.encode(Performative.CANCEL, conv, {"action": action}))
 
-    def _give_up(self, conv: int, _: Any) -> trio.lowlevel.Abort:
-        """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody."""
+    def _give_back(self, undo: Undo, frame: Frame) -> None:
+        try:
+            result = reply_result(frame)
+        except PDError:  # refused or cancelled: nothing was granted
+            return
+        for action, args in undo(result):
+            conv = self._conv = next_conv_id(self._conv)
+            self._orphans[conv] = None  # nobody reads its reply either
+            with suppress(PDError):
+                self._write(request_frame(self._encoder, Performative.REQUEST, conv, action, self.agent_id, args))
+
+    def _give_up(self, conv: int, undo: Undo | None, _: Any) -> trio.lowlevel.Abort:
+        """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody, but
+        the daemon may have granted it already, so ``undo`` gives that back when it arrives. Registered here,
+        as the wait ends: the reader may dispatch the reply before the cancelled task runs again."""
         self._pending.pop(conv, None)
+        if undo is not None:
+            self._orphans[conv] = undo
         return trio.lowlevel.Abort.SUCCEEDED
 
     def send_nowait(self, action: str, args: dict[str, Any] | None = None) -> None:
@@ -184,6 +207,7 @@ class TrioClient:
             self.sock = None
             self.connected = trio.Event()
             sock.close()
+            self._orphans.clear()  # a closed connection answers none of them (the daemon gives back what it can)
             waiting, self._pending = self._pending, {}
             for task in waiting.values():
                 # The waiter raises the daemon's parting REFUSE, or DaemonUnavailable when there was none.
@@ -203,6 +227,8 @@ class TrioClient:
             task = self._pending.pop(frame.conv_id, None)
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
+            elif (undo := self._orphans.pop(frame.conv_id, None)) is not None:
+                self._give_back(undo, frame)
             return
         if is_parting(frame):
             self._parting = frame
