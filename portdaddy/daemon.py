@@ -150,7 +150,11 @@ async def run_daemon(settings: Settings, *, task_status: trio.TaskStatus[App] = 
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
-    settings.ensure_home()
+    try:
+        settings.ensure_home()
+    except OSError as e:
+        print(f"error: cannot start the daemon: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.CRITICAL if settings.silent else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,8 +16,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # C0 controls but tab and newline, DEL and C1 controls, shown as \x1b and the like.
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(32), *range(0x7F, 0xA0)) if c not in (9, 10)}
-
-
 _LINE_CONTROLS = {**_CONTROLS, 9: "\\t", 10: "\\n"}
 
 

@@ -9,9 +9,8 @@ from typing import Any
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import FOREVER_S, call, fail, spinning
+from portdaddy.cli.transport import FOREVER_S, call, spinning
 from portdaddy.config import parse_duration_ms
-from portdaddy.errors import bad_input
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
 
@@ -66,11 +65,6 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
       pd spawn -- "summarise TODO comments"
       pd spawn -b custom -q -- ./scripts/nightly.sh
     """
-    ms = parse_duration_ms(timeout) if timeout else None
-    if ms is not None and ms < 1000:
-        # `-t 30` meaning 30 ms is almost always a unit mistake (`timeout: 30` in pd-fleet.yml is 30 seconds).
-        fail(bad_input(f"--timeout {timeout} is {ms} ms, too short for any agent; give a unit, e.g. --timeout "
-                       f"{timeout.strip()}s or 10m (a bare number is milliseconds)"), as_json=as_json)  # fmt: skip
     args = {
         "backend": backend,
         "task": " ".join(task),
@@ -83,6 +77,7 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
     }
     result = call("spawn.start", args, as_json=as_json)
     if wait:
+        ms = parse_duration_ms(timeout) if timeout else None
         with spinning(f"waiting for {result['agentId']}…"):
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
                           timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip

@@ -51,16 +51,16 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
 
 def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str, Any]:
     sessions: Sessions = ctx.app.sessions
+    agent_id = agentId or ctx.agent_id
     try:
-        sid = target_session(ctx, sessionId, agentId, worktree)
+        sid = target_session(ctx, sessionId, agent_id, worktree)
     except NotFound:
         # The session was already ended (pd session end): the agent still leaves, as done promises.
-        agent_id = agentId or ctx.agent_id
         if sessionId or not (agent_id and ctx.app.agents.unregister(agent_id)):
             raise
         return {"success": True, "agentId": agent_id, "sessionId": None, "sessionStatus": None,
                 "agentUnregistered": True, "notesCount": 0, "finalNote": False, "releasedFiles": []}  # fmt: skip
-    agent_id = agentId or ctx.agent_id or sessions.session(sid)["agentId"]
+    agent_id = agent_id or sessions.session(sid)["agentId"]
     with ctx.app.store.write():
         ended = sessions.end(sid, note=note, status=status, agent_id=agent_id)
         unregistered = ctx.app.agents.unregister(agent_id) if agent_id else False

@@ -26,6 +26,18 @@ def _dir_or_gone(name: str, value: Any) -> str:
     return require_dir(value, exists=False)
 
 
+_duration_up_to_a_week = v.duration(7 * 86_400_000)
+
+
+def _spawn_timeout(name: str, value: Any) -> int:
+    ms = _duration_up_to_a_week(name, value)
+    if ms < 1000:  # `30` meaning 30 ms is almost always a unit mistake (`timeout: 30` in pd-fleet.yml is seconds)
+        text = str(value).strip()
+        raise bad_input(f"--timeout {text} is {ms} ms, too short for any agent; give a unit, e.g. --timeout "
+                        f"{text}s or 10m (a bare number is milliseconds)")  # fmt: skip
+    return ms
+
+
 def _env_map(name: str, value: Any) -> dict[str, str]:
     value = v.json_object(16_000)(name, value)
     bad = [k for k, item in value.items() if not isinstance(item, str) or not k or "=" in k or "\x00" in k + item]
@@ -201,7 +213,7 @@ OPS = (
             Param("task", v.text(100_000), required=True, aliases=("prompt",)),
             Param("identity", v.identity),
             Param("model", v.text(200)),
-            Param("timeout", v.duration(7 * 86_400_000)),
+            Param("timeout", _spawn_timeout),
             Param("allowedTools", v.text(2000), aliases=("allowed_tools",)),
             Param("workdir", _dir, aliases=("cwd",)),
             Param("env", _env_map),

@@ -26,7 +26,6 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import MAX_SOCKET_PATH
 from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
@@ -64,9 +63,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 def bind_unix(path: os.PathLike[str] | str) -> socket.socket:
     """A listening Unix socket created 0600 (umask around bind, so there is no window where it is wider)."""
-    path = os.fspath(path)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise OSError(f"socket path is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}: {path}")
+    path = os.fspath(path)  # its length was checked with the home (Settings.home_problem)
     try:
         os.unlink(path)
     except FileNotFoundError:
