@@ -245,6 +245,25 @@ async def test_sdk_calls_given_up_mid_flight_give_back_what_they_were_granted(da
         assert all(t["expiresAt"] for t in await pd.scan(harbor="flight"))  # written back with their TTL
 
 
+async def test_a_give_back_refused_by_the_rate_limit_is_sent_again(daemon_factory) -> None:
+    """The give-back is a request like any other: when the caller's own burst has used up the connection's rate
+    for this second, it is refused, and the SDK sends it again in the next second instead of dropping it."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="20")
+    d.call("tuple.out", fields=["late", 1], harbor="late")
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        await trio.sleep(1 - time.monotonic() % 1 + 0.01)  # the daemon's rate windows are whole seconds
+        for _ in range(19):  # the caller's own burst leaves this second room for one more frame: the take
+            pd.publish_nowait("late:noise", {})
+        with trio.CancelScope() as scope:
+            scope.cancel()  # the take is sent, then given up at once: its grant comes back to nobody
+            await pd.take(["late"], harbor="late", wait=True)
+        with trio.fail_after(5):
+            while d.call("tuple.count", harbor="late")["count"] != 1:
+                await trio.sleep(0.05)
+        counts = d.call("daemon.status")["counts"]
+        assert counts["ipcRateLimited"] > counts["ipcDroppedFrames"]  # a request was refused: the first give-back
+
+
 def test_sigkill_restart_keeps_tuples_minus_expired(fresh_daemon) -> None:
     d = fresh_daemon
     keep = [d.call("tuple.out", fields=["durable", n], harbor="dur")["id"] for n in range(20)]

@@ -30,6 +30,8 @@ BACKOFF_MAX_S = 30.0
 _NO_REPLY: Any = object()
 # What gives back a granted result: the (action, args) requests to send, e.g. a taken tuple written again.
 Undo = Callable[[Any], list[tuple[str, dict[str, Any]]]]
+# A give-back refused for the connection's rate limit is sent again once the daemon's one-second window has moved on.
+RESEND_AFTER_S = 1.0
 
 
 class TrioClient:
@@ -56,9 +58,12 @@ class TrioClient:
         # when the connection is lost. A task parked by hand, not a trio.Event: a request is two task switches,
         # and an Event with its parking lot per request was a measurable part of the rest.
         self._pending: dict[int, trio.lowlevel.Task] = {}
-        # conv id -> what undoes the success of a request its caller gave up on (None: nothing, just consume it).
-        # A take or a lock the daemon granted as the caller left is given back when the reply comes.
-        self._orphans: dict[int, Undo | None] = {}
+        # conv id -> what to do with a reply nobody waits for: give back a take or a lock the daemon granted as
+        # its caller left, or see that such a give-back went through.
+        self._orphans: dict[int, Callable[[Frame], None]] = {}
+        # Give-backs the rate limit refused, sent again by the connection's resender (kept across reconnects).
+        self._resend: list[tuple[str, dict[str, Any]]] = []
+        self._resend_lot = trio.lowlevel.ParkingLot()
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
@@ -111,10 +116,23 @@ class TrioClient:
         except PDError:  # refused or cancelled: nothing was granted
             return
         for action, args in undo(result):
-            conv = self._conv = next_conv_id(self._conv)
-            self._orphans[conv] = None  # nobody reads its reply either
-            with suppress(PDError):
-                self._write(request_frame(self._encoder, Performative.REQUEST, conv, action, self.agent_id, args))
+            self._send_give_back(action, args)
+
+    def _send_give_back(self, action: str, args: dict[str, Any]) -> None:
+        conv = self._conv = next_conv_id(self._conv)
+        self._orphans[conv] = functools.partial(self._gave_back, action, args)
+        with suppress(PDError):
+            self._write(request_frame(self._encoder, Performative.REQUEST, conv, action, self.agent_id, args))
+
+    def _gave_back(self, action: str, args: dict[str, Any], frame: Frame) -> None:
+        try:
+            reply_result(frame)
+        except PDError as e:
+            if e.code == "rate_limited":  # the caller's own burst used up the second: not lost, only late
+                self._resend.append((action, args))
+                self._resend_lot.unpark_all()
+            else:
+                log.warning("could not give back what a cancelled call was granted (%s): %s", action, e)
 
     def _give_up(self, conv: int, undo: Undo | None, _: Any) -> trio.lowlevel.Abort:
         """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody, but
@@ -122,7 +140,7 @@ class TrioClient:
         as the wait ends: the reader may dispatch the reply before the cancelled task runs again."""
         self._pending.pop(conv, None)
         if undo is not None:
-            self._orphans[conv] = undo
+            self._orphans[conv] = functools.partial(self._give_back, undo)
         return trio.lowlevel.Abort.SUCCEEDED
 
     def send_nowait(self, action: str, args: dict[str, Any] | None = None) -> None:
@@ -188,6 +206,7 @@ class TrioClient:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, sock)
+                nursery.start_soon(self._resender)
                 while True:
                     await trio.lowlevel.wait_readable(sock)
                     try:
@@ -227,8 +246,8 @@ class TrioClient:
             task = self._pending.pop(frame.conv_id, None)
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
-            elif (undo := self._orphans.pop(frame.conv_id, None)) is not None:
-                self._give_back(undo, frame)
+            elif (on_reply := self._orphans.pop(frame.conv_id, None)) is not None:
+                on_reply(frame)
             return
         if is_parting(frame):
             self._parting = frame
@@ -255,6 +274,16 @@ class TrioClient:
             data = data[sent:]
         self._out += data
         self._writer_lot.unpark_all()
+
+    async def _resender(self) -> None:
+        while True:
+            if not self._resend:
+                await self._resend_lot.park()
+                continue
+            await trio.sleep(RESEND_AFTER_S)
+            again, self._resend = self._resend, []
+            for action, args in again:
+                self._send_give_back(action, args)
 
     async def _writer(self, sock: socket.socket) -> None:
         while True:
