@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,6 +242,24 @@ def test_autostart_and_no_autostart(tmp_home: Path) -> None:
         subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=env, capture_output=True, timeout=30)
     with pytest.raises(DaemonUnavailable):
         BlockingClient(d.settings.ipc_sock).connect()
+
+
+def test_agents_starting_at_once_share_one_auto_started_daemon(tmp_home: Path) -> None:
+    """Five agents open their shells and claim before any daemon runs: each auto-starts one, one wins the
+    home, the others step aside, and every claim is answered by the winner."""
+    env = make_env(tmp_home)
+    env.pop("PORT_DADDY_NO_AUTOSTART")
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            ports = list(pool.map(lambda i: _claim_proc(env, f"boot:svc{i % 5}"), range(10)))
+        assert ports[:5] == ports[5:] and len(set(ports)) == 5
+        status = subprocess.run([PYTHON, "-m", "portdaddy.cli", "status", "--json"], env=env, capture_output=True,
+                                text=True, timeout=30)  # fmt: skip
+        winner = json.loads(status.stdout)["pid"]
+        log = (tmp_home / "daemon.log").read_text()
+        assert set(re.findall(r"\(pid (\d+)\)", log)) <= {str(winner)}, log  # the losers stood aside for it
+    finally:
+        subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=env, capture_output=True, timeout=30)
 
 
 def test_pd_start_returns_once_http_answers_too(tmp_home: Path) -> None:
