@@ -421,7 +421,7 @@ def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> 
     # A missing backend program is refused up front (was: "Spawned ...", exit 0, then a failed run).
     before = d.call("spawn.list")["count"]
     missing = d.pd("spawn", "-b", "codex", "--", "hi", env={"PATH": "/usr/bin:/bin"})
-    assert missing.returncode == 2 and "'codex' on PATH" in missing.stderr and missing.stdout == ""
+    assert missing.returncode == 2 and "'codex' is not on PATH" in missing.stderr and missing.stdout == ""
     assert d.call("spawn.list")["count"] == before  # nothing was started
     bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
     assert bad.returncode == 2
@@ -438,6 +438,20 @@ def test_spawn_refuses_a_timeout_under_a_second_as_a_unit_mistake(fresh_daemon: 
     assert r.returncode == 2 and "--timeout 30 is 30 ms" in r.stderr and "--timeout 30s" in r.stderr
     assert fresh_daemon.call("spawn.list")["agents"] == []
     assert "A bare number is milliseconds" in fresh_daemon.pd("spawn", "start", "--help").stdout
+
+
+def test_spawn_custom_refuses_a_program_that_is_not_there(daemon: Daemon, tmp_home: Path) -> None:
+    before = daemon.call("spawn.list")["count"]
+    for command, problem in (("nosuch-program --fast", "'nosuch-program' is not on PATH"),
+                             ("FOO=1 ./missing.sh", "'./missing.sh' does not exist")):  # fmt: skip
+        r = daemon.pd("spawn", "-b", "custom", "--", command, cwd=tmp_home)
+        assert r.returncode == 2 and r.stdout == "", r  # was: "Spawned ...", exit 0, then a failed run
+        assert r.stderr.startswith(f"error: backend custom: {problem}; ") and r.stderr.count("\n") == 1
+    (tmp_home / "here.sh").write_text("#!/bin/sh\necho script-ran\n")
+    (tmp_home / "here.sh").chmod(0o755)
+    assert daemon.call("spawn.list")["count"] == before  # nothing was started
+    ran = daemon.pd("spawn", "-b", "custom", "--wait", "--", "./here.sh", cwd=tmp_home)  # relative to the workdir
+    assert ran.returncode == 0 and "script-ran" in ran.stdout, ran
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
