@@ -3,6 +3,7 @@ through on_success, project-scoped git messages, and cron fired under trio's Moc
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -177,6 +178,32 @@ async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock
         assert fired == [BASE.replace(minute=5, second=0).isoformat(), BASE.replace(minute=10, second=0).isoformat()]
         assert all(r.status == "completed" and r.trigger["source"] == "schedule" for r in runs)
         assert "docs at schedule" in fleet.output_tail(runs[0])
+
+
+async def test_a_cron_fleet_whose_directory_was_deleted_fires_nothing_until_it_is_back(
+    home: Path, jumpy_clock: trio.testing.MockClock
+) -> None:
+    project = make_project(home, CRON)
+    start_at = trio.current_time()
+
+    def now() -> datetime:
+        return BASE + timedelta(seconds=trio.current_time() - start_at)
+
+    async with start(home, now=now) as (_app, fleet, published):
+        await fleet.up(str(project))
+        shutil.rmtree(project)
+        await trio.sleep(16 * 60)  # past three slots: 0:05, 0:10, 0:15
+        # Was (before the directory check): a run per slot, each failing at once and going to salvage.
+        assert fleet.runs.recent(project_dir=str(project)) == []
+        [view] = fleet.status(str(project))
+        assert view["problem"].startswith(f"project directory {project} is gone")
+        said = [p["event"] for c, p, _s in published.messages if c == "fleet"]
+        assert said == ["project-missing"]  # once, not once per slot
+
+        make_project(home, CRON)  # the directory is back: the next slot fires
+        [run] = await settled(fleet, project, "docs", 1, timeout=1200, poll=10)
+        assert run.status == "completed" and run.trigger["firedAt"] == BASE.replace(minute=20, second=0).isoformat()
+        assert fleet.status(str(project))[0]["problem"] is None
 
 
 PER_COMMIT = """
