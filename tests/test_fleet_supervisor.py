@@ -17,6 +17,7 @@ import trio.testing
 
 from portdaddy.core.app import App
 from portdaddy.daemon import start_subsystems
+from portdaddy.fleet import citizen
 from portdaddy.fleet.supervisor import Fleet, FleetSettings
 from tests.fleet_helpers import make_project
 from tests.swarm_app import make_app
@@ -238,3 +239,35 @@ async def test_sha_and_branch_are_the_commit_that_fired_the_run(home: Path) -> N
         fleet.fire(fleet.get(str(project)), "qa", {"source": "manual"})
         manual = [r for r in await settled(fleet, project, "qa", 3) if r.trigger["source"] == "manual"]
         assert [fleet.output_tail(r) for r in manual] == ["qa of unknown on main"]
+
+
+async def test_a_stop_while_a_run_registers_leaves_no_agent_or_session_behind(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = make_project(home, "agents:\n  slow: {trigger: work, backend: custom, command: 'sleep 30'}\n")
+    registering = trio.Event()
+    enter = citizen.enter
+
+    async def slow_enter(app: App, run: Any) -> str | None:
+        # A journal slow to answer (a busy store) holds the run between registering and starting, long enough for
+        # the stop to land there; the window is otherwise a few ms wide.
+        session_id = await enter(app, run)
+        registering.set()
+        with trio.CancelScope(shield=True):  # citizen's own journal calls are shielded too
+            await trio.sleep(0.3)
+        return session_id
+
+    monkeypatch.setattr(citizen, "enter", slow_enter)
+    app = make_app(home)
+    fleet = Fleet(app, settings=FAST)
+    async with trio.open_nursery() as daemon:
+        await start_subsystems(app, daemon, {Fleet: fleet})
+        await fleet.up(str(project))
+        run = fleet.fire(fleet.get(str(project)), "slow", {"source": "manual"})
+        assert run is not None
+        await registering.wait()
+        daemon.cancel_scope.cancel()  # the daemon stops (pd stop) while the run is registered but not started
+    # Was: the row stayed queued while its agent and session stayed active until a restart ran it again.
+    assert run.session_id is not None and app.sessions.session(run.session_id)["status"] == "abandoned"
+    assert fleet.runs.get(run.id).status == "lost"  # it had started: ended like any run the stop interrupts
+    assert app.agents.salvage_entry(run.agent_id)["sessionIds"] == [run.session_id]

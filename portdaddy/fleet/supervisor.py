@@ -467,9 +467,6 @@ class Fleet:
             if lf is not None:
                 lf.running.pop(run.id, None)
                 lf.wake.set()
-            if run.status == "queued" and (lf is None or run.stop_reason is not None):  # stopped before it started
-                self._finish_unstarted(run, "cancelled", run.stop_reason or "stopped before it started")
-            # else: the daemon stopped before this fleet run's child started; it stays queued and comes back.
             self.live.pop(run.id, None)
             run.done.set()
             if lf is not None and run.stop_reason is None:
@@ -487,19 +484,24 @@ class Fleet:
             self.runs.update(run)
             self._emit_exit(run)
             return
-        run.session_id = await citizen.enter(self.app, run)
-        self._enter_harbor(run)
-        with open(run.log_path, "a") as header:
-            header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
-        try:
-            proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
-                                        log_path=Path(run.log_path))  # fmt: skip
-        except OSError as exc:
-            run.status, run.error, run.started_at, run.ended_at = "failed", f"cannot start: {exc}", now_ms(), now_ms()
-            self.runs.update(run)
-            self._emit_exit(run)
-            citizen.crashed(self.app, run, run.error)
-            return
+        # Registering and starting are one step a stop cannot cut in two: cut between them, the run would stay
+        # queued with an agent and a session already made, left behind until a restart. Both steps are quick; a
+        # stop that comes meanwhile finds a running run and ends it as it ends any (lost, or killed by down).
+        with trio.CancelScope(shield=True):
+            run.session_id = await citizen.enter(self.app, run)
+            self._enter_harbor(run)
+            with open(run.log_path, "a") as header:
+                header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
+            try:
+                proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
+                                            log_path=Path(run.log_path))  # fmt: skip
+            except OSError as exc:
+                run.status, run.error = "failed", f"cannot start: {exc}"
+                run.started_at = run.ended_at = now_ms()
+                self.runs.update(run)
+                self._emit_exit(run)
+                citizen.crashed(self.app, run, run.error)
+                return
         run.pid, run.pid_start = proc.pid, children.start_time(proc.pid)
         run.status, run.started_at = "running", now_ms()
         self.runs.update(run)
