@@ -489,6 +489,27 @@ def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_fact
     d.call("fleet.down", projectDir=str(project))
 
 
+def test_a_respawn_waiting_out_its_delay_survives_a_clean_restart(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**{**FAST, "PORT_DADDY_FLEET_RESPAWN_DELAY": "3s"})
+    project = make_project(tmp_home, """
+        agents:
+          flaky: {trigger: work, backend: custom, command: '[ "$PD_ATTEMPT" != 0 ]', respawn: true}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="flaky")
+    [failed] = finished(d, project, "flaky", 1)
+    # The respawn is a queued run at once, with the time it may start.
+    [respawn] = [r for r in runs_of(d, project) if r["status"] == "queued"]
+    assert respawn["attempt"] == 1 and respawn["notBefore"] >= failed["endedAt"] + 3000
+    assert d.stop() == 0  # pd stop during the delay (was: the respawn was forgotten)
+    d.start()
+    done = wait_for(lambda: {r["attempt"]: r for r in runs_of(d, project) if r["status"] == "completed"},
+                    what="the respawn to run after the restart")  # fmt: skip
+    assert done[1]["id"] == respawn["id"] and done[1]["startedAt"] >= respawn["notBefore"]
+    assert len(runs_of(d, project)) == 2
+    d.call("fleet.down", projectDir=str(project))
+
+
 def test_a_fleet_whose_directory_was_deleted_stops_firing_and_can_be_brought_down(
     daemon_factory: Any, tmp_home: Path
 ) -> None:

@@ -7,6 +7,7 @@ before anyone is told (a reply, an event, a channel message).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ LIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
 
 _COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "
-            "exit_code, error, log_path, session_id, created_at, started_at, ended_at")  # fmt: skip
+            "exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before")  # fmt: skip
 
 
 def new_id(kind: str, agent: str) -> str:
@@ -52,10 +53,12 @@ class Run:
     created_at: int = field(default_factory=now_ms)
     started_at: int | None = None
     ended_at: int | None = None
+    not_before: int | None = None  # a respawn waiting out its delay may not start before this (ms)
     # Live-only: cancelled to stop this one run; why it was stopped; set once the row says it finished.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stop_reason: str | None = None
     done: trio.Event = field(default_factory=trio.Event)
+    ready_at: float = -math.inf  # not_before on trio's clock, set when the run is queued
 
     @property
     def agent_id(self) -> str:
@@ -69,7 +72,7 @@ class Run:
             "projectDir": self.project_dir, "fleet": self.fleet, "status": self.status, "attempt": self.attempt,
             "trigger": self.trigger, "pid": self.pid, "exitCode": self.exit_code, "error": self.error,
             "logPath": self.log_path, "sessionId": self.session_id, "createdAt": self.created_at,
-            "startedAt": self.started_at, "endedAt": self.ended_at,
+            "startedAt": self.started_at, "endedAt": self.ended_at, "notBefore": self.not_before,
         }  # fmt: skip
 
 
@@ -88,11 +91,11 @@ class RunTable:
     def insert(self, run: Run) -> None:
         with self.store.write() as db:
             db.execute(
-                f"INSERT INTO fleet_runs ({_COLUMNS}) VALUES ({','.join('?' * 20)})",
+                f"INSERT INTO fleet_runs ({_COLUMNS}) VALUES ({','.join('?' * 21)})",
                 (run.id, run.kind, run.project_dir, run.fleet, run.agent, run.identity, run.task.backend,
                  _dumps(run.task.to_json()), _dumps(run.trigger), run.attempt, run.status, run.pid, run.pid_start,
                  run.exit_code, run.error, run.log_path, run.session_id, run.created_at, run.started_at,
-                 run.ended_at),
+                 run.ended_at, run.not_before),
             )  # fmt: skip
 
     def update(self, run: Run) -> None:
@@ -111,10 +114,10 @@ class RunTable:
     @staticmethod
     def _from_row(row: tuple[Any, ...]) -> Run:
         (rid, kind, project_dir, fleet, agent, identity, _backend, spec, trigger, attempt, status, pid, pid_start,
-         exit_code, error, log_path, session_id, created_at, started_at, ended_at) = row  # fmt: skip
+         exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before) = row  # fmt: skip
         return Run(rid, kind, agent, identity, Task.from_json(_loads(spec)), _loads(trigger), attempt, project_dir,
                    fleet, status, pid, pid_start, exit_code, error, log_path, session_id, created_at, started_at,
-                   ended_at)  # fmt: skip
+                   ended_at, not_before)  # fmt: skip
 
     def get(self, run_id: str) -> Run | None:
         found = self._select("id=?", (run_id,))

@@ -289,8 +289,10 @@ class Fleet:
                         queued.append(run)
         return queued
 
-    def fire(self, lf: LiveFleet, agent: str, trigger: dict[str, Any], *, attempt: int = 0) -> Run | None:
-        """Queue one run of ``agent`` (None when its breaker is open or the queue is full)."""
+    def fire(self, lf: LiveFleet, agent: str, trigger: dict[str, Any], *, attempt: int = 0,
+             delay_s: float = 0.0) -> Run | None:  # fmt: skip
+        """Queue one run of ``agent``, to start no sooner than ``delay_s`` from now (None when its breaker is open
+        or the queue is full)."""
         spec = lf.config.agents.get(agent)
         if spec is None:
             raise PDError("NOT_FOUND", f"fleet {lf.config.name!r} has no agent {agent!r}; see pd fleet status")
@@ -312,6 +314,8 @@ class Fleet:
                     timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
+        if delay_s > 0:
+            run.not_before = run.created_at + math.ceil(delay_s * 1000)
         self.runs.insert(run)
         self._requeue(lf, run)
         return run
@@ -331,6 +335,8 @@ class Fleet:
         return True
 
     def _requeue(self, lf: LiveFleet, run: Run) -> None:
+        if run.not_before is not None:  # stored on the wall clock (it outlives the daemon), waited for on trio's
+            run.ready_at = trio.current_time() + max(0, run.not_before - now_ms()) / 1000
         lf.queue.append(run)
         self.live[run.id] = run
         lf.wake.set()
@@ -353,9 +359,13 @@ class Fleet:
         if lf.queue and self._project_gone(lf):
             return CRON_RECHECK_S  # queued runs wait for the directory to come back (or pd fleet down)
         while lf.queue and len(lf.running) < limits.max_concurrent_spawns:
+            # The first run that may start: a respawn waiting out its delay lets the runs behind it pass.
+            run = next((r for r in lf.queue if r.ready_at <= now), None)
+            if run is None:
+                return min(r.ready_at for r in lf.queue) - now
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
-            run = lf.queue.popleft()
+            lf.queue.remove(run)
             if run.agent not in lf.config.agents:  # the agent was removed by a reload
                 self._finish_unstarted(run, "cancelled", f"agent {run.agent!r} is no longer in the fleet file")
                 continue
@@ -600,17 +610,13 @@ class Fleet:
         while state.failures and state.failures[0] <= now - self.settings.respawn_window_s:
             state.failures.popleft()
         if spec.respawn and len(state.failures) <= spec.max_respawns:
-            assert lf.nursery is not None
-            lf.nursery.start_soon(self._respawn_later, lf, run)
+            # Queued at once, to start after the backoff: a daemon stop meanwhile keeps it, as it keeps any queued run.
+            self.fire(lf, run.agent, run.trigger or {"source": "respawn"}, attempt=run.attempt + 1,
+                      delay_s=self.settings.respawn_delay_s * 2 ** min(run.attempt, 5))  # fmt: skip
             return
         if spec.respawn:
             self._open_circuit(lf, spec, run, len(state.failures))
         self._publish_result(spec, run, spec.on_failure)
-
-    async def _respawn_later(self, lf: LiveFleet, run: Run) -> None:
-        await trio.sleep(self.settings.respawn_delay_s * 2 ** min(run.attempt, 5))
-        if lf.config.agents.get(run.agent) is not None:
-            self.fire(lf, run.agent, run.trigger or {"source": "respawn"}, attempt=run.attempt + 1)
 
     def _open_circuit(self, lf: LiveFleet, spec: AgentSpec, run: Run, failures: int) -> None:
         state = lf.state(spec.name)
@@ -622,6 +628,9 @@ class Fleet:
                 "INSERT OR REPLACE INTO fleet_circuits (project_dir, agent, opened_at, reason) VALUES (?,?,?,?)",
                 (lf.project_dir, spec.name, state.circuit_at, state.circuit),
             )
+        for queued in [r for r in lf.queue if r.agent == spec.name]:  # a pending respawn among them: none may run
+            lf.queue.remove(queued)
+            self._finish_unstarted(queued, "cancelled", f"its agent's circuit opened: {state.circuit}")
         self.app.bus.emit("fleet.circuit.open", agent=spec.name, runId=run.id, status="open",
                           projectDir=lf.project_dir, reason=state.circuit)  # fmt: skip
         self.app.publish("fleet", {"event": "circuit-open", "fleet": lf.config.name, "agent": spec.name,
