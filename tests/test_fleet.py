@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -507,6 +508,49 @@ def test_a_respawn_waiting_out_its_delay_survives_a_clean_restart(daemon_factory
                     what="the respawn to run after the restart")  # fmt: skip
     assert done[1]["id"] == respawn["id"] and done[1]["startedAt"] >= respawn["notBefore"]
     assert len(runs_of(d, project)) == 2
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_restart_keeps_the_hourly_budget_and_the_breakers_count(daemon_factory: Any, tmp_home: Path) -> None:
+    # A respawn waits an hour here: it stays queued, so the breaker is reached by runs of our choosing.
+    d = daemon_factory(**{**FAST, "PORT_DADDY_FLEET_RESPAWN_DELAY": "1h"})
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 2, max_spawns_per_hour: 4}
+          agents:
+            quick: {trigger: work, backend: custom, command: "true"}
+            flaky: {trigger: work, backend: custom, command: "exit 3", respawn: true, max_respawns: 1}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+
+    def agent(name: str) -> dict[str, Any]:
+        view = d.call("fleet.status", projectDir=str(project))["fleets"][0]
+        return next(a for a in view["agents"] if a["name"] == name)
+
+    for name in ("quick", "quick", "flaky"):
+        d.call("fleet.run", projectDir=str(project), agent=name)
+    finished(d, project, "quick", 2)
+    finished(d, project, "flaky", 1)
+    assert agent("flaky")["failures"] == 1 and agent("flaky")["queued"] == 1  # its respawn, an hour away
+    assert d.stop() == 0
+    d.start()
+    assert agent("flaky")["failures"] == 1  # was: 0, the breaker's count forgotten
+
+    d.call("fleet.run", projectDir=str(project), agent="flaky")  # the 4th start this hour; fails again
+    wait_for(lambda: agent("flaky")["circuit"]["open"], what="the circuit to open at the second failure")
+    assert agent("flaky")["queued"] == 0  # the pending respawn was cancelled with it
+    cancelled = [r for r in runs_of(d, project, "flaky") if r["status"] == "cancelled"]
+    assert [r["attempt"] for r in cancelled] == [1] and "circuit opened" in cancelled[0]["error"]
+
+    d.call("fleet.run", projectDir=str(project), agent="quick")  # over the budget of 4 an hour: it waits
+    time.sleep(1)
+    view = d.call("fleet.status", projectDir=str(project))["fleets"][0]
+    assert (view["queued"], view["running"]) == (1, 0), view  # was: started, the budget reset by the restart
+
+    d.call("fleet.reset", projectDir=str(project), agent="flaky")  # forgives its failures, after a restart too
+    assert d.stop() == 0
+    d.start()
+    assert agent("flaky")["failures"] == 0 and not agent("flaky")["circuit"]["open"]
     d.call("fleet.down", projectDir=str(project))
 
 

@@ -22,6 +22,8 @@ LIVE = ("queued", "running")
 # on purpose (pd spawn kill, pd fleet down); lost: the daemon died or shut down while it ran;
 # cancelled: was queued when its fleet went down (a daemon restart keeps queued fleet runs queued).
 FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
+# What the circuit breaker counts as a failure (killed and lost runs were stopped, not failing; cancelled never ran).
+FAILED = ("failed", "timeout")
 
 _COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "
             "exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before")  # fmt: skip
@@ -134,6 +136,27 @@ class RunTable:
                 clauses.append(f"{column}=?")
                 args.append(value)
         return self._select(" AND ".join(clauses) + " ORDER BY created_at DESC, rowid DESC", tuple(args), limit)
+
+    def started_since(self, project_dir: str, since: int) -> list[int]:
+        """When the fleet's runs started at or after ``since`` (ms), oldest first: its hourly budget."""
+        rows = self.store.all("SELECT started_at FROM fleet_runs WHERE kind='fleet' AND project_dir=? AND "
+                              "started_at >= ? ORDER BY started_at", (project_dir, since))  # fmt: skip
+        return [t for (t,) in rows]
+
+    def failures_since(self, project_dir: str, agent: str, since: int) -> list[int]:
+        """When the agent's failed runs ended, after its last success and at or after ``since`` (ms), oldest first:
+        what its circuit breaker counts."""
+        rows = self.store.all(
+            f"SELECT status, ended_at FROM fleet_runs WHERE kind='fleet' AND project_dir=? AND agent=? AND "
+            f"status IN ('completed',{','.join('?' * len(FAILED))}) AND ended_at >= ? ORDER BY ended_at DESC",
+            (project_dir, agent, *FAILED, since),
+        )
+        ended = []
+        for status, at in rows:
+            if status == "completed":
+                break
+            ended.append(at)
+        return ended[::-1]
 
     def prune(self, keep: int) -> list[str]:
         """Forget all but the newest ``keep`` finished runs; returns the log paths of those forgotten."""

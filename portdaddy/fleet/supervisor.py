@@ -194,11 +194,7 @@ class Fleet:
             lf.wake.set()
             return lf
         lf = LiveFleet(cfg, project_dir, path_env)
-        for agent, opened_at, reason in self.store.all(
-            "SELECT agent, opened_at, reason FROM fleet_circuits WHERE project_dir=?", (project_dir,)
-        ):
-            state = lf.state(agent)
-            state.circuit, state.circuit_at = reason, opened_at
+        self._recall(lf)
         self.fleets[project_dir] = lf
         await self._nursery.start(self._fleet_task, lf)
         for run in self.runs.with_status("queued"):
@@ -208,6 +204,29 @@ class Fleet:
             if spec.enabled and spec.schedule and spec.run_on_start:
                 self.fire(lf, spec.name, {"source": "start"})
         return lf
+
+    def _recall(self, lf: LiveFleet) -> None:
+        """What the limits and breakers count, read back from the store: a restart (or a down and up) neither
+        closes a breaker, nor forgets an agent's failures, nor gives the fleet a fresh hourly budget."""
+        now, clock = now_ms(), trio.current_time()
+
+        def on_clock(ms: int) -> float:  # a wall-clock time in the store, on trio's clock like the live ones
+            return clock - (now - ms) / 1000
+
+        lf.starts.extend(map(on_clock, self.runs.started_since(lf.project_dir, now - int(HOUR_S * 1000))))
+        for agent, opened_at, reason in self.store.all(
+            "SELECT agent, opened_at, reason FROM fleet_circuits WHERE project_dir=?", (lf.project_dir,)
+        ):
+            state = lf.state(agent)
+            state.circuit, state.circuit_at = reason, opened_at
+        resets = dict(self.store.all("SELECT agent, reset_at FROM fleet_resets WHERE project_dir=?",
+                                     (lf.project_dir,)))  # fmt: skip
+        window_start = now - int(self.settings.respawn_window_s * 1000)
+        for agent in lf.config.agents:
+            since = window_start
+            if agent in resets:
+                since = max(since, resets[agent] + 1)  # failures up to a reset were forgiven
+            lf.state(agent).failures.extend(map(on_clock, self.runs.failures_since(lf.project_dir, agent, since)))
 
     def _ensure_harbor(self, cfg: FleetConfig) -> None:
         harbors = getattr(self.app, "harbors", None)
@@ -268,6 +287,8 @@ class Fleet:
         state.skipped = 0
         with self.store.write() as db:
             db.execute("DELETE FROM fleet_circuits WHERE project_dir=? AND agent=?", (project_dir, agent))
+            db.execute("INSERT OR REPLACE INTO fleet_resets (project_dir, agent, reset_at) VALUES (?,?,?)",
+                       (project_dir, agent, now_ms()))  # fmt: skip
         return was_open
 
     # -- triggers ------------------------------------------------------------------------------------------
