@@ -251,6 +251,31 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
 
 
+def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000'}\n")
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="chatty")
+    [run] = finished(d, project, "chatty", 1)
+    assert run["status"] == "completed"
+    # Was: all 2.7 MB kept. Now the first 64 KiB and the last 448 KiB, and a line saying what went between.
+    head, tail = 64 * 1024, 448 * 1024
+    stored = Path(run["logPath"]).read_bytes()
+    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
+    output = "".join(f"{n}\n" for n in range(1, 400_001)).encode()
+    assert run["logDropped"] == len(header) + len(output) - head - tail
+    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
+              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
+    assert stored == (header + output)[:head] + marker + output[-tail:]
+
+    logs = d.pd("fleet", "logs", "chatty", "-C", str(project), "--tail", "1000000")
+    assert logs.returncode == 0 and logs.stdout == stored.decode()
+    assert f"note: {run['logDropped']:,} bytes of output were cut from the middle" in logs.stderr
+    assert "were cut" in d.pd("spawn", "logs", run["id"]).stderr
+    short = d.pd("spawn", "-b", "custom", "--wait", "--", "echo short", cwd=tmp_home)
+    assert short.returncode == 0 and "were cut" not in d.pd("spawn", "logs", short.stdout.split(":")[0]).stderr
+
+
 def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     bin_dir = make_bin(tmp_home)

@@ -31,7 +31,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
-from portdaddy.fleet.runs import Run, RunTable, new_id
+from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
 
 log = logging.getLogger("portdaddy.fleet")
@@ -154,6 +154,7 @@ class Fleet:
                 await children.stop_orphan(run.pid, run.pid_start, self.settings.grace_s)
             run.status, run.ended_at = "lost", now_ms()
             run.error = "the daemon stopped while this run was running; its session went to salvage"
+            run.log_dropped = cap_log(run)
             self.runs.update(run)
             citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it ran")
             self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
@@ -576,6 +577,7 @@ class Fleet:
 
     async def _record_end(self, run: Run, code: int | None, timed_out: bool) -> None:
         run.exit_code, run.ended_at = code, now_ms()
+        run.log_dropped = cap_log(run)
         if run.stop_reason == SHUTTING_DOWN:
             # As after a daemon SIGKILL: the work was cut off, not finished or refused, so it goes to salvage.
             run.status, run.error = "lost", f"{SHUTTING_DOWN}: stopped while it ran; its session went to salvage"
