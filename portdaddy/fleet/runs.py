@@ -21,7 +21,8 @@ from portdaddy.fleet.backends import Task
 LIVE = ("queued", "running")
 # completed: exit 0; failed: non-zero exit or could not start; timeout: ran past its timeout; killed: stopped
 # on purpose (pd spawn kill, pd fleet down); lost: the daemon died or shut down while it ran;
-# cancelled: was queued when its fleet went down (a daemon restart keeps queued fleet runs queued).
+# cancelled: never started (its fleet went down, its agent left the fleet file or its circuit opened; a daemon
+# restart keeps queued fleet runs queued).
 FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
 # What the circuit breaker counts as a failure (killed and lost runs were stopped, not failing; cancelled never ran).
 FAILED = ("failed", "timeout")
