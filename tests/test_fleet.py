@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,31 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
 
 
+def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000'}\n")
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="chatty")
+    [run] = finished(d, project, "chatty", 1)
+    assert run["status"] == "completed"
+    # Was: all 2.7 MB kept. Now the first 64 KiB and the last 448 KiB, and a line saying what went between.
+    head, tail = 64 * 1024, 448 * 1024
+    stored = Path(run["logPath"]).read_bytes()
+    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
+    output = "".join(f"{n}\n" for n in range(1, 400_001)).encode()
+    assert run["logDropped"] == len(header) + len(output) - head - tail
+    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
+              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
+    assert stored == (header + output)[:head] + marker + output[-tail:]
+
+    logs = d.pd("fleet", "logs", "chatty", "-C", str(project), "--tail", "1000000")
+    assert logs.returncode == 0 and logs.stdout == stored.decode()
+    assert f"note: {run['logDropped']:,} bytes of output were cut from the middle" in logs.stderr
+    assert "were cut" in d.pd("spawn", "logs", run["id"]).stderr
+    short = d.pd("spawn", "-b", "custom", "--wait", "--", "echo short", cwd=tmp_home)
+    assert short.returncode == 0 and "were cut" not in d.pd("spawn", "logs", short.stdout.split(":")[0]).stderr
+
+
 def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     bin_dir = make_bin(tmp_home)
@@ -421,7 +447,7 @@ def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> 
     # A missing backend program is refused up front (was: "Spawned ...", exit 0, then a failed run).
     before = d.call("spawn.list")["count"]
     missing = d.pd("spawn", "-b", "codex", "--", "hi", env={"PATH": "/usr/bin:/bin"})
-    assert missing.returncode == 2 and "'codex' on PATH" in missing.stderr and missing.stdout == ""
+    assert missing.returncode == 2 and "'codex' is not on PATH" in missing.stderr and missing.stdout == ""
     assert d.call("spawn.list")["count"] == before  # nothing was started
     bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
     assert bad.returncode == 2
@@ -438,6 +464,20 @@ def test_spawn_refuses_a_timeout_under_a_second_as_a_unit_mistake(fresh_daemon: 
     assert r.returncode == 2 and "--timeout 30 is 30 ms" in r.stderr and "--timeout 30s" in r.stderr
     assert fresh_daemon.call("spawn.list")["agents"] == []
     assert "A bare number is milliseconds" in fresh_daemon.pd("spawn", "start", "--help").stdout
+
+
+def test_spawn_custom_refuses_a_program_that_is_not_there(daemon: Daemon, tmp_home: Path) -> None:
+    before = daemon.call("spawn.list")["count"]
+    for command, problem in (("nosuch-program --fast", "'nosuch-program' is not on PATH"),
+                             ("FOO=1 ./missing.sh", "'./missing.sh' does not exist")):  # fmt: skip
+        r = daemon.pd("spawn", "-b", "custom", "--", command, cwd=tmp_home)
+        assert r.returncode == 2 and r.stdout == "", r  # was: "Spawned ...", exit 0, then a failed run
+        assert r.stderr.startswith(f"error: backend custom: {problem}; ") and r.stderr.count("\n") == 1
+    (tmp_home / "here.sh").write_text("#!/bin/sh\necho script-ran\n")
+    (tmp_home / "here.sh").chmod(0o755)
+    assert daemon.call("spawn.list")["count"] == before  # nothing was started
+    ran = daemon.pd("spawn", "-b", "custom", "--wait", "--", "./here.sh", cwd=tmp_home)  # relative to the workdir
+    assert ran.returncode == 0 and "script-ran" in ran.stdout, ran
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
@@ -472,6 +512,70 @@ def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_fact
     # The interrupted run was not respawned or counted as a failure.
     assert len(runs_of(d, project)) == 2
     assert d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["failures"] == 0
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_respawn_waiting_out_its_delay_survives_a_clean_restart(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**{**FAST, "PORT_DADDY_FLEET_RESPAWN_DELAY": "3s"})
+    project = make_project(tmp_home, """
+        agents:
+          flaky: {trigger: work, backend: custom, command: '[ "$PD_ATTEMPT" != 0 ]', respawn: true}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="flaky")
+    [failed] = finished(d, project, "flaky", 1)
+    # The respawn is a queued run at once, with the time it may start.
+    [respawn] = [r for r in runs_of(d, project) if r["status"] == "queued"]
+    assert respawn["attempt"] == 1 and respawn["notBefore"] >= failed["endedAt"] + 3000
+    assert d.stop() == 0  # pd stop during the delay (was: the respawn was forgotten)
+    d.start()
+    done = wait_for(lambda: {r["attempt"]: r for r in runs_of(d, project) if r["status"] == "completed"},
+                    what="the respawn to run after the restart")  # fmt: skip
+    assert done[1]["id"] == respawn["id"] and done[1]["startedAt"] >= respawn["notBefore"]
+    assert len(runs_of(d, project)) == 2
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_restart_keeps_the_hourly_budget_and_the_breakers_count(daemon_factory: Any, tmp_home: Path) -> None:
+    # A respawn waits an hour here: it stays queued, so the breaker is reached by runs of our choosing.
+    d = daemon_factory(**{**FAST, "PORT_DADDY_FLEET_RESPAWN_DELAY": "1h"})
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 2, max_spawns_per_hour: 4}
+          agents:
+            quick: {trigger: work, backend: custom, command: "true"}
+            flaky: {trigger: work, backend: custom, command: "exit 3", respawn: true, max_respawns: 1}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+
+    def agent(name: str) -> dict[str, Any]:
+        view = d.call("fleet.status", projectDir=str(project))["fleets"][0]
+        return next(a for a in view["agents"] if a["name"] == name)
+
+    for name in ("quick", "quick", "flaky"):
+        d.call("fleet.run", projectDir=str(project), agent=name)
+    finished(d, project, "quick", 2)
+    finished(d, project, "flaky", 1)
+    assert agent("flaky")["failures"] == 1 and agent("flaky")["queued"] == 1  # its respawn, an hour away
+    assert d.stop() == 0
+    d.start()
+    assert agent("flaky")["failures"] == 1  # was: 0, the breaker's count forgotten
+
+    d.call("fleet.run", projectDir=str(project), agent="flaky")  # the 4th start this hour; fails again
+    wait_for(lambda: agent("flaky")["circuit"]["open"], what="the circuit to open at the second failure")
+    assert agent("flaky")["queued"] == 0  # the pending respawn was cancelled with it
+    cancelled = [r for r in runs_of(d, project, "flaky") if r["status"] == "cancelled"]
+    assert [r["attempt"] for r in cancelled] == [1] and "circuit opened" in cancelled[0]["error"]
+
+    d.call("fleet.run", projectDir=str(project), agent="quick")  # over the budget of 4 an hour: it waits
+    time.sleep(1)
+    view = d.call("fleet.status", projectDir=str(project))["fleets"][0]
+    assert (view["queued"], view["running"]) == (1, 0), view  # was: started, the budget reset by the restart
+
+    d.call("fleet.reset", projectDir=str(project), agent="flaky")  # forgives its failures, after a restart too
+    assert d.stop() == 0
+    d.start()
+    assert agent("flaky")["failures"] == 0 and not agent("flaky")["circuit"]["open"]
     d.call("fleet.down", projectDir=str(project))
 
 

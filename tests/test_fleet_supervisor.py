@@ -3,6 +3,7 @@ through on_success, project-scoped git messages, and cron fired under trio's Moc
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ import trio.testing
 
 from portdaddy.core.app import App
 from portdaddy.daemon import start_subsystems
+from portdaddy.fleet import citizen
 from portdaddy.fleet.supervisor import Fleet, FleetSettings
 from tests.fleet_helpers import make_project
 from tests.swarm_app import make_app
@@ -179,6 +181,32 @@ async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock
         assert "docs at schedule" in fleet.output_tail(runs[0])
 
 
+async def test_a_cron_fleet_whose_directory_was_deleted_fires_nothing_until_it_is_back(
+    home: Path, jumpy_clock: trio.testing.MockClock
+) -> None:
+    project = make_project(home, CRON)
+    start_at = trio.current_time()
+
+    def now() -> datetime:
+        return BASE + timedelta(seconds=trio.current_time() - start_at)
+
+    async with start(home, now=now) as (_app, fleet, published):
+        await fleet.up(str(project))
+        shutil.rmtree(project)
+        await trio.sleep(16 * 60)  # past three slots: 0:05, 0:10, 0:15
+        # Was (before the directory check): a run per slot, each failing at once and going to salvage.
+        assert fleet.runs.recent(project_dir=str(project)) == []
+        [view] = fleet.status(str(project))
+        assert view["problem"].startswith(f"project directory {project} is gone")
+        said = [p["event"] for c, p, _s in published.messages if c == "fleet"]
+        assert said == ["project-missing"]  # once, not once per slot
+
+        make_project(home, CRON)  # the directory is back: the next slot fires
+        [run] = await settled(fleet, project, "docs", 1, timeout=1200, poll=10)
+        assert run.status == "completed" and run.trigger["firedAt"] == BASE.replace(minute=20, second=0).isoformat()
+        assert fleet.status(str(project))[0]["problem"] is None
+
+
 PER_COMMIT = """
 agents:
   qa:
@@ -211,3 +239,35 @@ async def test_sha_and_branch_are_the_commit_that_fired_the_run(home: Path) -> N
         fleet.fire(fleet.get(str(project)), "qa", {"source": "manual"})
         manual = [r for r in await settled(fleet, project, "qa", 3) if r.trigger["source"] == "manual"]
         assert [fleet.output_tail(r) for r in manual] == ["qa of unknown on main"]
+
+
+async def test_a_stop_while_a_run_registers_leaves_no_agent_or_session_behind(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = make_project(home, "agents:\n  slow: {trigger: work, backend: custom, command: 'sleep 30'}\n")
+    registering = trio.Event()
+    enter = citizen.enter
+
+    async def slow_enter(app: App, run: Any) -> str | None:
+        # A journal slow to answer (a busy store) holds the run between registering and starting, long enough for
+        # the stop to land there; the window is otherwise a few ms wide.
+        session_id = await enter(app, run)
+        registering.set()
+        with trio.CancelScope(shield=True):  # citizen's own journal calls are shielded too
+            await trio.sleep(0.3)
+        return session_id
+
+    monkeypatch.setattr(citizen, "enter", slow_enter)
+    app = make_app(home)
+    fleet = Fleet(app, settings=FAST)
+    async with trio.open_nursery() as daemon:
+        await start_subsystems(app, daemon, {Fleet: fleet})
+        await fleet.up(str(project))
+        run = fleet.fire(fleet.get(str(project)), "slow", {"source": "manual"})
+        assert run is not None
+        await registering.wait()
+        daemon.cancel_scope.cancel()  # the daemon stops (pd stop) while the run is registered but not started
+    # Was: the row stayed queued while its agent and session stayed active until a restart ran it again.
+    assert run.session_id is not None and app.sessions.session(run.session_id)["status"] == "abandoned"
+    assert fleet.runs.get(run.id).status == "lost"  # it had started: ended like any run the stop interrupts
+    assert app.agents.salvage_entry(run.agent_id)["sessionIds"] == [run.session_id]

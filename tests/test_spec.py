@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from portdaddy import errors
 from portdaddy.core.ops import load_table
+from portdaddy.fleet import hook
+from portdaddy.fleet.backends import Task
+from portdaddy.fleet.runs import Run
 from portdaddy.http.routes import ROUTES, STREAMS
+from tests.conftest import Daemon
+from tests.fleet_helpers import git, make_project
 
 SPEC = Path(__file__).parent.parent / "spec"
 
@@ -48,3 +54,36 @@ def test_every_error_code_is_listed_with_its_mapping() -> None:
     names = {0x21: "REFUSE", 0x22: "FAILURE", 0x23: "NOT_UNDERSTOOD"}
     table = {code: (str(status), names[perf], str(exit_)) for code, (status, perf, exit_) in errors._TABLE.items()}
     assert rows == table
+
+
+def _schema_fields(name: str) -> set[str]:
+    doc = yaml.safe_load((SPEC / "openapi.yaml").read_text())
+    return set(doc["components"]["schemas"][name]["properties"])
+
+
+def _fleet_ipc_lines() -> str:
+    return "\n".join(re.findall(r"^- `fleet\.[^\n]*(?:\n  [^\n]*)*", (SPEC / "ipc.md").read_text(), re.M))
+
+
+def _assert_documented(schema: str, wire: dict[str, Any]) -> None:
+    assert set(wire) == _schema_fields(schema), f"openapi {schema} differs from what the daemon sends"
+    said = set(re.findall(r"\w+", " ".join(re.findall(r"`([^`]*)`", _fleet_ipc_lines()))))  # in code spans
+    unsaid = sorted(set(wire) - said)
+    assert not unsaid, f"spec/ipc.md does not name these {schema} fields: {unsaid}"
+
+
+def test_fleet_wire_shapes_are_documented(daemon: Daemon, tmp_home: Path) -> None:
+    _assert_documented("FleetRun", Run("r", "fleet", "qa", "p:fleet:qa", Task(backend="custom")).to_wire())
+    project = make_project(tmp_home, "agents:\n  qa: {trigger: work, backend: custom, command: 'true'}\n")
+    git(project, "add", ".")
+    git(project, "commit", "-qm", "first")
+    commit = hook.commit_payload(project)
+    _assert_documented("GitCommitted", commit)
+    assert not [f for f in commit if f"`{f}`" not in (SPEC / "events.md").read_text()]
+    daemon.call("fleet.up", projectDir=str(project))
+    try:
+        [view] = daemon.call("fleet.status", projectDir=str(project))["fleets"]
+    finally:
+        daemon.call("fleet.down", projectDir=str(project))
+    _assert_documented("FleetView", view)
+    assert set(view["agents"][0]) == _schema_fields("FleetAgent")

@@ -15,6 +15,7 @@ import click
 
 from portdaddy.cli.context import worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.spawn import echo_log
 from portdaddy.cli.transport import call, fail, spinning
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import hook
@@ -263,7 +264,7 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
         return
     run = result["run"]
     click.echo(f"== {run['id']} ({run['agent']}) {run['status']}", err=True)
-    click.echo(result["log"], nl=False)
+    echo_log(result)
 
 
 @fleet.command("runs")

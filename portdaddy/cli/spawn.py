@@ -39,6 +39,15 @@ def spawn() -> None:
     """
 
 
+def echo_log(result: dict[str, Any]) -> None:
+    """A ``spawn.logs`` / ``fleet.logs`` reply: the log on stdout; on stderr, whether output was cut from it."""
+    dropped = result["run"].get("logDropped")
+    if dropped:
+        click.echo(f"note: {dropped:,} bytes of output were cut from the middle of this run's log (a log keeps the "
+                   "start and the end of a run's output; the cut is marked in it)", err=True)  # fmt: skip
+    click.echo(result["log"], nl=False)
+
+
 def _print_run(run: dict[str, Any]) -> None:
     click.echo(f"{run['id']}: {run['status']} ({run['backend']})" + (f": {run['error']}" if run["error"] else ""))
 
@@ -128,7 +137,7 @@ def logs(run_id: str, tail: int, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["log"], nl=False)
+        echo_log(result)
 
 
 @click.command("spawned")

@@ -7,9 +7,13 @@ as an argument for the CLIs that take it that way, and always in ``PD_PROMPT`` (
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from portdaddy.errors import bad_input
@@ -17,6 +21,15 @@ from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS
 
 DEFAULT_OLLAMA_MODEL = "llama3.2"
 TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a prompt (as the original)
+
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# Words a shell runs itself: a custom command starting with one of these needs no binary on PATH.
+_SHELL_BUILTINS = frozenset({
+    ".", ":", "[", "[[", "!", "alias", "bg", "case", "cd", "command", "echo", "eval", "exec", "exit",
+    "export", "false", "fg", "for", "getopts", "hash", "if", "jobs", "kill", "printf", "pwd", "read",
+    "set", "shift", "source", "test", "time", "times", "trap", "true", "type", "ulimit", "umask",
+    "unalias", "unset", "until", "wait", "while",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +86,54 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def binary_for(task: Task) -> str | None:
-    """The program the backend needs on PATH (None: the shell or our own interpreter runs it)."""
-    return BACKEND_BINARIES.get(task.backend)
+def _custom_program(command: str) -> str | None:
+    """The program a custom command runs first, or None when the shell itself handles it."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None  # unbalanced quotes: the shell will say so at run time, not our business here
+    # Skip leading `VAR=value` assignments: the program is the first word after them.
+    first = next((w for w in words if not _ASSIGNMENT.match(w)), None)
+    if first is None:
+        return None
+    if first in _SHELL_BUILTINS or first[0] in "({!$`":
+        return None  # builtins, subshells and expansions: nothing to find on PATH
+    return first
+
+
+def program_of(backend: str, command: str | None) -> str | None:
+    """The program a backend runs: a name to find on PATH or a path; None when it needs none (the shell runs a
+    custom command's builtins; ollama is our own client)."""
+    return _custom_program(command or "") if backend == "custom" else BACKEND_BINARIES.get(backend)
+
+
+def locate(program: str, cwd: str | Path, which: Callable[[str], str | None]) -> str | None:
+    """Where ``program`` is: a path is taken from ``cwd`` (where a custom command runs), a name is looked up with
+    ``which``; None when it is not there."""
+    if "/" not in program:
+        return which(program)
+    candidate = Path(program).expanduser()
+    if not candidate.is_absolute():
+        candidate = Path(cwd) / candidate
+    return str(candidate) if candidate.is_file() else None
+
+
+def missing(program: str) -> str:
+    """What is wrong, and what to do, when ``locate`` did not find ``program``."""
+    if "/" in program:
+        return f"{program!r} does not exist; fix its command"
+    return f"{program!r} is not on PATH; install it or pick another backend"
 
 
 def find_binary(task: Task) -> str | None:
-    """The backend's program found on the task's PATH (None: the backend needs none). Raises BadInput when it is
-    missing, so ``pd spawn`` is refused up front rather than starting a run that fails at once."""
-    binary = binary_for(task)
-    if binary is None:
+    """The task's program found on its PATH (None: it needs none). Raises BadInput when it is missing, so
+    ``pd spawn`` is refused up front rather than starting a run that fails at once."""
+    program = program_of(task.backend, task.command)
+    if program is None:
         return None
-    found = shutil.which(binary, path=task.path)
+    found = locate(program, task.cwd, lambda name: shutil.which(name, path=task.path))
     if found is None:
-        raise bad_input(f"backend {task.backend} needs {binary!r} on PATH but it is not there; install it "
-                        "or pick another backend")  # fmt: skip
+        raise bad_input(f"backend {task.backend}: {missing(program)}")
     return found
 
 

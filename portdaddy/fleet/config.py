@@ -16,7 +16,6 @@ Differences from the original (reference §23), on purpose:
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -31,9 +30,9 @@ from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
 from portdaddy.core.validate import name as _name_check
 from portdaddy.errors import BadInput, PDError
+from portdaddy.fleet.backends import locate, missing, program_of
 from portdaddy.fleet.spec import (
     BACKEND_ALIASES,
-    BACKEND_BINARIES,
     BACKENDS,
     DEFAULT_BACKEND,
     RUN_VARIABLES,
@@ -60,7 +59,6 @@ _RUN_MARKERS = {key: f"PDRUNVAR{key.upper()}6F3A" for key in RUN_VARIABLES}
 _KEEPS_RUN_VARIABLES = ("prompt", "command")
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _PUBLISH = re.compile(r"^publish\s+(\S+)$")
 _GIT_TIMEOUT_S = 5.0
 
@@ -73,14 +71,6 @@ _AGENT_KEYS = (
 )  # fmt: skip
 _WATCHER_KEYS = ("trigger", "exec", "condition", "confirm")
 _CHANNEL_KEYS = ("description", "consumers")
-
-# Words a shell runs itself: a custom command starting with one of these needs no binary on PATH.
-_SHELL_BUILTINS = frozenset({
-    ".", ":", "[", "[[", "!", "alias", "bg", "case", "cd", "command", "echo", "eval", "exec", "exit",
-    "export", "false", "fg", "for", "getopts", "hash", "if", "jobs", "kill", "printf", "pwd", "read",
-    "set", "shift", "source", "test", "time", "times", "trap", "true", "type", "ulimit", "umask",
-    "unalias", "unset", "until", "wait", "while",
-})  # fmt: skip
 
 
 class FleetConfigError(BadInput):
@@ -790,50 +780,16 @@ def load_fleet(path: Path, variables: dict[str, str] | None = None) -> FleetConf
 # Backends
 
 
-def _custom_binary(command: str) -> str | None:
-    """The program a custom command runs first, or None when the shell itself handles it."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return None  # unbalanced quotes: the shell will say so at run time, not our business here
-    # Skip leading `VAR=value` assignments: the program is the first word after them.
-    first = next((w for w in words if not _ASSIGNMENT.match(w)), None)
-    if first is None:
-        return None
-    if first in _SHELL_BUILTINS or first[0] in "({!$`":
-        return None  # builtins, subshells and expansions: nothing to find on PATH
-    return first
-
-
 def check_backends(cfg: FleetConfig, which: Callable[[str], str | None] = shutil.which) -> list[str]:
     """One message per enabled agent whose backend program is missing; empty when all can run."""
     problems: list[str] = []
     for spec in cfg.agents.values():
         if not spec.enabled:
             continue  # a disabled agent never spawns, so a missing binary is not yet a problem
-        if spec.backend == "custom":
-            binary = _custom_binary(spec.command or "")
-            if binary is None:
-                continue
-            if "/" in binary:
-                candidate = Path(binary).expanduser()
-                if not candidate.is_absolute():
-                    candidate = cfg.project_dir / candidate  # commands run from the project directory
-                if candidate.is_file():
-                    continue
-                problems.append(
-                    f"agent {spec.name!r} uses backend custom but {binary!r} does not exist; fix its command"
-                )
-                continue
-        else:
-            binary = BACKEND_BINARIES.get(spec.backend)
-            if binary is None:
-                continue
-        if which(binary) is None:
-            problems.append(
-                f"agent {spec.name!r} uses backend {spec.backend} but {binary!r} is not on PATH; "
-                "install it or pick another backend"
-            )
+        program = program_of(spec.backend, spec.command)
+        # Commands run from the project directory.
+        if program is not None and locate(program, cfg.project_dir, which) is None:
+            problems.append(f"agent {spec.name!r} uses backend {spec.backend} but {missing(program)}")
     return problems
 
 

@@ -7,6 +7,8 @@ before anyone is told (a reply, an event, a channel message).
 from __future__ import annotations
 
 import json
+import math
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +21,18 @@ from portdaddy.fleet.backends import Task
 LIVE = ("queued", "running")
 # completed: exit 0; failed: non-zero exit or could not start; timeout: ran past its timeout; killed: stopped
 # on purpose (pd spawn kill, pd fleet down); lost: the daemon died or shut down while it ran;
-# cancelled: was queued when its fleet went down (a daemon restart keeps queued fleet runs queued).
+# cancelled: never started (its fleet went down, its agent left the fleet file or its circuit opened; a daemon
+# restart keeps queued fleet runs queued).
 FINISHED = ("completed", "failed", "timeout", "killed", "lost", "cancelled")
+# What the circuit breaker counts as a failure (killed and lost runs were stopped, not failing; cancelled never ran).
+FAILED = ("failed", "timeout")
+# What a finished run's log keeps of its output: the start (what it set out to do) and the end (its result).
+LOG_HEAD = 64 * 1024
+LOG_TAIL = 448 * 1024
 
 _COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "
-            "exit_code, error, log_path, session_id, created_at, started_at, ended_at")  # fmt: skip
+            "exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before, "
+            "log_dropped")  # fmt: skip
 
 
 def new_id(kind: str, agent: str) -> str:
@@ -52,10 +61,13 @@ class Run:
     created_at: int = field(default_factory=now_ms)
     started_at: int | None = None
     ended_at: int | None = None
+    not_before: int | None = None  # a respawn waiting out its delay may not start before this (ms)
+    log_dropped: int = 0  # bytes cut from the middle of its log when it ended (see cap_log)
     # Live-only: cancelled to stop this one run; why it was stopped; set once the row says it finished.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stop_reason: str | None = None
     done: trio.Event = field(default_factory=trio.Event)
+    ready_at: float = -math.inf  # not_before on trio's clock, set when the run is queued
 
     @property
     def agent_id(self) -> str:
@@ -69,8 +81,36 @@ class Run:
             "projectDir": self.project_dir, "fleet": self.fleet, "status": self.status, "attempt": self.attempt,
             "trigger": self.trigger, "pid": self.pid, "exitCode": self.exit_code, "error": self.error,
             "logPath": self.log_path, "sessionId": self.session_id, "createdAt": self.created_at,
-            "startedAt": self.started_at, "endedAt": self.ended_at,
+            "startedAt": self.started_at, "endedAt": self.ended_at, "notBefore": self.not_before,
+            "logDropped": self.log_dropped,
         }  # fmt: skip
+
+
+def cap_log(run: Run, head: int = LOG_HEAD, tail: int = LOG_TAIL) -> int:
+    """Cut the middle out of the log of a run that has ended, when it is longer than ``head + tail`` bytes, leaving
+    a line that says how much was dropped; the bytes dropped (0 when it fits or cannot be read).
+
+    Only once the run's process group is gone: the child appends to the file itself (children.py), and a cut
+    made while it writes would lose what it wrote meanwhile."""
+    if not run.log_path:
+        return 0
+    try:
+        with open(run.log_path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size <= head + tail:
+                return 0
+            f.seek(size - tail)
+            end = f.read(tail)
+            dropped = size - head - tail
+            # Its own line (output_tail leaves out lines starting with "# <run id>"), even when a cut is mid-line.
+            marker = (f"\n# {run.id}: {dropped} bytes of output dropped here (a run's log keeps its first {head} "
+                      f"and last {tail} bytes)\n").encode()  # fmt: skip
+            f.seek(head)
+            f.write(marker + end)
+            f.truncate()
+    except OSError:
+        return 0
+    return dropped
 
 
 def _loads(text: str | None) -> Any:
@@ -88,20 +128,20 @@ class RunTable:
     def insert(self, run: Run) -> None:
         with self.store.write() as db:
             db.execute(
-                f"INSERT INTO fleet_runs ({_COLUMNS}) VALUES ({','.join('?' * 20)})",
+                f"INSERT INTO fleet_runs ({_COLUMNS}) VALUES ({','.join('?' * 22)})",
                 (run.id, run.kind, run.project_dir, run.fleet, run.agent, run.identity, run.task.backend,
                  _dumps(run.task.to_json()), _dumps(run.trigger), run.attempt, run.status, run.pid, run.pid_start,
                  run.exit_code, run.error, run.log_path, run.session_id, run.created_at, run.started_at,
-                 run.ended_at),
+                 run.ended_at, run.not_before, run.log_dropped),
             )  # fmt: skip
 
     def update(self, run: Run) -> None:
         with self.store.write() as db:
             db.execute(
                 "UPDATE fleet_runs SET status=?, pid=?, pid_start=?, exit_code=?, error=?, log_path=?, session_id=?,"
-                " started_at=?, ended_at=? WHERE id=?",
+                " started_at=?, ended_at=?, log_dropped=? WHERE id=?",
                 (run.status, run.pid, run.pid_start, run.exit_code, run.error, run.log_path, run.session_id,
-                 run.started_at, run.ended_at, run.id),
+                 run.started_at, run.ended_at, run.log_dropped, run.id),
             )  # fmt: skip
 
     def _select(self, where: str, args: tuple[Any, ...] = (), limit: int = 1000) -> list[Run]:
@@ -111,10 +151,11 @@ class RunTable:
     @staticmethod
     def _from_row(row: tuple[Any, ...]) -> Run:
         (rid, kind, project_dir, fleet, agent, identity, _backend, spec, trigger, attempt, status, pid, pid_start,
-         exit_code, error, log_path, session_id, created_at, started_at, ended_at) = row  # fmt: skip
+         exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before,
+         log_dropped) = row  # fmt: skip
         return Run(rid, kind, agent, identity, Task.from_json(_loads(spec)), _loads(trigger), attempt, project_dir,
                    fleet, status, pid, pid_start, exit_code, error, log_path, session_id, created_at, started_at,
-                   ended_at)  # fmt: skip
+                   ended_at, not_before, log_dropped)  # fmt: skip
 
     def get(self, run_id: str) -> Run | None:
         found = self._select("id=?", (run_id,))
@@ -131,6 +172,27 @@ class RunTable:
                 clauses.append(f"{column}=?")
                 args.append(value)
         return self._select(" AND ".join(clauses) + " ORDER BY created_at DESC, rowid DESC", tuple(args), limit)
+
+    def started_since(self, project_dir: str, since: int) -> list[int]:
+        """When the fleet's runs started at or after ``since`` (ms), oldest first: its hourly budget."""
+        rows = self.store.all("SELECT started_at FROM fleet_runs WHERE kind='fleet' AND project_dir=? AND "
+                              "started_at >= ? ORDER BY started_at", (project_dir, since))  # fmt: skip
+        return [t for (t,) in rows]
+
+    def failures_since(self, project_dir: str, agent: str, since: int) -> list[int]:
+        """When the agent's failed runs ended, after its last success and at or after ``since`` (ms), oldest first:
+        what its circuit breaker counts."""
+        rows = self.store.all(
+            f"SELECT status, ended_at FROM fleet_runs WHERE kind='fleet' AND project_dir=? AND agent=? AND "
+            f"status IN ('completed',{','.join('?' * len(FAILED))}) AND ended_at >= ? ORDER BY ended_at DESC",
+            (project_dir, agent, *FAILED, since),
+        )
+        ended = []
+        for status, at in rows:
+            if status == "completed":
+                break
+            ended.append(at)
+        return ended[::-1]
 
     def prune(self, keep: int) -> list[str]:
         """Forget all but the newest ``keep`` finished runs; returns the log paths of those forgotten."""

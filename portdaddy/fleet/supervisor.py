@@ -31,7 +31,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
-from portdaddy.fleet.runs import Run, RunTable, new_id
+from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
 
 log = logging.getLogger("portdaddy.fleet")
@@ -154,6 +154,7 @@ class Fleet:
                 await children.stop_orphan(run.pid, run.pid_start, self.settings.grace_s)
             run.status, run.ended_at = "lost", now_ms()
             run.error = "the daemon stopped while this run was running; its session went to salvage"
+            run.log_dropped = cap_log(run)
             self.runs.update(run)
             citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it ran")
             self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
@@ -194,11 +195,7 @@ class Fleet:
             lf.wake.set()
             return lf
         lf = LiveFleet(cfg, project_dir, path_env)
-        for agent, opened_at, reason in self.store.all(
-            "SELECT agent, opened_at, reason FROM fleet_circuits WHERE project_dir=?", (project_dir,)
-        ):
-            state = lf.state(agent)
-            state.circuit, state.circuit_at = reason, opened_at
+        self._recall(lf)
         self.fleets[project_dir] = lf
         await self._nursery.start(self._fleet_task, lf)
         for run in self.runs.with_status("queued"):
@@ -208,6 +205,29 @@ class Fleet:
             if spec.enabled and spec.schedule and spec.run_on_start:
                 self.fire(lf, spec.name, {"source": "start"})
         return lf
+
+    def _recall(self, lf: LiveFleet) -> None:
+        """What the limits and breakers count, read back from the store: a restart (or a down and up) neither
+        closes a breaker, nor forgets an agent's failures, nor gives the fleet a fresh hourly budget."""
+        now, clock = now_ms(), trio.current_time()
+
+        def on_clock(ms: int) -> float:  # a wall-clock time in the store, on trio's clock like the live ones
+            return clock - (now - ms) / 1000
+
+        lf.starts.extend(map(on_clock, self.runs.started_since(lf.project_dir, now - int(HOUR_S * 1000))))
+        for agent, opened_at, reason in self.store.all(
+            "SELECT agent, opened_at, reason FROM fleet_circuits WHERE project_dir=?", (lf.project_dir,)
+        ):
+            state = lf.state(agent)
+            state.circuit, state.circuit_at = reason, opened_at
+        resets = dict(self.store.all("SELECT agent, reset_at FROM fleet_resets WHERE project_dir=?",
+                                     (lf.project_dir,)))  # fmt: skip
+        window_start = now - int(self.settings.respawn_window_s * 1000)
+        for agent in lf.config.agents:
+            since = window_start
+            if agent in resets:
+                since = max(since, resets[agent] + 1)  # failures up to a reset were forgiven
+            lf.state(agent).failures.extend(map(on_clock, self.runs.failures_since(lf.project_dir, agent, since)))
 
     def _ensure_harbor(self, cfg: FleetConfig) -> None:
         harbors = getattr(self.app, "harbors", None)
@@ -268,6 +288,8 @@ class Fleet:
         state.skipped = 0
         with self.store.write() as db:
             db.execute("DELETE FROM fleet_circuits WHERE project_dir=? AND agent=?", (project_dir, agent))
+            db.execute("INSERT OR REPLACE INTO fleet_resets (project_dir, agent, reset_at) VALUES (?,?,?)",
+                       (project_dir, agent, now_ms()))  # fmt: skip
         return was_open
 
     # -- triggers ------------------------------------------------------------------------------------------
@@ -289,8 +311,10 @@ class Fleet:
                         queued.append(run)
         return queued
 
-    def fire(self, lf: LiveFleet, agent: str, trigger: dict[str, Any], *, attempt: int = 0) -> Run | None:
-        """Queue one run of ``agent`` (None when its breaker is open or the queue is full)."""
+    def fire(self, lf: LiveFleet, agent: str, trigger: dict[str, Any], *, attempt: int = 0,
+             delay_s: float = 0.0) -> Run | None:  # fmt: skip
+        """Queue one run of ``agent``, to start no sooner than ``delay_s`` from now (None when its breaker is open
+        or the queue is full)."""
         spec = lf.config.agents.get(agent)
         if spec is None:
             raise PDError("NOT_FOUND", f"fleet {lf.config.name!r} has no agent {agent!r}; see pd fleet status")
@@ -312,6 +336,8 @@ class Fleet:
                     timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
+        if delay_s > 0:
+            run.not_before = run.created_at + math.ceil(delay_s * 1000)
         self.runs.insert(run)
         self._requeue(lf, run)
         return run
@@ -331,6 +357,8 @@ class Fleet:
         return True
 
     def _requeue(self, lf: LiveFleet, run: Run) -> None:
+        if run.not_before is not None:  # stored on the wall clock (it outlives the daemon), waited for on trio's
+            run.ready_at = trio.current_time() + max(0, run.not_before - now_ms()) / 1000
         lf.queue.append(run)
         self.live[run.id] = run
         lf.wake.set()
@@ -353,9 +381,13 @@ class Fleet:
         if lf.queue and self._project_gone(lf):
             return CRON_RECHECK_S  # queued runs wait for the directory to come back (or pd fleet down)
         while lf.queue and len(lf.running) < limits.max_concurrent_spawns:
+            # The first run that may start: a respawn waiting out its delay lets the runs behind it pass.
+            run = next((r for r in lf.queue if r.ready_at <= now), None)
+            if run is None:
+                return min(r.ready_at for r in lf.queue) - now
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
-            run = lf.queue.popleft()
+            lf.queue.remove(run)
             if run.agent not in lf.config.agents:  # the agent was removed by a reload
                 self._finish_unstarted(run, "cancelled", f"agent {run.agent!r} is no longer in the fleet file")
                 continue
@@ -467,9 +499,6 @@ class Fleet:
             if lf is not None:
                 lf.running.pop(run.id, None)
                 lf.wake.set()
-            if run.status == "queued" and (lf is None or run.stop_reason is not None):  # stopped before it started
-                self._finish_unstarted(run, "cancelled", run.stop_reason or "stopped before it started")
-            # else: the daemon stopped before this fleet run's child started; it stays queued and comes back.
             self.live.pop(run.id, None)
             run.done.set()
             if lf is not None and run.stop_reason is None:
@@ -487,19 +516,24 @@ class Fleet:
             self.runs.update(run)
             self._emit_exit(run)
             return
-        run.session_id = await citizen.enter(self.app, run)
-        self._enter_harbor(run)
-        with open(run.log_path, "a") as header:
-            header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
-        try:
-            proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
-                                        log_path=Path(run.log_path))  # fmt: skip
-        except OSError as exc:
-            run.status, run.error, run.started_at, run.ended_at = "failed", f"cannot start: {exc}", now_ms(), now_ms()
-            self.runs.update(run)
-            self._emit_exit(run)
-            citizen.crashed(self.app, run, run.error)
-            return
+        # Registering and starting are one step a stop cannot cut in two: cut between them, the run would stay
+        # queued with an agent and a session already made, left behind until a restart. Both steps are quick; a
+        # stop that comes meanwhile finds a running run and ends it as it ends any (lost, or killed by down).
+        with trio.CancelScope(shield=True):
+            run.session_id = await citizen.enter(self.app, run)
+            self._enter_harbor(run)
+            with open(run.log_path, "a") as header:
+                header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
+            try:
+                proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
+                                            log_path=Path(run.log_path))  # fmt: skip
+            except OSError as exc:
+                run.status, run.error = "failed", f"cannot start: {exc}"
+                run.started_at = run.ended_at = now_ms()
+                self.runs.update(run)
+                self._emit_exit(run)
+                citizen.crashed(self.app, run, run.error)
+                return
         run.pid, run.pid_start = proc.pid, children.start_time(proc.pid)
         run.status, run.started_at = "running", now_ms()
         self.runs.update(run)
@@ -543,6 +577,7 @@ class Fleet:
 
     async def _record_end(self, run: Run, code: int | None, timed_out: bool) -> None:
         run.exit_code, run.ended_at = code, now_ms()
+        run.log_dropped = cap_log(run)
         if run.stop_reason == SHUTTING_DOWN:
             # As after a daemon SIGKILL: the work was cut off, not finished or refused, so it goes to salvage.
             run.status, run.error = "lost", f"{SHUTTING_DOWN}: stopped while it ran; its session went to salvage"
@@ -598,17 +633,13 @@ class Fleet:
         while state.failures and state.failures[0] <= now - self.settings.respawn_window_s:
             state.failures.popleft()
         if spec.respawn and len(state.failures) <= spec.max_respawns:
-            assert lf.nursery is not None
-            lf.nursery.start_soon(self._respawn_later, lf, run)
+            # Queued at once, to start after the backoff: a daemon stop meanwhile keeps it, as it keeps any queued run.
+            self.fire(lf, run.agent, run.trigger or {"source": "respawn"}, attempt=run.attempt + 1,
+                      delay_s=self.settings.respawn_delay_s * 2 ** min(run.attempt, 5))  # fmt: skip
             return
         if spec.respawn:
             self._open_circuit(lf, spec, run, len(state.failures))
         self._publish_result(spec, run, spec.on_failure)
-
-    async def _respawn_later(self, lf: LiveFleet, run: Run) -> None:
-        await trio.sleep(self.settings.respawn_delay_s * 2 ** min(run.attempt, 5))
-        if lf.config.agents.get(run.agent) is not None:
-            self.fire(lf, run.agent, run.trigger or {"source": "respawn"}, attempt=run.attempt + 1)
 
     def _open_circuit(self, lf: LiveFleet, spec: AgentSpec, run: Run, failures: int) -> None:
         state = lf.state(spec.name)
@@ -620,6 +651,9 @@ class Fleet:
                 "INSERT OR REPLACE INTO fleet_circuits (project_dir, agent, opened_at, reason) VALUES (?,?,?,?)",
                 (lf.project_dir, spec.name, state.circuit_at, state.circuit),
             )
+        for queued in [r for r in lf.queue if r.agent == spec.name]:  # a pending respawn among them: none may run
+            lf.queue.remove(queued)
+            self._finish_unstarted(queued, "cancelled", f"its agent's circuit opened: {state.circuit}")
         self.app.bus.emit("fleet.circuit.open", agent=spec.name, runId=run.id, status="open",
                           projectDir=lf.project_dir, reason=state.circuit)  # fmt: skip
         self.app.publish("fleet", {"event": "circuit-open", "fleet": lf.config.name, "agent": spec.name,
