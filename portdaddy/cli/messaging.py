@@ -212,8 +212,9 @@ def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
 @click.option("--after", type=int, help="Messages after this id (a cursor), instead of the newest.")
 @click.option("--limit", type=int, help="At most this many (default 50, max 1000).")
 @json_option
-def history(channel: str, after: int | None, limit: int | None, as_json: bool) -> None:
-    """Print a channel's (or pattern's) history, oldest first, with ids.
+@quiet_option
+def history(channel: str, after: int | None, limit: int | None, as_json: bool, quiet: bool) -> None:
+    """Print a channel's (or pattern's) history, oldest first, with ids. -q prints how many messages.
 
     \b
     Examples:
@@ -223,6 +224,9 @@ def history(channel: str, after: int | None, limit: int | None, as_json: bool) -
     result = call("msg.history", {"channel": channel, "after": after, "limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     for msg in result["messages"]:
         click.echo(f"{msg['id']}  {msg['channel']}  {msg['sender'] or '-'}  {show_payload(msg)}")

@@ -153,18 +153,23 @@ def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: 
 @session.command("show")
 @click.argument("session_id", required=False)
 @json_option
-def show(session_id: str | None, as_json: bool) -> None:
-    """Show a session (default: the current one) with its notes and file claims.
+@quiet_option
+def show(session_id: str | None, as_json: bool, quiet: bool) -> None:
+    """Show a session (default: the current one) with its notes and file claims. -q prints its status.
 
     \b
-    Example:
+    Examples:
       pd session show session-1a2b3c4d5e6f
+      [ "$(pd session show -q)" = active ] || pd session start "Next task"
     """
     result = call("session.get", {**where(), "sessionId": resolve_session(session_id)}, as_json=as_json)
     if as_json:
         emit_json(result)
         return
     s = result["session"]
+    if quiet:
+        click.echo(s["status"])
+        return
     click.echo(f"{s['id']} ({s['status']}) {s['purpose']}")
     click.echo(f"  Agent: {s['agentId'] or '-'}   started {age(s['createdAt'])} ago")
     for f in result["files"]:
@@ -258,20 +263,24 @@ def note_line(n: dict[str, Any]) -> str:
 @click.option("--since", metavar="DURATION", help="Only notes of the last e.g. 30m.")
 @click.option("--verify", is_flag=True, help="Check every session's note chain instead (exit 1 if broken).")
 @json_option
+@quiet_option
 def notes(limit: int, session: str | None, agent: str | None, project: str | None, type_: str | None,
-          since: str | None, verify: bool, as_json: bool) -> None:  # fmt: skip
-    """The timeline of notes across agents, newest first.
+          since: str | None, verify: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """The timeline of notes across agents, newest first. -q prints how many (with --verify: intact or broken).
 
     \b
     Examples:
       pd notes --limit 20
       pd notes --agent backend-builder --type commit
+      pd notes --since 10m -q
       pd notes --verify
     """
     if verify:
         result = call("note.verify", {"sessionId": session}, as_json=as_json)
         if as_json:
             emit_json(result)
+        elif quiet:
+            click.echo("intact" if result["valid"] else "broken")
         elif result["valid"]:
             click.echo(f"Note chain intact: {result['notes']} notes in {result['sessions']} session(s)")
         else:
@@ -282,6 +291,8 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
                                 "type": type_, "since": since}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo(result["count"])
     elif not result["notes"]:
         click.echo("No notes")
     else:
