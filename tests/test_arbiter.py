@@ -222,7 +222,7 @@ def test_status_and_violations_through_the_cli(daemon_factory) -> None:
     assert d.pd("arbiter", "violations", "--since", "yesterday").returncode == 2
     assert "CAP_ESCALATION" in d.pd("arbiter", "violations").stdout
     # A synthetic violation exercises the alert path without sending anyone overboard, even in strict mode.
-    found = json.loads(d.pd("arbiter", "test", "LOCK_OWNER_VALID", "--json").stdout)
+    found = json.loads(d.pd("arbiter", "test", "LOCK_OWNER_VALID", "--json").stdout)["violation"]
     assert found["rule"] == "LOCK_OWNER_VALID" and found["details"]["synthetic"] is True
     bad = d.pd("arbiter", "test", "NO_SUCH_RULE")
     assert bad.returncode == 2 and "LOCK_OWNER_VALID" in bad.stderr

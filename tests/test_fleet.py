@@ -76,7 +76,7 @@ def test_validate_reports_cycles_yaml_lines_and_missing_backends(tmp_home: Path,
     cyclic = daemon.pd("fleet", "validate", "-C", str(project), "--json")
     assert cyclic.returncode == 2
     report = json.loads(cyclic.stdout)
-    assert report["valid"] is False
+    assert report["success"] is False and report["error"] == "VALIDATION_ERROR" and report["valid"] is False
     assert any("cycle: a -> b -> a" in e for e in report["errors"]), report
 
     (project / "pd-fleet.yml").write_text("agents:\n  a:\n    trigger: x\n   backend: custom\n")

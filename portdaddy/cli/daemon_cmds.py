@@ -61,7 +61,7 @@ def start(as_json: bool) -> None:
     except PDError as e:
         fail(e, as_json=as_json)
     if as_json:
-        emit_json(health)
+        emit_json({"success": True, "started": not running, **health})
     elif running:
         click.echo(f"Port Daddy already running (pid {health['pid']})")
     else:
@@ -167,7 +167,7 @@ def version(as_json: bool, quiet: bool) -> None:
     except PDError as e:
         daemon = {"refused": e.message}
     if as_json:
-        emit_json({"client": __version__, "daemon": daemon})
+        emit_json({"success": True, "client": __version__, "daemon": daemon})
     elif quiet:
         click.echo(__version__)
     else:

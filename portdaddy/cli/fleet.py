@@ -87,7 +87,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
     if not no_hook:
         hook_path, action = hook.install(root, home=hook.pinned_home())
     if as_json:
-        emit_json({"fleetFile": str(wrote or existing), "written": wrote is not None,
+        emit_json({"success": True, "fleetFile": str(wrote or existing), "written": wrote is not None,
                    "hook": str(hook_path) if hook_path else None, "hookAction": action})  # fmt: skip
         return
     if wrote is not None:
@@ -126,16 +126,17 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
             cfg = load_checked(project_dir(directory), os.environ.get("PATH"))
     except FleetConfigError as exc:
         if as_json:
-            emit_json({"valid": False, "file": str(exc.path), "errors": exc.errors})
-        else:
-            for line in exc.errors:
-                click.echo(f"error: {line}", err=True)
+            exc.extra["valid"] = False  # the field a valid file's reply carries
+            fail(exc, as_json=True)
+        for line in exc.errors:
+            click.echo(f"error: {line}", err=True)
         sys.exit(2)
     except PDError as exc:
         fail(exc, as_json=as_json)
     if as_json:
-        emit_json({"valid": True, "file": str(cfg.path), "name": cfg.name, "agents": sorted(cfg.agents),
-                   "channels": sorted(cfg.channels), "warnings": cfg.warnings})  # fmt: skip
+        emit_json({"success": True, "valid": True, "file": str(cfg.path), "name": cfg.name,
+                   "agents": sorted(cfg.agents), "channels": sorted(cfg.channels),
+                   "warnings": cfg.warnings})  # fmt: skip
         return
     for line in cfg.warnings:
         click.echo(f"warning: {line}", err=True)

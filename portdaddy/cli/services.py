@@ -156,7 +156,7 @@ def env(pattern: str, as_json: bool) -> None:
         if s["urls"].get("local"):
             lines[f"{env_prefix(s['id'])}_URL"] = s["urls"]["local"]
     if as_json:
-        emit_json(lines)
+        emit_json({"success": True, "env": lines})
     else:
         for key, value in lines.items():
             click.echo(f"{key}={value}")
