@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
 import click
 import pytest
 
@@ -132,7 +133,7 @@ JSON_CALLS: dict[str, tuple[str, ...]] = {
     "webhook deliveries": ("webhook", "deliveries", "{webhook}"),
     "webhook events": ("webhook", "events"),
     "webhook ls": ("webhook", "ls"),
-    "webhook rm": ("webhook", "rm", "{webhook}"),
+    "webhook rm": ("webhook", "rm", "{doomed_hook}"),
     "webhook test": ("webhook", "test", "{webhook}"),
     "who-owns": ("who-owns", "src/a.ts"),
     "whoami": ("whoami",),
@@ -196,7 +197,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
             "session": pd_json("session", "start", "Noted", "--agent", "j-noter")["id"],
             "ended": pd_json("session", "start", "Ended", "--agent", "j-ender")["id"],
             "spawned": pd_json("spawn", "-b", "custom", "--", "sleep 300")["agentId"],
-            "webhook": pd_json("webhook", "add", "http://127.0.0.1:9/walk")["id"],
+            "webhook": pd_json("webhook", "add", "http://127.0.0.1:9/walk")["id"],  # nothing listens on port 9
+            "doomed_hook": pd_json("webhook", "add", "http://127.0.0.1:9/doomed")["id"],
         }
         pd_json("claim", "j:api")
         pd_json("claim", "j:released")
@@ -221,3 +223,25 @@ def test_json_is_one_object_that_says_success(world: tuple[Daemon, dict[str, str
     assert isinstance(body, dict) and body["success"] is (r.returncode == 0), body
     if not body["success"]:
         assert body["error"] and body["message"], body
+
+
+def test_an_answer_that_is_a_no_is_a_refusal_under_json(fresh_daemon: Daemon) -> None:
+    """A failed run and a broken note chain exit 1, so under --json they say success false, with a code."""
+    d = fresh_daemon
+    failed = d.pd("spawn", "-b", "custom", "--wait", "--json", "--", "echo partial; exit 7")
+    body = json.loads(failed.stdout)
+    assert failed.returncode == 1 and body["success"] is False and body["error"] == "RUN_FAILED", body
+    assert body["run"]["exitCode"] == 7 and "partial" in body["output"]
+
+    sid = d.call("session.start", purpose="tampered")["id"]
+    d.call("note.add", sessionId=sid, content="the record")
+    d.stop()
+    with apsw.Connection(str(d.settings.db)) as db:  # what a stray tool writing the store could do
+        db.execute("DROP TRIGGER notes_append_only_update")
+        db.execute("UPDATE notes SET type = 'rewritten'")
+    d.start()
+    broken = d.pd("notes", "--verify", "--json")
+    body = json.loads(broken.stdout)
+    assert broken.returncode == 1 and body["success"] is False and body["error"] == "CHAIN_BROKEN", body
+    assert body["problems"][0]["sessionId"] == sid
+    assert d.pd("notes", "--verify", "-q").stdout == "broken\n"

@@ -14,7 +14,7 @@ import click
 
 from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call, connect, fail
+from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
 
@@ -277,6 +277,8 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
     """
     if verify:
         result = call("note.verify", {"sessionId": session}, as_json=as_json)
+        if as_json and not result["valid"]:
+            refuse_reply("CHAIN_BROKEN", f"{len(result['problems'])} problem(s) in note chains", result)
         if as_json:
             emit_json(result)
         elif quiet:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import FOREVER_S, call, spinning
+from portdaddy.cli.transport import FOREVER_S, call, refuse_reply, spinning
 from portdaddy.config import parse_duration_ms
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
@@ -82,6 +82,9 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
                           timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip
         run = result["run"]
+        if as_json and run["status"] != "completed":
+            why = f": {run['error']}" if run["error"] else ""
+            refuse_reply("RUN_FAILED", f"{run['id']} ended {run['status']}{why}", result)
         if as_json:
             emit_json(result)
         else:

@@ -41,6 +41,13 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     sys.exit(exit_code(err.code))
 
 
+def refuse_reply(code: str, message: str, reply: dict[str, Any]) -> NoReturn:
+    """Fail with ``code`` for a daemon reply whose answer is a no (a broken chain, a failed run), the reply's
+    fields kept as details: under --json an exit 1 is a refusal object like any other."""
+    details = {k: v for k, v in reply.items() if k not in ("success", "error", "message")}
+    fail(PDError(code, message, **details))
+
+
 def _json(value: Any) -> str:
     import json
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call
+from portdaddy.cli.transport import call, refuse_reply
 
 
 @click.group()
@@ -81,14 +79,12 @@ def test(webhook_id: str, as_json: bool) -> None:
       pd webhook test <id>
     """
     result = call("webhook.test", {"id": webhook_id}, as_json=as_json, timeout=20)
+    if not result["success"]:
+        refuse_reply("DELIVERY_FAILED", f"test delivery failed: {result.get('error') or result.get('status')}", result)
     if as_json:
         emit_json(result)
-    elif result["success"]:
-        click.echo(f"✓ {result['status']} {result['statusText']}")
     else:
-        click.echo(f"error: test delivery failed: {result.get('error') or result.get('status')}", err=True)
-    if not result["success"]:
-        sys.exit(1)
+        click.echo(f"✓ {result['status']} {result['statusText']}")
 
 
 @webhook.command("rm")
