@@ -19,8 +19,14 @@ from tests.conftest import Daemon, make_env
 from tests.fleet_helpers import FAST, git, make_project, wait_for
 
 
+def with_flag(args: list[str] | tuple[str, ...], flag: str) -> list[str]:
+    """``args`` with ``flag`` among pd's options: after ``--`` it would be the spawned command's."""
+    at = args.index("--") if "--" in args else len(args)
+    return [*args[:at], flag, *args[at:]]
+
+
 def quiet(d: Daemon, *args: str, cwd: Path | None = None) -> str:
-    r = d.pd(*args, "-q", cwd=cwd)
+    r = d.pd(*with_flag(args, "-q"), cwd=cwd)
     assert r.returncode == 0 and r.stderr == "", (args, r.stdout, r.stderr)
     return r.stdout
 
@@ -40,8 +46,23 @@ def test_quiet_prints_the_one_value(daemon: Daemon, tmp_path: Path) -> None:
     for n in range(2):
         daemon.call("msg.publish", channel="quiet:history", payload=n)
     assert quiet(daemon, "history", "quiet:history") == "2\n"
+    assert quiet(daemon, "session", "files", "claim", "src/a.ts", "src/b.ts", cwd=tree) == "2\n"
+    assert quiet(daemon, "pheromone", "files") == "2\n"
+    assert quiet(daemon, "session", "files", "release", cwd=tree) == "2\n"
     assert daemon.pd("done", cwd=tree).returncode == 0
     assert quiet(daemon, "session", "show", session) == "completed\n"
+    assert quiet(daemon, "channels", "--clear", "quiet:history") == "2\n"
+    assert quiet(daemon, "log", "--limit", "3") == "3\n"
+    assert [quiet(daemon, "harbor", "create", "quiet:h") for _ in range(2)] == ["created\n", "exists\n"]
+    daemon.call("pheromone.spray", table="services", id="quiet:api", key="k", strength=0.5)
+    assert quiet(daemon, "pheromone", "list") == "1\n"
+    for _ in range(2):
+        daemon.call("inbox.send", to="quiet-reader", content="hi")
+    assert quiet(daemon, "inbox", "read", "--agent", "quiet-reader") == "2\n"
+    assert quiet(daemon, "inbox", "clear", "--agent", "quiet-reader") == "2\n"
+    run = quiet(daemon, "spawn", "-b", "custom", "--", "sleep 300").strip()
+    assert quiet(daemon, "spawned") == "1\n"
+    assert quiet(daemon, "spawn", "kill", run) == "killed\n"
 
 
 # --- --json: every command prints one object with `success`, true exactly when it exits 0 -------------------
@@ -146,24 +167,18 @@ REFUSED = {"salvage abandon": 1, "salvage claim": 1, "salvage complete": 1, "sal
 ELSEWHERE = {"stop"}
 
 
-def with_json(args: list[str]) -> list[str]:
-    """``args`` with --json among pd's options: after ``--`` it would be the spawned command's."""
-    at = args.index("--") if "--" in args else len(args)
-    return [*args[:at], "--json", *args[at:]]
-
-
-def _commands(command: click.Command, path: tuple[str, ...]) -> Iterator[str]:
+def _resolved(command: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, click.Command]]:
     """Every command a user can run: the leaves, and the groups that do something without a subcommand."""
     if not isinstance(command, click.Group) or command.invoke_without_command:
-        yield " ".join(path)
+        yield " ".join(path), command
     if isinstance(command, click.Group):
         ctx = click.Context(command)
         for name in command.list_commands(ctx):
-            yield from _commands(command.get_command(ctx, name), (*path, name))
+            yield from _resolved(command.get_command(ctx, name), (*path, name))
 
 
 def test_the_json_walk_covers_every_command() -> None:
-    assert set(JSON_CALLS) == set(_commands(cli, ())) - {"", "daemon"}  # `pd daemon` is the daemon itself
+    assert {path for path, _ in _resolved(cli, ())} - {"", "daemon"} == set(JSON_CALLS)  # `pd daemon` is the daemon
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +192,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
     (root / "idle").mkdir()
 
     def pd_json(*args: str) -> dict[str, Any]:
-        r = d.pd(*with_json(list(args)), cwd=project)
+        r = d.pd(*with_flag(args, "--json"), cwd=project)
         assert r.returncode == 0, (args, r.stdout, r.stderr)
         return json.loads(r.stdout)
 
@@ -215,7 +230,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
 @pytest.mark.parametrize("command", JSON_CALLS)
 def test_json_is_one_object_that_says_success(world: tuple[Daemon, dict[str, str]], command: str) -> None:
     d, values = world
-    args = with_json([a.format(**values) for a in JSON_CALLS[command]])
+    args = with_flag([a.format(**values) for a in JSON_CALLS[command]], "--json")
     env = {"PORT_DADDY_HOME": values["idle"]} if command in ELSEWHERE else None
     r = d.pd(*args, cwd=values["project"], env=env)
     assert r.returncode == REFUSED.get(command, 0), (r.returncode, r.stdout, r.stderr)
@@ -245,3 +260,29 @@ def test_an_answer_that_is_a_no_is_a_refusal_under_json(fresh_daemon: Daemon) ->
     assert broken.returncode == 1 and body["success"] is False and body["error"] == "CHAIN_BROKEN", body
     assert body["problems"][0]["sessionId"] == sid
     assert d.pd("notes", "--verify", "-q").stdout == "broken\n"
+
+
+def test_quiet_prints_the_count_of_what_a_list_shows(world: tuple[Daemon, dict[str, str]]) -> None:
+    d, values = world
+    for args in (("fleet", "runs", "-C", values["project"]), ("webhook", "deliveries", values["webhook"])):
+        listed = json.loads(d.pd(*args, "--json").stdout)
+        assert quiet(d, *args) == f"{listed['count']}\n"
+    assert quiet(d, "fleet", "reset", "qa", "-C", values["project"]) == "not-open\n"
+
+
+# Commands without -q: nothing they print is the one value a script wants.
+NO_QUIET = {
+    # reports of several things
+    "status", "sitrep", "arbiter status", "env", "start", "stop", "harbor show", "salvage claim",
+    "fleet status", "fleet validate", "fleet init", "fleet up", "fleet down",
+    # confirmations: the exit code says it
+    "agent unregister", "harbor destroy", "harbor enter", "harbor leave", "pheromone spray", "salvage complete",
+    "salvage abandon", "salvage dismiss", "webhook rm", "guard install", "guard check", "fleet hook post-commit",
+    # what they print is the data itself, as it comes
+    "sub", "watch", "with-lock", "fleet logs", "spawn logs", "webhook events",
+}  # fmt: skip
+
+
+def test_every_command_with_a_value_takes_quiet() -> None:
+    with_quiet = {path for path, command in _resolved(cli, ()) if any("-q" in p.opts for p in command.params)}
+    assert with_quiet == set(JSON_CALLS) - NO_QUIET

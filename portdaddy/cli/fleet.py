@@ -270,10 +270,11 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
 @fleet.command("runs")
 @click.argument("agent", required=False)
 @_UP_DIR
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True, help="Show at most this many.")
 @json_option
-def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) -> None:
-    """Recent runs of the fleet's agents, newest first.
+@quiet_option
+def runs(agent: str | None, directory: str | None, limit: int, as_json: bool, quiet: bool) -> None:
+    """Recent runs of the fleet's agents, newest first. -q prints how many.
 
     \b
     Example:
@@ -283,6 +284,9 @@ def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) ->
                   as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     table([[r["id"], r["agent"], r["status"], r["attempt"], (r["trigger"] or {}).get("source", "-"),
             r["exitCode"], age(r["createdAt"])] for r in result["runs"]],
@@ -312,8 +316,11 @@ def run_now(agent: str, directory: str | None, as_json: bool, quiet: bool) -> No
 @click.argument("agent")
 @_UP_DIR
 @json_option
-def reset(agent: str, directory: str | None, as_json: bool) -> None:
+@quiet_option
+def reset(agent: str, directory: str | None, as_json: bool, quiet: bool) -> None:
     """Close AGENT's circuit breaker (opened after too many failed respawns) and forget its failures.
+
+    -q prints closed, or not-open if it was not open.
 
     \b
     Example:
@@ -322,6 +329,8 @@ def reset(agent: str, directory: str | None, as_json: bool) -> None:
     result = call("fleet.reset", {"projectDir": project_dir(directory), "agent": agent}, as_json=as_json)
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo("closed" if result["wasOpen"] else "not-open")
     else:
         click.echo(f"Circuit of {agent} closed" if result["wasOpen"] else f"Circuit of {agent} was not open")
 

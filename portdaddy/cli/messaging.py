@@ -184,7 +184,8 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
 @json_option
 @quiet_option
 def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
-    """List channels with their message counts and last activity, newest first.
+    """List channels with their message counts and last activity, newest first. -q prints how many channels
+    (with --clear: how many messages were deleted).
 
     \b
     Examples:
@@ -193,7 +194,10 @@ def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
     """
     if clear:
         result = call("msg.clear", {"channel": clear}, as_json=as_json)
-        emit_json(result) if as_json else click.echo(f"Cleared {result['deleted']} message(s) from {clear}")
+        if as_json:
+            emit_json(result)
+        else:
+            click.echo(result["deleted"] if quiet else f"Cleared {result['deleted']} message(s) from {clear}")
         return
     result = call("msg.channels", as_json=as_json)
     if as_json:

@@ -194,8 +194,11 @@ def files_group() -> None:
 @_FORCE
 @_SESSION
 @json_option
-def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_json: bool) -> None:
+@quiet_option
+def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_json: bool, quiet: bool) -> None:
     """Claim PATHS (paths or globs) for the session; a path another session holds is refused unless --force.
+
+    -q prints how many paths were claimed.
 
     \b
     Example:
@@ -203,15 +206,20 @@ def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_jso
     """
     args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths), "force": force}
     result = claiming_call("file.claim", args, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Claimed {len(result['claimed'])} path(s) for {result['sessionId']}")
+    if as_json:
+        emit_json(result)
+    else:
+        claimed = len(result["claimed"])
+        click.echo(claimed if quiet else f"Claimed {claimed} path(s) for {result['sessionId']}")
 
 
 @files_group.command("release")
 @click.argument("paths", nargs=-1)
 @_SESSION
 @json_option
-def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) -> None:
-    """Release PATHS (all of the session's claims when none are given).
+@quiet_option
+def files_release(paths: tuple[str, ...], session: str | None, as_json: bool, quiet: bool) -> None:
+    """Release PATHS (all of the session's claims when none are given). -q prints how many were released.
 
     \b
     Example:
@@ -219,7 +227,11 @@ def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) ->
     """
     args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths) or None}
     result = call("file.release", args, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Released {len(result['released'])} path(s)")
+    if as_json:
+        emit_json(result)
+    else:
+        released = len(result["released"])
+        click.echo(released if quiet else f"Released {released} path(s)")
 
 
 @click.command("note")

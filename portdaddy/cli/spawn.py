@@ -101,8 +101,11 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
 @spawn.command("kill")
 @click.argument("run_id", metavar="ID")
 @json_option
-def kill(run_id: str, as_json: bool) -> None:
+@quiet_option
+def kill(run_id: str, as_json: bool, quiet: bool) -> None:
     """Stop a spawned agent (or a fleet run): SIGTERM to its process group, then SIGKILL after a grace period.
+
+    -q prints the run's status afterwards (killed, or how it had already ended).
 
     \b
     Example:
@@ -112,6 +115,8 @@ def kill(run_id: str, as_json: bool) -> None:
         result = call("spawn.kill", {"id": run_id}, as_json=as_json, timeout=300)
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo(result["run"]["status"])
     else:
         _print_run(result["run"])
 
@@ -135,10 +140,11 @@ def logs(run_id: str, tail: int, as_json: bool) -> None:
 
 
 @click.command("spawned")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="Show at most this many.")
 @json_option
-def spawned(limit: int, as_json: bool) -> None:
-    """Spawned agents, newest first.
+@quiet_option
+def spawned(limit: int, as_json: bool, quiet: bool) -> None:
+    """Spawned agents, newest first. -q prints how many.
 
     \b
     Example:
@@ -147,6 +153,9 @@ def spawned(limit: int, as_json: bool) -> None:
     result = call("spawn.list", {"limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     table([[a["id"], a["backend"], a["model"] or "-", a["status"], age(a["createdAt"])] for a in result["agents"]],
           ["AGENT ID", "BACKEND", "MODEL", "STATUS", "AGE"])  # fmt: skip

@@ -173,8 +173,9 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
 @click.option("--agent", metavar="ID", help="Only this agent's activity.")
 @click.option("--since", metavar="DURATION", help="Only the last e.g. 1h.")
 @json_option
-def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool) -> None:
-    """The activity log: every state change, newest first.
+@quiet_option
+def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool, quiet: bool) -> None:
+    """The activity log: every state change, newest first. -q prints how many entries.
 
     \b
     Examples:
@@ -184,6 +185,9 @@ def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_
     result = call("activity.list", {"limit": limit, "type": type_, "agent": agent, "since": since}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     for e in result["entries"]:
         click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {e['details'] or ''}")

@@ -71,8 +71,9 @@ def ls(as_json: bool, quiet: bool) -> None:
 @webhook.command("test")
 @click.argument("webhook_id")
 @json_option
-def test(webhook_id: str, as_json: bool) -> None:
-    """Send a webhook.test event now; exit 1 unless the endpoint answers 2xx.
+@quiet_option
+def test(webhook_id: str, as_json: bool, quiet: bool) -> None:
+    """Send a webhook.test event now; exit 1 unless the endpoint answers 2xx. -q prints the HTTP status.
 
     \b
     Example:
@@ -84,7 +85,7 @@ def test(webhook_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"✓ {result['status']} {result['statusText']}")
+        click.echo(result["status"] if quiet else f"✓ {result['status']} {result['statusText']}")
 
 
 @webhook.command("rm")
@@ -105,8 +106,9 @@ def rm(webhook_id: str, as_json: bool) -> None:
 @click.argument("webhook_id")
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
-def deliveries(webhook_id: str, limit: int | None, as_json: bool) -> None:
-    """A webhook's recent deliveries: event, status, attempts, response.
+@quiet_option
+def deliveries(webhook_id: str, limit: int | None, as_json: bool, quiet: bool) -> None:
+    """A webhook's recent deliveries: event, status, attempts, response. -q prints how many.
 
     \b
     Example:
@@ -115,6 +117,9 @@ def deliveries(webhook_id: str, limit: int | None, as_json: bool) -> None:
     result = call("webhook.deliveries", {"id": webhook_id, "limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     table([(d["event"], d["status"], d["attempts"], d["responseStatus"] or "-", age(d["createdAt"]))
            for d in result["deliveries"]], ("EVENT", "STATUS", "ATTEMPTS", "HTTP", "AGE"))  # fmt: skip
