@@ -286,3 +286,16 @@ NO_QUIET = {
 def test_every_command_with_a_value_takes_quiet() -> None:
     with_quiet = {path for path, command in _resolved(cli, ()) if any("-q" in p.opts for p in command.params)}
     assert with_quiet == set(JSON_CALLS) - NO_QUIET
+
+
+def test_every_command_has_examples_and_every_option_says_what_it_does() -> None:
+    lacking = []
+    for path, command in _resolved(cli, ()):
+        if path in ("", "fleet hook post-commit"):  # the root's help is the quick start; the hook's is for git
+            continue
+        if "Example" not in (command.help or ""):
+            lacking.append(f"{path}: no example")
+        lacking += [
+            f"{path} {p.opts[0]}: no help" for p in command.params if isinstance(p, click.Option) and not p.help
+        ]
+    assert lacking == []

@@ -161,7 +161,13 @@ def attention(counts: dict[str, int]) -> list[str]:
 @json_option
 @quiet_option
 def version(as_json: bool, quiet: bool) -> None:
-    """Print the client version, and the daemon's if one is running (never starts it)."""
+    """Print the client version, and the daemon's if one is running (never starts it). -q: the client's alone.
+
+    \b
+    Examples:
+      pd version
+      pd version --json
+    """
     try:
         daemon = probe(settings(), "daemon.version")
     except PDError as e:
@@ -182,7 +188,12 @@ def version(as_json: bool, quiet: bool) -> None:
 
 @click.command()
 def daemon() -> None:
-    """Run the daemon in the foreground (what `make run` does). Ctrl-C stops it cleanly."""
+    """Run the daemon in the foreground (what `make run` does). Ctrl-C stops it cleanly.
+
+    \b
+    Example:
+      PORT_DADDY_HOME=/tmp/pd-scratch pd daemon
+    """
     from portdaddy.daemon import main
 
     sys.exit(main())

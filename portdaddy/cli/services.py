@@ -110,7 +110,13 @@ def find(pattern: str, as_json: bool, quiet: bool) -> None:
 @json_option
 @quiet_option
 def services(pattern: str, as_json: bool, quiet: bool) -> None:
-    """List claimed services (same as pd find)."""
+    """List claimed services (same as pd find).
+
+    \b
+    Examples:
+      pd services
+      pd services 'myapp:*' -q
+    """
     _find(pattern, as_json, quiet)
 
 

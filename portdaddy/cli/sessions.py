@@ -97,7 +97,8 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
 
 @session.command("end")
 @click.argument("note", required=False)
-@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True)
+@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True,
+              help="How the session ends.")  # fmt: skip
 @_SESSION
 @json_option
 @quiet_option

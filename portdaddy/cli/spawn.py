@@ -45,7 +45,8 @@ def _print_run(run: dict[str, Any]) -> None:
 
 @spawn.command("start")
 @click.argument("task", nargs=-1, required=True)
-@click.option("--backend", "-b", type=click.Choice(_BACKENDS), default="claude-cli", show_default=True)
+@click.option("--backend", "-b", type=click.Choice(_BACKENDS), default="claude-cli", show_default=True,
+              help="The agent CLI to run (custom: TASK is a shell command).")  # fmt: skip
 @click.option("--model", "-m", help="Model name for the backend.")
 @click.option("--identity", "-i", help="Semantic identity of the agent (default spawned:BACKEND).")
 @click.option("--timeout", "-t", metavar="DURATION",
