@@ -90,6 +90,12 @@ def test_up_refuses_an_invalid_fleet_and_changes_nothing(fresh_daemon: Daemon, t
     r = fresh_daemon.pd("fleet", "up", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
     assert "'claude' is not on PATH" in r.stderr
+    (project / "pd-fleet.yml").write_text("agents:\n  a: {trigger: x, backend: claude-cli, prompt: hi}\n"
+                                          "  b: {trigger: y, backend: codex, prompt: hi}\n")  # fmt: skip
+    two = fresh_daemon.pd("fleet", "up", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
+    lines = two.stderr.splitlines()  # one error line per problem, as pd fleet validate prints them
+    assert two.returncode == 2 and len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "'claude' is not on PATH" in lines[0] and "'codex' is not on PATH" in lines[1]
     assert fresh_daemon.call("fleet.status")["fleets"] == []
     none = fresh_daemon.pd("fleet", "up", "-C", str(tmp_home))
     assert none.returncode == 1 and "pd fleet init" in none.stderr

@@ -7,7 +7,6 @@ daemon, which supervises the fleet (it survives the terminal that ran ``pd fleet
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +124,8 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
         else:
             cfg = load_checked(project_dir(directory), os.environ.get("PATH"))
     except FleetConfigError as exc:
-        if as_json:
-            exc.extra["valid"] = False  # the field a valid file's reply carries
-            fail(exc, as_json=True)
-        for line in exc.errors:
-            click.echo(f"error: {line}", err=True)
-        sys.exit(2)
+        exc.extra["valid"] = False  # the field a valid file's reply carries
+        fail(exc, as_json=as_json)
     except PDError as exc:
         fail(exc, as_json=as_json)
     if as_json:

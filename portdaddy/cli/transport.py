@@ -32,12 +32,14 @@ def settings() -> Settings:
 
 
 def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
-    """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit."""
+    """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit. A refusal
+    listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
     ctx = click.get_current_context(silent=True)
     if as_json or (ctx is not None and ctx.params.get("as_json")):
         click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
     else:
-        click.echo(f"error: {one_line(err.message)}", err=True)
+        for problem in err.extra.get("errors") or [err.message]:
+            click.echo(f"error: {one_line(str(problem))}", err=True)
     sys.exit(exit_code(err.code))
 
 
