@@ -187,6 +187,8 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     daemon.pd("note", "buttons done", cwd=tree)
     rep = daemon.pd("sitrep", "--since", "5m", "--project", "sit")
     assert rep.returncode == 0 and "[sitter] buttons done" in rep.stdout and "web/components/*" in rep.stdout
+    lone = daemon.pd("session", "start", "Nobody's work", "-q", cwd=_tree(tmp_path, "lone")).stdout.strip()
+    assert f"active    {lone} Nobody's work\n" in daemon.pd("sitrep", "--since", "5m").stdout  # no agent, no "-:"
     owners = daemon.pd("who-owns", "web/components/Button.tsx")
     assert "claimed by 1 session(s)" in owners.stdout and "sitter: Sit UI" in owners.stdout
     assert daemon.pd("who-owns", "web/pages/x.ts", "-q").stdout.strip() == "unclaimed"

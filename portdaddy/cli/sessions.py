@@ -315,9 +315,14 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
             click.echo(note_line(n))
 
 
+def holder(agent_id: str | None, purpose: str) -> str:
+    """``backend-builder: Building payment API``, or the purpose alone for a session without an agent."""
+    return f"{agent_id}: {purpose}" if agent_id else purpose
+
+
 def claim_line(c: dict[str, Any]) -> str:
-    holder = f"{c['agentId']}: {c['purpose']}" if c["agentId"] else c["purpose"]
-    return f"{c['filePath']}  {c['sessionId']} ({holder}){' [forced]' if c['forced'] else ''}"
+    forced = " [forced]" if c["forced"] else ""
+    return f"{c['filePath']}  {c['sessionId']} ({holder(c['agentId'], c['purpose'])}){forced}"
 
 
 @click.command("files")

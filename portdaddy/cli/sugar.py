@@ -16,7 +16,7 @@ from portdaddy.cli.context import (
     worktree_root,
 )
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
-from portdaddy.cli.sessions import claim_line, claiming_call, note_line
+from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
 
@@ -155,7 +155,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
         return
     click.echo(result["summary"])
     sections = (("Notes", [note_line(n) for n in result["notes"]]),
-                ("Sessions", [f"{s['status']:9} {s['id']} {s['agentId'] or '-'}: {s['purpose']}"
+                ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}"
                               for s in result["sessions"]]),
                 ("Dead agents awaiting salvage", [f"{e['id']} ({e['identity'] or '-'}): {e['purpose'] or '-'}"
                                                   for e in result["salvage_queue"]]),
