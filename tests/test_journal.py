@@ -180,6 +180,22 @@ def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon,
     assert f"to session {bob}" in pd("bob", "note", "bob again").stdout
 
 
+def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemon, tmp_path: Path) -> None:
+    """The tutorial's agents share one repo without ids: the second session start takes the worktree over."""
+    tree = _tree(tmp_path, "shared")
+    first = daemon.pd("session", "start", "Building checkout UI", "-q", cwd=tree).stdout.strip()
+    second = daemon.pd("session", "start", "Building payment API", cwd=tree)
+    assert f"warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
+    assert "give each its own PORT_DADDY_AGENT" in second.stderr
+    note = daemon.pd("note", "Built CheckoutForm component", cwd=tree)  # agent 1's note, in agent 2's session:
+    assert note.stdout.endswith("(Building payment API)\n"), note.stdout  # the reply names where it went
+    registered = daemon.pd("agent", "register", "--agent", "shared-frontend", cwd=tree)
+    assert "current session was session-" in registered.stderr and "(Building payment API)" in registered.stderr
+    for purpose in ("Own work", "More own work"):  # an agent's own next session is no one else's business
+        own = daemon.pd("session", "start", purpose, cwd=tree)
+        assert own.returncode == 0 and own.stderr == "", own.stderr
+
+
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     tree = _tree(tmp_path, "sit")
     daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)

@@ -73,13 +73,25 @@ def clear_current(root: Path | None = None) -> None:
         pass
 
 
-def remember(agent_id: str | None, **fields: Any) -> None:
+def remember(agent_id: str | None, **fields: Any) -> dict[str, Any] | None:
     """Record what this worktree's current agent is doing. What the file held for another agent (its session,
-    its identity) is dropped first: none of it is this agent's."""
+    its identity) is dropped first: none of it is this agent's. Returns the context whose session is no longer
+    the worktree's current one because of this, when it belongs to someone else: another agent, or nobody
+    (two sessions started without agent ids cannot be told apart), so the caller can say so."""
     current = load_current()
-    if current.get("agentId") != agent_id:
+    held, other_agent = current.get("sessionId"), current.get("agentId") != agent_id
+    new_session = fields.get("sessionId", held) != held
+    displaced = current if held and (other_agent or (agent_id is None and new_session)) else None
+    if other_agent:
         current = {}
     save_current({**current, **({"agentId": agent_id} if agent_id else {}), **fields})
+    return displaced
+
+
+def displaced_warning(previous: dict[str, Any]) -> str:
+    """What to tell the agent whose session a worktree stopped using (see ``remember``)."""
+    return (f"warning: this worktree's current session was {previous['sessionId']} ({previous.get('purpose')}); "
+            "pd here no longer uses it. Agents sharing a worktree: give each its own PORT_DADDY_AGENT")  # fmt: skip
 
 
 def forget(*, agent_id: str | None = None, session_id: str | None = None) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
+from portdaddy.cli.context import (
+    displaced_warning,
+    forget,
+    remember,
+    repo_paths,
+    resolve_agent,
+    resolve_session,
+    worktree_root,
+)
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
@@ -83,7 +91,9 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
     args = {"purpose": purpose, "files": repo_paths([*paths, *files]), "force": force, "agentId": agent_id,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("session.start", args, as_json=as_json)
-    remember(agent_id, sessionId=result["id"], purpose=purpose)
+    displaced = remember(agent_id, sessionId=result["id"], purpose=purpose)
+    if displaced and not as_json:
+        click.echo(displaced_warning(displaced), err=True)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -257,7 +267,7 @@ def note(content: str, type_: str, session: str | None, as_json: bool, quiet: bo
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["noteId"] if quiet else f"Note added to session {result['sessionId']}")
+        click.echo(result["noteId"] if quiet else f"Note added to session {result['sessionId']} ({result['purpose']})")
 
 
 def note_line(n: dict[str, Any]) -> str:
