@@ -96,7 +96,8 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
     """Print messages on CHANNELS (comma-separated; payments:* and * are wildcards) as they arrive.
 
     The last message of each matching channel is printed first, so a signal published before you
-    subscribed is not missed. --json prints one JSON object per line.
+    subscribed is not missed. It runs until interrupted, like tail -f: to wait for a signal and go on,
+    add --once, or use pd wait CH... to wait for several. --json prints one JSON object per line.
 
     \b
     Examples:
