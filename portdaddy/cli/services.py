@@ -29,7 +29,7 @@ def claim(identity: str, port: int | None, port_range: str | None, expires: str 
 
     \b
     Examples:
-      pd claim myapp:api:main -q          # 4821
+      pd claim myapp:api:main -q          # 5630
       PORT=$(pd claim myapp:web -q) npm run dev
       pd claim myapp:db --port 5432 --expires 2h
     """
