@@ -194,6 +194,13 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     for purpose in ("Own work", "More own work"):  # an agent's own next session is no one else's business
         own = daemon.pd("session", "start", purpose, cwd=tree)
         assert own.returncode == 0 and own.stderr == "", own.stderr
+    # The environment outranks what a worktree remembers: an --agent that it overrides is said to be so.
+    other = _tree(tmp_path, "env")
+    begun = daemon.pd("begin", "Finish the schema", "--agent", "db-2", cwd=other, env={"PORT_DADDY_AGENT": "backend"})
+    assert "warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
+        begun.stderr)  # fmt: skip
+    plain = daemon.pd("begin", "Same agent", cwd=_tree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
+    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
 
 
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:

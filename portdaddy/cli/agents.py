@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import displaced_warning, forget, remember, resolve_agent
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.context import forget, remember, resolve_agent
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
 from portdaddy.cli.transport import call
 
 _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
@@ -54,12 +54,10 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
     args = {"agentId": resolve_agent(agent), "identity": identity, "purpose": purpose, "type": type_,
             "status": status, "capabilities": caps, "maxLocks": max_locks, "maxServices": max_services}  # fmt: skip
     result = call("agent.register", args, as_json=as_json)
-    displaced = remember(result["agentId"])
+    warn(remember(result["agentId"]), as_json=as_json)
     if as_json:
         emit_json(result)
         return
-    if displaced:
-        click.echo(displaced_warning(displaced), err=True)
     click.echo(result["agentId"] if quiet else f"{'Registered' if result['registered'] else 'Updated'} agent: "
                f"{result['agentId']}")  # fmt: skip
     if result.get("salvageHint"):

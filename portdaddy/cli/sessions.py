@@ -12,16 +12,8 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import (
-    displaced_warning,
-    forget,
-    remember,
-    repo_paths,
-    resolve_agent,
-    resolve_session,
-    worktree_root,
-)
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table, warn
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
@@ -91,9 +83,7 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
     args = {"purpose": purpose, "files": repo_paths([*paths, *files]), "force": force, "agentId": agent_id,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("session.start", args, as_json=as_json)
-    displaced = remember(agent_id, sessionId=result["id"], purpose=purpose)
-    if displaced and not as_json:
-        click.echo(displaced_warning(displaced), err=True)
+    warn(remember(agent_id, sessionId=result["id"], purpose=purpose), as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:

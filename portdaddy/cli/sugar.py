@@ -9,13 +9,13 @@ import click
 from portdaddy.cli.context import (
     forget,
     load_current,
+    remember,
     repo_paths,
     resolve_agent,
     resolve_session,
-    save_current,
     worktree_root,
 )
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
 from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
@@ -48,8 +48,8 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
             "type": type_, "files": repo_paths([*paths, *files]), "force": force,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("agent.begin", args, as_json=as_json)
-    save_current({"agentId": result["agentId"], "sessionId": result["sessionId"], "purpose": result["purpose"],
-                  "identity": result["identity"], "startedAt": result["startedAt"]})  # fmt: skip
+    warn(remember(result["agentId"], sessionId=result["sessionId"], purpose=result["purpose"],
+                  identity=result["identity"], startedAt=result["startedAt"]), as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
         return
