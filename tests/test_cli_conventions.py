@@ -299,3 +299,11 @@ def test_every_command_has_examples_and_every_option_says_what_it_does() -> None
             f"{path} {p.opts[0]}: no help" for p in command.params if isinstance(p, click.Option) and not p.help
         ]
     assert lacking == []
+
+
+def test_an_empty_list_says_so(fresh_daemon: Daemon, tmp_path: Path) -> None:
+    for args, said in ((("spawned",), "No spawned agents\n"), (("fleet", "runs", "-C", str(tmp_path)), "No runs yet\n"),
+                       (("history", "never:used"), "No messages on never:used\n"),
+                       (("log", "--type", "never.*"), "No activity\n")):  # fmt: skip
+        r = fresh_daemon.pd(*args)
+        assert r.returncode == 0 and said in (r.stdout, r.stderr) and "---" not in r.stdout, (args, r.stdout, r.stderr)

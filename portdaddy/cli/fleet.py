@@ -283,6 +283,9 @@ def runs(agent: str | None, directory: str | None, limit: int, as_json: bool, qu
     if quiet:
         click.echo(result["count"])
         return
+    if not result["runs"]:
+        click.echo(f"No runs of {agent} yet" if agent else "No runs yet")
+        return
     table([[r["id"], r["agent"], r["status"], r["attempt"], (r["trigger"] or {}).get("source", "-"),
             r["exitCode"], age(r["createdAt"])] for r in result["runs"]],
           ["RUN", "AGENT", "STATUS", "ATTEMPT", "TRIGGER", "EXIT", "AGE"])  # fmt: skip

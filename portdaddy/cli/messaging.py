@@ -233,6 +233,8 @@ def history(channel: str, after: int | None, limit: int | None, as_json: bool, q
     if quiet:
         click.echo(result["count"])
         return
+    if not result["messages"]:
+        click.echo(f"No messages on {channel}", err=True)  # stderr: scripts read stdout as messages
     for msg in result["messages"]:
         click.echo(f"{msg['id']}  {msg['channel']}  {msg['sender'] or '-'}  {show_payload(msg)}")
 

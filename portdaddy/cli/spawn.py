@@ -158,6 +158,9 @@ def spawned(limit: int, as_json: bool, quiet: bool) -> None:
     if quiet:
         click.echo(result["count"])
         return
+    if not result["agents"]:
+        click.echo("No spawned agents")
+        return
     table([[a["id"], a["backend"], a["model"] or "-", a["status"], age(a["createdAt"])] for a in result["agents"]],
           ["AGENT ID", "BACKEND", "MODEL", "STATUS", "AGE"])  # fmt: skip
 

@@ -189,6 +189,8 @@ def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_
     if quiet:
         click.echo(result["count"])
         return
+    if not result["entries"]:
+        click.echo("No activity", err=True)  # stderr: scripts read stdout as entries
     for e in result["entries"]:
         click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {e['details'] or ''}")
 
