@@ -54,6 +54,10 @@ _TABLE: dict[str, tuple[int, int, int]] = {
     "DAEMON_UNAVAILABLE": (503, _FAILURE, EXIT_UNREACHABLE),
     "CANCELLED": (499, _FAILURE, EXIT_REFUSED),
     "INTERNAL": (500, _FAILURE, EXIT_REFUSED),
+    # Outcomes pd reports when the daemon answered and the answer is a no; the daemon never sends these.
+    "CHAIN_BROKEN": (409, _REFUSE, EXIT_REFUSED),
+    "RUN_FAILED": (409, _REFUSE, EXIT_REFUSED),
+    "DELIVERY_FAILED": (502, _FAILURE, EXIT_REFUSED),
 }
 _DEFAULT = (500, _FAILURE, EXIT_REFUSED)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import trio
 import trio.testing
 
 from portdaddy.core.arbiter import Arbiter
+from portdaddy.core.clock import now_ms
 from portdaddy.core.harbors import Harbors
 from tests.swarm_app import PublishRecorder, make_app
 
@@ -130,7 +132,7 @@ async def test_heartbeat_freshness_stale_and_unsalvaged_dead(app, mock_clock) ->
         await trio.testing.wait_all_tasks_blocked()
 
     found = await _run(app, [
-        ("agent.stale", {"agentId": "hal", "identity": "x", "lastHeartbeat": 1}),
+        ("agent.stale", {"agentId": "hal", "identity": "x", "lastHeartbeat": now_ms() - 90_000}),
         ("agent.dead", {"agentId": "hal", "identity": "x", "lastHeartbeat": 1, "sessionIds": []}),
         ("agent.dead", {"agentId": "ivy", "identity": "y", "lastHeartbeat": 1, "sessionIds": []}),
         ("salvage.create", {"salvageId": 1, "agentId": "ivy", "by": "daemon"}),
@@ -139,6 +141,8 @@ async def test_heartbeat_freshness_stale_and_unsalvaged_dead(app, mock_clock) ->
         ("HEARTBEAT_FRESHNESS", "warning", "hal"),
         ("HEARTBEAT_FRESHNESS", "critical", "hal"),
     ]
+    stale = min(found, key=lambda v: v["id"])["details"]["message"]  # for people: how long, not an epoch
+    assert re.fullmatch(r"agent hal is stale \(silent for 9[01]s\)", stale), stale
 
 
 async def test_normal_traffic_records_nothing(app, mock_clock, tmp_path) -> None:
@@ -222,7 +226,7 @@ def test_status_and_violations_through_the_cli(daemon_factory) -> None:
     assert d.pd("arbiter", "violations", "--since", "yesterday").returncode == 2
     assert "CAP_ESCALATION" in d.pd("arbiter", "violations").stdout
     # A synthetic violation exercises the alert path without sending anyone overboard, even in strict mode.
-    found = json.loads(d.pd("arbiter", "test", "LOCK_OWNER_VALID", "--json").stdout)
+    found = json.loads(d.pd("arbiter", "test", "LOCK_OWNER_VALID", "--json").stdout)["violation"]
     assert found["rule"] == "LOCK_OWNER_VALID" and found["details"]["synthetic"] is True
     bad = d.pd("arbiter", "test", "NO_SUCH_RULE")
     assert bad.returncode == 2 and "LOCK_OWNER_VALID" in bad.stderr

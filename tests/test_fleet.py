@@ -77,7 +77,7 @@ def test_validate_reports_cycles_yaml_lines_and_missing_backends(tmp_home: Path,
     cyclic = daemon.pd("fleet", "validate", "-C", str(project), "--json")
     assert cyclic.returncode == 2
     report = json.loads(cyclic.stdout)
-    assert report["valid"] is False
+    assert report["success"] is False and report["error"] == "VALIDATION_ERROR" and report["valid"] is False
     assert any("cycle: a -> b -> a" in e for e in report["errors"]), report
 
     (project / "pd-fleet.yml").write_text("agents:\n  a:\n    trigger: x\n   backend: custom\n")
@@ -91,6 +91,12 @@ def test_up_refuses_an_invalid_fleet_and_changes_nothing(fresh_daemon: Daemon, t
     r = fresh_daemon.pd("fleet", "up", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
     assert "'claude' is not on PATH" in r.stderr
+    (project / "pd-fleet.yml").write_text("agents:\n  a: {trigger: x, backend: claude-cli, prompt: hi}\n"
+                                          "  b: {trigger: y, backend: codex, prompt: hi}\n")  # fmt: skip
+    two = fresh_daemon.pd("fleet", "up", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
+    lines = two.stderr.splitlines()  # one error line per problem, as pd fleet validate prints them
+    assert two.returncode == 2 and len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "'claude' is not on PATH" in lines[0] and "'codex' is not on PATH" in lines[1]
     assert fresh_daemon.call("fleet.status")["fleets"] == []
     none = fresh_daemon.pd("fleet", "up", "-C", str(tmp_home))
     assert none.returncode == 1 and "pd fleet init" in none.stderr

@@ -180,6 +180,29 @@ def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon,
     assert f"to session {bob}" in pd("bob", "note", "bob again").stdout
 
 
+def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemon, tmp_path: Path) -> None:
+    """The tutorial's agents share one repo without ids: the second session start takes the worktree over."""
+    tree = _tree(tmp_path, "shared")
+    first = daemon.pd("session", "start", "Building checkout UI", "-q", cwd=tree).stdout.strip()
+    second = daemon.pd("session", "start", "Building payment API", cwd=tree)
+    assert f"warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
+    assert "give each its own PORT_DADDY_AGENT" in second.stderr
+    note = daemon.pd("note", "Built CheckoutForm component", cwd=tree)  # agent 1's note, in agent 2's session:
+    assert note.stdout.endswith("(Building payment API)\n"), note.stdout  # the reply names where it went
+    registered = daemon.pd("agent", "register", "--agent", "shared-frontend", cwd=tree)
+    assert "current session was session-" in registered.stderr and "(Building payment API)" in registered.stderr
+    for purpose in ("Own work", "More own work"):  # an agent's own next session is no one else's business
+        own = daemon.pd("session", "start", purpose, cwd=tree)
+        assert own.returncode == 0 and own.stderr == "", own.stderr
+    # The environment outranks what a worktree remembers: an --agent that it overrides is said to be so.
+    other = _tree(tmp_path, "env")
+    begun = daemon.pd("begin", "Finish the schema", "--agent", "db-2", cwd=other, env={"PORT_DADDY_AGENT": "backend"})
+    assert "warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
+        begun.stderr)  # fmt: skip
+    plain = daemon.pd("begin", "Same agent", cwd=_tree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
+    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
+
+
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     tree = _tree(tmp_path, "sit")
     daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)
@@ -187,6 +210,8 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     daemon.pd("note", "buttons done", cwd=tree)
     rep = daemon.pd("sitrep", "--since", "5m", "--project", "sit")
     assert rep.returncode == 0 and "[sitter] buttons done" in rep.stdout and "web/components/*" in rep.stdout
+    lone = daemon.pd("session", "start", "Nobody's work", "-q", cwd=_tree(tmp_path, "lone")).stdout.strip()
+    assert f"active    {lone} Nobody's work\n" in daemon.pd("sitrep", "--since", "5m").stdout  # no agent, no "-:"
     owners = daemon.pd("who-owns", "web/components/Button.tsx")
     assert "claimed by 1 session(s)" in owners.stdout and "sitter: Sit UI" in owners.stdout
     assert daemon.pd("who-owns", "web/pages/x.ts", "-q").stdout.strip() == "unclaimed"

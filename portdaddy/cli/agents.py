@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, resolve_agent
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
 from portdaddy.cli.transport import call
 
 _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
@@ -54,7 +54,7 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
     args = {"agentId": resolve_agent(agent), "identity": identity, "purpose": purpose, "type": type_,
             "status": status, "capabilities": caps, "maxLocks": max_locks, "maxServices": max_services}  # fmt: skip
     result = call("agent.register", args, as_json=as_json)
-    remember(result["agentId"])
+    warn(remember(result["agentId"]), as_json=as_json)
     if as_json:
         emit_json(result)
         return
@@ -101,18 +101,23 @@ def unregister(agent: str | None, as_json: bool) -> None:
 @agent.command("show")
 @click.argument("agent_id")
 @json_option
-def show(agent_id: str, as_json: bool) -> None:
-    """Show one agent: identity, purpose, liveness, last heartbeat.
+@quiet_option
+def show(agent_id: str, as_json: bool, quiet: bool) -> None:
+    """Show one agent: identity, purpose, liveness, last heartbeat. -q prints its liveness (active, stale, dead).
 
     \b
-    Example:
+    Examples:
       pd agent show frontend-builder
+      [ "$(pd agent show database-builder -q)" = dead ] && pd salvage --project payments
     """
     result = call("agent.get", {"id": agent_id}, as_json=as_json)
     if as_json:
         emit_json(result)
         return
     a = result["agent"]
+    if quiet:
+        click.echo(a["liveness"])
+        return
     for label, value in (("Agent", a["id"]), ("Liveness", a["liveness"]), ("Identity", a["identity"]),
                          ("Purpose", a["purpose"]), ("Type", a["type"]), ("Status", a["status"]), ("PID", a["pid"]),
                          ("Last heartbeat", f"{age(a['lastHeartbeat'])} ago"),

@@ -81,9 +81,10 @@ def test(rule: str, as_json: bool, quiet: bool) -> None:
     Example:
       pd arbiter test NOTE_MONOTONICITY
     """
-    found = call("arbiter.test", {"name": rule}, as_json=as_json)["violation"]
+    result = call("arbiter.test", {"name": rule}, as_json=as_json)
+    found = result["violation"]
     if as_json:
-        emit_json(found)
+        emit_json(result)
     elif quiet:
         click.echo(found["id"])
     else:

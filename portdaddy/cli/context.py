@@ -18,6 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# Where an agent's id comes from when no --agent is given, first match wins (AGENT_ID as the original).
+_AGENT_VARS = ("PORT_DADDY_AGENT", "AGENT_ID")
+
 
 def worktree_root(start: Path | None = None) -> Path:
     """The nearest directory holding ``.git`` (a dir, or a file in linked worktrees); else the cwd."""
@@ -73,13 +76,27 @@ def clear_current(root: Path | None = None) -> None:
         pass
 
 
-def remember(agent_id: str | None, **fields: Any) -> None:
+def remember(agent_id: str | None, **fields: Any) -> list[str]:
     """Record what this worktree's current agent is doing. What the file held for another agent (its session,
-    its identity) is dropped first: none of it is this agent's."""
+    its identity) is dropped first: none of it is this agent's.
+
+    Returns warnings for the caller to print: the worktree stops using a session that is someone else's (another
+    agent's, or one of two started without agent ids, which cannot be told apart), or the environment names
+    another agent, which later commands will act as instead of this one."""
     current = load_current()
-    if current.get("agentId") != agent_id:
+    held, other_agent = current.get("sessionId"), current.get("agentId") != agent_id
+    warnings = []
+    if held and (other_agent or (agent_id is None and fields.get("sessionId", held) != held)):
+        warnings.append(f"warning: this worktree's current session was {held} ({current.get('purpose')}); pd here "
+                        "no longer uses it. Agents sharing a worktree: give each its own PORT_DADDY_AGENT")  # fmt: skip
+    var = next((name for name in _AGENT_VARS if os.environ.get(name)), None)
+    if var and agent_id and os.environ[var] != agent_id:
+        warnings.append(f"warning: {var}={os.environ[var]} is set, so later pd commands here act as that agent, "
+                        f"not {agent_id}; pass them --agent {agent_id}, or change {var}")  # fmt: skip
+    if other_agent:
         current = {}
     save_current({**current, **({"agentId": agent_id} if agent_id else {}), **fields})
+    return warnings
 
 
 def forget(*, agent_id: str | None = None, session_id: str | None = None) -> None:
@@ -93,7 +110,8 @@ def forget(*, agent_id: str | None = None, session_id: str | None = None) -> Non
 
 
 def resolve_agent(explicit: str | None = None) -> str | None:
-    return explicit or os.environ.get("PORT_DADDY_AGENT") or os.environ.get("AGENT_ID") or load_current().get("agentId")
+    from_env = next((os.environ[name] for name in _AGENT_VARS if os.environ.get(name)), None)
+    return explicit or from_env or load_current().get("agentId")
 
 
 def resolve_session(explicit: str | None = None, agent: str | None = None) -> str | None:

@@ -61,7 +61,7 @@ def start(as_json: bool) -> None:
     except PDError as e:
         fail(e, as_json=as_json)
     if as_json:
-        emit_json(health)
+        emit_json({"success": True, "started": not running, **health})
     elif running:
         click.echo(f"Port Daddy already running (pid {health['pid']})")
     else:
@@ -161,13 +161,19 @@ def attention(counts: dict[str, int]) -> list[str]:
 @json_option
 @quiet_option
 def version(as_json: bool, quiet: bool) -> None:
-    """Print the client version, and the daemon's if one is running (never starts it)."""
+    """Print the client version, and the daemon's if one is running (never starts it). -q: the client's alone.
+
+    \b
+    Examples:
+      pd version
+      pd version --json
+    """
     try:
         daemon = probe(settings(), "daemon.version")
     except PDError as e:
         daemon = {"refused": e.message}
     if as_json:
-        emit_json({"client": __version__, "daemon": daemon})
+        emit_json({"success": True, "client": __version__, "daemon": daemon})
     elif quiet:
         click.echo(__version__)
     else:
@@ -182,7 +188,12 @@ def version(as_json: bool, quiet: bool) -> None:
 
 @click.command()
 def daemon() -> None:
-    """Run the daemon in the foreground (what `make run` does). Ctrl-C stops it cleanly."""
+    """Run the daemon in the foreground (what `make run` does). Ctrl-C stops it cleanly.
+
+    \b
+    Example:
+      PORT_DADDY_HOME=/tmp/pd-scratch pd daemon
+    """
     from portdaddy.daemon import main
 
     sys.exit(main())

@@ -7,7 +7,6 @@ daemon, which supervises the fleet (it survives the terminal that ran ``pd fleet
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,7 @@ def init(directory: str | None, force: bool, no_hook: bool, as_json: bool) -> No
     if not no_hook:
         hook_path, action = hook.install(root, home=hook.pinned_home())
     if as_json:
-        emit_json({"fleetFile": str(wrote or existing), "written": wrote is not None,
+        emit_json({"success": True, "fleetFile": str(wrote or existing), "written": wrote is not None,
                    "hook": str(hook_path) if hook_path else None, "hookAction": action})  # fmt: skip
         return
     if wrote is not None:
@@ -126,17 +125,14 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
         else:
             cfg = load_checked(project_dir(directory), os.environ.get("PATH"))
     except FleetConfigError as exc:
-        if as_json:
-            emit_json({"valid": False, "file": str(exc.path), "errors": exc.errors})
-        else:
-            for line in exc.errors:
-                click.echo(f"error: {line}", err=True)
-        sys.exit(2)
+        exc.extra["valid"] = False  # the field a valid file's reply carries
+        fail(exc, as_json=as_json)
     except PDError as exc:
         fail(exc, as_json=as_json)
     if as_json:
-        emit_json({"valid": True, "file": str(cfg.path), "name": cfg.name, "agents": sorted(cfg.agents),
-                   "channels": sorted(cfg.channels), "warnings": cfg.warnings})  # fmt: skip
+        emit_json({"success": True, "valid": True, "file": str(cfg.path), "name": cfg.name,
+                   "agents": sorted(cfg.agents), "channels": sorted(cfg.channels),
+                   "warnings": cfg.warnings})  # fmt: skip
         return
     for line in cfg.warnings:
         click.echo(f"warning: {line}", err=True)
@@ -270,10 +266,11 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
 @fleet.command("runs")
 @click.argument("agent", required=False)
 @_UP_DIR
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=int, default=20, show_default=True, help="Show at most this many.")
 @json_option
-def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) -> None:
-    """Recent runs of the fleet's agents, newest first.
+@quiet_option
+def runs(agent: str | None, directory: str | None, limit: int, as_json: bool, quiet: bool) -> None:
+    """Recent runs of the fleet's agents, newest first. -q prints how many.
 
     \b
     Example:
@@ -283,6 +280,12 @@ def runs(agent: str | None, directory: str | None, limit: int, as_json: bool) ->
                   as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
+        return
+    if not result["runs"]:
+        click.echo(f"No runs of {agent} yet" if agent else "No runs yet")
         return
     table([[r["id"], r["agent"], r["status"], r["attempt"], (r["trigger"] or {}).get("source", "-"),
             r["exitCode"], age(r["createdAt"])] for r in result["runs"]],
@@ -312,8 +315,11 @@ def run_now(agent: str, directory: str | None, as_json: bool, quiet: bool) -> No
 @click.argument("agent")
 @_UP_DIR
 @json_option
-def reset(agent: str, directory: str | None, as_json: bool) -> None:
+@quiet_option
+def reset(agent: str, directory: str | None, as_json: bool, quiet: bool) -> None:
     """Close AGENT's circuit breaker (opened after too many failed respawns) and forget its failures.
+
+    -q prints closed, or not-open if it was not open.
 
     \b
     Example:
@@ -322,6 +328,8 @@ def reset(agent: str, directory: str | None, as_json: bool) -> None:
     result = call("fleet.reset", {"projectDir": project_dir(directory), "agent": agent}, as_json=as_json)
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo("closed" if result["wasOpen"] else "not-open")
     else:
         click.echo(f"Circuit of {agent} closed" if result["wasOpen"] else f"Circuit of {agent} was not open")
 

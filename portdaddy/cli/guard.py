@@ -47,7 +47,9 @@ def _hooks_dir(root: Path, as_json: bool) -> Path:
 
 
 @guard.command("install")
-@click.option("--mode", type=click.Choice(MODES), default="warn", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="warn", show_default=True,
+              help="What the hook does with files claimed elsewhere: advisory (one line), warn (name them), "
+                   "enforce (refuse the commit).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a pre-commit hook that is not ours.")
 @json_option
 def install(mode: str, force: bool, as_json: bool) -> None:
@@ -75,7 +77,8 @@ def install(mode: str, force: bool, as_json: bool) -> None:
 @guard.command("check")
 @click.argument("paths", nargs=-1)
 @click.option("--staged", is_flag=True, help="Check the files staged for commit.")
-@click.option("--mode", type=click.Choice(MODES), default="warn", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="warn", show_default=True,
+              help="advisory (one line), warn (name every conflict), enforce (also exit 1).")  # fmt: skip
 @json_option
 def check(paths: tuple[str, ...], staged: bool, mode: str, as_json: bool) -> None:
     """Check PATHS (and with --staged the staged files) against other active sessions' claims.

@@ -31,8 +31,10 @@ def _caps(value: str | None) -> list[str] | None:
 @click.option("--channels", help="Channels of the harbor, comma-separated.")
 @click.option("--expires", metavar="DURATION", help="Remove the harbor after e.g. 2h.")
 @json_option
-def create(name: str, cap: str | None, channels: str | None, expires: str | None, as_json: bool) -> None:
-    """Create harbor NAME (an existing one is kept as it is).
+@quiet_option
+def create(name: str, cap: str | None, channels: str | None, expires: str | None, as_json: bool,
+           quiet: bool) -> None:  # fmt: skip
+    """Create harbor NAME (an existing one is kept as it is). -q prints created or exists.
 
     \b
     Example:
@@ -43,7 +45,8 @@ def create(name: str, cap: str | None, channels: str | None, expires: str | None
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"{'created' if result['created'] else 'exists'}: harbor {name}")
+        state = "created" if result["created"] else "exists"
+        click.echo(state if quiet else f"{state}: harbor {name}")
 
 
 @harbor.command("list")

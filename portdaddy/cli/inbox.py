@@ -84,8 +84,9 @@ def send(to: str, text: tuple[str, ...], sender: str | None, kind: str | None, a
 @click.argument("message_id", type=int, required=False)
 @_AGENT
 @json_option
-def read(message_id: int | None, agent: str | None, as_json: bool) -> None:
-    """Mark MESSAGE_ID (or every message) read.
+@quiet_option
+def read(message_id: int | None, agent: str | None, as_json: bool, quiet: bool) -> None:
+    """Mark MESSAGE_ID (or every message) read. -q prints how many were marked.
 
     \b
     Examples:
@@ -93,21 +94,28 @@ def read(message_id: int | None, agent: str | None, as_json: bool) -> None:
       pd inbox read 42 --agent backend-agent
     """
     result = call("inbox.read", {"agentId": _me(agent), "messageId": message_id}, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Marked {result['marked']} message(s) read")
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["marked"] if quiet else f"Marked {result['marked']} message(s) read")
 
 
 @inbox.command()
 @_AGENT
 @json_option
-def clear(agent: str | None, as_json: bool) -> None:
-    """Delete every message of the inbox.
+@quiet_option
+def clear(agent: str | None, as_json: bool, quiet: bool) -> None:
+    """Delete every message of the inbox. -q prints how many were deleted.
 
     \b
     Example:
       pd inbox clear --agent backend-agent
     """
     result = call("inbox.clear", {"agentId": _me(agent)}, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Deleted {result['deleted']} message(s)")
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(result["deleted"] if quiet else f"Deleted {result['deleted']} message(s)")
 
 
 COMMANDS = (inbox,)

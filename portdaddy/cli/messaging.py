@@ -96,7 +96,8 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
     """Print messages on CHANNELS (comma-separated; payments:* and * are wildcards) as they arrive.
 
     The last message of each matching channel is printed first, so a signal published before you
-    subscribed is not missed. --json prints one JSON object per line.
+    subscribed is not missed. It runs until interrupted, like tail -f: to wait for a signal and go on,
+    add --once, or use pd wait CH... to wait for several. --json prints one JSON object per line.
 
     \b
     Examples:
@@ -184,7 +185,8 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
 @json_option
 @quiet_option
 def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
-    """List channels with their message counts and last activity, newest first.
+    """List channels with their message counts and last activity, newest first. -q prints how many channels
+    (with --clear: how many messages were deleted).
 
     \b
     Examples:
@@ -193,7 +195,10 @@ def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
     """
     if clear:
         result = call("msg.clear", {"channel": clear}, as_json=as_json)
-        emit_json(result) if as_json else click.echo(f"Cleared {result['deleted']} message(s) from {clear}")
+        if as_json:
+            emit_json(result)
+        else:
+            click.echo(result["deleted"] if quiet else f"Cleared {result['deleted']} message(s) from {clear}")
         return
     result = call("msg.channels", as_json=as_json)
     if as_json:
@@ -212,8 +217,9 @@ def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
 @click.option("--after", type=int, help="Messages after this id (a cursor), instead of the newest.")
 @click.option("--limit", type=int, help="At most this many (default 50, max 1000).")
 @json_option
-def history(channel: str, after: int | None, limit: int | None, as_json: bool) -> None:
-    """Print a channel's (or pattern's) history, oldest first, with ids.
+@quiet_option
+def history(channel: str, after: int | None, limit: int | None, as_json: bool, quiet: bool) -> None:
+    """Print a channel's (or pattern's) history, oldest first, with ids. -q prints how many messages.
 
     \b
     Examples:
@@ -224,6 +230,11 @@ def history(channel: str, after: int | None, limit: int | None, as_json: bool) -
     if as_json:
         emit_json(result)
         return
+    if quiet:
+        click.echo(result["count"])
+        return
+    if not result["messages"]:
+        click.echo(f"No messages on {channel}", err=True)  # stderr: scripts read stdout as messages
     for msg in result["messages"]:
         click.echo(f"{msg['id']}  {msg['channel']}  {msg['sender'] or '-'}  {show_payload(msg)}")
 

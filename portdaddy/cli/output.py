@@ -48,6 +48,13 @@ def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="Print only the essential value.")(f)
 
 
+def warn(lines: list[str], *, as_json: bool) -> None:
+    """Warnings go to stderr, like conflicts; under --json the reply alone is printed."""
+    if not as_json:
+        for line in lines:
+            click.echo(line, err=True)
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 

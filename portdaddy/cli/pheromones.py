@@ -72,8 +72,9 @@ def sniff(table: str, entity: str, harbor: str | None, as_json: bool, quiet: boo
 @click.option("--table", "-t", "kind", type=_TABLES, help="Only this kind of entity.")
 @_HARBOR
 @json_option
-def list_(kind: str | None, harbor: str | None, as_json: bool) -> None:
-    """List every entity with a live signal.
+@quiet_option
+def list_(kind: str | None, harbor: str | None, as_json: bool, quiet: bool) -> None:
+    """List every entity with a live signal. -q prints how many entities.
 
     \b
     Example:
@@ -82,6 +83,9 @@ def list_(kind: str | None, harbor: str | None, as_json: bool) -> None:
     result = call("pheromone.list", {"table": kind, "harbor": harbor}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     rows = [(p["table"], p["id"], k, f"{value:.3f}") for p in result["pheromones"]
             for k, value in sorted(p["pheromones"].items())]  # fmt: skip
@@ -96,8 +100,11 @@ def list_(kind: str | None, harbor: str | None, as_json: bool) -> None:
 @click.option("--depth", type=int, default=5, show_default=True, help="Directory levels to aggregate.")
 @click.option("--limit", type=int, default=20, show_default=True, help="Files to show.")
 @json_option
-def files(prefix: str, depth: int, limit: int, as_json: bool) -> None:
+@quiet_option
+def files(prefix: str, depth: int, limit: int, as_json: bool, quiet: bool) -> None:
     """File heat map from claim history and active claims; CONFLICT = claimed by more than one session.
+
+    -q prints how many files are shown.
 
     \b
     Example:
@@ -106,6 +113,9 @@ def files(prefix: str, depth: int, limit: int, as_json: bool) -> None:
     result = call("pheromone.files", {"path": prefix, "depth": depth, "limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(len(result["files"]))
         return
     if not result["files"]:
         click.echo("No file claims recorded", err=True)

@@ -29,7 +29,7 @@ def claim(identity: str, port: int | None, port_range: str | None, expires: str 
 
     \b
     Examples:
-      pd claim myapp:api:main -q          # 4821
+      pd claim myapp:api:main -q          # 5630
       PORT=$(pd claim myapp:web -q) npm run dev
       pd claim myapp:db --port 5432 --expires 2h
     """
@@ -110,7 +110,13 @@ def find(pattern: str, as_json: bool, quiet: bool) -> None:
 @json_option
 @quiet_option
 def services(pattern: str, as_json: bool, quiet: bool) -> None:
-    """List claimed services (same as pd find)."""
+    """List claimed services (same as pd find).
+
+    \b
+    Examples:
+      pd services
+      pd services 'myapp:*' -q
+    """
     _find(pattern, as_json, quiet)
 
 
@@ -156,7 +162,7 @@ def env(pattern: str, as_json: bool) -> None:
         if s["urls"].get("local"):
             lines[f"{env_prefix(s['id'])}_URL"] = s["urls"]["local"]
     if as_json:
-        emit_json(lines)
+        emit_json({"success": True, "env": lines})
     else:
         for key, value in lines.items():
             click.echo(f"{key}={value}")

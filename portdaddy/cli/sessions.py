@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call, connect, fail
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table, warn
+from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
 
@@ -83,7 +83,7 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
     args = {"purpose": purpose, "files": repo_paths([*paths, *files]), "force": force, "agentId": agent_id,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("session.start", args, as_json=as_json)
-    remember(agent_id, sessionId=result["id"], purpose=purpose)
+    warn(remember(agent_id, sessionId=result["id"], purpose=purpose), as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -97,7 +97,8 @@ def start(purpose: str, paths: tuple[str, ...], files: tuple[str, ...], force: b
 
 @session.command("end")
 @click.argument("note", required=False)
-@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True)
+@click.option("--status", type=click.Choice(["completed", "abandoned"]), default="completed", show_default=True,
+              help="How the session ends.")  # fmt: skip
 @_SESSION
 @json_option
 @quiet_option
@@ -153,18 +154,23 @@ def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: 
 @session.command("show")
 @click.argument("session_id", required=False)
 @json_option
-def show(session_id: str | None, as_json: bool) -> None:
-    """Show a session (default: the current one) with its notes and file claims.
+@quiet_option
+def show(session_id: str | None, as_json: bool, quiet: bool) -> None:
+    """Show a session (default: the current one) with its notes and file claims. -q prints its status.
 
     \b
-    Example:
+    Examples:
       pd session show session-1a2b3c4d5e6f
+      [ "$(pd session show -q)" = active ] || pd session start "Next task"
     """
     result = call("session.get", {**where(), "sessionId": resolve_session(session_id)}, as_json=as_json)
     if as_json:
         emit_json(result)
         return
     s = result["session"]
+    if quiet:
+        click.echo(s["status"])
+        return
     click.echo(f"{s['id']} ({s['status']}) {s['purpose']}")
     click.echo(f"  Agent: {s['agentId'] or '-'}   started {age(s['createdAt'])} ago")
     for f in result["files"]:
@@ -189,8 +195,11 @@ def files_group() -> None:
 @_FORCE
 @_SESSION
 @json_option
-def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_json: bool) -> None:
+@quiet_option
+def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_json: bool, quiet: bool) -> None:
     """Claim PATHS (paths or globs) for the session; a path another session holds is refused unless --force.
+
+    -q prints how many paths were claimed.
 
     \b
     Example:
@@ -198,15 +207,20 @@ def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_jso
     """
     args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths), "force": force}
     result = claiming_call("file.claim", args, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Claimed {len(result['claimed'])} path(s) for {result['sessionId']}")
+    if as_json:
+        emit_json(result)
+    else:
+        claimed = len(result["claimed"])
+        click.echo(claimed if quiet else f"Claimed {claimed} path(s) for {result['sessionId']}")
 
 
 @files_group.command("release")
 @click.argument("paths", nargs=-1)
 @_SESSION
 @json_option
-def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) -> None:
-    """Release PATHS (all of the session's claims when none are given).
+@quiet_option
+def files_release(paths: tuple[str, ...], session: str | None, as_json: bool, quiet: bool) -> None:
+    """Release PATHS (all of the session's claims when none are given). -q prints how many were released.
 
     \b
     Example:
@@ -214,7 +228,11 @@ def files_release(paths: tuple[str, ...], session: str | None, as_json: bool) ->
     """
     args = {**where(), "sessionId": resolve_session(session), "files": repo_paths(paths) or None}
     result = call("file.release", args, as_json=as_json)
-    emit_json(result) if as_json else click.echo(f"Released {len(result['released'])} path(s)")
+    if as_json:
+        emit_json(result)
+    else:
+        released = len(result["released"])
+        click.echo(released if quiet else f"Released {released} path(s)")
 
 
 @click.command("note")
@@ -239,7 +257,7 @@ def note(content: str, type_: str, session: str | None, as_json: bool, quiet: bo
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["noteId"] if quiet else f"Note added to session {result['sessionId']}")
+        click.echo(result["noteId"] if quiet else f"Note added to session {result['sessionId']} ({result['purpose']})")
 
 
 def note_line(n: dict[str, Any]) -> str:
@@ -258,20 +276,26 @@ def note_line(n: dict[str, Any]) -> str:
 @click.option("--since", metavar="DURATION", help="Only notes of the last e.g. 30m.")
 @click.option("--verify", is_flag=True, help="Check every session's note chain instead (exit 1 if broken).")
 @json_option
+@quiet_option
 def notes(limit: int, session: str | None, agent: str | None, project: str | None, type_: str | None,
-          since: str | None, verify: bool, as_json: bool) -> None:  # fmt: skip
-    """The timeline of notes across agents, newest first.
+          since: str | None, verify: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """The timeline of notes across agents, newest first. -q prints how many (with --verify: intact or broken).
 
     \b
     Examples:
       pd notes --limit 20
       pd notes --agent backend-builder --type commit
+      pd notes --since 10m -q
       pd notes --verify
     """
     if verify:
         result = call("note.verify", {"sessionId": session}, as_json=as_json)
+        if as_json and not result["valid"]:
+            refuse_reply("CHAIN_BROKEN", f"{len(result['problems'])} problem(s) in note chains", result)
         if as_json:
             emit_json(result)
+        elif quiet:
+            click.echo("intact" if result["valid"] else "broken")
         elif result["valid"]:
             click.echo(f"Note chain intact: {result['notes']} notes in {result['sessions']} session(s)")
         else:
@@ -282,6 +306,8 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
                                 "type": type_, "since": since}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo(result["count"])
     elif not result["notes"]:
         click.echo("No notes")
     else:
@@ -289,9 +315,14 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
             click.echo(note_line(n))
 
 
+def holder(agent_id: str | None, purpose: str) -> str:
+    """``backend-builder: Building payment API``, or the purpose alone for a session without an agent."""
+    return f"{agent_id}: {purpose}" if agent_id else purpose
+
+
 def claim_line(c: dict[str, Any]) -> str:
-    holder = f"{c['agentId']}: {c['purpose']}" if c["agentId"] else c["purpose"]
-    return f"{c['filePath']}  {c['sessionId']} ({holder}){' [forced]' if c['forced'] else ''}"
+    forced = " [forced]" if c["forced"] else ""
+    return f"{c['filePath']}  {c['sessionId']} ({holder(c['agentId'], c['purpose'])}){forced}"
 
 
 @click.command("files")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import FOREVER_S, call, spinning
+from portdaddy.cli.transport import FOREVER_S, call, refuse_reply, spinning
 from portdaddy.config import parse_duration_ms
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
@@ -54,7 +54,8 @@ def _print_run(run: dict[str, Any]) -> None:
 
 @spawn.command("start")
 @click.argument("task", nargs=-1, required=True)
-@click.option("--backend", "-b", type=click.Choice(_BACKENDS), default="claude-cli", show_default=True)
+@click.option("--backend", "-b", type=click.Choice(_BACKENDS), default="claude-cli", show_default=True,
+              help="The agent CLI to run (custom: TASK is a shell command).")  # fmt: skip
 @click.option("--model", "-m", help="Model name for the backend.")
 @click.option("--identity", "-i", help="Semantic identity of the agent (default spawned:BACKEND).")
 @click.option("--timeout", "-t", metavar="DURATION",
@@ -91,6 +92,9 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
                           timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip
         run = result["run"]
+        if as_json and run["status"] != "completed":
+            why = f": {run['error']}" if run["error"] else ""
+            refuse_reply("RUN_FAILED", f"{run['id']} ended {run['status']}{why}", result)
         if as_json:
             emit_json(result)
         else:
@@ -107,8 +111,11 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
 @spawn.command("kill")
 @click.argument("run_id", metavar="ID")
 @json_option
-def kill(run_id: str, as_json: bool) -> None:
+@quiet_option
+def kill(run_id: str, as_json: bool, quiet: bool) -> None:
     """Stop a spawned agent (or a fleet run): SIGTERM to its process group, then SIGKILL after a grace period.
+
+    -q prints the run's status afterwards (killed, or how it had already ended).
 
     \b
     Example:
@@ -118,6 +125,8 @@ def kill(run_id: str, as_json: bool) -> None:
         result = call("spawn.kill", {"id": run_id}, as_json=as_json, timeout=300)
     if as_json:
         emit_json(result)
+    elif quiet:
+        click.echo(result["run"]["status"])
     else:
         _print_run(result["run"])
 
@@ -141,10 +150,11 @@ def logs(run_id: str, tail: int, as_json: bool) -> None:
 
 
 @click.command("spawned")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="Show at most this many.")
 @json_option
-def spawned(limit: int, as_json: bool) -> None:
-    """Spawned agents, newest first.
+@quiet_option
+def spawned(limit: int, as_json: bool, quiet: bool) -> None:
+    """Spawned agents, newest first. -q prints how many.
 
     \b
     Example:
@@ -153,6 +163,12 @@ def spawned(limit: int, as_json: bool) -> None:
     result = call("spawn.list", {"limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
+        return
+    if not result["agents"]:
+        click.echo("No spawned agents")
         return
     table([[a["id"], a["backend"], a["model"] or "-", a["status"], age(a["createdAt"])] for a in result["agents"]],
           ["AGENT ID", "BACKEND", "MODEL", "STATUS", "AGE"])  # fmt: skip

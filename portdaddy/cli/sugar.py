@@ -9,14 +9,14 @@ import click
 from portdaddy.cli.context import (
     forget,
     load_current,
+    remember,
     repo_paths,
     resolve_agent,
     resolve_session,
-    save_current,
     worktree_root,
 )
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
-from portdaddy.cli.sessions import claim_line, claiming_call, note_line
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
+from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
 
@@ -48,8 +48,8 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
             "type": type_, "files": repo_paths([*paths, *files]), "force": force,
             "worktree": str(worktree_root())}  # fmt: skip
     result = claiming_call("agent.begin", args, as_json=as_json)
-    save_current({"agentId": result["agentId"], "sessionId": result["sessionId"], "purpose": result["purpose"],
-                  "identity": result["identity"], "startedAt": result["startedAt"]})  # fmt: skip
+    warn(remember(result["agentId"], sessionId=result["sessionId"], purpose=result["purpose"],
+                  identity=result["identity"], startedAt=result["startedAt"]), as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
         return
@@ -155,7 +155,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
         return
     click.echo(result["summary"])
     sections = (("Notes", [note_line(n) for n in result["notes"]]),
-                ("Sessions", [f"{s['status']:9} {s['id']} {s['agentId'] or '-'}: {s['purpose']}"
+                ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}"
                               for s in result["sessions"]]),
                 ("Dead agents awaiting salvage", [f"{e['id']} ({e['identity'] or '-'}): {e['purpose'] or '-'}"
                                                   for e in result["salvage_queue"]]),
@@ -173,8 +173,9 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
 @click.option("--agent", metavar="ID", help="Only this agent's activity.")
 @click.option("--since", metavar="DURATION", help="Only the last e.g. 1h.")
 @json_option
-def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool) -> None:
-    """The activity log: every state change, newest first.
+@quiet_option
+def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool, quiet: bool) -> None:
+    """The activity log: every state change, newest first. -q prints how many entries.
 
     \b
     Examples:
@@ -185,6 +186,11 @@ def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_
     if as_json:
         emit_json(result)
         return
+    if quiet:
+        click.echo(result["count"])
+        return
+    if not result["entries"]:
+        click.echo("No activity", err=True)  # stderr: scripts read stdout as entries
     for e in result["entries"]:
         click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {e['details'] or ''}")
 

@@ -32,13 +32,22 @@ def settings() -> Settings:
 
 
 def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
-    """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit."""
+    """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit. A refusal
+    listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
     ctx = click.get_current_context(silent=True)
     if as_json or (ctx is not None and ctx.params.get("as_json")):
         click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
     else:
-        click.echo(f"error: {one_line(err.message)}", err=True)
+        for problem in err.extra.get("errors") or [err.message]:
+            click.echo(f"error: {one_line(str(problem))}", err=True)
     sys.exit(exit_code(err.code))
+
+
+def refuse_reply(code: str, message: str, reply: dict[str, Any]) -> NoReturn:
+    """Fail with ``code`` for a daemon reply whose answer is a no (a broken chain, a failed run), the reply's
+    fields kept as details: under --json an exit 1 is a refusal object like any other."""
+    details = {k: v for k, v in reply.items() if k not in ("success", "error", "message")}
+    fail(PDError(code, message, **details))
 
 
 def _json(value: Any) -> str:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call
+from portdaddy.cli.transport import call, refuse_reply
 
 
 @click.group()
@@ -73,22 +71,21 @@ def ls(as_json: bool, quiet: bool) -> None:
 @webhook.command("test")
 @click.argument("webhook_id")
 @json_option
-def test(webhook_id: str, as_json: bool) -> None:
-    """Send a webhook.test event now; exit 1 unless the endpoint answers 2xx.
+@quiet_option
+def test(webhook_id: str, as_json: bool, quiet: bool) -> None:
+    """Send a webhook.test event now; exit 1 unless the endpoint answers 2xx. -q prints the HTTP status.
 
     \b
     Example:
       pd webhook test <id>
     """
     result = call("webhook.test", {"id": webhook_id}, as_json=as_json, timeout=20)
+    if not result["success"]:
+        refuse_reply("DELIVERY_FAILED", f"test delivery failed: {result.get('error') or result.get('status')}", result)
     if as_json:
         emit_json(result)
-    elif result["success"]:
-        click.echo(f"✓ {result['status']} {result['statusText']}")
     else:
-        click.echo(f"error: test delivery failed: {result.get('error') or result.get('status')}", err=True)
-    if not result["success"]:
-        sys.exit(1)
+        click.echo(result["status"] if quiet else f"✓ {result['status']} {result['statusText']}")
 
 
 @webhook.command("rm")
@@ -109,8 +106,9 @@ def rm(webhook_id: str, as_json: bool) -> None:
 @click.argument("webhook_id")
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
-def deliveries(webhook_id: str, limit: int | None, as_json: bool) -> None:
-    """A webhook's recent deliveries: event, status, attempts, response.
+@quiet_option
+def deliveries(webhook_id: str, limit: int | None, as_json: bool, quiet: bool) -> None:
+    """A webhook's recent deliveries: event, status, attempts, response. -q prints how many.
 
     \b
     Example:
@@ -119,6 +117,9 @@ def deliveries(webhook_id: str, limit: int | None, as_json: bool) -> None:
     result = call("webhook.deliveries", {"id": webhook_id, "limit": limit}, as_json=as_json)
     if as_json:
         emit_json(result)
+        return
+    if quiet:
+        click.echo(result["count"])
         return
     table([(d["event"], d["status"], d["attempts"], d["responseStatus"] or "-", age(d["createdAt"]))
            for d in result["deliveries"]], ("EVENT", "STATUS", "ATTEMPTS", "HTTP", "AGE"))  # fmt: skip

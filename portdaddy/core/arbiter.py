@@ -251,8 +251,10 @@ class Arbiter:
 
     def _stale(self, d: dict[str, Any]) -> None:
         self.checked["HEARTBEAT_FRESHNESS"] += 1
-        self.violation("HEARTBEAT_FRESHNESS", d.get("agentId"), f"agent {d.get('agentId')} is stale (last heartbeat "
-                       f"{d.get('lastHeartbeat')})", lastHeartbeat=d.get("lastHeartbeat"))  # fmt: skip
+        last = d.get("lastHeartbeat")
+        silent = f"silent for {max(0, now_ms() - last) // 1000}s" if isinstance(last, int) else "never heard from"
+        self.violation("HEARTBEAT_FRESHNESS", d.get("agentId"), f"agent {d.get('agentId')} is stale ({silent})",
+                       lastHeartbeat=last)  # fmt: skip
 
     def _dead(self, d: dict[str, Any]) -> None:
         agent = d.get("agentId")

@@ -188,11 +188,11 @@ class Sessions:
     # -- notes ---------------------------------------------------------------------------------------------
 
     def add_note(self, session_id: str, content: str, type: str, agent_id: str | None) -> dict[str, Any]:
-        row = self.store.one("SELECT wrapped_key, note_count, head_hash, agent_id FROM sessions WHERE id=?",
+        row = self.store.one("SELECT wrapped_key, note_count, head_hash, agent_id, purpose FROM sessions WHERE id=?",
                              (session_id,))  # fmt: skip
         if row is None:
             raise NotFound("SESSION_NOT_FOUND", f"session {session_id} does not exist; see pd session list --all")
-        wrapped, count, prev, owner = row
+        wrapped, count, prev, owner, purpose = row
         if count >= MAX_NOTES_PER_SESSION:
             raise PDError("RESOURCE_LIMIT", f"session {session_id} has {count} notes, the limit; start a new session")
         agent_id = agent_id or owner
@@ -208,8 +208,8 @@ class Sessions:
                        (seq, digest, now, session_id))  # fmt: skip
         self.app.bus.emit("note.add", sessionId=session_id, agentId=agent_id, noteId=note_id, seq=seq, type=type,
                           hash=digest, prevHash=prev)  # fmt: skip
-        return {"success": True, "noteId": note_id, "sessionId": session_id, "seq": seq, "hash": digest,
-                "createdAt": now}  # fmt: skip
+        return {"success": True, "noteId": note_id, "sessionId": session_id, "purpose": purpose, "seq": seq,
+                "hash": digest, "createdAt": now}  # fmt: skip
 
     def notes(self, *, session_id: str | None = None, session_ids: list[str] | None = None, agent: str | None = None,
               project: str | None = None, type: str | None = None, since: int | None = None,
