@@ -29,6 +29,8 @@ def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
     assert router.match("POST", "/harbors/x") is None  # no such method: a 405
     assert router.methods("/harbors/x") == ["GET"] and router.methods("/nowhere") == []
     assert router.match("GET", "/harbors//members") is None  # an empty argument is no argument
+    typed = Router([Route("PUT", "/inbox/<int:messageId>/read", "inbox.read")])
+    assert typed.match("PUT", "/inbox/7/read")[1] == {"messageId": "7"}  # the converter is not the name
 
 
 def test_every_route_is_reachable_by_its_own_path() -> None:

@@ -108,7 +108,8 @@ class Router:
     def __init__(self, routes: list[Route]) -> None:
         self._routes: dict[tuple[str, int], list[tuple[tuple[str, ...], Route]]] = {}
         for route in routes:
-            segments = tuple(route.path.strip("/").split("/"))
+            # Quart syntax: a converter (<int:messageId>) is the op's to check; the argument is named messageId.
+            segments = tuple(re.sub(r"^<\w+:", "<", seg) for seg in route.path.strip("/").split("/"))
             self._routes.setdefault((route.method, len(segments)), []).append((segments, route))
         for candidates in self._routes.values():
             candidates.sort(key=lambda c: -sum(not seg.startswith("<") for seg in c[0]))
