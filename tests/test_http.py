@@ -152,3 +152,19 @@ def test_a_waiter_that_hangs_up_is_withdrawn(fresh_daemon: Daemon) -> None:
     _hang_up_while_waiting(d, "POST", "/locks/hang:up", b'{"owner": "ghost", "wait": true}', "lockWaiters")
     d.call("lock.release", name="hang:up", owner="holder")
     assert d.call("lock.get", name="hang:up")["held"] is False
+
+
+def test_the_path_names_what_a_request_acts_on(fresh_daemon: Daemon) -> None:
+    """A body or query that spelled the same parameter another way (sessionId for a path's id, to for an inbox's
+    agentId) used to win over the path: PUT /sessions/A ended session B."""
+    d = fresh_daemon
+    first, second = (d.call("session.start", purpose=p)["id"] for p in ("first", "second"))
+    d.call("agent.register", agentId="path-agent")
+    with unix_client(d) as c:
+        r = c.put(f"/sessions/{first}", json={"sessionId": second, "status": "completed"})
+        assert r.status_code == 200 and r.json()["sessionId"] == first
+        assert c.post(f"/sessions/{second}/notes", json={"id": first, "content": "x"}).json()["sessionId"] == second
+        assert c.post("/agents/bob/inbox", json={"to": "carol", "content": "hi"}).json()["agentId"] == "bob"
+        assert c.get("/agents/path-agent", params={"id": "nobody"}).json()["agent"]["id"] == "path-agent"
+    assert d.call("session.get", sessionId=second)["session"]["status"] == "active"
+    assert d.call("inbox.stats", agentId="carol")["total"] == 0

@@ -27,7 +27,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from portdaddy.core import validate as v
-from portdaddy.core.ops import Ctx, call
+from portdaddy.core.ops import Ctx, call, lookup
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
 
@@ -176,7 +176,11 @@ async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict
         body = await _read_body(receive)
         if body:
             args.update(parse_body(body))
-        args.update(path_args)
+        op = lookup(core.ops, route.op)
+        for key, value in path_args.items():  # the path names what is acted on, however else it is spelled
+            for spelling in op.spellings(key):
+                args.pop(spelling, None)
+            args[key] = value
         args.update(route.fixed)
         pid = headers.get(b"x-pid", "")
         ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=_pid(pid))
