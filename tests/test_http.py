@@ -168,3 +168,18 @@ def test_the_path_names_what_a_request_acts_on(fresh_daemon: Daemon) -> None:
         assert c.get("/agents/path-agent", params={"id": "nobody"}).json()["agent"]["id"] == "path-agent"
     assert d.call("session.get", sessionId=second)["session"]["status"] == "active"
     assert d.call("inbox.stats", agentId="carol")["total"] == 0
+
+
+def test_path_arguments_are_percent_decoded_once_and_may_hold_slashes(daemon: Daemon) -> None:
+    """Routing read hypercorn's already decoded path and decoded it again: %2F split an argument into two
+    segments (a file's pheromones could not be read over HTTP) and %253A arrived as ':'."""
+    daemon.call("pheromone.spray", table="files", id="src/pay/a.py", key="heat", strength=0.5)
+    daemon.call("port.claim", id="twice:api")
+    with unix_client(daemon) as c:
+        r = c.get("/pheromone/files/src%2Fpay%2Fa.py")
+        assert r.status_code == 200 and r.json()["pheromones"]["heat"] > 0.4, r.text
+        r = c.get("/services/twice%253Aapi")
+        assert r.status_code == 400 and r.json()["code"] == "IDENTITY_INVALID", r.text
+        r = c.post("/locks/a%2F..%2Fb", json={"owner": "x"})
+        assert r.status_code == 400 and "'a/../b' has characters outside" in r.json()["error"], r.text
+        assert c.get("/services/twice%3Aapi").json()["service"]["id"] == "twice:api"

@@ -103,7 +103,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 class Router:
     """Method and path to a Route and its path arguments. Paths with more literal segments are tried first,
-    so ``/harbors/agent/<agentId>`` wins over ``/harbors/<name>/...`` shapes of the same length."""
+    so ``/harbors/agent/<agentId>`` wins over ``/harbors/<name>/...`` shapes of the same length.
+
+    Paths are matched as sent (percent-encoded): split on ``/`` first, then each segment decoded once, so an
+    argument may hold an encoded slash (``/pheromone/files/src%2Fa.py``) and ``%253A`` stays ``%3A``."""
 
     def __init__(self, routes: list[Route]) -> None:
         self._routes: dict[tuple[str, int], list[tuple[tuple[str, ...], Route]]] = {}
@@ -114,19 +117,23 @@ class Router:
         for candidates in self._routes.values():
             candidates.sort(key=lambda c: -sum(not seg.startswith("<") for seg in c[0]))
 
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        parts = path.strip("/").split("/")
+    def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]] | None:
+        parts = _segments(raw_path)
         for segments, route in self._routes.get((method, len(parts)), ()):
             args = _bind_path(segments, parts)
             if args is not None:
                 return route, args
         return None
 
-    def methods(self, path: str) -> list[str]:
-        """The methods some route serves ``path`` with (for a 405's ``Allow``)."""
-        parts = path.strip("/").split("/")
+    def methods(self, raw_path: str) -> list[str]:
+        """The methods some route serves ``raw_path`` with (for a 405's ``Allow``)."""
+        parts = _segments(raw_path)
         return sorted({method for (method, size), candidates in self._routes.items() if size == len(parts)
                        for segments, _ in candidates if _bind_path(segments, parts) is not None})  # fmt: skip
+
+
+def _segments(raw_path: str) -> list[str]:
+    return [unquote(part, errors="replace") for part in raw_path.strip("/").split("/")]
 
 
 def _bind_path(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
@@ -135,7 +142,7 @@ def _bind_path(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | 
         if seg.startswith("<"):
             if not part:
                 return None
-            args[seg[1:-1]] = unquote(part)
+            args[seg[1:-1]] = part
         elif seg != part:
             return None
     return args
@@ -148,8 +155,10 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
 
     async def app(scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                   send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
-        found = router.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        allowed = router.methods(scope["path"]) if found is None and scope["type"] == "http" else []
+        # hypercorn's raw_path is the path as sent; scope["path"] is decoded already (%2F would split a segment)
+        raw_path = scope["raw_path"].decode("utf-8", "replace") if scope["type"] == "http" else ""
+        found = router.match(scope["method"], raw_path) if raw_path else None
+        allowed = router.methods(raw_path) if found is None and raw_path else []
         if found is None and not allowed:
             await quart(scope, receive, send)  # the streams, and 404s
             return
