@@ -183,3 +183,16 @@ def test_path_arguments_are_percent_decoded_once_and_may_hold_slashes(daemon: Da
         r = c.post("/locks/a%2F..%2Fb", json={"owner": "x"})
         assert r.status_code == 400 and "'a/../b' has characters outside" in r.json()["error"], r.text
         assert c.get("/services/twice%3Aapi").json()["service"]["id"] == "twice:api"
+
+
+def test_a_query_parameter_given_twice_is_refused(daemon: Daemon) -> None:
+    """The last of a repeated key won in the dispatcher and the first in the SSE view, silently; a caller who
+    wrote ?status=a&status=b hoping for both got one."""
+    with unix_client(daemon) as c:
+        for method, path in (("POST", "/claim?id=dup:a&id=dup:b"), ("GET", "/services?pattern=a:*&pattern=b:*"),
+                             ("GET", "/msg/twice/subscribe?after=1&new=true&after=2")):  # fmt: skip
+            r = c.request(method, path)
+            assert r.status_code == 400 and r.json()["code"] == "VALIDATION_ERROR", r.text
+            assert r.json()["error"].startswith("query parameter '") and "given 2 times" in r.json()["error"]
+        assert c.post("/claim?id=dup:a").status_code == 200  # once is fine
+    assert [s["id"] for s in daemon.call("port.find", pattern="dup:*")["services"]] == ["dup:a"]

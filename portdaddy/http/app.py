@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -82,6 +83,17 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise PDError("VALIDATION_ERROR", "request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a "
                       "string; send valid Unicode")  # fmt: skip
     return parsed
+
+
+def query_args(query_string: bytes) -> dict[str, str]:
+    """A query string's parameters; one given twice is refused rather than one of its values silently kept."""
+    pairs = parse_qsl(query_string.decode("latin-1"))
+    args = dict(pairs)
+    if len(args) < len(pairs):
+        key, times = Counter(k for k, _ in pairs).most_common(1)[0]
+        raise PDError("VALIDATION_ERROR", f"query parameter '{key[:40]}' is given {times} times; give it once "
+                      "(a list goes comma-separated: a,b)")  # fmt: skip
+    return args
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -181,7 +193,7 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
 async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict[str, Any],
                  headers: dict[bytes, str], receive: Callable[..., Awaitable[Any]]) -> tuple[int, Any]:  # fmt: skip
     try:
-        args: dict[str, Any] = dict(parse_qsl(scope["query_string"].decode("latin-1")))  # query, body, path
+        args: dict[str, Any] = query_args(scope["query_string"])  # query, body, path
         body = await _read_body(receive)
         if body:
             args.update(parse_body(body))
