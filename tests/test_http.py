@@ -196,3 +196,22 @@ def test_a_query_parameter_given_twice_is_refused(daemon: Daemon) -> None:
             assert r.json()["error"].startswith("query parameter '") and "given 2 times" in r.json()["error"]
         assert c.post("/claim?id=dup:a").status_code == 200  # once is fine
     assert [s["id"] for s in daemon.call("port.find", pattern="dup:*")["services"]] == ["dup:a"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/claim", {"id": "zero:api", "expires": 0}),
+    ("/claim", {"id": "zero:api", "expires": "0s"}),
+    ("/tuples", {"fields": ["zero"], "ttl": 0.5}),
+    ("/harbors", {"name": "zero-harbor", "expiresIn": 0}),
+    ("/locks/zero", {"ttl": 0}),
+])  # fmt: skip
+def test_a_lifetime_of_zero_is_refused_not_taken_for_forever(daemon: Daemon, path: str, body: dict) -> None:
+    """A claim, tuple or harbor given an expiry of 0 (or under a millisecond) was kept forever: the opposite of
+    what the caller may have meant, and unlike a lock, whose 0 TTL was refused."""
+    with unix_client(daemon) as c:
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_TTL", r.text
+        assert "must be positive" in r.json()["error"]
+    assert daemon.call("port.find", pattern="zero:*")["count"] == 0
+    assert daemon.call("tuple.count", pattern=["zero"])["count"] == 0
+    assert daemon.call("harbor.list", pattern="zero*")["count"] == 0

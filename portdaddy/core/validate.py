@@ -169,6 +169,22 @@ def duration(max_ms: int | None = None, *, code: str = "VALIDATION_ERROR") -> Ch
     return check
 
 
+def lifetime(max_ms: int | None = None) -> Check:
+    """A TTL or expiry: a positive duration, refused with INVALID_TTL otherwise. Zero (or under a millisecond)
+    is refused rather than read as "never expires": a caller who wrote 0 may well have meant "at once"."""
+    within = duration(max_ms, code="INVALID_TTL")
+    # Only the lifetimes without a cap (claims, tuples, harbors) may be left out to last forever.
+    hint = "; leave it out to never expire" if max_ms is None else f" (at most {max_ms // 1000}s)"
+
+    def check(name: str, value: Any) -> int:
+        ms = within(name, value)
+        if ms <= 0:
+            raise bad_input(f"{name} must be positive, e.g. 30s or 5m{hint}", code="INVALID_TTL")
+        return ms
+
+    return check
+
+
 def json_value(max_bytes: int) -> Check:
     """Any JSON-serialisable value whose encoding fits ``max_bytes``."""
 
