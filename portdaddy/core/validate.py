@@ -146,7 +146,7 @@ def boolean(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.lower() in ("true", "1", "yes")
-    if isinstance(value, int):
+    if value in (0, 1) and isinstance(value, int):  # JSON and IPC clients that have no boolean send 0/1
         return bool(value)
     raise bad_input(f"{name} must be true or false, got {str(value)[:40]!r}")
 
