@@ -215,3 +215,15 @@ def test_a_lifetime_of_zero_is_refused_not_taken_for_forever(daemon: Daemon, pat
     assert daemon.call("port.find", pattern="zero:*")["count"] == 0
     assert daemon.call("tuple.count", pattern=["zero"])["count"] == 0
     assert daemon.call("harbor.list", pattern="zero*")["count"] == 0
+
+
+def test_fleet_and_spawn_replies_say_success_like_every_other(daemon: Daemon) -> None:
+    """The fleet's operations answered without the original's success field, which clients check first."""
+    with unix_client(daemon) as c:
+        for path in ("/fleet", "/fleet/runs", "/spawn"):
+            assert c.get(path).json()["success"] is True, path
+        spawned = c.post("/spawn", json={"backend": "custom", "task": "echo hi"}).json()
+        assert spawned["success"] is True and spawned["status"] == "spawned"
+        done = c.get(f"/spawn/{spawned['agentId']}/wait", params={"timeout": "20s"}).json()
+        assert done["success"] is True and done["run"]["status"] == "completed", done
+        assert c.get(f"/spawn/{spawned['agentId']}/logs").json()["success"] is True

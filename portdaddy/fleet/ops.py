@@ -64,7 +64,7 @@ def _log_reply(run: Run, tail: int) -> dict[str, Any]:
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             text = ""
-    return {"run": run.to_wire(), "log": text}
+    return {"success": True, "run": run.to_wire(), "log": text}
 
 
 # -- fleet ------------------------------------------------------------------------------------------------
@@ -72,16 +72,16 @@ def _log_reply(run: Run, tail: int) -> dict[str, Any]:
 
 async def _up(ctx: Ctx, *, projectDir: str, path: str | None) -> dict[str, Any]:
     lf = await ctx.app.fleet.up(projectDir, path_env=path)
-    return {"fleet": ctx.app.fleet.status(lf.project_dir)[0], "warnings": lf.config.warnings}
+    return {"success": True, "fleet": ctx.app.fleet.status(lf.project_dir)[0], "warnings": lf.config.warnings}
 
 
 async def _down(ctx: Ctx, *, projectDir: str) -> dict[str, Any]:
-    return {"projectDir": projectDir, **await ctx.app.fleet.down(projectDir)}
+    return {"success": True, "projectDir": projectDir, **await ctx.app.fleet.down(projectDir)}
 
 
 def _status(ctx: Ctx, *, projectDir: str | None) -> dict[str, Any]:
     fleets = ctx.app.fleet.status(projectDir)
-    return {"fleets": fleets, "count": len(fleets)}
+    return {"success": True, "fleets": fleets, "count": len(fleets)}
 
 
 def _run(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
@@ -99,11 +99,11 @@ def _run(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
                                       f"pd fleet reset {agent}")  # fmt: skip
         raise PDError("CONFLICT", f"agent {agent!r} not run: the fleet's queue is full ({len(lf.queue)} runs "
                                   "waiting); let it drain (pd fleet status), or cancel all: pd fleet down")  # fmt: skip
-    return {"run": run.to_wire()}
+    return {"success": True, "run": run.to_wire()}
 
 
 def _reset(ctx: Ctx, *, projectDir: str, agent: str) -> dict[str, Any]:
-    return {"agent": agent, "wasOpen": ctx.app.fleet.reset(projectDir, agent)}
+    return {"success": True, "agent": agent, "wasOpen": ctx.app.fleet.reset(projectDir, agent)}
 
 
 def _known_agent(ctx: Ctx, project_dir: str | None, agent: str | None) -> None:
@@ -123,7 +123,7 @@ def _known_agent(ctx: Ctx, project_dir: str | None, agent: str | None) -> None:
 def _runs(ctx: Ctx, *, projectDir: str | None, agent: str | None, limit: int) -> dict[str, Any]:
     _known_agent(ctx, projectDir, agent)
     runs = ctx.app.fleet.runs.recent(kind="fleet", project_dir=projectDir, agent=agent, limit=limit)
-    return {"runs": [r.to_wire() for r in runs], "count": len(runs)}
+    return {"success": True, "runs": [r.to_wire() for r in runs], "count": len(runs)}
 
 
 def _logs(ctx: Ctx, *, projectDir: str | None, agent: str | None, runId: str | None, tail: int) -> dict[str, Any]:
@@ -151,18 +151,18 @@ def _spawn(ctx: Ctx, *, backend: str, task: str, identity: str | None, model: st
                 timeout_s=timeout / 1000 if timeout else None, path=path)  # fmt: skip
     find_binary(spec)
     run = ctx.app.fleet.spawn(spec, identity=identity or f"spawned:{backend}")
-    return {"agentId": run.agent_id, "status": "spawned", "run": run.to_wire()}
+    return {"success": True, "agentId": run.agent_id, "status": "spawned", "run": run.to_wire()}
 
 
 def _spawned(ctx: Ctx, *, limit: int) -> dict[str, Any]:
     fleet = ctx.app.fleet
     runs = [fleet.live.get(r.id, r) for r in fleet.runs.recent(kind="spawn", limit=limit)]
-    return {"agents": [r.to_wire() for r in runs], "count": len(runs)}
+    return {"success": True, "agents": [r.to_wire() for r in runs], "count": len(runs)}
 
 
 async def _kill(ctx: Ctx, *, id: str) -> dict[str, Any]:
     run = await ctx.app.fleet.kill(id)
-    return {"agentId": run.agent_id, "status": run.status, "run": run.to_wire()}
+    return {"success": True, "agentId": run.agent_id, "status": run.status, "run": run.to_wire()}
 
 
 def _spawn_logs(ctx: Ctx, *, id: str, tail: int) -> dict[str, Any]:
@@ -176,7 +176,7 @@ async def _wait(ctx: Ctx, *, id: str, timeout: int | None) -> dict[str, Any]:
             await run.done.wait()
         if not run.done.is_set():
             raise PDError("TIMEOUT", f"run {id} is still {run.status}; wait longer or pd spawn kill {id}")
-    return {"run": run.to_wire(), "output": ctx.app.fleet.output_tail(run)}
+    return {"success": True, "run": run.to_wire(), "output": ctx.app.fleet.output_tail(run)}
 
 
 _ID = Param("id", v.name("run id", 100), required=True, aliases=("agentId", "runId"))
