@@ -48,14 +48,20 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         assert c.get("/services/body%3Aapi").json()["service"]["id"] == "body:api"
         r = c.get("/no/such/path")
         assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+        assert r.json()["error"] == "no route GET /no/such/path; the HTTP API is described in spec/openapi.yaml"
         r = c.post("/services/body%3Aapi")  # a route's path, another method
         assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["code"] == "METHOD_NOT_ALLOWED"
         assert r.json()["allowed"] == ["GET"] and "use GET" in r.json()["error"]
         assert c.delete("/locks").json()["allowed"] == ["GET"]
         assert sorted(c.patch("/locks/x").json()["allowed"]) == ["DELETE", "GET", "POST", "PUT"]
-        assert c.post("/msg/x/subscribe").status_code == 405  # a stream's path: Quart says so
+        r = c.post("/msg/x/subscribe")  # a stream's path: Quart answers, in the same shape
+        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["allowed"] == ["GET"]
+        assert r.json()["error"] == "POST is not served on /msg/x/subscribe; use GET"
         r = c.post("/claim", content=b"[1, 2]")
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
+        r = c.post("/claim", data={"id": "form:api"})  # a form, not JSON: say what was wrong and what to send
+        assert r.json()["error"] == ("request body is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+                                     "send a JSON object")  # fmt: skip
         r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))
         assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert c.get("/health").json()["status"] == "ok"  # the connection is still good

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, unquote
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, call, lookup
@@ -72,8 +72,8 @@ def refusal(core: Any, *, over_tcp: bool, host: str, path: str, authorization: s
 def parse_body(body: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(body)
-    except ValueError:
-        raise PDError("VALIDATION_ERROR", "request body is not valid JSON") from None
+    except ValueError as e:  # the decoder's reason says where (or that a number has too many digits)
+        raise PDError("VALIDATION_ERROR", f"request body is not valid JSON ({e}); send a JSON object") from None
     except RecursionError:
         raise PDError("VALIDATION_ERROR", "request body nests too deep; flatten it") from None
     if not isinstance(parsed, dict):
@@ -180,9 +180,8 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
         if refused is not None:
             await _respond(send, refused[0], refused[1])
         elif found is None:
-            err = PDError("METHOD_NOT_ALLOWED", f"{scope['method']} is not served on {scope['path']}; "
-                          f"use {' or '.join(allowed)}", allowed=allowed)  # fmt: skip
-            await _respond(send, 405, error_body(err), [(b"allow", ", ".join(allowed).encode())])
+            await _respond(send, 405, error_body(method_not_allowed(scope["method"], scope["path"], allowed)),
+                           [(b"allow", ", ".join(allowed).encode())])  # fmt: skip
         else:
             status, body = await _serve(core, found[0], found[1], scope, headers, receive)
             await _respond(send, status, body)
@@ -240,6 +239,11 @@ async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run:
     return result
 
 
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> PDError:
+    return PDError("METHOD_NOT_ALLOWED", f"{method} is not served on {path}; use {' or '.join(allowed)}",
+                   allowed=allowed)  # fmt: skip
+
+
 def _pid(header: str) -> int | None:
     """The X-PID header's process id, checked as a ``pid`` parameter is; None when absent or not one (it only
     labels the caller, so a bad one is not worth refusing the request for)."""
@@ -272,7 +276,7 @@ async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any,
     await send({"type": "http.response.body", "body": data})
 
 
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+_HTTP_CODES = {413: "PAYLOAD_TOO_LARGE"}
 
 
 def _create_quart(core: Any) -> QuartTrio:
@@ -293,7 +297,16 @@ def _create_quart(core: Any) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Response:
+        """Quart's refusals in the dispatcher's shape and words (werkzeug's say nothing of what to do)."""
         status = e.code or 500
+        if isinstance(e, MethodNotAllowed):
+            allowed = sorted(set(e.valid_methods or ()) - {"HEAD", "OPTIONS"})  # werkzeug adds those two itself
+            response = error_response(method_not_allowed(request.method, request.path, allowed))
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        if isinstance(e, NotFound):
+            return error_response(PDError("NOT_FOUND", f"no route {request.method} {request.path}; the HTTP API is "
+                                          "described in spec/openapi.yaml"))  # fmt: skip
         code = _HTTP_CODES.get(status, "INTERNAL" if status >= 500 else "VALIDATION_ERROR")
         return json_response({"success": False, "error": e.description or e.name, "code": code}, status)
 
