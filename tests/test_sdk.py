@@ -1,0 +1,34 @@
+"""The trio SDK as a careless user drives it: wrong argument types, use after close, a daemon restart under a
+held lock. Each against a real daemon."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from conftest import Daemon
+
+import portdaddy.sdk
+from portdaddy.errors import BadInput
+
+
+def connect(d: Daemon, **kw: Any) -> Any:
+    return portdaddy.sdk.connect(settings=d.settings, autostart=False, **kw)
+
+
+async def test_a_value_the_wire_cannot_carry_is_bad_input_and_the_connection_lives_on(daemon: Daemon) -> None:
+    """A set, an object or an oversized payload came out of msgpack's C code as a bare TypeError or ValueError."""
+    async with connect(daemon) as pd:
+        for attempt in (lambda: pd.publish("sdk:bad", {1, 2}), lambda: pd.claim("sdk:bad", metadata={"at": object()}),
+                        lambda: pd.out([{"when": trio}])):  # fmt: skip
+            with pytest.raises(BadInput, match="cannot be sent") as refused:
+                await attempt()
+            assert refused.value.code == "VALIDATION_ERROR"
+        with pytest.raises(BadInput) as refused:
+            pd.publish_nowait("sdk:bad", object())  # refused at once: fire-and-forget hears of nothing later
+        with pytest.raises(BadInput) as refused:
+            await pd.publish("sdk:big", "x" * 70_000)
+        assert refused.value.code == "PAYLOAD_TOO_LARGE" and "IPC frame" in refused.value.message
+        assert (await pd.claim("sdk:fine")).port  # nothing half-sent: the next request is served
+        assert await pd.history("sdk:bad") == []
