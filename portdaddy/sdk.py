@@ -12,6 +12,7 @@ It speaks IPC over one connection (many requests in flight), starts the daemon i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -51,6 +52,19 @@ def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _release(granted: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Undo a lock grant nobody received."""
     return [("lock.release", {"name": granted["name"], "token": granted["token"]})]
+
+
+def _ms(name: str, seconds: Any) -> int:
+    """An SDK duration (seconds, a number) as the daemon's milliseconds. Checked here: the arithmetic on it
+    would otherwise fail with a TypeError or ValueError, or a negative reach the daemon as milliseconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+        raise BadInput("VALIDATION_ERROR", f"{name} is a number of seconds (>= 0, e.g. 2.5), got {seconds!r:.40}")
+    return int(seconds * 1000)
+
+
+def _timeout_ms(timeout: Any) -> int | None:
+    """A ``timeout`` in seconds as milliseconds; None (wait without a limit) stays None."""
+    return None if timeout is None else _ms("timeout", timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +364,7 @@ class PortDaddy:
 
     async def _blocking(self, action: str, pattern: list[Any], harbor: str | None, limit: int, wait: bool,
                         timeout: float | None, undo: Undo | None = None) -> dict[str, Any]:  # fmt: skip
-        ms = None if timeout is None else int(timeout * 1000)
+        ms = _timeout_ms(timeout)
         # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
         client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
         args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
@@ -365,7 +379,7 @@ class PortDaddy:
         blocking waits in FIFO order (``timeout`` seconds, then ``Timeout``; cancelling withdraws the wait, and
         releases a grant that was already on its way)."""
         args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
-                "timeout": None if timeout is None else int(timeout * 1000)}  # fmt: skip
+                "timeout": _timeout_ms(timeout)}  # fmt: skip
         # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
         backstop = (timeout + 5 if timeout is not None else float("inf")) if blocking else None
         try:
@@ -387,7 +401,8 @@ class PortDaddy:
                         timeout: float | None = None) -> AsyncIterator[LockGrant]:  # fmt: skip
         """Hold ``name`` for the block: waits for it, renews the lease every third of ``ttl`` seconds, and
         releases it on exit; it is bound to this connection, so it is released if this process dies too."""
-        grant = await self.lock(name, timeout=timeout, ttl=int(ttl * 1000), conn_bound=True)
+        ttl_ms = _ms("ttl", ttl)
+        grant = await self.lock(name, timeout=timeout, ttl=ttl_ms, conn_bound=True)
         assert grant is not None
         try:
             async with trio.open_nursery() as nursery:
@@ -395,7 +410,7 @@ class PortDaddy:
                 async def renew() -> None:
                     while True:
                         await trio.sleep(ttl / 3)
-                        await self.extend(name, ttl=int(ttl * 1000), token=grant.token)
+                        await self.extend(name, ttl=ttl_ms, token=grant.token)
 
                 nursery.start_soon(renew)
                 yield grant
@@ -433,7 +448,7 @@ class PortDaddy:
 
     async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
         """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
-        ms = None if timeout is None else int(timeout * 1000)
+        ms = _timeout_ms(timeout)
         r = await self._client.request("msg.wait", {"channels": list(channels), "timeout": ms},
                                        timeout=float("inf") if timeout is None else timeout + 5)  # fmt: skip
         newest = max(r["messages"].values(), key=lambda m: m["id"])

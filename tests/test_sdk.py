@@ -32,3 +32,22 @@ async def test_a_value_the_wire_cannot_carry_is_bad_input_and_the_connection_liv
         assert refused.value.code == "PAYLOAD_TOO_LARGE" and "IPC frame" in refused.value.message
         assert (await pd.claim("sdk:fine")).port  # nothing half-sent: the next request is served
         assert await pd.history("sdk:bad") == []
+
+
+async def test_seconds_of_the_wrong_type_are_bad_input_not_arithmetic_errors(daemon: Daemon) -> None:
+    """timeout="5s" became '5s' * 1000 and then a ValueError from int(); timeout="1" a TypeError from + 5."""
+    async with connect(daemon) as pd:
+        attempts = {
+            "lock": lambda: pd.lock("sdk:secs", timeout="5s"),
+            "take": lambda: pd.take(["never"], wait=True, timeout="1"),
+            "rd": lambda: pd.rd(["never"], wait=True, timeout=-1),
+            "wait_for_signal": lambda: pd.wait_for_signal("sdk:never", timeout=[1]),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(BadInput, match="timeout is a number of seconds") as refused:
+                await attempt()
+            assert refused.value.code == "VALIDATION_ERROR", name
+        with pytest.raises(BadInput, match="ttl is a number of seconds"):
+            async with pd.with_lock("sdk:secs", ttl="60"):
+                pass
+        assert (await pd.call("lock.get", name="sdk:secs"))["held"] is False  # nothing was taken
