@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import Settings
+from portdaddy.config import Settings, parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
 from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import TrioClient, Undo
@@ -39,6 +39,8 @@ __all__ = [
 # Deliveries buffered per subscription in the client; past this the SDK drops and catches up from history.
 SUBSCRIPTION_BUFFER = 1000
 _HISTORY_PAGE = 1000
+# How much longer than the daemon's own timeout the client waits for the reply of a request that waits.
+_BACKSTOP_MARGIN_S = 5.0
 
 
 def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -65,6 +67,15 @@ def _ms(name: str, seconds: Any) -> int:
 def _timeout_ms(timeout: Any) -> int | None:
     """A ``timeout`` in seconds as milliseconds; None (wait without a limit) stays None."""
     return None if timeout is None else _ms("timeout", timeout)
+
+
+def _backstop(args: dict[str, Any]) -> float | None:
+    """How long the client waits for a reply: a request's own ``timeout`` (ms or a duration, which the daemon
+    enforces) and a margin; without one, forever if it asks to ``wait``; else the connection's default."""
+    ms = parse_duration_ms(args.get("timeout"))
+    if ms is not None:
+        return ms / 1000 + _BACKSTOP_MARGIN_S
+    return math.inf if args.get("wait") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +235,11 @@ class PortDaddy:
     def agent_id(self) -> str | None:
         return self._client.agent_id
 
-    async def call(self, action: str, timeout: float | None = None, **args: Any) -> Any:
-        """Any operation by name (see spec/ipc.md); the typed methods below are sugar over this."""
-        return await self._client.request(action, args, timeout=timeout)
+    async def call(self, action: str, /, **args: Any) -> Any:
+        """Any operation by name with its arguments as on the wire (see spec/ipc.md), ``timeout`` included (ms
+        or a duration; the daemon ends the wait); the typed methods below are sugar over this. To bound a call
+        yourself, use ``trio.fail_after``: a cancelled request is withdrawn from the daemon."""
+        return await self._client.request(action, args, timeout=_backstop(args))
 
     def send(self, action: str, **args: Any) -> None:
         """Fire-and-forget an operation that allows it; never waits for the daemon."""
@@ -364,11 +377,8 @@ class PortDaddy:
 
     async def _blocking(self, action: str, pattern: list[Any], harbor: str | None, limit: int, wait: bool,
                         timeout: float | None, undo: Undo | None = None) -> dict[str, Any]:  # fmt: skip
-        ms = _timeout_ms(timeout)
-        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
-        client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
-        args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
-        return await self._client.request(action, args, timeout=client_timeout, undo=undo)
+        args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": _timeout_ms(timeout)}
+        return await self._client.request(action, args, timeout=_backstop(args), undo=undo)
 
     # -- locks --------------------------------------------------------------------------------------------
 
@@ -380,10 +390,8 @@ class PortDaddy:
         releases a grant that was already on its way)."""
         args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
                 "timeout": _timeout_ms(timeout)}  # fmt: skip
-        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
-        backstop = (timeout + 5 if timeout is not None else float("inf")) if blocking else None
         try:
-            r = await self._client.request("lock.acquire", args, timeout=backstop, undo=_release)
+            r = await self._client.request("lock.acquire", args, timeout=_backstop(args), undo=_release)
         except LockHeld:
             return None
         return LockGrant.from_wire(r)
@@ -448,9 +456,9 @@ class PortDaddy:
 
     async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
         """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
-        ms = _timeout_ms(timeout)
-        r = await self._client.request("msg.wait", {"channels": list(channels), "timeout": ms},
-                                       timeout=float("inf") if timeout is None else timeout + 5)  # fmt: skip
+        args = {"channels": list(channels), "timeout": _timeout_ms(timeout)}
+        # msg.wait has no wait flag: it always waits, without a limit when there is no timeout.
+        r = await self._client.request("msg.wait", args, timeout=_backstop(args) or math.inf)
         newest = max(r["messages"].values(), key=lambda m: m["id"])
         return Message.from_wire(newest)
 

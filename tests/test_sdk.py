@@ -10,7 +10,7 @@ import trio
 from conftest import Daemon
 
 import portdaddy.sdk
-from portdaddy.errors import BadInput
+from portdaddy.errors import BadInput, Timeout
 
 
 def connect(d: Daemon, **kw: Any) -> Any:
@@ -51,3 +51,23 @@ async def test_seconds_of_the_wrong_type_are_bad_input_not_arithmetic_errors(dae
             async with pd.with_lock("sdk:secs", ttl="60"):
                 pass
         assert (await pd.call("lock.get", name="sdk:secs"))["held"] is False  # nothing was taken
+
+
+async def test_call_sends_an_operations_own_timeout_to_the_daemon(daemon: Daemon) -> None:
+    """call()'s own timeout keyword swallowed the operation's: a wait meant to last 0.3 s waited the daemon's
+    default (forever for a take) while the client waited 300 s."""
+    async with connect(daemon, timeout=0.5) as pd:
+        with trio.fail_after(10):
+            with pytest.raises(Timeout, match=r"no tuple matched within 0\.3s"):
+                await pd.call("tuple.in", pattern=["sdk:never"], wait=True, timeout=300)
+            assert (await pd.call("msg.poll", channel="sdk:quiet", after=10**9, timeout="200ms"))["message"] is None
+            # A wait without a timeout lasts as long as the daemon's: the client's 0.5 s does not cut it short.
+            async with trio.open_nursery() as nursery:
+
+                async def write_later() -> None:
+                    await trio.sleep(1)
+                    await pd.out(["sdk:later", 1])
+
+                nursery.start_soon(write_later)
+                taken = await pd.call("tuple.in", pattern=["sdk:later", "*"], wait=True)
+            assert taken["tuple"]["fields"] == ["sdk:later", 1]
