@@ -131,7 +131,7 @@ class Message:
 class Subscription:
     """Messages on some channels, in id order: ``async for msg in sub``. When this client or the daemon had
         to drop deliveries (a slow reader), or the connection dropped (a daemon restart), the gap is filled from
-    history, so nothing still in history is lost."""
+    history, so nothing still in history is lost. Iteration ends when the ``subscribe`` block has."""
 
     def __init__(self, pd: PortDaddy, patterns: list[str]) -> None:
         self.patterns = patterns
@@ -152,6 +152,8 @@ class Subscription:
         except trio.WouldBlock:
             self._gap_after = self._last_queued
             return
+        except trio.ClosedResourceError:  # its block has ended (a renewal may still have been in flight)
+            return
         if body.get("action") == "msg.delivery":
             self._last_queued = body["id"]
 
@@ -167,7 +169,10 @@ class Subscription:
                 await self._catch_up(after)
                 continue
             else:
-                body = await self._receive.receive()
+                try:
+                    body = await self._receive.receive()
+                except trio.EndOfChannel:  # the subscription's block has ended and its buffer is read
+                    raise StopAsyncIteration from None
                 if body.get("action") == "msg.missed":
                     await self._catch_up(body["after"])
                     continue
@@ -450,6 +455,7 @@ class PortDaddy:
         finally:
             self._open.discard(sub)
             self._subscriptions.pop(sub.id, None)
+            sub._send.close()  # a reader still iterating gets what arrived, then the end, not a wait forever
             if self._client.sock is not None:
                 with trio.CancelScope(shield=True):
                     await self.call("msg.unsubscribe", subscription=sub.id)

@@ -71,3 +71,17 @@ async def test_call_sends_an_operations_own_timeout_to_the_daemon(daemon: Daemon
                 nursery.start_soon(write_later)
                 taken = await pd.call("tuple.in", pattern=["sdk:later", "*"], wait=True)
             assert taken["tuple"]["fields"] == ["sdk:later", 1]
+
+
+async def test_a_subscription_ends_with_its_block_instead_of_hanging(daemon: Daemon) -> None:
+    """Iterating a subscription after its ``async with`` (or the connection) had closed waited forever."""
+    async with connect(daemon) as pd:
+        async with pd.subscribe("sdk:end:*", new=True) as sub:
+            sent = await pd.publish("sdk:end:a", "last words")
+            with trio.fail_after(5):
+                assert (await sub.__anext__()).id == sent
+            await pd.publish("sdk:end:a", "after the reader stopped")
+        with trio.fail_after(5):
+            assert all(i > sent for i in [msg.id async for msg in sub])  # what had arrived, then the end
+    with trio.fail_after(5):
+        assert [msg async for msg in sub] == []
