@@ -17,7 +17,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,24 +413,39 @@ class PortDaddy:
     async def with_lock(self, name: str, *, ttl: float = 60.0,
                         timeout: float | None = None) -> AsyncIterator[LockGrant]:  # fmt: skip
         """Hold ``name`` for the block: waits for it, renews the lease every third of ``ttl`` seconds, and
-        releases it on exit; it is bound to this connection, so it is released if this process dies too."""
+        releases it on exit; it is bound to this connection, so it is released if this process dies too. A
+        renewal that fails (the lock was taken away, the daemon went) interrupts the block and its error is
+        raised; an error of the block comes out as itself."""
         ttl_ms = _ms("ttl", ttl)
         grant = await self.lock(name, timeout=timeout, ttl=ttl_ms, conn_bound=True)
         assert grant is not None
+        lost: list[PDError] = []
+        renewing = trio.CancelScope()
         try:
-            async with trio.open_nursery() as nursery:
+            # A cancel scope, not a nursery, around the block: a nursery would wrap the block's own errors in
+            # an ExceptionGroup. The renewal runs in the connection's nursery and cancels the block if it fails.
+            with trio.CancelScope() as block:
 
                 async def renew() -> None:
-                    while True:
-                        await trio.sleep(ttl / 3)
-                        await self.extend(name, ttl=ttl_ms, token=grant.token)
+                    with renewing:
+                        while True:
+                            await trio.sleep(ttl / 3)
+                            try:
+                                await self.extend(name, ttl=ttl_ms, token=grant.token)
+                            except PDError as e:
+                                e.add_note(f"with_lock({name!r}) lost the lock and interrupted its block")
+                                lost.append(e)
+                                block.cancel()
+                                return
 
-                nursery.start_soon(renew)
+                self._nursery.start_soon(renew)
                 yield grant
-                nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
+            renewing.cancel()
+            with trio.CancelScope(shield=True), suppress(PDError if lost else ()):  # lost: the better error
                 await self.unlock(name, token=grant.token)
+        if lost:
+            raise lost[0]
 
     # -- pub/sub --------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import trio
 from conftest import Daemon
 
 import portdaddy.sdk
-from portdaddy.errors import BadInput, Timeout
+from portdaddy.errors import BadInput, PDError, Timeout
 
 
 def connect(d: Daemon, **kw: Any) -> Any:
@@ -85,3 +85,24 @@ async def test_a_subscription_ends_with_its_block_instead_of_hanging(daemon: Dae
             assert all(i > sent for i in [msg.id async for msg in sub])  # what had arrived, then the end
     with trio.fail_after(5):
         assert [msg async for msg in sub] == []
+
+
+async def test_with_lock_lets_the_blocks_error_out_as_itself_and_stops_a_block_that_lost_its_lock(
+    daemon: Daemon,
+) -> None:
+    """The renewal ran in a nursery around the block, so any error of the block came out in an ExceptionGroup
+    (``except KeyError`` never matched), and so did the renewal's own failure."""
+    async with connect(daemon) as pd:
+        with pytest.raises(KeyError):
+            async with pd.with_lock("sdk:body-error", ttl=5):
+                raise KeyError("the block's own")
+        assert (await pd.call("lock.get", name="sdk:body-error"))["held"] is False
+        finished = False
+        with trio.fail_after(10), pytest.raises(PDError) as lost:
+            async with pd.with_lock("sdk:taken-away", ttl=0.3):
+                await pd.unlock("sdk:taken-away", force=True)  # as an operator would: pd unlock --force
+                await trio.sleep(5)  # renewals every 0.1 s: the next one finds the lock gone
+                finished = True
+        assert not finished and lost.value.code in ("LOCK_NOT_FOUND", "NOT_OWNER"), lost.value
+        assert any("lost the lock" in note for note in lost.value.__notes__)
+        assert (await pd.claim("sdk:still-connected")).port
