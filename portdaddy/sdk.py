@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -512,9 +512,25 @@ async def connect(
     if autostart:
         await trio.to_thread.run_sync(ensure_daemon, cfg)
     client = TrioClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout, reconnect=reconnect)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield PortDaddy(client, nursery)
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield PortDaddy(client, nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) > 1:
+            raise
+        _raise_as_itself(group.exceptions[0])
+
+
+def _raise_as_itself(error: BaseException) -> NoReturn:
+    """Raise the one error a nursery wrapped (the block's, or the connection's) as itself, so that ``except
+    BadInput`` or ``except DaemonUnavailable`` around ``async with connect()`` matches; its own chaining is
+    kept, not replaced by the group it came in."""
+    chained = error.__cause__, error.__context__, error.__suppress_context__
+    try:
+        raise error
+    finally:
+        error.__cause__, error.__context__, error.__suppress_context__ = chained

@@ -3,6 +3,7 @@ held lock. Each against a real daemon."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +11,8 @@ import trio
 from conftest import Daemon
 
 import portdaddy.sdk
-from portdaddy.errors import BadInput, PDError, Timeout
+from portdaddy.config import Settings
+from portdaddy.errors import BadInput, DaemonUnavailable, PDError, Timeout
 
 
 def connect(d: Daemon, **kw: Any) -> Any:
@@ -106,3 +108,23 @@ async def test_with_lock_lets_the_blocks_error_out_as_itself_and_stops_a_block_t
         assert not finished and lost.value.code in ("LOCK_NOT_FOUND", "NOT_OWNER"), lost.value
         assert any("lost the lock" in note for note in lost.value.__notes__)
         assert (await pd.claim("sdk:still-connected")).port
+
+
+async def test_errors_leave_the_connect_block_as_themselves(daemon: Daemon, tmp_home: Path) -> None:
+    """connect() ran the block inside its nursery, so ``except DaemonUnavailable`` or ``except BadInput``
+    around ``async with connect()`` never matched: everything came out in an ExceptionGroup."""
+    with pytest.raises(DaemonUnavailable, match="no daemon at"):
+        async with portdaddy.sdk.connect(settings=Settings.from_env({"PORT_DADDY_HOME": str(tmp_home)}),
+                                         autostart=False):  # fmt: skip
+            pass
+    with pytest.raises(BadInput) as refused:
+        async with connect(daemon) as pd:
+            await pd.claim("not an identity")
+    assert refused.value.code == "IDENTITY_INVALID"
+    with pytest.raises(KeyError) as own:
+        async with connect(daemon):
+            try:
+                raise ValueError("first")
+            except ValueError:
+                raise KeyError("second") from None
+    assert own.value.__suppress_context__  # the block's own chaining is kept
