@@ -233,3 +233,17 @@ def test_fleet_and_spawn_replies_say_success_like_every_other(daemon: Daemon) ->
         done = c.get(f"/spawn/{spawned['agentId']}/wait", params={"timeout": "20s"}).json()
         assert done["success"] is True and done["run"]["status"] == "completed", done
         assert c.get(f"/spawn/{spawned['agentId']}/logs").json()["success"] is True
+
+
+@pytest.mark.parametrize("agent", ["a b", "x" * 500, "\x1b[2J", "-rf", "caf\xe9"])
+def test_an_x_agent_id_that_is_no_agent_id_is_refused(fresh_daemon: Daemon, agent: str) -> None:
+    """The header was taken as it came: it registered agents, owned locks and sessions under ids that IPC and
+    pd refuse (spaces, terminal escapes, a leading '-', 500 characters)."""
+    with unix_client(fresh_daemon) as c:
+        for method, path, body in (("POST", "/agents", {}), ("POST", "/sessions", {"purpose": "p"}),
+                                   ("POST", "/locks/hdr", {})):  # fmt: skip
+            r = c.request(method, path, json=body, headers={"X-Agent-Id": agent.encode("latin-1")})
+            assert r.status_code == 400 and r.json()["error"].startswith("X-Agent-Id: agent id "), r.text
+        assert c.post("/agents", json={}, headers={"X-Agent-Id": "fine-agent"}).status_code == 200
+    counts = fresh_daemon.call("daemon.status")["counts"]
+    assert (counts["agents"], counts["sessionsActive"], counts["locks"]) == (1, 0, 0)

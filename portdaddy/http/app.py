@@ -28,6 +28,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from portdaddy.core import validate as v
+from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, call, lookup
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
@@ -203,7 +204,7 @@ async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict
             args[key] = value
         args.update(route.fixed)
         pid = headers.get(b"x-pid", "")
-        ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=_pid(pid))
+        ctx = Ctx(core, "http", agent_id=_agent_id(headers.get(b"x-agent-id")), pid=_pid(pid))
         return 200, await call(core.ops, route.op, args, ctx, waiting=partial(_unless_the_client_leaves, receive))
     except PDError as e:
         return http_status(e.code), error_body(e)
@@ -242,6 +243,17 @@ async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run:
 def method_not_allowed(method: str, path: str, allowed: list[str]) -> PDError:
     return PDError("METHOD_NOT_ALLOWED", f"{method} is not served on {path}; use {' or '.join(allowed)}",
                    allowed=allowed)  # fmt: skip
+
+
+def _agent_id(header: str | None) -> str | None:
+    """The X-Agent-Id header's agent, checked as IPC checks the agent a connection binds to: it owns locks,
+    sessions and claims, so a malformed one is refused, not stored."""
+    if not header:
+        return None
+    try:
+        return AGENT_ID("X-Agent-Id", header)
+    except PDError as e:
+        raise PDError(e.code, f"X-Agent-Id: {e.message}") from None
 
 
 def _pid(header: str) -> int | None:
