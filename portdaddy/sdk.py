@@ -310,7 +310,10 @@ class PortDaddy:
         async def beat() -> None:
             with scope:
                 while True:
-                    self.heartbeat(agent_id)
+                    # While the daemon is away (a restart) a beat has nobody to reach: skip it rather than let
+                    # the error end the connection, whose reconnection the next beats then ride on.
+                    with suppress(PDError):
+                        self.heartbeat(agent_id)
                     await trio.sleep(interval)
 
         self._nursery.start_soon(beat)

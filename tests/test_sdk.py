@@ -3,6 +3,7 @@ held lock. Each against a real daemon."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,23 @@ async def test_errors_leave_the_connect_block_as_themselves(daemon: Daemon, tmp_
             except ValueError:
                 raise KeyError("second") from None
     assert own.value.__suppress_context__  # the block's own chaining is kept
+
+
+async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Daemon) -> None:
+    """A beat sent while the daemon was away raised DaemonUnavailable in the connection's nursery and ended the
+    whole connect() block: the reconnection the SDK promises never got its chance."""
+    d = fresh_daemon
+    async with connect(d, agent_id="sdk-beater") as pd:
+        await pd.register_agent()
+        pd.start_heartbeat(0.05)
+        await trio.to_thread.run_sync(d.kill9)
+        await trio.sleep(0.3)  # beats fall due while nobody listens
+        await trio.to_thread.run_sync(d.start)
+        with trio.fail_after(15):
+            while True:  # the client reconnects (backoff from 1 s); the beats resume on their own
+                with suppress(DaemonUnavailable):
+                    first = (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"]
+                    break
+                await trio.sleep(0.1)
+            while (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"] == first:
+                await trio.sleep(0.05)
