@@ -305,6 +305,9 @@ class PortDaddy:
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
         """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled
         (or the connection closes)."""
+        # Checked here: in the background task a bad interval would end the connection, and 0 beat in a busy loop.
+        if _ms("interval", interval) < 1:
+            raise BadInput("VALIDATION_ERROR", f"interval must be at least a millisecond, e.g. 30; got {interval!r}")
         scope = trio.CancelScope()
 
         async def beat() -> None:

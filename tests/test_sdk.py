@@ -149,3 +149,13 @@ async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Dae
                 await trio.sleep(0.1)
             while (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"] == first:
                 await trio.sleep(0.05)
+
+
+async def test_a_heartbeat_interval_that_is_not_a_positive_number_is_refused_at_once(daemon: Daemon) -> None:
+    """interval="30" failed later, in the connection's nursery (ending the connection); 0 beat in a busy loop."""
+    async with connect(daemon, agent_id="sdk-interval") as pd:
+        for interval in ("30", 0, -1, None):
+            with pytest.raises(BadInput, match="interval"):
+                pd.start_heartbeat(interval)
+        await trio.sleep(0.1)
+        assert (await pd.claim("sdk:interval")).port  # the connection is fine
