@@ -232,9 +232,14 @@ class PortDaddy:
     async def _renew(self, sub: Subscription) -> None:
         after = max(sub._last_queued, sub._resume_after)  # history fills the gap; ids are global, so no repeats
         try:
-            self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, after=after))
+            await self._open_subscription(sub, new=False, after=after)
         except (DaemonUnavailable, PDError) as exc:
             log.warning("could not renew subscription to %s (%s); retrying at the next reconnect", sub.patterns, exc)
+
+    async def _open_subscription(self, sub: Subscription, *, new: bool, after: int | None) -> None:
+        """Subscribe ``sub`` with a daemon subscription of its own (``reuse`` false): readers sharing this
+        connection each need every message and their own unsubscribe."""
+        self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after, reuse=False))
 
     @property
     def agent_id(self) -> str | None:
@@ -469,7 +474,7 @@ class PortDaddy:
         """``async with pd.subscribe("payments:*") as sub: async for msg in sub: ...`` — the retained message
         of each matching channel first (unless ``new``), or every message after id ``after``."""
         sub = Subscription(self, list(channels))
-        self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after))
+        await self._open_subscription(sub, new=new, after=after)
         self._open.add(sub)
         try:
             yield sub

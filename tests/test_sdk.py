@@ -159,3 +159,18 @@ async def test_a_heartbeat_interval_that_is_not_a_positive_number_is_refused_at_
                 pd.start_heartbeat(interval)
         await trio.sleep(0.1)
         assert (await pd.claim("sdk:interval")).port  # the connection is fine
+
+
+async def test_two_subscriptions_to_the_same_channels_on_one_connection_each_get_every_message(
+    daemon: Daemon,
+) -> None:
+    """The daemon answered the second subscribe with the first's id (existing: true): the first reader got
+    nothing more, and when the second block ended it unsubscribed the first's subscription too."""
+    async with connect(daemon) as pd, pd.subscribe("sdk:two:*", new=True) as first:
+        async with pd.subscribe("sdk:two:*", new=True) as second:
+            sent = await pd.publish("sdk:two:x", 1)
+            with trio.fail_after(5):
+                assert [(await first.__anext__()).id, (await second.__anext__()).id] == [sent, sent]
+        sent = await pd.publish("sdk:two:x", 2)
+        with trio.fail_after(5):
+            assert (await first.__anext__()).id == sent
