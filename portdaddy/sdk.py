@@ -238,8 +238,14 @@ class PortDaddy:
 
     async def _open_subscription(self, sub: Subscription, *, new: bool, after: int | None) -> None:
         """Subscribe ``sub`` with a daemon subscription of its own (``reuse`` false): readers sharing this
-        connection each need every message and their own unsubscribe."""
-        self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after, reuse=False))
+        connection each need every message and their own unsubscribe. One granted as its caller gave up (a
+        cancelled subscribe) is unsubscribed when the reply comes, or it would hold one of the connection's 64."""
+        args = {"channels": sub.patterns, "new": new, "after": after, "reuse": False}
+        self._adopt(sub, await self._client.request("msg.subscribe", args, undo=self._unsubscribe_late))
+
+    def _unsubscribe_late(self, reply: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        self._unrouted.pop(reply["subscription"], None)
+        return [("msg.unsubscribe", {"subscription": reply["subscription"]})]
 
     @property
     def agent_id(self) -> str | None:

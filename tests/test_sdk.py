@@ -174,3 +174,25 @@ async def test_two_subscriptions_to_the_same_channels_on_one_connection_each_get
         sent = await pd.publish("sdk:two:x", 2)
         with trio.fail_after(5):
             assert (await first.__anext__()).id == sent
+
+
+async def test_a_subscribe_cancelled_in_flight_leaves_no_subscription_behind(daemon: Daemon) -> None:
+    """A subscription the daemon made as its caller was cancelled stayed on the connection: 64 of them, and
+    the connection could not subscribe any more."""
+    async with connect(daemon) as pd:
+        for n in range(100):
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_at_the_next_checkpoint, scope)
+                    async with pd.subscribe("sdk:gone:*", f"sdk:gone{n}"):
+                        pass
+        with trio.fail_after(5):
+            while (await pd.status())["counts"]["subscriptions"]:
+                await trio.sleep(0.05)
+        async with pd.subscribe("sdk:after-all", new=True):
+            pass
+
+
+async def _cancel_at_the_next_checkpoint(scope: trio.CancelScope) -> None:
+    await trio.sleep(0)
+    scope.cancel()
