@@ -316,6 +316,7 @@ class PortDaddy:
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
         """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled
         (or the connection closes)."""
+        self._client.ensure_open()
         # Checked here: in the background task a bad interval would end the connection, and 0 beat in a busy loop.
         if _ms("interval", interval) < 1:
             raise BadInput("VALIDATION_ERROR", f"interval must be at least a millisecond, e.g. 30; got {interval!r}")
@@ -535,6 +536,7 @@ async def connect(
             try:
                 yield PortDaddy(client, nursery)
             finally:
+                client.close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) > 1:

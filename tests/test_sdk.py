@@ -196,3 +196,15 @@ async def test_a_subscribe_cancelled_in_flight_leaves_no_subscription_behind(dae
 async def _cancel_at_the_next_checkpoint(scope: trio.CancelScope) -> None:
     await trio.sleep(0)
     scope.cancel()
+
+
+async def test_a_closed_connection_says_it_is_closed(daemon: Daemon) -> None:
+    """After its block, start_heartbeat raised trio's 'Nursery is closed to new arrivals' and every other
+    method 'not connected to <socket>', as if the daemon were down."""
+    async with connect(daemon, agent_id="sdk-closed") as pd:
+        pass
+    for attempt in (lambda: pd.start_heartbeat(1), pd.heartbeat, lambda: pd.publish_nowait("sdk:closed", 1)):
+        with pytest.raises(DaemonUnavailable, match="this connection is closed"):
+            attempt()
+    with pytest.raises(DaemonUnavailable, match="this connection is closed"):
+        await pd.claim("sdk:closed")
