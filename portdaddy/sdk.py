@@ -12,17 +12,18 @@ It speaks IPC over one connection (many requests in flight), starts the daemon i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
-from portdaddy.config import Settings
+from portdaddy.config import Settings, parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
 from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import TrioClient, Undo
@@ -38,6 +39,8 @@ __all__ = [
 # Deliveries buffered per subscription in the client; past this the SDK drops and catches up from history.
 SUBSCRIPTION_BUFFER = 1000
 _HISTORY_PAGE = 1000
+# How much longer than the daemon's own timeout the client waits for the reply of a request that waits.
+_BACKSTOP_MARGIN_S = 5.0
 
 
 def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -51,6 +54,28 @@ def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _release(granted: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Undo a lock grant nobody received."""
     return [("lock.release", {"name": granted["name"], "token": granted["token"]})]
+
+
+def _ms(name: str, seconds: Any) -> int:
+    """An SDK duration (seconds, a number) as the daemon's milliseconds. Checked here: the arithmetic on it
+    would otherwise fail with a TypeError or ValueError, or a negative reach the daemon as milliseconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+        raise BadInput("VALIDATION_ERROR", f"{name} is a number of seconds (>= 0, e.g. 2.5), got {seconds!r:.40}")
+    return int(seconds * 1000)
+
+
+def _timeout_ms(timeout: Any) -> int | None:
+    """A ``timeout`` in seconds as milliseconds; None (wait without a limit) stays None."""
+    return None if timeout is None else _ms("timeout", timeout)
+
+
+def _backstop(args: dict[str, Any]) -> float | None:
+    """How long the client waits for a reply: a request's own ``timeout`` (ms or a duration, which the daemon
+    enforces) and a margin; without one, forever if it asks to ``wait``; else the connection's default."""
+    ms = parse_duration_ms(args.get("timeout"))
+    if ms is not None:
+        return ms / 1000 + _BACKSTOP_MARGIN_S
+    return math.inf if args.get("wait") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +131,7 @@ class Message:
 class Subscription:
     """Messages on some channels, in id order: ``async for msg in sub``. When this client or the daemon had
         to drop deliveries (a slow reader), or the connection dropped (a daemon restart), the gap is filled from
-    history, so nothing still in history is lost."""
+    history, so nothing still in history is lost. Iteration ends when the ``subscribe`` block has."""
 
     def __init__(self, pd: PortDaddy, patterns: list[str]) -> None:
         self.patterns = patterns
@@ -127,6 +152,8 @@ class Subscription:
         except trio.WouldBlock:
             self._gap_after = self._last_queued
             return
+        except trio.ClosedResourceError:  # its block has ended (a renewal may still have been in flight)
+            return
         if body.get("action") == "msg.delivery":
             self._last_queued = body["id"]
 
@@ -142,7 +169,10 @@ class Subscription:
                 await self._catch_up(after)
                 continue
             else:
-                body = await self._receive.receive()
+                try:
+                    body = await self._receive.receive()
+                except trio.EndOfChannel:  # the subscription's block has ended and its buffer is read
+                    raise StopAsyncIteration from None
                 if body.get("action") == "msg.missed":
                     await self._catch_up(body["after"])
                     continue
@@ -202,17 +232,30 @@ class PortDaddy:
     async def _renew(self, sub: Subscription) -> None:
         after = max(sub._last_queued, sub._resume_after)  # history fills the gap; ids are global, so no repeats
         try:
-            self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, after=after))
+            await self._open_subscription(sub, new=False, after=after)
         except (DaemonUnavailable, PDError) as exc:
             log.warning("could not renew subscription to %s (%s); retrying at the next reconnect", sub.patterns, exc)
+
+    async def _open_subscription(self, sub: Subscription, *, new: bool, after: int | None) -> None:
+        """Subscribe ``sub`` with a daemon subscription of its own (``reuse`` false): readers sharing this
+        connection each need every message and their own unsubscribe. One granted as its caller gave up (a
+        cancelled subscribe) is unsubscribed when the reply comes, or it would hold one of the connection's 64."""
+        args = {"channels": sub.patterns, "new": new, "after": after, "reuse": False}
+        self._adopt(sub, await self._client.request("msg.subscribe", args, undo=self._unsubscribe_late))
+
+    def _unsubscribe_late(self, reply: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        self._unrouted.pop(reply["subscription"], None)
+        return [("msg.unsubscribe", {"subscription": reply["subscription"]})]
 
     @property
     def agent_id(self) -> str | None:
         return self._client.agent_id
 
-    async def call(self, action: str, timeout: float | None = None, **args: Any) -> Any:
-        """Any operation by name (see spec/ipc.md); the typed methods below are sugar over this."""
-        return await self._client.request(action, args, timeout=timeout)
+    async def call(self, action: str, /, **args: Any) -> Any:
+        """Any operation by name with its arguments as on the wire (see spec/ipc.md), ``timeout`` included (ms
+        or a duration; the daemon ends the wait); the typed methods below are sugar over this. To bound a call
+        yourself, use ``trio.fail_after``: a cancelled request is withdrawn from the daemon."""
+        return await self._client.request(action, args, timeout=_backstop(args))
 
     def send(self, action: str, **args: Any) -> None:
         """Fire-and-forget an operation that allows it; never waits for the daemon."""
@@ -273,12 +316,19 @@ class PortDaddy:
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
         """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled
         (or the connection closes)."""
+        self._client.ensure_open()
+        # Checked here: in the background task a bad interval would end the connection, and 0 beat in a busy loop.
+        if _ms("interval", interval) < 1:
+            raise BadInput("VALIDATION_ERROR", f"interval must be at least a millisecond, e.g. 30; got {interval!r}")
         scope = trio.CancelScope()
 
         async def beat() -> None:
             with scope:
                 while True:
-                    self.heartbeat(agent_id)
+                    # While the daemon is away (a restart) a beat has nobody to reach: skip it rather than let
+                    # the error end the connection, whose reconnection the next beats then ride on.
+                    with suppress(PDError):
+                        self.heartbeat(agent_id)
                     await trio.sleep(interval)
 
         self._nursery.start_soon(beat)
@@ -350,11 +400,8 @@ class PortDaddy:
 
     async def _blocking(self, action: str, pattern: list[Any], harbor: str | None, limit: int, wait: bool,
                         timeout: float | None, undo: Undo | None = None) -> dict[str, Any]:  # fmt: skip
-        ms = None if timeout is None else int(timeout * 1000)
-        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
-        client_timeout = (timeout + 5 if timeout is not None else float("inf")) if wait else None
-        args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": ms}
-        return await self._client.request(action, args, timeout=client_timeout, undo=undo)
+        args = {"pattern": pattern, "harbor": harbor, "limit": limit, "wait": wait, "timeout": _timeout_ms(timeout)}
+        return await self._client.request(action, args, timeout=_backstop(args), undo=undo)
 
     # -- locks --------------------------------------------------------------------------------------------
 
@@ -365,11 +412,9 @@ class PortDaddy:
         blocking waits in FIFO order (``timeout`` seconds, then ``Timeout``; cancelling withdraws the wait, and
         releases a grant that was already on its way)."""
         args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
-                "timeout": None if timeout is None else int(timeout * 1000)}  # fmt: skip
-        # The daemon enforces the timeout; the client's is a backstop a little later (inf when waiting forever).
-        backstop = (timeout + 5 if timeout is not None else float("inf")) if blocking else None
+                "timeout": _timeout_ms(timeout)}  # fmt: skip
         try:
-            r = await self._client.request("lock.acquire", args, timeout=backstop, undo=_release)
+            r = await self._client.request("lock.acquire", args, timeout=_backstop(args), undo=_release)
         except LockHeld:
             return None
         return LockGrant.from_wire(r)
@@ -386,23 +431,39 @@ class PortDaddy:
     async def with_lock(self, name: str, *, ttl: float = 60.0,
                         timeout: float | None = None) -> AsyncIterator[LockGrant]:  # fmt: skip
         """Hold ``name`` for the block: waits for it, renews the lease every third of ``ttl`` seconds, and
-        releases it on exit; it is bound to this connection, so it is released if this process dies too."""
-        grant = await self.lock(name, timeout=timeout, ttl=int(ttl * 1000), conn_bound=True)
+        releases it on exit; it is bound to this connection, so it is released if this process dies too. A
+        renewal that fails (the lock was taken away, the daemon went) interrupts the block and its error is
+        raised; an error of the block comes out as itself."""
+        ttl_ms = _ms("ttl", ttl)
+        grant = await self.lock(name, timeout=timeout, ttl=ttl_ms, conn_bound=True)
         assert grant is not None
+        lost: list[PDError] = []
+        renewing = trio.CancelScope()
         try:
-            async with trio.open_nursery() as nursery:
+            # A cancel scope, not a nursery, around the block: a nursery would wrap the block's own errors in
+            # an ExceptionGroup. The renewal runs in the connection's nursery and cancels the block if it fails.
+            with trio.CancelScope() as block:
 
                 async def renew() -> None:
-                    while True:
-                        await trio.sleep(ttl / 3)
-                        await self.extend(name, ttl=int(ttl * 1000), token=grant.token)
+                    with renewing:
+                        while True:
+                            await trio.sleep(ttl / 3)
+                            try:
+                                await self.extend(name, ttl=ttl_ms, token=grant.token)
+                            except PDError as e:
+                                e.add_note(f"with_lock({name!r}) lost the lock and interrupted its block")
+                                lost.append(e)
+                                block.cancel()
+                                return
 
-                nursery.start_soon(renew)
+                self._nursery.start_soon(renew)
                 yield grant
-                nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
+            renewing.cancel()
+            with trio.CancelScope(shield=True), suppress(PDError if lost else ()):  # lost: the better error
                 await self.unlock(name, token=grant.token)
+        if lost:
+            raise lost[0]
 
     # -- pub/sub --------------------------------------------------------------------------------------------
 
@@ -420,22 +481,23 @@ class PortDaddy:
         """``async with pd.subscribe("payments:*") as sub: async for msg in sub: ...`` — the retained message
         of each matching channel first (unless ``new``), or every message after id ``after``."""
         sub = Subscription(self, list(channels))
-        self._adopt(sub, await self.call("msg.subscribe", channels=sub.patterns, new=new, after=after))
+        await self._open_subscription(sub, new=new, after=after)
         self._open.add(sub)
         try:
             yield sub
         finally:
             self._open.discard(sub)
             self._subscriptions.pop(sub.id, None)
+            sub._send.close()  # a reader still iterating gets what arrived, then the end, not a wait forever
             if self._client.sock is not None:
                 with trio.CancelScope(shield=True):
                     await self.call("msg.unsubscribe", subscription=sub.id)
 
     async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
         """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
-        ms = None if timeout is None else int(timeout * 1000)
-        r = await self._client.request("msg.wait", {"channels": list(channels), "timeout": ms},
-                                       timeout=float("inf") if timeout is None else timeout + 5)  # fmt: skip
+        args = {"channels": list(channels), "timeout": _timeout_ms(timeout)}
+        # msg.wait has no wait flag: it always waits, without a limit when there is no timeout.
+        r = await self._client.request("msg.wait", args, timeout=_backstop(args) or math.inf)
         newest = max(r["messages"].values(), key=lambda m: m["id"])
         return Message.from_wire(newest)
 
@@ -468,9 +530,26 @@ async def connect(
     if autostart:
         await trio.to_thread.run_sync(ensure_daemon, cfg)
     client = TrioClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout, reconnect=reconnect)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
-        try:
-            yield PortDaddy(client, nursery)
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield PortDaddy(client, nursery)
+            finally:
+                client.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) > 1:
+            raise
+        _raise_as_itself(group.exceptions[0])
+
+
+def _raise_as_itself(error: BaseException) -> NoReturn:
+    """Raise the one error a nursery wrapped (the block's, or the connection's) as itself, so that ``except
+    BadInput`` or ``except DaemonUnavailable`` around ``async with connect()`` matches; its own chaining is
+    kept, not replaced by the group it came in."""
+    chained = error.__cause__, error.__context__, error.__suppress_context__
+    try:
+        raise error
+    finally:
+        error.__cause__, error.__context__, error.__suppress_context__ = chained

@@ -29,6 +29,8 @@ def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
     assert router.match("POST", "/harbors/x") is None  # no such method: a 405
     assert router.methods("/harbors/x") == ["GET"] and router.methods("/nowhere") == []
     assert router.match("GET", "/harbors//members") is None  # an empty argument is no argument
+    typed = Router([Route("PUT", "/inbox/<int:messageId>/read", "inbox.read")])
+    assert typed.match("PUT", "/inbox/7/read")[1] == {"messageId": "7"}  # the converter is not the name
 
 
 def test_every_route_is_reachable_by_its_own_path() -> None:
@@ -46,14 +48,20 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         assert c.get("/services/body%3Aapi").json()["service"]["id"] == "body:api"
         r = c.get("/no/such/path")
         assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+        assert r.json()["error"] == "no route GET /no/such/path; the HTTP API is described in spec/openapi.yaml"
         r = c.post("/services/body%3Aapi")  # a route's path, another method
         assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["code"] == "METHOD_NOT_ALLOWED"
         assert r.json()["allowed"] == ["GET"] and "use GET" in r.json()["error"]
         assert c.delete("/locks").json()["allowed"] == ["GET"]
         assert sorted(c.patch("/locks/x").json()["allowed"]) == ["DELETE", "GET", "POST", "PUT"]
-        assert c.post("/msg/x/subscribe").status_code == 405  # a stream's path: Quart says so
+        r = c.post("/msg/x/subscribe")  # a stream's path: Quart answers, in the same shape
+        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["allowed"] == ["GET"]
+        assert r.json()["error"] == "POST is not served on /msg/x/subscribe; use GET"
         r = c.post("/claim", content=b"[1, 2]")
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
+        r = c.post("/claim", data={"id": "form:api"})  # a form, not JSON: say what was wrong and what to send
+        assert r.json()["error"] == ("request body is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+                                     "send a JSON object")  # fmt: skip
         r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))
         assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert c.get("/health").json()["status"] == "ok"  # the connection is still good
@@ -150,3 +158,92 @@ def test_a_waiter_that_hangs_up_is_withdrawn(fresh_daemon: Daemon) -> None:
     _hang_up_while_waiting(d, "POST", "/locks/hang:up", b'{"owner": "ghost", "wait": true}', "lockWaiters")
     d.call("lock.release", name="hang:up", owner="holder")
     assert d.call("lock.get", name="hang:up")["held"] is False
+
+
+def test_the_path_names_what_a_request_acts_on(fresh_daemon: Daemon) -> None:
+    """A body or query that spelled the same parameter another way (sessionId for a path's id, to for an inbox's
+    agentId) used to win over the path: PUT /sessions/A ended session B."""
+    d = fresh_daemon
+    first, second = (d.call("session.start", purpose=p)["id"] for p in ("first", "second"))
+    d.call("agent.register", agentId="path-agent")
+    with unix_client(d) as c:
+        r = c.put(f"/sessions/{first}", json={"sessionId": second, "status": "completed"})
+        assert r.status_code == 200 and r.json()["sessionId"] == first
+        assert c.post(f"/sessions/{second}/notes", json={"id": first, "content": "x"}).json()["sessionId"] == second
+        assert c.post("/agents/bob/inbox", json={"to": "carol", "content": "hi"}).json()["agentId"] == "bob"
+        assert c.get("/agents/path-agent", params={"id": "nobody"}).json()["agent"]["id"] == "path-agent"
+    assert d.call("session.get", sessionId=second)["session"]["status"] == "active"
+    assert d.call("inbox.stats", agentId="carol")["total"] == 0
+
+
+def test_path_arguments_are_percent_decoded_once_and_may_hold_slashes(daemon: Daemon) -> None:
+    """Routing read hypercorn's already decoded path and decoded it again: %2F split an argument into two
+    segments (a file's pheromones could not be read over HTTP) and %253A arrived as ':'."""
+    daemon.call("pheromone.spray", table="files", id="src/pay/a.py", key="heat", strength=0.5)
+    daemon.call("port.claim", id="twice:api")
+    with unix_client(daemon) as c:
+        r = c.get("/pheromone/files/src%2Fpay%2Fa.py")
+        assert r.status_code == 200 and r.json()["pheromones"]["heat"] > 0.4, r.text
+        r = c.get("/services/twice%253Aapi")
+        assert r.status_code == 400 and r.json()["code"] == "IDENTITY_INVALID", r.text
+        r = c.post("/locks/a%2F..%2Fb", json={"owner": "x"})
+        assert r.status_code == 400 and "'a/../b' has characters outside" in r.json()["error"], r.text
+        assert c.get("/services/twice%3Aapi").json()["service"]["id"] == "twice:api"
+
+
+def test_a_query_parameter_given_twice_is_refused(daemon: Daemon) -> None:
+    """The last of a repeated key won in the dispatcher and the first in the SSE view, silently; a caller who
+    wrote ?status=a&status=b hoping for both got one."""
+    with unix_client(daemon) as c:
+        for method, path in (("POST", "/claim?id=dup:a&id=dup:b"), ("GET", "/services?pattern=a:*&pattern=b:*"),
+                             ("GET", "/msg/twice/subscribe?after=1&new=true&after=2")):  # fmt: skip
+            r = c.request(method, path)
+            assert r.status_code == 400 and r.json()["code"] == "VALIDATION_ERROR", r.text
+            assert r.json()["error"].startswith("query parameter '") and "given 2 times" in r.json()["error"]
+        assert c.post("/claim?id=dup:a").status_code == 200  # once is fine
+    assert [s["id"] for s in daemon.call("port.find", pattern="dup:*")["services"]] == ["dup:a"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/claim", {"id": "zero:api", "expires": 0}),
+    ("/claim", {"id": "zero:api", "expires": "0s"}),
+    ("/tuples", {"fields": ["zero"], "ttl": 0.5}),
+    ("/harbors", {"name": "zero-harbor", "expiresIn": 0}),
+    ("/locks/zero", {"ttl": 0}),
+])  # fmt: skip
+def test_a_lifetime_of_zero_is_refused_not_taken_for_forever(daemon: Daemon, path: str, body: dict) -> None:
+    """A claim, tuple or harbor given an expiry of 0 (or under a millisecond) was kept forever: the opposite of
+    what the caller may have meant, and unlike a lock, whose 0 TTL was refused."""
+    with unix_client(daemon) as c:
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_TTL", r.text
+        assert "must be positive" in r.json()["error"]
+    assert daemon.call("port.find", pattern="zero:*")["count"] == 0
+    assert daemon.call("tuple.count", pattern=["zero"])["count"] == 0
+    assert daemon.call("harbor.list", pattern="zero*")["count"] == 0
+
+
+def test_fleet_and_spawn_replies_say_success_like_every_other(daemon: Daemon) -> None:
+    """The fleet's operations answered without the original's success field, which clients check first."""
+    with unix_client(daemon) as c:
+        for path in ("/fleet", "/fleet/runs", "/spawn"):
+            assert c.get(path).json()["success"] is True, path
+        spawned = c.post("/spawn", json={"backend": "custom", "task": "echo hi"}).json()
+        assert spawned["success"] is True and spawned["status"] == "spawned"
+        done = c.get(f"/spawn/{spawned['agentId']}/wait", params={"timeout": "20s"}).json()
+        assert done["success"] is True and done["run"]["status"] == "completed", done
+        assert c.get(f"/spawn/{spawned['agentId']}/logs").json()["success"] is True
+
+
+@pytest.mark.parametrize("agent", ["a b", "x" * 500, "\x1b[2J", "-rf", "caf\xe9"])
+def test_an_x_agent_id_that_is_no_agent_id_is_refused(fresh_daemon: Daemon, agent: str) -> None:
+    """The header was taken as it came: it registered agents, owned locks and sessions under ids that IPC and
+    pd refuse (spaces, terminal escapes, a leading '-', 500 characters)."""
+    with unix_client(fresh_daemon) as c:
+        for method, path, body in (("POST", "/agents", {}), ("POST", "/sessions", {"purpose": "p"}),
+                                   ("POST", "/locks/hdr", {})):  # fmt: skip
+            r = c.request(method, path, json=body, headers={"X-Agent-Id": agent.encode("latin-1")})
+            assert r.status_code == 400 and r.json()["error"].startswith("X-Agent-Id: agent id "), r.text
+        assert c.post("/agents", json={}, headers={"X-Agent-Id": "fine-agent"}).status_code == 200
+    counts = fresh_daemon.call("daemon.status")["counts"]
+    assert (counts["agents"], counts["sessionsActive"], counts["locks"]) == (1, 0, 0)

@@ -54,11 +54,18 @@ def test_http_inbox_routes(daemon) -> None:
         r = c.post("/agents/web-agent/inbox", json={"content": "hi", "from": "curl"})
         assert r.status_code == 200
         mid = r.json()["messageId"]
-        assert c.get("/agents/web-agent/inbox", params={"unread": "true"}).json()["count"] == 1
+        c.post("/agents/web-agent/inbox", json={"content": "later"})
+        assert c.get("/agents/web-agent/inbox", params={"unread": "true"}).json()["count"] == 2
+        # Marking one message read marked the whole inbox: the route's <int:messageId> never reached the op.
         assert c.put(f"/agents/web-agent/inbox/{mid}/read").json()["marked"] == 1
-        assert c.get("/agents/web-agent/inbox/stats").json()["unread"] == 0
-        assert c.put("/agents/web-agent/inbox/read-all").json()["marked"] == 0
-        assert c.delete("/agents/web-agent/inbox").json()["deleted"] == 1
+        assert c.get("/agents/web-agent/inbox/stats").json()["unread"] == 1
+        r = c.put("/agents/web-agent/inbox/999999/read")
+        assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
+        r = c.put("/agents/web-agent/inbox/abc/read")
+        assert r.status_code == 400 and "messageId must be an integer" in r.json()["error"]
+        assert c.get("/agents/web-agent/inbox/stats").json()["unread"] == 1
+        assert c.put("/agents/web-agent/inbox/read-all").json()["marked"] == 1
+        assert c.delete("/agents/web-agent/inbox").json()["deleted"] == 2
         assert c.post("/agents/web-agent/inbox", json={}).status_code == 400
 
 

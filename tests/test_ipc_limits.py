@@ -21,7 +21,7 @@ import portdaddy
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
 from portdaddy.ipc import server, trio_client
 from portdaddy.ipc.client import BlockingClient
-from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, FrameTooLarge, Performative
+from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, Performative
 from portdaddy.ipc.trio_client import TrioClient
 from tests.fleet_helpers import wait_for
 
@@ -323,8 +323,9 @@ def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
 
 def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) -> None:
     with daemon.client() as c:
-        with pytest.raises(FrameTooLarge, match="65535"):
+        with pytest.raises(PDError, match="65535") as refused:
             c.request("port.claim", {"id": "big:one", "metadata": {"blob": "x" * 70_000}})
+        assert refused.value.code == "PAYLOAD_TOO_LARGE"
         assert c.request("daemon.health")["status"] == "ok"  # nothing half-sent: the stream is intact
     assert daemon.call("port.find", pattern="big:*")["count"] == 0
 

@@ -321,6 +321,9 @@ def test_http_routes(daemon: Daemon) -> None:
         assert h.get("/files/who-owns", params={"path": "http/a.ts"}).json()["claimed"] is True
         assert h.get("/notes/verify").json()["valid"] is True
         assert h.get("/sessions/nope").status_code == 404
+        for path in ("/sessions/session-typo/notes", "/notes?sessionId=session-typo"):  # not "no notes"
+            r = h.get(path)
+            assert r.status_code == 404 and r.json()["code"] == "SESSION_NOT_FOUND", (path, r.text)
         ended = h.put(f"/sessions/{s['id']}", json={"note": "bye"}).json()
         assert ended["releasedFiles"] == ["http/a.ts"]
         begun = h.post("/sugar/begin", json={"purpose": "sugar over http", "agentId": "http-b"}).json()

@@ -80,3 +80,11 @@ def test_integers_and_durations_are_ascii_digits() -> None:
         for check in (validate.integer(), validate.duration()):
             with pytest.raises(PDError):
                 check("n", text)
+
+
+@pytest.mark.parametrize("value", [2, -1, 2**64, 0.5, "maybe", [], {}])
+def test_a_boolean_is_true_false_or_their_usual_spellings(value: object) -> None:
+    """Any integer used to pass as a boolean: {"force": -1} forced a claim."""
+    with pytest.raises(PDError, match="must be true or false"):
+        validate.boolean("force", value)
+    assert [validate.boolean("f", v) for v in (True, 1, "yes", "1", False, 0, "No", "0")] == [True] * 4 + [False] * 4

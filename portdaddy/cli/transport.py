@@ -19,9 +19,8 @@ import click
 
 from portdaddy.cli.output import one_line
 from portdaddy.config import Settings
-from portdaddy.errors import DaemonUnavailable, PDError, bad_input, exit_code
+from portdaddy.errors import DaemonUnavailable, PDError, exit_code
 from portdaddy.ipc.client import BlockingClient
-from portdaddy.ipc.frame import FrameTooLarge
 
 if TYPE_CHECKING:
     import subprocess
@@ -107,11 +106,8 @@ def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autosta
 def request(action: str, args: dict[str, Any] | None = None, *, agent_id: str | None = None,
             timeout: float = 10.0) -> Any:  # fmt: skip
     """One request; raises PDError."""
-    try:
-        with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
-            return client.request(action, args, timeout=timeout)
-    except FrameTooLarge as e:
-        raise bad_input(str(e), code="PAYLOAD_TOO_LARGE") from None
+    with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
+        return client.request(action, args, timeout=timeout)
 
 
 def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = False, agent_id: str | None = None,

@@ -319,12 +319,13 @@ class Broker:
 
     # -- IPC subscriptions ---------------------------------------------------------------------------------
 
-    def subscribe(self, conn: Any, patterns: tuple[str, ...], *, after: int | None,
-                  new: bool) -> tuple[Subscription, bool]:  # fmt: skip
-        """Subscribe ``conn``; replays history after ``after``, else the retained messages unless ``new``."""
+    def subscribe(self, conn: Any, patterns: tuple[str, ...], *, after: int | None, new: bool,
+                  reuse: bool = True) -> tuple[Subscription, bool]:  # fmt: skip
+        """Subscribe ``conn``; replays history after ``after``, else the retained messages unless ``new``. With
+        ``reuse``, the connection's subscription to the same patterns is returned instead of a second one."""
         subs: dict[int, Subscription] = conn.data.setdefault("msg.subscriptions", {})
         for sub in subs.values():
-            if sorted(sub.patterns) == sorted(patterns):
+            if reuse and sorted(sub.patterns) == sorted(patterns):
                 return sub, True
         if len(subs) >= MAX_SUBSCRIPTIONS:
             raise PDError("RESOURCE_LIMIT", f"this connection has {len(subs)} subscriptions, the limit; "
@@ -428,10 +429,11 @@ def _publish(ctx: Ctx, *, channel, payload, sender) -> dict[str, Any]:
     return {"success": True, "id": msg.id, "channel": channel, "message": f"published to {channel}"}
 
 
-def _subscribe(ctx: Ctx, *, channels, after, new) -> dict[str, Any]:
+def _subscribe(ctx: Ctx, *, channels, after, new, reuse) -> dict[str, Any]:
     if ctx.conn is None:
         raise bad_input("msg.subscribe needs an IPC connection; over HTTP use GET /msg/<channel>/subscribe (SSE)")
-    sub, existing = ctx.app.broker.subscribe(ctx.conn, tuple(dict.fromkeys(channels)), after=after, new=new)
+    sub, existing = ctx.app.broker.subscribe(ctx.conn, tuple(dict.fromkeys(channels)), after=after, new=new,
+                                             reuse=reuse)  # fmt: skip
     return {"success": True, "subscription": sub.id, "channels": list(sub.patterns), "existing": existing,
             "lastId": sub.last_id}  # fmt: skip
 
@@ -510,9 +512,12 @@ OPS = (
             Param("channels", _patterns, required=True, aliases=("channel",)),
             Param("after", v.integer(0)),
             Param("new", v.boolean, default=False),
+            # False for a client whose readers share a connection (the SDK): each needs its own subscription.
+            Param("reuse", v.boolean, default=True),
         ),
         summary="IPC only: push `msg.delivery` INFORM frames for channels (wildcards); retained messages first "
-        "unless new, or history after id `after`; `msg.missed` tells a subscriber that fell behind",
+        "unless new, or history after id `after`; `msg.missed` tells a subscriber that fell behind; the "
+        "connection's subscription to the same channels is returned (existing) unless reuse is false",
     ),
     Op(
         "msg.unsubscribe",

@@ -250,7 +250,7 @@ OPS = (
             _CAPS,
             Param("channels", v.str_list(v.name("channel", 200, wildcard=True))),
             Param("agentPatterns", v.str_list(v.text(200))),
-            Param("expiresIn", v.duration(), aliases=("expires",)),
+            Param("expiresIn", v.lifetime(), aliases=("expires",)),
             Param("metadata", v.json_object(10_000)),
         ),
         summary="create a harbor with declared capabilities (an existing one is returned unchanged)",

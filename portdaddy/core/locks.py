@@ -323,14 +323,7 @@ def _trio_deadline(expires_at_ms: int) -> float:
 # -- operations ----------------------------------------------------------------------------------------------
 
 lock_name = v.name("lock name", 200)
-_ttl = v.duration(MAX_TTL_MS, code="INVALID_TTL")
-
-
-def _ttl_check(name: str, value: Any) -> int:
-    ms = _ttl(name, value)
-    if ms <= 0:
-        raise bad_input(f"{name} must be positive, e.g. 30s or 5m (at most 1h)", code="INVALID_TTL")
-    return ms
+_ttl_check = v.lifetime(MAX_TTL_MS)
 
 
 def caller_owner(ctx: Ctx, owner: str | None) -> str:

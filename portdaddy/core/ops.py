@@ -70,6 +70,13 @@ class Op:
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
+    def spellings(self, name: str) -> tuple[str, ...]:
+        """Every key a request may give the parameter that ``name`` names (its name, then its aliases)."""
+        for p in self.params:
+            if name == p.name or name in p.aliases:
+                return (p.name, *p.aliases)
+        return (name,)
+
     def bind(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Validate ``raw`` (transport fields like ``action`` are ignored) into handler kwargs."""
         kwargs: dict[str, Any] = {}

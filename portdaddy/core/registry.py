@@ -398,7 +398,7 @@ OPS = (
             _ID,
             Param("port", v.integer(1024, 65535)),
             Param("range", v.port_range),
-            Param("expires", v.duration()),
+            Param("expires", v.lifetime()),
             Param("pid", v.pid),
             Param("cmd", v.text(1000)),
             Param("cwd", v.text(4096)),

@@ -411,6 +411,8 @@ def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dic
 
 
 def note_list_op(ctx: Ctx, *, sessionId, agent, project, type, since, limit) -> dict[str, Any]:
+    if sessionId is not None:
+        ctx.app.sessions.session(sessionId)  # a mistyped id is SESSION_NOT_FOUND, not a session without notes
     since_ms = None if since is None else now_ms() - since
     found = ctx.app.sessions.notes(session_id=sessionId, agent=agent, project=project, type=type, since=since_ms,
                                    limit=limit)  # fmt: skip

@@ -368,7 +368,7 @@ OPS = (
         (
             Param("fields", _FIELDS, required=True, aliases=("tuple",)),
             _HARBOR,
-            Param("ttl", v.duration(code="INVALID_TTL"), aliases=("ttlMs",)),
+            Param("ttl", v.lifetime(), aliases=("ttlMs",)),
             Param("writtenBy", v.name("agent id"), aliases=("as",)),
         ),
         summary="write a tuple (a JSON array) to a harbor's space or the global one, with an optional TTL",

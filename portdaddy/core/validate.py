@@ -146,7 +146,7 @@ def boolean(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.lower() in ("true", "1", "yes")
-    if isinstance(value, int):
+    if value in (0, 1) and isinstance(value, int):  # JSON and IPC clients that have no boolean send 0/1
         return bool(value)
     raise bad_input(f"{name} must be true or false, got {str(value)[:40]!r}")
 
@@ -164,6 +164,22 @@ def duration(max_ms: int | None = None, *, code: str = "VALIDATION_ERROR") -> Ch
         limit = INT64_MAX // 2 if max_ms is None else max_ms  # half: callers add it to now
         if ms > limit:
             raise bad_input(f"{name} {str(value)[:40]!r} is over the limit of {limit // 1000}s", code=code)
+        return ms
+
+    return check
+
+
+def lifetime(max_ms: int | None = None) -> Check:
+    """A TTL or expiry: a positive duration, refused with INVALID_TTL otherwise. Zero (or under a millisecond)
+    is refused rather than read as "never expires": a caller who wrote 0 may well have meant "at once"."""
+    within = duration(max_ms, code="INVALID_TTL")
+    # Only the lifetimes without a cap (claims, tuples, harbors) may be left out to last forever.
+    hint = "; leave it out to never expire" if max_ms is None else f" (at most {max_ms // 1000}s)"
+
+    def check(name: str, value: Any) -> int:
+        ms = within(name, value)
+        if ms <= 0:
+            raise bad_input(f"{name} must be positive, e.g. 30s or 5m{hint}", code="INVALID_TTL")
         return ms
 
     return check

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -24,10 +25,11 @@ from urllib.parse import parse_qsl, unquote
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from portdaddy.core import validate as v
-from portdaddy.core.ops import Ctx, call
+from portdaddy.core.agents import AGENT_ID
+from portdaddy.core.ops import Ctx, call, lookup
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
 
@@ -71,8 +73,8 @@ def refusal(core: Any, *, over_tcp: bool, host: str, path: str, authorization: s
 def parse_body(body: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(body)
-    except ValueError:
-        raise PDError("VALIDATION_ERROR", "request body is not valid JSON") from None
+    except ValueError as e:  # the decoder's reason says where (or that a number has too many digits)
+        raise PDError("VALIDATION_ERROR", f"request body is not valid JSON ({e}); send a JSON object") from None
     except RecursionError:
         raise PDError("VALIDATION_ERROR", "request body nests too deep; flatten it") from None
     if not isinstance(parsed, dict):
@@ -82,6 +84,17 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise PDError("VALIDATION_ERROR", "request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a "
                       "string; send valid Unicode")  # fmt: skip
     return parsed
+
+
+def query_args(query_string: bytes) -> dict[str, str]:
+    """A query string's parameters; one given twice is refused rather than one of its values silently kept."""
+    pairs = parse_qsl(query_string.decode("latin-1"))
+    args = dict(pairs)
+    if len(args) < len(pairs):
+        key, times = Counter(k for k, _ in pairs).most_common(1)[0]
+        raise PDError("VALIDATION_ERROR", f"query parameter '{key[:40]}' is given {times} times; give it once "
+                      "(a list goes comma-separated: a,b)")  # fmt: skip
+    return args
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -103,29 +116,37 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 class Router:
     """Method and path to a Route and its path arguments. Paths with more literal segments are tried first,
-    so ``/harbors/agent/<agentId>`` wins over ``/harbors/<name>/...`` shapes of the same length."""
+    so ``/harbors/agent/<agentId>`` wins over ``/harbors/<name>/...`` shapes of the same length.
+
+    Paths are matched as sent (percent-encoded): split on ``/`` first, then each segment decoded once, so an
+    argument may hold an encoded slash (``/pheromone/files/src%2Fa.py``) and ``%253A`` stays ``%3A``."""
 
     def __init__(self, routes: list[Route]) -> None:
         self._routes: dict[tuple[str, int], list[tuple[tuple[str, ...], Route]]] = {}
         for route in routes:
-            segments = tuple(route.path.strip("/").split("/"))
+            # Quart syntax: a converter (<int:messageId>) is the op's to check; the argument is named messageId.
+            segments = tuple(re.sub(r"^<\w+:", "<", seg) for seg in route.path.strip("/").split("/"))
             self._routes.setdefault((route.method, len(segments)), []).append((segments, route))
         for candidates in self._routes.values():
             candidates.sort(key=lambda c: -sum(not seg.startswith("<") for seg in c[0]))
 
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        parts = path.strip("/").split("/")
+    def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]] | None:
+        parts = _segments(raw_path)
         for segments, route in self._routes.get((method, len(parts)), ()):
             args = _bind_path(segments, parts)
             if args is not None:
                 return route, args
         return None
 
-    def methods(self, path: str) -> list[str]:
-        """The methods some route serves ``path`` with (for a 405's ``Allow``)."""
-        parts = path.strip("/").split("/")
+    def methods(self, raw_path: str) -> list[str]:
+        """The methods some route serves ``raw_path`` with (for a 405's ``Allow``)."""
+        parts = _segments(raw_path)
         return sorted({method for (method, size), candidates in self._routes.items() if size == len(parts)
                        for segments, _ in candidates if _bind_path(segments, parts) is not None})  # fmt: skip
+
+
+def _segments(raw_path: str) -> list[str]:
+    return [unquote(part, errors="replace") for part in raw_path.strip("/").split("/")]
 
 
 def _bind_path(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | None:
@@ -134,7 +155,7 @@ def _bind_path(segments: tuple[str, ...], parts: list[str]) -> dict[str, str] | 
         if seg.startswith("<"):
             if not part:
                 return None
-            args[seg[1:-1]] = unquote(part)
+            args[seg[1:-1]] = part
         elif seg != part:
             return None
     return args
@@ -147,8 +168,10 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
 
     async def app(scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                   send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
-        found = router.match(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        allowed = router.methods(scope["path"]) if found is None and scope["type"] == "http" else []
+        # hypercorn's raw_path is the path as sent; scope["path"] is decoded already (%2F would split a segment)
+        raw_path = scope["raw_path"].decode("utf-8", "replace") if scope["type"] == "http" else ""
+        found = router.match(scope["method"], raw_path) if raw_path else None
+        allowed = router.methods(raw_path) if found is None and raw_path else []
         if found is None and not allowed:
             await quart(scope, receive, send)  # the streams, and 404s
             return
@@ -158,9 +181,8 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
         if refused is not None:
             await _respond(send, refused[0], refused[1])
         elif found is None:
-            err = PDError("METHOD_NOT_ALLOWED", f"{scope['method']} is not served on {scope['path']}; "
-                          f"use {' or '.join(allowed)}", allowed=allowed)  # fmt: skip
-            await _respond(send, 405, error_body(err), [(b"allow", ", ".join(allowed).encode())])
+            await _respond(send, 405, error_body(method_not_allowed(scope["method"], scope["path"], allowed)),
+                           [(b"allow", ", ".join(allowed).encode())])  # fmt: skip
         else:
             status, body = await _serve(core, found[0], found[1], scope, headers, receive)
             await _respond(send, status, body)
@@ -171,14 +193,18 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
 async def _serve(core: Any, route: Route, path_args: dict[str, str], scope: dict[str, Any],
                  headers: dict[bytes, str], receive: Callable[..., Awaitable[Any]]) -> tuple[int, Any]:  # fmt: skip
     try:
-        args: dict[str, Any] = dict(parse_qsl(scope["query_string"].decode("latin-1")))  # query, body, path
+        args: dict[str, Any] = query_args(scope["query_string"])  # query, body, path
         body = await _read_body(receive)
         if body:
             args.update(parse_body(body))
-        args.update(path_args)
+        op = lookup(core.ops, route.op)
+        for key, value in path_args.items():  # the path names what is acted on, however else it is spelled
+            for spelling in op.spellings(key):
+                args.pop(spelling, None)
+            args[key] = value
         args.update(route.fixed)
         pid = headers.get(b"x-pid", "")
-        ctx = Ctx(core, "http", agent_id=headers.get(b"x-agent-id") or None, pid=_pid(pid))
+        ctx = Ctx(core, "http", agent_id=_agent_id(headers.get(b"x-agent-id")), pid=_pid(pid))
         return 200, await call(core.ops, route.op, args, ctx, waiting=partial(_unless_the_client_leaves, receive))
     except PDError as e:
         return http_status(e.code), error_body(e)
@@ -214,6 +240,22 @@ async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run:
     return result
 
 
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> PDError:
+    return PDError("METHOD_NOT_ALLOWED", f"{method} is not served on {path}; use {' or '.join(allowed)}",
+                   allowed=allowed)  # fmt: skip
+
+
+def _agent_id(header: str | None) -> str | None:
+    """The X-Agent-Id header's agent, checked as IPC checks the agent a connection binds to: it owns locks,
+    sessions and claims, so a malformed one is refused, not stored."""
+    if not header:
+        return None
+    try:
+        return AGENT_ID("X-Agent-Id", header)
+    except PDError as e:
+        raise PDError(e.code, f"X-Agent-Id: {e.message}") from None
+
+
 def _pid(header: str) -> int | None:
     """The X-PID header's process id, checked as a ``pid`` parameter is; None when absent or not one (it only
     labels the caller, so a bad one is not worth refusing the request for)."""
@@ -246,7 +288,7 @@ async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any,
     await send({"type": "http.response.body", "body": data})
 
 
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+_HTTP_CODES = {413: "PAYLOAD_TOO_LARGE"}
 
 
 def _create_quart(core: Any) -> QuartTrio:
@@ -267,7 +309,16 @@ def _create_quart(core: Any) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Response:
+        """Quart's refusals in the dispatcher's shape and words (werkzeug's say nothing of what to do)."""
         status = e.code or 500
+        if isinstance(e, MethodNotAllowed):
+            allowed = sorted(set(e.valid_methods or ()) - {"HEAD", "OPTIONS"})  # werkzeug adds those two itself
+            response = error_response(method_not_allowed(request.method, request.path, allowed))
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        if isinstance(e, NotFound):
+            return error_response(PDError("NOT_FOUND", f"no route {request.method} {request.path}; the HTTP API is "
+                                          "described in spec/openapi.yaml"))  # fmt: skip
         code = _HTTP_CODES.get(status, "INTERNAL" if status >= 500 else "VALIDATION_ERROR")
         return json_response({"success": False, "error": e.description or e.name, "code": code}, status)
 

@@ -26,10 +26,13 @@ def _event(msg: Message) -> str:
 
 
 def _args(channel: str) -> tuple[tuple[str, ...], int | None, bool]:
+    from portdaddy.http.app import query_args  # the app module imports the routes that list this view
+
+    query = query_args(request.scope["query_string"])
     patterns = tuple(v.str_list(channel_pattern, max_items=20)("channel", channel))
-    resume = request.headers.get("Last-Event-ID") or request.args.get("after")
+    resume = request.headers.get("Last-Event-ID") or query.get("after")
     after = v.integer(0)("Last-Event-ID", resume) if resume else None
-    return patterns, after, v.boolean("new", request.args.get("new", "false"))
+    return patterns, after, v.boolean("new", query.get("new", "false"))
 
 
 async def subscribe_view(core: Any, channel: str) -> Response:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout, bad_input
-from portdaddy.ipc.frame import Decoder, Encoder, Frame, Malformed, Parts, Performative, next_conv_id
+from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Parts, Performative, next_conv_id
 
 # Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
 TYPE_CHECKING = False
@@ -45,8 +45,10 @@ def request_payload(action: str, agent_id: str | None, args: dict[str, Any] | No
 
 def request_frame(encoder: Encoder, kind: int, conv: int, action: str, agent_id: str | None,
                   args: dict[str, Any] | None) -> bytes:  # fmt: skip
-    """A request encoded. Text msgpack cannot encode as UTF-8 (a lone surrogate, as Python makes of an argument's
-    undecodable bytes or as JSON can spell) is the caller's bad input, not a crash."""
+    """A request encoded. What msgpack cannot carry is the caller's bad input, said in one line, not a crash
+    from its C code: text that is not UTF-8 (a lone surrogate, as Python makes of an argument's undecodable
+    bytes or as JSON can spell), a whole number outside 64 bits, a value of no wire type (a set, an object),
+    a request larger than one frame."""
     try:
         return encoder.encode(kind, conv, request_payload(action, agent_id, args))
     except UnicodeEncodeError:
@@ -55,6 +57,11 @@ def request_frame(encoder: Encoder, kind: int, conv: int, action: str, agent_id:
     except OverflowError:
         raise bad_input("the request holds a whole number outside 64 bits (-2**63 to 2**64-1); quote it to "
                         "send it as text") from None  # fmt: skip
+    except FrameTooLarge as e:
+        raise bad_input(str(e), code="PAYLOAD_TOO_LARGE") from None
+    except TypeError as e:  # msgpack: "can not serialize 'set' object"
+        raise bad_input(f"the request holds a value that cannot be sent ({e}); send JSON-like values: dict, "
+                        "list, str, int, float, bool or None") from None  # fmt: skip
 
 
 def reply_result(frame: Frame) -> Any:

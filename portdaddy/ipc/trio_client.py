@@ -52,6 +52,7 @@ class TrioClient:
         self.push_handlers: list[Callable[[Frame], None]] = []
         self.reconnect_handlers: list[Callable[[], None]] = []
         self.reconnects = 0
+        self.closed = False  # set by close(): from then on every use says so, not "not connected"
         self._encoder = Encoder()
         self._conv = 0
         # conv id -> the task waiting for its reply; the reader reschedules it with the reply frame, or with None
@@ -232,8 +233,20 @@ class TrioClient:
                 # The waiter raises the daemon's parting REFUSE, or DaemonUnavailable when there was none.
                 trio.lowlevel.reschedule(task, Value(self._parting))
 
+    def close(self) -> None:
+        """Mark the client as done with (its owner stops ``run``): later uses fail saying so."""
+        self.closed = True
+
+    def ensure_open(self) -> None:
+        if self.closed:
+            raise self._gone("closed")
+
     def _gone(self, message: str) -> PDError:
-        """Why there is no connection: the REFUSE the daemon sent as it closed the last one, if it sent one."""
+        """Why there is no connection: closed by its owner; the REFUSE the daemon sent as it closed the last one,
+        if it sent one; else ``message``."""
+        if self.closed:
+            return DaemonUnavailable("this connection is closed (the block that opened it has ended); open a new "
+                                     "one, e.g. async with portdaddy.connect()")  # fmt: skip
         if self._parting is not None:
             return PDError.from_wire(self._parting.payload)
         return DaemonUnavailable(message)
@@ -259,7 +272,7 @@ class TrioClient:
     def _write(self, data: bytes) -> None:
         sock = self.sock
         if sock is None:
-            raise DaemonUnavailable(f"not connected to {self.path}")
+            raise self._gone(f"not connected to {self.path}")
         if not self._out:
             try:
                 sent = sock.send(data)

@@ -1,0 +1,210 @@
+"""The trio SDK as a careless user drives it: wrong argument types, use after close, a daemon restart under a
+held lock. Each against a real daemon."""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import Daemon
+
+import portdaddy.sdk
+from portdaddy.config import Settings
+from portdaddy.errors import BadInput, DaemonUnavailable, PDError, Timeout
+
+
+def connect(d: Daemon, **kw: Any) -> Any:
+    return portdaddy.sdk.connect(settings=d.settings, autostart=False, **kw)
+
+
+async def test_a_value_the_wire_cannot_carry_is_bad_input_and_the_connection_lives_on(daemon: Daemon) -> None:
+    """A set, an object or an oversized payload came out of msgpack's C code as a bare TypeError or ValueError."""
+    async with connect(daemon) as pd:
+        for attempt in (lambda: pd.publish("sdk:bad", {1, 2}), lambda: pd.claim("sdk:bad", metadata={"at": object()}),
+                        lambda: pd.out([{"when": trio}])):  # fmt: skip
+            with pytest.raises(BadInput, match="cannot be sent") as refused:
+                await attempt()
+            assert refused.value.code == "VALIDATION_ERROR"
+        with pytest.raises(BadInput) as refused:
+            pd.publish_nowait("sdk:bad", object())  # refused at once: fire-and-forget hears of nothing later
+        with pytest.raises(BadInput) as refused:
+            await pd.publish("sdk:big", "x" * 70_000)
+        assert refused.value.code == "PAYLOAD_TOO_LARGE" and "IPC frame" in refused.value.message
+        assert (await pd.claim("sdk:fine")).port  # nothing half-sent: the next request is served
+        assert await pd.history("sdk:bad") == []
+
+
+async def test_seconds_of_the_wrong_type_are_bad_input_not_arithmetic_errors(daemon: Daemon) -> None:
+    """timeout="5s" became '5s' * 1000 and then a ValueError from int(); timeout="1" a TypeError from + 5."""
+    async with connect(daemon) as pd:
+        attempts = {
+            "lock": lambda: pd.lock("sdk:secs", timeout="5s"),
+            "take": lambda: pd.take(["never"], wait=True, timeout="1"),
+            "rd": lambda: pd.rd(["never"], wait=True, timeout=-1),
+            "wait_for_signal": lambda: pd.wait_for_signal("sdk:never", timeout=[1]),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(BadInput, match="timeout is a number of seconds") as refused:
+                await attempt()
+            assert refused.value.code == "VALIDATION_ERROR", name
+        with pytest.raises(BadInput, match="ttl is a number of seconds"):
+            async with pd.with_lock("sdk:secs", ttl="60"):
+                pass
+        assert (await pd.call("lock.get", name="sdk:secs"))["held"] is False  # nothing was taken
+
+
+async def test_call_sends_an_operations_own_timeout_to_the_daemon(daemon: Daemon) -> None:
+    """call()'s own timeout keyword swallowed the operation's: a wait meant to last 0.3 s waited the daemon's
+    default (forever for a take) while the client waited 300 s."""
+    async with connect(daemon, timeout=0.5) as pd:
+        with trio.fail_after(10):
+            with pytest.raises(Timeout, match=r"no tuple matched within 0\.3s"):
+                await pd.call("tuple.in", pattern=["sdk:never"], wait=True, timeout=300)
+            assert (await pd.call("msg.poll", channel="sdk:quiet", after=10**9, timeout="200ms"))["message"] is None
+            # A wait without a timeout lasts as long as the daemon's: the client's 0.5 s does not cut it short.
+            async with trio.open_nursery() as nursery:
+
+                async def write_later() -> None:
+                    await trio.sleep(1)
+                    await pd.out(["sdk:later", 1])
+
+                nursery.start_soon(write_later)
+                taken = await pd.call("tuple.in", pattern=["sdk:later", "*"], wait=True)
+            assert taken["tuple"]["fields"] == ["sdk:later", 1]
+
+
+async def test_a_subscription_ends_with_its_block_instead_of_hanging(daemon: Daemon) -> None:
+    """Iterating a subscription after its ``async with`` (or the connection) had closed waited forever."""
+    async with connect(daemon) as pd:
+        async with pd.subscribe("sdk:end:*", new=True) as sub:
+            sent = await pd.publish("sdk:end:a", "last words")
+            with trio.fail_after(5):
+                assert (await sub.__anext__()).id == sent
+            await pd.publish("sdk:end:a", "after the reader stopped")
+        with trio.fail_after(5):
+            assert all(i > sent for i in [msg.id async for msg in sub])  # what had arrived, then the end
+    with trio.fail_after(5):
+        assert [msg async for msg in sub] == []
+
+
+async def test_with_lock_lets_the_blocks_error_out_as_itself_and_stops_a_block_that_lost_its_lock(
+    daemon: Daemon,
+) -> None:
+    """The renewal ran in a nursery around the block, so any error of the block came out in an ExceptionGroup
+    (``except KeyError`` never matched), and so did the renewal's own failure."""
+    async with connect(daemon) as pd:
+        with pytest.raises(KeyError):
+            async with pd.with_lock("sdk:body-error", ttl=5):
+                raise KeyError("the block's own")
+        assert (await pd.call("lock.get", name="sdk:body-error"))["held"] is False
+        finished = False
+        with trio.fail_after(10), pytest.raises(PDError) as lost:
+            async with pd.with_lock("sdk:taken-away", ttl=0.3):
+                await pd.unlock("sdk:taken-away", force=True)  # as an operator would: pd unlock --force
+                await trio.sleep(5)  # renewals every 0.1 s: the next one finds the lock gone
+                finished = True
+        assert not finished and lost.value.code in ("LOCK_NOT_FOUND", "NOT_OWNER"), lost.value
+        assert any("lost the lock" in note for note in lost.value.__notes__)
+        assert (await pd.claim("sdk:still-connected")).port
+
+
+async def test_errors_leave_the_connect_block_as_themselves(daemon: Daemon, tmp_home: Path) -> None:
+    """connect() ran the block inside its nursery, so ``except DaemonUnavailable`` or ``except BadInput``
+    around ``async with connect()`` never matched: everything came out in an ExceptionGroup."""
+    with pytest.raises(DaemonUnavailable, match="no daemon at"):
+        async with portdaddy.sdk.connect(settings=Settings.from_env({"PORT_DADDY_HOME": str(tmp_home)}),
+                                         autostart=False):  # fmt: skip
+            pass
+    with pytest.raises(BadInput) as refused:
+        async with connect(daemon) as pd:
+            await pd.claim("not an identity")
+    assert refused.value.code == "IDENTITY_INVALID"
+    with pytest.raises(KeyError) as own:
+        async with connect(daemon):
+            try:
+                raise ValueError("first")
+            except ValueError:
+                raise KeyError("second") from None
+    assert own.value.__suppress_context__  # the block's own chaining is kept
+
+
+async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Daemon) -> None:
+    """A beat sent while the daemon was away raised DaemonUnavailable in the connection's nursery and ended the
+    whole connect() block: the reconnection the SDK promises never got its chance."""
+    d = fresh_daemon
+    async with connect(d, agent_id="sdk-beater") as pd:
+        await pd.register_agent()
+        pd.start_heartbeat(0.05)
+        await trio.to_thread.run_sync(d.kill9)
+        await trio.sleep(0.3)  # beats fall due while nobody listens
+        await trio.to_thread.run_sync(d.start)
+        with trio.fail_after(15):
+            while True:  # the client reconnects (backoff from 1 s); the beats resume on their own
+                with suppress(DaemonUnavailable):
+                    first = (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"]
+                    break
+                await trio.sleep(0.1)
+            while (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"] == first:
+                await trio.sleep(0.05)
+
+
+async def test_a_heartbeat_interval_that_is_not_a_positive_number_is_refused_at_once(daemon: Daemon) -> None:
+    """interval="30" failed later, in the connection's nursery (ending the connection); 0 beat in a busy loop."""
+    async with connect(daemon, agent_id="sdk-interval") as pd:
+        for interval in ("30", 0, -1, None):
+            with pytest.raises(BadInput, match="interval"):
+                pd.start_heartbeat(interval)
+        await trio.sleep(0.1)
+        assert (await pd.claim("sdk:interval")).port  # the connection is fine
+
+
+async def test_two_subscriptions_to_the_same_channels_on_one_connection_each_get_every_message(
+    daemon: Daemon,
+) -> None:
+    """The daemon answered the second subscribe with the first's id (existing: true): the first reader got
+    nothing more, and when the second block ended it unsubscribed the first's subscription too."""
+    async with connect(daemon) as pd, pd.subscribe("sdk:two:*", new=True) as first:
+        async with pd.subscribe("sdk:two:*", new=True) as second:
+            sent = await pd.publish("sdk:two:x", 1)
+            with trio.fail_after(5):
+                assert [(await first.__anext__()).id, (await second.__anext__()).id] == [sent, sent]
+        sent = await pd.publish("sdk:two:x", 2)
+        with trio.fail_after(5):
+            assert (await first.__anext__()).id == sent
+
+
+async def test_a_subscribe_cancelled_in_flight_leaves_no_subscription_behind(daemon: Daemon) -> None:
+    """A subscription the daemon made as its caller was cancelled stayed on the connection: 64 of them, and
+    the connection could not subscribe any more."""
+    async with connect(daemon) as pd:
+        for n in range(100):
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_at_the_next_checkpoint, scope)
+                    async with pd.subscribe("sdk:gone:*", f"sdk:gone{n}"):
+                        pass
+        with trio.fail_after(5):
+            while (await pd.status())["counts"]["subscriptions"]:
+                await trio.sleep(0.05)
+        async with pd.subscribe("sdk:after-all", new=True):
+            pass
+
+
+async def _cancel_at_the_next_checkpoint(scope: trio.CancelScope) -> None:
+    await trio.sleep(0)
+    scope.cancel()
+
+
+async def test_a_closed_connection_says_it_is_closed(daemon: Daemon) -> None:
+    """After its block, start_heartbeat raised trio's 'Nursery is closed to new arrivals' and every other
+    method 'not connected to <socket>', as if the daemon were down."""
+    async with connect(daemon, agent_id="sdk-closed") as pd:
+        pass
+    for attempt in (lambda: pd.start_heartbeat(1), pd.heartbeat, lambda: pd.publish_nowait("sdk:closed", 1)):
+        with pytest.raises(DaemonUnavailable, match="this connection is closed"):
+            attempt()
+    with pytest.raises(DaemonUnavailable, match="this connection is closed"):
+        await pd.claim("sdk:closed")
