@@ -103,6 +103,17 @@ class Daemon:
         return (self.home / "daemon.log").read_text(errors="replace")
 
 
+def linked_worktree(root: Path, name: str) -> Path:
+    """A linked worktree (laid out as `git worktree add` does) of the one repository under ``root``: agents in
+    worktrees of the same ``root`` share their file claims, as agents in worktrees of one repository do."""
+    tree, git_dir = root / name, root / "repo.git" / "worktrees" / name
+    git_dir.mkdir(parents=True)
+    (git_dir / "commondir").write_text("../..\n")
+    tree.mkdir()
+    (tree / ".git").write_text(f"gitdir: {git_dir}\n")
+    return tree
+
+
 def make_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT_DADDY_", "PD_"))}
     env.update(PORT_DADDY_HOME=str(home), PORT_DADDY_PORT=str(free_port()), PORT_DADDY_NO_AUTOSTART="1")

@@ -19,13 +19,7 @@ import trio
 
 import portdaddy
 from portdaddy.errors import BadInput, Conflict, NotFound, PDError
-from tests.conftest import Daemon
-
-
-def _tree(root: Path, name: str) -> Path:
-    tree = root / name
-    (tree / ".git").mkdir(parents=True)
-    return tree
+from tests.conftest import Daemon, linked_worktree
 
 
 def test_sigkill_after_acknowledged_notes_loses_nothing(fresh_daemon: Daemon) -> None:
@@ -103,7 +97,7 @@ def test_a_one_megabyte_note_is_refused_with_its_limit(daemon: Daemon) -> None:
 def test_unknown_session_and_no_session(daemon: Daemon, tmp_path: Path) -> None:
     r = daemon.pd("note", "hello", "--session", "session-doesnotexist")
     assert r.returncode == 1 and "session session-doesnotexist does not exist" in r.stderr
-    nobody = _tree(tmp_path, "nobody")
+    nobody = linked_worktree(tmp_path, "nobody")
     r = daemon.pd("note", "hello", cwd=nobody)
     assert r.returncode == 1 and f"no active session in {nobody};" in r.stderr and "pd session start" in r.stderr
     r = daemon.pd("session", "show", cwd=nobody)
@@ -126,7 +120,7 @@ def test_heartbeat_for_an_unknown_agent_registers_it(daemon: Daemon) -> None:
 
 
 def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> None:
-    tree = _tree(tmp_path, "sugar")
+    tree = linked_worktree(tmp_path, "sugar")
     r = daemon.pd("begin", "Refactor auth", "--identity", "sugar:api", "--files", "src/auth.ts", "-q", cwd=tree)
     assert r.returncode == 0, r.stderr
     agent = r.stdout.strip()
@@ -137,7 +131,7 @@ def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> No
     who = daemon.pd("whoami", cwd=tree).stdout
     assert f"Agent:    {agent}" in who and "Purpose:  Refactor auth" in who and "Files:    src/auth.ts" in who
     assert "Notes:    1" in who and re.search(r"^Duration: \d+s$", who, re.M), who
-    clash = daemon.pd("begin", "Also auth", "--files", "src/*", cwd=_tree(tmp_path, "other"))
+    clash = daemon.pd("begin", "Also auth", "--files", "src/*", cwd=linked_worktree(tmp_path, "other"))
     assert clash.returncode == 1 and "Use --force to claim anyway" in clash.stderr
     done = daemon.pd("done", "Auth refactor complete", "--json", cwd=tree)
     body = json.loads(done.stdout)
@@ -155,7 +149,7 @@ def test_begin_whoami_done_through_the_cli(daemon: Daemon, tmp_path: Path) -> No
 def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon, tmp_path: Path) -> None:
     """One current.json per worktree, several agents told apart by PORT_DADDY_AGENT: the file holds whoever
     wrote it last, and nobody else's note, session end or done may land on that session."""
-    tree = _tree(tmp_path, "shared")
+    tree = linked_worktree(tmp_path, "shared")
 
     def pd(agent: str, *args: str) -> subprocess.CompletedProcess[str]:
         r = daemon.pd(*args, cwd=tree, env={"PORT_DADDY_AGENT": agent})
@@ -182,7 +176,7 @@ def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon,
 
 def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemon, tmp_path: Path) -> None:
     """The tutorial's agents share one repo without ids: the second session start takes the worktree over."""
-    tree = _tree(tmp_path, "shared")
+    tree = linked_worktree(tmp_path, "shared")
     first = daemon.pd("session", "start", "Building checkout UI", "-q", cwd=tree).stdout.strip()
     second = daemon.pd("session", "start", "Building payment API", cwd=tree)
     assert f"warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
@@ -195,33 +189,35 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
         own = daemon.pd("session", "start", purpose, cwd=tree)
         assert own.returncode == 0 and own.stderr == "", own.stderr
     # The environment outranks what a worktree remembers: an --agent that it overrides is said to be so.
-    other = _tree(tmp_path, "env")
+    other = linked_worktree(tmp_path, "env")
     begun = daemon.pd("begin", "Finish the schema", "--agent", "db-2", cwd=other, env={"PORT_DADDY_AGENT": "backend"})
     assert "warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
         begun.stderr)  # fmt: skip
-    plain = daemon.pd("begin", "Same agent", cwd=_tree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
+    plain = daemon.pd("begin", "Same agent", cwd=linked_worktree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
     assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
 
 
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
-    tree = _tree(tmp_path, "sit")
+    tree = linked_worktree(tmp_path, "sit")
     daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)
     daemon.pd("session", "start", "Sit UI", "--files", "web/components/*", cwd=tree)
     daemon.pd("note", "buttons done", cwd=tree)
     rep = daemon.pd("sitrep", "--since", "5m", "--project", "sit")
     assert rep.returncode == 0 and "[sitter] buttons done" in rep.stdout and "web/components/*" in rep.stdout
-    lone = daemon.pd("session", "start", "Nobody's work", "-q", cwd=_tree(tmp_path, "lone")).stdout.strip()
+    lone = daemon.pd("session", "start", "Nobody's work", "-q", cwd=linked_worktree(tmp_path, "lone")).stdout.strip()
     assert f"active    {lone} Nobody's work\n" in daemon.pd("sitrep", "--since", "5m").stdout  # no agent, no "-:"
-    owners = daemon.pd("who-owns", "web/components/Button.tsx")
+    owners = daemon.pd("who-owns", "web/components/Button.tsx", cwd=tree)
     assert "claimed by 1 session(s)" in owners.stdout and "sitter: Sit UI" in owners.stdout
-    assert daemon.pd("who-owns", "web/pages/x.ts", "-q").stdout.strip() == "unclaimed"
-    assert "web/components/*" in daemon.pd("files", "web").stdout
+    assert daemon.pd("who-owns", "web/components/Button.tsx", "-q").stdout.strip() == "unclaimed"  # another repo
+    assert daemon.pd("who-owns", "web/pages/x.ts", "-q", cwd=tree).stdout.strip() == "unclaimed"
+    assert "web/components/*" in daemon.pd("files", "web", cwd=tree).stdout
     released = daemon.pd("session", "files", "release", "web/components/*", cwd=tree)
-    assert released.returncode == 0 and daemon.pd("who-owns", "web/components/a", "-q").stdout.strip() == "unclaimed"
+    unclaimed = daemon.pd("who-owns", "web/components/a", "-q", cwd=tree).stdout.strip()
+    assert released.returncode == 0 and unclaimed == "unclaimed"
 
 
 def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tmp_path: Path) -> None:
-    tree = _tree(tmp_path, "ended")
+    tree = linked_worktree(tmp_path, "ended")
     agent = daemon.pd("begin", "Short job", "-q", cwd=tree).stdout.strip()
     assert daemon.pd("session", "end", cwd=tree).returncode == 0
     done = daemon.pd("done", "late note", cwd=tree)
@@ -234,7 +230,7 @@ def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tm
 
 
 def test_the_worktrees_agent_speaks_on_channels(daemon: Daemon, tmp_path: Path) -> None:
-    tree = _tree(tmp_path, "speaker")
+    tree = linked_worktree(tmp_path, "speaker")
     agent = daemon.pd("begin", "Announce things", "-q", cwd=tree).stdout.strip()
     published = json.loads(daemon.pd("pub", "speaker:news", "hi", "--json", cwd=tree).stdout)
     assert daemon.call("msg.history", channel="speaker:news")["messages"][0]["sender"] == agent
@@ -245,7 +241,7 @@ def test_the_worktrees_agent_speaks_on_channels(daemon: Daemon, tmp_path: Path) 
 def test_paths_are_typed_relative_to_where_you_stand(daemon: Daemon, tmp_path: Path) -> None:
     """Claims are repo-relative; pd turns paths typed in a subdirectory, or absolute inside the worktree, into
     them (who-owns auth.ts inside src/ said 'unclaimed' about src/auth.ts)."""
-    tree = _tree(tmp_path, "rel")
+    tree = linked_worktree(tmp_path, "rel")
     (tree / "src").mkdir()
     env = {"PORT_DADDY_AGENT": "relative"}
     daemon.pd("begin", "Relative paths", "--files", "src/auth.ts", cwd=tree, env=env)
@@ -291,6 +287,37 @@ def test_guard_checks_staged_files_against_other_sessions(daemon: Daemon, tmp_pa
     as_json = daemon.pd("guard", "check", "src/auth.ts", "--mode", mode, "--json", cwd=repo)
     assert (as_json.returncode, json.loads(as_json.stdout)["success"]) == ((1, False) if blocked else (0, True))
     daemon.call("session.end", sessionId=holder)
+
+
+def test_claims_meet_only_claims_of_the_same_repository(daemon: Daemon, tmp_path: Path) -> None:
+    """`src/index.ts` in two unrelated projects is two files; in two worktrees of one repository it is one."""
+    shop, blog = tmp_path / "shop", tmp_path / "blog"
+    for repo in (shop, blog):
+        repo.mkdir()
+        _git(repo, "init", "-q")
+        (repo / "src").mkdir()
+        (repo / "src" / "index.ts").write_text("x\n")
+        _git(repo, "add", ".")
+        _git(repo, "commit", "-qm", "first")
+    twin = tmp_path / "shop-twin"
+    assert _git(shop, "worktree", "add", "-q", str(twin)).returncode == 0
+    agents = {tree: {"PORT_DADDY_AGENT": f"repo-{tree.name}"} for tree in (shop, blog, twin)}
+    r = daemon.pd("begin", "shop checkout", "--files", "src/index.ts", cwd=shop, env=agents[shop])
+    assert r.returncode == 0, r.stderr
+    try:
+        r = daemon.pd("begin", "blog layout", "--files", "src/index.ts", cwd=blog, env=agents[blog])
+        assert r.returncode == 0 and "Warning" not in r.stderr + r.stdout, r.stderr
+        assert daemon.pd("who-owns", "src/index.ts", "--json", cwd=blog).stdout.count("shop checkout") == 0
+        twin_claim = daemon.pd("begin", "shop refactor", "--files", "src/*", cwd=twin, env=agents[twin])
+        assert twin_claim.returncode == 1 and "shop checkout" in twin_claim.stderr  # the blog's claim is not named
+        assert "blog layout" not in twin_claim.stderr
+        check = daemon.pd("guard", "check", "src/index.ts", "--mode", "enforce", "--json", cwd=twin)
+        assert [c["purpose"] for c in json.loads(check.stdout)["conflicts"]] == ["shop checkout"]
+        owners = json.loads(daemon.pd("who-owns", "src/index.ts", "--json", cwd=blog).stdout)["owners"]
+        assert [o["purpose"] for o in owners] == ["blog layout"]
+    finally:
+        for tree in (shop, blog):
+            daemon.pd("done", cwd=tree, env=agents[tree])
 
 
 def test_guard_install_keeps_a_foreign_hook(daemon: Daemon, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tests.conftest import linked_worktree
+
 AGENTS = {
     "database-builder": ("payments:db", "Payment system schema", ["supabase/migrations/*"]),
     "backend-builder": ("payments:api", "Building payment API",
@@ -26,12 +28,7 @@ NOTES = {
 
 
 def _worktrees(root: Path) -> dict[str, Path]:
-    trees = {}
-    for name in AGENTS:
-        tree = root / name
-        (tree / ".git").mkdir(parents=True)  # a worktree root, as far as pd's context is concerned
-        trees[name] = tree
-    return trees
+    return {name: linked_worktree(root, name) for name in AGENTS}  # one repository, a worktree per agent
 
 
 def test_five_agents_walk_through_the_seed(daemon_factory, tmp_path: Path) -> None:

@@ -95,7 +95,8 @@ def check(paths: tuple[str, ...], staged: bool, mode: str, as_json: bool) -> Non
         if as_json:
             emit_json({"success": True, "checked": True, "conflicts": []})
         return
-    args = {"files": files, "sessionId": resolve_session(), "agentId": resolve_agent()}
+    args = {"files": files, "sessionId": resolve_session(), "agentId": resolve_agent(),
+            "worktree": str(worktree_root())}  # fmt: skip
     try:
         with connect(autostart=False) as client:
             result = client.request("file.check", args)

@@ -338,7 +338,8 @@ def files(path: str | None, agent: str | None, as_json: bool, quiet: bool) -> No
       pd files
       pd files "src/api/*" --json
     """
-    result = call("file.list", {"path": repo_paths([path])[0] if path else None, "agent": agent}, as_json=as_json)
+    result = call("file.list", {"path": repo_paths([path])[0] if path else None, "agent": agent,
+                                    "worktree": str(worktree_root())}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
     elif quiet:
@@ -362,7 +363,7 @@ def who_owns(path: str, as_json: bool, quiet: bool) -> None:
       pd who-owns src/middleware/auth.ts
       pd who-owns "src/api/*" -q
     """
-    result = call("file.owners", {"path": repo_paths([path])[0]}, as_json=as_json)
+    result = call("file.owners", {"path": repo_paths([path])[0], "worktree": str(worktree_root())}, as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:

@@ -26,6 +26,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.core.notechain import GENESIS, Link, link_hash, verify
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.repository import repository_of
 from portdaddy.core.sealing import Sealer, load_or_create_master_key
 from portdaddy.errors import Conflict, NotFound, PDError, bad_input
 
@@ -38,8 +39,10 @@ END_STATUSES = ("completed", "abandoned")
 
 _SESSION_COLUMNS = ("id, purpose, status, agent_id, worktree, identity_project, created_at, updated_at, completed_at, "
                     "metadata, note_count")  # fmt: skip
+# Held claims, of the repository given as the one parameter (and those whose repository is unknown); None: all.
 _HELD = ("SELECT c.path, c.session_id, c.claimed_at, s.purpose, s.agent_id, c.forced FROM file_claims c "
-         "JOIN sessions s ON s.id = c.session_id WHERE c.released_at IS NULL AND s.status = 'active'")  # fmt: skip
+         "JOIN sessions s ON s.id = c.session_id WHERE c.released_at IS NULL AND s.status = 'active' "
+         "AND (?1 IS NULL OR s.repository IS NULL OR s.repository = ?1)")  # fmt: skip
 
 
 def _session_wire(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -90,7 +93,8 @@ class Sessions:
 
     def start(self, purpose: str, *, agent_id: str | None, files: list[str], force: bool, worktree: str | None,
               metadata: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-        conflicts = self.conflicts(files)
+        repository = repository_of(worktree)
+        conflicts = self.conflicts(files, repository=repository)
         if conflicts and not force:
             raise file_conflict(conflicts)
         now = now_ms()
@@ -98,9 +102,9 @@ class Sessions:
         agent = self.app.agents.get(agent_id) if agent_id else None
         with self.store.write() as db:
             db.execute(
-                "INSERT INTO sessions (id, purpose, status, agent_id, worktree, identity_project, created_at, "
-                "updated_at, metadata, wrapped_key, head_hash) VALUES (?,?,'active',?,?,?,?,?,?,?,?)",
-                (sid, purpose, agent_id, worktree, agent.project if agent else None, now, now,
+                "INSERT INTO sessions (id, purpose, status, agent_id, worktree, repository, identity_project, "
+                "created_at, updated_at, metadata, wrapped_key, head_hash) VALUES (?,?,'active',?,?,?,?,?,?,?,?,?)",
+                (sid, purpose, agent_id, worktree, repository, agent.project if agent else None, now, now,
                  None if metadata is None else json.dumps(metadata), self.sealer.new_session_key(sid), GENESIS),
             )  # fmt: skip
             self._insert_claims(sid, files, bool(conflicts), now)
@@ -267,13 +271,15 @@ class Sessions:
 
     # -- file claims ---------------------------------------------------------------------------------------
 
-    def conflicts(self, paths: Iterable[str], *, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Claims of other active sessions that overlap any of ``paths`` (one entry per pair)."""
+    def conflicts(self, paths: Iterable[str], *, repository: str | None = None,
+                  exclude: Iterable[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+        """Claims of other active sessions that overlap any of ``paths`` (one entry per pair), in ``repository``
+        (None: in any)."""
         paths = list(paths)
         if not paths:
             return []
         skip = set(exclude)
-        held = [r for r in self.store.all(_HELD) if r[1] not in skip]
+        held = [r for r in self.store.all(_HELD, (repository,)) if r[1] not in skip]
         found = []
         for path in paths:
             for row in held:
@@ -292,7 +298,8 @@ class Sessions:
 
     def claim(self, session_id: str, paths: list[str], *, force: bool) -> dict[str, Any]:
         s = self._active(session_id)
-        conflicts = self.conflicts(paths, exclude=[session_id])
+        repository = self.store.scalar("SELECT repository FROM sessions WHERE id=?", (session_id,))
+        conflicts = self.conflicts(paths, repository=repository, exclude=[session_id])
         if conflicts and not force:
             raise file_conflict(conflicts)
         now = now_ms()
@@ -327,8 +334,9 @@ class Sessions:
                               "IS NULL ORDER BY id", session_ids)  # fmt: skip
         return [r[0] for r in rows]
 
-    def held(self, *, path: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
-        claims = [_claim_wire(r) for r in self.store.all(_HELD + " ORDER BY c.id")]
+    def held(self, *, repository: str | None = None, path: str | None = None,
+             agent: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        claims = [_claim_wire(r) for r in self.store.all(_HELD + " ORDER BY c.id", (repository,))]
         if path is not None:
             claims = [c for c in claims if globs.overlaps(path, c["filePath"])]
         if agent is not None:
@@ -434,24 +442,24 @@ def release_op(ctx: Ctx, *, sessionId, files, agentId, worktree) -> dict[str, An
     return ctx.app.sessions.release(target_session(ctx, sessionId, agentId, worktree), files or None)
 
 
-def files_op(ctx: Ctx, *, path, agent) -> dict[str, Any]:
-    claims = ctx.app.sessions.held(path=path, agent=agent)
+def files_op(ctx: Ctx, *, path, agent, worktree) -> dict[str, Any]:
+    claims = ctx.app.sessions.held(repository=repository_of(worktree), path=path, agent=agent)
     return {"success": True, "claims": claims, "count": len(claims)}
 
 
-def who_owns_op(ctx: Ctx, *, path) -> dict[str, Any]:
-    owners = ctx.app.sessions.held(path=path)
+def who_owns_op(ctx: Ctx, *, path, worktree) -> dict[str, Any]:
+    owners = ctx.app.sessions.held(repository=repository_of(worktree), path=path)
     return {"success": True, "filePath": path, "owners": owners, "claimed": bool(owners)}
 
 
-def check_op(ctx: Ctx, *, files, sessionId, agentId) -> dict[str, Any]:
+def check_op(ctx: Ctx, *, files, sessionId, agentId, worktree) -> dict[str, Any]:
     """Which of ``files`` other active sessions claim (the caller's own sessions are not "other")."""
     sessions: Sessions = ctx.app.sessions
     agent = agentId or ctx.agent_id
     own = [sessionId] if sessionId else []
     if agent:
         own += [s["id"] for s in sessions.list(status="active", agent=agent, worktree=None, project=None, limit=1000)]
-    conflicts = sessions.conflicts(files, exclude=own)
+    conflicts = sessions.conflicts(files, repository=repository_of(worktree), exclude=own)
     return {"success": True, "conflicts": conflicts, "count": len(conflicts), "checked": len(files)}
 
 
@@ -533,19 +541,19 @@ OPS = (
     Op(
         "file.list",
         files_op,
-        (Param("path", _claim_path), Param("agent", AGENT_ID)),
-        summary="claims held by active sessions (path: only those overlapping it)",
+        (Param("path", _claim_path), Param("agent", AGENT_ID), _WORKTREE),
+        summary="claims held by active sessions (path: only those overlapping it; worktree: only its repository's)",
     ),
     Op(
         "file.owners",
         who_owns_op,
-        (Param("path", _claim_path, required=True),),
-        summary="which active sessions claim a path (glob overlap)",
+        (Param("path", _claim_path, required=True), _WORKTREE),
+        summary="which active sessions claim a path (glob overlap) in the worktree's repository",
     ),
     Op(
         "file.check",
         check_op,
-        (FILES, _SESSION, Param("agentId", AGENT_ID)),
-        summary="which of these paths other active sessions claim (the git guard's question)",
+        (FILES, _SESSION, Param("agentId", AGENT_ID), _WORKTREE),
+        summary="which of these paths other active sessions of the worktree's repository claim (the git guard's)",
     ),
 )

@@ -12,6 +12,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, Agents, new_agent_id
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.core.repository import repository_of
 from portdaddy.core.sessions import (
     END_STATUSES,
     FILES,
@@ -31,7 +32,7 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
              worktree, name, maxLocks, maxServices) -> dict[str, Any]:  # fmt: skip
     agents: Agents = ctx.app.agents
     sessions: Sessions = ctx.app.sessions
-    conflicts = sessions.conflicts(files)
+    conflicts = sessions.conflicts(files, repository=repository_of(worktree))
     if conflicts and not force:
         raise file_conflict(conflicts)
     agent_id = agentId or ctx.agent_id or new_agent_id()
@@ -95,7 +96,7 @@ def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
     recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
               if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
     dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
-    claims = sessions.held()
+    claims = sessions.held()  # every repository's: a sitrep is of the whole machine
     activity = ctx.app.activity.entries(limit=limit, since=start)
     active = sum(s["status"] == "active" for s in recent)
     minutes = max(1, window // 60_000)
