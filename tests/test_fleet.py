@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from portdaddy.core.store import Store
+from portdaddy.fleet.backends import Task
+from portdaddy.fleet.runs import Run, RunTable, new_id
 from tests.conftest import Daemon
 from tests.fleet_helpers import FAST, git, make_bin, make_project, path_with, pid_alive, records, wait_for
 
@@ -428,6 +431,19 @@ def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, 
     status = d.call("fleet.status", projectDir=str(project))["fleets"][0]  # the fleet came back up
     assert status["running"] == 0 and status["agents"][0]["running"] == 0
     d.call("fleet.down", projectDir=str(project))
+
+
+def test_a_spawn_the_daemon_died_before_starting_is_cancelled_at_restart(fresh_daemon: Daemon) -> None:
+    """A spawn is recorded queued and started a few ms later; a SIGKILL between the two left it queued for ever
+    (spawns, unlike a fleet's queued runs, are not restored). The row is written as the daemon left it."""
+    d = fresh_daemon
+    d.kill9()
+    store = Store(d.settings.db)
+    RunTable(store).insert(Run(new_id("spawn", "spawn"), "spawn", "spawn", "spawn:x", Task(backend="custom")))
+    store.close()
+    d.start()
+    [run] = d.call("spawn.list")["agents"]
+    assert run["status"] == "cancelled" and "spawn it again" in run["error"]
 
 
 # --- spawn ---------------------------------------------------------------------------------------------

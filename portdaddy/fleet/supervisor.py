@@ -159,6 +159,9 @@ class Fleet:
             citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it ran")
             self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
                               projectDir=run.project_dir, exitCode=None)  # fmt: skip
+        for run in self.runs.with_status("queued"):
+            if run.kind == "spawn":  # a spawn starts as it is asked for: one still queued never got to (or a stop)
+                self._finish_unstarted(run, "cancelled", "the daemon stopped before this spawn started; spawn it again")
         for path in self.runs.prune(self.settings.keep_runs):
             Path(path).unlink(missing_ok=True)
 
