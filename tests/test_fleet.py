@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -534,6 +535,37 @@ def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_fact
     # The interrupted run was not respawned or counted as a failure.
     assert len(runs_of(d, project)) == 2
     assert d.call("fleet.status", projectDir=str(project))["fleets"][0]["agents"][0]["failures"] == 0
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_queued_runs_of_an_agent_a_reload_disabled_or_removed_do_not_start(daemon_factory: Any,
+                                                                           tmp_home: Path) -> None:  # fmt: skip
+    d = daemon_factory(**FAST)
+    fleet = """
+        fleet:
+          limits: {max_concurrent_spawns: 1}
+          agents:
+            blocker: {trigger: work, backend: custom, command: "sleep 300"}
+            off: {trigger: work, backend: custom, command: "true"%s}
+            gone: {trigger: work, backend: custom, command: "true"}
+        """  # fmt: skip
+    project = make_project(tmp_home, fleet % "")
+    pd_json(d, "fleet", "up", "-C", str(project))
+    blocker = d.call("fleet.run", projectDir=str(project), agent="blocker")["run"]
+    queued = [d.call("fleet.run", projectDir=str(project), agent=a)["run"]["id"] for a in ("off", "gone")]
+    wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["running"] == 1, what="a run")
+    (project / "pd-fleet.yml").write_text(textwrap.dedent(fleet % ", enabled: false").replace(
+        '    gone: {trigger: work, backend: custom, command: "true"}\n', ""))  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))  # reloads the file
+    d.call("spawn.kill", id=blocker["id"])  # the queue moves on
+
+    def ended() -> dict[str, Any] | None:
+        runs = {r["agent"]: r for r in runs_of(d, project) if r["id"] in queued and r["status"] != "queued"}
+        return runs if len(runs) == 2 else None
+
+    by_agent = wait_for(ended, what="the queued runs to end")
+    assert {a: r["status"] for a, r in by_agent.items()} == {"off": "cancelled", "gone": "cancelled"}, by_agent
+    assert "disabled" in by_agent["off"]["error"] and "no longer in the fleet file" in by_agent["gone"]["error"]
     d.call("fleet.down", projectDir=str(project))
 
 

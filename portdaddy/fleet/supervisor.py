@@ -391,8 +391,10 @@ class Fleet:
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
             lf.queue.remove(run)
-            if run.agent not in lf.config.agents:  # the agent was removed by a reload
-                self._finish_unstarted(run, "cancelled", f"agent {run.agent!r} is no longer in the fleet file")
+            spec = lf.config.agents.get(run.agent)
+            if spec is None or not spec.enabled:  # a reload removed or disabled the agent since the run was queued
+                gone = "is no longer in the fleet file" if spec is None else "was disabled in the fleet file"
+                self._finish_unstarted(run, "cancelled", f"agent {run.agent!r} {gone}")
                 continue
             lf.starts.append(now)
             lf.running[run.id] = run
