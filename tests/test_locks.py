@@ -155,6 +155,20 @@ def test_with_lock_runs_the_command_and_exits_with_its_status(daemon, tmp_path) 
     daemon.call("lock.release", name="wl:held")
 
 
+def test_with_lock_on_a_lock_its_caller_holds_leaves_it_held(daemon) -> None:
+    """Nesting: the holder of a 10-minute lock runs `pd with-lock` on it; afterwards the lock is still theirs,
+    with its token and its lease (the inner run bound it to its own connection and released it, before)."""
+    me = {"PORT_DADDY_AGENT": "nester"}
+    token = int(daemon.pd("lock", "wl:nested", "--ttl", "10m", "-q", env=me).stdout)
+    before = daemon.call("lock.get", name="wl:nested")
+    r = daemon.pd("with-lock", "wl:nested", "--", "sh", "-c", 'test "$PD_LOCK_TOKEN" = ' + str(token), env=me)
+    assert r.returncode == 0, r.stderr
+    after = daemon.call("lock.get", name="wl:nested")
+    assert after["held"] and after["token"] == token and after["owner"] == "nester"
+    assert after["expiresAt"] >= before["expiresAt"] and after["connBound"] is False
+    daemon.call("lock.release", name="wl:nested")
+
+
 @pytest.mark.parametrize("victim", ["child", "with-lock"])
 def test_with_lock_releases_when_killed(daemon, victim) -> None:
     name = f"wl:kill-{victim}"
@@ -316,7 +330,7 @@ class LockModel(RuleBasedStateMachine):
         else:
             assert lock.token > self.last_token
             self.last_token = lock.token
-        self.model[name] = (owner, lock.token, self.now + ttl)
+        self.model[name] = (owner, lock.token, max(held[2] if held else 0, self.now + ttl))  # a lease never shrinks
 
     @rule(name=_NAMES, owner=_OWNERS)
     def release(self, name: str, owner: str) -> None:

@@ -194,10 +194,11 @@ def _run_holding(client: Any, granted: dict[str, Any], ttl_ms: int, command: tup
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        try:
-            client.request("lock.release", {"name": granted["name"], "token": granted["token"]})
-        except PDError:
-            pass  # already gone (expired, forced); the connection closing releases a bound lock anyway
+        if not granted.get("existing"):  # a lock the caller held before is still theirs afterwards
+            try:
+                client.request("lock.release", {"name": granted["name"], "token": granted["token"]})
+            except PDError:
+                pass  # already gone (expired, forced); the connection closing releases a bound lock anyway
     return 128 - status if status < 0 else status
 
 

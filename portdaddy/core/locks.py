@@ -117,12 +117,11 @@ class Locks:
         if lock is not None:
             if lock.owner != owner:
                 raise self._held_error(lock)
-            lock.expires_at = now_ms() + ttl_ms
-            if conn is not None:
-                self._bind(lock, conn)
+            # Idempotent: the lease may grow, never shrink, and the binding stays as it was. A holder that runs
+            # `pd with-lock` on its own lock must still hold it, with the lease it had, when the command ends.
+            lock.expires_at = max(lock.expires_at, now_ms() + ttl_ms)
             with self.store.write() as db:
-                db.execute("UPDATE locks SET expires_at=?, conn_bound=? WHERE name=?",
-                           (lock.expires_at, lock.conn is not None, name))  # fmt: skip
+                db.execute("UPDATE locks SET expires_at=? WHERE name=?", (lock.expires_at, name))
             self._schedule(lock)
             return lock, True
         self._check_quota(owner)
