@@ -534,6 +534,9 @@ def _status(name: str, value: Any) -> str:
 _AGENT = Param("agentId", AGENT_ID, aliases=("id",))
 # Ops that name *another* agent read ``id`` first: a bound IPC client adds its own ``agentId`` to every request.
 _OTHER = Param("id", AGENT_ID, required=True, aliases=("agentId",))
+# The caller's worktree root: scopes its current session and its claims' repository (core/repository.py).
+WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
+
 REGISTER_PARAMS = (
     Param("identity", v.identity),
     Param("purpose", v.text(500)),
@@ -541,7 +544,7 @@ REGISTER_PARAMS = (
     Param("pid", v.pid),
     Param("capabilities", v.str_list(_CAPABILITY), aliases=("caps",)),
     Param("status", _status),
-    Param("worktree", v.text(4096), aliases=("worktreeId",)),
+    WORKTREE,
     Param("name", v.text(100)),
     Param("metadata", v.json_object(16_000)),
     Param("maxLocks", v.integer(1, 100_000)),

@@ -102,6 +102,9 @@ def build_table(*groups: Iterable[Op]) -> dict[str, Op]:
         for op in group:
             if op.name in table:
                 raise RuntimeError(f"operation {op.name} is defined twice")
+            names = [p.name for p in op.params]
+            if len(set(names)) != len(names):
+                raise RuntimeError(f"operation {op.name} declares a parameter twice: {names}")
             table[op.name] = op
     return table
 

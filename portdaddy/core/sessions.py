@@ -21,7 +21,7 @@ from typing import Any
 
 from portdaddy.core import globs
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID
+from portdaddy.core.agents import AGENT_ID, WORKTREE
 from portdaddy.core.clock import now_ms
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.core.notechain import GENESIS, Link, link_hash, verify
@@ -365,7 +365,6 @@ def _paths(name: str, value: Any) -> list[str]:
 _SESSION = Param("sessionId", v.name("session id", 100), aliases=("id", "session"))
 FILES = Param("files", _paths, default=[], aliases=("paths",))
 FORCE = Param("force", v.boolean, default=False)
-_WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
 _PURPOSE = Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True)
 _CONTENT = Param("content", v.text(MAX_NOTE_CHARS), required=True, aliases=("note", "text"))
 _LIMIT = Param("limit", v.integer(1, 1000), default=50)
@@ -467,7 +466,7 @@ OPS = (
     Op(
         "session.start",
         start_op,
-        (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, _WORKTREE, Param("metadata", v.json_object(16_000))),
+        (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, WORKTREE, Param("metadata", v.json_object(16_000))),
         summary="start a session with optional file claims (a conflicting claim is refused unless force)",
     ),
     Op(
@@ -478,14 +477,14 @@ OPS = (
             Param("note", v.text(MAX_NOTE_CHARS)),
             Param("status", v.one_of(*END_STATUSES), default="completed"),
             Param("agentId", AGENT_ID),
-            _WORKTREE,
+            WORKTREE,
         ),
         summary="end a session (completed or abandoned) with an optional handoff note; releases its files",
     ),
     Op(
         "session.get",
         get_op,
-        (_SESSION, Param("agentId", AGENT_ID), _WORKTREE),
+        (_SESSION, Param("agentId", AGENT_ID), WORKTREE),
         summary="one session with its notes (oldest first) and file claims (default: the caller's current one)",
     ),
     Op(
@@ -494,7 +493,7 @@ OPS = (
         (
             Param("status", v.one_of("active", *END_STATUSES)),
             Param("agent", AGENT_ID),
-            _WORKTREE,
+            WORKTREE,
             Param("project", v.name("project", 64)),
             Param("all", v.boolean, default=False),
             _LIMIT,
@@ -504,7 +503,7 @@ OPS = (
     Op(
         "note.add",
         note_add_op,
-        (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), _WORKTREE),
+        (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), WORKTREE),
         summary="append a note to a session (default: the caller's current one); sealed at rest, hash-chained",
     ),
     Op(
@@ -529,31 +528,31 @@ OPS = (
     Op(
         "file.claim",
         claim_op,
-        (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), _WORKTREE),
+        (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), WORKTREE),
         summary="claim paths or globs for a session (a conflicting claim is refused unless force)",
     ),
     Op(
         "file.release",
         release_op,
-        (_SESSION, FILES, Param("agentId", AGENT_ID), _WORKTREE),
+        (_SESSION, FILES, Param("agentId", AGENT_ID), WORKTREE),
         summary="release some (or all) of a session's claims",
     ),
     Op(
         "file.list",
         files_op,
-        (Param("path", _claim_path), Param("agent", AGENT_ID), _WORKTREE),
+        (Param("path", _claim_path), Param("agent", AGENT_ID), WORKTREE),
         summary="claims held by active sessions (path: only those overlapping it; worktree: only its repository's)",
     ),
     Op(
         "file.owners",
         who_owns_op,
-        (Param("path", _claim_path, required=True), _WORKTREE),
+        (Param("path", _claim_path, required=True), WORKTREE),
         summary="which active sessions claim a path (glob overlap) in the worktree's repository",
     ),
     Op(
         "file.check",
         check_op,
-        (FILES, _SESSION, Param("agentId", AGENT_ID), _WORKTREE),
+        (FILES, _SESSION, Param("agentId", AGENT_ID), WORKTREE),
         summary="which of these paths other active sessions of the worktree's repository claim (the git guard's)",
     ),
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, Agents, new_agent_id
+from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.repository import repository_of
@@ -107,14 +107,19 @@ def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
 
 
 _AGENT = Param("agentId", AGENT_ID)
-_WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
 _SESSION = Param("sessionId", v.name("session id", 100), aliases=("session",))
 
 OPS = (
     Op(
         "agent.begin",
         begin_op,
-        (Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True), _AGENT, FILES, FORCE, *REGISTER_PARAMS),
+        (
+            Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True),
+            _AGENT,
+            FILES,
+            FORCE,
+            *(p for p in REGISTER_PARAMS if p.name != "purpose"),
+        ),  # a session's purpose, required
         summary="register an agent and start its session in one step (a file conflict refuses both)",
     ),
     Op(
@@ -125,14 +130,14 @@ OPS = (
             _SESSION,
             Param("note", v.text(MAX_NOTE_CHARS)),
             Param("status", v.one_of(*END_STATUSES), default="completed"),
-            _WORKTREE,
+            WORKTREE,
         ),
         summary="end the caller's session with a handoff note and unregister the agent",
     ),
     Op(
         "agent.whoami",
         whoami_op,
-        (_AGENT, _SESSION, _WORKTREE),
+        (_AGENT, _SESSION, WORKTREE),
         summary="the caller's agent, session, claimed files, note count and duration",
     ),
     Op(
