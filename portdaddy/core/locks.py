@@ -26,6 +26,7 @@ from outcome import Value
 
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
+from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.core.store import Reserved
 from portdaddy.errors import LockHeld, PDError, bad_input
@@ -289,8 +290,9 @@ class Locks:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire leases at their deadline, and release the locks of agents that die or unregister."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._owner_deaths)
+        # Inline (observe), not a task woken later: the release must commit before `agent.unregister` or
+        # `agent.done` is answered, or a SIGKILL in between leaves the lock held by an agent that is gone.
+        with self.app.bus.observe(self._owner_gone, "agent.dead", "agent.unregister"):
             task_status.started()
             while True:
                 with trio.CancelScope() as self._expiry:
@@ -302,13 +304,10 @@ class Locks:
                     _, name = heapq.heappop(self._deadlines)
                     self._expire_if_due(name)  # an extended lease has a later entry and is left alone
 
-    async def _owner_deaths(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self.app.bus.subscribe("agent.dead", "agent.unregister") as rx:
-            task_status.started()
-            async for event in rx:
-                agent_id = event.data.get("agentId")
-                if isinstance(agent_id, str):
-                    self.release_owner(agent_id, "owner-dead")
+    def _owner_gone(self, event: Event) -> None:
+        agent_id = event.data.get("agentId")
+        if isinstance(agent_id, str):
+            self.release_owner(agent_id, "owner-dead")
 
 
 def _write_fence(db: Any, top: int) -> None:
