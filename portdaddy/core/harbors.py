@@ -17,6 +17,7 @@ import trio
 
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
+from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.errors import NotFound, bad_input
 
@@ -171,13 +172,16 @@ class Harbors:
     # -- background ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """A dead or unregistered agent leaves every harbor (ref §15)."""
-        with self.app.bus.subscribe("agent.dead", "agent.unregister") as rx:
+        """A dead or unregistered agent leaves every harbor (ref §15): inline (observe), so that it has left before
+        `agent.unregister` is answered; a task woken later could lose that to a SIGKILL."""
+        with self.app.bus.observe(self._agent_gone, "agent.dead", "agent.unregister"):
             task_status.started()
-            async for event in rx:
-                agent_id = event.data.get("agentId")
-                for harbor in self.of_agent(agent_id) if isinstance(agent_id, str) else ():
-                    self.leave(harbor.name, agent_id)
+            await trio.sleep_forever()
+
+    def _agent_gone(self, event: Event) -> None:
+        agent_id = event.data.get("agentId")
+        for harbor in self.of_agent(agent_id) if isinstance(agent_id, str) else ():
+            self.leave(harbor.name, agent_id)
 
 
 # -- operations ----------------------------------------------------------------------------------------------
