@@ -25,6 +25,7 @@ import trio
 
 from portdaddy.core import decay
 from portdaddy.core import validate as v
+from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
 
@@ -229,25 +230,22 @@ class Pheromones:
     # -- background ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._dirty.run)
-            await nursery.start(self._claims)
-            task_status.started()
+        # Claims are recorded inline (observe), before the claim or release is answered: from a task woken
+        # later, a SIGKILL in between left the heat map without the claim, or counting a released one forever.
+        with self.app.bus.observe(self._claims, "file.claim", "file.release", "session.end"):
+            await self._dirty.run(task_status=task_status)
 
-    async def _claims(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self.app.bus.subscribe("file.claim", "file.release", "session.end") as rx:
-            task_status.started()
-            async for ev in rx:
-                session = ev.data.get("sessionId")
-                if not isinstance(session, str):
-                    continue
-                paths = [p for p in ev.data.get("paths") or () if isinstance(p, str)]
-                if ev.kind == "file.claim":
-                    self.record_claim(session, ev.data.get("agentId"), paths, bool(ev.data.get("conflicts")))
-                elif ev.kind == "file.release":
-                    self.record_release(session, paths or None)
-                else:
-                    self.record_release(session, None)
+    def _claims(self, ev: Event) -> None:
+        session = ev.data.get("sessionId")
+        if not isinstance(session, str):
+            return
+        paths = [p for p in ev.data.get("paths") or () if isinstance(p, str)]
+        if ev.kind == "file.claim":
+            self.record_claim(session, ev.data.get("agentId"), paths, bool(ev.data.get("conflicts")))
+        elif ev.kind == "file.release":
+            self.record_release(session, paths or None)
+        else:
+            self.record_release(session, None)
 
 
 # -- operations ----------------------------------------------------------------------------------------------
