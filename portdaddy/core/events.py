@@ -3,7 +3,7 @@
 Commands are calls; events are how subsystems tell each other what happened (agent died → locks released,
 sessions abandoned, webhooks queued, the arbiter checks). ``emit`` never blocks: it is called from inside
 synchronous operations. Core subscribers ask for an unbounded buffer so that nothing they must act on is
-dropped; watchers (webhooks, SSE, tests) take a bounded one and learn how many they missed.
+dropped; watchers (SSE, tests) take a bounded one and learn how many they missed.
 
 An observer (``observe``) is called inline instead, at emit time, for checks cheap enough to run inside the
 emitting operation (the arbiter): a channel subscriber costs a task wake-up, and so a scheduler pass, for
@@ -110,9 +110,12 @@ class EventBus:
                 send.close()
 
     @contextmanager
-    def observe(self, call: Callable[[Event], None], *kinds: str) -> Iterator[None]:
-        """Call ``call(event)`` inline from ``emit`` for the kinds ``subscribe`` would deliver."""
-        with self._added(_Subscriber(None, frozenset(kinds) if kinds else None, call=call)):
+    def observe(self, call: Callable[[Event], None], *kinds: str,
+                wants: Callable[[str, dict[str, Any]], bool] | None = None) -> Iterator[None]:  # fmt: skip
+        """Call ``call(event)`` inline from ``emit`` for the kinds ``subscribe`` would deliver (``wants`` as there).
+        A change an event implies that must outlive a SIGKILL of the daemon belongs here, not in a subscriber's
+        task: the task runs after the operation has answered."""
+        with self._added(_Subscriber(None, frozenset(kinds) if kinds else None, wants, call=call)):
             yield
 
     @contextmanager

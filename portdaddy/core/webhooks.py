@@ -14,7 +14,6 @@ import hmac
 import json
 import logging
 import uuid
-from contextlib import suppress
 from typing import Any
 
 import trio
@@ -138,7 +137,7 @@ class Webhooks:
         return self._active
 
     def _wants(self, kind: str, data: dict[str, Any]) -> bool:
-        """Only kinds some active webhook asks for: any other event would wake the collector for nothing."""
+        """Only kinds some active webhook asks for: any other event would cost an ``Event`` built for nothing."""
         return kind in EVENTS and any(_asks_for(wanted, kind) for _, wanted, _ in self._hooks())
 
     def enqueue(self, events: list[Event]) -> int:
@@ -229,8 +228,15 @@ class Webhooks:
                 "body": reply.body}  # fmt: skip
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Deliveries are queued inline (observe; msg.publish is a hot kind, sent only to those that name it):
+        # from a task woken after the operation answered, a SIGKILL in between lost the delivery of a change
+        # that was kept. One commit per event a hook asks for, which is small beside the POST it leads to.
+        with self.app.bus.observe(self._enqueue_one, "*", "msg.publish", wants=self._wants):
+            await self._deliver(task_status)
+
+    async def _deliver(self, task_status: trio.TaskStatus[None]) -> None:
+        """Send each delivery at its due time, at most MAX_IN_FLIGHT at once."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._collect)
             task_status.started()
             limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
             while True:
@@ -260,16 +266,8 @@ class Webhooks:
             self._in_flight.discard(delivery_id)
             self._changed.set()  # a retry may now be due sooner than the sender planned
 
-    async def _collect(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # msg.publish is a hot kind, sent only to subscribers that name it.
-        with self.app.bus.subscribe("*", "msg.publish", wants=self._wants) as rx:
-            task_status.started()
-            while True:
-                batch = [await rx.receive()]
-                with suppress(trio.WouldBlock):  # drain the burst: one event per pass would fall behind
-                    while True:
-                        batch.append(rx.receive_nowait())
-                self.enqueue(batch)
+    def _enqueue_one(self, event: Event) -> None:
+        self.enqueue([event])
 
 
 def _asks_for(wanted: set[str], kind: str) -> bool:
