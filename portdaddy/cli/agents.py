@@ -14,6 +14,11 @@ _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
                       help="Agent id (default: PORT_DADDY_AGENT, then this worktree's current agent).")  # fmt: skip
 
 
+def warn_if_declared_dead(result: dict[str, Any], *, as_json: bool) -> None:
+    """An agent back after it was declared dead hears what it lost and whose its work is now."""
+    warn([f"Warning: {result['deathNotice']}"] if result.get("deathNotice") else [], as_json=as_json)
+
+
 @click.group()
 def agent() -> None:
     """Register an agent, send heartbeats, unregister.
@@ -62,6 +67,7 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
                f"{result['agentId']}")  # fmt: skip
     if result.get("salvageHint"):
         click.echo(f"Warning: {result['salvageHint']}", err=True)
+    warn_if_declared_dead(result, as_json=as_json)
 
 
 @agent.command("heartbeat")
@@ -80,6 +86,7 @@ def heartbeat(agent: str | None, as_json: bool, quiet: bool) -> None:
         emit_json(result)
     else:
         click.echo(result["agentId"] if quiet else f"Heartbeat recorded: {result['agentId']}")
+        warn_if_declared_dead(result, as_json=as_json)
 
 
 @agent.command("unregister")

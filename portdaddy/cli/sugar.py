@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from portdaddy.cli.agents import warn_if_declared_dead
 from portdaddy.cli.context import (
     forget,
     load_current,
@@ -50,6 +51,7 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
     result = claiming_call("agent.begin", args, as_json=as_json)
     warn(remember(result["agentId"], sessionId=result["sessionId"], purpose=result["purpose"],
                   identity=result["identity"], startedAt=result["startedAt"]), as_json=as_json)  # fmt: skip
+    warn_if_declared_dead(result, as_json=as_json)
     if as_json:
         emit_json(result)
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id
+from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.repository import repository_of
@@ -36,6 +36,7 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
     if conflicts and not force:
         raise file_conflict(conflicts)
     agent_id = agentId or ctx.agent_id or new_agent_id()
+    back = returning(agents, agent_id)
     with ctx.app.store.write():
         agent, _ = agents.register(agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
                                    capabilities=capabilities, status=status, worktree=worktree, name=name,
@@ -47,7 +48,8 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
             "purpose": purpose, "agentRegistered": True, "sessionStarted": True, "fileClaims": files,
             "fileConflicts": conflicts, "startedAt": started["createdAt"],
             "salvageHint": (f"{len(dead)} dead agent(s) in {agent.project}:*. Run: pd salvage --project "
-                            f"{agent.project}") if dead else None}  # fmt: skip
+                            f"{agent.project}") if dead else None,
+            "deathNotice": agents.death_notice(agent_id) if back else None}  # fmt: skip
 
 
 def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str, Any]:

@@ -1,0 +1,49 @@
+"""The agent lifecycle as users meet it through the real daemon, on shrunken thresholds: death, coming back,
+salvage, and the sugar commands in the orders a distracted user types them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tests.conftest import Daemon
+
+FAST = {"PORT_DADDY_STALE_AFTER": "1s", "PORT_DADDY_DEAD_AFTER": "2s"}
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def wait_dead(d: Daemon, agent_id: str) -> None:
+    wait_until(lambda: d.call("agent.get", id=agent_id)["agent"]["liveness"] == "dead")
+
+
+def test_a_dead_agent_that_comes_back_takes_its_work_back(daemon_factory) -> None:
+    """Declared dead, then heard from again: the salvage queue stops offering its work (pd salvage, sitrep and
+    status agree with pd agents), and the agent is told what it lost. If someone took its work over first, it is
+    told who, and the work stays theirs."""
+    d = daemon_factory(**FAST)
+    d.call("agent.begin", agentId="slowpoke", purpose="build db", identity="pay:db", files=["src/db.ts"])
+    wait_dead(d, "slowpoke")
+    r = d.pd("agent", "heartbeat", "--agent", "slowpoke")
+    assert r.returncode == 0, r.stderr
+    assert "slowpoke was declared dead" in r.stderr and "its own again" in r.stderr, r.stderr
+    assert d.call("agent.get", id="slowpoke")["agent"]["liveness"] == "active"
+    assert d.call("salvage.list")["count"] == 0
+    [entry] = d.call("salvage.list", all=True)["agents"]
+    assert (entry["status"], entry["claimedBy"]) == ("claimed", "slowpoke")
+    assert "left work behind" not in d.pd("status").stdout
+    assert "0 dead agents awaiting salvage" in d.call("journal.sitrep")["summary"]
+    assert d.call("agent.heartbeat", agentId="slowpoke")["deathNotice"] is None  # told once
+
+    d.call("agent.register", agentId="late", identity="pay:api")
+    wait_dead(d, "late")
+    d.call("salvage.claim", id="late", newAgentId="rescuer")
+    notice = d.call("agent.heartbeat", agentId="late")["deathNotice"]
+    assert "rescuer took its work over" in notice, notice
+    entries = {e["id"]: e for e in d.call("salvage.list", all=True)["agents"]}
+    assert entries["late"]["claimedBy"] == "rescuer"
