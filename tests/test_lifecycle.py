@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.conftest import Daemon
 
@@ -47,3 +48,45 @@ def test_a_dead_agent_that_comes_back_takes_its_work_back(daemon_factory) -> Non
     assert "rescuer took its work over" in notice, notice
     entries = {e["id"]: e for e in d.call("salvage.list", all=True)["agents"]}
     assert entries["late"]["claimedBy"] == "rescuer"
+
+
+def worktree(tmp_path: Path, name: str = "wt") -> Path:
+    tree = tmp_path / name
+    (tree / ".git").mkdir(parents=True)
+    return tree
+
+
+def test_done_after_being_declared_dead_keeps_the_note_and_settles_the_work(daemon_factory, tmp_path: Path) -> None:
+    """The agent was declared dead while it worked (its session abandoned); its pd done must not fail: the
+    handoff note is kept, the agent leaves, and its own salvage entry is settled (completed, or back to the
+    queue when it gives up)."""
+    d = daemon_factory(**FAST)
+    wt = worktree(tmp_path)
+    assert d.pd("begin", "build db", "--agent", "dbb", "--files", "src/db.ts", cwd=wt).returncode == 0
+    wait_dead(d, "dbb")
+    r = d.pd("done", "finished anyway", cwd=wt)
+    assert r.returncode == 0 and "already abandoned" in r.stderr, r.stderr
+    assert not (wt / ".portdaddy" / "current.json").exists()
+    assert d.call("agent.list")["count"] == 0 and d.call("salvage.list")["count"] == 0
+    [entry] = d.call("salvage.list", all=True)["agents"]
+    assert (entry["status"], entry["completedBy"], entry["notes"]) == ("completed", "dbb", ["finished anyway"])
+
+    d.call("agent.begin", agentId="quitter", purpose="give up later")
+    wait_dead(d, "quitter")
+    d.call("agent.heartbeat", agentId="quitter")  # back, its work its own again
+    r = d.pd("done", "--agent", "quitter", "--status", "abandoned", cwd=wt)
+    assert r.returncode == 0, r.stderr
+    assert [e["id"] for e in d.call("salvage.list")["agents"]] == ["quitter"]  # offered to others again
+
+
+def test_a_second_done_never_ends_another_agents_session(daemon: Daemon, tmp_path: Path) -> None:
+    """Alice's first pd done forgets her; a second one used to end the worktree's latest active session,
+    which was bob's, and unregister bob."""
+    wt = worktree(tmp_path)
+    assert daemon.pd("begin", "bob work", env={"PORT_DADDY_AGENT": "twice-bob"}, cwd=wt).returncode == 0
+    assert daemon.pd("begin", "alice work", "--agent", "twice-alice", cwd=wt).returncode == 0
+    assert daemon.pd("done", "all done", cwd=wt).returncode == 0
+    again = daemon.pd("done", "all done", cwd=wt)
+    assert again.returncode == 1 and "pd done --agent twice-bob" in again.stderr, again.stderr
+    assert daemon.call("agent.get", id="twice-bob")["agent"]["liveness"] == "active"
+    assert daemon.call("session.get", agentId="twice-bob")["session"]["status"] == "active"

@@ -97,7 +97,10 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
     if quiet:
         click.echo(result["sessionId"] or "")
         return
-    if result["sessionId"]:
+    if result["alreadyEnded"]:
+        click.echo(f"Session {result['sessionId']} was already abandoned (its agent was declared dead)"
+                   + ("; the note was added to it" if result["finalNote"] else ""), err=True)  # fmt: skip
+    elif result["sessionId"]:
         click.echo(f"Session {result['sessionId']} {result['sessionStatus']}", err=True)
     else:
         click.echo("No active session to end" + (" (the note was not kept)" if note_opt or note else ""), err=True)

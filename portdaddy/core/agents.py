@@ -264,6 +264,17 @@ class Agents:
             self.app.publish("resurrection", {"type": "revived", "agentId": agent_id}, sender="daemon")
             self.app.publish("agents", {"type": "revived", "agentId": agent_id}, sender="daemon")
 
+    def settle_own_work(self, agent_id: str, *, finished: bool) -> None:
+        """An agent that is done settles the salvage entry of its own death, if the work is still its own:
+        completed when it finished, back to the queue (for others) when it gave up."""
+        row = self.store.one("SELECT status, claimed_by FROM salvage WHERE agent_id=?", (agent_id,))
+        if row is None or not (row[0] == "pending" or row == ("claimed", agent_id)):
+            return
+        if finished:
+            self.salvage_move(agent_id, "complete", agent_id)
+        elif row[0] == "claimed":
+            self.salvage_move(agent_id, "abandon", agent_id)
+
     def death_notice(self, agent_id: str) -> str | None:
         """What an agent coming back after it was declared dead must know: what it lost and whose its work is
         now. None if it never died."""
