@@ -90,3 +90,17 @@ def test_a_second_done_never_ends_another_agents_session(daemon: Daemon, tmp_pat
     assert again.returncode == 1 and "pd done --agent twice-bob" in again.stderr, again.stderr
     assert daemon.call("agent.get", id="twice-bob")["agent"]["liveness"] == "active"
     assert daemon.call("session.get", agentId="twice-bob")["session"]["status"] == "active"
+
+
+def test_after_a_death_whoami_and_salvage_say_what_is_true(daemon_factory, tmp_path: Path) -> None:
+    """pd whoami of a dead agent named it with no hint that anything was wrong; pd salvage --all showed a
+    claimed entry without saying who claimed it."""
+    d = daemon_factory(**FAST)
+    wt = worktree(tmp_path)
+    assert d.pd("begin", "build db", "--agent", "ghost", cwd=wt).returncode == 0
+    wait_dead(d, "ghost")
+    who = d.pd("whoami", cwd=wt)
+    assert "Agent:    ghost (dead)" in who.stdout and "pd salvage --all" in who.stderr, (who.stdout, who.stderr)
+    assert d.pd("salvage", "claim", "ghost", "--agent", "heir", cwd=wt).returncode == 0
+    listing = d.pd("salvage", "--all", cwd=wt).stdout
+    assert "ghost (claimed by heir," in listing and "1 salvage entry" in listing, listing

@@ -201,7 +201,8 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
         return
     click.echo(f"Salvage queue ({scope})")
     for e in result["agents"]:
-        click.echo(f"  {e['id']} ({e['status']}, dead {age(e['detectedAt'])} ago)")
+        by = e["completedBy"] if e["status"] == "completed" else e["claimedBy"] if e["status"] == "claimed" else None
+        click.echo(f"  {e['id']} ({e['status']}{f' by {by}' if by else ''}, dead {age(e['detectedAt'])} ago)")
         for label, value in (("Identity", e["identity"]), ("Purpose", e["purpose"]), ("Session", e["sessionId"]),
                              ("Files", ", ".join(e["files"]))):  # fmt: skip
             if value:
@@ -210,7 +211,9 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
             click.echo(f"    - {note[:100]}")
         if e["status"] == "pending":
             click.echo(f"    Salvage:  pd salvage claim {e['id']}")
-    click.echo(f"{result['count']} agent(s) in salvage queue")
+    # --all lists settled entries too, which are in no queue.
+    click.echo(f"{result['count']} salvage entr{'y' if result['count'] == 1 else 'ies'}" if all_
+               else f"{result['count']} agent(s) in salvage queue")  # fmt: skip
 
 
 def _move(action: str, dead_id: str, agent: str | None, as_json: bool) -> dict[str, Any]:

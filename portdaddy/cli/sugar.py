@@ -133,12 +133,18 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
     elif quiet:
         click.echo(f"{result['agentId']}:{result['sessionId']}")
     else:
-        for label, value in (("Agent", result["agentId"]), ("Session", f"{result['sessionId']} ({result['status']})"),
+        agent_label = result["agentId"]
+        if result["liveness"] not in (None, "active"):  # a stale or dead agent must not read as all is well
+            agent_label += f" ({result['liveness']})"
+        for label, value in (("Agent", agent_label), ("Session", f"{result['sessionId']} ({result['status']})"),
                              ("Purpose", result["purpose"]), ("Identity", result["identity"]),
                              ("Duration", age(result["startedAt"])), ("Notes", result["noteCount"]),
                              ("Files", ", ".join(result["files"]) or "-")):  # fmt: skip
             if value is not None:
                 click.echo(f"{label + ':':10}{value}")
+        if result["status"] == "abandoned":
+            click.echo("Hint: this session was abandoned (its agent left, or was declared dead); pd salvage --all "
+                       "shows whose its work is, pd begin starts afresh", err=True)  # fmt: skip
 
 
 @click.command("sitrep")
