@@ -166,7 +166,8 @@ def test_a_dead_agent_that_heartbeats_is_alive_again(app: App) -> None:
     agents.declare_dead("lazarus", "test")
     assert agents.heartbeat("lazarus").liveness == "active"
     assert app.store.scalar("SELECT liveness FROM agents WHERE id='lazarus'") == "active"
-    assert agents.salvage_entry("lazarus")["status"] == "pending"
+    entry = agents.salvage_entry("lazarus")  # its work is its own again, not offered to others
+    assert (entry["status"], entry["claimedBy"]) == ("claimed", "lazarus")
 
 
 def test_unregister_ends_sessions_and_releases_files(app: App) -> None:

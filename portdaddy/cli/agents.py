@@ -14,6 +14,11 @@ _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
                       help="Agent id (default: PORT_DADDY_AGENT, then this worktree's current agent).")  # fmt: skip
 
 
+def warn_if_declared_dead(result: dict[str, Any], *, as_json: bool) -> None:
+    """An agent back after it was declared dead hears what it lost and whose its work is now."""
+    warn([f"Warning: {result['deathNotice']}"] if result.get("deathNotice") else [], as_json=as_json)
+
+
 @click.group()
 def agent() -> None:
     """Register an agent, send heartbeats, unregister.
@@ -62,6 +67,7 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
                f"{result['agentId']}")  # fmt: skip
     if result.get("salvageHint"):
         click.echo(f"Warning: {result['salvageHint']}", err=True)
+    warn_if_declared_dead(result, as_json=as_json)
 
 
 @agent.command("heartbeat")
@@ -80,6 +86,7 @@ def heartbeat(agent: str | None, as_json: bool, quiet: bool) -> None:
         emit_json(result)
     else:
         click.echo(result["agentId"] if quiet else f"Heartbeat recorded: {result['agentId']}")
+        warn_if_declared_dead(result, as_json=as_json)
 
 
 @agent.command("unregister")
@@ -194,7 +201,8 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
         return
     click.echo(f"Salvage queue ({scope})")
     for e in result["agents"]:
-        click.echo(f"  {e['id']} ({e['status']}, dead {age(e['detectedAt'])} ago)")
+        by = e["completedBy"] if e["status"] == "completed" else e["claimedBy"] if e["status"] == "claimed" else None
+        click.echo(f"  {e['id']} ({e['status']}{f' by {by}' if by else ''}, dead {age(e['detectedAt'])} ago)")
         for label, value in (("Identity", e["identity"]), ("Purpose", e["purpose"]), ("Session", e["sessionId"]),
                              ("Files", ", ".join(e["files"]))):  # fmt: skip
             if value:
@@ -203,7 +211,9 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
             click.echo(f"    - {note[:100]}")
         if e["status"] == "pending":
             click.echo(f"    Salvage:  pd salvage claim {e['id']}")
-    click.echo(f"{result['count']} agent(s) in salvage queue")
+    # --all lists settled entries too, which are in no queue.
+    click.echo(f"{result['count']} salvage entr{'y' if result['count'] == 1 else 'ies'}" if all_
+               else f"{result['count']} agent(s) in salvage queue")  # fmt: skip
 
 
 def _move(action: str, dead_id: str, agent: str | None, as_json: bool) -> dict[str, Any]:

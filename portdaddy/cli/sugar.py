@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from portdaddy.cli.agents import warn_if_declared_dead
 from portdaddy.cli.context import (
     forget,
     load_current,
@@ -50,6 +51,7 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
     result = claiming_call("agent.begin", args, as_json=as_json)
     warn(remember(result["agentId"], sessionId=result["sessionId"], purpose=result["purpose"],
                   identity=result["identity"], startedAt=result["startedAt"]), as_json=as_json)  # fmt: skip
+    warn_if_declared_dead(result, as_json=as_json)
     if as_json:
         emit_json(result)
         return
@@ -95,7 +97,10 @@ def done(note: str | None, note_opt: str | None, status: str, agent: str | None,
     if quiet:
         click.echo(result["sessionId"] or "")
         return
-    if result["sessionId"]:
+    if result["alreadyEnded"]:
+        click.echo(f"Session {result['sessionId']} was already abandoned (its agent was declared dead)"
+                   + ("; the note was added to it" if result["finalNote"] else ""), err=True)  # fmt: skip
+    elif result["sessionId"]:
         click.echo(f"Session {result['sessionId']} {result['sessionStatus']}", err=True)
     else:
         click.echo("No active session to end" + (" (the note was not kept)" if note_opt or note else ""), err=True)
@@ -128,12 +133,18 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
     elif quiet:
         click.echo(f"{result['agentId']}:{result['sessionId']}")
     else:
-        for label, value in (("Agent", result["agentId"]), ("Session", f"{result['sessionId']} ({result['status']})"),
+        agent_label = result["agentId"]
+        if result["liveness"] not in (None, "active"):  # a stale or dead agent must not read as all is well
+            agent_label += f" ({result['liveness']})"
+        for label, value in (("Agent", agent_label), ("Session", f"{result['sessionId']} ({result['status']})"),
                              ("Purpose", result["purpose"]), ("Identity", result["identity"]),
                              ("Duration", age(result["startedAt"])), ("Notes", result["noteCount"]),
                              ("Files", ", ".join(result["files"]) or "-")):  # fmt: skip
             if value is not None:
                 click.echo(f"{label + ':':10}{value}")
+        if result["status"] == "abandoned":
+            click.echo("Hint: this session was abandoned (its agent left, or was declared dead); pd salvage --all "
+                       "shows whose its work is, pd begin starts afresh", err=True)  # fmt: skip
 
 
 @click.command("sitrep")

@@ -174,7 +174,7 @@ class Agents:
                  status: str | None = None, worktree: str | None = None, name: str | None = None,
                  metadata: dict[str, Any] | None = None, max_locks: int | None = None,
                  max_services: int | None = None) -> tuple[Agent, bool]:  # fmt: skip
-        """Create or refresh an agent (a dead one comes back to life; its salvage entry stays). (agent, new)."""
+        """Create or refresh an agent (a dead one comes back to life and takes its work back). (agent, new)."""
         now = now_ms()
         old = self._agents.get(agent_id)
 
@@ -197,6 +197,8 @@ class Agents:
             )  # fmt: skip
         self._agents[agent_id] = agent
         self._changed.set()
+        if old is None or old.liveness == "dead":
+            self._take_back(agent_id)
         self.app.bus.emit("agent.register", agentId=agent_id, identity=agent.identity, purpose=agent.purpose,
                           type=agent.type, pid=agent.pid, capabilities=agent.capabilities)  # fmt: skip
         if old is None:
@@ -213,12 +215,15 @@ class Agents:
         self.heartbeats += 1
         if pid is not None:
             agent.pid = pid
+        was_dead = agent.liveness == "dead"
         if agent.liveness != "active":
             agent.liveness, agent.dead_at = "active", None  # back from silence: judged afresh from now
             durable = True
         self._beats.mark(agent_id)
         if durable:
             self.flush()
+        if was_dead:
+            self._take_back(agent_id)
         return agent
 
     def _write_heartbeats(self, db: Any, agent_ids: Iterable[str]) -> None:
@@ -245,6 +250,50 @@ class Agents:
         return True
 
     # -- death and salvage ---------------------------------------------------------------------------------
+
+    def _take_back(self, agent_id: str) -> None:
+        """A dead agent that speaks again takes its own work back: its pending salvage entry becomes claimed by
+        itself, so the queue stops offering another agent the work of one that is doing it (an entry someone
+        else claimed stays theirs; ``death_notice`` tells the agent)."""
+        with self.store.write() as db:
+            db.execute("UPDATE salvage SET status='claimed', claimed_by=?1, claimed_at=?2 "
+                       "WHERE agent_id=?1 AND status='pending'", (agent_id, now_ms()))  # fmt: skip
+            taken = db.changes() > 0
+        if taken:
+            self.app.bus.emit("salvage.claim", salvageId=agent_id, agentId=agent_id, by=agent_id)
+            self.app.publish("resurrection", {"type": "revived", "agentId": agent_id}, sender="daemon")
+            self.app.publish("agents", {"type": "revived", "agentId": agent_id}, sender="daemon")
+
+    def settle_own_work(self, agent_id: str, *, finished: bool) -> None:
+        """An agent that is done settles the salvage entry of its own death, if the work is still its own:
+        completed when it finished, back to the queue (for others) when it gave up."""
+        row = self.store.one("SELECT status, claimed_by FROM salvage WHERE agent_id=?", (agent_id,))
+        if row is None or not (row[0] == "pending" or row == ("claimed", agent_id)):
+            return
+        if finished:
+            self.salvage_move(agent_id, "complete", agent_id)
+        elif row[0] == "claimed":
+            self.salvage_move(agent_id, "abandon", agent_id)
+
+    def death_notice(self, agent_id: str) -> str | None:
+        """What an agent coming back after it was declared dead must know: what it lost and whose its work is
+        now. None if it never died."""
+        row = self.store.one("SELECT detected_at, reason, status, claimed_by, completed_by, session_ids FROM salvage "
+                             "WHERE agent_id=?", (agent_id,))  # fmt: skip
+        if row is None:
+            return None
+        detected, reason, status, claimed_by, completed_by, session_ids = row
+        sessions = ", ".join(json.loads(session_ids)) or "none"
+        ago = (now_ms() - detected) // 1000
+        notice = (f"agent {agent_id} was declared dead {f'{ago}s' if ago < 120 else f'{ago // 60}m'} ago ({reason}): "
+                  f"its locks were released and its sessions ({sessions}) abandoned")  # fmt: skip
+        if status == "claimed" and claimed_by == agent_id:
+            return (f"{notice}; the work is its own again: carry on in a new session, and run "
+                    f"pd salvage complete {agent_id} when it is finished")  # fmt: skip
+        if status == "dismissed":
+            return f"{notice}; its salvage entry was dismissed (pd salvage --all)"
+        by = completed_by if status == "completed" else claimed_by
+        return f"{notice}; {by} took its work over ({status}, see pd salvage --all): do not redo it"
 
     def declare_dead(self, agent_id: str, reason: str) -> bool:
         """Declare an agent dead: the reaper's path, and the fleet's when a run crashes. False if not alive."""
@@ -434,11 +483,19 @@ def caller(ctx: Ctx, agent_id: str | None, *, what: str = "agentId") -> str:
     return agent
 
 
-def _register_reply(ctx: Ctx, agent: Agent, new: bool) -> dict[str, Any]:
+def returning(agents: Agents, agent_id: str) -> bool:
+    """Whether a sign of life from ``agent_id`` may be its first since it was declared dead (it is dead, or was
+    forgotten once its work was taken over): then its reply carries ``death_notice``."""
+    agent = agents.get(agent_id)
+    return agent is None or agent.liveness == "dead"
+
+
+def _register_reply(ctx: Ctx, agent: Agent, new: bool, back: bool) -> dict[str, Any]:
     agents: Agents = ctx.app.agents
     reply = {"success": True, "agentId": agent.id, "registered": new,
              "message": "agent registered" if new else "agent updated", "agent": agents.wire(agent),
-             "deadAgentsInProject": 0, "salvageHint": None}  # fmt: skip
+             "deadAgentsInProject": 0, "salvageHint": None,
+             "deathNotice": agents.death_notice(agent.id) if back else None}  # fmt: skip
     if agent.project:
         dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent.id]
         if dead:
@@ -450,26 +507,30 @@ def _register_reply(ctx: Ctx, agent: Agent, new: bool) -> dict[str, Any]:
 
 def register_op(ctx: Ctx, *, agentId, identity, purpose, type, pid, capabilities, status, worktree, name,
                 metadata, maxLocks, maxServices) -> dict[str, Any]:  # fmt: skip
+    agent_id = caller(ctx, agentId)
+    back = returning(ctx.app.agents, agent_id)
     agent, new = ctx.app.agents.register(
-        caller(ctx, agentId), identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
+        agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
         capabilities=capabilities, status=status, worktree=worktree, name=name, metadata=metadata,
         max_locks=maxLocks, max_services=maxServices,
     )  # fmt: skip
-    return _register_reply(ctx, agent, new)
+    return _register_reply(ctx, agent, new, back)
 
 
 def heartbeat_op(ctx: Ctx, *, agentId, pid) -> dict[str, Any]:
     """An unknown agent is registered by its heartbeat, as the original does (spec/journal.md)."""
     agents: Agents = ctx.app.agents
     agent_id = caller(ctx, agentId)
+    back = returning(agents, agent_id)
     agent = agents.heartbeat(agent_id, pid=pid, durable=ctx.acknowledged)
     if agent is None:
         agent, new = agents.register(agent_id, pid=pid or ctx.pid)
-        return _register_reply(ctx, agent, new)
+        return _register_reply(ctx, agent, new, back)
     if not ctx.acknowledged:
         return None  # fire-and-forget: nobody reads a reply
     return {"success": True, "agentId": agent_id, "lastHeartbeat": agent.last_heartbeat,
-            "message": "heartbeat recorded", "health": {"liveness": "alive"}}  # fmt: skip
+            "message": "heartbeat recorded", "health": {"liveness": "alive"},
+            "deathNotice": agents.death_notice(agent_id) if back else None}  # fmt: skip
 
 
 def unregister_op(ctx: Ctx, *, agentId) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id
+from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.repository import repository_of
@@ -36,6 +36,7 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
     if conflicts and not force:
         raise file_conflict(conflicts)
     agent_id = agentId or ctx.agent_id or new_agent_id()
+    back = returning(agents, agent_id)
     with ctx.app.store.write():
         agent, _ = agents.register(agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,
                                    capabilities=capabilities, status=status, worktree=worktree, name=name,
@@ -47,7 +48,8 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
             "purpose": purpose, "agentRegistered": True, "sessionStarted": True, "fileClaims": files,
             "fileConflicts": conflicts, "startedAt": started["createdAt"],
             "salvageHint": (f"{len(dead)} dead agent(s) in {agent.project}:*. Run: pd salvage --project "
-                            f"{agent.project}") if dead else None}  # fmt: skip
+                            f"{agent.project}") if dead else None,
+            "deathNotice": agents.death_notice(agent_id) if back else None}  # fmt: skip
 
 
 def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str, Any]:
@@ -57,17 +59,30 @@ def done_op(ctx: Ctx, *, agentId, sessionId, note, status, worktree) -> dict[str
         sid = target_session(ctx, sessionId, agent_id, worktree)
     except NotFound:
         # The session was already ended (pd session end): the agent still leaves, as done promises.
-        if sessionId or not (agent_id and ctx.app.agents.unregister(agent_id)):
+        if sessionId or not (agent_id and ctx.app.agents.get(agent_id)):
             raise
-        return {"success": True, "agentId": agent_id, "sessionId": None, "sessionStatus": None,
-                "agentUnregistered": True, "notesCount": 0, "finalNote": False, "releasedFiles": []}  # fmt: skip
-    agent_id = agent_id or sessions.session(sid)["agentId"]
+        sid = None
+    session = sessions.session(sid) if sid else None
+    if session and session["agentId"] and not (agent_id or sessionId):
+        # Found by worktree alone (a second pd done, whose first forgot the agent): never end someone else's.
+        raise NotFound("NO_ACTIVE_SESSION", f"no session of yours in {worktree}: its active session {sid} is agent "
+                       f"{session['agentId']}'s; to end it, pd done --agent {session['agentId']}")  # fmt: skip
+    agent_id = agent_id or (session and session["agentId"])
+    # Its agent was declared dead meanwhile, which ended it abandoned; the handoff note still belongs there.
+    already_ended = bool(session and session["status"] == "abandoned")
+    ended: dict[str, Any] = {"status": session and session["status"], "releasedFiles": []}
     with ctx.app.store.write():
-        ended = sessions.end(sid, note=note, status=status, agent_id=agent_id)
+        if already_ended and note:
+            sessions.add_note(sid, note, "handoff", agent_id)
+        elif session and not already_ended:
+            ended = sessions.end(sid, note=note, status=status, agent_id=agent_id)
         unregistered = ctx.app.agents.unregister(agent_id) if agent_id else False
+        if agent_id:
+            ctx.app.agents.settle_own_work(agent_id, finished=status == "completed")
     return {"success": True, "agentId": agent_id, "sessionId": sid, "sessionStatus": ended["status"],
-            "agentUnregistered": unregistered, "notesCount": sessions.session(sid)["noteCount"],
-            "finalNote": bool(note), "releasedFiles": ended["releasedFiles"]}  # fmt: skip
+            "alreadyEnded": already_ended, "agentUnregistered": unregistered,
+            "notesCount": sessions.session(sid)["noteCount"] if sid else 0, "finalNote": bool(note and sid),
+            "releasedFiles": ended["releasedFiles"]}  # fmt: skip
 
 
 def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
