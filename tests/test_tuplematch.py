@@ -137,7 +137,7 @@ def test_validate_tuple_returns_plain_copy() -> None:
         ([{1: "x"}], "int key", "VALIDATION_ERROR"),
         ([{"k": {1, 2}}], "tuple[0].k is a set", "VALIDATION_ERROR"),
         (["\ud800"], "not valid Unicode", "VALIDATION_ERROR"),
-        (["x" * 20000], "the limit is 16384", "PAYLOAD_TOO_LARGE"),
+        (["x" * 70000], "the limit is 64000", "PAYLOAD_TOO_LARGE"),
     ],
 )
 def test_validate_tuple_refuses(value: object, fragment: str, code: str) -> None:

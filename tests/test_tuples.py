@@ -61,6 +61,17 @@ def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     assert daemon.call("tuple.scan", limit=500)["count"] == before
 
 
+def test_a_tuple_may_be_64_kb_of_json(daemon) -> None:
+    # spec/swarm.md: "a tuple or pattern is at most 64 KB of JSON" (a second, 16 KB limit used to win).
+    big = ["blob", "é" * 20_000]  # 40 KB as UTF-8
+    r = daemon.pd("tuple", "out", json.dumps(big, ensure_ascii=False), "--harbor", "size:h", "-q")
+    assert r.returncode == 0, r.stderr
+    assert daemon.call("tuple.in", pattern=["blob"], harbor="size:h")["tuple"]["fields"] == big
+    r = daemon.pd("tuple", "out", json.dumps(["blob", "x" * 64_050]), "--harbor", "size:h")
+    assert r.returncode == 2 and "the limit is 64000" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("tuple.count", harbor="size:h")["count"] == 0
+
+
 def test_ttl_expiry(daemon) -> None:
     daemon.call("tuple.out", fields=["ephemeral"], harbor="ttl:h", ttl=300)
     daemon.call("tuple.out", fields=["lasting"], harbor="ttl:h")

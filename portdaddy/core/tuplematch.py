@@ -31,7 +31,7 @@ from portdaddy.errors import bad_input
 
 WILDCARD = "*"
 MAX_FIELDS = 64
-MAX_BYTES = 16384
+MAX_BYTES = 64_000  # UTF-8 JSON of a tuple or pattern (spec/swarm.md)
 MAX_DEPTH = 32  # nesting bound, so hostile input cannot exhaust the recursion limit
 
 Predicate = Callable[[Any], bool]
