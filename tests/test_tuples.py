@@ -13,7 +13,7 @@ import trio
 
 import portdaddy
 from portdaddy.core import tuplematch
-from portdaddy.errors import Timeout
+from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from tests.conftest import PYTHON
 
@@ -52,6 +52,7 @@ def test_harbors_isolate_spaces(daemon) -> None:
     ("out", '["x"]', "--harbor", "bad harbor"),
     ("rd", "[1"),
     ("in", '["x"]', "--wait", "--timeout", "forever"),
+    ("rd", "[" * 3000 + "]" * 3000),  # json's decoder recurses per level
 ])  # fmt: skip
 def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     before = daemon.call("tuple.scan", limit=500)["count"]
@@ -70,6 +71,14 @@ def test_a_tuple_may_be_64_kb_of_json(daemon) -> None:
     r = daemon.pd("tuple", "out", json.dumps(["blob", "x" * 64_050]), "--harbor", "size:h")
     assert r.returncode == 2 and "the limit is 64000" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert daemon.call("tuple.count", harbor="size:h")["count"] == 0
+
+
+@pytest.mark.parametrize(("action", "arg"), [("tuple.out", "fields"), ("tuple.rd", "pattern"),
+                                             ("tuple.count", "pattern")])  # fmt: skip
+def test_json_text_nested_too_deep_is_bad_input(daemon, action, arg) -> None:
+    with pytest.raises(PDError) as info:
+        daemon.call(action, **{arg: "[" * 3000 + "]" * 3000})
+    assert info.value.code == "VALIDATION_ERROR" and "nests deeper" in info.value.message
 
 
 def test_ttl_expiry(daemon) -> None:

@@ -284,6 +284,8 @@ def _json_list(check: Callable[[Any], list[Any]], what: str) -> v.Check:
                 value = json.loads(value)
             except ValueError:
                 raise bad_input(f"{name} must be a JSON array like {what}, got {value[:60]!r}") from None
+            except RecursionError:  # the decoder recurses per level: a few KB of '[' are enough
+                raise bad_input(f"{name} nests deeper than {tuplematch.MAX_DEPTH} levels; flatten it") from None
         return check(value)
 
     return parse
