@@ -13,9 +13,12 @@ import trio
 
 import portdaddy
 from portdaddy.core import tuplematch
+from portdaddy.core import tuples as tuples_module
+from portdaddy.core.harbors import Harbors
 from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from tests.conftest import PYTHON
+from tests.swarm_app import make_app
 
 
 def test_out_rd_in_scan_count_through_the_cli(daemon) -> None:
@@ -366,3 +369,25 @@ def test_matches_agree_with_the_pattern_rules_across_takes_and_a_restart(daemon_
     d.start()
     with d.client() as c:
         check(c)
+
+
+async def test_taken_ttl_tuples_leave_no_expiry_entries_behind_and_expiry_still_fires(tmp_path) -> None:
+    app = make_app(tmp_path)
+    app.add(Harbors(app))
+    space = tuples_module.TupleSpace(app)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(space.run)
+            space.out(["steady"], ttl_ms=3_600_000)
+            for n in range(2000):  # a work queue of 1 h jobs, each taken long before its deadline
+                space.out(["job", n], ttl_ms=3_600_000)
+                assert space.take(["job"])
+            assert len(space._deadlines) <= 2 * 1 + tuples_module.COMPACT_SLACK + 1
+            space.out(["brief"], ttl_ms=50)
+            with trio.fail_after(5):
+                while space.count(["brief"]) or space.stats()["tuples"] == 2:
+                    await trio.sleep(0.02)
+            assert space.stats()["tuples"] == 1 and space.count(["steady"]) == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        app.store.close()
