@@ -42,6 +42,13 @@ def test_blocking_chain_publish_first(daemon) -> None:
     assert w.returncode == 0 and "ready" in w.stdout
 
 
+def test_pub_of_text_nested_too_deep_for_json_sends_the_text(daemon) -> None:
+    deep = "[" * 3000 + "]" * 3000  # json's decoder recurses per level: this used to be a CLI traceback
+    r = daemon.pd("pub", "deep:text", deep)
+    assert r.returncode == 0, r.stderr
+    assert daemon.call("msg.history", channel="deep:text")["messages"][-1]["payload"] == deep
+
+
 def test_blocking_chain_subscribe_first(daemon) -> None:
     before = _subscriptions(daemon)
     sub = daemon.spawn_pd("sub", "chain2:complete", "--once")

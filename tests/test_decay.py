@@ -10,7 +10,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portdaddy.core.decay import DEFAULT_HALF_LIFE_S, FLOOR, decayed, reinforce, validate_strength
+from portdaddy.core.decay import DEFAULT_HALF_LIFE_S, FLOOR, decayed, validate_strength
 from portdaddy.errors import PDError
 
 unit = st.floats(0.0, 1.0)
@@ -67,27 +67,6 @@ def test_decay_composes(value: float, t1: float, t2: float) -> None:
     assert twice == pytest.approx(once, abs=FLOOR)
 
 
-@given(unit, unit)
-def test_reinforce_bounds(current: float, strength: float) -> None:
-    r = reinforce(current, strength)
-    assert 0.0 <= r <= 1.0
-    assert r >= max(current, strength) - 1e-12  # a spray never weakens a trail
-    assert reinforce(strength, current) == pytest.approx(r)
-
-
-@given(unit, unit, unit)
-def test_reinforce_associative(a: float, b: float, c: float) -> None:
-    assert reinforce(reinforce(a, b), c) == pytest.approx(reinforce(a, reinforce(b, c)))
-
-
-def test_reinforce_edges() -> None:
-    assert reinforce(0.4, 0.0) == pytest.approx(0.4)
-    assert reinforce(0.4, 1.0) == 1.0
-    assert reinforce(0.0, 0.3) == pytest.approx(0.3)
-    assert reinforce(0.6, 0.6) == pytest.approx(0.84)  # not saturated, unlike a capped sum
-    assert reinforce(1.5, 0.5) == 1.0  # out-of-range input is clamped, never escapes [0, 1]
-
-
 @pytest.mark.parametrize("good", [0, 1, 0.0, 0.5, 1.0])
 def test_validate_strength_accepts(good: object) -> None:
     assert validate_strength(good) == float(good)  # type: ignore[arg-type]
@@ -105,14 +84,13 @@ async def test_decay_under_mock_clock(autojump_clock: trio.testing.MockClock) ->
     # How the daemon uses the law: store (value, trio.current_time()) at spray time, decay on read with the
     # elapsed clock time. Under the autojump clock, sleeping a half-life takes no real time.
     sprayed_at = trio.current_time()
-    value = reinforce(0.0, 0.8)
+    value = 0.8
     await trio.sleep(DEFAULT_HALF_LIFE_S)
     now = trio.current_time()
     assert now - sprayed_at == pytest.approx(DEFAULT_HALF_LIFE_S)
     assert decayed(value, now - sprayed_at) == pytest.approx(0.4)
 
-    # A second spray combines with the decayed value, and the clock restarts from the new write.
-    value, sprayed_at = reinforce(decayed(value, now - sprayed_at), 0.5), now
-    assert value == pytest.approx(0.7)
+    # A second spray replaces the faded value (spec/swarm.md, ref §17.2), and the clock restarts from it.
+    value, sprayed_at = 0.5, now
     await trio.sleep(2 * DEFAULT_HALF_LIFE_S)
-    assert decayed(value, trio.current_time() - sprayed_at) == pytest.approx(0.175)
+    assert decayed(value, trio.current_time() - sprayed_at) == pytest.approx(0.125)

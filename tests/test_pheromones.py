@@ -82,6 +82,25 @@ async def test_fire_and_forget_sprays_are_batched_within_a_second(app, mock_cloc
         nursery.cancel_scope.cancel()
 
 
+async def test_marks_nobody_reads_evaporate_from_memory_and_the_store(app, mock_clock) -> None:
+    ph = Pheromones(app, half_life_s=HALF_LIFE_S)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ph.run)
+        for n in range(50):  # e.g. one spray per edited file, never sniffed
+            ph.spray("files", f"src/f{n}.py", "edit", 1.0)
+        mock_clock.jump(5 * HALF_LIFE_S)
+        ph.spray("files", "src/recent.py", "edit", 1.0)
+        assert ph.stats()["pheromones"] == 51
+        for _ in range(3):  # under the floor after log2(100) = 6.6 half-lives; swept at the next one
+            mock_clock.jump(HALF_LIFE_S)
+            await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(1.0)  # the write-behind flush
+        await trio.testing.wait_all_tasks_blocked()
+        assert ph.stats()["pheromones"] == 1
+        assert app.store.scalar("SELECT count(*) FROM pheromones") == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_file_heat_from_claim_events(app, mock_clock) -> None:
     ph = Pheromones(app, half_life_s=HALF_LIFE_S)
     async with trio.open_nursery() as nursery:

@@ -46,6 +46,9 @@ from portdaddy.errors import PDError
         ([">5"], [None], False),
         ([">abc"], [">abc"], True),  # not a threshold: a plain string
         ([">abc"], [10], False),
+        ([">٣"], [5], False),  # non-ASCII digits are not a number: a plain string
+        ([">٣"], [">٣"], True),
+        (["<\uff13"], [1], False),  # fullwidth 3
         ([">9007199254740992"], [9007199254740993], True),  # integral thresholds compare exactly
         (["<9007199254740993"], [9007199254740993], False),
         (["myapp:*"], ["myapp:api"], True),
@@ -134,7 +137,7 @@ def test_validate_tuple_returns_plain_copy() -> None:
         ([{1: "x"}], "int key", "VALIDATION_ERROR"),
         ([{"k": {1, 2}}], "tuple[0].k is a set", "VALIDATION_ERROR"),
         (["\ud800"], "not valid Unicode", "VALIDATION_ERROR"),
-        (["x" * 20000], "the limit is 16384", "PAYLOAD_TOO_LARGE"),
+        (["x" * 70000], "the limit is 64000", "PAYLOAD_TOO_LARGE"),
     ],
 )
 def test_validate_tuple_refuses(value: object, fragment: str, code: str) -> None:
@@ -239,7 +242,9 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=2) | st.di
     st.sampled_from(["k", "j"]), inner, max_size=2), max_leaves=4)  # fmt: skip
 pattern_elements = st.one_of(
     values,
-    st.sampled_from(["*", ">5", "<5", ">-1", "<2.5", ">1e3", ">.5", ">abc", "<", ">", "> 5", ">nan", ">inf"]),
+    st.sampled_from(
+        ["*", ">5", "<5", ">-1", "<2.5", ">1e3", ">.5", ">abc", "<", ">", "> 5", ">nan", ">inf", ">\u0663", "<\uff13"]
+    ),
     st.sampled_from(["a:*", "a:*:c", "*:b", "*:*", "a:*:*", "*:a:*", "a:b:*", "*"]),
 )
 tuples = st.lists(values, min_size=1, max_size=4)

@@ -13,9 +13,12 @@ import trio
 
 import portdaddy
 from portdaddy.core import tuplematch
-from portdaddy.errors import Timeout
+from portdaddy.core import tuples as tuples_module
+from portdaddy.core.harbors import Harbors
+from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from tests.conftest import PYTHON
+from tests.swarm_app import make_app
 
 
 def test_out_rd_in_scan_count_through_the_cli(daemon) -> None:
@@ -52,6 +55,7 @@ def test_harbors_isolate_spaces(daemon) -> None:
     ("out", '["x"]', "--harbor", "bad harbor"),
     ("rd", "[1"),
     ("in", '["x"]', "--wait", "--timeout", "forever"),
+    ("rd", "[" * 3000 + "]" * 3000),  # json's decoder recurses per level
 ])  # fmt: skip
 def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     before = daemon.call("tuple.scan", limit=500)["count"]
@@ -59,6 +63,25 @@ def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert daemon.call("tuple.scan", limit=500)["count"] == before
+
+
+def test_a_tuple_may_be_64_kb_of_json(daemon) -> None:
+    # spec/swarm.md: "a tuple or pattern is at most 64 KB of JSON" (a second, 16 KB limit used to win).
+    big = ["blob", "é" * 20_000]  # 40 KB as UTF-8
+    r = daemon.pd("tuple", "out", json.dumps(big, ensure_ascii=False), "--harbor", "size:h", "-q")
+    assert r.returncode == 0, r.stderr
+    assert daemon.call("tuple.in", pattern=["blob"], harbor="size:h")["tuple"]["fields"] == big
+    r = daemon.pd("tuple", "out", json.dumps(["blob", "x" * 64_050]), "--harbor", "size:h")
+    assert r.returncode == 2 and "the limit is 64000" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert daemon.call("tuple.count", harbor="size:h")["count"] == 0
+
+
+@pytest.mark.parametrize(("action", "arg"), [("tuple.out", "fields"), ("tuple.rd", "pattern"),
+                                             ("tuple.count", "pattern")])  # fmt: skip
+def test_json_text_nested_too_deep_is_bad_input(daemon, action, arg) -> None:
+    with pytest.raises(PDError) as info:
+        daemon.call(action, **{arg: "[" * 3000 + "]" * 3000})
+    assert info.value.code == "VALIDATION_ERROR" and "nests deeper" in info.value.message
 
 
 def test_ttl_expiry(daemon) -> None:
@@ -346,3 +369,25 @@ def test_matches_agree_with_the_pattern_rules_across_takes_and_a_restart(daemon_
     d.start()
     with d.client() as c:
         check(c)
+
+
+async def test_taken_ttl_tuples_leave_no_expiry_entries_behind_and_expiry_still_fires(tmp_path) -> None:
+    app = make_app(tmp_path)
+    app.add(Harbors(app))
+    space = tuples_module.TupleSpace(app)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(space.run)
+            space.out(["steady"], ttl_ms=3_600_000)
+            for n in range(2000):  # a work queue of 1 h jobs, each taken long before its deadline
+                space.out(["job", n], ttl_ms=3_600_000)
+                assert space.take(["job"])
+            assert len(space._deadlines) <= 2 * 1 + tuples_module.COMPACT_SLACK + 1
+            space.out(["brief"], ttl_ms=50)
+            with trio.fail_after(5):
+                while space.count(["brief"]) or space.stats()["tuples"] == 2:
+                    await trio.sleep(0.02)
+            assert space.stats()["tuples"] == 1 and space.count(["steady"]) == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        app.store.close()

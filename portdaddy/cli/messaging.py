@@ -26,7 +26,7 @@ def parse_payload(text: str) -> Any:
     """JSON if it parses (objects, numbers, quoted strings), else the text itself."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to be JSON we would take
         return text
 
 

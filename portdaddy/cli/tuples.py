@@ -35,6 +35,8 @@ def _json_arg(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError:
         fail(bad_input(f'{what} must be a JSON array like \'["task", "*"]\', got {text[:60]!r}'))
+    except RecursionError:  # json recurses per level of nesting
+        fail(bad_input(f"{what} nests too deep to be a tuple; flatten it"))
 
 
 def _blocking_call(action: str, args: dict[str, Any], *, as_json: bool, wait: bool, timeout: str | None) -> Any:

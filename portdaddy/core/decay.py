@@ -32,20 +32,6 @@ def decayed(value: float, elapsed_s: float, half_life_s: float = DEFAULT_HALF_LI
     return result if result >= FLOOR else 0.0
 
 
-def reinforce(current: float, strength: float) -> float:
-    """Combine a new spray of ``strength`` with the (already decayed) ``current`` value; stays in [0, 1].
-
-    Law: ``1 - (1 - current) * (1 - strength)``, the probabilistic OR. Unlike ``min(1, current + strength)``
-    it does not saturate after two moderate sprays (0.6 + 0.6), so "sprayed three times" stays
-    distinguishable from "sprayed twice"; it approaches 1 without a clamp, never lowers a value, leaves it
-    unchanged for strength 0, saturates at strength 1, and is commutative and associative, so the order in
-    which concurrent agents' sprays land does not matter. (The original replaced the value on each spray.)
-    """
-    current = min(1.0, max(0.0, current))
-    strength = min(1.0, max(0.0, strength))
-    return 1.0 - (1.0 - current) * (1.0 - strength)
-
-
 def validate_strength(x: object) -> float:
     """A spray strength: a finite number in [0, 1] (bool refused: ``true`` is not a strength)."""
     if isinstance(x, bool) or not isinstance(x, int | float):

@@ -2,8 +2,9 @@
 
 A mark is ``(harbor, table, entity id, key) -> (strength, sprayed at)``; its value at a read is
 ``decay.decayed`` of the time since the spray, so nothing decays in the background and a restart changes
-nothing. Values under ``decay.FLOOR`` vanish (dropped at the read that finds them). Time is read through
-``self.clock`` (wall seconds advanced by trio's clock), so tests drive decay with trio's MockClock.
+nothing. Values under ``decay.FLOOR`` vanish: dropped at the read that finds them, or by a sweep every half-life
+(so marks nobody reads do not pile up). Time is read through ``self.clock`` (wall seconds advanced by trio's
+clock), so tests drive decay with trio's MockClock.
 
 Spray is the hot path: over IPC it may be fire-and-forget; memory changes at once and the store is written in
 batches at most a second later (``core.writebehind``). A spray someone waits for (a request) is committed
@@ -110,6 +111,11 @@ class Pheromones:
         if not marks:
             del self._marks[entity]
         return values
+
+    def evaporate(self) -> None:
+        """Drop every mark that has faded below the floor, read or not."""
+        for harbor, table, eid in list(self._marks):
+            self.sniff(table, eid, harbor=harbor)
 
     def all(self, *, table: str | None = None, harbor: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -233,7 +239,17 @@ class Pheromones:
         # Claims are recorded inline (observe), before the claim or release is answered: from a task woken
         # later, a SIGKILL in between left the heat map without the claim, or counting a released one forever.
         with self.app.bus.observe(self._claims, "file.claim", "file.release", "session.end"):
-            await self._dirty.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._dirty.run)
+                nursery.start_soon(self._evaporation)
+                task_status.started()
+
+    async def _evaporation(self) -> None:
+        # A mark nobody reads would otherwise stay in memory and in the store for good (a spray per edited file
+        # adds one per path), counted in the daemon's status though it reads as nothing.
+        while True:
+            await trio.sleep(self.half_life_s)
+            self.evaporate()
 
     def _claims(self, ev: Event) -> None:
         session = ev.data.get("sessionId")

@@ -5,8 +5,8 @@ A tuple is a non-empty JSON array. A pattern is a JSON array compared position b
 * a pattern **shorter** than the tuple matches on its positions (extra tuple fields are ignored); a pattern
   longer than the tuple never matches, even if its extra elements are wildcards; ``[]`` matches every tuple;
 * ``"*"`` or ``null`` matches any value;
-* ``">N"`` / ``"<N"`` (N a decimal number, e.g. ``">5"``, ``"<-0.5"``, ``">1e3"``) matches numbers strictly
-  greater / less than N. Against a non-number the element falls back to equality (as the original does), so
+* ``">N"`` / ``"<N"`` (N a decimal number in ASCII digits: ``">5"``, ``"<-0.5"``, ``">1e3"``) matches numbers
+  strictly greater / less than N. Against a non-number the element falls back to equality (as the original does), so
   ``">5"`` matches the string ``">5"`` and nothing else that is not a number. If the text after ``>``/``<``
   is not a number, the element is a plain string;
 * a string whose ``:``-segments include a lone ``*`` is an identity-style pattern (same rule as
@@ -31,14 +31,15 @@ from portdaddy.errors import bad_input
 
 WILDCARD = "*"
 MAX_FIELDS = 64
-MAX_BYTES = 16384
+MAX_BYTES = 64_000  # UTF-8 JSON of a tuple or pattern (spec/swarm.md)
 MAX_DEPTH = 32  # nesting bound, so hostile input cannot exhaust the recursion limit
 
 Predicate = Callable[[Any], bool]
 
-# A JSON-style decimal number (sign allowed, as users type "<-1" and "<+1" alike).
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_INTEGER = re.compile(r"[+-]?\d+")
+# A JSON-style decimal number (sign allowed, as users type "<-1" and "<+1" alike). ASCII digits only: a str
+# pattern's \d also takes "\u0663" (Arabic-Indic three), which int() and float() would then read as 3.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 
 
 def _is_number(v: Any) -> bool:

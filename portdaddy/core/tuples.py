@@ -37,8 +37,8 @@ from portdaddy.errors import PDError, bad_input
 
 Harbor = str | None
 Matcher = Callable[[list[Any]], bool]
-MAX_TUPLE_BYTES = 64_000
 ID_BLOCK = 1024  # tuple ids reserved per durable write of sqlite_sequence
+COMPACT_SLACK = 64  # stale expiry entries tolerated beyond twice the live tuples
 
 
 @dataclass(slots=True)
@@ -78,6 +78,7 @@ class TupleSpace:
         self._waiters: dict[Harbor, dict[_Waiter, None]] = {}  # an ordered set: FIFO with O(1) removal
         self._deadlines: list[tuple[int, int, Harbor]] = []
         self._deadline_changed = trio.Event()
+        self._live = 0  # tuples indexed (the bound for _deadlines)
         self.taken = 0
         self._ids = autoincrement_ids(self.store, "tuples", ID_BLOCK)
         now = now_ms()
@@ -94,17 +95,26 @@ class TupleSpace:
 
     def _index(self, t: Tuple) -> None:
         self._spaces.setdefault(t.harbor, {})[t.id] = t
+        self._live += 1
         if t.fields[0].__class__ is str:
             self._by_head.setdefault((t.harbor, t.fields[0]), {})[t.id] = t
         if t.expires_at is not None:
-            heapq.heappush(self._deadlines, (t.expires_at, t.id, t.harbor))
-            if self._deadlines[0][1] == t.id:
+            deadlines = self._deadlines
+            if len(deadlines) > 2 * self._live + COMPACT_SLACK:
+                # A tuple taken before its TTL leaves its entry until that deadline: a work queue of 1 h
+                # tuples would keep every take of the last hour. Rebuild the heap from the live tuples.
+                deadlines[:] = [(u.expires_at, u.id, u.harbor) for space in self._spaces.values()
+                                for u in space.values() if u.expires_at is not None]  # fmt: skip
+                heapq.heapify(deadlines)
+            else:
+                heapq.heappush(deadlines, (t.expires_at, t.id, t.harbor))
+            if deadlines[0][1] == t.id:
                 self._deadline_changed.set()
 
     def _unindex(self, t: Tuple) -> None:
         space = self._spaces.get(t.harbor)
-        if space is not None:
-            space.pop(t.id, None)
+        if space is not None and space.pop(t.id, None) is not None:
+            self._live -= 1
             if not space:
                 del self._spaces[t.harbor]
         if t.fields[0].__class__ is str:
@@ -277,8 +287,7 @@ def _any(fields: list[Any]) -> bool:
 
 
 def _json_list(check: Callable[[Any], list[Any]], what: str) -> v.Check:
-    """A JSON array given as a list or as its JSON text (query strings, the CLI)."""
-    size = v.json_value(MAX_TUPLE_BYTES)
+    """A JSON array given as a list or as its JSON text (query strings, the CLI); ``check`` bounds its size."""
 
     def parse(name: str, value: Any) -> list[Any]:
         if isinstance(value, str):
@@ -286,7 +295,8 @@ def _json_list(check: Callable[[Any], list[Any]], what: str) -> v.Check:
                 value = json.loads(value)
             except ValueError:
                 raise bad_input(f"{name} must be a JSON array like {what}, got {value[:60]!r}") from None
-        size(name, value)
+            except RecursionError:  # the decoder recurses per level: a few KB of '[' are enough
+                raise bad_input(f"{name} nests deeper than {tuplematch.MAX_DEPTH} levels; flatten it") from None
         return check(value)
 
     return parse
