@@ -197,6 +197,19 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
 
 
+def test_begin_again_without_done_says_the_earlier_session_is_still_active(daemon: Daemon, tmp_path: Path) -> None:
+    tree = linked_worktree(tmp_path, "twice")
+    daemon.pd("begin", "task A", "--files", "a.ts", cwd=tree)
+    again = daemon.pd("begin", "task B", "--files", "b.ts", cwd=tree)
+    first = daemon.call("file.owners", path="a.ts")["owners"][0]["sessionId"]
+    assert again.returncode == 0 and f"still has session {first} (task A) active, claiming 1 file(s)" in again.stderr
+    assert f"pd session end --session {first}" in again.stderr
+    assert daemon.pd("session", "end", "--session", first, cwd=tree).returncode == 0
+    third = daemon.pd("begin", "task C", cwd=tree).stderr
+    assert "(task B) active" in third and "(task A)" not in third  # an ended session is not named
+    daemon.pd("done", cwd=tree)
+
+
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     tree = linked_worktree(tmp_path, "sit")
     daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)

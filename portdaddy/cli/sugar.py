@@ -67,6 +67,12 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
         click.echo(f"  Files:    {len(result['fileClaims'])} claimed", err=True)
     if result["salvageHint"]:
         click.echo(f"Warning: {result['salvageHint']}", err=True)
+    for s in result["stillActive"]:
+        click.echo(
+            f"Warning: {result['agentId']} still has session {s['sessionId']} ({s['purpose']}) active, "
+            f"claiming {len(s['files'])} file(s); end it with: pd session end --session {s['sessionId']}",
+            err=True,
+        )
 
 
 @click.command("done")

@@ -44,9 +44,13 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
         started = sessions.start(purpose, agent_id=agent_id, files=files, force=force, worktree=worktree,
                                  metadata=metadata)  # fmt: skip
     dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent_id] if agent.project else []
+    # An agent that begins again without `pd done` keeps its earlier sessions and their claims: say so.
+    earlier = [{"sessionId": s["id"], "purpose": s["purpose"], "files": sessions.claimed_paths([s["id"]])}
+               for s in sessions.list(status="active", agent=agent_id, worktree=None, project=None, limit=100)
+               if s["id"] != started["id"]]  # fmt: skip
     return {"success": True, "agentId": agent_id, "sessionId": started["id"], "identity": agent.identity,
             "purpose": purpose, "agentRegistered": True, "sessionStarted": True, "fileClaims": files,
-            "fileConflicts": conflicts, "startedAt": started["createdAt"],
+            "fileConflicts": conflicts, "startedAt": started["createdAt"], "stillActive": earlier,
             "salvageHint": (f"{len(dead)} dead agent(s) in {agent.project}:*. Run: pd salvage --project "
                             f"{agent.project}") if dead else None,
             "deathNotice": agents.death_notice(agent_id) if back else None}  # fmt: skip
