@@ -144,8 +144,9 @@ def status(as_json: bool) -> None:
 
 # count -> (what it means when above zero, where to look)
 _ATTENTION = {
+    "agentsStale": ("agent(s) silent past their heartbeat interval, to be declared dead if it lasts", "pd agents"),
     "agentsDead": ("dead agent(s) left work behind", "pd salvage"),
-    "arbiterViolations": ("invariant violation(s) recorded", "pd arbiter violations"),
+    "arbiterSerious": ("invariant violation(s) recorded", "pd arbiter violations"),
     "webhookFailed": ("webhook delivery(ies) failed", "pd webhook ls"),
     "lagging": ("subscriber(s) fell behind and missed messages", "pd channels"),
     "ipcCutOff": ("IPC connection(s) cut off for malformed frames", "daemon.log"),

@@ -118,8 +118,8 @@ class Agents:
         counts = {"active": 0, "stale": 0, "dead": 0}
         for a in self._agents.values():
             counts[a.liveness] += 1
-        return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsDead": counts["dead"],
-                "agentHeartbeats": self.heartbeats}  # fmt: skip
+        return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsStale": counts["stale"],
+                "agentsDead": counts["dead"], "agentHeartbeats": self.heartbeats}  # fmt: skip
 
     def thresholds(self, status: str) -> tuple[int, int]:
         """(stale, dead) silence in ms for an agent of ``status``."""

@@ -115,6 +115,8 @@ class Arbiter:
         for rule, n in self.store.all("SELECT rule, count(*) FROM arbiter_violations GROUP BY rule"):
             if rule in self.found:
                 self.found[rule] = n
+        # Beyond warnings (a stale agent is one): what `pd status` calls for a look at.
+        self.serious = self.store.scalar("SELECT count(*) FROM arbiter_violations WHERE severity != ?", (WARNING,))
         self.forced_releases = 0
         self.events_seen = 0
         self._agents: dict[str, _Agent] = {}
@@ -124,7 +126,7 @@ class Arbiter:
         self._deadline = trio.CancelScope()  # run() sleeps in it until the first salvage deadline
 
     def stats(self) -> dict[str, Any]:
-        return {"arbiterViolations": sum(self.found.values())}
+        return {"arbiterViolations": sum(self.found.values()), "arbiterSerious": self.serious}
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -287,6 +289,7 @@ class Arbiter:
                        (at, rule, severity, agent_id, body))  # fmt: skip
             vid = db.last_insert_rowid()
         self.found[rule] += 1
+        self.serious += severity != WARNING
         overboard = self.strict and severity == CRITICAL and not facts.get("synthetic")
         self.app.bus.emit("arbiter.violation", rule=rule, severity=severity, agentId=agent_id, details=details,
                           violationId=vid, manOverboard=overboard)  # fmt: skip
