@@ -7,6 +7,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from portdaddy.errors import PDError
 from tests.conftest import Daemon
 
 
@@ -26,3 +29,14 @@ def test_env_output_is_safe_to_eval(daemon: Daemon, tmp_path: Path) -> None:
     port = daemon.call("port.get", id="3d:api")["service"]["port"]
     assert shell.stdout.split("\n") == [hostile, str(port)]
     assert json.loads(daemon.pd("env", "evil:*", "--json").stdout)["env"]["EVIL_API_URL"] == hostile
+
+
+def test_endpoint_url_with_control_characters_refused(daemon: Daemon) -> None:
+    """A URL is printed to terminals (pd url, pd find): an escape sequence in it could retitle or clear them."""
+    daemon.call("port.claim", id="ctl:api")
+    before = daemon.call("port.get", id="ctl:api")["service"]["urls"]
+    for url in ("http://x/\x1b]0;owned\x07", "http://x/\u202etxt", "http://x/a\x00b"):
+        with pytest.raises(PDError, match="printable ASCII") as refused:
+            daemon.call("port.endpoint", id="ctl:api", env="local", url=url)
+        assert refused.value.code == "VALIDATION_ERROR"
+    assert daemon.call("port.get", id="ctl:api")["service"]["urls"] == before

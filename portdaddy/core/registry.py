@@ -29,7 +29,8 @@ from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import NotFound, PDError, bad_input
 
 _ENV_NAME = re.compile(r"^[a-z0-9_-]{1,50}$")
-_URL = re.compile(r"^(https?|wss?)://[^\s]+$")
+# Printable ASCII only: a URL is shown in terminals (pd url, pd find) and exported by pd env.
+_URL = re.compile(r"^(https?|wss?)://[!-~]+$")
 
 
 @dataclass(slots=True)
@@ -360,7 +361,8 @@ def _check_endpoint_env(name: str, value: Any) -> str:
 
 def _check_url(name: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > 2048 or not _URL.match(value):
-        raise bad_input(f"{name} must be an http(s) or ws(s) URL of at most 2048 characters")
+        raise bad_input(f"{name} must be an http(s) or ws(s) URL of at most 2048 printable ASCII characters "
+                        "(percent-encode others)")  # fmt: skip
     return value
 
 
