@@ -4,11 +4,13 @@ preferred ports on a re-claim."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from portdaddy.core.registry import seed_port
 from portdaddy.errors import PDError
 from tests.conftest import Daemon
 
@@ -40,3 +42,22 @@ def test_endpoint_url_with_control_characters_refused(daemon: Daemon) -> None:
             daemon.call("port.endpoint", id="ctl:api", env="local", url=url)
         assert refused.value.code == "VALIDATION_ERROR"
     assert daemon.call("port.get", id="ctl:api")["service"]["urls"] == before
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_claim_skips_a_port_held_on_ipv6_loopback_only(fresh_daemon: Daemon) -> None:
+    """A dev server on `localhost` often binds only ::1 (Node, Vite); handing out its port would send
+    http://localhost:<port> to the wrong service."""
+    identity, preferred = "v6:web", "v6:api"
+    seeded = seed_port(identity, 3100, 9999)
+    with socket.socket(socket.AF_INET6) as s, socket.socket(socket.AF_INET6) as s2:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(("::1", seeded))
+        s.listen()
+        s2.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s2.bind(("::1", 0))
+        s2.listen()
+        taken = s2.getsockname()[1]
+        assert fresh_daemon.call("port.claim", id=identity)["port"] != seeded
+        reply = fresh_daemon.call("port.claim", id=preferred, port=taken)
+    assert reply["port"] != taken and "another process" in reply["message"]

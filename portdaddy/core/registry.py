@@ -72,12 +72,18 @@ def seed_port(identity: str, lo: int, hi: int) -> int:
 
 
 def os_port_free(port: int) -> bool:
-    """A bind test on loopback: fails if anything listens on the port (loopback or wildcard)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A bind test on both loopbacks: fails if anything listens on the port (loopback or wildcard).
+
+    ``::1`` too: a dev server told to listen on ``localhost`` often binds only ``::1`` (Node 17+, Vite), and
+    ``http://localhost:<port>`` would reach it rather than the service we hand the port to.
+    """
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            return e.errno not in (errno.EADDRINUSE, errno.EACCES)
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError as e:  # no IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL) says nothing about the port
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
     return True
 
 
