@@ -61,3 +61,11 @@ def test_claim_skips_a_port_held_on_ipv6_loopback_only(fresh_daemon: Daemon) -> 
         assert fresh_daemon.call("port.claim", id=identity)["port"] != seeded
         reply = fresh_daemon.call("port.claim", id=preferred, port=taken)
     assert reply["port"] != taken and "another process" in reply["message"]
+
+
+@pytest.mark.parametrize("args", [("--range", "1-100"), ("--range", "20-2000"), ("--port", "80")])
+def test_privileged_ports_are_never_handed_out(daemon: Daemon, args: tuple[str, ...]) -> None:
+    """An explicit port below 1024 was refused while a range below 1024 handed out 67 (as root: bound)."""
+    r = daemon.pd("claim", "priv:api", *args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "1024" in r.stderr, (r.stdout, r.stderr)
+    assert daemon.call("port.find", pattern="priv:*")["count"] == 0
