@@ -69,3 +69,12 @@ def test_privileged_ports_are_never_handed_out(daemon: Daemon, args: tuple[str, 
     r = daemon.pd("claim", "priv:api", *args)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "1024" in r.stderr, (r.stdout, r.stderr)
     assert daemon.call("port.find", pattern="priv:*")["count"] == 0
+
+
+def test_reclaim_with_another_port_says_it_was_ignored(daemon: Daemon) -> None:
+    port = daemon.call("port.claim", id="move:api")["port"]
+    other = port + 1 if port < 9999 else port - 1
+    r = daemon.pd("claim", "move:api", "--port", str(other))
+    assert r.returncode == 0 and int(r.stdout) == port
+    assert r.stderr.startswith(f"warning: preferred port {other} ignored") and "pd release" in r.stderr
+    assert "warning" not in daemon.pd("claim", "move:api", "--port", str(port)).stderr

@@ -203,10 +203,10 @@ class Registry:
                     self._expiry_changed.set()
             else:
                 self._seen.mark(identity)
-            return {
-                "success": True, "id": identity, "port": svc.port, "existing": True,
-                "message": "reusing existing service",
-            }  # fmt: skip
+            message = "reusing existing service"
+            if port is not None and port != svc.port:  # said, not silent: the caller asked for another port
+                message = f"preferred port {port} ignored: {identity} keeps port {svc.port}; pd release it to move"
+            return {"success": True, "id": identity, "port": svc.port, "existing": True, "message": message}
 
         self._check_quota(agent_id)
         message = "assigned new port"
