@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -128,6 +129,22 @@ def test_gives_up_after_five_attempts(daemon_factory, receiver) -> None:
     _wait_for(lambda: d.call("webhook.get", id=hook["id"])["webhook"]["failureCount"] == 1)
     assert len(receiver.requests) == 5
     assert d.call("webhook.deliveries", id=hook["id"])["deliveries"][0]["status"] == "failed"
+
+
+def test_a_silent_endpoint_does_not_hold_up_the_others(daemon_factory, receiver) -> None:
+    """A hook that accepts connections and never answers costs 10 s an attempt; it used to take every
+    delivery slot, so a healthy hook got 3 of 20 events in 5 s."""
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)  # the kernel completes the connections; nobody reads or answers
+        d.call("webhook.register", url=f"http://127.0.0.1:{silent.getsockname()[1]}/x", events=["msg.publish"])
+        d.call("webhook.register", url=receiver.url, events=["msg.publish"])
+        for i in range(20):
+            d.call("msg.publish", channel="busy:x", payload={"i": i})
+        _wait_for(lambda: len(receiver.requests) == 20, timeout=5)
+        payloads = [json.loads(body)["data"]["payload"]["i"] for _, body in receiver.requests]
+        assert payloads == list(range(20))  # one at a time per hook: in the order they happened
 
 
 @pytest.mark.parametrize("url", [
