@@ -151,6 +151,7 @@ def test_a_silent_endpoint_does_not_hold_up_the_others(daemon_factory, receiver)
     "http://127.0.0.1:9/hook", "http://localhost/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
     "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://printer.local/x", "ftp://example.com/x", "not a url",
     "http://0x7f000001/x", "http://2130706433/x", "http://127.1/x", "http://0177.0.0.1/x",
+    "https://user:pw@example.com/x", "https://token@example.com/x",
 ])  # fmt: skip
 def test_private_and_bad_targets_refused_by_default(daemon, url) -> None:
     before = daemon.call("webhook.list")["count"]
