@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -130,10 +131,27 @@ def test_gives_up_after_five_attempts(daemon_factory, receiver) -> None:
     assert d.call("webhook.deliveries", id=hook["id"])["deliveries"][0]["status"] == "failed"
 
 
+def test_a_silent_endpoint_does_not_hold_up_the_others(daemon_factory, receiver) -> None:
+    """A hook that accepts connections and never answers costs 10 s an attempt; it used to take every
+    delivery slot, so a healthy hook got 3 of 20 events in 5 s."""
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(100)  # the kernel completes the connections; nobody reads or answers
+        d.call("webhook.register", url=f"http://127.0.0.1:{silent.getsockname()[1]}/x", events=["msg.publish"])
+        d.call("webhook.register", url=receiver.url, events=["msg.publish"])
+        for i in range(20):
+            d.call("msg.publish", channel="busy:x", payload={"i": i})
+        _wait_for(lambda: len(receiver.requests) == 20, timeout=5)
+        payloads = [json.loads(body)["data"]["payload"]["i"] for _, body in receiver.requests]
+        assert payloads == list(range(20))  # one at a time per hook: in the order they happened
+
+
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:9/hook", "http://localhost/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
     "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://printer.local/x", "ftp://example.com/x", "not a url",
     "http://0x7f000001/x", "http://2130706433/x", "http://127.1/x", "http://0177.0.0.1/x",
+    "https://user:pw@example.com/x", "https://token@example.com/x",
 ])  # fmt: skip
 def test_private_and_bad_targets_refused_by_default(daemon, url) -> None:
     before = daemon.call("webhook.list")["count"]

@@ -147,13 +147,15 @@ def url(identity: str, env_name: str, as_json: bool, quiet: bool) -> None:  # -q
 @click.argument("pattern", default="*")
 @json_option
 def env(pattern: str, as_json: bool) -> None:
-    """Print NAME_PORT= and NAME_URL= lines for services matching PATTERN.
+    """Print NAME_PORT= and NAME_URL= lines for services matching PATTERN, quoted for a POSIX shell.
 
     \b
     Example:
       eval "$(pd env 'myapp:*' | sed 's/^/export /')"
     """
-    from portdaddy.core.identity import env_prefix  # not on `pd claim`'s path: it compiles regexes
+    import shlex  # not on `pd claim`'s path, like env_prefix (it compiles regexes)
+
+    from portdaddy.core.identity import env_prefix
 
     found = call("port.find", {"pattern": pattern}, as_json=as_json)["services"]
     lines = {}
@@ -164,8 +166,8 @@ def env(pattern: str, as_json: bool) -> None:
     if as_json:
         emit_json({"success": True, "env": lines})
     else:
-        for key, value in lines.items():
-            click.echo(f"{key}={value}")
+        for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
+            click.echo(f"{key}={shlex.quote(value)}")
 
 
 COMMANDS = (claim, release, find, services, url, env)

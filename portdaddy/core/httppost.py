@@ -40,6 +40,8 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise bad_input(f"url {url[:80]!r} must be http:// or https:// with a host")
+    if parts.username is not None:  # it went out in the Host header, and pd webhook ls showed it to every agent
+        raise bad_input(f"url {url[:80]!r} carries credentials (user@); sign deliveries with a secret instead")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:

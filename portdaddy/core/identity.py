@@ -157,9 +157,11 @@ def matches(pattern: str, ident: str) -> bool:
 
 
 def env_prefix(ident: str) -> str:
-    """``myapp:api`` -> ``MYAPP_API`` (for ``MYAPP_API_PORT=``).
+    """``myapp:api`` -> ``MYAPP_API`` (for ``MYAPP_API_PORT=``); ``3d:api`` -> ``_3D_API``.
 
+    A shell variable name may not start with a digit (``3D_API_PORT=1`` is run as a command), hence the ``_``.
     Not injective (``a-b`` and ``a.b`` both give ``A_B``); callers that export several identities at once
     should expect that.
     """
-    return ident.upper().translate(_ENV_SUBST)
+    prefix = ident.upper().translate(_ENV_SUBST)
+    return "_" + prefix if prefix[0].isdigit() else prefix

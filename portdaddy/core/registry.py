@@ -29,7 +29,8 @@ from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import NotFound, PDError, bad_input
 
 _ENV_NAME = re.compile(r"^[a-z0-9_-]{1,50}$")
-_URL = re.compile(r"^(https?|wss?)://[^\s]+$")
+# Printable ASCII only: a URL is shown in terminals (pd url, pd find) and exported by pd env.
+_URL = re.compile(r"^(https?|wss?)://[!-~]+$")
 
 
 @dataclass(slots=True)
@@ -71,12 +72,18 @@ def seed_port(identity: str, lo: int, hi: int) -> int:
 
 
 def os_port_free(port: int) -> bool:
-    """A bind test on loopback: fails if anything listens on the port (loopback or wildcard)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A bind test on both loopbacks: fails if anything listens on the port (loopback or wildcard).
+
+    ``::1`` too: a dev server told to listen on ``localhost`` often binds only ``::1`` (Node 17+, Vite), and
+    ``http://localhost:<port>`` would reach it rather than the service we hand the port to.
+    """
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            return e.errno not in (errno.EADDRINUSE, errno.EACCES)
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError as e:  # no IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL) says nothing about the port
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
     return True
 
 
@@ -196,10 +203,10 @@ class Registry:
                     self._expiry_changed.set()
             else:
                 self._seen.mark(identity)
-            return {
-                "success": True, "id": identity, "port": svc.port, "existing": True,
-                "message": "reusing existing service",
-            }  # fmt: skip
+            message = "reusing existing service"
+            if port is not None and port != svc.port:  # said, not silent: the caller asked for another port
+                message = f"preferred port {port} ignored: {identity} keeps port {svc.port}; pd release it to move"
+            return {"success": True, "id": identity, "port": svc.port, "existing": True, "message": message}
 
         self._check_quota(agent_id)
         message = "assigned new port"
@@ -360,7 +367,8 @@ def _check_endpoint_env(name: str, value: Any) -> str:
 
 def _check_url(name: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > 2048 or not _URL.match(value):
-        raise bad_input(f"{name} must be an http(s) or ws(s) URL of at most 2048 characters")
+        raise bad_input(f"{name} must be an http(s) or ws(s) URL of at most 2048 printable ASCII characters "
+                        "(percent-encode others)")  # fmt: skip
     return value
 
 

@@ -251,12 +251,12 @@ def identity_pattern(name: str, value: Any) -> str:
 
 
 def port_range(name: str, value: Any) -> tuple[int, int]:
-    """``[min, max]`` or ``"min-max"``."""
+    """``[min, max]`` or ``"min-max"``, within 1024-65535 like an explicit port (no privileged ports)."""
     if isinstance(value, str) and "-" in value:
         value = value.split("-", 1)
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise bad_input(f"{name} must be [min, max] or 'min-max', e.g. 4000-4999")
-    lo, hi = (integer(1, 65535)(name, v) for v in value)
+    lo, hi = (integer(1024, 65535)(name, v) for v in value)
     if lo > hi:
         raise bad_input(f"{name} {lo}-{hi} is empty; min must be <= max")
     return lo, hi

@@ -29,7 +29,7 @@ log = logging.getLogger("portdaddy.webhooks")
 
 MAX_ATTEMPTS = 5
 MAX_WEBHOOKS = 100
-MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT = 16  # in all; and one per webhook, so a slow or silent endpoint delays only its own deliveries
 # Event kinds a webhook may ask for, with what they mean (GET /webhooks/events).
 EVENTS = {
     "service.claim": "a port was claimed", "service.release": "services were released",
@@ -66,7 +66,7 @@ class Webhooks:
         self.allow_private = app.settings.webhook_allow_private
         self.retry_base_ms = app.settings.webhook_retry_base_ms
         self._changed = trio.Event()  # a delivery became due earlier than the sender's next wake-up
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, str] = {}  # webhook id -> the delivery being sent to it
         self._active: list[tuple[str, set[str], str | None]] | None = None  # (id, events, filter); None: reload
         self.delivered = 0
         self.failed = 0
@@ -235,36 +235,42 @@ class Webhooks:
             await self._deliver(task_status)
 
     async def _deliver(self, task_status: trio.TaskStatus[None]) -> None:
-        """Send each delivery at its due time, at most MAX_IN_FLIGHT at once."""
+        """Send each delivery at its due time: one at a time per webhook (oldest due first), MAX_IN_FLIGHT in all.
+
+        A task is started only for a free slot: queued behind a shared limiter, a webhook that never answers
+        held every slot for 10 s an attempt while the others waited, and the queue of waiting tasks grew with
+        the backlog."""
         async with trio.open_nursery() as nursery:
             task_status.started()
-            limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
             while True:
                 now = now_ms()
-                busy = list(self._in_flight) or [""]
-                due = self.store.all(
-                    "SELECT id FROM webhook_deliveries WHERE status IN ('pending','retrying') AND next_attempt_at<=? "
-                    f"AND id NOT IN ({','.join('?' * len(busy))}) ORDER BY next_attempt_at LIMIT 50",
-                    (now, *busy),
-                )
-                for (delivery_id,) in due:
-                    self._in_flight.add(delivery_id)
-                    nursery.start_soon(self._send, delivery_id, limiter)
+                free = MAX_IN_FLIGHT - len(self._in_flight)
+                if free > 0:
+                    busy = list(self._in_flight) or [""]
+                    # SQLite gives the bare column `id` from the row holding min(next_attempt_at) of its group.
+                    due = self.store.all(
+                        "SELECT webhook_id, id, min(next_attempt_at) FROM webhook_deliveries WHERE status IN "
+                        f"('pending','retrying') AND next_attempt_at<=? AND webhook_id NOT IN "
+                        f"({','.join('?' * len(busy))}) GROUP BY webhook_id ORDER BY 3 LIMIT ?",
+                        (now, *busy, free),
+                    )
+                    for hook_id, delivery_id, _ in due:
+                        self._in_flight[hook_id] = delivery_id
+                        nursery.start_soon(self._send, hook_id, delivery_id)
                 nxt = self.store.scalar("SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status IN "
                                         "('pending','retrying') AND next_attempt_at>?", (now,))  # fmt: skip
                 with trio.move_on_after((nxt - now) / 1000 if nxt else float("inf")):
                     await self._changed.wait()
                 self._changed = trio.Event()
 
-    async def _send(self, delivery_id: str, limiter: trio.CapacityLimiter) -> None:
+    async def _send(self, hook_id: str, delivery_id: str) -> None:
         try:
-            async with limiter:
-                await self._attempt(delivery_id)
+            await self._attempt(delivery_id)
         except Exception:
             log.exception("webhook delivery %s crashed", delivery_id)
         finally:
-            self._in_flight.discard(delivery_id)
-            self._changed.set()  # a retry may now be due sooner than the sender planned
+            del self._in_flight[hook_id]
+            self._changed.set()  # the slot is free, and this webhook's next delivery may be due
 
     def _enqueue_one(self, event: Event) -> None:
         self.enqueue([event])
