@@ -7,9 +7,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PYTHON, make_env
+
+NOBODY = 65534
 
 
 def _mode(path: Path) -> int:
@@ -39,3 +44,41 @@ def test_files_the_daemon_creates_are_private_wherever_they_are(tmp_home: Path) 
         assert oct(_mode(tmp_home / "fleet")) == "0o700"
     finally:
         run("stop")
+
+
+def _start(home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "portdaddy.cli", "start"], env=make_env(home), cwd="/tmp",
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.fixture
+def stopped(tmp_home: Path) -> Iterator[Path]:
+    """``tmp_home``, with whatever daemon a test started in it stopped afterwards (even when it should not have)."""
+    yield tmp_home
+    subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=make_env(tmp_home), capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files of another uid needs root")
+def test_a_home_of_another_user_is_refused_and_left_alone(stopped: Path) -> None:
+    tmp_home = stopped
+    os.chmod(tmp_home, 0o755)
+    os.chown(tmp_home, NOBODY, NOBODY)  # made first by someone else (a predictable /tmp path)
+    r = _start(tmp_home)
+    assert r.returncode != 0 and f"belongs to uid {NOBODY}" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1  # one line
+    assert (_mode(tmp_home), tmp_home.stat().st_uid, os.listdir(tmp_home)) == (0o755, NOBODY, [])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files of another uid needs root")
+def test_a_file_another_user_planted_in_the_home_is_refused(stopped: Path) -> None:
+    tmp_home = stopped
+    os.chmod(tmp_home, 0o777)  # open for a while: another user planted a token they know
+    planted = tmp_home / "token"
+    planted.write_text("known-to-them\n")
+    os.chown(planted, NOBODY, NOBODY)
+    r = _start(tmp_home)
+    assert r.returncode != 0 and f"{planted} belongs to uid {NOBODY}" in r.stderr, r.stderr
+    assert planted.read_text() == "known-to-them\n" and sorted(os.listdir(tmp_home)) == ["token"]
+    planted.unlink()  # what the error says to do; then the home is tightened as before
+    assert _start(tmp_home).returncode == 0
+    assert _mode(tmp_home) == 0o700 and _mode(tmp_home / "token") == 0o600
