@@ -5,13 +5,23 @@ scope. Tests that act as another uid need root, as the peer check's test in test
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import stat
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
+import trio
 
+from portdaddy.errors import PDError
+from portdaddy.ipc.frame import Encoder, Performative
+from portdaddy.ipc.trio_client import TrioClient
 from tests.conftest import PYTHON, make_env
 
 NOBODY = 65534
@@ -82,3 +92,50 @@ def test_a_file_another_user_planted_in_the_home_is_refused(stopped: Path) -> No
     planted.unlink()  # what the error says to do; then the home is tightened as before
     assert _start(tmp_home).returncode == 0
     assert _mode(tmp_home) == 0o700 and _mode(tmp_home / "token") == 0o600
+
+
+@pytest.fixture
+def planted_socket() -> Iterator[Path]:
+    """A socket another user (uid 65534) listens on, as if planted where a client looks for the daemon; it
+    answers every connection with a health reply, so a client that trusts it gets an answer."""
+    where = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
+    os.chmod(where, 0o755)
+    os.chown(where, NOBODY, NOBODY)
+    path = where / "daemon.ipc"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(str(path))
+            os.chmod(path, 0o666)
+            server.listen()
+            while True:
+                conn, _ = server.accept()
+                with suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(Encoder().encode(Performative.INFORM_DONE, 1, {"status": "ok", "version": "evil"}))
+                conn.close()
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield path
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        shutil.rmtree(where)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a socket of another uid needs root")
+def test_clients_refuse_a_daemon_of_another_user(tmp_home: Path, planted_socket: Path) -> None:
+    env = make_env(tmp_home, PORT_DADDY_IPC=str(planted_socket))
+    r = subprocess.run([PYTHON, "-m", "portdaddy.cli", "claim", "app:api", "-q"], env=env, cwd="/tmp",
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and f"served by uid {NOBODY}" in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+
+    with pytest.raises(PDError, match=f"served by uid {NOBODY}"):  # the SDK's connection
+        trio.run(TrioClient(planted_socket, reconnect=False).run)
