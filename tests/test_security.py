@@ -16,13 +16,14 @@ from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from portdaddy.errors import PDError
 from portdaddy.ipc.frame import Encoder, Performative
 from portdaddy.ipc.trio_client import TrioClient
-from tests.conftest import PYTHON, make_env
+from tests.conftest import PYTHON, Daemon, make_env
 
 NOBODY = 65534
 
@@ -139,3 +140,19 @@ def test_clients_refuse_a_daemon_of_another_user(tmp_home: Path, planted_socket:
 
     with pytest.raises(PDError, match=f"served by uid {NOBODY}"):  # the SDK's connection
         trio.run(TrioClient(planted_socket, reconnect=False).run)
+
+
+def test_web_pages_are_refused_over_tcp_even_with_the_token(daemon: Daemon) -> None:
+    cfg = daemon.settings
+    port, token = int(cfg.port_file.read_text()), cfg.token_file.read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    before = daemon.call("port.find")["count"]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+        for origin in ("http://evil.example", "http://localhost:3000", "null"):
+            page = {**auth, "Origin": origin, "Content-Type": "text/plain"}
+            r = c.post("/claim", content=b'{"id": "web:page"}', headers=page)
+            assert r.status_code == 403 and "web pages" in r.json()["error"], (origin, r.text)
+            assert c.get("/health", headers=page).status_code == 403
+            assert c.get("/msg/x/subscribe", headers=page).status_code == 403  # a Quart (stream) route
+        assert c.post("/claim", json={"id": "local:tool"}, headers=auth).status_code == 200  # no Origin: a program
+    assert daemon.call("port.find")["count"] == before + 1
