@@ -134,6 +134,8 @@ def test_gives_up_after_five_attempts(daemon_factory, receiver) -> None:
     "http://127.0.0.1:9/hook", "http://localhost/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
     "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://printer.local/x", "ftp://example.com/x", "not a url",
     "http://0x7f000001/x", "http://2130706433/x", "http://127.1/x", "http://0177.0.0.1/x",
+    # IPv6 spellings of an IPv4 address: IPv4-compatible, 6to4, NAT64 (the metadata service), and a trailing dot
+    "http://[::127.0.0.1]/x", "http://[2002:7f00:1::]/x", "http://[64:ff9b::a9fe:a9fe]/x", "http://localhost./x",
 ])  # fmt: skip
 def test_private_and_bad_targets_refused_by_default(daemon, url) -> None:
     before = daemon.call("webhook.list")["count"]
