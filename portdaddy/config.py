@@ -132,12 +132,34 @@ class Settings:
             if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
                 return (f"socket path {sock} is {len(os.fsencode(sock))} bytes; Unix sockets allow {MAX_SOCKET_PATH}",
                         "use a shorter PORT_DADDY_HOME")  # fmt: skip
+        return self._foreign_owner()
+
+    def _foreign_owner(self) -> tuple[str, str] | None:
+        """A home, or a file in it, owned by another user: they could read the token and notes' keys, or have
+        planted them (a token they know, a symlink the daemon would write through) while the home was open to
+        them. Refused rather than tightened: chmod cannot take back what they already have."""
+        uid = os.getuid()
+        try:
+            owner = self.home.stat().st_uid
+            entries = [] if owner != uid else list(os.scandir(self.home))
+        except FileNotFoundError:
+            return None
+        if owner != uid:
+            return (f"PORT_DADDY_HOME {self.home} belongs to uid {owner}, not to you (uid {uid})",
+                    "point PORT_DADDY_HOME at a directory of your own")  # fmt: skip
+        for entry in entries:
+            owner = entry.stat(follow_symlinks=False).st_uid
+            if owner != uid:
+                return (f"{entry.path} belongs to uid {owner}, not to you (uid {uid}); another user may have planted "
+                        "it", "remove it, or point PORT_DADDY_HOME at a new directory of your own")  # fmt: skip
         return None
 
     def ensure_home(self) -> None:
         """Create the runtime dir 0700 (and tighten it if it already exists); OSError says why it cannot be."""
         problem = self.home_problem()
+        if problem is None:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            problem = self._foreign_owner()  # again: another user may have made it between the check and mkdir
         if problem is not None:
             raise OSError(f"{problem[0]}; {problem[1]}")
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.home, 0o700)

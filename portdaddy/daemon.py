@@ -18,6 +18,7 @@ import secrets
 import signal
 import sys
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,11 @@ def _remove_runtime_files(settings: Settings) -> None:
             os.unlink(path)
 
 
-async def run_daemon(settings: Settings, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_daemon(settings: Settings, *, child_umask: int | None = None,
+                     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
     store = Store(settings.db)
     app = App(settings, store)
+    app.child_umask = child_umask
     app.http_token = _read_or_create_token(settings.token_file)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -149,6 +152,10 @@ async def run_daemon(settings: Settings, *, task_status: trio.TaskStatus[App] = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything the daemon creates is its user's alone, wherever PORT_DADDY_DB and the other overrides put it
+    # (a store in /tmp was world-readable under umask 022, -wal and -shm too). Spawned agents get the caller's
+    # umask back: the files they write in the user's repository are not the daemon's.
+    caller_umask = os.umask(0o077)
     settings = Settings.from_env()
     try:
         settings.ensure_home()
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _remove_runtime_files(settings)  # stale leftovers of a daemon that died without cleaning up
         _write_private(settings.pid_file, f"{os.getpid()}\n")
-        trio.run(run_daemon, settings)
+        trio.run(partial(run_daemon, settings, child_umask=caller_umask))
         return 0
     except Exception:
         log.exception("daemon failed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
     daemon.log. If another daemon wins the race for the home, this one exits 0 at once."""
     try:
         cfg.ensure_home()
-        log = open(cfg.log, "ab")  # noqa: SIM115 - handed to the child
+        # 0600 from the start: created by this client, whose umask may be 022 (the daemon sets its own to 077).
+        log = os.open(cfg.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as e:
         raise DaemonUnavailable(f"cannot start the daemon: {e}") from None
     try:
@@ -33,7 +35,7 @@ def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
             close_fds=True,
         )
     finally:
-        log.close()
+        os.close(log)
 
 
 def probe(cfg: Settings, action: str = "daemon.health", timeout: float = 3.0) -> Any:

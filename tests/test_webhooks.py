@@ -152,6 +152,8 @@ def test_a_silent_endpoint_does_not_hold_up_the_others(daemon_factory, receiver)
     "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://printer.local/x", "ftp://example.com/x", "not a url",
     "http://0x7f000001/x", "http://2130706433/x", "http://127.1/x", "http://0177.0.0.1/x",
     "https://user:pw@example.com/x", "https://token@example.com/x",
+    # IPv6 spellings of an IPv4 address: IPv4-compatible, 6to4, NAT64 (the metadata service), and a trailing dot
+    "http://[::127.0.0.1]/x", "http://[2002:7f00:1::]/x", "http://[64:ff9b::a9fe:a9fe]/x", "http://localhost./x",
 ])  # fmt: skip
 def test_private_and_bad_targets_refused_by_default(daemon, url) -> None:
     before = daemon.call("webhook.list")["count"]

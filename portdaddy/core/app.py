@@ -40,6 +40,7 @@ class App:
         self.started_at = time.time()
         self.tcp_port: int | None = None
         self.http_token = ""
+        self.child_umask: int | None = None  # the umask spawned agents get; None: the daemon's own
         self.subsystems: list[Subsystem] = []
         # Set when shutdown begins, so long waits (SSE, blocking acquires) can finish promptly.
         self.stopping = trio.Event()

@@ -28,10 +28,21 @@ class Reply:
     body: str  # at most MAX_BODY_KEPT characters
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: a NAT64 gateway forwards to the IPv4 inside
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d, still routed by some stacks
+
+
 def private_address(addr: str) -> bool:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv6 address that carries an IPv4 one is judged by that one: ::ffff:127.0.0.1, 6to4 2002:7f00:1::,
+        # NAT64 64:ff9b::a9fe:a9fe (169.254.169.254) would otherwise pass as global.
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are judged as they are
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return not ip.is_global or ip.is_multicast
 
 
@@ -48,7 +59,7 @@ def check_url(url: str, *, allow_private: bool) -> SplitResult:
         raise bad_input(f"url {url[:80]!r} has an invalid port") from None
     if allow_private:
         return parts
-    host = parts.hostname.lower()
+    host = parts.hostname.lower().rstrip(".")  # "localhost." is localhost
     try:
         private = private_address(host)
     except ValueError:

@@ -67,8 +67,9 @@ def with_trigger_context(prompt: str, trigger: dict[str, Any] | None) -> str:
         return prompt
     lines = ["", "", "Trigger context:", f"- source: {trigger['source']}"]
     if trigger["source"] == "channel":
-        message = trigger.get("payload")
-        text = message if isinstance(message, str) else _json(message)
+        # As JSON, a string too: another agent's payload is one line of data, and cannot forge more lines of
+        # this block (a "source: schedule", a new instruction) for the agent that reads it.
+        text = _json(trigger.get("payload"))
         lines += [
             f"- channel: {trigger.get('channel')}",
             f"- sender: {trigger.get('sender') or 'unknown'}",

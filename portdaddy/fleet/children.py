@@ -20,11 +20,13 @@ import trio
 _POLL_S = 0.05
 
 
-async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Path) -> trio.Process:
+async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Path,
+                umask: int | None = None) -> trio.Process:  # fmt: skip
+    """Start ``argv`` with its output appended to ``log_path``; ``umask`` None keeps this process's."""
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         return await trio.lowlevel.open_process(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, umask=-1 if umask is None else umask,
         )  # fmt: skip
 
 

@@ -531,7 +531,7 @@ class Fleet:
                 header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
             try:
                 proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
-                                            log_path=Path(run.log_path))  # fmt: skip
+                                            log_path=Path(run.log_path), umask=self.app.child_umask)  # fmt: skip
             except OSError as exc:
                 run.status, run.error = "failed", f"cannot start: {exc}"
                 run.started_at = run.ended_at = now_ms()

@@ -54,12 +54,18 @@ def error_response(err: PDError) -> Response:
     return json_response(error_body(err), http_status(err.code))
 
 
-def refusal(core: Any, *, over_tcp: bool, host: str, path: str, authorization: str) -> tuple[int, dict] | None:
+def refusal(core: Any, *, over_tcp: bool, host: str, path: str, authorization: str,
+            origin: str = "") -> tuple[int, dict] | None:  # fmt: skip
     """Why a request may not proceed (status, body), or None. Unix-socket peers were checked at accept."""
     if not over_tcp:
         return None
     if not _LOCAL_HOST.match(host):
         return 403, {"success": False, "error": "Host header must be localhost", "code": "FORBIDDEN"}
+    if origin:
+        # Only browsers send Origin, naming the page behind the request. No web page is a client of this daemon
+        # (a localhost one may be another user's server), even one that got hold of the token.
+        return 403, {"success": False, "error": f"requests from web pages ({origin[:80]}) are refused; call the "
+                     "daemon from a local program", "code": "FORBIDDEN"}  # fmt: skip
     if path in _OPEN_PATHS:
         return None
     # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
@@ -177,7 +183,8 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
             return
         headers = {k: v.decode("latin-1") for k, v in scope["headers"]}
         refused = refusal(core, over_tcp=scope.get("client") is not None, host=headers.get(b"host", ""),
-                          path=scope["path"], authorization=headers.get(b"authorization", ""))  # fmt: skip
+                          path=scope["path"], authorization=headers.get(b"authorization", ""),
+                          origin=headers.get(b"origin", ""))  # fmt: skip
         if refused is not None:
             await _respond(send, refused[0], refused[1])
         elif found is None:
@@ -304,6 +311,7 @@ def _create_quart(core: Any) -> QuartTrio:
             path=request.path,
             host=request.headers.get("Host", ""),
             authorization=request.headers.get("Authorization", ""),
+            origin=request.headers.get("Origin", ""),
         )
         return None if refused is None else json_response(refused[1], refused[0])  # fmt: skip
 

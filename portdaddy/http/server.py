@@ -24,7 +24,7 @@ from hypercorn.trio.tcp_server import TCPServer
 
 from portdaddy.config import TCP_PORT_ATTEMPTS
 from portdaddy.http.app import create_app
-from portdaddy.ipc.server import peer_credentials
+from portdaddy.ipc.peer import peer_credentials
 
 log = logging.getLogger("portdaddy.http")
 

@@ -14,6 +14,7 @@ from collections import deque
 
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout, bad_input
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Parts, Performative, next_conv_id
+from portdaddy.ipc.peer import check_daemon_uid
 
 # Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
 TYPE_CHECKING = False
@@ -125,6 +126,11 @@ class BlockingClient:
         except OSError as e:
             sock.close()
             raise DaemonUnavailable(f"cannot reach the daemon at {self.path}: {e}") from None
+        try:
+            check_daemon_uid(sock, self.path)
+        except PDError:
+            sock.close()
+            raise
         self._recv_timeout = self.timeout
         self.sock = sock
         return self

@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +29,7 @@ from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.errors import PDError, bad_input, performative
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
+from portdaddy.ipc.peer import peer_credentials
 
 log = logging.getLogger("portdaddy.ipc")
 
@@ -54,11 +54,6 @@ _REPLY_TYPES = {Performative.REQUEST, Performative.QUERY_IF, Performative.QUERY_
                 Performative.UNSUBSCRIBE}  # fmt: skip
 # The one action each subscription performative carries (the original's clients re-subscribe with SUBSCRIBE).
 _SUBSCRIPTION_ACTIONS = {Performative.SUBSCRIBE: "msg.subscribe", Performative.UNSUBSCRIBE: "msg.unsubscribe"}
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
 def bind_unix(path: os.PathLike[str] | str) -> socket.socket:

@@ -19,6 +19,7 @@ from outcome import Value
 from portdaddy.errors import DaemonUnavailable, PDError, Timeout
 from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_frame
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
+from portdaddy.ipc.peer import check_daemon_uid
 
 log = logging.getLogger("portdaddy.client")
 
@@ -190,6 +191,11 @@ class TrioClient:
         except OSError as e:
             sock.close()
             raise DaemonUnavailable(f"no daemon at {self.path}: {e.strerror or e}; start it with: pd start") from None
+        try:
+            check_daemon_uid(sock, self.path)
+        except PDError:
+            sock.close()
+            raise
         sock.setblocking(False)
         self.sock = sock
         self._parting = None
