@@ -166,3 +166,25 @@ def test_private_and_bad_targets_refused_by_default(daemon, url) -> None:
 def test_unknown_event_refused(daemon) -> None:
     r = daemon.pd("webhook", "add", "https://example.com/x", "--events", "lock.explode")
     assert r.returncode == 2 and "unknown webhook event" in r.stderr
+
+
+def test_settled_deliveries_are_pruned_by_age_and_count(tmp_path, monkeypatch) -> None:
+    """Every delivery holds its body; a hook on a busy event grew the database without end. Pending ones stay."""
+    from portdaddy.core import webhooks as wh
+    from portdaddy.core.events import Event
+    from tests.swarm_app import make_app
+
+    monkeypatch.setattr(wh, "MAX_SETTLED", 5)
+    monkeypatch.setattr(wh, "PRUNE_EVERY", 10)
+    app = make_app(tmp_path)
+    hooks = wh.Webhooks(app)
+    hooks.register("https://example.com/hook", ["lock.*"], secret=None, filter_pattern=None, metadata=None)
+    week_ago = int(time.time() * 1000) - wh.SETTLED_RETENTION_MS - 1
+    hooks.enqueue([Event("lock.acquire", {"name": f"old{i}"}, at=week_ago) for i in range(3)])
+    hooks.enqueue([Event("lock.acquire", {"name": f"new{i}"}) for i in range(6)])
+    app.store.execute("UPDATE webhook_deliveries SET status='delivered'")
+    hooks.enqueue([Event("lock.release", {"name": "queued"})])  # the 10th: a prune
+    rows = app.store.all("SELECT event, status, body FROM webhook_deliveries ORDER BY rowid")
+    assert [r[1] for r in rows] == ["delivered"] * 5 + ["pending"]  # the old three, then the oldest new one
+    assert '"new0"' not in rows[0][2] and '"new1"' in rows[0][2]
+    app.store.close()

@@ -29,6 +29,10 @@ log = logging.getLogger("portdaddy.webhooks")
 
 MAX_ATTEMPTS = 5
 MAX_WEBHOOKS = 100
+# Settled deliveries (delivered or failed) are history: kept a week, and at most this many (each holds its body).
+SETTLED_RETENTION_MS = 7 * 86_400_000
+MAX_SETTLED = 10_000
+PRUNE_EVERY = 500  # deliveries written between two prunes
 MAX_IN_FLIGHT = 16  # in all; and one per webhook, so a slow or silent endpoint delays only its own deliveries
 # Event kinds a webhook may ask for, with what they mean (GET /webhooks/events).
 EVENTS = {
@@ -67,6 +71,7 @@ class Webhooks:
         self.retry_base_ms = app.settings.webhook_retry_base_ms
         self._changed = trio.Event()  # a delivery became due earlier than the sender's next wake-up
         self._in_flight: dict[str, str] = {}  # webhook id -> the delivery being sent to it
+        self.written = 0  # deliveries queued since start, for pruning every PRUNE_EVERY
         self._active: list[tuple[str, set[str], str | None]] | None = None  # (id, events, filter); None: reload
         self.delivered = 0
         self.failed = 0
@@ -161,6 +166,10 @@ class Webhooks:
             with self.store.write() as db:
                 db.executemany("INSERT INTO webhook_deliveries (id, webhook_id, event, body, status, next_attempt_at, "
                                "created_at) VALUES (?,?,?,?,?,?,?)", rows)  # fmt: skip
+                before = self.written // PRUNE_EVERY
+                self.written += len(rows)
+                if self.written // PRUNE_EVERY != before:
+                    _prune(db)
             self._changed.set()
         return len(rows)
 
@@ -283,6 +292,15 @@ def _asks_for(wanted: set[str], kind: str) -> bool:
 def sign(secret: str, body: bytes) -> str:
     """The hex HMAC-SHA256 of the exact body bytes, as in ``X-PortDaddy-Signature: sha256=<hex>``."""
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _prune(db: Any) -> None:
+    """Drop settled deliveries past their week, then all but the newest MAX_SETTLED (pending ones are the queue)."""
+    settled = "status IN ('delivered','failed')"
+    db.execute(f"DELETE FROM webhook_deliveries WHERE {settled} AND created_at < ?",
+               (now_ms() - SETTLED_RETENTION_MS,))  # fmt: skip
+    db.execute(f"DELETE FROM webhook_deliveries WHERE {settled} AND rowid <= (SELECT rowid FROM webhook_deliveries "
+               f"WHERE {settled} ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (MAX_SETTLED,))  # fmt: skip
 
 
 _HOOK_COLS = ("id, url, secret IS NOT NULL, events, filter_pattern, active, created_at, last_triggered, "
