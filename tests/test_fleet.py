@@ -8,7 +8,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -510,14 +509,14 @@ def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Pat
     assert r.returncode == 1 and "PORT_DADDY_NO_FLEET" in r.stderr
 
 
+def _one_slot(*agents: str) -> str:
+    """A fleet file that runs one agent at a time, so a `sleep 300` agent holds the queue behind it."""
+    return "fleet:\n  limits: {max_concurrent_spawns: 1}\n  agents:\n" + "".join(f"    {a}\n" for a in agents)
+
+
 def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
-    project = make_project(tmp_home, """
-        fleet:
-          limits: {max_concurrent_spawns: 1}
-          agents:
-            slow: {trigger: work, backend: custom, command: "sleep 300"}
-        """)  # fmt: skip
+    project = make_project(tmp_home, _one_slot('slow: {trigger: work, backend: custom, command: "sleep 300"}'))
     pd_json(d, "fleet", "up", "-C", str(project))
     first = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
     second = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
@@ -541,21 +540,15 @@ def test_a_clean_restart_keeps_queued_runs_and_loses_the_running_one(daemon_fact
 def test_queued_runs_of_an_agent_a_reload_disabled_or_removed_do_not_start(daemon_factory: Any,
                                                                            tmp_home: Path) -> None:  # fmt: skip
     d = daemon_factory(**FAST)
-    fleet = """
-        fleet:
-          limits: {max_concurrent_spawns: 1}
-          agents:
-            blocker: {trigger: work, backend: custom, command: "sleep 300"}
-            off: {trigger: work, backend: custom, command: "true"%s}
-            gone: {trigger: work, backend: custom, command: "true"}
-        """  # fmt: skip
-    project = make_project(tmp_home, fleet % "")
+    blocking = 'blocker: {trigger: work, backend: custom, command: "sleep 300"}'
+    off = 'off: {trigger: work, backend: custom, command: "true"%s}'
+    gone = 'gone: {trigger: work, backend: custom, command: "true"}'
+    project = make_project(tmp_home, _one_slot(blocking, off % "", gone))
     pd_json(d, "fleet", "up", "-C", str(project))
     blocker = d.call("fleet.run", projectDir=str(project), agent="blocker")["run"]
     queued = [d.call("fleet.run", projectDir=str(project), agent=a)["run"]["id"] for a in ("off", "gone")]
     wait_for(lambda: d.call("fleet.status", projectDir=str(project))["fleets"][0]["running"] == 1, what="a run")
-    (project / "pd-fleet.yml").write_text(textwrap.dedent(fleet % ", enabled: false").replace(
-        '    gone: {trigger: work, backend: custom, command: "true"}\n', ""))  # fmt: skip
+    (project / "pd-fleet.yml").write_text(_one_slot(blocking, off % ", enabled: false"))  # gone: removed
     pd_json(d, "fleet", "up", "-C", str(project))  # reloads the file
     d.call("spawn.kill", id=blocker["id"])  # the queue moves on
 
@@ -663,13 +656,9 @@ def test_a_fleet_whose_directory_was_deleted_stops_firing_and_can_be_brought_dow
 
 def test_run_refuses_a_disabled_agent_and_unknown_agents_are_named(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
-    project = make_project(tmp_home, """
-        fleet:
-          limits: {max_concurrent_spawns: 1}
-          agents:
-            on: {trigger: work, backend: custom, command: "sleep 300"}
-            off: {trigger: work, backend: custom, command: "true", enabled: false}
-        """)  # fmt: skip
+    on = 'on: {trigger: work, backend: custom, command: "sleep 300"}'
+    disabled = 'off: {trigger: work, backend: custom, command: "true", enabled: false}'
+    project = make_project(tmp_home, _one_slot(on, disabled))
     pd_json(d, "fleet", "up", "-C", str(project))
     off = d.pd("fleet", "run", "off", "-C", str(project))
     assert off.returncode == 1 and "agent 'off' is disabled (enabled: false" in off.stderr

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, linked_worktree
 
 FAST = {"PORT_DADDY_STALE_AFTER": "1s", "PORT_DADDY_DEAD_AFTER": "2s"}
 
@@ -63,18 +63,12 @@ def test_a_dead_agent_that_comes_back_takes_its_work_back(daemon_factory) -> Non
     assert entries["late"]["claimedBy"] == "rescuer"
 
 
-def worktree(tmp_path: Path, name: str = "wt") -> Path:
-    tree = tmp_path / name
-    (tree / ".git").mkdir(parents=True)
-    return tree
-
-
 def test_done_after_being_declared_dead_keeps_the_note_and_settles_the_work(daemon_factory, tmp_path: Path) -> None:
     """The agent was declared dead while it worked (its session abandoned); its pd done must not fail: the
     handoff note is kept, the agent leaves, and its own salvage entry is settled (completed, or back to the
     queue when it gives up)."""
     d = daemon_factory(**FAST)
-    wt = worktree(tmp_path)
+    wt = linked_worktree(tmp_path, "wt")
     assert d.pd("begin", "build db", "--agent", "dbb", "--files", "src/db.ts", cwd=wt).returncode == 0
     wait_dead(d, "dbb")
     r = d.pd("done", "finished anyway", cwd=wt)
@@ -95,7 +89,7 @@ def test_done_after_being_declared_dead_keeps_the_note_and_settles_the_work(daem
 def test_a_second_done_never_ends_another_agents_session(daemon: Daemon, tmp_path: Path) -> None:
     """Alice's first pd done forgets her; a second one used to end the worktree's latest active session,
     which was bob's, and unregister bob."""
-    wt = worktree(tmp_path)
+    wt = linked_worktree(tmp_path, "wt")
     assert daemon.pd("begin", "bob work", env={"PORT_DADDY_AGENT": "twice-bob"}, cwd=wt).returncode == 0
     assert daemon.pd("begin", "alice work", "--agent", "twice-alice", cwd=wt).returncode == 0
     assert daemon.pd("done", "all done", cwd=wt).returncode == 0
@@ -109,7 +103,7 @@ def test_after_a_death_whoami_and_salvage_say_what_is_true(daemon_factory, tmp_p
     """pd whoami of a dead agent named it with no hint that anything was wrong; pd salvage --all showed a
     claimed entry without saying who claimed it."""
     d = daemon_factory(**FAST)
-    wt = worktree(tmp_path)
+    wt = linked_worktree(tmp_path, "wt")
     assert d.pd("begin", "build db", "--agent", "ghost", cwd=wt).returncode == 0
     wait_dead(d, "ghost")
     who = d.pd("whoami", cwd=wt)
