@@ -31,6 +31,8 @@ def one_error_line(r: subprocess.CompletedProcess[str], code: int, *words: str) 
     (["claim", "a:b", "--port", "many"], ["'many' is not a valid integer"]),
     (["fleet", "init", "--no-hook", "-C", "/nonexistent/dir"], ["'/nonexistent/dir' does not exist"]),
     (["begin"], ["say what this agent is about to do"]),
+    # click lays a choice out over lines and tabs: one readable line, not escaped \n\t
+    (["pheromone", "spray", "x"], ["Missing option '--table' / '-t'. Choose from: services, projects,"]),
 ])  # fmt: skip
 def test_bad_usage_is_one_line_or_one_json_object(tmp_home: Path, args: list[str], words: list[str]) -> None:
     env = make_env(tmp_home)

@@ -89,7 +89,9 @@ def main() -> None:
         code = EXIT_OK
     except click.UsageError as e:
         where = f"; see {e.ctx.command_path} --help" if e.ctx else ""
-        fail(bad_input(f"{e.format_message().rstrip('.')}{where}"), as_json=_asks_for_json(sys.argv[1:]))
+        # click lays some messages out on several lines (a choice's "Choose from:" list): one line here.
+        message = " ".join(e.format_message().split()).rstrip(".")
+        fail(bad_input(f"{message}{where}"), as_json=_asks_for_json(sys.argv[1:]))
     except click.ClickException as e:
         e.show()
         code = e.exit_code
