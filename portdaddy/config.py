@@ -74,6 +74,7 @@ class Settings:
     autostart: bool
     webhook_allow_private: bool  # deliver to loopback/private/link-local targets (tests, local tooling)
     webhook_retry_base_ms: int  # first retry delay; then doubled (1, 2, 4, 8 s by default)
+    webhook_disable_after_ms: int  # how long a webhook fails every delivery before it is disabled
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -94,6 +95,7 @@ class Settings:
             raw = env.get(var, "")
             return int(raw) if raw.strip().isascii() and raw.strip().isdigit() else default
 
+        disable_after = duration("PORT_DADDY_WEBHOOK_DISABLE_AFTER")
         start = integer("PORT_DADDY_RANGE_START", DEFAULT_RANGE[0])
         end = integer("PORT_DADDY_RANGE_END", DEFAULT_RANGE[1])
         if not 1024 <= start <= end <= 65535:
@@ -122,6 +124,7 @@ class Settings:
             autostart=not flag("PORT_DADDY_NO_AUTOSTART"),
             webhook_allow_private=flag("PORT_DADDY_WEBHOOK_ALLOW_PRIVATE"),
             webhook_retry_base_ms=duration("PORT_DADDY_WEBHOOK_RETRY_BASE") or 1000,
+            webhook_disable_after_ms=3_600_000 if disable_after is None else disable_after,  # 0: the count alone
         )
 
     def home_problem(self) -> tuple[str, str] | None:

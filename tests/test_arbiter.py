@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from portdaddy.core import arbiter as arbiter_module
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.clock import now_ms
 from portdaddy.core.harbors import Harbors
@@ -100,6 +101,24 @@ async def test_note_monotonicity(app) -> None:
         ("note.add", {**note, "noteId": 4, "seq": 3, "hash": "h4", "prevHash": "hX"}),   # chain broken
     ])  # fmt: skip
     assert _rules(found) == ["NOTE_MONOTONICITY", "NOTE_MONOTONICITY"]
+
+
+async def test_note_chains_are_capped_least_recently_used_first(app, monkeypatch) -> None:
+    """Notes may be added to a session after it ended, and then no session.end ever drops its chain."""
+    monkeypatch.setattr(arbiter_module, "MAX_CHAINS", 3)
+
+    def note(session: str, seq: int, prev: str | None) -> tuple[str, dict]:
+        return "note.add", {"sessionId": session, "agentId": "x", "type": "note", "noteId": seq, "seq": seq,
+                            "hash": f"{session}{seq}", "prevHash": prev}  # fmt: skip
+
+    found = await _run(app, [
+        note("busy", 1, None), note("s", 1, None), note("t", 1, None),
+        note("busy", 2, "busy1"),  # used again: now the newest
+        note("u", 1, None), note("w", 1, None),  # push out s and t, the least recently used
+        note("busy", 3, "forged"),  # still remembered, so still checked
+    ])  # fmt: skip
+    assert _rules(found) == ["NOTE_MONOTONICITY"]
+    assert app.arbiter.status()["tracking"]["noteChains"] == 3
 
 
 async def test_escrow_positivity(app) -> None:
@@ -231,3 +250,38 @@ def test_status_and_violations_through_the_cli(daemon_factory) -> None:
     bad = d.pd("arbiter", "test", "NO_SUCH_RULE")
     assert bad.returncode == 2 and "LOCK_OWNER_VALID" in bad.stderr
     assert json.loads(d.pd("arbiter", "violations", "--rule", "LOCK_OWNER_VALID", "--json").stdout)["total"] == 1
+
+
+def _wait(predicate, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not in time"
+        time.sleep(0.05)
+
+
+def test_memory_follows_sessions_agents_and_locks_as_they_come_and_go(daemon_factory) -> None:
+    """The arbiter kept every session's note chain and every salvaged agent forever: a daemon that ran for
+    weeks held one entry per session it had ever seen."""
+    d = daemon_factory(PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms")
+    workers = 60
+    for i in range(workers):
+        agent = f"worker-{i}"
+        with d.client(agent) as c:  # a connection acts for one agent
+            c.request("agent.register", {"agentId": agent, "capabilities": ["work:*"]})
+            sid = c.request("session.start", {"purpose": f"task {i}"})["sessionId"]
+            for n in range(2):
+                c.request("note.add", {"sessionId": sid, "content": f"step {n}"})
+            c.request("lock.acquire", {"name": f"work:{i}"})
+            c.request("lock.release", {"name": f"work:{i}"})
+            c.request("session.end", {"sessionId": sid})
+            if i % 2 == 0:
+                c.request("agent.unregister", {})  # the odd ones fall silent and die
+    _wait(lambda: len(d.call("salvage.list")["agents"]) == workers // 2, "the silent workers to die")
+    tracking = d.call("arbiter.status")["tracking"]
+    assert tracking == {"agents": workers // 2, "noteChains": 0, "lockHolders": 0}  # the dead await salvage
+    for i, action in zip(range(1, workers, 2), ["claim", "complete", "dismiss"] * workers, strict=False):
+        d.call(f"salvage.{action}", id=f"worker-{i}", newAgentId="rescuer")
+    assert not [a for a in d.call("agent.list")["agents"] if a["agentId"].startswith("worker-")]
+    assert d.call("arbiter.status")["tracking"] == {"agents": 0, "noteChains": 0, "lockHolders": 0}
+    rules = {v["rule"] for v in d.call("arbiter.violations", limit=1000)["violations"]}
+    assert rules <= {"HEARTBEAT_FRESHNESS"}  # the dying were stale first; no chain or lock false alarm

@@ -152,6 +152,7 @@ JSON_CALLS: dict[str, tuple[str, ...]] = {
     "watch": ("watch", "bad channel", "--exec", "true"),
     "webhook add": ("webhook", "add", "http://127.0.0.1:9/hook"),
     "webhook deliveries": ("webhook", "deliveries", "{webhook}"),
+    "webhook enable": ("webhook", "enable", "{webhook}"),
     "webhook events": ("webhook", "events"),
     "webhook ls": ("webhook", "ls"),
     "webhook rm": ("webhook", "rm", "{doomed_hook}"),
@@ -277,7 +278,8 @@ NO_QUIET = {
     "fleet status", "fleet validate", "fleet init", "fleet up", "fleet down",
     # confirmations: the exit code says it
     "agent unregister", "harbor destroy", "harbor enter", "harbor leave", "pheromone spray", "salvage complete",
-    "salvage abandon", "salvage dismiss", "webhook rm", "guard install", "guard check", "fleet hook post-commit",
+    "salvage abandon", "salvage dismiss", "webhook rm", "webhook enable", "guard install", "guard check",
+    "fleet hook post-commit",
     # what they print is the data itself, as it comes
     "sub", "watch", "with-lock", "fleet logs", "spawn logs", "webhook events",
 }  # fmt: skip

@@ -4,6 +4,8 @@ is told whether the recipient is alive, live delivery on inbox:<agent>, read/cle
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 
 import httpx
 import pytest
@@ -92,3 +94,61 @@ def test_an_agent_bound_connection_sends_to_the_named_recipient(fresh_daemon) ->
         assert alice.request("inbox.list", {"agentId": "alice"})["count"] == 0
     bob = fresh_daemon.call("inbox.list", agentId="bob")["messages"]
     assert [(m["from"], m["content"]) for m in bob] == [("alice", "rebase please")]
+
+
+def test_unread_since_gives_the_unread_messages_since_then(daemon) -> None:
+    """since used to win over unread: asking for the unread messages of the last hour listed read ones too."""
+    ids = [daemon.call("inbox.send", agentId="since-agent", content=text)["messageId"] for text in ("a", "b", "c")]
+    daemon.call("inbox.read", agentId="since-agent", messageId=ids[0])
+    first = daemon.call("inbox.list", agentId="since-agent")["messages"][-1]["createdAt"]
+    unread_since = daemon.call("inbox.list", agentId="since-agent", since=first, unread=True)["messages"]
+    assert [m["id"] for m in unread_since] == [ids[2], ids[1]]
+    assert len(daemon.call("inbox.list", agentId="since-agent", since=first)["messages"]) == 3
+    later = daemon.call("inbox.list", agentId="since-agent", since=first + 60_000, unread=True)["messages"]
+    assert later == []
+
+
+def test_read_messages_go_a_week_after_reading_unread_ones_a_month_after_sending(fresh_daemon) -> None:
+    from portdaddy.core.inbox import READ_RETENTION_MS, UNREAD_RETENTION_MS
+
+    d = fresh_daemon
+    names = ("read-long-ago", "read-yesterday", "unread-too-old", "unread-recent", "read-before-017")
+    ids = {name: d.call("inbox.send", agentId="keeper", content=name)["messageId"] for name in names}
+    d.call("inbox.read", agentId="keeper")
+    d.stop()
+    day, now = 86_400_000, int(time.time() * 1000)
+    ages = {  # (created_at, read, read_at) as they would be after that long
+        "read-long-ago": (now - 10 * day, 1, now - READ_RETENTION_MS - day),
+        "read-yesterday": (now - 10 * day, 1, now - day),  # sent long ago, but read only yesterday: kept
+        "unread-too-old": (now - UNREAD_RETENTION_MS - day, 0, None),
+        "unread-recent": (now - UNREAD_RETENTION_MS + day, 0, None),
+        "read-before-017": (now - READ_RETENTION_MS - day, 1, None),  # no read_at: judged by when it was sent
+    }
+    with sqlite3.connect(d.settings.db) as db:
+        for name, row in ages.items():
+            db.execute("UPDATE inbox SET created_at=?, read=?, read_at=? WHERE id=?", (*row, ids[name]))
+    d.start()
+    d.call("inbox.send", agentId="someone-else", content="the first send after a start prunes")
+    kept = {m["content"] for m in d.call("inbox.list", agentId="keeper")["messages"]}
+    assert kept == {"read-yesterday", "unread-recent"}
+
+
+def test_a_full_inbox_makes_room_from_read_messages_never_unread_ones(daemon_factory) -> None:
+    from portdaddy.core.inbox import MAX_PER_AGENT
+
+    d = daemon_factory(PORT_DADDY_IPC_RATE="1000000")
+    with d.client() as c:
+        ids = [c.request("inbox.send", {"agentId": "busy", "content": f"m{i}"})["messageId"]
+               for i in range(MAX_PER_AGENT)]  # fmt: skip
+        r = d.pd("inbox", "send", "busy", "one more")
+        assert r.returncode == 1 and f"holds {MAX_PER_AGENT} unread messages" in r.stderr
+        for message_id in ids[:2]:
+            c.request("inbox.read", {"agentId": "busy", "messageId": message_id})
+        c.request("inbox.read", {"agentId": "busy", "messageId": ids[500]})
+        for text in ("new 1", "new 2", "new 3"):
+            assert d.pd("inbox", "send", "busy", text).returncode == 0
+        assert d.pd("inbox", "send", "busy", "new 4").returncode == 1  # all unread again
+        stats = c.request("inbox.stats", {"agentId": "busy"})
+        assert (stats["total"], stats["unread"]) == (MAX_PER_AGENT, MAX_PER_AGENT)
+        kept = {m["id"] for m in c.request("inbox.list", {"agentId": "busy", "limit": 1000})["messages"]}
+        assert not kept & {ids[0], ids[1], ids[500]} and set(ids[2:500]) <= kept

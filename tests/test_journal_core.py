@@ -222,3 +222,17 @@ async def test_after_the_host_sleeps_no_agent_is_judged_until_the_grace_ends(
         assert "no heartbeat for 7" in app.store.scalar("SELECT reason FROM salvage WHERE agent_id='sleeper'")
         nursery.cancel_scope.cancel()
     app.store.close()
+
+
+def test_the_session_key_cache_is_bounded_and_evicted_keys_still_open(tmp_path: Path, monkeypatch) -> None:
+    """Every session's unwrapped key was cached for the daemon's life: memory grew with every session."""
+    from portdaddy.core import sealing
+
+    monkeypatch.setattr(sealing, "MAX_CACHED_KEYS", 4)
+    sealer = sealing.Sealer(sealing.load_or_create_master_key(tmp_path / "master.key"))
+    wrapped = {f"s{i}": sealer.new_session_key(f"s{i}") for i in range(10)}
+    bodies = {sid: sealer.seal(sid, key, f"note of {sid}") for sid, key in wrapped.items()}
+    assert len(sealer._boxes) == 4
+    assert [sealer.open(sid, wrapped[sid], body) for sid, body in bodies.items()] == \
+        [f"note of s{i}" for i in range(10)]  # fmt: skip
+    assert list(sealer._boxes) == ["s6", "s7", "s8", "s9"]

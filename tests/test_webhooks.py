@@ -188,3 +188,91 @@ def test_settled_deliveries_are_pruned_by_age_and_count(tmp_path, monkeypatch) -
     assert [r[1] for r in rows] == ["delivered"] * 5 + ["pending"]  # the old three, then the oldest new one
     assert '"new0"' not in rows[0][2] and '"new1"' in rows[0][2]
     app.store.close()
+
+
+def _hook(d, hook_id: str) -> dict:
+    return d.call("webhook.get", id=hook_id)["webhook"]
+
+
+def test_a_hook_failing_for_long_enough_is_disabled_until_enabled(daemon_factory, receiver) -> None:
+    """An endpoint answering 500 to everything used to be retried forever. 20 failures in a row are not enough
+    on their own (here within a second: an endpoint down for a minute), and a success starts the run again."""
+    from portdaddy.core.webhooks import DISABLE_FAILURES, GIVEN_UP, MAX_ATTEMPTS
+
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_WEBHOOK_RETRY_BASE="1",
+                       PORT_DADDY_WEBHOOK_DISABLE_AFTER="1s")  # fmt: skip
+    hook_id = d.call("webhook.register", url=receiver.url, events=["lock.acquire"])["id"]
+    receiver.statuses = [500] * MAX_ATTEMPTS * (DISABLE_FAILURES - 1)
+    for i in range(DISABLE_FAILURES - 1):
+        d.call("lock.acquire", name=f"flaky:{i}", owner="a")
+    _wait_for(lambda: _hook(d, hook_id)["failureCount"] == DISABLE_FAILURES - 1)
+    assert _hook(d, hook_id)["consecutiveFailures"] == DISABLE_FAILURES - 1 and _hook(d, hook_id)["failingSince"]
+    d.call("lock.acquire", name="flaky:ok", owner="a")  # the endpoint answers 200 again
+    _wait_for(lambda: _hook(d, hook_id)["successCount"] == 1)
+    hook = _hook(d, hook_id)
+    assert (hook["active"], hook["consecutiveFailures"], hook["failingSince"]) == (True, 0, None)
+
+    receiver.statuses = [500] * 100_000  # gone bad for good
+    for i in range(200):
+        d.call("lock.acquire", name=f"gone:{i}", owner="a")
+        if not _hook(d, hook_id)["active"]:
+            break
+        time.sleep(0.05)
+    hook = _hook(d, hook_id)
+    assert not hook["active"] and hook["consecutiveFailures"] >= DISABLE_FAILURES
+    assert hook["disabledAt"] - hook["failingSince"] >= 1000
+    assert hook["disabledReason"] == f"{hook['consecutiveFailures']} deliveries in a row failed, the last with HTTP 500"
+    time.sleep(0.2)
+    deliveries = d.call("webhook.deliveries", id=hook_id, limit=500)["deliveries"]
+    assert {x["status"] for x in deliveries} <= {"delivered", "failed"}  # nothing left queued
+    assert sum(x["attempts"] for x in deliveries) == len(receiver.requests)  # nothing sent once disabled
+    given_up = [x for x in deliveries if x["responseBody"] == GIVEN_UP]
+    assert all(x["attempts"] < MAX_ATTEMPTS for x in given_up)
+    [entry] = d.call("activity.list", type="webhook.disable")["entries"]
+    assert entry["targetId"] == hook_id and f"failures={hook['consecutiveFailures']}" in entry["details"]
+    listed = d.pd("webhook", "ls")
+    assert " disabled " in listed.stdout and f"pd webhook enable {hook_id}" in listed.stdout
+    assert "1 webhook(s) disabled" in d.pd("status").stdout
+
+    d.restart()
+    assert _hook(d, hook_id) == hook
+    d.call("webhook.update", id=hook_id, events=["lock.*"])  # changing what it hears does not mend it
+    assert _hook(d, hook_id)["active"] is False
+    d.call("lock.acquire", name="while-off", owner="a")
+    assert len(d.call("webhook.deliveries", id=hook_id, limit=500)["deliveries"]) == len(deliveries)
+
+    receiver.statuses = []
+    enabled = d.pd("webhook", "enable", hook_id)
+    assert enabled.returncode == 0, enabled.stderr
+    hook = _hook(d, hook_id)
+    assert (hook["active"], hook["disabledAt"], hook["disabledReason"], hook["consecutiveFailures"]) == \
+        (True, None, None, 0)  # fmt: skip
+    d.call("lock.acquire", name="back", owner="a")
+    _wait_for(lambda: b'"back"' in receiver.requests[-1][1])
+
+
+def test_a_gone_endpoint_is_disabled_and_a_new_url_enables_it(daemon_factory, receiver) -> None:
+    """The endpoint is gone (connection refused). Other hooks hear of it through a webhook.disable event."""
+    from portdaddy.core.webhooks import DISABLE_FAILURES
+
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_WEBHOOK_RETRY_BASE="1",
+                       PORT_DADDY_WEBHOOK_DISABLE_AFTER="0")  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    hook_id = d.call("webhook.register", url=gone, events=["msg.publish"])["id"]
+    watcher = d.call("webhook.register", url=receiver.url, events=["webhook.disable"])["id"]
+    for i in range(DISABLE_FAILURES):
+        d.call("msg.publish", channel="gone:x", payload={"i": i})
+    _wait_for(lambda: receiver.events("webhook.disable"))
+    [(_, body)] = receiver.events("webhook.disable")
+    data = json.loads(body)["data"]
+    assert (data["webhookId"], data["url"], data["failures"]) == (hook_id, gone, DISABLE_FAILURES)
+    assert "cannot connect" in data["reason"]
+    assert _hook(d, watcher)["active"] is True
+
+    d.call("webhook.update", id=hook_id, url=receiver.url)  # the endpoint moved: pointing it there enables it
+    assert _hook(d, hook_id)["active"] is True
+    d.call("msg.publish", channel="gone:x", payload={"i": "after"})
+    _wait_for(lambda: receiver.events("msg.publish"))
+    assert json.loads(receiver.events("msg.publish")[0][1])["data"]["payload"] == {"i": "after"}

@@ -148,6 +148,7 @@ _ATTENTION = {
     "agentsDead": ("dead agent(s) left work behind", "pd salvage"),
     "arbiterSerious": ("invariant violation(s) recorded", "pd arbiter violations"),
     "webhookFailed": ("webhook delivery(ies) failed", "pd webhook ls"),
+    "webhooksDisabled": ("webhook(s) disabled after failing every delivery for a while", "pd webhook ls"),
     "lagging": ("subscriber(s) fell behind and missed messages", "pd channels"),
     "ipcCutOff": ("IPC connection(s) cut off for malformed frames", "daemon.log"),
 }

@@ -1,4 +1,4 @@
-"""pd webhook add | ls | test | rm | deliveries | events: event notifications to URLs."""
+"""pd webhook add | ls | enable | test | rm | deliveries | events: event notifications to URLs."""
 
 from __future__ import annotations
 
@@ -63,9 +63,34 @@ def ls(as_json: bool, quiet: bool) -> None:
     elif not result["webhooks"]:
         click.echo("No webhooks")
     else:
-        table([(h["id"], h["url"], ",".join(h["events"]), h["successCount"], h["failureCount"],
-                age(h["lastTriggered"])) for h in result["webhooks"]],
-              ("ID", "URL", "EVENTS", "OK", "FAILED", "LAST"))  # fmt: skip
+        hooks = result["webhooks"]
+        table([(h["id"], h["url"], ",".join(h["events"]), _state(h), h["successCount"], h["failureCount"],
+                age(h["lastTriggered"])) for h in hooks],
+              ("ID", "URL", "EVENTS", "STATE", "OK", "FAILED", "LAST"))  # fmt: skip
+        for h in hooks:
+            if h["disabledAt"]:
+                click.echo(f"{h['id']} was disabled {age(h['disabledAt'])} ago: {h['disabledReason']}; "
+                           f"once its endpoint works, pd webhook enable {h['id']}")  # fmt: skip
+
+
+def _state(hook: dict) -> str:
+    if hook["active"]:
+        return "on"
+    return "disabled" if hook["disabledAt"] else "off"
+
+
+@webhook.command("enable")
+@click.argument("webhook_id")
+@json_option
+def enable(webhook_id: str, as_json: bool) -> None:
+    """Turn a webhook on again (one the daemon disabled after failed deliveries, or one turned off).
+
+    \b
+    Example:
+      pd webhook enable <id>
+    """
+    result = call("webhook.update", {"id": webhook_id, "active": True}, as_json=as_json)
+    emit_json(result) if as_json else click.echo(f"Enabled webhook {webhook_id}")
 
 
 @webhook.command("test")

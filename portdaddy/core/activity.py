@@ -36,6 +36,7 @@ _TARGET_KEYS = (
     "to",
     "tupleId",
     "rule",
+    "webhookId",
     "runId",
     "agentId",
 )

@@ -6,7 +6,9 @@ a critical violation is also escalated to the salvage path ("man overboard"): th
 goes to the ``resurrection`` channel, where salvage and humans listen.
 
 What the arbiter knows about agents, notes and locks it learns from the stream since it started (it keeps no
-tables of its own besides violations), so after a restart each rule starts from what it sees next.
+tables of its own besides violations), so after a restart each rule starts from what it sees next. That memory
+follows what is live: an agent's entry goes when it leaves the registry, a session's chain when the session
+ends (and the least recently used beyond MAX_CHAINS), a lock's holder at its release.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = logging.getLogger("portdaddy.arbiter")
 CRITICAL, VIOLATION, WARNING = "critical", "violation", "warning"
 ESCROW_KEYS = ("escrow", "escrowUsd", "bondUsd")
 DEFAULT_SALVAGE_WINDOW_S = 5.0
+# Note chains remembered at most. Sessions that end drop theirs; this bounds the rest: notes added to a session
+# after it ended (nothing forbids it) and sessions nobody ends. Forgetting one costs only its baseline.
+MAX_CHAINS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,7 @@ class Arbiter:
         self.forced_releases = 0
         self.events_seen = 0
         self._agents: dict[str, _Agent] = {}
-        self._chains: dict[str, tuple[int, Any]] = {}
+        self._chains: dict[str, tuple[int, Any]] = {}  # session id -> (seq, hash) of its last note; LRU order
         self._holders: dict[str, str] = {}
         self._awaiting_salvage: dict[str, float] = {}  # agent id -> trio deadline
         self._deadline = trio.CancelScope()  # run() sleeps in it until the first salvage deadline
@@ -162,6 +167,16 @@ class Arbiter:
     def _forget(self, d: dict[str, Any]) -> None:
         self._agents.pop(d.get("agentId"), None)
         self._awaiting_salvage.pop(d.get("agentId"), None)
+
+    def _salvage_settled(self, d: dict[str, Any]) -> None:
+        """A dead agent leaves the registry when its work is claimed, completed or dismissed, with no
+        ``agent.unregister``: its entry here went with it, else one was kept for every agent that ever died."""
+        agent = d.get("agentId")
+        if agent in self._agents and self.app.agents.get(agent) is None:
+            del self._agents[agent]
+
+    def _session_end(self, d: dict[str, Any]) -> None:
+        self._chains.pop(d.get("sessionId"), None)
 
     def _service_claim(self, d: dict[str, Any]) -> None:
         agent_id, pid = d.get("agentId"), _int(d.get("pid"))
@@ -228,8 +243,10 @@ class Arbiter:
         if not isinstance(session, str) or seq is None:
             return
         self.checked["NOTE_MONOTONICITY"] += 1
-        previous = self._chains.get(session)
-        self._chains[session] = (seq, digest)
+        previous = self._chains.pop(session, None)
+        self._chains[session] = (seq, digest)  # re-inserted: the most recently used is last
+        if len(self._chains) > MAX_CHAINS:
+            del self._chains[next(iter(self._chains))]
         if previous is None:
             return  # the first note seen for a session (since start) is the baseline
         last_seq, last_hash = previous
@@ -323,6 +340,8 @@ class Arbiter:
                              "violations": self.found[r.name]} for r in RULES.values()],
             "violationsCount": sum(self.found.values()), "eventsSeen": self.events_seen,
             "forcedReleases": self.forced_releases, "awaitingSalvage": sorted(self._awaiting_salvage),
+            "tracking": {"agents": len(self._agents), "noteChains": len(self._chains),
+                         "lockHolders": len(self._holders)},
             "salvageWindowS": self.salvage_window_s, "startedAt": self.started_at,
             "uptimeMs": now_ms() - self.started_at,
         }  # fmt: skip
@@ -339,6 +358,10 @@ _HANDLERS = {
     "agent.stale": Arbiter._stale,
     "agent.dead": Arbiter._dead,
     "salvage.create": Arbiter._salvaged,
+    "salvage.claim": Arbiter._salvage_settled,
+    "salvage.complete": Arbiter._salvage_settled,
+    "salvage.dismiss": Arbiter._salvage_settled,
+    "session.end": Arbiter._session_end,
 }
 
 

@@ -1,6 +1,9 @@
-"""Direct messages to an agent: kept in its inbox (alive, dead or not yet registered: never dropped), also
-published to the channel ``inbox:<agent>`` so a live agent hears at once, and the sender is told whether
-the recipient is alive."""
+"""Direct messages to an agent: kept in its inbox (alive, dead or not yet registered), also published to the
+channel ``inbox:<agent>`` so a live agent hears at once, and the sender is told whether the recipient is alive.
+
+Retention (spec/sync.md): a read message is kept a week after it was read, an unread one a month after it was
+sent, and an inbox holds at most MAX_PER_AGENT, the oldest read message making room for a new one. An unread
+message is never pushed out by another: when all are unread, sends are refused."""
 
 from __future__ import annotations
 
@@ -13,7 +16,12 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.errors import NotFound, PDError
 
-MAX_PER_AGENT = 1000  # then sends are refused (RESOURCE_LIMIT), never silently evicted
+MAX_PER_AGENT = 1000
+READ_RETENTION_MS = 7 * 86_400_000  # after it was read
+# After it was sent: an inbox nobody read for a month belongs to no one coming back (fleet runs are agents of
+# their own, so agent ids grow with throughput and their inboxes would be kept forever).
+UNREAD_RETENTION_MS = 30 * 86_400_000
+PRUNE_EVERY = 500  # sends between two prunes; the first send after a start prunes too
 
 
 class Inbox:
@@ -33,14 +41,19 @@ class Inbox:
         return agent is not None and agent.liveness != "dead"
 
     def send(self, agent_id: str, content: Any, *, sender: str | None, kind: str) -> dict[str, Any]:
-        held = self.store.scalar("SELECT count(*) FROM inbox WHERE agent_id=?", (agent_id,))
-        if held >= MAX_PER_AGENT:
-            raise PDError("RESOURCE_LIMIT", f"the inbox of {agent_id} holds {held} messages, the limit; it must "
-                          "read or clear some first (pd inbox clear --agent ...)", current=held,
+        held, unread = self.counts(agent_id)
+        if unread >= MAX_PER_AGENT:
+            raise PDError("RESOURCE_LIMIT", f"the inbox of {agent_id} holds {unread} unread messages, the limit; "
+                          "it must read or clear some first (pd inbox read|clear --agent ...)", current=unread,
                           max=MAX_PER_AGENT)  # fmt: skip
         content_type = "text" if isinstance(content, str) else "json"
         now = now_ms()
         with self.store.write() as db:
+            if held >= MAX_PER_AGENT:  # full: the oldest read messages make room
+                db.execute("DELETE FROM inbox WHERE id IN (SELECT id FROM inbox WHERE agent_id=? AND read=1 "
+                           "ORDER BY id LIMIT ?)", (agent_id, held - MAX_PER_AGENT + 1))  # fmt: skip
+            if self.sent % PRUNE_EVERY == 0:
+                _prune(db, now)
             db.execute("INSERT INTO inbox (agent_id, sender, content, content_type, type, created_at) "
                        "VALUES (?,?,?,?,?,?)",
                        (agent_id, sender, json.dumps(content), content_type, kind, now))  # fmt: skip
@@ -56,7 +69,7 @@ class Inbox:
         where, args = "agent_id=?", [agent_id]
         if since is not None:
             where, args = where + " AND created_at>=?", [*args, since]
-        elif unread:
+        if unread:  # with since: the unread ones since then (the original let since win and showed read ones)
             where += " AND read=0"
         rows = self.store.all(f"SELECT id, sender, content, content_type, type, read, created_at FROM inbox "
                               f"WHERE {where} ORDER BY id DESC LIMIT ?", (*args, limit))  # fmt: skip
@@ -70,10 +83,12 @@ class Inbox:
 
     def mark_read(self, agent_id: str, message_id: int | None) -> int:
         with self.store.write() as db:
+            now = now_ms()
             if message_id is None:
-                db.execute("UPDATE inbox SET read=1 WHERE agent_id=? AND read=0", (agent_id,))
+                db.execute("UPDATE inbox SET read=1, read_at=? WHERE agent_id=? AND read=0", (now, agent_id))
             else:
-                db.execute("UPDATE inbox SET read=1 WHERE agent_id=? AND id=? AND read=0", (agent_id, message_id))
+                db.execute("UPDATE inbox SET read=1, read_at=? WHERE agent_id=? AND id=? AND read=0",
+                           (now, agent_id, message_id))  # fmt: skip
             marked = db.changes()
         if not marked and message_id is not None and not self.store.one(
                 "SELECT 1 FROM inbox WHERE agent_id=? AND id=?", (agent_id, message_id)):  # fmt: skip
@@ -84,6 +99,12 @@ class Inbox:
         with self.store.write() as db:
             db.execute("DELETE FROM inbox WHERE agent_id=?", (agent_id,))
             return db.changes()
+
+
+def _prune(db: Any, now: int) -> None:
+    """Drop read messages a week after they were read and unread ones a month after they were sent."""
+    db.execute("DELETE FROM inbox WHERE read=1 AND coalesce(read_at, created_at) < ?", (now - READ_RETENTION_MS,))
+    db.execute("DELETE FROM inbox WHERE read=0 AND created_at < ?", (now - UNREAD_RETENTION_MS,))
 
 
 # -- operations ----------------------------------------------------------------------------------------------
@@ -137,7 +158,7 @@ OPS = (
             Param("since", v.integer(0)),
             Param("limit", v.integer(1, 1000), default=50),
         ),
-        summary="an agent's inbox, newest first (unread only, or since a time in ms)",
+        summary="an agent's inbox, newest first (unread only, since a time in ms, or both)",
     ),
     Op("inbox.stats", _stats, (_AGENT,), summary="how many messages an agent's inbox holds, and how many unread"),
     Op(

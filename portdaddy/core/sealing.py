@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from nacl.secret import SecretBox
 
 KEY_SIZE = 32  # SecretBox.KEY_SIZE: PyNaCl (libsodium, ~11 ms) loads with the first sealed note, not at start
+# Unwrapped session keys kept, the most recently used: the cache held one for every session since the daemon
+# started. Unwrapping one again costs microseconds.
+MAX_CACHED_KEYS = 1024
 
 
 def _secret_box(key: bytes) -> SecretBox:
@@ -43,7 +46,7 @@ def load_or_create_master_key(path: Path) -> bytes:
 
 
 class Sealer:
-    """Wraps session keys and seals note bodies; unwrapped keys are cached for the daemon's life."""
+    """Wraps session keys and seals note bodies; the last MAX_CACHED_KEYS unwrapped keys used are cached."""
 
     def __init__(self, master_key: bytes) -> None:
         self._master_key = master_key
@@ -58,14 +61,20 @@ class Sealer:
     def new_session_key(self, session_id: str) -> bytes:
         """A fresh key for ``session_id``; returns it wrapped, for the session's row."""
         key = os.urandom(KEY_SIZE)
-        self._boxes[session_id] = _secret_box(key)
+        self._keep(session_id, _secret_box(key))
         return bytes(self._wrapping().encrypt(key))
 
     def _box(self, session_id: str, wrapped: bytes) -> SecretBox:
-        box = self._boxes.get(session_id)
+        box = self._boxes.pop(session_id, None)
         if box is None:
-            box = self._boxes[session_id] = _secret_box(self._wrapping().decrypt(wrapped))
+            box = _secret_box(self._wrapping().decrypt(wrapped))
+        self._keep(session_id, box)
         return box
+
+    def _keep(self, session_id: str, box: SecretBox) -> None:
+        self._boxes[session_id] = box  # (re-)inserted last: the dict's order is the order of use
+        if len(self._boxes) > MAX_CACHED_KEYS:
+            del self._boxes[next(iter(self._boxes))]
 
     def seal(self, session_id: str, wrapped: bytes, text: str) -> bytes:
         return bytes(self._box(session_id, wrapped).encrypt(text.encode()))

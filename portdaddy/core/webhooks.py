@@ -3,7 +3,9 @@
 Each matching event becomes a delivery row (the exact body that will be sent and signed) before any attempt,
 so a restart resumes pending and retrying deliveries. Attempts run at their due time (no sweep tick): after a
 failure the next is due 1, 2, 4, 8 s later (``PORT_DADDY_WEBHOOK_RETRY_BASE`` doubles); after 5 attempts the
-delivery is ``failed``. A 2xx reply is ``delivered``; redirects count as failures.
+delivery is ``failed``. A 2xx reply is ``delivered``; redirects count as failures. A webhook whose deliveries
+all failed for long enough (``DISABLE_FAILURES`` of them over ``PORT_DADDY_WEBHOOK_DISABLE_AFTER``, an hour) is
+disabled, its endpoint being gone or broken, until it is enabled again.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ from portdaddy.errors import NotFound, PDError, bad_input
 log = logging.getLogger("portdaddy.webhooks")
 
 MAX_ATTEMPTS = 5
+# Failed deliveries in a row that disable a webhook, once the run has also lasted the daemon's
+# webhook_disable_after_ms (an hour): retrying deliveries take turns, so a burst of events to an endpoint that
+# is down for a minute fails 20 in a row as well. A success starts the run again.
+DISABLE_FAILURES = 20
 MAX_WEBHOOKS = 100
 # Settled deliveries (delivered or failed) are history: kept a week, and at most this many (each holds its body).
 SETTLED_RETENTION_MS = 7 * 86_400_000
 MAX_SETTLED = 10_000
+GIVEN_UP = "given up: the webhook was disabled"  # the response body of what was queued for a disabled hook
 PRUNE_EVERY = 500  # deliveries written between two prunes
 MAX_IN_FLIGHT = 16  # in all; and one per webhook, so a slow or silent endpoint delays only its own deliveries
 # Event kinds a webhook may ask for, with what they mean (GET /webhooks/events).
@@ -48,6 +55,7 @@ EVENTS = {
     "fleet.circuit.open": "a fleet agent's circuit breaker opened",
     "daemon.start": "the daemon started", "daemon.stop": "the daemon is stopping",
     "webhook.test": "a test delivery (pd webhook test)",
+    "webhook.disable": "a webhook was disabled: its deliveries kept failing",
 }  # fmt: skip
 _ALIASES = {"message.publish": "msg.publish"}  # the original's name
 # The field an event's filterPattern is matched against (its target).
@@ -69,6 +77,7 @@ class Webhooks:
         self.store = app.store
         self.allow_private = app.settings.webhook_allow_private
         self.retry_base_ms = app.settings.webhook_retry_base_ms
+        self.disable_after_ms = app.settings.webhook_disable_after_ms
         self._changed = trio.Event()  # a delivery became due earlier than the sender's next wake-up
         self._in_flight: dict[str, str] = {}  # webhook id -> the delivery being sent to it
         self.written = 0  # deliveries queued since start, for pruning every PRUNE_EVERY
@@ -78,8 +87,10 @@ class Webhooks:
 
     def stats(self) -> dict[str, Any]:
         pending = self.store.scalar("SELECT count(*) FROM webhook_deliveries WHERE status IN ('pending','retrying')")
+        disabled = self.store.scalar("SELECT count(*) FROM webhooks WHERE active=0 AND disabled_at IS NOT NULL")
         return {"webhooks": self.store.scalar("SELECT count(*) FROM webhooks"), "webhookPending": pending,
-                "webhookDelivered": self.delivered, "webhookFailed": self.failed}  # fmt: skip
+                "webhookDelivered": self.delivered, "webhookFailed": self.failed,
+                "webhooksDisabled": disabled}  # fmt: skip
 
     # -- registry ------------------------------------------------------------------------------------------
 
@@ -107,12 +118,16 @@ class Webhooks:
         return [_hook(r) for r in self.store.all(f"SELECT {_HOOK_COLS} FROM webhooks {where} ORDER BY created_at")]
 
     def update(self, hook_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        self.get(hook_id)
+        """Change fields; ``active: true``, or a new url for a hook the daemon disabled, enables it afresh."""
+        hook = self.get(hook_id)
         if "url" in changes:
             httppost.check_url(changes["url"], allow_private=self.allow_private)
         columns = {"url": "url", "events": "events", "filterPattern": "filter_pattern", "active": "active",
                    "metadata": "metadata"}  # fmt: skip
         sets = [(columns[k], json.dumps(val) if k in ("events", "metadata") else val) for k, val in changes.items()]
+        if changes.get("active", "url" in changes and hook["disabledAt"] is not None):
+            sets += [("active", 1), ("consecutive_failures", 0), ("failing_since", None), ("disabled_at", None),
+                     ("disabled_reason", None)]  # fmt: skip
         with self.store.write() as db:
             for column, val in sets:
                 db.execute(f"UPDATE webhooks SET {column}=? WHERE id=?", (val, hook_id))
@@ -184,12 +199,12 @@ class Webhooks:
         return headers
 
     async def _attempt(self, delivery_id: str) -> None:
-        row = self.store.one("SELECT d.event, d.body, d.attempts, d.created_at, w.url, w.secret FROM "
+        row = self.store.one("SELECT d.event, d.body, d.attempts, d.created_at, w.id, w.url, w.secret FROM "
                              "webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE d.id=?",
                              (delivery_id,))  # fmt: skip
         if row is None:  # its webhook was deleted meanwhile
             return
-        event, body, attempts, created, url, secret = row
+        event, body, attempts, created, hook_id, url, secret = row
         data = body.encode()
         try:
             reply = await httppost.post(url, data, self._headers(delivery_id, event, data, secret, created),
@@ -209,15 +224,35 @@ class Webhooks:
                        "response_status=?, response_body=? WHERE id=?",
                        (new_status, attempts, now, now + self.retry_base_ms * 2 ** (attempts - 1), status, text,
                         delivery_id))  # fmt: skip
-            if final:
-                counter = "success_count" if ok else "failure_count"
-                db.execute(f"UPDATE webhooks SET {counter}={counter}+1, last_triggered=? WHERE id="
-                           "(SELECT webhook_id FROM webhook_deliveries WHERE id=?)", (now, delivery_id))  # fmt: skip
+            if ok:
+                db.execute("UPDATE webhooks SET success_count=success_count+1, consecutive_failures=0, "
+                           "failing_since=NULL, last_triggered=? WHERE id=?", (now, hook_id))  # fmt: skip
+            elif final:
+                self._count_failure(db, hook_id, now, f"HTTP {status}" if status is not None else text)
         if ok:
             self.delivered += 1
         elif final:
             self.failed += 1
             log.warning("webhook delivery %s of %s failed after %d attempts: %s", delivery_id, event, attempts, text)
+
+    def _count_failure(self, db: Any, hook_id: str, now: int, last_error: str) -> None:
+        """One more failed delivery in a row; a long enough run disables the hook (if it is still active)."""
+        failures, since, active, url = db.execute(
+            "UPDATE webhooks SET failure_count=failure_count+1, consecutive_failures=consecutive_failures+1, "
+            "failing_since=coalesce(failing_since, ?1), last_triggered=?1 WHERE id=?2 "
+            "RETURNING consecutive_failures, failing_since, active, url", (now, hook_id),
+        ).fetchone()  # fmt: skip
+        if failures < DISABLE_FAILURES or now - since < self.disable_after_ms or not active:
+            return
+        reason = f"{failures} deliveries in a row failed, the last with {last_error[:200]}"
+        db.execute("UPDATE webhooks SET active=0, disabled_at=?, disabled_reason=? WHERE id=?", (now, reason, hook_id))
+        # What is still queued would fail the same way: settle it, visibly, rather than hold it for a re-enable
+        # that may come days later (or never: queued rows are never pruned).
+        db.execute("UPDATE webhook_deliveries SET status='failed', response_body=? WHERE webhook_id=? AND status IN "
+                   "('pending','retrying')", (GIVEN_UP, hook_id))  # fmt: skip
+        self._active = None
+        log.warning("webhook %s (%s) disabled: %s; pd webhook enable %s", hook_id, url, reason, hook_id)
+        self.app.bus.emit("webhook.disable", webhookId=hook_id, url=url, reason=reason, failures=failures)
 
     async def test(self, hook_id: str) -> dict[str, Any]:
         """Send a ``webhook.test`` event now, outside the queue; the reply says what the endpoint answered."""
@@ -304,13 +339,15 @@ def _prune(db: Any) -> None:
 
 
 _HOOK_COLS = ("id, url, secret IS NOT NULL, events, filter_pattern, active, created_at, last_triggered, "
-              "success_count, failure_count, metadata")  # fmt: skip
+              "success_count, failure_count, metadata, consecutive_failures, failing_since, disabled_at, "
+              "disabled_reason")  # fmt: skip
 
 
 def _hook(r: tuple[Any, ...]) -> dict[str, Any]:
     return {"id": r[0], "url": r[1], "hasSecret": bool(r[2]), "events": json.loads(r[3]), "filterPattern": r[4],
             "active": bool(r[5]), "createdAt": r[6], "lastTriggered": r[7], "successCount": r[8],
-            "failureCount": r[9], "metadata": json.loads(r[10]) if r[10] else None}  # fmt: skip
+            "failureCount": r[9], "metadata": json.loads(r[10]) if r[10] else None, "consecutiveFailures": r[11],
+            "failingSince": r[12], "disabledAt": r[13], "disabledReason": r[14]}  # fmt: skip
 
 
 # -- operations ----------------------------------------------------------------------------------------------
@@ -378,7 +415,8 @@ OPS = (
     Op("webhook.list", _list, (Param("active", v.boolean, default=False),), summary="registered webhooks"),
     Op("webhook.get", _get, (_ID,), summary="one webhook"),
     Op("webhook.update", _update, (_ID, _URL, _EVENTS, _FILTER, Param("active", v.boolean), _META),
-       summary="change a webhook's url, events, filter, active flag or metadata"),
+       summary="change a webhook's url, events, filter, active flag or metadata; active: true (or a new url) "
+               "re-enables a webhook the daemon disabled"),
     Op("webhook.delete", _delete, (_ID,), summary="delete a webhook and its deliveries"),
     Op("webhook.test", _test, (_ID,), summary="send a webhook.test event now; reports the endpoint's reply"),
     Op("webhook.deliveries", _deliveries, (_ID, Param("limit", v.integer(1, 500), default=50)),
