@@ -15,8 +15,18 @@ from typing import Any
 from portdaddy.core.store import Store
 from portdaddy.fleet.backends import Task
 from portdaddy.fleet.runs import Run, RunTable, new_id
-from tests.conftest import Daemon
-from tests.fleet_helpers import FAST, git, make_bin, make_project, path_with, pid_alive, records, wait_for
+from tests.conftest import Daemon, make_env
+from tests.fleet_helpers import (
+    FAST,
+    env_dumper,
+    git,
+    make_bin,
+    make_project,
+    path_with,
+    pid_alive,
+    records,
+    wait_for,
+)
 
 CHAIN = """
 fleet:
@@ -258,6 +268,64 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     status = pd_json(d, "fleet", "status", "-C", str(project))["fleets"][0]
     qa = next(a for a in status["agents"] if a["name"] == "qa")
     assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
+
+
+# Who a caller is, as the shell that starts the daemon may have it (an agent's shell): none of it may reach the
+# daemon's agents, or each of them would act as that caller.
+CALLER = {"PORT_DADDY_AGENT": "agent-of-that-shell", "PORT_DADDY_SESSION": "session-of-that-shell",
+          "AGENT_ID": "old-style-agent", "PD_FLEET": "another-fleet", "PD_PROJECT_DIR": "/another/project",
+          "PD_LOCK_TOKEN": "7"}  # fmt: skip
+
+
+def _dumped_env(d: Daemon, tmp_home: Path) -> dict[str, str]:
+    """The environment a spawned custom agent ran with (``pd spawn … -- dump-env FILE``, in ``d``'s env)."""
+    out = tmp_home / "spawn-env.json"
+    r = d.pd("spawn", "-b", "custom", "--wait", "--", f"{env_dumper(tmp_home)} {out}", cwd=tmp_home)
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def test_pd_auto_starting_the_daemon_does_not_hand_it_who_the_caller_is(tmp_home: Path) -> None:
+    env = make_env(tmp_home, **CALLER, FROM_THAT_SHELL="kept")
+    env.pop("PORT_DADDY_NO_AUTOSTART")
+    d = Daemon(tmp_home, env)
+    try:
+        agent_env = _dumped_env(d, tmp_home)  # this pd starts the daemon
+        pid = pd_json(d, "status")["pid"]
+        daemon_env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if item)
+    finally:
+        d.pd("stop")
+    assert not CALLER.keys() & daemon_env.keys()  # was: all of them, for every agent it would start
+    assert daemon_env["FROM_THAT_SHELL"] == "kept" and daemon_env["PORT_DADDY_HOME"] == str(tmp_home)
+    assert not {k for k, v in CALLER.items() if agent_env.get(k) == v}
+
+
+def test_an_agent_is_itself_whoever_started_the_daemon(daemon_factory: Any, tmp_home: Path) -> None:
+    """A daemon started by hand from an agent's shell has that agent's variables: its agents get none of them, but
+    the rest of its environment, then their own env:, then who they are (which env: cannot change)."""
+    d = daemon_factory(**FAST, **CALLER, FROM_THAT_SHELL="kept")
+    out = tmp_home / "fleet-env.json"
+    project = make_project(tmp_home, f"""
+        agents:
+          dump:
+            trigger: work
+            backend: custom
+            env: {{PD_MINE: own, PORT_DADDY_AGENT: not-me}}
+            command: {env_dumper(tmp_home)} {out}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="dump")
+    [run] = finished(d, project, "dump", 1)
+    assert run["status"] == "completed", run
+    env = json.loads(out.read_text())
+    assert not {k for k, v in CALLER.items() if env.get(k) == v}  # was: AGENT_ID and PD_LOCK_TOKEN
+    assert (env["PORT_DADDY_AGENT"], env["PORT_DADDY_SESSION"]) == (run["id"], run["sessionId"])
+    assert (env["PD_FLEET"], env["PD_PROJECT_DIR"]) == ("proj", str(project))
+    assert (env["PD_MINE"], env["FROM_THAT_SHELL"], env["PORT_DADDY_HOME"]) == ("own", "kept", str(tmp_home))
+
+    spawned = _dumped_env(d, tmp_home)  # was: PD_FLEET and PD_PROJECT_DIR too, a spawn having neither of its own
+    assert not {k for k, v in CALLER.items() if spawned.get(k) == v}
+    assert not {"PD_FLEET", "PD_PROJECT_DIR", "AGENT_ID"} & spawned.keys()
 
 
 def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:

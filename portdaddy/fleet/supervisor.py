@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import parse_duration_ms
+from portdaddy.config import parse_duration_ms, without_caller
 from portdaddy.core.clock import now_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
@@ -473,8 +473,11 @@ class Fleet:
         run.done.set()
 
     def _child_env(self, run: Run, prompt: str) -> dict[str, str]:
+        """What a run's child gets (spec/fleet.md, "An agent's environment"): the daemon's environment less any
+        caller's identity (a daemon started from an agent's shell has that agent's), the agent's ``env:``, the
+        PATH it was started with, then who it is and what fired it, which nothing before may change."""
         trigger = run.trigger or {}
-        env = {**os.environ, **run.task.env}
+        env = {**without_caller(os.environ), **run.task.env}
         if run.task.path:
             env["PATH"] = run.task.path
         env.update({
