@@ -328,6 +328,34 @@ def test_an_agent_is_itself_whoever_started_the_daemon(daemon_factory: Any, tmp_
     assert not {"PD_FLEET", "PD_PROJECT_DIR", "AGENT_ID"} & spawned.keys()
 
 
+# A command where every template value stands in a different shell context.
+SHOW_ARGS = """
+agents:
+  show:
+    trigger: work
+    backend: custom
+    identity: proj:fleet:show  # the default, {project}:fleet:show, would not be a valid identity here
+    command: >-
+      {project_dir}/args.sh {project_dir} "in {project}" 'sq {project}' {branch} "$(printf %s {project})"
+"""
+
+
+def test_template_values_in_a_command_are_one_word_whatever_they_hold(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    name, branch = "it's a $(touch pwned)", "x'$(touch${IFS}pwned);touch${IFS}pwned"  # git takes that branch name
+    project = make_project(tmp_home, SHOW_ARGS, name=name)
+    git(project, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    (project / "args.sh").write_text('#!/bin/sh\nfor a in "$@"; do printf \'[%s]\\n\' "$a"; done\n')
+    (project / "args.sh").chmod(0o755)
+    pd_json(d, "fleet", "up", "-C", str(project))  # its program, {project_dir}/args.sh, is found up front
+    d.call("fleet.run", projectDir=str(project), agent="show")
+    [run] = finished(d, project, "show", 1)
+    assert run["status"] == "completed", run  # was: failed, the values pasted into the command unquoted
+    output = [line for line in Path(run["logPath"]).read_text().splitlines() if not line.startswith("# ")]
+    assert output == [f"[{project}]", f"[in {name}]", f"[sq {name}]", f"[{branch}]", f"[{name}]"]
+    assert not list(tmp_home.rglob("pwned"))  # nothing in a value ran
+
+
 def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     project = make_project(tmp_home, "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000'}\n")

@@ -32,7 +32,7 @@ from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
-from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
+from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
 
 log = logging.getLogger("portdaddy.fleet")
 
@@ -332,11 +332,12 @@ class Fleet:
                                        "reason": f"queue full ({self.settings.max_queued} runs waiting)"},
                              sender="fleet")  # fmt: skip
             return None
-        variables = run_variables(trigger, lf.config.variables)
-        command = render_template(spec.command, variables) if spec.command else None
-        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=command,
+        variables = {**lf.config.variables, **run_variables(trigger, lf.config.variables)}
+        # The command refers to the values (spec.shell_template); the run's environment holds them.
+        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=spec.command,
                     model=spec.model, allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
-                    timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
+                    timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env,
+                    variables=variables)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
         if delay_s > 0:
@@ -480,6 +481,7 @@ class Fleet:
         env = {**without_caller(os.environ), **run.task.env}
         if run.task.path:
             env["PATH"] = run.task.path
+        env.update({variable_env(name): value for name, value in run.task.variables.items()})
         env.update({
             "PORT_DADDY_HOME": str(self.app.settings.home), "PORT_DADDY_AGENT": run.agent_id,
             "PD_RUN_ID": run.id, "PD_AGENT_NAME": run.agent, "PD_IDENTITY": run.identity, "PD_PROMPT": prompt,
