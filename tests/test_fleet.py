@@ -529,6 +529,40 @@ def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, 
     d.call("fleet.down", projectDir=str(project))
 
 
+def test_runs_the_daemon_died_under_end_their_sessions_at_restart(fresh_daemon: Daemon) -> None:
+    """A SIGKILL as the daemon registers a run and starts its child (one step, a few ms) leaves the row queued with
+    the run's agent and session made; one while it runs, a running row, whose agent may be gone already (its child
+    ran pd done, then began a new session). Built as those kills leave them, then restarted: each run is lost and
+    its sessions end, so their claims block no one (was: active, the first until the reaper, the second for ever)."""
+    d = fresh_daemon
+    worktree = str(d.workdir)
+    starting, running = (Run(new_id("spawn", "spawn"), "spawn", "spawn", "spawned:custom",
+                             Task(backend="custom", command="sleep 300")) for _ in range(2))  # fmt: skip
+    sessions = {}
+    for run, path in ((starting, "src/a.py"), (running, "src/b.py")):
+        d.call("agent.register", agentId=run.agent_id, identity=run.identity, type="spawned")  # as citizen.enter
+        sessions[run.id] = d.call("session.start", agentId=run.agent_id, purpose="work", files=[path],
+                                  worktree=worktree)["sessionId"]  # fmt: skip
+    d.call("agent.done", agentId=running.agent_id)  # the child's own pd done ...
+    again = d.call("session.start", agentId=running.agent_id, purpose="more", files=["src/b.py"], worktree=worktree)
+    d.kill9()
+    running.status = "running"
+    store = Store(d.settings.db)
+    for run in (starting, running):
+        RunTable(store).insert(run)
+    store.close()
+    d.start()
+    runs = {r["id"]: r for r in d.call("spawn.list")["agents"]}
+    assert runs[starting.id]["status"] == "lost" and "while this run was starting" in runs[starting.id]["error"]
+    assert runs[starting.id]["sessionId"] == sessions[starting.id]
+    assert runs[running.id]["status"] == "lost"
+    for sid in (sessions[starting.id], again["sessionId"]):
+        assert d.call("session.get", sessionId=sid)["session"]["status"] == "abandoned"
+    other = d.call("session.start", agentId="someone-else", purpose="mine now", files=["src/a.py", "src/b.py"],
+                   worktree=worktree)  # fmt: skip
+    assert other["conflicts"] == []
+
+
 def test_a_spawn_the_daemon_died_before_starting_is_cancelled_at_restart(fresh_daemon: Daemon) -> None:
     """A spawn is recorded queued and started a few ms later; a SIGKILL between the two left it queued for ever
     (spawns, unlike a fleet's queued runs, are not restored). The row is written as the daemon left it."""
