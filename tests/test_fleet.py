@@ -356,6 +356,22 @@ def test_template_values_in_a_command_are_one_word_whatever_they_hold(daemon_fac
     assert not list(tmp_home.rglob("pwned"))  # nothing in a value ran
 
 
+SEQ_OUTPUT = "".join(f"{n}\n" for n in range(1, 400_001)).encode()  # what `seq 400000` prints: 2.7 MB
+
+
+def _kept_start_and_end(run: dict[str, Any]) -> bytes:
+    """The stored log of a run that printed SEQ_OUTPUT, checked to be its first 64 KiB and last 448 KiB with a line
+    saying what went between (was: all of it kept)."""
+    head, tail = 64 * 1024, 448 * 1024
+    stored = Path(run["logPath"]).read_bytes()
+    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
+    assert run["logDropped"] == len(header) + len(SEQ_OUTPUT) - head - tail
+    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
+              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
+    assert stored == (header + SEQ_OUTPUT)[:head] + marker + SEQ_OUTPUT[-tail:]
+    return stored
+
+
 def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     project = make_project(tmp_home, "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000'}\n")
@@ -363,15 +379,7 @@ def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_f
     d.call("fleet.run", projectDir=str(project), agent="chatty")
     [run] = finished(d, project, "chatty", 1)
     assert run["status"] == "completed"
-    # Was: all 2.7 MB kept. Now the first 64 KiB and the last 448 KiB, and a line saying what went between.
-    head, tail = 64 * 1024, 448 * 1024
-    stored = Path(run["logPath"]).read_bytes()
-    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
-    output = "".join(f"{n}\n" for n in range(1, 400_001)).encode()
-    assert run["logDropped"] == len(header) + len(output) - head - tail
-    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
-              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
-    assert stored == (header + output)[:head] + marker + output[-tail:]
+    stored = _kept_start_and_end(run)
 
     logs = d.pd("fleet", "logs", "chatty", "-C", str(project), "--tail", "1000000")
     assert logs.returncode == 0 and logs.stdout == stored.decode()
@@ -526,6 +534,22 @@ def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, 
     assert after["id"] == run["id"] and after["status"] == "lost"
     status = d.call("fleet.status", projectDir=str(project))["fleets"][0]  # the fleet came back up
     assert status["running"] == 0 and status["agents"][0]["running"] == 0
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_the_log_of_a_run_found_lost_at_restart_is_cut_too(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    chatty = "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000; sleep 300'}\n"
+    project = make_project(tmp_home, chatty)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    run = d.call("fleet.run", projectDir=str(project), agent="chatty")["run"]
+    log = Path(wait_for(lambda: runs_of(d, project)[0]["logPath"], what="the run to start"))
+    wait_for(lambda: log.stat().st_size > len(SEQ_OUTPUT), what="all of its output")
+    d.kill9()
+    d.start()
+    [after] = runs_of(d, project)
+    assert (after["id"], after["status"]) == (run["id"], "lost")
+    _kept_start_and_end(after)
     d.call("fleet.down", projectDir=str(project))
 
 
