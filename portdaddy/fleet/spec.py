@@ -30,7 +30,7 @@ TEMPLATE_VARIABLES = ("project", "project_dir", "branch", "sha")
 # Template variables an agent's prompt keeps until a run is fired (see ``run_variables``).
 RUN_VARIABLES = ("sha", "branch")
 _TEMPLATE_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# A commit's values are put into a custom agent's shell command: only what git itself would produce is taken.
+# A commit's values come in a channel message anyone may publish: only what git itself would produce is taken.
 _RUN_VALUE = {"sha": re.compile(r"[0-9a-f]{4,64}"), "branch": re.compile(r"[\w./+@-]{1,250}")}
 _CHAIN_MAX = 16  # on_success/on_failure hops followed back to the commit that started a chain
 _CRON_FORM = "five fields 'minute hour day-of-month month day-of-week', e.g. '*/15 9-17 * * 1-5'"
