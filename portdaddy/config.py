@@ -47,6 +47,18 @@ def parse_duration_ms(value: object) -> int | None:
     return total if pos == len(text) else None
 
 
+# Who a client acts as (the CLI and SDK read them): one caller's, so never the daemon's nor what it runs. PD_* is
+# the context Port Daddy hands what it runs (a fleet agent, pd lock --exec, pd watch --exec): one run's, likewise.
+CALLER_VARIABLES = frozenset({"PORT_DADDY_AGENT", "PORT_DADDY_SESSION", "AGENT_ID"})
+CALLER_PREFIX = "PD_"
+
+
+def without_caller(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less the variables that say who one caller is: what a daemon, and each agent it starts, may keep of
+    the environment of the shell that started it (spec/fleet.md, "An agent's environment")."""
+    return {k: v for k, v in env.items() if k not in CALLER_VARIABLES and not k.startswith(CALLER_PREFIX)}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The runtime layout (reference §24.4, 3.8.2) plus daemon tunables."""

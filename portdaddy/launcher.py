@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from portdaddy.config import Settings
+from portdaddy.config import Settings, without_caller
 from portdaddy.errors import DaemonUnavailable
 from portdaddy.ipc.client import BlockingClient
 
@@ -18,7 +18,10 @@ START_TIMEOUT_S = 15.0
 
 def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
     """Start ``python -m portdaddy.daemon`` in its own session (it outlives this terminal), logging to
-    daemon.log. If another daemon wins the race for the home, this one exits 0 at once."""
+    daemon.log. If another daemon wins the race for the home, this one exits 0 at once.
+
+    The daemon serves every caller, and its fleet agents inherit its environment: it gets this shell's less who
+    this caller is (``PORT_DADDY_AGENT``, ``PORT_DADDY_SESSION``, ``PD_*``), or each agent would act as them."""
     try:
         cfg.ensure_home()
         # 0600 from the start: created by this client, whose umask may be 022 (the daemon sets its own to 077).
@@ -33,6 +36,7 @@ def spawn_daemon(cfg: Settings) -> subprocess.Popen[bytes]:
             stderr=log,
             start_new_session=True,
             close_fds=True,
+            env=without_caller(os.environ),
         )
     finally:
         os.close(log)

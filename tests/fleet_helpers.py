@@ -57,6 +57,15 @@ def make_bin(root: Path) -> Path:
     return bin_dir
 
 
+def env_dumper(root: Path) -> Path:
+    """A script for a custom agent: ``dump-env FILE`` writes its whole environment to FILE as JSON."""
+    script = root / "dump-env"
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                      "with open(sys.argv[1], 'w') as f:\n    json.dump(dict(os.environ), f)\n")  # fmt: skip
+    script.chmod(0o755)
+    return script
+
+
 def path_with(bin_dir: Path) -> str:
     return f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
 

@@ -15,8 +15,18 @@ from typing import Any
 from portdaddy.core.store import Store
 from portdaddy.fleet.backends import Task
 from portdaddy.fleet.runs import Run, RunTable, new_id
-from tests.conftest import Daemon
-from tests.fleet_helpers import FAST, git, make_bin, make_project, path_with, pid_alive, records, wait_for
+from tests.conftest import Daemon, make_env
+from tests.fleet_helpers import (
+    FAST,
+    env_dumper,
+    git,
+    make_bin,
+    make_project,
+    path_with,
+    pid_alive,
+    records,
+    wait_for,
+)
 
 CHAIN = """
 fleet:
@@ -260,6 +270,108 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
 
 
+# Who a caller is, as the shell that starts the daemon may have it (an agent's shell): none of it may reach the
+# daemon's agents, or each of them would act as that caller.
+CALLER = {"PORT_DADDY_AGENT": "agent-of-that-shell", "PORT_DADDY_SESSION": "session-of-that-shell",
+          "AGENT_ID": "old-style-agent", "PD_FLEET": "another-fleet", "PD_PROJECT_DIR": "/another/project",
+          "PD_LOCK_TOKEN": "7"}  # fmt: skip
+
+
+def _dumped_env(d: Daemon, tmp_home: Path) -> dict[str, str]:
+    """The environment a spawned custom agent ran with (``pd spawn … -- dump-env FILE``, in ``d``'s env)."""
+    out = tmp_home / "spawn-env.json"
+    r = d.pd("spawn", "-b", "custom", "--wait", "--", f"{env_dumper(tmp_home)} {out}", cwd=tmp_home)
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def test_pd_auto_starting_the_daemon_does_not_hand_it_who_the_caller_is(tmp_home: Path) -> None:
+    env = make_env(tmp_home, **CALLER, FROM_THAT_SHELL="kept")
+    env.pop("PORT_DADDY_NO_AUTOSTART")
+    d = Daemon(tmp_home, env)
+    try:
+        agent_env = _dumped_env(d, tmp_home)  # this pd starts the daemon
+        pid = pd_json(d, "status")["pid"]
+        daemon_env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if item)
+    finally:
+        d.pd("stop")
+    assert not CALLER.keys() & daemon_env.keys()  # was: all of them, for every agent it would start
+    assert daemon_env["FROM_THAT_SHELL"] == "kept" and daemon_env["PORT_DADDY_HOME"] == str(tmp_home)
+    assert not {k for k, v in CALLER.items() if agent_env.get(k) == v}
+
+
+def test_an_agent_is_itself_whoever_started_the_daemon(daemon_factory: Any, tmp_home: Path) -> None:
+    """A daemon started by hand from an agent's shell has that agent's variables: its agents get none of them, but
+    the rest of its environment, then their own env:, then who they are (which env: cannot change)."""
+    d = daemon_factory(**FAST, **CALLER, FROM_THAT_SHELL="kept")
+    out = tmp_home / "fleet-env.json"
+    project = make_project(tmp_home, f"""
+        agents:
+          dump:
+            trigger: work
+            backend: custom
+            env: {{PD_MINE: own, PORT_DADDY_AGENT: not-me}}
+            command: {env_dumper(tmp_home)} {out}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("fleet.run", projectDir=str(project), agent="dump")
+    [run] = finished(d, project, "dump", 1)
+    assert run["status"] == "completed", run
+    env = json.loads(out.read_text())
+    assert not {k for k, v in CALLER.items() if env.get(k) == v}  # was: AGENT_ID and PD_LOCK_TOKEN
+    assert (env["PORT_DADDY_AGENT"], env["PORT_DADDY_SESSION"]) == (run["id"], run["sessionId"])
+    assert (env["PD_FLEET"], env["PD_PROJECT_DIR"]) == ("proj", str(project))
+    assert (env["PD_MINE"], env["FROM_THAT_SHELL"], env["PORT_DADDY_HOME"]) == ("own", "kept", str(tmp_home))
+
+    spawned = _dumped_env(d, tmp_home)  # was: PD_FLEET and PD_PROJECT_DIR too, a spawn having neither of its own
+    assert not {k for k, v in CALLER.items() if spawned.get(k) == v}
+    assert not {"PD_FLEET", "PD_PROJECT_DIR", "AGENT_ID"} & spawned.keys()
+
+
+# A command where every template value stands in a different shell context.
+SHOW_ARGS = """
+agents:
+  show:
+    trigger: work
+    backend: custom
+    identity: proj:fleet:show  # the default, {project}:fleet:show, would not be a valid identity here
+    command: >-
+      {project_dir}/args.sh {project_dir} "in {project}" 'sq {project}' {branch} "$(printf %s {project})"
+"""
+
+
+def test_template_values_in_a_command_are_one_word_whatever_they_hold(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    name, branch = "it's a $(touch pwned)", "x'$(touch${IFS}pwned);touch${IFS}pwned"  # git takes that branch name
+    project = make_project(tmp_home, SHOW_ARGS, name=name)
+    git(project, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    (project / "args.sh").write_text('#!/bin/sh\nfor a in "$@"; do printf \'[%s]\\n\' "$a"; done\n')
+    (project / "args.sh").chmod(0o755)
+    pd_json(d, "fleet", "up", "-C", str(project))  # its program, {project_dir}/args.sh, is found up front
+    d.call("fleet.run", projectDir=str(project), agent="show")
+    [run] = finished(d, project, "show", 1)
+    assert run["status"] == "completed", run  # was: failed, the values pasted into the command unquoted
+    output = [line for line in Path(run["logPath"]).read_text().splitlines() if not line.startswith("# ")]
+    assert output == [f"[{project}]", f"[in {name}]", f"[sq {name}]", f"[{branch}]", f"[{name}]"]
+    assert not list(tmp_home.rglob("pwned"))  # nothing in a value ran
+
+
+SEQ_OUTPUT = "".join(f"{n}\n" for n in range(1, 400_001)).encode()  # what `seq 400000` prints: 2.7 MB
+
+
+def _kept_start_and_end(run: dict[str, Any]) -> bytes:
+    """The stored log of a run that printed SEQ_OUTPUT, checked to be its first 64 KiB and last 448 KiB with a line
+    saying what went between (was: all of it kept)."""
+    head, tail = 64 * 1024, 448 * 1024
+    stored = Path(run["logPath"]).read_bytes()
+    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
+    assert run["logDropped"] == len(header) + len(SEQ_OUTPUT) - head - tail
+    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
+              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
+    assert stored == (header + SEQ_OUTPUT)[:head] + marker + SEQ_OUTPUT[-tail:]
+    return stored
+
+
 def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     project = make_project(tmp_home, "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000'}\n")
@@ -267,15 +379,7 @@ def test_a_long_output_is_stored_as_its_start_and_end_with_the_cut_said(daemon_f
     d.call("fleet.run", projectDir=str(project), agent="chatty")
     [run] = finished(d, project, "chatty", 1)
     assert run["status"] == "completed"
-    # Was: all 2.7 MB kept. Now the first 64 KiB and the last 448 KiB, and a line saying what went between.
-    head, tail = 64 * 1024, 448 * 1024
-    stored = Path(run["logPath"]).read_bytes()
-    header = stored[: stored.index(b"\n") + 1]  # the supervisor's first line, then the output
-    output = "".join(f"{n}\n" for n in range(1, 400_001)).encode()
-    assert run["logDropped"] == len(header) + len(output) - head - tail
-    marker = (f"\n# {run['id']}: {run['logDropped']} bytes of output dropped here (a run's log keeps its first "
-              f"{head} and last {tail} bytes)\n").encode()  # fmt: skip
-    assert stored == (header + output)[:head] + marker + output[-tail:]
+    stored = _kept_start_and_end(run)
 
     logs = d.pd("fleet", "logs", "chatty", "-C", str(project), "--tail", "1000000")
     assert logs.returncode == 0 and logs.stdout == stored.decode()
@@ -431,6 +535,56 @@ def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, 
     status = d.call("fleet.status", projectDir=str(project))["fleets"][0]  # the fleet came back up
     assert status["running"] == 0 and status["agents"][0]["running"] == 0
     d.call("fleet.down", projectDir=str(project))
+
+
+def test_the_log_of_a_run_found_lost_at_restart_is_cut_too(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    chatty = "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000; sleep 300'}\n"
+    project = make_project(tmp_home, chatty)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    run = d.call("fleet.run", projectDir=str(project), agent="chatty")["run"]
+    log = Path(wait_for(lambda: runs_of(d, project)[0]["logPath"], what="the run to start"))
+    wait_for(lambda: log.stat().st_size > len(SEQ_OUTPUT), what="all of its output")
+    d.kill9()
+    d.start()
+    [after] = runs_of(d, project)
+    assert (after["id"], after["status"]) == (run["id"], "lost")
+    _kept_start_and_end(after)
+    d.call("fleet.down", projectDir=str(project))
+
+
+def test_runs_the_daemon_died_under_end_their_sessions_at_restart(fresh_daemon: Daemon) -> None:
+    """A SIGKILL as the daemon registers a run and starts its child (one step, a few ms) leaves the row queued with
+    the run's agent and session made; one while it runs, a running row, whose agent may be gone already (its child
+    ran pd done, then began a new session). Built as those kills leave them, then restarted: each run is lost and
+    its sessions end, so their claims block no one (was: active, the first until the reaper, the second for ever)."""
+    d = fresh_daemon
+    worktree = str(d.workdir)
+    starting, running = (Run(new_id("spawn", "spawn"), "spawn", "spawn", "spawned:custom",
+                             Task(backend="custom", command="sleep 300")) for _ in range(2))  # fmt: skip
+    sessions = {}
+    for run, path in ((starting, "src/a.py"), (running, "src/b.py")):
+        d.call("agent.register", agentId=run.agent_id, identity=run.identity, type="spawned")  # as citizen.enter
+        sessions[run.id] = d.call("session.start", agentId=run.agent_id, purpose="work", files=[path],
+                                  worktree=worktree)["sessionId"]  # fmt: skip
+    d.call("agent.done", agentId=running.agent_id)  # the child's own pd done ...
+    again = d.call("session.start", agentId=running.agent_id, purpose="more", files=["src/b.py"], worktree=worktree)
+    d.kill9()
+    running.status = "running"
+    store = Store(d.settings.db)
+    for run in (starting, running):
+        RunTable(store).insert(run)
+    store.close()
+    d.start()
+    runs = {r["id"]: r for r in d.call("spawn.list")["agents"]}
+    assert runs[starting.id]["status"] == "lost" and "while this run was starting" in runs[starting.id]["error"]
+    assert runs[starting.id]["sessionId"] == sessions[starting.id]
+    assert runs[running.id]["status"] == "lost"
+    for sid in (sessions[starting.id], again["sessionId"]):
+        assert d.call("session.get", sessionId=sid)["session"]["status"] == "abandoned"
+    other = d.call("session.start", agentId="someone-else", purpose="mine now", files=["src/a.py", "src/b.py"],
+                   worktree=worktree)  # fmt: skip
+    assert other["conflicts"] == []
 
 
 def test_a_spawn_the_daemon_died_before_starting_is_cancelled_at_restart(fresh_daemon: Daemon) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 from datetime import datetime, timedelta, timezone
@@ -22,7 +23,7 @@ from portdaddy.fleet.config import (
     render_template,
     template_vars,
 )
-from portdaddy.fleet.spec import next_fire, run_variables
+from portdaddy.fleet.spec import next_fire, run_variables, shell_template
 
 VARS = {"project": "myapp", "project_dir": "/src/myapp", "branch": "main", "sha": "abc1234"}
 
@@ -62,7 +63,7 @@ def test_starter_loads_clean(tmp_path: Path) -> None:
     assert qa.timeout_s == 600.0
     assert qa.respawn is True and qa.max_respawns == 3
     assert "({branch})" in qa.prompt  # filled per run, from the commit that fires it
-    assert cfg.variables == {"branch": "main", "sha": "abc1234"}  # for runs no commit fired
+    assert cfg.variables == VARS  # for runs no commit fired
     assert cfg.agents["docs"].schedule == "0 * * * *"
     assert cfg.agents["reviewer"].trigger == "qa:passed"
     assert {"git:committed", "qa:passed", "qa:failed", "review:done"} <= set(cfg.channels)
@@ -458,6 +459,52 @@ def test_render_template_leaves_unknown_tokens() -> None:
     assert render_template("{project}", {"project": "{branch}", "branch": "b"}) == "{branch}"  # one pass
 
 
+# --- template values in shell commands --------------------------------------------------------------------
+
+HOSTILE = "a b'c\"d $(touch pwned) `touch pwned` \\ * ;x #y"  # what a directory or branch name may hold
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ('printf "[%s]" {project}', "[V]"),
+        ('printf "[%s]" x{project}y', "[xVy]"),
+        ('printf "[%s]" "in {project}"', "[in V]"),
+        ("printf \"[%s]\" 'in {project}'", "[in V]"),
+        ('printf "[%s]" "$(printf %s {project})"', "[V]"),
+        ('printf "[%s]" "`printf %s {project}`"', "[V]"),
+        ('printf "[%s]" \\"{project}\\"', '["V"]'),
+        ('# it\'s a comment\nprintf "[%s]" {project}', "[V]"),
+    ],
+)
+def test_a_template_value_in_a_shell_command_is_one_word(tmp_path: Path, command: str, expected: str) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PD_PROJECT": HOSTILE}
+    ran = subprocess.run(["/bin/sh", "-c", shell_template(command)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=10)  # fmt: skip
+    assert (ran.returncode, ran.stdout) == (0, expected.replace("V", HOSTILE)), ran.stderr
+    assert not list(tmp_path.iterdir())  # nothing in the value ran
+
+
+def test_a_command_refers_to_template_values_and_its_program_is_still_checked(tmp_path: Path) -> None:
+    project = tmp_path / "it's a $(touch pwned)"
+    (project / "scripts").mkdir(parents=True)
+    (project / "scripts" / "run.sh").write_text("#!/bin/sh\n")
+    path = write(
+        project,
+        """
+        agents:
+          a: {trigger: t, backend: custom, command: "{project_dir}/scripts/run.sh '{branch}' # {sha}"}
+          gone: {trigger: t, backend: custom, command: "{project_dir}/scripts/missing.sh"}
+        """,
+    )
+    cfg = load_fleet(path, {**VARS, "project_dir": str(project)})
+    # Was: the values pasted in, unquoted. Now references the run's environment fills (and {sha} stays a comment).
+    assert cfg.agents["a"].command == "\"${PD_PROJECT_DIR}\"/scripts/run.sh ''\"${PD_BRANCH}\"'' # {sha}"
+    assert check_backends(cfg, which=lambda b: None) == [
+        f"agent 'gone' uses backend custom but {str(project / 'scripts/missing.sh')!r} does not exist; fix its command"
+    ]
+
+
 # --- templating with a real git repository ----------------------------------------------------------------
 
 
@@ -525,7 +572,7 @@ def test_template_vars_from_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert cfg.name == "shop" and cfg.harbor == f"shop:fleet:{sha}"  # outside prompt/command: at load
     # {branch} and {sha} wait for the run (run_variables); the rest is filled now.
     assert cfg.agents["a"].prompt == f"on {{branch}} at {{sha}} in {repo.resolve()}; keep {{unknown}}"
-    assert cfg.variables == {"branch": "feature/cart", "sha": sha}
+    assert cfg.variables == template_vars(repo)
     assert cfg.agents["a"].identity == "shop:fleet:a"
     assert cfg.project_dir == repo
 

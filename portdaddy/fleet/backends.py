@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from portdaddy.errors import bad_input
-from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS
+from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS, variable_env
 
 DEFAULT_OLLAMA_MODEL = "llama3.2"
 TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a prompt (as the original)
@@ -45,6 +45,7 @@ class Task:
     cwd: str = "."
     timeout_s: float | None = None
     path: str | None = None  # PATH to find the backend's binary with, and to give the child
+    variables: dict[str, str] = field(default_factory=dict)  # a fleet run's template values, PD_<NAME> in its env
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,8 +88,9 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _custom_program(command: str) -> str | None:
-    """The program a custom command runs first, or None when the shell itself handles it."""
+def _custom_program(command: str, variables: dict[str, str]) -> str | None:
+    """The program a custom command runs first, or None when the shell itself handles it. A template value in it
+    (``{project_dir}/qa.sh``, a ``"${PD_PROJECT_DIR}"`` reference by now) is taken from ``variables``."""
     try:
         words = shlex.split(command)
     except ValueError:
@@ -97,15 +99,19 @@ def _custom_program(command: str) -> str | None:
     first = next((w for w in words if not _ASSIGNMENT.match(w)), None)
     if first is None:
         return None
+    for name, value in variables.items():
+        first = first.replace("${" + variable_env(name) + "}", value)
     if first in _SHELL_BUILTINS or first[0] in "({!$`":
         return None  # builtins, subshells and expansions: nothing to find on PATH
     return first
 
 
-def program_of(backend: str, command: str | None) -> str | None:
+def program_of(backend: str, command: str | None, variables: dict[str, str] | None = None) -> str | None:
     """The program a backend runs: a name to find on PATH or a path; None when it needs none (the shell runs a
     custom command's builtins; ollama is our own client)."""
-    return _custom_program(command or "") if backend == "custom" else BACKEND_BINARIES.get(backend)
+    if backend != "custom":
+        return BACKEND_BINARIES.get(backend)
+    return _custom_program(command or "", variables or {})
 
 
 def locate(program: str, cwd: str | Path, which: Callable[[str], str | None]) -> str | None:
@@ -129,7 +135,7 @@ def missing(program: str) -> str:
 def find_binary(task: Task) -> str | None:
     """The task's program found on its PATH (None: it needs none). Raises BadInput when it is missing, so
     ``pd spawn`` is refused up front rather than starting a run that fails at once."""
-    program = program_of(task.backend, task.command)
+    program = program_of(task.backend, task.command, task.variables)
     if program is None:
         return None
     found = locate(program, task.cwd, lambda name: shutil.which(name, path=task.path))

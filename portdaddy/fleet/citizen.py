@@ -63,9 +63,22 @@ async def done(app: App, run: Run, note: str) -> None:
     await _op(app, "agent.done", agentId=run.agent_id, note=note, sessionId=run.session_id)
 
 
+def registered(app: App, run: Run) -> bool:
+    """Whether the run got as far as registering: its agent, or a session of it, exists."""
+    return app.agents.get(run.agent_id) is not None or bool(app.sessions.session_ids_of(run.agent_id))
+
+
 def crashed(app: App, run: Run, reason: str) -> None:
-    """The run died (crash, timeout, lost with the daemon): the reaper's path, so its session goes to salvage."""
+    """The run died (crash, timeout, lost with the daemon): the reaper's path, so its session goes to salvage.
+
+    Its sessions end even when its agent is not alive to be declared dead (declared so before, or gone after a
+    ``pd done`` the run made, then a new session): no reaper would ever judge them, and an active session's file
+    claims block everyone else's."""
     try:
-        app.agents.declare_dead(run.agent_id, reason)
+        if app.agents.declare_dead(run.agent_id, reason):
+            return
     except PDError as exc:
         log.warning("fleet: declaring %s dead failed: %s", run.agent_id, exc.message)
+    with app.store.write():
+        ended = app.sessions.abandon_by_agent(run.agent_id)
+    app.sessions.announce_ended(ended, run.agent_id, "abandoned")

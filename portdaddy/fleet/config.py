@@ -36,6 +36,7 @@ from portdaddy.fleet.spec import (
     BACKENDS,
     DEFAULT_BACKEND,
     RUN_VARIABLES,
+    TEMPLATE_VARIABLES,
     AgentSpec,
     ChannelSpec,
     FleetConfig,
@@ -44,6 +45,7 @@ from portdaddy.fleet.spec import (
     cron_problem,
     fleet_project_dir,
     render_template,
+    shell_template,
 )
 
 FLEET_FILES = ("pd-fleet.yml", "pd-fleet.yaml", ".portdaddy/fleet.yml", ".portdaddy/fleet.yaml")
@@ -53,10 +55,11 @@ GIT_HOOK_CHANNELS = frozenset({"git:committed"})
 
 DEFAULT_IDENTITY = "{project}:fleet:{name}"
 
-# While the file is parsed, {sha} and {branch} stand as these markers (plain YAML words, safe in any scalar),
-# so prompt and command can keep the tokens for the run to fill while every other field gets the value now.
-_RUN_MARKERS = {key: f"PDRUNVAR{key.upper()}6F3A" for key in RUN_VARIABLES}
-_KEEPS_RUN_VARIABLES = ("prompt", "command")
+# While the file is parsed, template variables stand as these markers (plain YAML words, safe in any scalar: a
+# value with a quote or a colon cannot break the YAML around it), put back scalar by scalar (``_unmark``).
+_MARKERS = {key: f"PDVAR{key.upper()}6F3A" for key in TEMPLATE_VARIABLES}
+_KEEPS_RUN_VARIABLES = "prompt"  # keeps {sha} and {branch} for the run to fill
+_SHELL_COMMANDS = ("command", "exec")  # get references to the values, never the values (``shell_template``)
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PUBLISH = re.compile(r"^publish\s+(\S+)$")
@@ -126,23 +129,28 @@ def template_vars(project_dir: Path) -> dict[str, str]:
     }
 
 
-def _unmark(node: Node, variables: dict[str, str], keep: bool = False, seen: set[int] | None = None) -> None:
-    """Replace the run-variable markers in every scalar: by the tokens again under prompt/command (``keep``),
-    by their load-time values elsewhere."""
+def _unmark(node: Node, variables: dict[str, str], field: str | None = None, seen: set[int] | None = None) -> None:
+    """Put the template variables back in every scalar, in the way its ``field`` takes them: in a shell command
+    (``command``, ``exec``) as a quoted reference to the variable the run gets, so no value (a directory named
+    ``a'b $(rm x)``) is ever read as shell code; in ``prompt`` as the value, but {sha} and {branch} as tokens for
+    the run to fill; elsewhere as the value. A variable without a value stays a ``{token}``."""
     seen = set() if seen is None else seen
     if id(node) in seen:
         return  # an alias: already done
     seen.add(id(node))
     if isinstance(node, ScalarNode):
-        for key, marker in _RUN_MARKERS.items():
-            node.value = node.value.replace(marker, f"{{{key}}}" if keep else variables.get(key, f"{{{key}}}"))
+        text = node.value
+        for key, marker in _MARKERS.items():
+            kept = field in _SHELL_COMMANDS or (field == _KEEPS_RUN_VARIABLES and key in RUN_VARIABLES)
+            text = text.replace(marker, f"{{{key}}}" if kept else variables.get(key, f"{{{key}}}"))
+        node.value = shell_template(text) if field in _SHELL_COMMANDS else text
     elif isinstance(node, SequenceNode):
         for item in node.value:
-            _unmark(item, variables, keep, seen)
+            _unmark(item, variables, field, seen)
     elif isinstance(node, MappingNode):
         for key_node, value_node in node.value:
-            _unmark(key_node, variables, False, seen)
-            _unmark(value_node, variables, getattr(key_node, "value", None) in _KEEPS_RUN_VARIABLES, seen)
+            _unmark(key_node, variables, None, seen)
+            _unmark(value_node, variables, getattr(key_node, "value", None), seen)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -562,7 +570,7 @@ def _limits(ctx: _Ctx, node: Node, fld: str) -> Limits:
 def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig:
     """Parse fleet YAML ``text`` (``path`` is used for messages); raise ``FleetConfigError`` on any error."""
     ctx = _Ctx(Path(path))
-    rendered = render_template(text, {**variables, **_RUN_MARKERS})
+    rendered = render_template(text, _MARKERS)
     try:
         root_doc = yaml.compose(rendered, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -579,10 +587,10 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
         raise FleetConfigError(ctx.errors, path) from None
 
     fleet_name = variables.get("project") or fleet_project_dir(Path(path)).resolve().name
-    run_values = {k: variables[k] for k in RUN_VARIABLES if k in variables}
+    values = {k: variables[k] for k in TEMPLATE_VARIABLES if k in variables}
 
     def empty() -> FleetConfig:
-        return FleetConfig(fleet_name, None, Limits(), {}, {}, {}, Path(path), ctx.warnings, run_values)
+        return FleetConfig(fleet_name, None, Limits(), {}, {}, {}, Path(path), ctx.warnings, values)
 
     if root_doc is None or _is_null(root_doc):
         return empty()
@@ -665,7 +673,7 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
     if ctx.errors:
         raise FleetConfigError(ctx.errors, path)
     return FleetConfig(fleet_name, harbor, limits, agents, watchers, channels, Path(path), ctx.warnings,
-                       run_values)  # fmt: skip
+                       values)  # fmt: skip
 
 
 def _items_quiet(node: Node) -> dict[str, tuple[Node, Node]]:
@@ -786,7 +794,7 @@ def check_backends(cfg: FleetConfig, which: Callable[[str], str | None] = shutil
     for spec in cfg.agents.values():
         if not spec.enabled:
             continue  # a disabled agent never spawns, so a missing binary is not yet a problem
-        program = program_of(spec.backend, spec.command)
+        program = program_of(spec.backend, spec.command, cfg.variables)
         # Commands run from the project directory.
         if program is not None and locate(program, cfg.project_dir, which) is None:
             problems.append(f"agent {spec.name!r} uses backend {spec.backend} but {missing(program)}")

@@ -25,10 +25,12 @@ BACKEND_BINARIES: dict[str, str | None] = {
     "ollama": None,
 }
 DEFAULT_BACKEND = "claude-cli"
-# Template variables an agent's prompt and command keep until a run is fired (see ``run_variables``).
+# Template variables (``{project}`` …), each also given to a fleet agent as ``PD_<NAME>`` (``variable_env``).
+TEMPLATE_VARIABLES = ("project", "project_dir", "branch", "sha")
+# Template variables an agent's prompt keeps until a run is fired (see ``run_variables``).
 RUN_VARIABLES = ("sha", "branch")
 _TEMPLATE_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# A commit's values are put into a custom agent's shell command: only what git itself would produce is taken.
+# A commit's values come in a channel message anyone may publish: only what git itself would produce is taken.
 _RUN_VALUE = {"sha": re.compile(r"[0-9a-f]{4,64}"), "branch": re.compile(r"[\w./+@-]{1,250}")}
 _CHAIN_MAX = 16  # on_success/on_failure hops followed back to the commit that started a chain
 _CRON_FORM = "five fields 'minute hour day-of-month month day-of-week', e.g. '*/15 9-17 * * 1-5'"
@@ -92,7 +94,7 @@ class FleetConfig:
     channels: dict[str, ChannelSpec]
     path: Path
     warnings: list[str]
-    # {sha} and {branch} as read when the file was loaded: a run not fired by a commit gets these.
+    # The template variables as read when the file was loaded: a run not fired by a commit gets these.
     variables: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -113,6 +115,67 @@ def fleet_project_dir(path: Path) -> Path:
 def render_template(text: str, variables: dict[str, str]) -> str:
     """Replace ``{name}`` tokens found in ``variables``; unknown tokens stay as they are (one pass)."""
     return _TEMPLATE_TOKEN.sub(lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
+def variable_env(name: str) -> str:
+    """The environment variable a template variable's value is in when a fleet agent runs: ``PD_PROJECT_DIR``."""
+    return f"PD_{name.upper()}"
+
+
+def shell_template(command: str, names: tuple[str, ...] = TEMPLATE_VARIABLES) -> str:
+    """``command`` with each ``{name}`` token of ``names`` replaced by a reference to its variable
+    (``variable_env``), quoted for where the token stands: ``"${PD_X}"`` outside quotes, ``${PD_X}`` inside
+    ``"…"``, ``'"${PD_X}"'`` inside ``'…'``; inside ``$(…)`` and backquotes as outside quotes.
+
+    So the value is one word (or part of the quoted word it stands in), whatever it holds (spaces, quotes,
+    ``$(…)``): the shell expands a variable's value but never reads it as code. Were the quoting context misread
+    (a ``case`` pattern's ``)``, a here-document), the worst is a value split into words or left out, never a
+    command run."""
+    out: list[str] = []
+    stack = ["u"]  # u: unquoted; s: inside '…'; d: inside "…"; p: a $(…) body; b: a `…` body
+    i = 0
+    while i < len(command):
+        token = _TEMPLATE_TOKEN.match(command, i)
+        if token is not None and token.group(1) in names:
+            ref = "${" + variable_env(token.group(1)) + "}"
+            out.append({"s": f"'\"{ref}\"'", "d": ref}.get(stack[-1], f'"{ref}"'))
+            i = token.end()
+        else:
+            step = _shell_step(command, i, stack)
+            out.append(command[i : i + step])
+            i += step
+    return "".join(out)
+
+
+def _shell_step(command: str, i: int, stack: list[str]) -> int:
+    """How many characters from ``i`` the shell reads as one piece, updating the quoting ``stack``."""
+    state, ch = stack[-1], command[i]
+    if state == "s":
+        if ch == "'":
+            stack.pop()
+    elif ch == "\\":
+        return 2  # the next character is taken literally (in "…" too, for the ones that matter here)
+    elif state == "d" and ch == '"':
+        stack.pop()
+    elif command.startswith("$(", i):
+        stack.append("p")
+        return 2
+    elif ch == "`":
+        if state == "b":
+            stack.pop()
+        else:
+            stack.append("b")
+    elif state != "d":
+        if ch == "#" and (i == 0 or command[i - 1] in " \t\n;&|()"):
+            end = command.find("\n", i)
+            return (len(command) if end < 0 else end) - i  # a comment, to the end of its line: its quotes are text
+        if ch in "'\"":
+            stack.append("s" if ch == "'" else "d")
+        elif ch == "(" and state == "p":
+            stack.append("p")  # a subshell inside $(…): its ) is not the end of the $(
+        elif ch == ")" and state == "p":
+            stack.pop()
+    return 1
 
 
 def _commit_of(trigger: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -26,13 +26,13 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import parse_duration_ms
+from portdaddy.config import parse_duration_ms, without_caller
 from portdaddy.core.clock import now_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
-from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables
+from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
 
 log = logging.getLogger("portdaddy.fleet")
 
@@ -148,22 +148,37 @@ class Fleet:
                             message_id=data.get("id"))  # fmt: skip
 
     async def _reconcile(self) -> None:
-        """After a daemon death: runs still marked running are lost (orphans stopped, salvage made)."""
+        """After a daemon death: runs that were running, or being registered and started, are lost (orphans
+        stopped, sessions ended, salvage made); spawns that never started are cancelled."""
         for run in self.runs.with_status("running"):
-            if run.pid is not None:
-                await children.stop_orphan(run.pid, run.pid_start, self.settings.grace_s)
-            run.status, run.ended_at = "lost", now_ms()
-            run.error = "the daemon stopped while this run was running; its session went to salvage"
-            run.log_dropped = cap_log(run)
-            self.runs.update(run)
-            citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it ran")
-            self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
-                              projectDir=run.project_dir, exitCode=None)  # fmt: skip
+            await self._found_lost(run, "running")
         for run in self.runs.with_status("queued"):
-            if run.kind == "spawn":  # a spawn starts as it is asked for: one still queued never got to (or a stop)
+            if citizen.registered(self.app, run):
+                # The daemon died as it registered the run and started its child (one step, see _supervise): its
+                # agent and session were made, perhaps its child started, and the row was not yet told. Lost, as a
+                # running run: not run a second time, and its session ended.
+                await self._found_lost(run, "starting")
+            elif run.kind == "spawn":  # a spawn starts as it is asked for: one still queued never got to (or a stop)
                 self._finish_unstarted(run, "cancelled", "the daemon stopped before this spawn started; spawn it again")
         for path in self.runs.prune(self.settings.keep_runs):
             Path(path).unlink(missing_ok=True)
+
+    async def _found_lost(self, run: Run, doing: str) -> None:
+        """A run the daemon died under (``doing`` what): its orphan group stopped, its log capped, its agent
+        declared dead and its sessions ended, so their file claims stop blocking others."""
+        if run.pid is not None:
+            await children.stop_orphan(run.pid, run.pid_start, self.settings.grace_s)
+        run.status, run.ended_at = "lost", now_ms()
+        run.error = f"the daemon stopped while this run was {doing}; its session went to salvage"
+        log_path = self.logs_dir / f"{run.id}.log"
+        if run.log_path is None and log_path.exists():  # written as it started, before the row said so
+            run.log_path = str(log_path)
+        run.session_id = run.session_id or next(iter(self.app.sessions.session_ids_of(run.agent_id)), None)
+        run.log_dropped = cap_log(run)
+        self.runs.update(run)
+        citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it was {doing}")
+        self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
+                          projectDir=run.project_dir, exitCode=None)  # fmt: skip
 
     async def _restore(self) -> None:
         """Bring back the fleets that were up when the daemon stopped, with their queued runs."""
@@ -332,11 +347,12 @@ class Fleet:
                                        "reason": f"queue full ({self.settings.max_queued} runs waiting)"},
                              sender="fleet")  # fmt: skip
             return None
-        variables = run_variables(trigger, lf.config.variables)
-        command = render_template(spec.command, variables) if spec.command else None
-        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=command,
+        variables = {**lf.config.variables, **run_variables(trigger, lf.config.variables)}
+        # The command refers to the values (spec.shell_template); the run's environment holds them.
+        task = Task(backend=spec.backend, prompt=render_template(spec.prompt, variables), command=spec.command,
                     model=spec.model, allowed_tools=spec.allowed_tools, env=dict(spec.env), cwd=lf.project_dir,
-                    timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env)  # fmt: skip
+                    timeout_s=spec.timeout_s or self.settings.default_timeout_s, path=lf.path_env,
+                    variables=variables)  # fmt: skip
         run = Run(new_id("fleet", agent), "fleet", agent, spec.identity, task, trigger, attempt, lf.project_dir,
                   lf.config.name)  # fmt: skip
         if delay_s > 0:
@@ -473,10 +489,14 @@ class Fleet:
         run.done.set()
 
     def _child_env(self, run: Run, prompt: str) -> dict[str, str]:
+        """What a run's child gets (spec/fleet.md, "An agent's environment"): the daemon's environment less any
+        caller's identity (a daemon started from an agent's shell has that agent's), the agent's ``env:``, the
+        PATH it was started with, then who it is and what fired it, which nothing before may change."""
         trigger = run.trigger or {}
-        env = {**os.environ, **run.task.env}
+        env = {**without_caller(os.environ), **run.task.env}
         if run.task.path:
             env["PATH"] = run.task.path
+        env.update({variable_env(name): value for name, value in run.task.variables.items()})
         env.update({
             "PORT_DADDY_HOME": str(self.app.settings.home), "PORT_DADDY_AGENT": run.agent_id,
             "PD_RUN_ID": run.id, "PD_AGENT_NAME": run.agent, "PD_IDENTITY": run.identity, "PD_PROMPT": prompt,
