@@ -148,6 +148,19 @@ def test_init_writes_starter_and_merges_existing_hooks(tmp_home: Path, daemon: D
     assert chained["hook"] and "PORT_DADDY_HOME=" + str(daemon.home) in hook.read_text()  # not the default home
 
 
+def test_the_starter_works_in_a_directory_whose_name_is_no_identity(tmp_home: Path, fresh_daemon: Daemon) -> None:
+    project = tmp_home / "My Project (v2)"  # a space and brackets: {project} must still make identities
+    project.mkdir()
+    git(project, "init", "-q")
+    assert fresh_daemon.pd("fleet", "init", "--no-hook", "-C", str(project)).returncode == 0
+    env = {"PATH": path_with(make_bin(tmp_home))}
+    checked = pd_json(fresh_daemon, "fleet", "validate", "-C", str(project), env=env)
+    assert checked["valid"] is True and checked["name"] == "My-Project-v2"
+    pd_json(fresh_daemon, "fleet", "up", "-C", str(project), env=env)
+    [fleet] = fresh_daemon.call("fleet.status")["fleets"]
+    assert fleet["harbor"] == "My-Project-v2:fleet"
+
+
 def test_init_outside_a_git_repository_writes_nothing(tmp_home: Path, daemon: Daemon) -> None:
     plain = tmp_home / "plain"
     plain.mkdir()

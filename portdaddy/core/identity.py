@@ -32,6 +32,8 @@ WILDCARD = "*"
 _BAD_CHAR = re.compile(r"[^A-Za-z0-9._*:-]")
 _ENV_SUBST = str.maketrans({":": "_", ".": "_", "-": "_"})
 
+# What a directory's name may not keep to be one segment (``segment_of``).
+_NOT_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 _FORM = "use project[:stack[:context]], e.g. myapp:api"
 _CHARS = "segments may use only ASCII letters, digits, '.', '_', '-' (and '*' in patterns)"
 _DOTS = "a segment needs a letter, digit, '_', '-' or '*' ('.' and '..' would act as paths)"
@@ -165,3 +167,11 @@ def env_prefix(ident: str) -> str:
     """
     prefix = ident.upper().translate(_ENV_SUBST)
     return "_" + prefix if prefix[0].isdigit() else prefix
+
+
+def segment_of(name: str) -> str:
+    """``name`` (a directory's: ``My Project``) made into one identity segment (``My-Project``): each run of
+    characters a segment may not hold becomes ``-``, outer ``-`` and ``.`` go, at most 64 characters are kept;
+    ``project`` when nothing is left."""
+    segment = _NOT_SEGMENT.sub("-", name).strip("-.")[:MAX_SEGMENT_LEN].rstrip("-.")
+    return segment or "project"

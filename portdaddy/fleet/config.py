@@ -114,7 +114,8 @@ def _git(project_dir: Path, *args: str) -> str | None:
 
 
 def template_vars(project_dir: Path) -> dict[str, str]:
-    """``{project}``, ``{project_dir}``, ``{branch}`` (else ``main``) and ``{sha}`` (else ``unknown``)."""
+    """``{project}`` (the directory's name as an identity segment: identities and harbors are made of it),
+    ``{project_dir}``, ``{branch}`` (else ``main``) and ``{sha}`` (else ``unknown``)."""
     resolved = Path(project_dir).resolve()
     # symbolic-ref works in a repo with no commits yet; rev-parse covers a detached HEAD ("HEAD").
     branch = _git(resolved, "symbolic-ref", "--short", "-q", "HEAD") or _git(
@@ -122,7 +123,7 @@ def template_vars(project_dir: Path) -> dict[str, str]:
     )
     sha = _git(resolved, "rev-parse", "--short", "HEAD")
     return {
-        "project": resolved.name,
+        "project": _identity.segment_of(resolved.name),
         "project_dir": str(resolved),
         "branch": branch or "main",
         "sha": sha or "unknown",
@@ -769,7 +770,7 @@ def load_fleet(path: Path, variables: dict[str, str] | None = None) -> FleetConf
     else:
         # Callers may pass a partial set; {project}/{project_dir} are always known without git.
         here = project_dir.resolve()
-        resolved = {"project": here.name, "project_dir": str(here), **variables}
+        resolved = {"project": _identity.segment_of(here.name), "project_dir": str(here), **variables}
     try:
         raw = path.read_bytes()
     except OSError as exc:
