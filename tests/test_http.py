@@ -7,15 +7,11 @@ import time
 
 import httpx
 import pytest
-from conftest import Daemon
+from conftest import Daemon, unix_client
 
 from portdaddy.errors import PDError
 from portdaddy.http.app import Router
 from portdaddy.http.routes import ROUTES, Route
-
-
-def unix_client(d: Daemon) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")
 
 
 def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
