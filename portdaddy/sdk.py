@@ -71,11 +71,10 @@ def _timeout_ms(timeout: Any) -> int | None:
 
 def _backstop(args: dict[str, Any]) -> float | None:
     """How long the client waits for a reply: a request's own ``timeout`` (ms or a duration, which the daemon
-    enforces) and a margin; without one, forever if it asks to ``wait``; else the connection's default."""
+    enforces) and a margin; without one, None: as long as the daemon shows it is alive (a request may wait by
+    default, as ``msg.poll`` does for 30 s, and only the daemon knows for how long; see TrioClient)."""
     ms = parse_duration_ms(args.get("timeout"))
-    if ms is not None:
-        return ms / 1000 + _BACKSTOP_MARGIN_S
-    return math.inf if args.get("wait") else None
+    return None if ms is None else ms / 1000 + _BACKSTOP_MARGIN_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,8 +495,7 @@ class PortDaddy:
     async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
         """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
         args = {"channels": list(channels), "timeout": _timeout_ms(timeout)}
-        # msg.wait has no wait flag: it always waits, without a limit when there is no timeout.
-        r = await self._client.request("msg.wait", args, timeout=_backstop(args) or math.inf)
+        r = await self._client.request("msg.wait", args, timeout=_backstop(args))
         newest = max(r["messages"].values(), key=lambda m: m["id"])
         return Message.from_wire(newest)
 

@@ -1,6 +1,11 @@
 """The trio IPC client the SDK stands on: many requests in flight on one connection, fire-and-forget sends
 that never await, server pushes routed to handlers, and reconnection with backoff (after which the
 ``reconnect_handlers`` run, so the layer above can renew what the daemon forgot, like subscriptions).
+
+A request without a time limit of its own is waited for while the daemon shows it is alive, not for a fixed
+time: some operations wait by design (``msg.poll`` 30 s by default, ``msg.wait`` and ``spawn.wait`` without
+a limit, ``spawn.kill`` through a grace period), and the daemon answers every request it received on an open
+connection. What the connection's ``timeout`` guards against is a daemon that stopped answering at all.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _NO_REPLY: Any = object()
 Undo = Callable[[Any], list[tuple[str, dict[str, Any]]]]
 # A give-back refused for the connection's rate limit is sent again once the daemon's one-second window has moved on.
 RESEND_AFTER_S = 1.0
+# The watchdog looks every third of the connection's timeout, but not in a busy loop for a timeout of 0.
+MIN_WATCH_S = 0.01
 
 
 class TrioClient:
@@ -60,6 +67,9 @@ class TrioClient:
         # when the connection is lost. A task parked by hand, not a trio.Event: a request is two task switches,
         # and an Event with its parking lot per request was a measurable part of the rest.
         self._pending: dict[int, trio.lowlevel.Task] = {}
+        # conv id -> the deadline of a request with no limit of its own, moved on while the daemon shows life.
+        self._watched: dict[int, trio.CancelScope] = {}
+        self._heard = False  # something came from the daemon since the watchdog last looked
         # conv id -> what to do with a reply nobody waits for: give back a take or a lock the daemon granted as
         # its caller left, or see that such a give-back went through.
         self._orphans: dict[int, Callable[[Frame], None]] = {}
@@ -88,21 +98,30 @@ class TrioClient:
             raise self._gone(f"not connected to {self.path}")
         conv = self._conv = next_conv_id(self._conv)
         self._pending[conv] = trio.lowlevel.current_task()
+        if timeout is None:  # as long as the daemon lives: the watchdog moves the deadline on
+            scope = self._watched[conv] = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        else:
+            scope = trio.move_on_after(timeout)
         frame = _NO_REPLY
         try:
             self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
-            with trio.move_on_after(self.timeout if timeout is None else timeout):
+            with scope:
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv, undo))
         except trio.Cancelled:
             self._withdraw(conv, action)  # Cancelled must propagate as it is
             raise
         finally:
             self._pending.pop(conv, None)
+            if timeout is None:
+                self._watched.pop(conv, None)
         if frame is None:
             raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
         if frame is _NO_REPLY:
             self._withdraw(conv, action)
-            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
+            if timeout is None:
+                raise Timeout("TIMEOUT", f"no reply to {action}: the daemon gave no sign of life for "
+                                         f"{self.timeout:g}s")  # fmt: skip
+            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout:g}s")
         return reply_result(frame)
 
     def _withdraw(self, conv: int, action: str) -> None:
@@ -214,6 +233,7 @@ class TrioClient:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, sock)
                 nursery.start_soon(self._resender)
+                nursery.start_soon(self._watchdog)
                 while True:
                     await trio.lowlevel.wait_readable(sock)
                     try:
@@ -224,6 +244,7 @@ class TrioClient:
                         break
                     if not size:
                         break
+                    self._heard = True
                     decoder.feed(view[:size])
                     while (event := decoder.next_event()) is not None:
                         if event.__class__ is Frame:
@@ -303,6 +324,25 @@ class TrioClient:
             again, self._resend = self._resend, []
             for action, args in again:
                 self._send_give_back(action, args)
+
+    async def _watchdog(self) -> None:
+        """Keep requests without a limit of their own waiting while the daemon shows life. Every third of the
+        timeout: if anything came from the daemon since the last look, their deadlines move to a whole timeout
+        from now; if nothing did, ask it for a sign (``daemon.health``, whose reply counts as one). So a
+        daemon that answers nothing for ``timeout`` seconds fails them, and one still working never does."""
+        while True:
+            await trio.sleep(max(self.timeout / 3, MIN_WATCH_S))
+            if self._watched:
+                if self._heard:
+                    deadline = trio.current_time() + self.timeout
+                    for scope in self._watched.values():
+                        scope.deadline = max(scope.deadline, deadline)
+                else:
+                    conv = self._conv = next_conv_id(self._conv)  # nobody waits for the reply: it is dropped
+                    with suppress(PDError):
+                        self._write(request_frame(self._encoder, Performative.REQUEST, conv, "daemon.health",
+                                                  self.agent_id, None))  # fmt: skip
+            self._heard = False
 
     async def _writer(self, sock: socket.socket) -> None:
         while True:
