@@ -61,11 +61,14 @@ def _space(harbor: str | None) -> str:
 
 
 def _release(conn_bound: bool) -> Undo:
-    """Undo a lock grant nobody received: a release by its token, harmless to repeat; a connection-bound lock the
-    daemon releases itself when the connection closes."""
+    """Undo a lock grant nobody received: a release by its token (and owner, which may not be this connection's
+    agent), harmless to repeat; a connection-bound lock the daemon releases itself when the connection closes.
+    A re-acquire of a lock the caller already held (``existing``) gave nothing new, and leaves it held."""
 
     def undo(granted: dict[str, Any]) -> list[GiveBack]:
-        args = {"name": granted["name"], "token": granted["token"]}
+        if granted.get("existing"):
+            return []
+        args = {"name": granted["name"], "token": granted["token"], "owner": granted["owner"]}
         return [GiveBack("lock.release", args, what=f"lock {granted['name']!r} (token {granted['token']})",
                          undone_on_close=conn_bound, idempotent=True, settled_by=("NOT_OWNER",))]  # fmt: skip
 

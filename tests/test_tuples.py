@@ -271,6 +271,22 @@ async def test_sdk_calls_given_up_mid_flight_give_back_what_they_were_granted(da
         assert all(t["expiresAt"] for t in await pd.scan(harbor="flight"))  # written back with their TTL
 
 
+async def test_a_given_up_lock_is_released_as_its_owner_and_one_already_held_stays_held(daemon) -> None:
+    """The release named only the token, so the daemon took the connection's agent for the owner: a lock taken
+    for another owner was refused NOT_OWNER and stayed held for its lease. And a re-acquire of a lock the caller
+    already held, given up, released the lock it had held all along."""
+    async with portdaddy.connect(settings=daemon.settings, autostart=False, agent_id="gb-agent") as pd:
+        held = await pd.lock("gb:mine")
+        for name, owner in (("gb:theirs", "gb-owner"), ("gb:mine", None)):
+            with trio.CancelScope() as scope:
+                scope.cancel()  # sent, then given up at once: the grant comes back to nobody
+                await pd.lock(name, owner=owner)
+        with trio.fail_after(5):
+            while (await pd.call("lock.get", name="gb:theirs"))["held"]:
+                await trio.sleep(0.02)
+        assert (await pd.call("lock.get", name="gb:mine"))["token"] == held.token
+
+
 async def _give_back_refused_for_the_rate(pd: portdaddy.PortDaddy, d: Daemon) -> None:
     """Take the tuple ``["late", 1]`` of harbor late in a call given up at once, just as the caller's own burst
     has used up this second of the connection's rate (20 frames): its grant comes back to nobody, and the
