@@ -26,7 +26,7 @@ import trio
 from portdaddy.config import Settings, parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
 from portdaddy.ipc.frame import Frame
-from portdaddy.ipc.trio_client import TrioClient, Undo
+from portdaddy.ipc.trio_client import GiveBack, TrioClient, Undo
 from portdaddy.launcher import ensure_daemon
 
 log = logging.getLogger("portdaddy.sdk")
@@ -41,19 +41,38 @@ SUBSCRIPTION_BUFFER = 1000
 _HISTORY_PAGE = 1000
 # How much longer than the daemon's own timeout the client waits for the reply of a request that waits.
 _BACKSTOP_MARGIN_S = 5.0
+# How long the end of a connect() block waits for give-backs under way (a grant on its way to a caller that
+# gave up; one the rate limit refused, sent again a second later) before it closes the connection.
+SETTLE_S = 3.0
 
 
-def _write_back(taken: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Undo a take nobody received: each tuple written again, with what is left of its TTL."""
+def _write_back(taken: dict[str, Any]) -> list[GiveBack]:
+    """Undo a take nobody received: each tuple written again, with what is left of its TTL. Once the daemon
+    has answered the take, it gives nothing back by itself; a write is not safe to repeat (see GiveBack)."""
     now = int(time.time() * 1000)
-    return [("tuple.out", {"fields": t["fields"], "harbor": t["harbor"],
-                           "ttl": None if t["expiresAt"] is None else t["expiresAt"] - now})
+    return [GiveBack("tuple.out", {"fields": t["fields"], "harbor": t["harbor"],
+                                   "ttl": None if t["expiresAt"] is None else t["expiresAt"] - now},
+                     what=f"the tuple {t['fields']!r:.200} of {_space(t['harbor'])}")
             for t in taken["taken"] if t["expiresAt"] is None or t["expiresAt"] > now]  # fmt: skip
 
 
-def _release(granted: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Undo a lock grant nobody received."""
-    return [("lock.release", {"name": granted["name"], "token": granted["token"]})]
+def _space(harbor: str | None) -> str:
+    return "the global space" if harbor is None else f"harbor {harbor}"
+
+
+def _release(conn_bound: bool) -> Undo:
+    """Undo a lock grant nobody received: a release by its token (and owner, which may not be this connection's
+    agent), harmless to repeat; a connection-bound lock the daemon releases itself when the connection closes.
+    A re-acquire of a lock the caller already held (``existing``) gave nothing new, and leaves it held."""
+
+    def undo(granted: dict[str, Any]) -> list[GiveBack]:
+        if granted.get("existing"):
+            return []
+        args = {"name": granted["name"], "token": granted["token"], "owner": granted["owner"]}
+        return [GiveBack("lock.release", args, what=f"lock {granted['name']!r} (token {granted['token']})",
+                         undone_on_close=conn_bound, idempotent=True, settled_by=("NOT_OWNER",))]  # fmt: skip
+
+    return undo
 
 
 def _ms(name: str, seconds: Any) -> int:
@@ -71,11 +90,10 @@ def _timeout_ms(timeout: Any) -> int | None:
 
 def _backstop(args: dict[str, Any]) -> float | None:
     """How long the client waits for a reply: a request's own ``timeout`` (ms or a duration, which the daemon
-    enforces) and a margin; without one, forever if it asks to ``wait``; else the connection's default."""
+    enforces) and a margin; without one, None: as long as the daemon shows it is alive (a request may wait by
+    default, as ``msg.poll`` does for 30 s, and only the daemon knows for how long; see TrioClient)."""
     ms = parse_duration_ms(args.get("timeout"))
-    if ms is not None:
-        return ms / 1000 + _BACKSTOP_MARGIN_S
-    return math.inf if args.get("wait") else None
+    return None if ms is None else ms / 1000 + _BACKSTOP_MARGIN_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +261,10 @@ class PortDaddy:
         args = {"channels": sub.patterns, "new": new, "after": after, "reuse": False}
         self._adopt(sub, await self._client.request("msg.subscribe", args, undo=self._unsubscribe_late))
 
-    def _unsubscribe_late(self, reply: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    def _unsubscribe_late(self, reply: dict[str, Any]) -> list[GiveBack]:
         self._unrouted.pop(reply["subscription"], None)
-        return [("msg.unsubscribe", {"subscription": reply["subscription"]})]
+        return [GiveBack("msg.unsubscribe", {"subscription": reply["subscription"]}, undone_on_close=True,
+                         what=f"subscription {reply['subscription']}")]  # fmt: skip
 
     @property
     def agent_id(self) -> str | None:
@@ -414,7 +433,7 @@ class PortDaddy:
         args = {"name": name, "ttl": ttl, "owner": owner, "wait": blocking, "connBound": conn_bound,
                 "timeout": _timeout_ms(timeout)}  # fmt: skip
         try:
-            r = await self._client.request("lock.acquire", args, timeout=_backstop(args), undo=_release)
+            r = await self._client.request("lock.acquire", args, timeout=_backstop(args), undo=_release(conn_bound))
         except LockHeld:
             return None
         return LockGrant.from_wire(r)
@@ -496,8 +515,7 @@ class PortDaddy:
     async def wait_for_signal(self, *channels: str, timeout: float | None = 30) -> Message:
         """The newest message on the channel (one already published counts); waits up to ``timeout`` s."""
         args = {"channels": list(channels), "timeout": _timeout_ms(timeout)}
-        # msg.wait has no wait flag: it always waits, without a limit when there is no timeout.
-        r = await self._client.request("msg.wait", args, timeout=_backstop(args) or math.inf)
+        r = await self._client.request("msg.wait", args, timeout=_backstop(args))
         newest = max(r["messages"].values(), key=lambda m: m["id"])
         return Message.from_wire(newest)
 
@@ -536,6 +554,8 @@ async def connect(
             try:
                 yield PortDaddy(client, nursery)
             finally:
+                with trio.CancelScope(shield=True):  # the block may be ending because it was cancelled
+                    await client.settle(SETTLE_S)
                 client.close()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from portdaddy.config import Settings
@@ -101,6 +102,11 @@ class Daemon:
 
     def log(self) -> str:
         return (self.home / "daemon.log").read_text(errors="replace")
+
+
+def unix_client(d: Daemon) -> httpx.Client:
+    """HTTP to ``d`` over its Unix socket (no token needed)."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")
 
 
 def linked_worktree(root: Path, name: str) -> Path:

@@ -77,6 +77,23 @@ def test_url_env_and_endpoints(daemon: Daemon) -> None:
     assert daemon.pd("url", "urls:api", "-e", "prod").stdout.strip() == "https://api.example.com"
 
 
+def test_env_leaves_out_identities_that_give_the_same_name_and_says_so(daemon: Daemon) -> None:
+    """my-app:api and my_app:api are both MY_APP_API: one silently overwrote the other. Neither is printed now,
+    a warning names both, --json lists them, and the identities that do not collide are printed as ever."""
+    claim_q(daemon, "clash-app:api")
+    claim_q(daemon, "clash_app:api")
+    port = claim_q(daemon, "clash-app:web")
+    r = daemon.pd("env", "clash*:*")
+    assert r.returncode == 0 and r.stdout == f"CLASH_APP_WEB_PORT={port}\nCLASH_APP_WEB_URL=http://localhost:{port}\n"
+    assert r.stderr == ("warning: CLASH_APP_API_PORT would name each of clash-app:api, clash_app:api; none of them "
+                        "is printed (narrow the pattern to one, or use pd url ID)\n")  # fmt: skip
+    body = json.loads(daemon.pd("env", "clash*:*", "--json").stdout)
+    assert body["collisions"] == {"CLASH_APP_API": ["clash-app:api", "clash_app:api"]}
+    assert set(body["env"]) == {"CLASH_APP_WEB_PORT", "CLASH_APP_WEB_URL"}
+    alone = daemon.pd("env", "clash-app:*")  # narrowed to one of them: no collision left
+    assert "CLASH_APP_API_PORT=" in alone.stdout and alone.stderr == ""
+
+
 def test_release_by_pattern_and_expired(daemon: Daemon) -> None:
     for ident in ("gone:a", "gone:b", "gone:c:d"):
         claim_q(daemon, ident)

@@ -7,15 +7,11 @@ import time
 
 import httpx
 import pytest
-from conftest import Daemon
+from conftest import Daemon, unix_client
 
 from portdaddy.errors import PDError
 from portdaddy.http.app import Router
 from portdaddy.http.routes import ROUTES, Route
-
-
-def unix_client(d: Daemon) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")
 
 
 def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
@@ -65,6 +61,26 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         r = c.post("/claim", content=b"x" * (1024 * 1024 + 1))
         assert r.status_code == 413 and r.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert c.get("/health").json()["status"] == "ok"  # the connection is still good
+
+
+def test_head_is_a_get_without_its_body(daemon: Daemon) -> None:
+    """HEAD on a GET route answers as GET does, status and headers, with no body (it was a 405); on a path not
+    served for GET it is refused as any other method is."""
+    daemon.call("port.claim", id="head:api")
+    with unix_client(daemon) as c:
+        for path in ("/health", "/services/head%3Aapi", "/services/nope:x", "/services?limit=abc", "/locks"):
+            get, head = c.get(path), c.head(path)
+            assert (head.status_code, head.content) == (get.status_code, b""), path
+            for header in ("content-type", "content-length"):
+                assert head.headers[header] == get.headers[header], (path, header)
+        r = c.head("/claim")  # POST only
+        assert (r.status_code, r.headers["allow"], r.content) == (405, "POST", b"")
+        assert (c.head("/no/such/path").status_code, c.head("/no/such/path").content) == (404, b"")
+        stream = c.head("/msg/head/subscribe", timeout=5)  # Quart's stream: its headers, not a stream forever
+        assert (stream.status_code, stream.headers["content-type"], stream.content) == (200, "text/event-stream", b"")
+    port = int(daemon.settings.port_file.read_text())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
+        assert (tcp.head("/status").status_code, tcp.head("/health").status_code) == (401, 200)  # no token
 
 
 def test_a_body_cut_short_by_the_peer_closes_only_that_connection(fresh_daemon: Daemon) -> None:

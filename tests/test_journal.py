@@ -19,7 +19,7 @@ import trio
 
 import portdaddy
 from portdaddy.errors import BadInput, Conflict, NotFound, PDError
-from tests.conftest import Daemon, linked_worktree
+from tests.conftest import Daemon, linked_worktree, unix_client
 
 
 def test_sigkill_after_acknowledged_notes_loses_nothing(fresh_daemon: Daemon) -> None:
@@ -227,6 +227,29 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     released = daemon.pd("session", "files", "release", "web/components/*", cwd=tree)
     unclaimed = daemon.pd("who-owns", "web/components/a", "-q", cwd=tree).stdout.strip()
     assert released.returncode == 0 and unclaimed == "unclaimed"
+
+
+HUGE_AGO = "99999999999999"  # ms: 3,000 years back, before the epoch (its digits are not a timestamp)
+
+
+def test_a_look_back_past_the_epoch_reaches_the_epoch(daemon: Daemon, tmp_path: Path) -> None:
+    """Every `since` that is a duration back from now: one longer than the time since 1970 asks for everything,
+    and says so with `since` 0, not with a time before the epoch (a negative since_ms, before)."""
+    tree = linked_worktree(tmp_path, "ago")
+    daemon.pd("begin", "Look back", "--identity", "ago:api", cwd=tree)
+    daemon.pd("note", "long ago", cwd=tree)
+    summary = daemon.call("activity.summary", since=HUGE_AGO)
+    assert summary["since"] == 0 and summary["total"] == daemon.call("activity.summary")["total"] > 0
+    sitrep = daemon.call("journal.sitrep", since=HUGE_AGO, project="ago")
+    assert sitrep["since_ms"] == 0 and sitrep["since_minutes"] > 29_000_000  # minutes since 1970
+    assert "long ago" in [n["content"] for n in daemon.call("note.list", since=HUGE_AGO, project="ago")["notes"]]
+    log = daemon.pd("log", "--since", HUGE_AGO, "--type", "note.*", "--json")
+    assert log.returncode == 0 and json.loads(log.stdout)["count"] >= 1
+    with unix_client(daemon) as c:
+        assert c.get("/activity/summary", params={"since": "100000000d"}).json()["since"] == 0
+        r = c.get("/arbiter/violations", params={"since": "100000000d"})  # a duration; 13+ digits are a timestamp
+        assert r.status_code == 200 and r.json()["total"] == daemon.call("arbiter.violations")["total"]
+    daemon.pd("done", cwd=tree)
 
 
 def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tmp_path: Path) -> None:

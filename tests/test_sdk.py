@@ -3,6 +3,8 @@ held lock. Each against a real daemon."""
 
 from __future__ import annotations
 
+import functools
+import signal
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,44 @@ async def test_call_sends_an_operations_own_timeout_to_the_daemon(daemon: Daemon
                 nursery.start_soon(write_later)
                 taken = await pd.call("tuple.in", pattern=["sdk:later", "*"], wait=True)
             assert taken["tuple"]["fields"] == ["sdk:later", 1]
+
+
+@pytest.mark.parametrize("action", ["msg.poll", "msg.wait"])
+async def test_a_call_the_daemon_holds_by_default_outlasts_the_connection_timeout(daemon: Daemon, action: str) -> None:
+    """msg.poll waits 30 s by default (msg.wait without a limit), and call() gave up after the connection's
+    5 s while the daemon was still rightly waiting. Now it waits while the daemon answers its pings: here three
+    whole connection timeouts of silence on this connection, and the message published from another one."""
+    channel = f"sdk:held:{action}"
+    after = daemon.call("msg.publish", channel=channel, payload="before")["id"]
+    async with connect(daemon, timeout=0.5) as pd:
+        async with trio.open_nursery() as nursery:
+
+            async def publish_later() -> None:
+                await trio.sleep(1.5)
+                await trio.to_thread.run_sync(functools.partial(daemon.call, "msg.publish", channel=channel,
+                                                                payload="later"))  # fmt: skip
+
+            nursery.start_soon(publish_later)
+            with trio.fail_after(10):
+                reply = await pd.call(action, channel=channel, after=after)
+        got = reply["message"] if action == "msg.poll" else reply["messages"][channel]
+        assert got["payload"] == "later"
+
+
+async def test_a_daemon_that_answers_nothing_still_fails_a_call_after_the_timeout(fresh_daemon: Daemon) -> None:
+    """The other side of waiting while the daemon lives: a stopped daemon answers no ping either, and the call
+    fails once it has given no sign of life for the connection's timeout, as before."""
+    async with connect(fresh_daemon, timeout=0.5) as pd:
+        assert fresh_daemon.proc is not None
+        fresh_daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = trio.current_time()
+            with trio.fail_after(5), pytest.raises(Timeout, match=r"gave no sign of life for 0\.5s"):
+                await pd.call("msg.poll", channel="sdk:stopped")
+            assert trio.current_time() - started < 1.5
+        finally:
+            fresh_daemon.proc.send_signal(signal.SIGCONT)
+        assert (await pd.status())["status"] == "ok"
 
 
 async def test_a_subscription_ends_with_its_block_instead_of_hanging(daemon: Daemon) -> None:

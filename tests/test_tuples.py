@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
+import signal
 import subprocess
 import threading
 import time
@@ -17,7 +20,7 @@ from portdaddy.core import tuples as tuples_module
 from portdaddy.core.harbors import Harbors
 from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
-from tests.conftest import PYTHON
+from tests.conftest import PYTHON, Daemon
 from tests.swarm_app import make_app
 
 
@@ -268,23 +271,102 @@ async def test_sdk_calls_given_up_mid_flight_give_back_what_they_were_granted(da
         assert all(t["expiresAt"] for t in await pd.scan(harbor="flight"))  # written back with their TTL
 
 
+async def test_a_given_up_lock_is_released_as_its_owner_and_one_already_held_stays_held(daemon) -> None:
+    """The release named only the token, so the daemon took the connection's agent for the owner: a lock taken
+    for another owner was refused NOT_OWNER and stayed held for its lease. And a re-acquire of a lock the caller
+    already held, given up, released the lock it had held all along."""
+    async with portdaddy.connect(settings=daemon.settings, autostart=False, agent_id="gb-agent") as pd:
+        held = await pd.lock("gb:mine")
+        for name, owner in (("gb:theirs", "gb-owner"), ("gb:mine", None)):
+            with trio.CancelScope() as scope:
+                scope.cancel()  # sent, then given up at once: the grant comes back to nobody
+                await pd.lock(name, owner=owner)
+        with trio.fail_after(5):
+            while (await pd.call("lock.get", name="gb:theirs"))["held"]:
+                await trio.sleep(0.02)
+        assert (await pd.call("lock.get", name="gb:mine"))["token"] == held.token
+
+
+async def _give_back_refused_for_the_rate(pd: portdaddy.PortDaddy, d: Daemon) -> None:
+    """Take the tuple ``["late", 1]`` of harbor late in a call given up at once, just as the caller's own burst
+    has used up this second of the connection's rate (20 frames): its grant comes back to nobody, and the
+    give-back, a request like any other, is refused ``rate_limited``."""
+    await trio.sleep(1 - time.monotonic() % 1 + 0.01)  # the daemon's rate windows are whole seconds
+    for _ in range(19):  # the caller's own burst leaves this second room for one more frame: the take
+        pd.publish_nowait("late:noise", {})
+    with trio.CancelScope() as scope:
+        scope.cancel()  # the take is sent, then given up at once (its CANCEL is over the rate and dropped)
+        await pd.take(["late"], harbor="late", wait=True)
+    with trio.fail_after(5):  # a request was refused, not only dropped: the give-back
+        while (counts := d.call("daemon.status")["counts"])["ipcRateLimited"] <= counts["ipcDroppedFrames"]:
+            await trio.sleep(0.01)
+    assert d.call("tuple.count", harbor="late")["count"] == 0
+
+
 async def test_a_give_back_refused_by_the_rate_limit_is_sent_again(daemon_factory) -> None:
-    """The give-back is a request like any other: when the caller's own burst has used up the connection's rate
-    for this second, it is refused, and the SDK sends it again in the next second instead of dropping it."""
+    """Refused for the rate, the give-back is sent again in the next second instead of dropped; and the end of
+    the connect() block waits for it (it closed the connection with the give-back still queued: the tuple was
+    lost without a word)."""
     d = daemon_factory(PORT_DADDY_IPC_RATE="20")
     d.call("tuple.out", fields=["late", 1], harbor="late")
     async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
-        await trio.sleep(1 - time.monotonic() % 1 + 0.01)  # the daemon's rate windows are whole seconds
-        for _ in range(19):  # the caller's own burst leaves this second room for one more frame: the take
-            pd.publish_nowait("late:noise", {})
-        with trio.CancelScope() as scope:
-            scope.cancel()  # the take is sent, then given up at once: its grant comes back to nobody
-            await pd.take(["late"], harbor="late", wait=True)
+        await _give_back_refused_for_the_rate(pd, d)
+    assert [t["fields"] for t in d.call("tuple.scan", harbor="late")["tuples"]] == [["late", 1]]
+
+
+async def test_a_give_back_a_closing_client_could_not_send_is_logged_as_lost(daemon_factory, caplog) -> None:
+    """The connection is lost with a refused give-back queued and the client does not reconnect: the tuple the
+    daemon handed over is gone from the space and nobody will write it back, so the client says so."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="20")
+    d.call("tuple.out", fields=["late", 1], harbor="late")
+    async with portdaddy.connect(settings=d.settings, autostart=False, reconnect=False) as pd:
+        await _give_back_refused_for_the_rate(pd, d)
+        d.kill9()  # before the second is up and the give-back is sent again
         with trio.fail_after(5):
-            while d.call("tuple.count", harbor="late")["count"] != 1:
+            while "is lost" not in caplog.text:
+                await trio.sleep(0.01)
+    lost = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lost == ["the tuple ['late', 1] of harbor late, which a cancelled call was granted, is lost: the client "
+                    "closed before it could be given back"]  # fmt: skip
+
+
+async def test_give_backs_left_unanswered_by_a_lost_connection(fresh_daemon, caplog) -> None:
+    """Three calls given up at once, whose grants reach the client, which sends their give-backs; the daemon
+    stops before reading them and is killed. What each needs then differs: a lock held for its TTL is released
+    on the next connection (a release by token is safe to repeat); a connection-bound lock the daemon released
+    itself (at boot, its connection gone); a tuple written back might have landed as the connection closed, and
+    twice would be wrong, so it is not written again but logged as maybe lost. All three were dropped silently."""
+    d = fresh_daemon
+    caplog.set_level(logging.INFO, logger="portdaddy.client")
+    d.call("tuple.out", fields=["gone", 1], harbor="gone")
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGSTOP)  # no reply comes before the client stops waiting for it
+        for given_up in (lambda: pd.take(["gone"], harbor="gone", wait=True), lambda: pd.lock("gone:ttl", ttl="1h"),
+                         lambda: pd.lock("gone:bound", conn_bound=True)):  # fmt: skip
+            with trio.CancelScope() as scope:
+                scope.cancel()  # sent, then given up at once: the grant will come back to nobody
+                await given_up()
+        d.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)  # the daemon grants all three; this task does not yield, so their replies wait unread
+        d.proc.send_signal(signal.SIGSTOP)
+        await trio.sleep(0.3)  # the client reads the grants and sends the give-backs into a stopped daemon
+        await trio.to_thread.run_sync(d.kill9)
+        await trio.to_thread.run_sync(d.start)
+        assert d.call("lock.get", name="gone:ttl")["held"] and not d.call("lock.get", name="gone:bound")["held"]
+        with trio.fail_after(10):  # the client reconnects (a second), then sends the release again
+            while d.call("lock.get", name="gone:ttl")["held"]:
                 await trio.sleep(0.05)
-        counts = d.call("daemon.status")["counts"]
-        assert counts["ipcRateLimited"] > counts["ipcDroppedFrames"]  # a request was refused: the first give-back
+        assert pd._client.reconnects == 1
+    assert d.call("tuple.count", harbor="gone")["count"] == 0  # not written back: it may have been
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "portdaddy.client"]
+    assert len(said) == 2, said
+    assert said[0] == (logging.WARNING, "the tuple ['gone', 1] of harbor gone, which a cancelled call was granted, "
+                       "may be lost: the connection closed before the daemon answered its give-back, and sending "
+                       "it again could do it twice; see whether it is there, and restore it if not")  # fmt: skip
+    assert said[1][0] == logging.INFO
+    assert re.fullmatch(r"lock 'gone:bound' \(token \d+\) was given back by the daemon as the connection closed",
+                        said[1][1])  # fmt: skip
 
 
 def test_sigkill_restart_keeps_tuples_minus_expired(fresh_daemon) -> None:

@@ -149,6 +149,9 @@ def url(identity: str, env_name: str, as_json: bool, quiet: bool) -> None:  # -q
 def env(pattern: str, as_json: bool) -> None:
     """Print NAME_PORT= and NAME_URL= lines for services matching PATTERN, quoted for a POSIX shell.
 
+    Identities that give the same NAME (my-app:api and my_app:api are both MY_APP_API) are left out, with a
+    warning: neither would be the right one to export. Narrow PATTERN to one of them, or use pd url.
+
     \b
     Example:
       eval "$(pd env 'myapp:*' | sed 's/^/export /')"
@@ -157,17 +160,25 @@ def env(pattern: str, as_json: bool) -> None:
 
     from portdaddy.core.identity import env_prefix
 
-    found = call("port.find", {"pattern": pattern}, as_json=as_json)["services"]
-    lines = {}
-    for s in found:
-        lines[f"{env_prefix(s['id'])}_PORT"] = str(s["port"])
-        if s["urls"].get("local"):
-            lines[f"{env_prefix(s['id'])}_URL"] = s["urls"]["local"]
+    by_name: dict[str, list[dict]] = {}
+    for s in call("port.find", {"pattern": pattern}, as_json=as_json)["services"]:
+        by_name.setdefault(env_prefix(s["id"]), []).append(s)
+    lines, collisions = {}, {}
+    for name, services in by_name.items():
+        if len(services) > 1:
+            collisions[name] = sorted(s["id"] for s in services)
+            continue
+        lines[f"{name}_PORT"] = str(services[0]["port"])
+        if services[0]["urls"].get("local"):
+            lines[f"{name}_URL"] = services[0]["urls"]["local"]
     if as_json:
-        emit_json({"success": True, "env": lines})
-    else:
-        for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
-            click.echo(f"{key}={shlex.quote(value)}")
+        emit_json({"success": True, "env": lines, "collisions": collisions})
+        return
+    for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
+        click.echo(f"{key}={shlex.quote(value)}")
+    for name, ids in collisions.items():
+        click.echo(f"warning: {name}_PORT would name each of {', '.join(ids)}; none of them is printed (narrow "
+                   "the pattern to one, or use pd url ID)", err=True)  # fmt: skip
 
 
 COMMANDS = (claim, release, find, services, url, env)

@@ -151,17 +151,13 @@ class Activity:
                                    "DESC", (since,)))  # fmt: skip
 
 
-def since_ms(ago: int | None) -> int | None:
-    return None if ago is None else now_ms() - ago
-
-
 def list_op(ctx: Ctx, *, limit, type, agent, target, since) -> dict[str, Any]:
-    found = ctx.app.activity.entries(limit=limit, type=type, agent=agent, target=target, since=since_ms(since))
+    found = ctx.app.activity.entries(limit=limit, type=type, agent=agent, target=target, since=since)
     return {"success": True, "entries": found, "count": len(found)}
 
 
 def summary_op(ctx: Ctx, *, since) -> dict[str, Any]:
-    start = since_ms(since) or 0
+    start = since or 0
     summary = ctx.app.activity.summary(start)
     return {"success": True, "summary": summary, "total": sum(summary.values()), "since": start}
 
@@ -176,14 +172,14 @@ OPS = (
             Param("type", _FILTER),
             Param("agent", _FILTER),
             Param("target", _FILTER),
-            Param("since", v.duration()),
+            Param("since", v.ago),
         ),
         summary="activity log, newest first (type/agent/target: exact, or a prefix ending in *; since: 30m ago)",
     ),
     Op(
         "activity.summary",
         summary_op,
-        (Param("since", v.duration()),),
+        (Param("since", v.ago),),
         summary="activity counts by type (since: a duration ago like 1h; default all)",
     ),
 )

@@ -375,7 +375,7 @@ def _since(name: str, value: Any) -> int:
     """An epoch-ms timestamp (≥ 10^12) or a duration back from now (``1h``, ``90s``)."""
     if isinstance(value, int | str) and _EPOCH_MS.fullmatch(str(value).strip()):
         return v.integer(0)(name, value)
-    return now_ms() - v.duration()(name, value)
+    return v.ago(name, value)
 
 
 def _status(ctx: Ctx) -> dict[str, Any]:

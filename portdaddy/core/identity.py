@@ -162,8 +162,8 @@ def env_prefix(ident: str) -> str:
     """``myapp:api`` -> ``MYAPP_API`` (for ``MYAPP_API_PORT=``); ``3d:api`` -> ``_3D_API``.
 
     A shell variable name may not start with a digit (``3D_API_PORT=1`` is run as a command), hence the ``_``.
-    Not injective (``a-b`` and ``a.b`` both give ``A_B``); callers that export several identities at once
-    should expect that.
+    Not injective (``a-b``, ``a.b`` and ``A_b`` all give ``A_B``): ``pd env`` leaves out names several identities
+    give.
     """
     prefix = ident.upper().translate(_ENV_SUBST)
     return "_" + prefix if prefix[0].isdigit() else prefix

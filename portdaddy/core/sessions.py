@@ -420,8 +420,7 @@ def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dic
 def note_list_op(ctx: Ctx, *, sessionId, agent, project, type, since, limit) -> dict[str, Any]:
     if sessionId is not None:
         ctx.app.sessions.session(sessionId)  # a mistyped id is SESSION_NOT_FOUND, not a session without notes
-    since_ms = None if since is None else now_ms() - since
-    found = ctx.app.sessions.notes(session_id=sessionId, agent=agent, project=project, type=type, since=since_ms,
+    found = ctx.app.sessions.notes(session_id=sessionId, agent=agent, project=project, type=type, since=since,
                                    limit=limit)  # fmt: skip
     return {"success": True, "notes": found, "count": len(found)}
 
@@ -514,7 +513,7 @@ OPS = (
             Param("agent", AGENT_ID),
             Param("project", v.name("project", 64)),
             Param("type", _note_type),
-            Param("since", v.duration()),
+            Param("since", v.ago),
             _LIMIT,
         ),
         summary="notes across sessions and agents, newest first (since: a duration ago like 30m)",

@@ -109,8 +109,9 @@ def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
 def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
     """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity."""
     sessions: Sessions = ctx.app.sessions
-    window = since or DEFAULT_SITREP_MS
-    start = now_ms() - window
+    now = now_ms()
+    start = now - DEFAULT_SITREP_MS if since is None else since
+    window = now - start
     notes = sessions.notes(project=project, since=start, limit=limit)
     recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
               if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
@@ -163,7 +164,7 @@ OPS = (
         "journal.sitrep",
         sitrep_op,
         (
-            Param("since", v.duration()),
+            Param("since", v.ago),
             Param("project", v.name("project", 64)),
             Param("limit", v.integer(1, 100), default=20),
         ),

@@ -13,6 +13,7 @@ from typing import Any
 
 from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
+from portdaddy.core.clock import now_ms
 from portdaddy.errors import bad_input
 
 Check = Callable[[str, Any], Any]
@@ -167,6 +168,16 @@ def duration(max_ms: int | None = None, *, code: str = "VALIDATION_ERROR") -> Ch
         return ms
 
     return check
+
+
+_any_duration = duration()
+
+
+def ago(name: str, value: Any) -> int:
+    """A duration back from now (``30m``, ``2d`` or milliseconds) as the epoch-ms time it reaches back to. One
+    longer than the time since the epoch reaches the epoch (0: everything there is): "the last 5,000 years"
+    asks for all of it, not for a time before 1970 (a negative ``since`` in replies, before)."""
+    return max(0, now_ms() - _any_duration(name, value))
 
 
 def lifetime(max_ms: int | None = None) -> Check:

@@ -176,7 +176,8 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
                   send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
         # hypercorn's raw_path is the path as sent; scope["path"] is decoded already (%2F would split a segment)
         raw_path = scope["raw_path"].decode("utf-8", "replace") if scope["type"] == "http" else ""
-        found = router.match(scope["method"], raw_path) if raw_path else None
+        head = scope.get("method") == "HEAD"  # a GET without its body: the same status and headers (RFC 9110)
+        found = router.match("GET" if head else scope["method"], raw_path) if raw_path else None
         allowed = router.methods(raw_path) if found is None and raw_path else []
         if found is None and not allowed:
             await quart(scope, receive, send)  # the streams, and 404s
@@ -186,13 +187,13 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
                           path=scope["path"], authorization=headers.get(b"authorization", ""),
                           origin=headers.get(b"origin", ""))  # fmt: skip
         if refused is not None:
-            await _respond(send, refused[0], refused[1])
+            await _respond(send, refused[0], refused[1], head=head)
         elif found is None:
             await _respond(send, 405, error_body(method_not_allowed(scope["method"], scope["path"], allowed)),
-                           [(b"allow", ", ".join(allowed).encode())])  # fmt: skip
+                           [(b"allow", ", ".join(allowed).encode())], head=head)  # fmt: skip
         else:
             status, body = await _serve(core, found[0], found[1], scope, headers, receive)
-            await _respond(send, status, body)
+            await _respond(send, status, body, head=head)
 
     return app
 
@@ -288,11 +289,12 @@ async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
 
 
 async def _respond(send: Callable[..., Awaitable[None]], status: int, body: Any,
-                   headers: Sequence[tuple[bytes, bytes]] = ()) -> None:  # fmt: skip
+                   headers: Sequence[tuple[bytes, bytes]] = (), *, head: bool = False) -> None:  # fmt: skip
+    """Send a JSON reply; for HEAD its headers only (Content-Length still says how long the body is)."""
     data = v.compact_json(body).encode()
     fixed = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": [*fixed, *headers]})
-    await send({"type": "http.response.body", "body": data})
+    await send({"type": "http.response.body", "body": b"" if head else data})
 
 
 _HTTP_CODES = {413: "PAYLOAD_TOO_LARGE"}

@@ -1,6 +1,11 @@
 """The trio IPC client the SDK stands on: many requests in flight on one connection, fire-and-forget sends
 that never await, server pushes routed to handlers, and reconnection with backoff (after which the
 ``reconnect_handlers`` run, so the layer above can renew what the daemon forgot, like subscriptions).
+
+A request without a time limit of its own is waited for while the daemon shows it is alive, not for a fixed
+time: some operations wait by design (``msg.poll`` 30 s by default, ``msg.wait`` and ``spawn.wait`` without
+a limit, ``spawn.kill`` through a grace period), and the daemon answers every request it received on an open
+connection. What the connection's ``timeout`` guards against is a daemon that stopped answering at all.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -29,10 +35,34 @@ BACKOFF_MAX_S = 30.0
 
 # What a waiting request holds when its time runs out (None means the connection was lost).
 _NO_REPLY: Any = object()
-# What gives back a granted result: the (action, args) requests to send, e.g. a taken tuple written again.
-Undo = Callable[[Any], list[tuple[str, dict[str, Any]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class GiveBack:
+    """A request that gives back what a call nobody received was granted (a taken tuple written again, a lock
+    released), and what to do with it if the connection closes before the daemon has done it."""
+
+    action: str
+    args: dict[str, Any]
+    what: str  # for the log: "the tuple ['job', 7] of harbor h"
+    # The daemon does it by itself when the connection closes (it releases connection-bound locks and drops
+    # subscriptions), so a give-back of one is never sent on another connection.
+    undone_on_close: bool = False
+    # Doing it twice does no harm (a release by token), so one left unanswered by a lost connection is sent
+    # again on the next; one that is not (a write) might land twice, and is logged instead.
+    idempotent: bool = False
+    # Refusals that mean there is nothing left to give back (a release whose token is stale: the lease ended
+    # and the lock moved on).
+    settled_by: tuple[str, ...] = ()
+
+
+# What gives back a granted result: the requests to send, e.g. a taken tuple written again.
+Undo = Callable[[Any], list[GiveBack]]
 # A give-back refused for the connection's rate limit is sent again once the daemon's one-second window has moved on.
 RESEND_AFTER_S = 1.0
+SETTLE_POLL_S = 0.01
+# The watchdog looks every third of the connection's timeout, but not in a busy loop for a timeout of 0.
+MIN_WATCH_S = 0.01
 
 
 class TrioClient:
@@ -60,11 +90,18 @@ class TrioClient:
         # when the connection is lost. A task parked by hand, not a trio.Event: a request is two task switches,
         # and an Event with its parking lot per request was a measurable part of the rest.
         self._pending: dict[int, trio.lowlevel.Task] = {}
+        # conv id -> the deadline of a request with no limit of its own, moved on while the daemon shows life.
+        self._watched: dict[int, trio.CancelScope] = {}
+        self._heard = False  # something came from the daemon since the watchdog last looked
         # conv id -> what to do with a reply nobody waits for: give back a take or a lock the daemon granted as
         # its caller left, or see that such a give-back went through.
         self._orphans: dict[int, Callable[[Frame], None]] = {}
-        # Give-backs the rate limit refused, sent again by the connection's resender (kept across reconnects).
-        self._resend: list[tuple[str, dict[str, Any]]] = []
+        # conv id -> a give-back sent and not answered yet.
+        self._giving: dict[int, GiveBack] = {}
+        # Give-backs surely not done yet (the rate limit refused them, or their connection closed before they were
+        # answered and sending them again is safe), sent again by the connection's resender, on this connection
+        # or the next one.
+        self._resend: list[GiveBack] = []
         self._resend_lot = trio.lowlevel.ParkingLot()
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
@@ -88,21 +125,30 @@ class TrioClient:
             raise self._gone(f"not connected to {self.path}")
         conv = self._conv = next_conv_id(self._conv)
         self._pending[conv] = trio.lowlevel.current_task()
+        if timeout is None:  # as long as the daemon lives: the watchdog moves the deadline on
+            scope = self._watched[conv] = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        else:
+            scope = trio.move_on_after(timeout)
         frame = _NO_REPLY
         try:
             self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
-            with trio.move_on_after(self.timeout if timeout is None else timeout):
+            with scope:
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv, undo))
         except trio.Cancelled:
             self._withdraw(conv, action)  # Cancelled must propagate as it is
             raise
         finally:
             self._pending.pop(conv, None)
+            if timeout is None:
+                self._watched.pop(conv, None)
         if frame is None:
             raise DaemonUnavailable(f"lost the daemon while waiting for {action}")
         if frame is _NO_REPLY:
             self._withdraw(conv, action)
-            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
+            if timeout is None:
+                raise Timeout("TIMEOUT", f"no reply to {action}: the daemon gave no sign of life for "
+                                         f"{self.timeout:g}s")  # fmt: skip
+            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout:g}s")
         return reply_result(frame)
 
     def _withdraw(self, conv: int, action: str) -> None:
@@ -117,24 +163,54 @@ class TrioClient:
             result = reply_result(frame)
         except PDError:  # refused or cancelled: nothing was granted
             return
-        for action, args in undo(result):
-            self._send_give_back(action, args)
+        for give_back in undo(result):
+            self._send_give_back(give_back)
 
-    def _send_give_back(self, action: str, args: dict[str, Any]) -> None:
+    def _send_give_back(self, give_back: GiveBack) -> None:
         conv = self._conv = next_conv_id(self._conv)
-        self._orphans[conv] = functools.partial(self._gave_back, action, args)
-        with suppress(PDError):
-            self._write(request_frame(self._encoder, Performative.REQUEST, conv, action, self.agent_id, args))
+        frame = request_frame(self._encoder, Performative.REQUEST, conv, give_back.action, self.agent_id,
+                              give_back.args)  # fmt: skip
+        try:
+            self._write(frame)
+        except PDError:  # not sent: the connection is going, and the next one may send it
+            self._resend.append(give_back)
+            return
+        self._giving[conv] = give_back
+        self._orphans[conv] = functools.partial(self._gave_back, conv)
 
-    def _gave_back(self, action: str, args: dict[str, Any], frame: Frame) -> None:
+    def _gave_back(self, conv: int, frame: Frame) -> None:
+        give_back = self._giving.pop(conv)
         try:
             reply_result(frame)
         except PDError as e:
             if e.code == "rate_limited":  # the caller's own burst used up the second: not lost, only late
-                self._resend.append((action, args))
+                self._resend.append(give_back)
                 self._resend_lot.unpark_all()
+            elif e.code not in give_back.settled_by:
+                log.warning("could not give back %s, which a cancelled call was granted: %s", give_back.what, e)
+
+    def _carry_over_give_backs(self) -> None:
+        """The connection closed: of the give-backs not done, keep for the next connection those still needed
+        and safe to send; say which the daemon did itself, and which may be lost."""
+        unanswered, self._giving = self._giving, {}
+        pending = [(g, False) for g in self._resend] + [(g, True) for g in unanswered.values()]
+        self._resend = []
+        for give_back, maybe_done in pending:
+            if give_back.undone_on_close:
+                log.info("%s was given back by the daemon as the connection closed", give_back.what)
+            elif maybe_done and not give_back.idempotent:
+                log.warning("%s, which a cancelled call was granted, may be lost: the connection closed before "
+                            "the daemon answered its give-back, and sending it again could do it twice; see "
+                            "whether it is there, and restore it if not", give_back.what)  # fmt: skip
             else:
-                log.warning("could not give back what a cancelled call was granted (%s): %s", action, e)
+                self._resend.append(give_back)
+
+    async def settle(self, within: float) -> None:
+        """Wait up to ``within`` seconds for what is under way to give back (a grant on its way to a caller that
+        gave up, a give-back waiting to be sent again), so that closing the connection does not lose it."""
+        with trio.move_on_after(within):
+            while self.sock is not None and (self._orphans or self._resend):
+                await trio.sleep(SETTLE_POLL_S)
 
     def _give_up(self, conv: int, undo: Undo | None, _: Any) -> trio.lowlevel.Abort:
         """A waiting request was cancelled (its timeout, or its caller's scope): a late reply finds nobody, but
@@ -163,6 +239,15 @@ class TrioClient:
         """Own the connection: connect (failing fast the first time), read, and reconnect with backoff."""
         self._connect()
         task_status.started()
+        try:
+            await self._serve_and_reconnect()
+        finally:
+            for give_back in self._resend:
+                log.warning("%s, which a cancelled call was granted, is lost: the client closed before it could be "
+                            "given back", give_back.what)  # fmt: skip
+            self._resend.clear()
+
+    async def _serve_and_reconnect(self) -> None:
         backoff = BACKOFF_START_S
         while True:
             await self._serve_connection()
@@ -214,6 +299,7 @@ class TrioClient:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, sock)
                 nursery.start_soon(self._resender)
+                nursery.start_soon(self._watchdog)
                 while True:
                     await trio.lowlevel.wait_readable(sock)
                     try:
@@ -224,6 +310,7 @@ class TrioClient:
                         break
                     if not size:
                         break
+                    self._heard = True
                     decoder.feed(view[:size])
                     while (event := decoder.next_event()) is not None:
                         if event.__class__ is Frame:
@@ -233,7 +320,10 @@ class TrioClient:
             self.sock = None
             self.connected = trio.Event()
             sock.close()
-            self._orphans.clear()  # a closed connection answers none of them (the daemon gives back what it can)
+            # A closed connection answers none of them. The daemon gives back, as it closes, a tuple it took for
+            # a waiting taker and had not answered, a connection-bound lock, a subscription.
+            self._orphans.clear()
+            self._carry_over_give_backs()
             waiting, self._pending = self._pending, {}
             for task in waiting.values():
                 # The waiter raises the daemon's parting REFUSE, or DaemonUnavailable when there was none.
@@ -301,8 +391,27 @@ class TrioClient:
                 continue
             await trio.sleep(RESEND_AFTER_S)
             again, self._resend = self._resend, []
-            for action, args in again:
-                self._send_give_back(action, args)
+            for give_back in again:
+                self._send_give_back(give_back)
+
+    async def _watchdog(self) -> None:
+        """Keep requests without a limit of their own waiting while the daemon shows life. Every third of the
+        timeout: if anything came from the daemon since the last look, their deadlines move to a whole timeout
+        from now; if nothing did, ask it for a sign (``daemon.health``, whose reply counts as one). So a
+        daemon that answers nothing for ``timeout`` seconds fails them, and one still working never does."""
+        while True:
+            await trio.sleep(max(self.timeout / 3, MIN_WATCH_S))
+            if self._watched:
+                if self._heard:
+                    deadline = trio.current_time() + self.timeout
+                    for scope in self._watched.values():
+                        scope.deadline = max(scope.deadline, deadline)
+                else:
+                    conv = self._conv = next_conv_id(self._conv)  # nobody waits for the reply: it is dropped
+                    with suppress(PDError):
+                        self._write(request_frame(self._encoder, Performative.REQUEST, conv, "daemon.health",
+                                                  self.agent_id, None))  # fmt: skip
+            self._heard = False
 
     async def _writer(self, sock: socket.socket) -> None:
         while True:
