@@ -347,9 +347,9 @@ agents:
   show:
     trigger: work
     backend: custom
-    identity: proj:fleet:show  # the default, {project}:fleet:show, would not be a valid identity here
     command: >-
-      {project_dir}/args.sh {project_dir} "in {project}" 'sq {project}' {branch} "$(printf %s {project})"
+      {project_dir}/args.sh {project_dir} "in {project_dir}" 'sq {project_dir}' {branch}
+      "$(printf %s {project_dir})" {project}
 """
 
 
@@ -365,7 +365,9 @@ def test_template_values_in_a_command_are_one_word_whatever_they_hold(daemon_fac
     [run] = finished(d, project, "show", 1)
     assert run["status"] == "completed", run  # was: failed, the values pasted into the command unquoted
     output = [line for line in Path(run["logPath"]).read_text().splitlines() if not line.startswith("# ")]
-    assert output == [f"[{project}]", f"[in {name}]", f"[sq {name}]", f"[{branch}]", f"[{name}]"]
+    # {project} is the directory's name made an identity segment; the path keeps every hostile character
+    in_each_context = [f"[{project}]", f"[in {project}]", f"[sq {project}]", f"[{branch}]", f"[{project}]"]
+    assert output == [*in_each_context, "[it-s-a-touch-pwned]"]
     assert not list(tmp_home.rglob("pwned"))  # nothing in a value ran
 
 
