@@ -52,6 +52,7 @@ _TABLE: dict[str, tuple[int, int, int]] = {
     "agent_mismatch": (403, _REFUSE, EXIT_REFUSED),
     "disconnected": (400, _REFUSE, EXIT_REFUSED),
     "DAEMON_UNAVAILABLE": (503, _FAILURE, EXIT_UNREACHABLE),
+    "NO_REPLY": (504, _FAILURE, EXIT_UNREACHABLE),  # a client's, never sent: see NoReply
     "CANCELLED": (499, _FAILURE, EXIT_REFUSED),
     "INTERNAL": (500, _FAILURE, EXIT_REFUSED),
     # Outcomes pd reports when the daemon answered and the answer is a no; the daemon never sends these.
@@ -120,6 +121,15 @@ class LockHeld(Conflict):
 
 class Timeout(PDError):
     pass
+
+
+class NoReply(Timeout):
+    """A client gave up waiting for a reply (code ``NO_REPLY``, exit 3): not the daemon saying a wait timed out
+    (``TIMEOUT``, exit 1), but a daemon that did not answer in time, stopped or stuck. The clients' waits cover
+    each operation's own, so no reply means the daemon is not answering."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__("NO_REPLY", f"{message}: the daemon is not answering (pd status says why)", **extra)
 
 
 class DaemonUnavailable(PDError):

@@ -4,6 +4,7 @@ never a traceback, whatever the mistake: bad usage, a home it cannot use, values
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -112,3 +113,21 @@ def test_a_timeout_means_waiting(daemon: Daemon) -> None:
     daemon.call("lock.acquire", name="cli:timed", owner="someone-else")
     r = daemon.pd("lock", "cli:timed", "--timeout", "300ms")  # no --wait: the timeout says how long to wait
     one_error_line(r, 1, "was not free within 0.3s", "held by someone-else")
+
+
+def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_daemon: Daemon) -> None:
+    pid = fresh_daemon.proc.pid
+    fresh_daemon.proc.send_signal(signal.SIGSTOP)  # it still takes connections (the kernel does), answers none
+    try:
+        status = fresh_daemon.pd("status")
+        assert status.returncode == 3, status.stderr
+        assert f"is not answering: process {pid} is stopped" in status.stderr
+        assert f"fix: kill -CONT {pid}" in status.stderr
+        as_json = json.loads(fresh_daemon.pd("status", "--json").stdout)
+        assert as_json["running"] is True and as_json["fix"] == f"kill -CONT {pid}"
+        # Any command: pd waits longer than the operation would, so no reply is an unreachable daemon, not a
+        # refusal (it was exit 1, "no reply to port.claim within 10s").
+        one_error_line(fresh_daemon.pd("claim", "stuck:api", "-q"), 3, "no reply to port.claim", "pd status says why")
+    finally:
+        fresh_daemon.proc.send_signal(signal.SIGCONT)
+    assert fresh_daemon.pd("status").returncode == 0

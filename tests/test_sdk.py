@@ -15,7 +15,7 @@ from conftest import Daemon
 
 import portdaddy.sdk
 from portdaddy.config import Settings
-from portdaddy.errors import BadInput, DaemonUnavailable, PDError, Timeout
+from portdaddy.errors import BadInput, DaemonUnavailable, NoReply, PDError, Timeout
 
 
 def connect(d: Daemon, **kw: Any) -> Any:
@@ -108,7 +108,7 @@ async def test_a_daemon_that_answers_nothing_still_fails_a_call_after_the_timeou
         fresh_daemon.proc.send_signal(signal.SIGSTOP)
         try:
             started = trio.current_time()
-            with trio.fail_after(5), pytest.raises(Timeout, match=r"gave no sign of life for 0\.5s"):
+            with trio.fail_after(5), pytest.raises(NoReply, match=r"no sign of life for 0\.5s"):
                 await pd.call("msg.poll", channel="sdk:stopped")
             assert trio.current_time() - started < 1.5
         finally:

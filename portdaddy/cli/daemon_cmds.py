@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 import click
 
@@ -13,7 +14,7 @@ from portdaddy import __version__
 from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import fail, settings, wait_healthy
 from portdaddy.config import Settings
-from portdaddy.errors import EXIT_UNREACHABLE, PDError, exit_code
+from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
 
 
@@ -38,10 +39,21 @@ def diagnose_down(cfg: Settings) -> tuple[str, str]:
             return f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME"
         if not cfg.ipc_sock.exists():
             return f"process {pid} is running but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start"
+        if _stopped(pid):
+            return f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}"
         return f"process {pid} is running but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start"
     if cfg.ipc_sock.exists():
         return f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)"
     return "no daemon is running", "pd start"
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped: its state in /proc (Linux) is T (stopped) or t (traced)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 @click.command()
@@ -111,6 +123,8 @@ def status(as_json: bool) -> None:
     cfg = settings()
     try:
         st = probe(cfg, "daemon.status")
+    except NoReply:  # it took the connection and said nothing: stopped or stuck
+        _not_serving(cfg, as_json, running=True)
     except PDError as e:  # running, but turning this connection away
         if as_json:
             emit_json({"success": False, "running": True, "error": e.code, "reason": e.message, "home": str(cfg.home)})
@@ -118,14 +132,7 @@ def status(as_json: bool) -> None:
             click.echo(f"Port Daddy is running but refused this connection: {e.message}", err=True)
         sys.exit(exit_code(e.code))
     if st is None:
-        why, fix = diagnose_down(cfg)
-        if as_json:
-            emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
-                       "running": False, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip
-        else:
-            click.echo(f"Port Daddy is not running: {why}", err=True)
-            click.echo(f"  fix: {fix}", err=True)
-        sys.exit(EXIT_UNREACHABLE)
+        _not_serving(cfg, as_json, running=False)
     warnings = attention(st["counts"])
     if as_json:
         emit_json({"success": True, "running": True, **st, "warnings": warnings})
@@ -140,6 +147,19 @@ def status(as_json: bool) -> None:
     click.echo(f"  counts:   {counts}")
     for line in warnings:
         click.echo(f"  warning:  {line}")
+
+
+def _not_serving(cfg: Settings, as_json: bool, *, running: bool) -> NoReturn:
+    """Say why no daemon serves this home (``running``: one took the connection but did not answer), what to
+    run about it, and exit 3."""
+    why, fix = diagnose_down(cfg)
+    if as_json:
+        emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
+                   "running": running, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip
+    else:
+        click.echo(f"Port Daddy is {'not answering' if running else 'not running'}: {why}", err=True)
+        click.echo(f"  fix: {fix}", err=True)
+    sys.exit(EXIT_UNREACHABLE)
 
 
 # count -> (what it means when above zero, where to look)
@@ -172,6 +192,8 @@ def version(as_json: bool, quiet: bool) -> None:
     """
     try:
         daemon = probe(settings(), "daemon.version")
+    except NoReply as e:
+        daemon = {"notAnswering": e.message}
     except PDError as e:
         daemon = {"refused": e.message}
     if as_json:
@@ -182,6 +204,8 @@ def version(as_json: bool, quiet: bool) -> None:
         click.echo(f"Port Daddy {__version__}")
         if daemon and "refused" in daemon:
             click.echo(f"Daemon running, but it refused this connection: {daemon['refused']}")
+        elif daemon and "notAnswering" in daemon:
+            click.echo(f"Daemon running, but not answering ({daemon['notAnswering']}): see pd status")
         elif daemon:
             click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {daemon['uptime']}s)")
         else:

@@ -12,7 +12,7 @@ import struct
 import time
 from collections import deque
 
-from portdaddy.errors import DaemonUnavailable, PDError, Timeout, bad_input
+from portdaddy.errors import DaemonUnavailable, NoReply, PDError, bad_input
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Parts, Performative, next_conv_id
 from portdaddy.ipc.peer import check_daemon_uid
 
@@ -176,7 +176,7 @@ class BlockingClient:
             frame = self._next_frame(deadline)
             if frame is None:
                 self._withdraw(conv, action)
-                raise Timeout("TIMEOUT", f"no reply to {action} within {timeout or self.timeout:g}s")
+                raise NoReply(f"no reply to {action} within {timeout or self.timeout:g}s")
             if frame.conv_id == conv:
                 whole = self._parts.feed(frame)
                 if whole is not None:

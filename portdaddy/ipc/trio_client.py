@@ -22,7 +22,7 @@ from typing import Any
 import trio
 from outcome import Value
 
-from portdaddy.errors import DaemonUnavailable, PDError, Timeout
+from portdaddy.errors import DaemonUnavailable, NoReply, PDError
 from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_frame
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
 from portdaddy.ipc.peer import check_daemon_uid
@@ -146,9 +146,8 @@ class TrioClient:
         if frame is _NO_REPLY:
             self._withdraw(conv, action)
             if timeout is None:
-                raise Timeout("TIMEOUT", f"no reply to {action}: the daemon gave no sign of life for "
-                                         f"{self.timeout:g}s")  # fmt: skip
-            raise Timeout("TIMEOUT", f"no reply to {action} within {timeout:g}s")
+                raise NoReply(f"no reply to {action}, and no sign of life for {self.timeout:g}s")
+            raise NoReply(f"no reply to {action} within {timeout:g}s")
         return reply_result(frame)
 
     def _withdraw(self, conv: int, action: str) -> None:
