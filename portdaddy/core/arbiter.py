@@ -7,8 +7,9 @@ goes to the ``resurrection`` channel, where salvage and humans listen.
 
 What the arbiter knows about agents, notes and locks it learns from the stream since it started (it keeps no
 tables of its own besides violations), so after a restart each rule starts from what it sees next. That memory
-follows what is live: an agent's entry goes when it leaves the registry, a session's chain when the session
-ends (and the least recently used beyond MAX_CHAINS), a lock's holder at its release.
+follows what is live: an agent's entry goes when it leaves the registry (unregistered, or dead and its salvage
+entry settled or expired), a session's chain when the session ends (and the least recently used beyond
+MAX_CHAINS), a lock's holder at its release.
 
 Violations are history, kept as the activity log is: 7 days and the newest MAX_ROWS (a stale agent leaves a
 warning each, so they add up with throughput); pruned at start and every PRUNE_EVERY recorded. The counts in
@@ -177,6 +178,11 @@ class Arbiter:
         agent = d.get("agentId")
         if agent in self._agents and self.app.agents.get(agent) is None:
             del self._agents[agent]
+
+    def _salvage_expired(self, d: dict[str, Any]) -> None:
+        """Dead agents whose salvage entry expired left the registry (``forgotten``)."""
+        for agent in d.get("forgotten") or ():
+            self._agents.pop(agent, None)
 
     def _session_end(self, d: dict[str, Any]) -> None:
         self._chains.pop(d.get("sessionId"), None)
@@ -380,6 +386,7 @@ _HANDLERS = {
     "salvage.claim": Arbiter._salvage_settled,
     "salvage.complete": Arbiter._salvage_settled,
     "salvage.dismiss": Arbiter._salvage_settled,
+    "salvage.expire": Arbiter._salvage_expired,
     "session.end": Arbiter._session_end,
 }
 
