@@ -17,6 +17,7 @@ DEFAULT_TCP_PORT = 9876
 TCP_PORT_ATTEMPTS = 11  # 9876..9886, as the original
 DEFAULT_RANGE = (3100, 9999)
 RESERVED_PORTS = frozenset({8000, 8080, 9876})
+DEFAULT_SALVAGE_KEEP_MS = 30 * 86_400_000  # a month, as an unread inbox message (spec/journal.md)
 MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less its NUL
 
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")  # ASCII digits: \d would take "٣"
@@ -87,6 +88,7 @@ class Settings:
     webhook_allow_private: bool  # deliver to loopback/private/link-local targets (tests, local tooling)
     webhook_retry_base_ms: int  # first retry delay; then doubled (1, 2, 4, 8 s by default)
     webhook_disable_after_ms: int  # how long a webhook fails every delivery before it is disabled
+    salvage_keep_ms: int  # how long a salvage entry is kept after it last changed (then its dead agent goes)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +110,7 @@ class Settings:
             return int(raw) if raw.strip().isascii() and raw.strip().isdigit() else default
 
         disable_after = duration("PORT_DADDY_WEBHOOK_DISABLE_AFTER")
+        salvage_keep = duration("PORT_DADDY_SALVAGE_KEEP")
         start = integer("PORT_DADDY_RANGE_START", DEFAULT_RANGE[0])
         end = integer("PORT_DADDY_RANGE_END", DEFAULT_RANGE[1])
         if not 1024 <= start <= end <= 65535:
@@ -137,6 +140,7 @@ class Settings:
             webhook_allow_private=flag("PORT_DADDY_WEBHOOK_ALLOW_PRIVATE"),
             webhook_retry_base_ms=duration("PORT_DADDY_WEBHOOK_RETRY_BASE") or 1000,
             webhook_disable_after_ms=3_600_000 if disable_after is None else disable_after,  # 0: the count alone
+            salvage_keep_ms=salvage_keep or DEFAULT_SALVAGE_KEEP_MS,
         )
 
     def home_problem(self) -> tuple[str, str] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -250,6 +251,44 @@ def test_status_and_violations_through_the_cli(daemon_factory) -> None:
     bad = d.pd("arbiter", "test", "NO_SUCH_RULE")
     assert bad.returncode == 2 and "LOCK_OWNER_VALID" in bad.stderr
     assert json.loads(d.pd("arbiter", "violations", "--rule", "LOCK_OWNER_VALID", "--json").stdout)["total"] == 1
+
+
+def test_violations_are_kept_a_week_and_the_newest_ten_thousand(fresh_daemon) -> None:
+    """Violations were never pruned, and each stale agent adds a warning. Now they go as activity rows do;
+    the counts pd arbiter status and pd status show are of what is kept."""
+    from portdaddy.core.arbiter import MAX_ROWS, RETENTION_MS
+
+    d = fresh_daemon
+    old = [d.call("arbiter.test", name="LOCK_OWNER_VALID")["violation"]["id"] for _ in range(2)]
+    assert "2 invariant violation(s) recorded" in d.pd("status").stdout
+    d.stop()
+    now = int(time.time() * 1000)
+    with sqlite3.connect(d.settings.db) as db:
+        db.execute("UPDATE arbiter_violations SET at=? WHERE id IN (?,?)", (now - RETENTION_MS - 60_000, *old))
+        db.executemany("INSERT INTO arbiter_violations (at, rule, severity, agent_id, details) VALUES (?,?,?,?,?)",
+                       [(now, "HEARTBEAT_FRESHNESS", "warning", f"a{i}", '{"message":"stale"}')
+                        for i in range(MAX_ROWS + 1)])  # fmt: skip
+        newest = db.execute("SELECT max(id) FROM arbiter_violations").fetchone()[0]
+    d.start()
+    kept = d.call("arbiter.violations", limit=1000)
+    assert kept["total"] == MAX_ROWS and kept["violations"][0]["id"] == newest
+    assert {v["rule"] for v in kept["violations"]} == {"HEARTBEAT_FRESHNESS"}
+    status = d.call("arbiter.status")
+    assert status["violationsCount"] == MAX_ROWS
+    assert {r["name"]: r["violations"] for r in status["ruleDetails"]}["LOCK_OWNER_VALID"] == 0
+    assert "invariant violation" not in d.pd("status").stdout  # the serious ones aged out
+    assert d.call("arbiter.test", name="LOCK_OWNER_VALID")["violation"]["id"] > newest
+
+
+def test_a_running_arbiter_prunes_every_so_many_violations(app, monkeypatch) -> None:
+    monkeypatch.setattr(arbiter_module, "MAX_ROWS", 3)
+    monkeypatch.setattr(arbiter_module, "PRUNE_EVERY", 5)
+    arbiter = Arbiter(app)
+    ids = [arbiter.violation("LOCK_OWNER_VALID", "x", "synthetic", synthetic=True)["id"] for _ in range(4)]
+    assert arbiter.violations()[1] == 4
+    fifth = arbiter.violation("LOCK_OWNER_VALID", "x", "synthetic", synthetic=True)["id"]
+    assert [v["id"] for v in arbiter.violations()[0]] == [fifth, ids[3], ids[2]]
+    assert arbiter.status()["violationsCount"] == 3 and arbiter.serious == 3
 
 
 def _wait(predicate, what: str, timeout: float = 15) -> None:

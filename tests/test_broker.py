@@ -5,6 +5,7 @@ not grow the daemon, the SDK, and bad input."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import threading
 import time
@@ -196,6 +197,85 @@ def test_long_poll_wakes_on_publish_not_on_a_tick(daemon) -> None:
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _age_messages(d, up_to_id: int, age_ms: int) -> None:
+    """Make the messages with ids up to ``up_to_id`` ``age_ms`` old, as if published that long ago (stopped)."""
+    with sqlite3.connect(d.settings.db) as db:
+        db.execute("UPDATE messages SET created_at=? WHERE id<=?", (int(time.time() * 1000) - age_ms, up_to_id))
+
+
+def test_history_ages_out_and_silent_channels_are_forgotten_while_ids_keep_growing(fresh_daemon) -> None:
+    """Every channel ever used stayed in the store and in the broker's memory (each inbox message lands on
+    inbox:<agent> too, and fleet runs are agents of their own). History goes after a week, except a channel's
+    retained message, which goes once the channel has been silent a month, and the channel with it."""
+    from portdaddy.core.broker import CHANNEL_RETENTION_MS, HISTORY_RETENTION_MS
+
+    d, day = fresh_daemon, 86_400_000
+    for i in range(3):
+        d.call("msg.publish", channel="gone:quiet", payload=i)
+    d.call("inbox.send", to="run-7", content="your task")
+    [copy] = d.call("msg.history", channel="inbox:run-7")["messages"]
+    signal = [d.call("msg.publish", channel="kept:signal", payload=i)["id"] for i in range(3)]
+    live = d.call("msg.publish", channel="kept:live", payload="now")["id"]
+    d.stop()
+    _age_messages(d, signal[-1], HISTORY_RETENTION_MS + day)
+    _age_messages(d, copy["id"], CHANNEL_RETENTION_MS + day)
+    d.start()
+    assert {c["channel"] for c in d.call("msg.channels")["channels"]} == {"kept:signal", "kept:live"}
+    assert d.call("daemon.status")["counts"]["channels"] == 2  # memory follows the store
+    assert [m["id"] for m in d.call("msg.history", channel="*", after=0)["messages"]] == [signal[-1], live]
+    assert d.pd("sub", "kept:signal", "--once").stdout == "2\n"  # the retained message outlives its history
+    assert d.pd("wait", "kept:signal", "--timeout", "1s").returncode == 0
+    assert [m["content"] for m in d.call("inbox.list", agentId="run-7")["messages"]] == ["your task"]  # its own rules
+    again = d.call("msg.publish", channel="gone:quiet", payload="back")["id"]
+    assert again > live and d.pd("sub", "gone:quiet", "--once").stdout == "back\n"
+
+    d.stop()  # everything silent for a month: nothing is left, and ids still only grow
+    _age_messages(d, again, CHANNEL_RETENTION_MS + day)
+    d.start()
+    assert d.call("msg.channels")["count"] == 0 and d.call("daemon.status")["counts"]["channels"] == 0
+    assert d.call("msg.history", channel="*", after=0)["messages"] == []
+    assert d.call("msg.publish", channel="gone:quiet", payload="later")["id"] > again
+
+
+class _Connection:
+    """What the broker needs of an IPC connection: a bounded output that takes every delivery."""
+
+    def __init__(self) -> None:
+        self.data: dict = {}
+        self.closed = False
+        self.pushed: list[dict] = []
+
+    def on_close(self, callback) -> None:
+        pass
+
+    def push(self, frame: dict) -> bool:
+        self.pushed.append(frame)
+        return True
+
+
+def test_the_hourly_prune_leaves_subscriptions_and_cursors_alone(tmp_path) -> None:
+    """Forgetting a channel drops its memory, not the subscriptions to it: they get the next message, whose id
+    is above every id handed out before, and a cursor older than what is left reads what is left."""
+    from portdaddy.core.broker import CHANNEL_RETENTION_MS, HISTORY_RETENTION_MS, Broker
+    from portdaddy.core.clock import now_ms
+    from tests.swarm_app import make_app
+
+    app = make_app(tmp_path)
+    broker = Broker(app)
+    ids = [broker.post("p:x", i).id for i in range(5)]
+    conn = _Connection()
+    broker.subscribe(conn, ("p:x",), after=None, new=True)
+    assert broker.prune(now_ms() + HISTORY_RETENTION_MS + 1000) == 4
+    assert [m.id for m in broker.since(["p:x"], 0)] == ids[-1:] and broker.channels()[0]["count"] == 1
+    assert broker.prune(now_ms() + CHANNEL_RETENTION_MS + 1000) == 1
+    assert broker.channels() == [] and broker.retained(["*"]) == [] and broker.stats()["channels"] == 0
+    assert broker.stats()["subscriptions"] == 1
+    after = broker.post("p:x", "next")
+    assert after.id > ids[-1] and [f["id"] for f in conn.pushed] == [after.id]
+    assert [m.id for m in broker.since(["p:x"], ids[0])] == [after.id]
+    app.store.close()
 
 
 def test_slow_subscriber_does_not_grow_daemon_memory(daemon_factory) -> None:

@@ -48,6 +48,7 @@ def test_unread_read_and_clear(daemon) -> None:
     assert missing.returncode == 1 and "message 999999 is not in reader's inbox" in missing.stderr
     assert "Deleted 2" in daemon.pd("inbox", "clear", env=env).stdout
     assert "No messages" in daemon.pd("inbox", env=env).stdout
+    assert daemon.call("msg.history", channel="inbox:reader")["messages"] == []  # nor are the channel's copies
 
 
 def test_http_inbox_routes(daemon) -> None:

@@ -3,6 +3,7 @@ salvage, and the sugar commands in the orders a distracted user types them."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,3 +112,56 @@ def test_after_a_death_whoami_and_salvage_say_what_is_true(daemon_factory, tmp_p
     assert d.pd("salvage", "claim", "ghost", "--agent", "heir", cwd=wt).returncode == 0
     listing = d.pd("salvage", "--all", cwd=wt).stdout
     assert "ghost (claimed by heir," in listing and "1 salvage entry" in listing, listing
+
+
+def test_salvage_entries_expire_a_month_after_they_last_changed_and_their_dead_agents_leave(daemon_factory) -> None:
+    """Salvage entries, and the dead agents nobody salvaged, were kept forever: fleet runs are agents of their
+    own, and every crash left one. An entry now goes a month after it last changed, and its dead agent with it;
+    the work itself stays in the journal, and the agent may come back as a new one."""
+    from portdaddy.config import DEFAULT_SALVAGE_KEEP_MS
+
+    d = daemon_factory(**FAST)
+    sid = d.call("agent.begin", agentId="forgotten", purpose="build db", identity="pay:db")["sessionId"]
+    d.call("note.add", sessionId=sid, agentId="forgotten", content="schema half done")
+    for agent in ("recent", "handed-over", "settled"):
+        d.call("agent.register", agentId=agent)
+    for agent in ("forgotten", "recent", "handed-over", "settled"):
+        wait_dead(d, agent)
+    d.call("salvage.claim", id="handed-over", newAgentId="heir")
+    d.call("salvage.complete", id="settled", newAgentId="heir")
+    d.stop()
+    month_ago = int(time.time() * 1000) - DEFAULT_SALVAGE_KEEP_MS - 60_000
+    with sqlite3.connect(d.settings.db) as db:
+        db.execute("UPDATE salvage SET changed_at=? WHERE agent_id IN ('forgotten', 'handed-over')", (month_ago,))
+    d = daemon_factory()  # the same home, on thresholds nobody reaches during the test
+    entries = {e["id"]: e for e in d.call("salvage.list", all=True)["agents"]}
+    assert {k: e["status"] for k, e in entries.items()} == {"recent": "pending", "settled": "completed"}
+    assert entries["settled"]["completedBy"] == "heir"  # lineage is kept with its entry
+    assert [a["id"] for a in d.call("agent.list")["agents"]] == ["recent"]  # dead, awaiting salvage
+    assert d.call("daemon.status")["counts"]["agents"] == 1
+    assert [n["content"] for n in d.call("note.list", agent="forgotten")["notes"]] == ["schema half done"]
+    assert d.call("session.get", sessionId=sid)["session"]["status"] == "abandoned"
+    back = d.call("agent.heartbeat", agentId="forgotten")
+    assert back["registered"] is True and back["deathNotice"] is None  # a new agent by that name
+
+
+def test_a_running_daemon_lets_a_salvage_entry_go_when_it_is_due(daemon_factory) -> None:
+    """The reaper wakes for an entry's expiry as for a heartbeat deadline. An agent alive again keeps its place
+    when the entry of its death expires; a dead one leaves the registry and the arbiter's memory."""
+    d = daemon_factory(**FAST, PORT_DADDY_SALVAGE_KEEP="4s")
+    for agent in ("crashed", "steady"):
+        d.call("agent.register", agentId=agent)
+    for agent in ("crashed", "steady"):
+        wait_dead(d, agent)
+    assert d.call("arbiter.status")["tracking"]["agents"] == 2
+
+    def all_expired() -> bool:
+        d.call("agent.heartbeat", agentId="steady")  # back, and kept alive: its entry is claimed by itself
+        return d.call("salvage.list", all=True)["count"] == 0
+
+    wait_until(all_expired)
+    assert [(a["id"], a["liveness"]) for a in d.call("agent.list")["agents"]] == [("steady", "active")]
+    assert d.call("arbiter.status")["tracking"]["agents"] == 1
+    logged = [e["metadata"] for e in d.call("activity.list", type="salvage.expire")["entries"]]
+    assert sorted(a for e in logged for a in e["agentIds"]) == ["crashed", "steady"]
+    assert [a for e in logged for a in e["forgotten"]] == ["crashed"]

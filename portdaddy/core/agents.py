@@ -9,7 +9,8 @@ agent is judged for a grace period: their silence was ours.
 Death (``declare_dead``, also the fleet's entry point) abandons the agent's active sessions (claims and notes
 kept), records a salvage entry and tells the lock manager and harbors through the ``agent.dead`` event, all in
 one transaction. A dead agent stays listed until its salvage entry is claimed or dismissed (the original
-deleted agents before its salvage check could see them, reference §10.4).
+deleted agents before its salvage check could see them, reference §10.4), or until the entry expires: an
+entry is kept ``salvage_keep_ms`` (a month) after it last changed, and the reaper wakes for that too.
 
 Agents live in memory (heartbeats are a hot path) and are written through to the store; a fire-and-forget
 heartbeat is flushed within a second.
@@ -256,7 +257,7 @@ class Agents:
         itself, so the queue stops offering another agent the work of one that is doing it (an entry someone
         else claimed stays theirs; ``death_notice`` tells the agent)."""
         with self.store.write() as db:
-            db.execute("UPDATE salvage SET status='claimed', claimed_by=?1, claimed_at=?2 "
+            db.execute("UPDATE salvage SET status='claimed', claimed_by=?1, claimed_at=?2, changed_at=?2 "
                        "WHERE agent_id=?1 AND status='pending'", (agent_id, now_ms()))  # fmt: skip
             taken = db.changes() > 0
         if taken:
@@ -308,11 +309,11 @@ class Agents:
                        (now, agent.last_heartbeat, agent_id))  # fmt: skip
             db.execute(
                 "INSERT INTO salvage (agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, "
-                "status) VALUES (?,?,?,?,?,?,?,'pending') ON CONFLICT(agent_id) DO UPDATE SET "
+                "status, changed_at) VALUES (?1,?2,?3,?4,?5,?6,?7,'pending',?6) ON CONFLICT(agent_id) DO UPDATE SET "
                 "identity=excluded.identity, purpose=excluded.purpose, session_ids=excluded.session_ids, "
                 "last_heartbeat=excluded.last_heartbeat, "
                 "detected_at=excluded.detected_at, reason=excluded.reason, status='pending', claimed_by=NULL, "
-                "claimed_at=NULL, completed_by=NULL, completed_at=NULL",
+                "claimed_at=NULL, completed_by=NULL, completed_at=NULL, changed_at=excluded.changed_at",
                 (agent_id, agent.identity, purpose, json.dumps(abandoned or self.app.sessions.session_ids_of(agent_id)),
                  agent.last_heartbeat, now, reason),
             )  # fmt: skip
@@ -401,6 +402,7 @@ class Agents:
                            (agent_id,))  # fmt: skip
             else:
                 db.execute("UPDATE salvage SET status='dismissed', completed_at=? WHERE agent_id=?", (now, agent_id))
+            db.execute("UPDATE salvage SET changed_at=? WHERE agent_id=?", (now, agent_id))  # its window starts again
             if action in ("claim", "complete", "dismiss"):
                 self._forget_dead(agent_id)
         self.app.bus.emit(f"salvage.{action}", salvageId=agent_id, agentId=agent_id, by=by)
@@ -417,6 +419,27 @@ class Agents:
         if agent is not None and agent.liveness == "dead":
             self.store.execute("DELETE FROM agents WHERE id=?", (agent_id,))
             del self._agents[agent_id]
+
+    def expire_salvage(self, now: int) -> None:
+        """Drop the salvage entries unchanged for ``salvage_keep_ms``, and forget the dead agents they were for:
+        nobody took the work over in that time. Their sessions and notes stay in the journal."""
+        cutoff = now - self.app.settings.salvage_keep_ms
+        expired = [a for (a,) in self.store.all("SELECT agent_id FROM salvage WHERE changed_at <= ?", (cutoff,))]
+        if not expired:
+            return
+        forgotten = [a for a in expired if (agent := self._agents.get(a)) is not None and agent.liveness == "dead"]
+        with self.store.write() as db:
+            db.execute("DELETE FROM salvage WHERE changed_at <= ?", (cutoff,))
+            db.executemany("DELETE FROM agents WHERE id=?", [(a,) for a in forgotten])
+        for agent_id in forgotten:
+            del self._agents[agent_id]
+        log.info("%d salvage entries expired; %d dead agents left the registry", len(expired), len(forgotten))
+        self.app.bus.emit("salvage.expire", agentIds=expired, forgotten=forgotten)
+
+    def _next_expiry(self) -> float:
+        """Wall-clock ms when the oldest salvage entry expires (inf if none)."""
+        oldest = self.store.scalar("SELECT min(changed_at) FROM salvage")
+        return math.inf if oldest is None else oldest + self.app.settings.salvage_keep_ms
 
     # -- the reaper ----------------------------------------------------------------------------------------
 
@@ -450,7 +473,7 @@ class Agents:
             task_status.started()
             wall, mono = now_ms(), trio.current_time()
             while True:
-                wait_s = (self._next_deadline() - now_ms()) / 1000
+                wait_s = (min(self._next_deadline(), self._next_expiry()) - now_ms()) / 1000
                 with trio.move_on_after(max(wait_s, 0)):
                     await self._changed.wait()
                 self._changed = trio.Event()
@@ -459,6 +482,7 @@ class Agents:
                     log.info("the host slept; no agent is judged for %ds", self.grace_ms // 1000)
                     self._grace_until = now + self.grace_ms
                 wall, mono = now, mono_now
+                self.expire_salvage(now)
                 self.reap(now)
 
 

@@ -7,8 +7,13 @@ goes to the ``resurrection`` channel, where salvage and humans listen.
 
 What the arbiter knows about agents, notes and locks it learns from the stream since it started (it keeps no
 tables of its own besides violations), so after a restart each rule starts from what it sees next. That memory
-follows what is live: an agent's entry goes when it leaves the registry, a session's chain when the session
-ends (and the least recently used beyond MAX_CHAINS), a lock's holder at its release.
+follows what is live: an agent's entry goes when it leaves the registry (unregistered, or dead and its salvage
+entry settled or expired), a session's chain when the session ends (and the least recently used beyond
+MAX_CHAINS), a lock's holder at its release.
+
+Violations are history, kept as the activity log is: 7 days and the newest MAX_ROWS (a stale agent leaves a
+warning each, so they add up with throughput); pruned at start and every PRUNE_EVERY recorded. The counts in
+the status are of what is kept.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ DEFAULT_SALVAGE_WINDOW_S = 5.0
 # Note chains remembered at most. Sessions that end drop theirs; this bounds the rest: notes added to a session
 # after it ended (nothing forbids it) and sessions nobody ends. Forgetting one costs only its baseline.
 MAX_CHAINS = 4096
+RETENTION_MS = 7 * 86_400_000  # violations kept, as the activity log's rows
+MAX_ROWS = 10_000
+PRUNE_EVERY = 500  # violations recorded between two prunes
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +124,8 @@ class Arbiter:
         self.salvage_window_s = salvage_window_s or (float(window) if window else DEFAULT_SALVAGE_WINDOW_S)
         self.started_at = now_ms()
         self.checked = dict.fromkeys(RULES, 0)
-        self.found = dict.fromkeys(RULES, 0)
-        for rule, n in self.store.all("SELECT rule, count(*) FROM arbiter_violations GROUP BY rule"):
-            if rule in self.found:
-                self.found[rule] = n
-        # Beyond warnings (a stale agent is one): what `pd status` calls for a look at.
-        self.serious = self.store.scalar("SELECT count(*) FROM arbiter_violations WHERE severity != ?", (WARNING,))
+        self.recorded = 0  # since start, for pruning every PRUNE_EVERY
+        self._prune()  # and count what is kept: found, serious
         self.forced_releases = 0
         self.events_seen = 0
         self._agents: dict[str, _Agent] = {}
@@ -174,6 +178,11 @@ class Arbiter:
         agent = d.get("agentId")
         if agent in self._agents and self.app.agents.get(agent) is None:
             del self._agents[agent]
+
+    def _salvage_expired(self, d: dict[str, Any]) -> None:
+        """Dead agents whose salvage entry expired left the registry (``forgotten``)."""
+        for agent in d.get("forgotten") or ():
+            self._agents.pop(agent, None)
 
     def _session_end(self, d: dict[str, Any]) -> None:
         self._chains.pop(d.get("sessionId"), None)
@@ -307,6 +316,9 @@ class Arbiter:
             vid = db.last_insert_rowid()
         self.found[rule] += 1
         self.serious += severity != WARNING
+        self.recorded += 1
+        if self.recorded % PRUNE_EVERY == 0:
+            self._prune()
         overboard = self.strict and severity == CRITICAL and not facts.get("synthetic")
         self.app.bus.emit("arbiter.violation", rule=rule, severity=severity, agentId=agent_id, details=details,
                           violationId=vid, manOverboard=overboard)  # fmt: skip
@@ -316,6 +328,19 @@ class Arbiter:
         log.warning("arbiter: %s (%s) %s", rule, severity, details)
         return {"id": vid, "timestamp": at, "rule": rule, "severity": severity, "agentId": agent_id,
                 "details": json.loads(body)}  # fmt: skip
+
+    def _prune(self) -> None:
+        """Drop violations older than RETENTION_MS and beyond the newest MAX_ROWS; count what is left."""
+        with self.store.write() as db:
+            db.execute("DELETE FROM arbiter_violations WHERE at < ?", (now_ms() - RETENTION_MS,))
+            db.execute("DELETE FROM arbiter_violations WHERE id <= (SELECT id FROM arbiter_violations ORDER BY id DESC "
+                       "LIMIT 1 OFFSET ?)", (MAX_ROWS,))  # fmt: skip
+        self.found = dict.fromkeys(RULES, 0)
+        for rule, n in self.store.all("SELECT rule, count(*) FROM arbiter_violations GROUP BY rule"):
+            if rule in self.found:
+                self.found[rule] = n
+        # Beyond warnings (a stale agent is one): what `pd status` calls for a look at.
+        self.serious = self.store.scalar("SELECT count(*) FROM arbiter_violations WHERE severity != ?", (WARNING,))
 
     def violations(self, *, since: int | None = None, rule: str | None = None, limit: int = 50,
                    offset: int = 0) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
@@ -361,6 +386,7 @@ _HANDLERS = {
     "salvage.claim": Arbiter._salvage_settled,
     "salvage.complete": Arbiter._salvage_settled,
     "salvage.dismiss": Arbiter._salvage_settled,
+    "salvage.expire": Arbiter._salvage_expired,
     "session.end": Arbiter._session_end,
 }
 

@@ -14,12 +14,19 @@ Slow subscribers never stall the daemon. A cursor waiter holds no queue: it read
 id. An IPC subscription pushes into the connection's bounded output; when that refuses (the client is not
 reading), the subscription stops pushing and, once the client reads again, sends one ``msg.missed`` notice
 with the last id it delivered, so the client can resume from history.
+
+Retention (spec/sync.md): a channel keeps its newest HISTORY_PER_CHANNEL messages of the last week, and its
+retained message until it has been silent for a month; then the channel is forgotten, in the store and in
+memory, so what the broker holds follows the channels in use (fleet runs are agents of their own, and each
+has an ``inbox:<agent>`` channel). Pruned at start and hourly. Ids stay monotonic across forgetting and restarts:
+``sqlite_sequence`` keeps the highest id even when no message is left.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +43,9 @@ from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import PDError, bad_input
 
 HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in batches
+HISTORY_RETENTION_MS = 7 * 86_400_000  # a message other than its channel's retained one is kept a week
+CHANNEL_RETENTION_MS = 30 * 86_400_000  # a channel silent this long is forgotten, retained message and all
+PRUNE_INTERVAL_S = 3600.0
 MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded; a delivery must fit one IPC frame (64 KiB)
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
@@ -95,6 +105,21 @@ def _row(r: tuple[Any, ...]) -> Message:
 _COLS = "id, channel, payload, content_type, sender, created_at"
 
 
+def _newest_id_before(db: Any, last_id: int, cutoff: int) -> int:
+    """The id of the newest message created before ``cutoff`` (0 if none), by bisection: ids are handed out in
+    publish order, so ``created_at`` grows with them. A clock set back can mislead it by that much; callers
+    still check ``created_at``, so it never makes them drop a message too young."""
+    lo, hi = 0, last_id + 1  # lo: a message older than cutoff (or 0); hi: the first message from hi on is not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        row = db.execute("SELECT id, created_at FROM messages WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is not None and row[1] < cutoff:
+            lo = row[0]
+        else:
+            hi = mid
+    return lo
+
+
 def _glob(pattern: str) -> str:
     """An SQL GLOB that admits at least every channel ``pattern`` matches (it may admit more)."""
     return pattern  # names hold no '?', '[' or ']', and GLOB's '*' spans ':' (so it over-admits only)
@@ -122,6 +147,7 @@ class Broker:
         ):
             last = _row(self.store.one(f"SELECT {_COLS} FROM messages WHERE id=?", (last_id,)))
             self._channels[channel] = _Channel(count, last)
+        self.prune()
 
     @property
     def last_id(self) -> int:
@@ -196,6 +222,28 @@ class Broker:
                                (channel, HISTORY_PER_CHANNEL - 1)).fetchone()[0]  # fmt: skip
         db.execute("DELETE FROM messages WHERE channel=? AND id<?", (channel, keep_from))
         info.count = HISTORY_PER_CHANNEL
+
+    def prune(self, now: int | None = None) -> int:
+        """Delete history older than HISTORY_RETENTION_MS (each channel's retained message excepted) and forget
+        every channel silent for CHANNEL_RETENTION_MS; returns how many messages went."""
+        now = now_ms() if now is None else now
+        self._writes.flush()
+        silent = [n for n, c in self._channels.items() if c.last.created_at < now - CHANNEL_RETENTION_MS]
+        aged = now - HISTORY_RETENTION_MS
+        with self.store.write() as db:
+            bound = _newest_id_before(db, self.last_id, aged)
+            retained = [c.last.id for c in self._channels.values() if c.last.id <= bound]
+            # Only rows up to the bound are read: after the first prune, the old retained ones and what aged since.
+            gone = Counter(ch for (ch,) in db.execute(
+                "DELETE FROM messages WHERE id <= ? AND created_at < ? AND id NOT IN (SELECT value FROM json_each(?)) "
+                "RETURNING channel", (bound, aged, json.dumps(retained))))  # fmt: skip
+            for name in silent:
+                db.execute("DELETE FROM messages WHERE channel=?", (name,))
+        for name, n in gone.items():
+            self._channels[name].count -= n
+        for name in silent:
+            gone[name] += self._channels.pop(name).count
+        return sum(gone.values())
 
     def _deliver(self, msg: Message) -> None:
         channel = msg.channel
@@ -393,6 +441,7 @@ class Broker:
         """Tell lagging subscribers what they missed once they read again; end cursor waits at shutdown."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._wake_waiters_at_shutdown)
+            nursery.start_soon(self._prune_hourly)
             await nursery.start(self._writes.run)
             task_status.started()
             while True:
@@ -401,6 +450,11 @@ class Broker:
                     await trio.sleep(LAG_RETRY_S)
                     self._notify_laggards()
                 self._lag_started = trio.Event()
+
+    async def _prune_hourly(self) -> None:
+        while True:
+            await trio.sleep(PRUNE_INTERVAL_S)
+            self.prune()
 
     async def _wake_waiters_at_shutdown(self) -> None:
         await self.app.stopping.wait()

@@ -96,9 +96,12 @@ class Inbox:
         return marked
 
     def clear(self, agent_id: str) -> int:
+        """Delete an agent's inbox, and the copies on ``inbox:<agent>``: a cleared inbox is gone from history too."""
         with self.store.write() as db:
             db.execute("DELETE FROM inbox WHERE agent_id=?", (agent_id,))
-            return db.changes()
+            deleted = db.changes()
+        self.app.broker.clear(f"inbox:{agent_id}")
+        return deleted
 
 
 def _prune(db: Any, now: int) -> None:
