@@ -276,3 +276,16 @@ def test_a_gone_endpoint_is_disabled_and_a_new_url_enables_it(daemon_factory, re
     d.call("msg.publish", channel="gone:x", payload={"i": "after"})
     _wait_for(lambda: receiver.events("msg.publish"))
     assert json.loads(receiver.events("msg.publish")[0][1])["data"]["payload"] == {"i": "after"}
+
+
+def test_a_salvage_hook_hears_the_whole_story_of_a_dead_agents_work(daemon_factory, receiver) -> None:
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_STALE_AFTER="1s", PORT_DADDY_DEAD_AFTER="2s")
+    d.call("webhook.register", url=receiver.url, events=["salvage.*"])
+    d.call("agent.register", agentId="gone", identity="pay:db")
+    _wait_for(lambda: receiver.events("salvage.create"), timeout=15)
+    d.call("salvage.claim", id="gone", newAgentId="rescuer")
+    d.call("salvage.abandon", id="gone", agentId="rescuer")
+    d.call("salvage.dismiss", id="gone")
+    _wait_for(lambda: len(receiver.requests) == 4)
+    told = sorted(json.loads(body)["event"] for _, body in receiver.requests)  # queued in one ms: any order
+    assert told == ["salvage.abandon", "salvage.claim", "salvage.create", "salvage.dismiss"]
