@@ -77,6 +77,7 @@ def test_http_inbox_routes(daemon) -> None:
     ("inbox", "send", "ok-agent", "x" * 70_000),
     ("inbox", "send", "ok-agent", " "),
     ("inbox",),  # no agent known
+    ("inbox", "--agent", "ok-agent", "--since", "yesterday"),
 ])  # fmt: skip
 def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     before = daemon.call("inbox.stats", agentId="ok-agent")["total"]
@@ -107,6 +108,13 @@ def test_unread_since_gives_the_unread_messages_since_then(daemon) -> None:
     assert len(daemon.call("inbox.list", agentId="since-agent", since=first)["messages"]) == 3
     later = daemon.call("inbox.list", agentId="since-agent", since=first + 60_000, unread=True)["messages"]
     assert later == []
+    # pd inbox --since takes a duration back from now, as pd notes does
+    shown = daemon.pd("inbox", "--agent", "since-agent", "--since", "1h", "--unread", "--json")
+    assert [m["id"] for m in json.loads(shown.stdout)["messages"]] == [ids[2], ids[1]]
+    old = daemon.call("inbox.send", agentId="old-agent", content="x")["messageId"]
+    with sqlite3.connect(daemon.settings.db) as db:  # the inbox keeps nothing in memory: a live update is seen
+        db.execute("UPDATE inbox SET created_at = created_at - 7200000 WHERE id = ?", (old,))
+    assert json.loads(daemon.pd("inbox", "--agent", "old-agent", "--since", "1h", "--json").stdout)["count"] == 0
 
 
 def test_read_messages_go_a_week_after_reading_unread_ones_a_month_after_sending(fresh_daemon) -> None:

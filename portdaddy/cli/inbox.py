@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -10,6 +11,7 @@ from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.messaging import parse_payload
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.transport import call, fail
+from portdaddy.config import parse_duration_ms
 from portdaddy.errors import bad_input
 
 _AGENT = click.option("--agent", "-a", metavar="ID", help="Whose inbox (default: the current agent).")
@@ -25,23 +27,26 @@ def _me(agent: str | None) -> str:
 @click.group(invoke_without_command=True)
 @_AGENT
 @click.option("--unread", "-u", is_flag=True, help="Only unread messages.")
+@click.option("--since", metavar="DURATION", help="Only messages of the last e.g. 30m (with --unread: both).")
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
 @quiet_option
 @click.pass_context
-def inbox(ctx: click.Context, agent: str | None, unread: bool, limit: int | None, as_json: bool,
-          quiet: bool) -> None:  # fmt: skip
+def inbox(ctx: click.Context, agent: str | None, unread: bool, since: str | None, limit: int | None,
+          as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Your direct messages, newest first (a subcommand sends, marks read or clears).
 
     \b
     Examples:
       pd inbox --unread
+      pd inbox --since 2h
       pd inbox send backend-agent "schema v2 is in, rebase please"
       pd inbox read
     """
     if ctx.invoked_subcommand is not None:
         return
-    result = call("inbox.list", {"agentId": _me(agent), "unread": unread, "limit": limit}, as_json=as_json)
+    args = {"agentId": _me(agent), "unread": unread, "since": _since_ms(since), "limit": limit}
+    result = call("inbox.list", args, as_json=as_json)
     if as_json:
         emit_json(result)
     elif quiet:
@@ -53,6 +58,16 @@ def inbox(ctx: click.Context, agent: str | None, unread: bool, limit: int | None
             content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
             mark = " " if m["read"] else "*"
             click.echo(f"{mark} {m['id']}  {age(m['createdAt'])} ago  from {m['from'] or '-'}: {content}")
+
+
+def _since_ms(ago: str | None) -> int | None:
+    """``--since 30m`` as the epoch-ms time the daemon's inbox.list takes (the original's HTTP form)."""
+    if ago is None:
+        return None
+    ms = parse_duration_ms(ago)
+    if ms is None:
+        fail(bad_input(f"--since {ago!r:.40} is not a duration; use e.g. 90s, 30m, 2h or 1d"))
+    return max(0, int(time.time() * 1000) - ms)
 
 
 @inbox.command()
