@@ -348,7 +348,7 @@ agents:
     trigger: work
     backend: custom
     command: >-
-      {project_dir}/args.sh {project_dir} "in {project_dir}" 'sq {project_dir}' {branch}
+      {project_dir}/args.sh {project_dir} "in {project_dir}" 'sq '{project_dir} {branch}
       "$(printf %s {project_dir})" {project}
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -470,11 +471,11 @@ HOSTILE = "a b'c\"d $(touch pwned) `touch pwned` \\ * ;x #y"  # what a directory
         ('printf "[%s]" {project}', "[V]"),
         ('printf "[%s]" x{project}y', "[xVy]"),
         ('printf "[%s]" "in {project}"', "[in V]"),
-        ("printf \"[%s]\" 'in {project}'", "[in V]"),
         ('printf "[%s]" "$(printf %s {project})"', "[V]"),
         ('printf "[%s]" "`printf %s {project}`"', "[V]"),
         ('printf "[%s]" \\"{project}\\"', '["V"]'),
         ('# it\'s a comment\nprintf "[%s]" {project}', "[V]"),
+        ('for project in a b; do printf "[%s]" "${project}"; done', "[a][b]"),  # the shell's own ${project}
     ],
 )
 def test_a_template_value_in_a_shell_command_is_one_word(tmp_path: Path, command: str, expected: str) -> None:
@@ -485,6 +486,24 @@ def test_a_template_value_in_a_shell_command_is_one_word(tmp_path: Path, command
     assert not list(tmp_path.iterdir())  # nothing in the value ran
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "sh -c 'printf \"[%s]\" {project}'",  # was: '"${PD_PROJECT}"' closed the quotes, and sh ran the value
+        "printf '[%s]' 'in {project}'",
+        "printf '[%s]' $'{project}'",
+        "cat <<EOF\nit's {project}\nEOF",  # a here-document's quote is read as one: refused, not misread
+    ],
+)
+def test_a_template_value_inside_single_quotes_is_refused(tmp_path: Path, command: str) -> None:
+    """Single-quoted text is not expanded by the shell that runs the command, and is often code another shell
+    runs: no quoting put there keeps a value from being read as code by that one."""
+    with pytest.raises(ValueError, match=r"\{project\} stands inside '…'.*write \"\$PD_PROJECT\" in them"):
+        shell_template(command)
+    [error] = fail(tmp_path, f"agents:\n  a: {{trigger: t, backend: custom, command: {json.dumps(command)}}}\n").errors
+    assert error.startswith(f"{tmp_path / 'pd-fleet.yml'}:2: agents.a.command: {{project}} stands inside '…'")
+
+
 def test_a_command_refers_to_template_values_and_its_program_is_still_checked(tmp_path: Path) -> None:
     project = tmp_path / "it's a $(touch pwned)"
     (project / "scripts").mkdir(parents=True)
@@ -493,13 +512,13 @@ def test_a_command_refers_to_template_values_and_its_program_is_still_checked(tm
         project,
         """
         agents:
-          a: {trigger: t, backend: custom, command: "{project_dir}/scripts/run.sh '{branch}' # {sha}"}
+          a: {trigger: t, backend: custom, command: "{project_dir}/scripts/run.sh \\"{branch}\\" # {sha}"}
           gone: {trigger: t, backend: custom, command: "{project_dir}/scripts/missing.sh"}
         """,
     )
     cfg = load_fleet(path, {**VARS, "project_dir": str(project)})
     # Was: the values pasted in, unquoted. Now references the run's environment fills (and {sha} stays a comment).
-    assert cfg.agents["a"].command == "\"${PD_PROJECT_DIR}\"/scripts/run.sh ''\"${PD_BRANCH}\"'' # {sha}"
+    assert cfg.agents["a"].command == '"${PD_PROJECT_DIR}"/scripts/run.sh "${PD_BRANCH}" # {sha}'
     assert check_backends(cfg, which=lambda b: None) == [
         f"agent 'gone' uses backend custom but {str(project / 'scripts/missing.sh')!r} does not exist; fix its command"
     ]

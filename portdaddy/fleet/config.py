@@ -130,28 +130,36 @@ def template_vars(project_dir: Path) -> dict[str, str]:
     }
 
 
-def _unmark(node: Node, variables: dict[str, str], field: str | None = None, seen: set[int] | None = None) -> None:
-    """Put the template variables back in every scalar, in the way its ``field`` takes them: in a shell command
-    (``command``, ``exec``) as a quoted reference to the variable the run gets, so no value (a directory named
-    ``a'b $(rm x)``) is ever read as shell code; in ``prompt`` as the value, but {sha} and {branch} as tokens for
-    the run to fill; elsewhere as the value. A variable without a value stays a ``{token}``."""
+def _unmark(ctx: _Ctx, node: Node, variables: dict[str, str], where: str = "", seen: set[int] | None = None) -> None:
+    """Put the template variables back in every scalar, in the way its field (the last key of ``where``) takes
+    them: in a shell command (``command``, ``exec``) as a quoted reference to the variable the run gets, so no
+    value (a directory named ``a'b $(rm x)``) is ever read as shell code, and an error where none can be (inside
+    '…'); in ``prompt`` as the value, but {sha} and {branch} as tokens for the run to fill; elsewhere as the
+    value. A variable without a value stays a ``{token}``."""
     seen = set() if seen is None else seen
     if id(node) in seen:
         return  # an alias: already done
     seen.add(id(node))
     if isinstance(node, ScalarNode):
+        field = where.rpartition(".")[2]
         text = node.value
         for key, marker in _MARKERS.items():
             kept = field in _SHELL_COMMANDS or (field == _KEEPS_RUN_VARIABLES and key in RUN_VARIABLES)
             text = text.replace(marker, f"{{{key}}}" if kept else variables.get(key, f"{{{key}}}"))
-        node.value = shell_template(text) if field in _SHELL_COMMANDS else text
+        if field in _SHELL_COMMANDS:
+            try:
+                text = shell_template(text)
+            except ValueError as exc:
+                ctx.error(node, where, str(exc))
+        node.value = text
     elif isinstance(node, SequenceNode):
         for item in node.value:
-            _unmark(item, variables, field, seen)
+            _unmark(ctx, item, variables, where, seen)
     elif isinstance(node, MappingNode):
         for key_node, value_node in node.value:
-            _unmark(key_node, variables, None, seen)
-            _unmark(value_node, variables, getattr(key_node, "value", None), seen)
+            _unmark(ctx, key_node, variables, "", seen)
+            key = key_node.value if isinstance(key_node, ScalarNode) else ""
+            _unmark(ctx, value_node, variables, f"{where}.{key}" if where else key, seen)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -595,7 +603,7 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
 
     if root_doc is None or _is_null(root_doc):
         return empty()
-    _unmark(root_doc, variables)
+    _unmark(ctx, root_doc, variables)
     top = _mapping(ctx, root_doc, "")
     if top is None:
         raise FleetConfigError(ctx.errors, path)

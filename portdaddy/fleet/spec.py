@@ -124,27 +124,40 @@ def variable_env(name: str) -> str:
 
 def shell_template(command: str, names: tuple[str, ...] = TEMPLATE_VARIABLES) -> str:
     """``command`` with each ``{name}`` token of ``names`` replaced by a reference to its variable
-    (``variable_env``), quoted for where the token stands: ``"${PD_X}"`` outside quotes, ``${PD_X}`` inside
-    ``"…"``, ``'"${PD_X}"'`` inside ``'…'``; inside ``$(…)`` and backquotes as outside quotes.
+    (``variable_env``), quoted for where the token stands: ``"${PD_X}"`` outside quotes (and inside ``$(…)`` and
+    backquotes), ``${PD_X}`` inside ``"…"``. ``${name}`` is the shell's own parameter and stays as it is.
 
     So the value is one word (or part of the quoted word it stands in), whatever it holds (spaces, quotes,
-    ``$(…)``): the shell expands a variable's value but never reads it as code. Were the quoting context misread
-    (a ``case`` pattern's ``)``, a here-document), the worst is a value split into words or left out, never a
+    ``$(…)``): the shell expands a variable's value but never reads it as code. A token inside ``'…'`` raises
+    ValueError: the shell expands nothing there, and single-quoted text is often code for another shell
+    (``sh -c '…'``), which would read a value put in it as code. Were the quoting context misread (a ``case``
+    pattern's ``)``, a here-document), the worst is a value split into words, left out, or refused, never a
     command run."""
     out: list[str] = []
     stack = ["u"]  # u: unquoted; s: inside '…'; d: inside "…"; p: a $(…) body; b: a `…` body
     i = 0
     while i < len(command):
-        token = _TEMPLATE_TOKEN.match(command, i)
-        if token is not None and token.group(1) in names:
+        if command[i] == "$" and (own := _TEMPLATE_TOKEN.match(command, i + 1)) is not None:
+            out.append(command[i : own.end()])  # ${sha}: the shell's variable of that name (a loop's, say)
+            i = own.end()
+        elif (token := _TEMPLATE_TOKEN.match(command, i)) is not None and token.group(1) in names:
+            if stack[-1] == "s":
+                raise ValueError(_single_quoted(token.group(1)))
             ref = "${" + variable_env(token.group(1)) + "}"
-            out.append({"s": f"'\"{ref}\"'", "d": ref}.get(stack[-1], f'"{ref}"'))
+            out.append(ref if stack[-1] == "d" else f'"{ref}"')
             i = token.end()
         else:
             step = _shell_step(command, i, stack)
             out.append(command[i : i + step])
             i += step
     return "".join(out)
+
+
+def _single_quoted(name: str) -> str:
+    env = variable_env(name)
+    return (f"{{{name}}} stands inside '…', where the shell expands nothing and which another shell may run as "
+            f"code (sh -c '…'); put {{{name}}} outside the quotes, or write \"${env}\" in them for the shell "
+            "that runs that text")  # fmt: skip
 
 
 def _shell_step(command: str, i: int, stack: list[str]) -> int:
