@@ -16,17 +16,22 @@ import pytest
 
 
 class Receiver:
-    """Records every POST; answers ``statuses`` in turn (then 200)."""
+    """Records every POST; answers ``statuses`` in turn (then 200). The ``hold``-th request (counting from 1) is
+    answered only once ``release`` is set."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.statuses: list[int] = []
+        self.hold = 0
+        self.release = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                if len(receiver.requests) == receiver.hold:
+                    receiver.release.wait(10)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
@@ -289,3 +294,21 @@ def test_a_salvage_hook_hears_the_whole_story_of_a_dead_agents_work(daemon_facto
     _wait_for(lambda: len(receiver.requests) == 4)
     told = sorted(json.loads(body)["event"] for _, body in receiver.requests)  # queued in one ms: any order
     assert told == ["salvage.abandon", "salvage.claim", "salvage.create", "salvage.dismiss"]
+
+
+def test_a_hook_deleted_while_its_last_attempt_is_in_flight_fails_that_delivery_quietly(daemon_factory,
+                                                                                       receiver) -> None:  # fmt: skip
+    """Counting the failure read the deleted hook's row back: None, unpacked, so the delivery 'crashed' with a
+    TypeError in the log instead of being recorded as failed."""
+    from portdaddy.core.webhooks import MAX_ATTEMPTS
+
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_WEBHOOK_RETRY_BASE="1")
+    hook_id = d.call("webhook.register", url=receiver.url, events=["lock.acquire"])["id"]
+    receiver.statuses, receiver.hold = [500] * MAX_ATTEMPTS, MAX_ATTEMPTS
+    d.call("lock.acquire", name="doomed", owner="a")
+    _wait_for(lambda: len(receiver.requests) == MAX_ATTEMPTS)  # the last attempt waits for its answer
+    d.call("webhook.delete", id=hook_id)
+    receiver.release.set()
+    _wait_for(lambda: f"failed after {MAX_ATTEMPTS} attempts" in d.log() or "crashed" in d.log())
+    assert "crashed" not in d.log()
+    assert d.call("webhook.list")["count"] == 0

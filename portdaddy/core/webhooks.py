@@ -240,11 +240,14 @@ class Webhooks:
 
     def _count_failure(self, db: Any, hook_id: str, now: int, last_error: str) -> None:
         """One more failed delivery in a row; a long enough run disables the hook (if it is still active)."""
-        failures, since, active, url = db.execute(
+        row = db.execute(
             "UPDATE webhooks SET failure_count=failure_count+1, consecutive_failures=consecutive_failures+1, "
             "failing_since=coalesce(failing_since, ?1), last_triggered=?1 WHERE id=?2 "
             "RETURNING consecutive_failures, failing_since, active, url", (now, hook_id),
         ).fetchone()  # fmt: skip
+        if row is None:  # deleted while this delivery was being sent
+            return
+        failures, since, active, url = row
         if failures < DISABLE_FAILURES or now - since < self.disable_after_ms or not active:
             return
         reason = f"{failures} deliveries in a row failed, the last with {last_error[:200]}"
