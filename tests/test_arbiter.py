@@ -20,6 +20,7 @@ from portdaddy.core import arbiter as arbiter_module
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.clock import now_ms
 from portdaddy.core.harbors import Harbors
+from tests.fleet_helpers import wait_for
 from tests.swarm_app import PublishRecorder, make_app
 
 
@@ -291,13 +292,6 @@ def test_a_running_arbiter_prunes_every_so_many_violations(app, monkeypatch) -> 
     assert arbiter.status()["violationsCount"] == 3 and arbiter.serious == 3
 
 
-def _wait(predicate, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not in time"
-        time.sleep(0.05)
-
-
 def test_memory_follows_sessions_agents_and_locks_as_they_come_and_go(daemon_factory) -> None:
     """The arbiter kept every session's note chain and every salvaged agent forever: a daemon that ran for
     weeks held one entry per session it had ever seen."""
@@ -315,7 +309,7 @@ def test_memory_follows_sessions_agents_and_locks_as_they_come_and_go(daemon_fac
             c.request("session.end", {"sessionId": sid})
             if i % 2 == 0:
                 c.request("agent.unregister", {})  # the odd ones fall silent and die
-    _wait(lambda: len(d.call("salvage.list")["agents"]) == workers // 2, "the silent workers to die")
+    wait_for(lambda: len(d.call("salvage.list")["agents"]) == workers // 2, what="the silent workers to die")
     tracking = d.call("arbiter.status")["tracking"]
     assert tracking == {"agents": workers // 2, "noteChains": 0, "lockHolders": 0}  # the dead await salvage
     for i, action in zip(range(1, workers, 2), ["claim", "complete", "dismiss"] * workers, strict=False):
