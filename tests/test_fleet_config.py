@@ -504,6 +504,27 @@ def test_a_template_value_inside_single_quotes_is_refused(tmp_path: Path, comman
     assert error.startswith(f"{tmp_path / 'pd-fleet.yml'}:2: agents.a.command: {{project}} stands inside '…'")
 
 
+def test_an_env_variable_named_command_or_prompt_gets_the_value(tmp_path: Path) -> None:
+    """Which scalars were shell commands (or prompts) went by the last key alone, so env: {command: ...} got a
+    shell reference instead of the value, and one with a quote was refused as a command."""
+    cfg = load(tmp_path, """
+        agents:
+          a:
+            trigger: t
+            prompt: review {sha}
+            env: {command: "it's {project_dir}", prompt: "{sha}", exec: "{branch}"}
+        """)  # fmt: skip
+    assert cfg.agents["a"].env == {"command": "it's /src/myapp", "prompt": "abc1234", "exec": "main"}
+    assert cfg.agents["a"].prompt == "review {sha}"  # the run fills it
+    listed = load(tmp_path, """
+        agents:
+          - {name: b, trigger: t, backend: custom, command: "./x {project_dir}", prompt: "{branch}"}
+        """)  # fmt: skip
+    assert (listed.agents["b"].command, listed.agents["b"].prompt) == ('./x "${PD_PROJECT_DIR}"', "{branch}")
+    error = fail(tmp_path, "agents:\n  - {name: c, trigger: t, backend: custom, command: \"sh -c 'x {sha}'\"}\n")
+    assert ":2: agents[0].command: {sha} stands inside" in error.errors[0]
+
+
 def test_a_command_refers_to_template_values_and_its_program_is_still_checked(tmp_path: Path) -> None:
     project = tmp_path / "it's a $(touch pwned)"
     (project / "scripts").mkdir(parents=True)

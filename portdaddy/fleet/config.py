@@ -58,8 +58,11 @@ DEFAULT_IDENTITY = "{project}:fleet:{name}"
 # While the file is parsed, template variables stand as these markers (plain YAML words, safe in any scalar: a
 # value with a quote or a colon cannot break the YAML around it), put back scalar by scalar (``_unmark``).
 _MARKERS = {key: f"PDVAR{key.upper()}6F3A" for key in TEMPLATE_VARIABLES}
-_KEEPS_RUN_VARIABLES = "prompt"  # keeps {sha} and {branch} for the run to fill
-_SHELL_COMMANDS = ("command", "exec")  # get references to the values, never the values (``shell_template``)
+# Fields of an agent or watcher (kind -> field) whose template variables are put back in their own way: a shell
+# command gets references to the values, never the values (``shell_template``); a prompt keeps {sha} and {branch}
+# for the run to fill.
+_SHELL_COMMANDS = {("agents", "command"), ("watchers", "exec")}
+_PROMPTS = {("agents", "prompt")}
 _AGENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PUBLISH = re.compile(r"^publish\s+(\S+)$")
@@ -130,36 +133,40 @@ def template_vars(project_dir: Path) -> dict[str, str]:
     }
 
 
-def _unmark(ctx: _Ctx, node: Node, variables: dict[str, str], where: str = "", seen: set[int] | None = None) -> None:
-    """Put the template variables back in every scalar, in the way its field (the last key of ``where``) takes
-    them: in a shell command (``command``, ``exec``) as a quoted reference to the variable the run gets, so no
-    value (a directory named ``a'b $(rm x)``) is ever read as shell code, and an error where none can be (inside
-    '…'); in ``prompt`` as the value, but {sha} and {branch} as tokens for the run to fill; elsewhere as the
-    value. A variable without a value stays a ``{token}``."""
+def _unmark(ctx: _Ctx, node: Node, variables: dict[str, str], path: tuple[str, ...] = (),
+            seen: set[int] | None = None) -> None:  # fmt: skip
+    """Put the template variables back in every scalar, in the way its field (``path``: its keys, and ``[i]`` for
+    a list item) takes them: in a shell command (an agent's ``command``, a watcher's ``exec``) as a quoted
+    reference to the variable the run gets, so no value (a directory named ``a'b $(rm x)``) is ever read as shell
+    code, and an error where none can be (inside '…'); in an agent's ``prompt`` as the value, but {sha} and
+    {branch} as tokens for the run to fill; elsewhere (an ``env:`` variable named ``command`` too) as the value. A
+    variable without a value stays a ``{token}``."""
     seen = set() if seen is None else seen
     if id(node) in seen:
         return  # an alias: already done
     seen.add(id(node))
     if isinstance(node, ScalarNode):
-        field = where.rpartition(".")[2]
+        # (agents, command) of [fleet.]agents.qa.command, or of agents[0].command (the list form)
+        field = (path[-3], path[-1]) if len(path) >= 3 else None
+        shell = field in _SHELL_COMMANDS
         text = node.value
         for key, marker in _MARKERS.items():
-            kept = field in _SHELL_COMMANDS or (field == _KEEPS_RUN_VARIABLES and key in RUN_VARIABLES)
+            kept = shell or (field in _PROMPTS and key in RUN_VARIABLES)
             text = text.replace(marker, f"{{{key}}}" if kept else variables.get(key, f"{{{key}}}"))
-        if field in _SHELL_COMMANDS:
+        if shell:
             try:
                 text = shell_template(text)
             except ValueError as exc:
-                ctx.error(node, where, str(exc))
+                ctx.error(node, "".join(p if p.startswith("[") else f".{p}" for p in path).lstrip("."), str(exc))
         node.value = text
     elif isinstance(node, SequenceNode):
-        for item in node.value:
-            _unmark(ctx, item, variables, where, seen)
+        for i, item in enumerate(node.value):
+            _unmark(ctx, item, variables, (*path, f"[{i}]"), seen)
     elif isinstance(node, MappingNode):
         for key_node, value_node in node.value:
-            _unmark(ctx, key_node, variables, "", seen)
+            _unmark(ctx, key_node, variables, (), seen)
             key = key_node.value if isinstance(key_node, ScalarNode) else ""
-            _unmark(ctx, value_node, variables, f"{where}.{key}" if where else key, seen)
+            _unmark(ctx, value_node, variables, (*path, key), seen)
 
 
 # --------------------------------------------------------------------------------------------------------
