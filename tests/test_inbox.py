@@ -121,7 +121,7 @@ def test_read_messages_go_a_week_after_reading_unread_ones_a_month_after_sending
     from portdaddy.core.inbox import READ_RETENTION_MS, UNREAD_RETENTION_MS
 
     d = fresh_daemon
-    names = ("read-long-ago", "read-yesterday", "unread-too-old", "unread-recent", "read-before-017")
+    names = ("read-long-ago", "read-yesterday", "unread-too-old", "unread-recent", "read-before-016")
     ids = {name: d.call("inbox.send", agentId="keeper", content=name)["messageId"] for name in names}
     d.call("inbox.read", agentId="keeper")
     d.stop()
@@ -131,7 +131,7 @@ def test_read_messages_go_a_week_after_reading_unread_ones_a_month_after_sending
         "read-yesterday": (now - 10 * day, 1, now - day),  # sent long ago, but read only yesterday: kept
         "unread-too-old": (now - UNREAD_RETENTION_MS - day, 0, None),
         "unread-recent": (now - UNREAD_RETENTION_MS + day, 0, None),
-        "read-before-017": (now - READ_RETENTION_MS - day, 1, None),  # no read_at: judged by when it was sent
+        "read-before-016": (now - READ_RETENTION_MS - day, 1, None),  # no read_at: judged by when it was sent
     }
     with sqlite3.connect(d.settings.db) as db:
         for name, row in ages.items():

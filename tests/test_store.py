@@ -119,3 +119,10 @@ def test_autoincrement_ids_reserve_a_block_in_sqlite_sequence(store: Store) -> N
     store.execute("DELETE FROM items")
     again = autoincrement_ids(store, "items", 8)  # a restart: above every id reserved, taken or not
     assert again.take() == 17
+
+
+def test_migrations_leave_no_gap_a_database_could_skip() -> None:
+    """A database is at the number of the last migration it applied and applies only higher ones: a migration
+    later put in a gap below that number would never run on it. 002 and 003 went before any database kept them."""
+    numbers = [number for number, _name, _sql in migrations()]
+    assert numbers == [1, *range(4, numbers[-1] + 1)], numbers
