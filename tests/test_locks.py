@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from portdaddy.core import locks as locks_module
 from portdaddy.core.locks import Locks
 from portdaddy.errors import LockHeld, PDError
+from tests.conftest import pd, race, winners
 from tests.swarm_app import make_app
 
 
@@ -60,15 +61,11 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
 
 
 def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
-    procs = [fresh_daemon.spawn_pd("lock", "race:x", "-q") for _ in range(32)]
-    results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
-    winners = [r for r in results if r[0] == 0]
-    assert len(winners) == 1, results
-    assert all(code == 1 and "is held by" in err for code, _, err in results if code != 0)
-    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(winners[0][1])
+    outcomes = race(fresh_daemon, [pd("lock", "race:x", "-q")] * 32)
+    won = winners(outcomes)
+    assert len(won) == 1, outcomes
+    assert all(o.code == 1 and "is held by" in o.stderr for o in outcomes if o.code != 0)
+    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(won[0].stdout)
 
 
 def test_sigkill_keeps_locks_and_the_token_counter(fresh_daemon) -> None:
