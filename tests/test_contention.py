@@ -307,6 +307,26 @@ def test_many_identities_ask_for_one_port_exactly_one_gets_it(daemon: Daemon) ->
     assert [s["id"] for s in services if s["port"] == port] == [holder]
 
 
+def test_the_last_service_of_an_agents_quota_goes_to_exactly_one_claim(daemon: Daemon) -> None:
+    """An agent may claim maxServices services; claims of new identities as that agent, from many processes
+    at once, take its last place: one gets it, the rest RESOURCE_LIMIT, and none is recorded."""
+    daemon.call("agent.register", agentId="quota-bot", maxServices=3)
+    with daemon.client("quota-bot") as c:
+        for n in range(2):
+            c.request("port.claim", {"id": f"quota:held{n}"})
+    racers = [ipc("port.claim", agent="quota-bot", id=f"quota:s{i}") for i in range(12)]
+    racers += [http("POST", "/claim", {"id": f"quota:s{i}"}, agent="quota-bot") for i in range(12, 18)]
+    racers += [pd("claim", f"quota:s{i}", "-q", env={"PORT_DADDY_AGENT": "quota-bot"}) for i in range(18, 24)]
+    outcomes = race(daemon, racers)
+
+    won = winners(outcomes)
+    assert len(won) == 1, outcomes
+    for o in _refused(outcomes, "RESOURCE_LIMIT"):
+        assert "quota-bot has 3 services, its limit" in (o.stderr if o.how == "pd" else o.reply["message"]), o
+    claimed = {s["id"] for s in daemon.call("port.find", pattern="quota:*")["services"]}
+    assert claimed == {"quota:held0", "quota:held1", f"quota:s{outcomes.index(won[0])}"}
+
+
 # -- sessions and agents ending -------------------------------------------------------------------------------
 
 
