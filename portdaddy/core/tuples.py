@@ -321,9 +321,9 @@ def _rd(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
 
         async def wait_for_one() -> dict[str, Any]:
             # As a waiting take: a match written since the miss above is read now, not waited for.
-            found = space.rd(pattern, harbor=harbor, limit=limit)
-            if found:
-                return _rd_reply(found)
+            written = space.rd(pattern, harbor=harbor, limit=limit)
+            if written:
+                return _rd_reply(written)
             return _rd_reply([await space.wait(pattern, harbor=harbor, take=False, timeout_s=_seconds(timeout))])
 
         return Later(wait_for_one)
