@@ -7,6 +7,7 @@ empty, restarts and kills). Daemon homes live under /tmp with short names: Unix 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,169 @@ class Daemon:
 def unix_client(d: Daemon) -> httpx.Client:
     """HTTP to ``d`` over its Unix socket (no token needed)."""
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")
+
+
+# -- contention: many processes, one call each, released at the same instant ----------------------------------
+
+# One racer process. It connects first (an IPC connection, or HTTP on the Unix socket), says "ready", then
+# blocks reading the start gate, a pipe every racer inherits: closing its write end wakes them all at once.
+# A `pd` racer execs `pd` when the gate opens, so its whole run (imports, connect, call) races. It prints
+# {"reply": ..., "error": code or null}, a refusal in the IPC shape whichever transport carried it.
+_RACER = r"""
+import json, os, sys
+how, spec, gate = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+
+def ready():
+    print("ready", flush=True)
+    os.read(gate, 1)
+
+if how == "pd":
+    ready()
+    os.execv(sys.executable, [sys.executable, "-m", "portdaddy.cli", *spec["args"]])
+from portdaddy.errors import PDError
+if how == "ipc":
+    from portdaddy.ipc.client import BlockingClient
+    client = BlockingClient(spec["sock"], agent_id=spec["agent"], timeout=120).connect()
+    ready()
+    try:
+        out = {"reply": client.request(spec["action"], spec["args"]), "error": None}
+    except PDError as e:
+        out = {"reply": e.to_wire(), "error": e.code}
+else:
+    import httpx
+    headers = {"X-Agent-Id": spec["agent"]} if spec["agent"] else {}
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=spec["sock"]), base_url="http://x", timeout=120,
+                          headers=headers)
+    client.get("/health")  # the connection is open before the start
+    ready()
+    r = client.request(spec["method"], spec["path"], json=spec["body"])
+    body = r.json()
+    if r.is_success:
+        out = {"reply": body, "error": None}
+    else:  # HTTP says {error: message, code}: told as IPC tells it, {error: code, message}
+        out = {"reply": {**body, "error": body["code"], "message": body["error"]}, "error": body["code"]}
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Racer:
+    """How one racer calls the daemon: ``how`` is ipc, http or pd (see ``ipc``, ``http``, ``pd`` below)."""
+
+    how: str
+    spec: dict[str, Any]
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+
+
+def ipc(action: str, *, agent: str | None = None, **args: Any) -> Racer:
+    """A racer with its own IPC connection (bound to ``agent`` if given) making one request."""
+    return Racer("ipc", {"action": action, "args": args, "agent": agent})
+
+
+def http(method: str, path: str, body: Any = None, *, agent: str | None = None) -> Racer:
+    """A racer making one HTTP request on the daemon's Unix socket (``agent`` as X-Agent-Id)."""
+    return Racer("http", {"method": method, "path": path, "body": body, "agent": agent})
+
+
+def pd(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Racer:
+    """A racer running ``pd ARGS`` (in ``cwd``, the daemon's workdir by default)."""
+    return Racer("pd", {"args": list(args)}, cwd, env)
+
+
+@dataclass
+class Outcome:
+    """What one racer got. ``code`` is the exit code (as pd would give it, for IPC and HTTP racers too), so a
+    winner is ``code == 0`` whatever the transport; ``reply`` is the daemon's answer or refusal (a pd racer's
+    ``--json`` output, when it printed JSON); ``error`` the refusal's code."""
+
+    how: str
+    code: int
+    reply: Any
+    error: str | None
+    stdout: str = ""
+    stderr: str = ""
+
+
+def _outcome(how: str, code: int, stdout: str, stderr: str) -> Outcome:
+    from portdaddy.errors import exit_code
+
+    if how == "pd":
+        try:
+            reply = json.loads(stdout)
+        except ValueError:
+            reply = None
+        error = reply.get("error") if isinstance(reply, dict) and reply.get("success") is False else None
+        return Outcome(how, code, reply, error, stdout, stderr)
+    assert code == 0 and stdout, f"{how} racer failed: {stderr}"
+    got = json.loads(stdout)
+    return Outcome(how, 0 if got["error"] is None else exit_code(got["error"]), got["reply"], got["error"], stdout,
+                   stderr)  # fmt: skip
+
+
+class Racers:
+    """Processes that each call ``d`` once, all at the same instant: started, connected and waiting at one
+    gate when built; ``go()`` opens it; ``outcomes()`` waits for them. Use as a context manager (leftovers are
+    killed). ``race(d, racers)`` is the usual one-liner."""
+
+    def __init__(self, d: Daemon, racers: Sequence[Racer]) -> None:
+        cfg = d.settings
+        sockets = {"ipc": str(cfg.ipc_sock), "http": str(cfg.http_sock), "pd": None}
+        read_end, self._gate = os.pipe()
+        self._racers = list(racers)
+        self._procs: list[subprocess.Popen[str]] = []
+        try:
+            for r in self._racers:
+                spec = {**r.spec, "sock": sockets[r.how]}
+                self._procs.append(subprocess.Popen(
+                    [PYTHON, "-c", _RACER, r.how, json.dumps(spec), str(read_end)], pass_fds=(read_end,),
+                    env={**d.env, **(r.env or {})}, cwd=r.cwd or d.workdir, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True))  # fmt: skip
+            for p in self._procs:
+                assert p.stdout is not None
+                assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(read_end)
+
+    def go(self) -> Racers:
+        if self._gate >= 0:
+            os.close(self._gate)
+            self._gate = -1
+        return self
+
+    def outcomes(self, timeout: float = 120) -> list[Outcome]:
+        """Each racer's outcome, in the order the racers were given."""
+        done = []
+        for r, p in zip(self._racers, self._procs, strict=True):
+            out, err = p.communicate(timeout=timeout)
+            done.append(_outcome(r.how, p.returncode, out, err))
+        return done
+
+    def close(self) -> None:
+        self.go()
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+    def __enter__(self) -> Racers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def race(d: Daemon, racers: Sequence[Racer]) -> list[Outcome]:
+    """Run ``racers`` against ``d`` at the same instant; what each got, in order."""
+    with Racers(d, racers) as r:
+        return r.go().outcomes()
+
+
+def winners(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.code == 0]
 
 
 def linked_worktree(root: Path, name: str) -> Path:

@@ -4,6 +4,7 @@ circuit breaker, no orphans after down, reconciliation after SIGKILL, pd spawn."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 from portdaddy.core.store import Store
 from portdaddy.fleet.backends import Task
 from portdaddy.fleet.runs import Run, RunTable, new_id
-from tests.conftest import Daemon, make_env
+from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race
 from tests.fleet_helpers import (
     FAST,
     env_dumper,
@@ -533,6 +534,49 @@ def test_down_stops_every_child_and_grandchild(daemon_factory: Any, tmp_home: Pa
     assert not [p for p in procs if pid_alive(p)], "orphans left after pd fleet down"
     assert {r["status"] for r in runs_of(d, project)} == {"killed"}
     assert d.call("fleet.status")["fleets"] == []
+
+
+def test_downs_and_ups_racing_a_down_one_stops_it_and_the_ups_bring_it_back(daemon_factory: Any,
+                                                                             tmp_home: Path) -> None:  # fmt: skip
+    """`pd fleet down` waits out its children's grace period, and more downs and ups arrive meanwhile, at once.
+    The downs reply once it is down and only the first says it stopped anything; the ups start it afresh once
+    it is down (they used to reload the fleet about to go, answer "up", and leave nothing up)."""
+    d = daemon_factory(**{**FAST, "PORT_DADDY_FLEET_GRACE": "5s"})
+    marks = tmp_home / "marks"
+    marks.mkdir()
+    # It notes SIGTERM and carries on, so the down lasts the grace period, until SIGKILL.
+    project = make_project(tmp_home, f"""
+        agents:
+          stubborn:
+            trigger: work
+            backend: custom
+            command: "echo $$ > {marks}/leader; trap 'touch {marks}/termed' TERM; while :; do sleep 0.1; done"
+        """)  # fmt: skip
+    where = str(project)
+    pd_json(d, "fleet", "up", "-C", where)
+    d.call("fleet.run", projectDir=where, agent="stubborn")
+    leader = int(wait_for(lambda: (marks / "leader").exists() and (marks / "leader").read_text(), what="a run"))
+    with Racers(d, [ipc("fleet.down", projectDir=where)]) as first:
+        first.go()
+        wait_for(lambda: (marks / "termed").exists(), what="the down under way")
+        racers = [ipc("fleet.down", projectDir=where)] * 5 + [pd("fleet", "down", "-C", where, "--json")] * 3
+        racers += [ipc("fleet.up", projectDir=where, path=os.environ["PATH"])] * 5
+        racers += [http("POST", "/fleet/start", {"projectDir": where})] * 3
+        racers += [pd("fleet", "up", "-C", where, "--json")] * 3
+        outcomes = race(d, racers)
+        [stopper] = first.outcomes()
+    assert all(o.code == 0 for o in outcomes), outcomes
+    assert (stopper.reply["stopped"], stopper.reply["killed"]) == (True, 1)
+    assert [o.reply["stopped"] for o in outcomes[:8]] == [False] * 8
+    assert not pid_alive(leader)
+    [fleet] = d.call("fleet.status")["fleets"]
+    assert fleet["projectDir"] == where and fleet["running"] == 0
+    assert {o.reply["fleet"]["upAt"] for o in outcomes[8:]} == {fleet["upAt"]}, "an up answered with the old fleet"
+    d.call("fleet.run", projectDir=where, agent="stubborn")  # it is live: it runs
+    wait_for(lambda: d.call("fleet.status")["fleets"][0]["running"] == 1, what="a run of the fleet brought back")
+    d.restart()
+    assert [f["projectDir"] for f in d.call("fleet.status")["fleets"]] == [where]  # and it is up for good
+    d.call("fleet.down", projectDir=where)
 
 
 def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, tmp_home: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 from portdaddy.core.registry import seed_port
 from portdaddy.errors import DaemonUnavailable
 from portdaddy.ipc.client import BlockingClient
-from tests.conftest import PYTHON, Daemon, make_env
+from tests.conftest import PYTHON, Daemon, make_env, pd, race
 
 
 def claim_q(d: Daemon, identity: str, *args: str) -> int:
@@ -197,12 +197,11 @@ def _claim_proc(env: dict[str, str], identity: str) -> int:
 
 
 def test_fifty_concurrent_processes(fresh_daemon: Daemon) -> None:
-    env = fresh_daemon.env
-    with ThreadPoolExecutor(50) as pool:
-        same = list(pool.map(lambda _: _claim_proc(env, "race:api"), range(50)))
-        distinct = list(pool.map(lambda i: _claim_proc(env, f"race:svc{i}"), range(50)))
-    assert len(set(same)) == 1
-    assert len(set(distinct)) == 50 and same[0] not in distinct
+    same = race(fresh_daemon, [pd("claim", "race:api", "-q")] * 50)
+    distinct = race(fresh_daemon, [pd("claim", f"race:svc{i}", "-q") for i in range(50)])
+    assert all(o.code == 0 for o in same + distinct), [o.stderr for o in same + distinct if o.code]
+    assert len({o.stdout for o in same}) == 1
+    assert len({o.stdout for o in distinct}) == 50 and same[0].stdout not in {o.stdout for o in distinct}
 
 
 def test_sigkill_after_acknowledged_claims_loses_nothing(fresh_daemon: Daemon) -> None:

@@ -22,8 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from portdaddy.core import locks as locks_module
+from portdaddy.core import ops
 from portdaddy.core.locks import Locks
+from portdaddy.core.ops import Ctx
 from portdaddy.errors import LockHeld, PDError
+from tests.conftest import pd, race, winners
 from tests.swarm_app import make_app
 
 
@@ -60,15 +63,11 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
 
 
 def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
-    procs = [fresh_daemon.spawn_pd("lock", "race:x", "-q") for _ in range(32)]
-    results = [(p.wait(timeout=60), p.stdout.read(), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
-    winners = [r for r in results if r[0] == 0]
-    assert len(winners) == 1, results
-    assert all(code == 1 and "is held by" in err for code, _, err in results if code != 0)
-    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(winners[0][1])
+    outcomes = race(fresh_daemon, [pd("lock", "race:x", "-q")] * 32)
+    won = winners(outcomes)
+    assert len(won) == 1, outcomes
+    assert all(o.code == 1 and "is held by" in o.stderr for o in outcomes if o.code != 0)
+    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(won[0].stdout)
 
 
 def test_sigkill_keeps_locks_and_the_token_counter(fresh_daemon) -> None:
@@ -240,6 +239,25 @@ async def _running_locks(tmp_path) -> AsyncIterator[tuple[Any, Locks, trio.Memor
                 nursery.cancel_scope.cancel()
     finally:
         app.store.close()
+
+
+async def test_a_release_between_a_refusal_and_the_wait_hands_over_the_free_lock(tmp_path) -> None:
+    """A queued acquire runs in a task the transport starts after the refusal, and requests of other
+    connections run first: the holder's release may land in between, when nobody is queued yet. The waiter
+    takes the free lock then; it used to queue on it and wait for a release that never came (one holder
+    releasing as one waiter arrived, over IPC: 7 waiters in 100 timed out on a free lock)."""
+    async with _running_locks(tmp_path) as (app, locks, _):
+        locks.try_acquire("gap", "holder")
+
+        async def the_holder_releases_first(run: Any) -> Any:
+            locks.release("gap", owner="holder")
+            return await run()
+
+        args = {"name": "gap", "owner": "waiter", "wait": True, "timeout": "2s"}
+        with trio.fail_after(5):
+            reply = await ops.call(app.ops, "lock.acquire", args, Ctx(app, "ipc"), waiting=the_holder_releases_first)
+        assert (reply["owner"], reply["existing"]) == ("waiter", False)
+        assert locks.get("gap").owner == "waiter" and locks.stats()["lockWaiters"] == 0
 
 
 def _releases(released: trio.MemoryReceiveChannel) -> list[tuple[str, str]]:

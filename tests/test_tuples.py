@@ -15,9 +15,10 @@ import pytest
 import trio
 
 import portdaddy
-from portdaddy.core import tuplematch
+from portdaddy.core import ops, tuplematch
 from portdaddy.core import tuples as tuples_module
 from portdaddy.core.harbors import Harbors
+from portdaddy.core.ops import Ctx
 from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
 from tests.conftest import PYTHON, Daemon
@@ -471,5 +472,31 @@ async def test_taken_ttl_tuples_leave_no_expiry_entries_behind_and_expiry_still_
                     await trio.sleep(0.02)
             assert space.stats()["tuples"] == 1 and space.count(["steady"]) == 1
             nursery.cancel_scope.cancel()
+    finally:
+        app.store.close()
+
+
+async def test_a_tuple_written_between_a_miss_and_the_wait_is_not_missed(tmp_path) -> None:
+    """A blocking in/rd runs its wait in a task the transport starts after the miss, and an `out` of another
+    connection may run first, finding nobody waiting: the waiter takes (or reads) that tuple at once instead
+    of waiting for another that may never come."""
+    app = make_app(tmp_path)
+    app.add(Harbors(app))
+    space = tuples_module.TupleSpace(app)
+    app.add(space)
+    try:
+        for action, n in (("tuple.in", 1), ("tuple.rd", 2)):
+
+            async def written_first(run, n=n):
+                space.out(["gap", n])
+                return await run()
+
+            args = {"pattern": ["gap", n], "wait": True, "timeout": "2s"}
+            with trio.fail_after(5):
+                reply = await ops.call(app.ops, action, args, Ctx(app, "ipc"), waiting=written_first)
+            found = reply["tuple"] if action == "tuple.in" else reply["tuples"][0]
+            assert found["fields"] == ["gap", n]
+        assert space.count(["gap", "*"]) == 1  # the one read is still there, the one taken is not
+        assert space.stats()["tupleWaiters"] == 0
     finally:
         app.store.close()

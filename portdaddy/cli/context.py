@@ -64,9 +64,18 @@ def save_current(data: dict[str, Any], root: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     gitignore = path.parent / ".gitignore"
     if not gitignore.exists():
-        gitignore.write_text("*\n")  # runtime state, never committed
-    path.write_text(json.dumps(data, indent=2) + "\n")
+        _write_whole(gitignore, "*\n")  # runtime state, never committed
+    _write_whole(path, json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Replace ``path`` in one step. Agents sharing a worktree run ``pd`` at once: writing in place, one
+    process reads the file empty (truncated, not yet written) and forgets the current agent, and two writers
+    of different lengths leave the tail of the longer behind the shorter."""
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def clear_current(root: Path | None = None) -> None:

@@ -353,6 +353,17 @@ def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) 
             raise
 
         async def queue() -> dict[str, Any]:  # only a held lock pays for a task: the common case answers now
+            # The transport starts this in a task of its own, and requests of other connections may run first:
+            # a release among them found nobody queued and left the lock free. Queueing on a free lock would
+            # wait for a release that never comes, so try again before joining the queue (unless the caller
+            # left meanwhile: a grant now would go to nobody).
+            if ctx.conn is not None and ctx.conn.closed:
+                raise PDError("CANCELLED", "the connection closed before the lock was granted")
+            try:
+                return _acquire_reply(*locks.try_acquire(name, who, ttl_ms=ttl, pid=ctx.pid, metadata=metadata,
+                                                         conn=conn))  # fmt: skip
+            except LockHeld:
+                pass
             timeout_s = None if timeout is None else timeout / 1000
             lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=timeout_s, pid=ctx.pid,
                                                 metadata=metadata, conn=conn)  # fmt: skip

@@ -320,6 +320,10 @@ def _rd(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
     if not found and wait:
 
         async def wait_for_one() -> dict[str, Any]:
+            # As a waiting take: a match written since the miss above is read now, not waited for.
+            written = space.rd(pattern, harbor=harbor, limit=limit)
+            if written:
+                return _rd_reply(written)
             return _rd_reply([await space.wait(pattern, harbor=harbor, take=False, timeout_s=_seconds(timeout))])
 
         return Later(wait_for_one)
@@ -336,6 +340,13 @@ def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
     if not taken and wait:
 
         async def wait_to_take() -> dict[str, Any]:
+            # Started in a task of its own, after requests of other connections that may have written a match
+            # (and found no taker waiting): take it now, or wait for a tuple that may never come again.
+            if ctx.conn is not None and ctx.conn.closed:
+                raise PDError("CANCELLED", "the connection closed before a tuple was taken")
+            taken = space.take(pattern, harbor=harbor, limit=limit, agent_id=ctx.agent_id)
+            if taken:
+                return _in_reply(taken)
             t = await space.wait(pattern, harbor=harbor, take=True, timeout_s=_seconds(timeout))
             if ctx.conn is not None and ctx.conn.closed:
                 space.give_back(t)  # the taker hung up while being handed the tuple: nobody received it

@@ -199,6 +199,11 @@ class Fleet:
         cfg = await trio.to_thread.run_sync(load_checked, project_dir, path_env)
         assert self._nursery is not None
         lf = self.fleets.get(project_dir)
+        while lf is not None and lf.going_down:
+            # A `pd fleet down` is stopping it (its children get their grace period). Reloading the fleet that
+            # is about to go would answer "up" and leave nothing up: start afresh once it has gone.
+            await lf.finished.wait()
+            lf = self.fleets.get(project_dir)
         with self.store.write() as db:
             db.execute(
                 "INSERT INTO fleets (project_dir, name, config_path, path_env, up_at) VALUES (?,?,?,?,?) "
@@ -275,6 +280,10 @@ class Fleet:
     async def down(self, project_dir: str) -> dict[str, Any]:
         """Stop a fleet: queued runs cancelled, running ones stopped (SIGTERM, grace, SIGKILL); waits for all."""
         lf = self.fleets.get(project_dir)
+        if lf is not None and lf.going_down:
+            # Another `pd fleet down` is stopping it: reply when it is down too, but the stopping is that one's.
+            await lf.finished.wait()
+            return {"stopped": False, "killed": 0, "cancelled": 0}
         with self.store.write() as db:
             db.execute("DELETE FROM fleets WHERE project_dir=?", (project_dir,))
         if lf is None:
