@@ -486,13 +486,15 @@ class PortDaddy:
 
     # -- pub/sub --------------------------------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: Any, *, sender: str | None = None) -> int:
-        """Publish any JSON value (a str is text); returns the message id."""
-        return (await self.call("msg.publish", channel=channel, payload=payload, sender=sender))["id"]
-
-    def publish_nowait(self, channel: str, payload: Any, *, sender: str | None = None) -> None:
-        """Fire-and-forget publish: never waits for the daemon (and hears of no error)."""
+    def publish(self, channel: str, payload: Any, *, sender: str | None = None) -> None:
+        """Publish any JSON value (a str is text), fire-and-forget like ``heartbeat()`` and ``spray()``: never
+        waits for the daemon. What cannot be sent is refused at once; what the daemon refuses is not heard of
+        (use ``publish_confirmed`` for that, or for the message id)."""
         self.send("msg.publish", channel=channel, payload=payload, sender=sender)
+
+    async def publish_confirmed(self, channel: str, payload: Any, *, sender: str | None = None) -> int:
+        """Publish and wait until the daemon has stored the message; returns its id (refusals raised)."""
+        return (await self.call("msg.publish", channel=channel, payload=payload, sender=sender))["id"]
 
     @asynccontextmanager
     async def subscribe(self, *channels: str, new: bool = False,

@@ -316,7 +316,7 @@ async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
     d = fresh_daemon
     connected = portdaddy.sdk.connect(settings=d.settings, autostart=False)
     async with connected as pd, pd.subscribe("deploy:*", new=True) as sub:
-        first = await pd.publish("deploy:api", "before")
+        first = await pd.publish_confirmed("deploy:api", "before")
         with trio.fail_after(5):
             assert (await sub.__anext__()).id == first
         await trio.to_thread.run_sync(d.kill9)
@@ -332,7 +332,7 @@ async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
         assert got == missed  # nothing lost, nothing twice, in order
         with trio.fail_after(5):
             while True:  # and live deliveries flow on the renewed subscription
-                live = await pd.publish("deploy:web", "after")
+                live = await pd.publish_confirmed("deploy:web", "after")
                 if (await sub.__anext__()).id == live:
                     break
 
@@ -340,7 +340,7 @@ async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
 async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
     daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
     async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
-        await pd.publish("sdk:ready", {"ok": True})
+        await pd.publish_confirmed("sdk:ready", {"ok": True})
         got = await pd.wait_for_signal("sdk:ready", timeout=5)
         assert got.payload == {"ok": True}
         with pytest.raises(Timeout):
@@ -348,7 +348,7 @@ async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
         async with pd.subscribe("sdkq:*", new=True) as sub:
             # 3,000 messages arrive while the reader sleeps: the SDK buffer overflows and history fills the gap.
             async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as other:
-                sent = [await other.publish(f"sdkq:{i % 3}", i) for i in range(3000)]
+                sent = [await other.publish_confirmed(f"sdkq:{i % 3}", i) for i in range(3000)]
             received = []
             with trio.fail_after(20):
                 async for msg in sub:

@@ -25,15 +25,16 @@ def connect(d: Daemon, **kw: Any) -> Any:
 async def test_a_value_the_wire_cannot_carry_is_bad_input_and_the_connection_lives_on(daemon: Daemon) -> None:
     """A set, an object or an oversized payload came out of msgpack's C code as a bare TypeError or ValueError."""
     async with connect(daemon) as pd:
-        for attempt in (lambda: pd.publish("sdk:bad", {1, 2}), lambda: pd.claim("sdk:bad", metadata={"at": object()}),
+        for attempt in (lambda: pd.publish_confirmed("sdk:bad", {1, 2}),
+                        lambda: pd.claim("sdk:bad", metadata={"at": object()}),
                         lambda: pd.out([{"when": trio}])):  # fmt: skip
             with pytest.raises(BadInput, match="cannot be sent") as refused:
                 await attempt()
             assert refused.value.code == "VALIDATION_ERROR"
         with pytest.raises(BadInput) as refused:
-            pd.publish_nowait("sdk:bad", object())  # refused at once: fire-and-forget hears of nothing later
+            pd.publish("sdk:bad", object())  # refused at once: fire-and-forget hears of nothing later
         with pytest.raises(BadInput) as refused:
-            await pd.publish("sdk:big", "x" * 70_000)
+            await pd.publish_confirmed("sdk:big", "x" * 70_000)
         assert refused.value.code == "PAYLOAD_TOO_LARGE" and "IPC frame" in refused.value.message
         assert (await pd.claim("sdk:fine")).port  # nothing half-sent: the next request is served
         assert await pd.history("sdk:bad") == []
@@ -120,10 +121,10 @@ async def test_a_subscription_ends_with_its_block_instead_of_hanging(daemon: Dae
     """Iterating a subscription after its ``async with`` (or the connection) had closed waited forever."""
     async with connect(daemon) as pd:
         async with pd.subscribe("sdk:end:*", new=True) as sub:
-            sent = await pd.publish("sdk:end:a", "last words")
+            sent = await pd.publish_confirmed("sdk:end:a", "last words")
             with trio.fail_after(5):
                 assert (await sub.__anext__()).id == sent
-            await pd.publish("sdk:end:a", "after the reader stopped")
+            await pd.publish_confirmed("sdk:end:a", "after the reader stopped")
         with trio.fail_after(5):
             assert all(i > sent for i in [msg.id async for msg in sub])  # what had arrived, then the end
     with trio.fail_after(5):
@@ -208,10 +209,10 @@ async def test_two_subscriptions_to_the_same_channels_on_one_connection_each_get
     nothing more, and when the second block ended it unsubscribed the first's subscription too."""
     async with connect(daemon) as pd, pd.subscribe("sdk:two:*", new=True) as first:
         async with pd.subscribe("sdk:two:*", new=True) as second:
-            sent = await pd.publish("sdk:two:x", 1)
+            sent = await pd.publish_confirmed("sdk:two:x", 1)
             with trio.fail_after(5):
                 assert [(await first.__anext__()).id, (await second.__anext__()).id] == [sent, sent]
-        sent = await pd.publish("sdk:two:x", 2)
+        sent = await pd.publish_confirmed("sdk:two:x", 2)
         with trio.fail_after(5):
             assert (await first.__anext__()).id == sent
 
@@ -243,8 +244,19 @@ async def test_a_closed_connection_says_it_is_closed(daemon: Daemon) -> None:
     method 'not connected to <socket>', as if the daemon were down."""
     async with connect(daemon, agent_id="sdk-closed") as pd:
         pass
-    for attempt in (lambda: pd.start_heartbeat(1), pd.heartbeat, lambda: pd.publish_nowait("sdk:closed", 1)):
+    for attempt in (lambda: pd.start_heartbeat(1), pd.heartbeat, lambda: pd.publish("sdk:closed", 1)):
         with pytest.raises(DaemonUnavailable, match="this connection is closed"):
             attempt()
     with pytest.raises(DaemonUnavailable, match="this connection is closed"):
         await pd.claim("sdk:closed")
+
+
+async def test_publish_is_fire_and_forget_and_publish_confirmed_waits_for_the_id(daemon: Daemon) -> None:
+    """As heartbeat() and spray(): publish() is a plain call that sends and returns (no round trip to await)."""
+    async with connect(daemon) as pd, pd.subscribe("sdk:ff:*", new=True) as sub:
+        assert pd.publish("sdk:ff:a", {"n": 1}) is None
+        confirmed = await pd.publish_confirmed("sdk:ff:b", {"n": 2})
+        with trio.fail_after(5):
+            got = [await sub.__anext__(), await sub.__anext__()]
+        assert [(m.channel, m.payload) for m in got] == [("sdk:ff:a", {"n": 1}), ("sdk:ff:b", {"n": 2})]
+        assert got[1].id == confirmed > got[0].id

@@ -294,7 +294,7 @@ async def _give_back_refused_for_the_rate(pd: portdaddy.PortDaddy, d: Daemon) ->
     give-back, a request like any other, is refused ``rate_limited``."""
     await trio.sleep(1 - time.monotonic() % 1 + 0.01)  # the daemon's rate windows are whole seconds
     for _ in range(19):  # the caller's own burst leaves this second room for one more frame: the take
-        pd.publish_nowait("late:noise", {})
+        pd.publish("late:noise", {})
     with trio.CancelScope() as scope:
         scope.cancel()  # the take is sent, then given up at once (its CANCEL is over the rate and dropped)
         await pd.take(["late"], harbor="late", wait=True)
