@@ -404,3 +404,29 @@ def test_quiet_unlock_and_heartbeat_print_one_word(daemon) -> None:
     assert daemon.pd("unlock", "cli:quiet", "-q").stdout == "released\n"
     assert daemon.pd("unlock", "cli:quiet", "-q").stdout == "not-held\n"
     assert daemon.pd("agent", "heartbeat", "--agent", "quiet-one", "-q").stdout == "quiet-one\n"
+
+
+def test_a_grant_racing_its_waiters_disconnect_is_released_bound_or_not(daemon) -> None:
+    """The holder's release hands the lock to a waiter whose connection is closing at that very moment: nobody
+    would know they hold it. It was released at once only when the lock was bound to the connection; otherwise
+    it stayed held until its lease ran out (5 minutes by default)."""
+    import socket
+
+    from portdaddy.ipc.frame import Performative, encode
+
+    def sent(frame: dict[str, Any]) -> socket.socket:  # a request whose reply nobody reads
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(daemon.settings.ipc_sock))
+        sock.sendall(encode(Performative.REQUEST, 1, frame))
+        return sock
+
+    with daemon.client() as c:
+        for n in range(30):
+            name = f"race-disconnect:{n}"
+            token = c.request("lock.acquire", {"name": name, "owner": "holder"})["token"]
+            waiter = sent({"action": "lock.acquire", "name": name, "owner": "waiter", "wait": True,
+                           "connBound": n % 2 == 1})  # fmt: skip
+            _wait_for(lambda: c.request("daemon.status")["counts"]["lockWaiters"] == 1)
+            sent({"action": "lock.release", "name": name, "token": token}).close()
+            waiter.close()  # at once, as the release reaches the daemon
+            _wait_for(lambda name=name: c.request("lock.get", {"name": name})["held"] is False, timeout=5)

@@ -138,8 +138,10 @@ class Locks:
 
     async def acquire_blocking(self, name: str, owner: str, *, ttl_ms: int, timeout_s: float | None,
                                pid: int | None = None, metadata: dict[str, Any] | None = None,
-                               conn: Any = None) -> Lock:  # fmt: skip
-        """Wait in FIFO order until the lock is handed to ``owner`` (call after ``try_acquire`` refused)."""
+                               conn: Any = None, caller: Any = None) -> Lock:  # fmt: skip
+        """Wait in FIFO order until the lock is handed to ``owner`` (call after ``try_acquire`` refused).
+        ``conn``: the connection the lock is bound to, if any; ``caller``: the one the grant goes back to (a
+        grant that finds it closed is released: nobody would know they hold it)."""
         self._check_quota(owner)
         waiter = _Waiter(owner, ttl_ms, pid, metadata, conn, trio.lowlevel.current_task())
         queue = self._waiters.setdefault(name, {})
@@ -153,7 +155,7 @@ class Locks:
 
         with trio.move_on_after(timeout_s if timeout_s is not None else float("inf")) as scope:
             lock: Lock = await trio.lowlevel.wait_task_rescheduled(abort)
-            if conn is not None and conn.closed:
+            if caller is not None and caller.closed:
                 self._release(lock, by=None, forced=False, reason="disconnect")  # nobody is there to hold it
                 raise PDError("CANCELLED", "the connection closed before the lock was granted")
             return lock
@@ -366,7 +368,7 @@ def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) 
                 pass
             timeout_s = None if timeout is None else timeout / 1000
             lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=timeout_s, pid=ctx.pid,
-                                                metadata=metadata, conn=conn)  # fmt: skip
+                                                metadata=metadata, conn=conn, caller=ctx.conn)  # fmt: skip
             return _acquire_reply(lock, False)
 
         return Later(queue)
