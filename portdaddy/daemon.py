@@ -39,6 +39,7 @@ from portdaddy.core.sessions import Sessions
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
 from portdaddy.core.webhooks import Webhooks
+from portdaddy.errors import StoreError
 from portdaddy.fleet.supervisor import Fleet
 from portdaddy.ipc.server import IpcServer
 
@@ -151,6 +152,14 @@ async def run_daemon(settings: Settings, *, child_umask: int | None = None,
         store.close()
 
 
+def _store_refusal(e: BaseException) -> StoreError | None:
+    """The StoreError ``e`` is, or the one every exception of its group is (a subsystem's write at start)."""
+    if isinstance(e, BaseExceptionGroup):
+        rest = e.split(StoreError)[1]
+        return None if rest is not None else _store_refusal(e.exceptions[0])
+    return e if isinstance(e, StoreError) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     # Everything the daemon creates is its user's alone, wherever PORT_DADDY_DB and the other overrides put it
     # (a store in /tmp was world-readable under umask 022, -wal and -shm too). Spawned agents get the caller's
@@ -176,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         _write_private(settings.pid_file, f"{os.getpid()}\n")
         trio.run(partial(run_daemon, settings, child_umask=caller_umask))
         return 0
-    except Exception:
-        log.exception("daemon failed")
+    except Exception as e:
+        refused = _store_refusal(e)
+        if refused is None:
+            log.exception("daemon failed")
+        else:  # at start (a lock held since before, a read-only file): said in one line, no traceback
+            log.error("cannot start the daemon: %s", refused.message)
         return 1
     finally:
         _remove_runtime_files(settings)
