@@ -100,22 +100,25 @@ class Store:
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = str(path)
         self.busy_timeout_ms = busy_timeout_ms
-        self.db = apsw.Connection(self.path)
-        self.db.set_busy_timeout(busy_timeout_ms)
-        self.db.pragma("journal_mode", "wal")
-        self.db.pragma("synchronous", "NORMAL")
-        self.db.pragma("foreign_keys", True)
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
-        self._file = _file_id(self.path)  # the file this connection writes: a write checks it is still there
         self._contended = False  # a write found the lock held by another process: the next ones do not wait
         self._spoiled: StoreError | None = None  # a failure met inside the open transaction (it must not commit)
         self.failure: StoreError | None = None  # why the last write failed, until one succeeds
         self.failed_since: int | None = None  # ms since the epoch
+        self.db = apsw.Connection(self.path)
+        try:
+            self.db.set_busy_timeout(busy_timeout_ms)
+            self.db.pragma("journal_mode", "wal")
+            self.db.pragma("synchronous", "NORMAL")
+            self.db.pragma("foreign_keys", True)
+        except apsw.Error as e:
+            # On a read-only file system SQLite cannot make the -wal and -shm files: it says "unable to open".
+            failure = self._read_only() if _unwritable(self.path) else self._storage_failure(e)
+            raise self._failed(failure or StoreError("STORE_FAILED", f"cannot open the store {path}: {e}")) from e
         if self.db.readonly("main"):
-            raise self._failed(StoreError("STORE_READONLY", f"the store {self.path} can only be opened read-only "
-                                          f"(its mode, or a read-only file system); make it writable "
-                                          f"(chmod u+w), or point PORT_DADDY_DB elsewhere"))  # fmt: skip
+            raise self._failed(self._read_only())
+        self._file = _file_id(self.path)  # the file this connection writes: a write checks it is still there
         self.migrate()
 
     # -- schema ------------------------------------------------------------------------------------------
@@ -150,6 +153,11 @@ class Store:
             except apsw.Error as e:
                 if self._spoiled is None:
                     self._spoiled = self._storage_failure(e)
+                if self._spoiled is not None and not self.db.in_transaction:
+                    # SQLite rolled the whole transaction back (a full disk, an I/O error): what the outer body still
+                    # does, if it goes on, must not be committed statement by statement.
+                    with suppress(apsw.Error):
+                        self.db.execute("BEGIN")
                 raise
             finally:
                 self._depth -= 1
@@ -219,14 +227,21 @@ class Store:
             return StoreError("STORE_FULL", f"the disk holding the store {path} is full; free some space, then try "
                               "again")  # fmt: skip
         if isinstance(e, apsw.ReadOnlyError) or os_errno == errno.EROFS:
-            return StoreError("STORE_READONLY", f"the store {path} has become read-only (its file system was "
-                              "remounted read-only, as after a disk error: dmesg says why); repair it and remount it "
-                              "read-write, then restart the daemon")  # fmt: skip
+            return StoreError("STORE_READONLY", f"the store {path} cannot be written: its file system is read-only "
+                              "(remounted so after a disk error? dmesg says why); make it writable again, then restart "
+                              "the daemon")  # fmt: skip
         if isinstance(e, (apsw.IOError, apsw.CantOpenError, apsw.CorruptError, apsw.NotADBError)):
             why = f"{e}: {os.strerror(os_errno)}" if os_errno else str(e)
             return StoreError("STORE_FAILED", f"the store {path} could not be written ({why}); check the disk "
                               "(dmesg) and the file, then restart the daemon")  # fmt: skip
         return None
+
+    def _read_only(self) -> StoreError:
+        return StoreError(
+            "STORE_READONLY",
+            f"the store {self.path} can only be opened read-only (its mode, or a "
+            "read-only file system); make it writable (chmod u+w), or point PORT_DADDY_DB elsewhere",
+        )
 
     def _failed(self, failure: StoreError) -> StoreError:
         """Remember why writes fail (pd status shows it); log when that begins or changes, not every write."""
@@ -319,6 +334,11 @@ class Store:
             log.warning("the store was closed without its checkpoint (%s); the next start replays the WAL", e)
         finally:
             self.db.close()
+
+
+def _unwritable(path: str) -> bool:
+    """Whether the daemon may not write the file at ``path`` (or, if there is none, create one beside it)."""
+    return not os.access(path if os.path.exists(path) else os.path.dirname(path) or ".", os.W_OK)
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
