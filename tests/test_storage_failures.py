@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import time
@@ -363,8 +362,13 @@ def test_a_store_deleted_or_replaced_under_the_daemon_takes_no_more_writes(fresh
     assert d.call("port.claim", id="app:web")["existing"] is False
 
 
-def test_a_home_deleted_under_the_daemon_refuses_writes_to_its_clients(fresh_daemon: Daemon) -> None:
+def test_a_home_deleted_under_the_daemon_refuses_writes_and_leaves_to_the_next_daemon(fresh_daemon: Daemon) -> None:
+    """Nobody can reach a daemon whose home is gone (its sockets went with it) and the next pd starts another
+    one there: the old one refuses writes to the clients it still has, then shuts down, leaving the new one's
+    sockets and pid file alone."""
     d = fresh_daemon
+    old = d.proc
+    assert old is not None
     with d.client() as c:
         c.request("port.claim", {"id": "app:api"})
         shutil.rmtree(d.home)
@@ -372,6 +376,12 @@ def test_a_home_deleted_under_the_daemon_refuses_writes_to_its_clients(fresh_dae
             c.request("port.claim", {"id": "app:web"})
         assert err.value.code == "STORE_GONE"
         assert c.request("port.get", {"id": "app:api"})["service"]["port"]
-    d.proc.send_signal(signal.SIGTERM)  # its home is gone: the fixture cannot stop it by its files
-    assert d.proc.wait(timeout=15) == 0
-    d.proc = None
+    d.home.mkdir()
+    new = Daemon(d.home, d.env).start()
+    try:
+        assert old.wait(timeout=10) == 0
+        assert new.call("port.claim", id="app:web")["existing"] is False
+        assert new.pd("status").returncode == 0
+    finally:
+        new.stop()
+        d.proc = None

@@ -135,7 +135,8 @@ def status(as_json: bool) -> None:
         _not_serving(cfg, as_json, running=False)
     store = st.get("store") or {}
     # First: while the store refuses writes, every change anyone asks for is refused.
-    warnings = [f"writes are refused: {store['message']}"] * (store.get("ok") is False) + attention(st["counts"])
+    refused = [f"writes are refused: {store['message']}"] if store.get("ok") is False else []
+    warnings = refused + attention(st["counts"])
     if as_json:
         emit_json({"success": True, "running": True, **st, "warnings": warnings})
         return
