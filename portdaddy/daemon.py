@@ -39,10 +39,13 @@ from portdaddy.core.sessions import Sessions
 from portdaddy.core.store import Store
 from portdaddy.core.tuples import TupleSpace
 from portdaddy.core.webhooks import Webhooks
+from portdaddy.errors import StoreError
 from portdaddy.fleet.supervisor import Fleet
 from portdaddy.ipc.server import IpcServer
 
 log = logging.getLogger("portdaddy")
+
+HOME_CHECK_S = 2.0  # how often the daemon looks whether its home is still there
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
 # Activity first, so that it logs every other subsystem's events from the start; the broker before the
@@ -107,6 +110,33 @@ def running_pid(settings: Settings) -> int | None:
     return None
 
 
+def _still_ours(fd: int, lock_file: Path) -> bool:
+    """Whether ``lock_file`` is still the file ``fd`` holds open: not once the home was deleted, even if it was
+    made again (a file held open keeps its inode, so the new one cannot have the same)."""
+    held = os.fstat(fd)
+    try:
+        there = os.stat(lock_file)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
+async def _leave_when_home_goes(lock_file: Path, waiting: trio.CancelScope) -> None:
+    """The home deleted under the daemon (``rm -rf ~/.port-daddy``): no new client can reach it, its store is
+    gone, and the next ``pd`` starts another daemon there. This one shuts down (``waiting`` waits for a signal)."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)  # another open file: closing it leaves the instance flock alone
+    except OSError:
+        return
+    try:
+        while _still_ours(fd, lock_file):
+            await trio.sleep(HOME_CHECK_S)
+    finally:
+        os.close(fd)
+    log.warning("%s was deleted under the daemon; shutting down", lock_file.parent)
+    waiting.cancel()
+
+
 def _remove_runtime_files(settings: Settings) -> None:
     for path in (settings.ipc_sock, settings.http_sock, settings.pid_file, settings.port_file):
         with suppress(FileNotFoundError):
@@ -138,9 +168,11 @@ async def run_daemon(settings: Settings, *, child_umask: int | None = None,
                 app.bus.emit("daemon.start", pid=app.pid, version=app.version)
                 log.info("port daddy %s ready (pid %d) in %s", app.version, app.pid, settings.home)
                 task_status.started(app)
-                async for signum in signals:
-                    log.info("received %s; shutting down", signal.Signals(signum).name)
-                    break
+                with trio.CancelScope() as waiting:
+                    nursery.start_soon(_leave_when_home_goes, settings.lock_file, waiting)
+                    async for signum in signals:
+                        log.info("received %s; shutting down", signal.Signals(signum).name)
+                        break
                 app.bus.emit("daemon.stop", pid=app.pid)
                 app.stopping.set()
                 # Give the HTTP server its graceful close, then stop everything else.
@@ -149,6 +181,14 @@ async def run_daemon(settings: Settings, *, child_umask: int | None = None,
                 nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _store_refusal(e: BaseException) -> StoreError | None:
+    """The StoreError ``e`` is, or the one every exception of its group is (a subsystem's write at start)."""
+    if isinstance(e, BaseExceptionGroup):
+        rest = e.split(StoreError)[1]
+        return None if rest is not None else _store_refusal(e.exceptions[0])
+    return e if isinstance(e, StoreError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         _write_private(settings.pid_file, f"{os.getpid()}\n")
         trio.run(partial(run_daemon, settings, child_umask=caller_umask))
         return 0
-    except Exception:
-        log.exception("daemon failed")
+    except Exception as e:
+        refused = _store_refusal(e)
+        if refused is None:
+            log.exception("daemon failed")
+        else:  # at start (a lock held since before, a read-only file): said in one line, no traceback
+            log.error("cannot start the daemon: %s", refused.message)
         return 1
     finally:
-        _remove_runtime_files(settings)
+        if _still_ours(lock_fd, settings.lock_file):  # else they are another daemon's, in a home made since
+            _remove_runtime_files(settings)
         os.close(lock_fd)
 
 

@@ -55,6 +55,12 @@ _TABLE: dict[str, tuple[int, int, int]] = {
     "NO_REPLY": (504, _FAILURE, EXIT_UNREACHABLE),  # a client's, never sent: see NoReply
     "CANCELLED": (499, _FAILURE, EXIT_REFUSED),
     "INTERNAL": (500, _FAILURE, EXIT_REFUSED),
+    # The store cannot take a write just now; nothing was changed (spec/decisions.md, "Storage failures").
+    "STORE_LOCKED": (503, _FAILURE, EXIT_REFUSED),
+    "STORE_FULL": (507, _FAILURE, EXIT_REFUSED),
+    "STORE_READONLY": (503, _FAILURE, EXIT_REFUSED),
+    "STORE_GONE": (503, _FAILURE, EXIT_REFUSED),
+    "STORE_FAILED": (500, _FAILURE, EXIT_REFUSED),
     # Outcomes pd reports when the daemon answered and the answer is a no; the daemon never sends these.
     "CHAIN_BROKEN": (409, _REFUSE, EXIT_REFUSED),
     "RUN_FAILED": (409, _REFUSE, EXIT_REFUSED),
@@ -132,6 +138,11 @@ class NoReply(Timeout):
         super().__init__("NO_REPLY", f"{message}: the daemon is not answering (pd status says why)", **extra)
 
 
+class StoreError(PDError):
+    """The daemon's store refused a write (locked by another process, disk full, read-only, deleted, I/O error):
+    the operation changed nothing, and may succeed once the condition is gone."""
+
+
 class DaemonUnavailable(PDError):
     def __init__(self, message: str = "Port Daddy daemon is not reachable", **extra: Any) -> None:
         super().__init__("DAEMON_UNAVAILABLE", message, **extra)
@@ -145,7 +156,9 @@ _BY_CODE: dict[str, type[PDError]] = {
     "TIMEOUT": Timeout,
 }
 for _code, (_status, _perf, _exit) in _TABLE.items():
-    if _exit == EXIT_BAD_INPUT:
+    if _code.startswith("STORE_"):
+        _BY_CODE[_code] = StoreError
+    elif _exit == EXIT_BAD_INPUT:
         _BY_CODE.setdefault(_code, BadInput)
     elif _status == 404:
         _BY_CODE.setdefault(_code, NotFound)

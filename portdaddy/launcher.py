@@ -69,12 +69,25 @@ def wait_healthy(
             return health
         # Exit status 0 means "another daemon is already running": keep waiting for that one.
         if proc is not None and proc.poll() not in (None, 0):
-            raise DaemonUnavailable(f"the daemon exited with status {proc.returncode}; see {cfg.log}")
+            raise DaemonUnavailable(f"the daemon exited with status {proc.returncode}{_why_not_started(cfg)}; "
+                                    f"see {cfg.log}")  # fmt: skip
         if time.monotonic() > deadline:
             raise DaemonUnavailable(f"the daemon did not become healthy in {timeout:g}s; see {cfg.log}")
         if tick is not None:
             tick()
         time.sleep(0.01 if health is None else 0.03)  # a daemon loading HTTP's imports has no GIL to spare
+
+
+def _why_not_started(cfg: Settings) -> str:
+    """The reason a daemon that refused to start gave as its last log line (``cannot start the daemon: …``)."""
+    try:
+        with open(cfg.log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            last = f.read().decode(errors="replace").rstrip().rsplit("\n", 1)[-1]
+    except OSError:
+        return ""
+    _, found, why = last.partition("cannot start the daemon: ")
+    return f": {why}" if found else ""
 
 
 def ensure_daemon(cfg: Settings) -> dict[str, Any]:

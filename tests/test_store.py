@@ -8,6 +8,7 @@ import apsw
 import pytest
 
 from portdaddy.core.store import Reserved, Store, autoincrement_ids, migrations
+from portdaddy.errors import StoreError
 
 
 @pytest.fixture
@@ -126,3 +127,24 @@ def test_migrations_leave_no_gap_a_database_could_skip() -> None:
     later put in a gap below that number would never run on it. 002 and 003 went before any database kept them."""
     numbers = [number for number, _name, _sql in migrations()]
     assert numbers == [1, *range(4, numbers[-1] + 1)], numbers
+
+
+def test_a_storage_failure_met_inside_a_transaction_never_commits_it(store: Store) -> None:
+    """An observer's nested write that meets a full disk is logged by the event bus, not raised: the
+    transaction around it must still roll back, and say why, rather than commit half of what it did."""
+    store.execute("CREATE TABLE big (v TEXT)")
+    store.db.pragma("max_page_count", store.db.pragma("page_count") + 2)  # a disk with two pages left
+    with pytest.raises(StoreError) as refused, store.write() as db:
+        db.execute("INSERT INTO parent VALUES (1)")
+        try:
+            with store.write() as inner:
+                inner.execute("INSERT INTO big VALUES (?)", ("x" * 100_000,))
+        except apsw.FullError:
+            pass  # swallowed, as EventBus.emit does with an observer's error
+        db.execute("INSERT INTO parent VALUES (3)")  # and the operation goes on
+    assert refused.value.code == "STORE_FULL" and store.failure is refused.value
+    assert store.scalar("SELECT count(*) FROM parent") == 0 and not store.db.in_transaction
+    store.db.pragma("max_page_count", 1_000_000)  # space again
+    with store.write() as db:
+        db.execute("INSERT INTO parent VALUES (2)")
+    assert store.failure is None and store.health() == {"ok": True}

@@ -133,7 +133,10 @@ def status(as_json: bool) -> None:
         sys.exit(exit_code(e.code))
     if st is None:
         _not_serving(cfg, as_json, running=False)
-    warnings = attention(st["counts"])
+    store = st.get("store") or {}
+    # First: while the store refuses writes, every change anyone asks for is refused.
+    refused = [f"writes are refused: {store['message']}"] if store.get("ok") is False else []
+    warnings = refused + attention(st["counts"])
     if as_json:
         emit_json({"success": True, "running": True, **st, "warnings": warnings})
         return

@@ -19,6 +19,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.errors import StoreError
 
 SKIPPED = frozenset({"msg.publish", "pheromone.spray"})
 RETENTION_MS = 7 * 86_400_000
@@ -96,19 +97,31 @@ class Activity:
                 async for ev in rx:
                     self._pending.append(ev)
                     await trio.sleep(BATCH_S)  # let the burst gather: one commit for all of it
-                    self.flush()
+                    await self.store.background(self.flush)
             finally:
-                self.flush()
+                with suppress(StoreError):  # the store said why in the log; these events are not kept
+                    self.flush()
 
     def flush(self) -> None:
-        """Write every event received so far (one transaction)."""
+        """Write every event received so far (one transaction). While the store refuses them they wait, the
+        newest MAX_ROWS of them (what the log keeps at most anyway)."""
         if self._rx is not None:
             with suppress(trio.WouldBlock):
                 while True:
                     self._pending.append(self._rx.receive_nowait())
-        events, self._pending = [e for e in self._pending if e.kind not in SKIPPED], []
-        if events:
-            self.write(events)
+        events = [e for e in self._pending if e.kind not in SKIPPED]
+        try:
+            if events:
+                self.write(events)
+        except StoreError:
+            self._pending = events[-MAX_ROWS:]
+            raise
+        self._pending = []
+
+    def _settle(self) -> None:
+        """Before a read: store what has arrived, unless the store refuses it (then the read shows what is stored)."""
+        with suppress(StoreError):
+            self.flush()
 
     def write(self, events: list[Event]) -> None:
         with self.store.write() as db:
@@ -126,7 +139,7 @@ class Activity:
 
     def entries(self, *, limit: int, type: str | None = None, agent: str | None = None, target: str | None = None,
                 since: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        self.flush()
+        self._settle()
         where, args = ["1"], []
         for column, value in (("type", type), ("agent_id", agent), ("target_id", target)):
             if value is None:
@@ -146,7 +159,7 @@ class Activity:
                  "metadata": json.loads(m) if m else None} for i, ts, t, a, tg, d, m in rows]  # fmt: skip
 
     def summary(self, since: int) -> dict[str, int]:
-        self.flush()
+        self._settle()
         return dict(self.store.all("SELECT type, count(*) FROM activity WHERE timestamp >= ? GROUP BY type ORDER BY 2 "
                                    "DESC", (since,)))  # fmt: skip
 

@@ -24,6 +24,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -34,7 +35,7 @@ from portdaddy.core.identity import glob_segment
 from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
-from portdaddy.errors import Conflict, NotFound, PDError, bad_input
+from portdaddy.errors import Conflict, NotFound, PDError, StoreError, bad_input
 
 log = logging.getLogger("portdaddy.agents")
 
@@ -212,8 +213,8 @@ class Agents:
         agent = self._agents.get(agent_id)
         if agent is None:
             return None
+        before = (agent.last_heartbeat, agent.pid, agent.liveness, agent.dead_at)
         agent.last_heartbeat = now_ms()
-        self.heartbeats += 1
         if pid is not None:
             agent.pid = pid
         was_dead = agent.liveness == "dead"
@@ -222,7 +223,12 @@ class Agents:
             durable = True
         self._beats.mark(agent_id)
         if durable:
-            self.flush()
+            try:
+                self.flush()
+            except StoreError:  # not stored, so it did not happen: the agent stays as it was
+                agent.last_heartbeat, agent.pid, agent.liveness, agent.dead_at = before
+                raise
+        self.heartbeats += 1
         if was_dead:
             self._take_back(agent_id)
         return agent
@@ -330,9 +336,9 @@ class Agents:
         return True
 
     def _mark_stale(self, agent: Agent) -> None:
-        agent.liveness = "stale"
         with self.store.write() as db:
             db.execute("UPDATE agents SET liveness='stale' WHERE id=?", (agent.id,))
+        agent.liveness = "stale"
         self.app.bus.emit("agent.stale", agentId=agent.id, identity=agent.identity, lastHeartbeat=agent.last_heartbeat)
         self.app.publish("resurrection", {"type": "stale", "agentId": agent.id, "identity": agent.identity,
                                           "lastHeartbeat": agent.last_heartbeat}, sender="daemon")  # fmt: skip
@@ -418,7 +424,7 @@ class Agents:
         agent = self._agents.get(agent_id)
         if agent is not None and agent.liveness == "dead":
             self.store.execute("DELETE FROM agents WHERE id=?", (agent_id,))
-            del self._agents[agent_id]
+            self.store.after_commit(partial(self._agents.pop, agent_id, None))
 
     def expire_salvage(self, now: int) -> None:
         """Drop the salvage entries unchanged for ``salvage_keep_ms``, and forget the dead agents they were for:
@@ -482,8 +488,9 @@ class Agents:
                     log.info("the host slept; no agent is judged for %ds", self.grace_ms // 1000)
                     self._grace_until = now + self.grace_ms
                 wall, mono = now, mono_now
-                self.expire_salvage(now)
-                self.reap(now)
+                # Refused by the store: judged again a second later (background() waits that long).
+                if await self.store.background(partial(self.expire_salvage, now)):
+                    await self.store.background(partial(self.reap, now))
 
 
 def _segment_glob(pattern: str, value: str | None) -> bool:

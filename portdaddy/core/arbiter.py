@@ -148,7 +148,7 @@ class Arbiter:
                 with trio.CancelScope() as self._deadline:
                     self._deadline.deadline = min(self._awaiting_salvage.values(), default=math.inf)
                     await trio.sleep_forever()
-                self._check_salvage_deadlines()
+                await self.store.background(self._check_salvage_deadlines)  # refused: still due, tried again
 
     def check(self, ev: Event) -> None:
         if ev.kind.startswith("arbiter."):
@@ -298,9 +298,9 @@ class Arbiter:
         now = trio.current_time()
         for agent, deadline in list(self._awaiting_salvage.items()):
             if deadline <= now:
-                del self._awaiting_salvage[agent]
                 self.violation("HEARTBEAT_FRESHNESS", agent, f"agent {agent} died and no salvage entry was made "
                                f"within {self.salvage_window_s:g}s", severity=CRITICAL)  # fmt: skip
+                del self._awaiting_salvage[agent]
 
     # -- recording -----------------------------------------------------------------------------------------
 

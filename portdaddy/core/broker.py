@@ -283,7 +283,7 @@ class Broker:
 
     def since(self, patterns: Iterable[str], after: int, limit: int = 200) -> list[Message]:
         """Messages on any pattern with id > ``after``, oldest first."""
-        self._writes.flush()
+        self._writes.settle()
         pats = tuple(patterns)
         if WILDCARD in pats:
             where, args = "1", []
@@ -303,7 +303,7 @@ class Broker:
 
     def latest(self, patterns: Iterable[str], limit: int) -> list[Message]:
         """The newest ``limit`` messages on any pattern, oldest first."""
-        self._writes.flush()
+        self._writes.settle()
         pats = tuple(patterns)
         if len(pats) == 1 and WILDCARD not in pats[0]:
             rows = self.store.all(f"SELECT {_COLS} FROM messages WHERE channel=? ORDER BY id DESC LIMIT ?",
@@ -454,7 +454,7 @@ class Broker:
     async def _prune_hourly(self) -> None:
         while True:
             await trio.sleep(PRUNE_INTERVAL_S)
-            self.prune()
+            await self.store.background(self.prune)  # refused: the next hour's prune takes it all
 
     async def _wake_waiters_at_shutdown(self) -> None:
         await self.app.stopping.wait()

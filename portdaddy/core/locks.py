@@ -18,7 +18,9 @@ import fnmatch
 import heapq
 import json
 import secrets
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -29,7 +31,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.core.store import Reserved
-from portdaddy.errors import LockHeld, PDError, bad_input
+from portdaddy.errors import LockHeld, PDError, StoreError, bad_input
 
 DEFAULT_TTL_MS = 5 * 60_000
 MAX_TTL_MS = 60 * 60_000
@@ -96,14 +98,19 @@ class Locks:
     # -- queries -------------------------------------------------------------------------------------------
 
     def get(self, name: str) -> Lock | None:
-        self._expire_if_due(name)
-        return self._held.get(name)
+        """The lock if held; an expired lease is not held, even while the store refuses to record its end."""
+        with suppress(StoreError):
+            self._expire_if_due(name)
+        lock = self._held.get(name)
+        return lock if lock is not None and lock.expires_at > now_ms() else None
 
     def list(self, owner_glob: str | None = None) -> list[Lock]:
         now = now_ms()
-        for lock in [lk for lk in self._held.values() if lk.expires_at <= now]:
-            self._expire_if_due(lock.name)
-        locks = sorted(self._held.values(), key=lambda lk: lk.acquired_at, reverse=True)
+        with suppress(StoreError):
+            for lock in [lk for lk in self._held.values() if lk.expires_at <= now]:
+                self._expire_if_due(lock.name)
+        locks = sorted((lk for lk in self._held.values() if lk.expires_at > now), key=lambda lk: lk.acquired_at,
+                       reverse=True)  # fmt: skip
         if owner_glob:
             locks = [lk for lk in locks if fnmatch.fnmatchcase(lk.owner, owner_glob)]
         return locks
@@ -120,10 +127,7 @@ class Locks:
                 raise self._held_error(lock)
             # Idempotent: the lease may grow, never shrink, and the binding stays as it was. A holder that runs
             # `pd with-lock` on its own lock must still hold it, with the lease it had, when the command ends.
-            lock.expires_at = max(lock.expires_at, now_ms() + ttl_ms)
-            with self.store.write() as db:
-                db.execute("UPDATE locks SET expires_at=? WHERE name=?", (lock.expires_at, name))
-            self._schedule(lock)
+            self._set_expiry(lock, max(lock.expires_at, now_ms() + ttl_ms))
             return lock, True
         self._check_quota(owner)
         return self._grant(name, owner, ttl_ms, pid, metadata, conn), False
@@ -167,24 +171,29 @@ class Locks:
 
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
                conn: Any) -> Lock:  # fmt: skip
+        """Grant the lock; memory and the event follow once the grant (or the release it is part of) committed."""
         now = now_ms()
         token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
+        lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
         with self.store.write() as db:
             self._tokens.cover(db)
-            lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
             db.execute(
                 "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (name, owner, token, pid, now, lock.expires_at, conn is not None,
                  json.dumps(metadata) if metadata is not None else None),
             )  # fmt: skip
-        self._held[name] = lock
+            self.store.after_commit(partial(self._granted, lock, conn))
+        return lock
+
+    def _granted(self, lock: Lock, conn: Any) -> None:
+        self._held[lock.name] = lock
         if conn is not None:
             self._bind(lock, conn)
         self._schedule(lock)
         self.granted += 1
-        self.app.bus.emit("lock.acquire", name=name, owner=owner, token=token, expiresAt=lock.expires_at)
-        return lock
+        self.app.bus.emit("lock.acquire", name=lock.name, owner=lock.owner, token=lock.token,
+                          expiresAt=lock.expires_at)  # fmt: skip
 
     def _bind(self, lock: Lock, conn: Any) -> None:
         lock.conn = conn
@@ -234,11 +243,14 @@ class Locks:
         if (owner is not None and owner != lock.owner) or (token is not None and token != lock.token):
             raise PDError("NOT_OWNER", f"lock {name!r} is held by {lock.owner} with token {lock.token}; "
                           "only its holder may extend it", holder=lock.owner)  # fmt: skip
-        lock.expires_at = now_ms() + ttl_ms
-        with self.store.write() as db:
-            db.execute("UPDATE locks SET expires_at=? WHERE name=?", (lock.expires_at, name))
-        self._schedule(lock)
+        self._set_expiry(lock, now_ms() + ttl_ms)
         return lock
+
+    def _set_expiry(self, lock: Lock, expires_at: int) -> None:
+        with self.store.write() as db:
+            db.execute("UPDATE locks SET expires_at=? WHERE name=?", (expires_at, lock.name))
+        lock.expires_at = expires_at
+        self._schedule(lock)
 
     def release_owner(self, owner: str, reason: str) -> list[str]:
         """Release every lock ``owner`` holds (its agent died or unregistered)."""
@@ -248,23 +260,32 @@ class Locks:
         return names
 
     def _release(self, lock: Lock, *, by: str | None, forced: bool, reason: str) -> None:
-        """Drop ``lock`` and hand it to the first waiter, if any, in the same step."""
+        """Drop ``lock`` and hand it to the first waiter, if any, in the same transaction. Memory, the events and
+        the waiter's wake-up follow once it has committed: a release the store refuses leaves the lock held."""
+        queue = self._waiters.get(lock.name)
         with self.store.write() as db:
             db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
-            del self._held[lock.name]
-            if lock.conn is not None:
-                lock.conn.data.get("locks", set()).discard(lock.name)
-            self.app.bus.emit("lock.release", name=lock.name, owner=lock.owner, token=lock.token, by=by,
-                              forced=forced, reason=reason)  # fmt: skip
-            queue = self._waiters.get(lock.name)
+            self.store.after_commit(partial(self._released, lock, by, forced, reason))
             if queue:
                 waiter = next(iter(queue))
-                del queue[waiter]
-                if not queue:
-                    del self._waiters[lock.name]
                 granted = self._grant(lock.name, waiter.owner, waiter.ttl_ms, waiter.pid, waiter.metadata,
                                       waiter.conn)  # fmt: skip
-                trio.lowlevel.reschedule(waiter.task, Value(granted))
+                self.store.after_commit(partial(self._handed, waiter, granted))
+
+    def _released(self, lock: Lock, by: str | None, forced: bool, reason: str) -> None:
+        del self._held[lock.name]
+        if lock.conn is not None:
+            lock.conn.data.get("locks", set()).discard(lock.name)
+        self.app.bus.emit("lock.release", name=lock.name, owner=lock.owner, token=lock.token, by=by,
+                          forced=forced, reason=reason)  # fmt: skip
+
+    def _handed(self, waiter: _Waiter, granted: Lock) -> None:
+        """The first waiter has the lock its release granted it: out of the queue, and awake."""
+        queue = self._waiters[granted.name]
+        del queue[waiter]
+        if not queue:
+            del self._waiters[granted.name]
+        trio.lowlevel.reschedule(waiter.task, Value(granted))
 
     # -- expiry --------------------------------------------------------------------------------------------
 
@@ -303,8 +324,12 @@ class Locks:
                     await trio.sleep_forever()
                 now = now_ms()
                 while self._deadlines and self._deadlines[0][0] <= now:
-                    _, name = heapq.heappop(self._deadlines)
-                    self._expire_if_due(name)  # an extended lease has a later entry and is left alone
+                    entry = self._deadlines[0]
+                    # An extended lease has a later entry and is left alone; one the store refuses to end stays due.
+                    if not await self.store.background(partial(self._expire_if_due, entry[1])):
+                        break
+                    if self._deadlines and self._deadlines[0] == entry:
+                        heapq.heappop(self._deadlines)
 
     def _owner_gone(self, event: Event) -> None:
         agent_id = event.data.get("agentId")

@@ -29,6 +29,7 @@ from portdaddy.core import validate as v
 from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
+from portdaddy.errors import StoreError
 
 CLAIM_HISTORY_MS = 7 * 24 * 3600 * 1000
 # File heat (ref §17.2): each claim adds 0.3 x e^(-age / 30 min); an active claim adds 0.3 more; capped at 1.
@@ -86,11 +87,22 @@ class Pheromones:
               durable: bool = True) -> None:  # fmt: skip
         """Set ``key`` on an entity to ``strength`` (a fresh spray replaces the faded value)."""
         entity = (harbor, table, eid)
-        self._marks.setdefault(entity, {})[key] = (strength, self._now_ms())
-        self.sprays += 1
+        marks = self._marks.setdefault(entity, {})
+        before = marks.get(key)
+        marks[key] = (strength, self._now_ms())
         self._dirty.mark((entity, key))
         if durable:
-            self.flush()
+            try:
+                self.flush()
+            except StoreError:  # not stored, so it did not happen: the mark stays as it was
+                if before is not None:
+                    marks[key] = before
+                elif len(marks) == 1:
+                    del self._marks[entity]
+                else:
+                    del marks[key]
+                raise
+        self.sprays += 1
         self.app.bus.emit("pheromone.spray", table=table, id=eid, key=key, strength=strength)
 
     def sniff(self, table: str, eid: str, *, harbor: str = "") -> dict[str, float]:

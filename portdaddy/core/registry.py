@@ -16,6 +16,7 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -179,9 +180,6 @@ class Registry:
         expires_at = now + expires_ms if expires_ms else None
         svc = self._by_id.get(identity)
         if svc is not None:
-            svc.last_seen = now
-            if not pid and peer_pid:
-                svc.pid = peer_pid
             if (
                 (pid and pid != svc.pid)
                 or (cmd and cmd != svc.cmd)
@@ -189,19 +187,25 @@ class Registry:
                 or expires_at
                 or (metadata is not None and metadata != svc.metadata)
             ):
-                svc.pid = pid or svc.pid
-                svc.cmd = cmd or svc.cmd
-                svc.cwd = cwd or svc.cwd
-                svc.expires_at = expires_at or svc.expires_at
-                svc.metadata = metadata if metadata is not None else svc.metadata
+                # Stored first, then kept: a write the store refuses leaves the service as it was.
+                changed = {"pid": pid or peer_pid or svc.pid,
+                           "cmd": cmd or svc.cmd, "cwd": cwd or svc.cwd, "expires_at": expires_at or svc.expires_at,
+                           "metadata": metadata if metadata is not None else svc.metadata}  # fmt: skip
                 with self.store.write() as db:
                     db.execute(
                         "UPDATE services SET last_seen=?, pid=?, cmd=?, cwd=?, expires_at=?, metadata=? WHERE id=?",
-                        (now, svc.pid, svc.cmd, svc.cwd, svc.expires_at, v.optional_json(svc.metadata), identity),
-                    )
+                        (now, changed["pid"], changed["cmd"], changed["cwd"], changed["expires_at"],
+                         v.optional_json(changed["metadata"]), identity),
+                    )  # fmt: skip
+                for attr, value in changed.items():
+                    setattr(svc, attr, value)
+                svc.last_seen = now
                 if expires_at:
                     self._expiry_changed.set()
             else:
+                svc.last_seen = now
+                if not pid and peer_pid:
+                    svc.pid = peer_pid
                 self._seen.mark(identity)
             message = "reusing existing service"
             if port is not None and port != svc.port:  # said, not silent: the caller asked for another port
@@ -353,7 +357,7 @@ class Registry:
             self._expiry_changed = trio.Event()
             now = now_ms()
             gone = [s for _, s in self._by_id.items() if s.expires_at is not None and s.expires_at <= now]
-            self._delete(gone, "expire")
+            await self.store.background(partial(self._delete, gone, "expire"))  # refused: they stay due
 
 
 # -- operations ----------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def status(ctx: Ctx) -> dict[str, Any]:
             "tcp": f"127.0.0.1:{app.tcp_port}" if app.tcp_port else None,
         },
         "db": s.db.as_posix(),
+        "store": app.store.health(),
         "counts": app.stats(),
     }
 
@@ -63,5 +64,5 @@ def status(ctx: Ctx) -> dict[str, Any]:
 OPS = (
     Op("daemon.health", health, summary="liveness probe"),
     Op("daemon.version", version, summary="daemon version"),
-    Op("daemon.status", status, summary="pid, uptime, sockets, db path and counts"),
+    Op("daemon.status", status, summary="pid, uptime, sockets, db path, whether the store takes writes, counts"),
 )

@@ -22,6 +22,7 @@ import heapq
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -272,11 +273,15 @@ class TupleSpace:
                 t = self._spaces.get(harbor, {}).get(tid)
                 if t is not None:
                     due.append(t)
-            if due:
-                with self.store.write() as db:
-                    db.executemany("DELETE FROM tuples WHERE id=?", [(t.id,) for t in due])
-                for t in due:
-                    self._unindex(t)
+            if due and not await self.store.background(partial(self._expire, due)):
+                for t in due:  # refused: they stay, due again at once
+                    heapq.heappush(self._deadlines, (now, t.id, t.harbor))
+
+    def _expire(self, due: list[Tuple]) -> None:
+        with self.store.write() as db:
+            db.executemany("DELETE FROM tuples WHERE id=?", [(t.id,) for t in due])
+        for t in due:
+            self._unindex(t)
 
 
 def _any(fields: list[Any]) -> bool:

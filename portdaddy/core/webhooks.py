@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import uuid
+from functools import partial
 from typing import Any
 
 import trio
@@ -217,8 +218,14 @@ class Webhooks:
             status, text = None, str(e)
         except PDError as e:  # the URL itself became unacceptable (e.g. the allow option was dropped)
             status, text = None, e.message
+        # Sent once: while the store refuses the outcome, it is written again later, not the POST sent again.
+        while not await self.store.background(partial(self._record, delivery_id, event, hook_id, attempts + 1,
+                                                      status, text)):  # fmt: skip
+            pass
+
+    def _record(self, delivery_id: str, event: str, hook_id: str, attempts: int, status: int | None,
+                text: str) -> None:  # fmt: skip
         ok = status is not None and 200 <= status < 300
-        attempts += 1
         now = now_ms()
         final = ok or attempts >= MAX_ATTEMPTS
         new_status = "delivered" if ok else "failed" if final else "retrying"

@@ -5,15 +5,21 @@ Memory changes at once; the store catches up at most ``delay`` seconds later, al
 transaction, coalesced per key (a thousand heartbeats of one agent are one row write). A commit costs tens of
 microseconds, more than the rest of a request, so paying it per frame would make these paths slow for no
 gain: nobody was told these were stored, so losing the last second of them to a crash breaks no promise.
-Anything a caller is told was done is still committed before the reply (``flush()`` first).
+Anything a caller is told was done is still committed before the reply (``flush()`` first). While the store
+refuses writes (spec/decisions.md, "Storage failures"), the keys stay pending and the flush is tried again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 import trio
+
+from portdaddy.errors import StoreError
+
+log = logging.getLogger("portdaddy.store")
 
 K = TypeVar("K", bound=Hashable)
 
@@ -38,7 +44,7 @@ class WriteBehind(Generic[K]):
         self._marked.set()
 
     def flush(self) -> None:
-        """Write every pending key now (one transaction)."""
+        """Write every pending key now (one transaction); a StoreError keeps them pending."""
         if not self._keys:
             return
         keys, self._keys = self._keys, set()
@@ -49,14 +55,26 @@ class WriteBehind(Generic[K]):
             self._keys |= keys  # keep them for the next attempt
             raise
 
+    def settle(self) -> bool:
+        """``flush()`` for a read that wants the store up to date: while the store refuses writes, the read goes on
+        with what is stored (the pending keys wait for the next flush). False if they are still pending."""
+        try:
+            self.flush()
+        except StoreError:
+            return False
+        return True
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush ``delay`` after the first mark of each batch; on shutdown, flush what is left."""
+        """Flush ``delay`` after the first mark of each batch (again ``delay`` later while the store refuses it);
+        on shutdown, flush what is left (what the store still refuses then is lost: nobody was told it was kept)."""
         task_status.started()
         try:
             while True:
                 await self._marked.wait()
                 await trio.sleep(self.delay)
                 self._marked = trio.Event()
-                self.flush()
+                if not self.settle():
+                    self._marked.set()
         finally:
-            self.flush()
+            if not self.settle():
+                log.warning("%d changes written behind were not stored: the store refuses writes", len(self._keys))

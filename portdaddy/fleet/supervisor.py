@@ -28,7 +28,8 @@ import trio
 
 from portdaddy.config import parse_duration_ms, without_caller
 from portdaddy.core.clock import now_ms
-from portdaddy.errors import PDError, bad_input
+from portdaddy.core.store import RETRY_S
+from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
@@ -144,8 +145,9 @@ class Fleet:
     async def _listen(self, messages: trio.MemoryReceiveChannel[Any]) -> None:
         async for event in messages:
             data = event.data
-            self.on_message(data.get("channel", ""), data.get("payload"), sender=data.get("sender"),
-                            message_id=data.get("id"))  # fmt: skip
+            with self.store.unless_refused(f"fleet: the runs {data.get('channel')!r} fires"):
+                self.on_message(data.get("channel", ""), data.get("payload"), sender=data.get("sender"),
+                                message_id=data.get("id"))  # fmt: skip
 
     async def _reconcile(self) -> None:
         """After a daemon death: runs that were running, or being registered and started, are lost (orphans
@@ -310,13 +312,13 @@ class Fleet:
             raise PDError("NOT_FOUND", f"fleet {lf.config.name!r} has no agent {agent!r}; see pd fleet status")
         state = lf.state(agent)
         was_open = state.circuit is not None
-        state.failures.clear()
-        state.circuit = state.circuit_at = None
-        state.skipped = 0
         with self.store.write() as db:
             db.execute("DELETE FROM fleet_circuits WHERE project_dir=? AND agent=?", (project_dir, agent))
             db.execute("INSERT OR REPLACE INTO fleet_resets (project_dir, agent, reset_at) VALUES (?,?,?)",
                        (project_dir, agent, now_ms()))  # fmt: skip
+        state.failures.clear()
+        state.circuit = state.circuit_at = None
+        state.skipped = 0
         return was_open
 
     # -- triggers ------------------------------------------------------------------------------------------
@@ -396,7 +398,9 @@ class Fleet:
     async def _dispatch(self, lf: LiveFleet) -> None:
         while True:
             lf.wake = trio.Event()
-            wait_s = self._start_admitted(lf)
+            wait_s = RETRY_S
+            with self.store.unless_refused(f"fleet {lf.config.name}: starting queued runs"):
+                wait_s = self._start_admitted(lf)
             with trio.move_on_after(wait_s):
                 await lf.wake.wait()
 
@@ -415,12 +419,13 @@ class Fleet:
                 return min(r.ready_at for r in lf.queue) - now
             if len(lf.starts) >= limits.max_spawns_per_hour:
                 return lf.starts[0] + HOUR_S - now
-            lf.queue.remove(run)
             spec = lf.config.agents.get(run.agent)
             if spec is None or not spec.enabled:  # a reload removed or disabled the agent since the run was queued
                 gone = "is no longer in the fleet file" if spec is None else "was disabled in the fleet file"
                 self._finish_unstarted(run, "cancelled", f"agent {run.agent!r} {gone}")
+                lf.queue.remove(run)
                 continue
+            lf.queue.remove(run)
             lf.starts.append(now)
             lf.running[run.id] = run
             assert lf.nursery is not None
@@ -442,8 +447,9 @@ class Fleet:
                 state = lf.state(spec.name)
                 assert state.next_fire is not None
                 if state.next_fire <= now:
-                    self.fire(lf, spec.name, {"source": "schedule", "schedule": spec.schedule,
-                                              "firedAt": state.next_fire.isoformat()})  # fmt: skip
+                    with self.store.unless_refused(f"fleet {lf.config.name}: the scheduled run of {spec.name}"):
+                        self.fire(lf, spec.name, {"source": "schedule", "schedule": spec.schedule,
+                                                  "firedAt": state.next_fire.isoformat()})  # fmt: skip
                     # From now, not from the missed time: a suspended laptop fires once, not a burst.
                     state.next_fire = next_fire(spec.schedule or "", now)
             soonest = min((lf.state(s.name).next_fire for s in scheduled), default=None)
@@ -480,9 +486,10 @@ class Fleet:
             return run  # already finished
         lf = self.fleets.get(run.project_dir or "")
         if lf is not None and run in lf.queue:
-            lf.queue.remove(run)
             self._finish_unstarted(run, "cancelled", "cancelled before it started (pd spawn kill)")
+            lf.queue.remove(run)
             return run
+        self.store.probe()  # a store that cannot record the kill refuses it before the process is stopped
         run.stop_reason = "killed (pd spawn kill)"
         run.scope.cancel()
         with trio.CancelScope(shield=True):
@@ -492,8 +499,9 @@ class Fleet:
     # -- one run -------------------------------------------------------------------------------------------
 
     def _finish_unstarted(self, run: Run, status: str, error: str) -> None:
-        run.status, run.error, run.ended_at = status, error, now_ms()
-        self.runs.update(run)
+        ended = replace(run, status=status, error=error, ended_at=now_ms())
+        self.runs.update(ended)  # stored first: a refused write leaves the run as it was
+        run.status, run.error, run.ended_at = ended.status, ended.error, ended.ended_at
         self.live.pop(run.id, None)
         run.done.set()
 
@@ -524,11 +532,16 @@ class Fleet:
     async def _execute(self, run: Run, lf: LiveFleet | None) -> None:
         try:
             await self._supervise(run)
-        except Exception as exc:  # a bug in one run's bookkeeping must not take the daemon down
-            log.exception("fleet: run %s failed in the supervisor", run.id)
+        except Exception as exc:  # a bug in one run's bookkeeping, or the store refusing it, must not stop the daemon
+            if isinstance(exc, StoreError):
+                log.warning("fleet: run %s: %s", run.id, exc.message)
+            else:
+                log.exception("fleet: run %s failed in the supervisor", run.id)
             if run.status in ("queued", "running"):
                 run.status, run.error, run.ended_at = "failed", f"supervisor error: {exc}", now_ms()
-                self.runs.update(run)
+                # Refused too: the row says it runs, and the next start finds it lost.
+                with self.store.unless_refused(f"fleet: recording the end of run {run.id}"):
+                    self.runs.update(run)
         finally:
             if lf is not None:
                 lf.running.pop(run.id, None)
@@ -536,7 +549,8 @@ class Fleet:
             self.live.pop(run.id, None)
             run.done.set()
             if lf is not None and run.stop_reason is None:
-                self._after(lf, run)
+                with self.store.unless_refused(f"fleet: what follows run {run.id} (respawn, chain)"):
+                    self._after(lf, run)
 
     async def _supervise(self, run: Run) -> None:
         task = run.task
@@ -686,8 +700,8 @@ class Fleet:
                 (lf.project_dir, spec.name, state.circuit_at, state.circuit),
             )
         for queued in [r for r in lf.queue if r.agent == spec.name]:  # a pending respawn among them: none may run
-            lf.queue.remove(queued)
             self._finish_unstarted(queued, "cancelled", f"its agent's circuit opened: {state.circuit}")
+            lf.queue.remove(queued)
         self.app.bus.emit("fleet.circuit.open", agent=spec.name, runId=run.id, status="open",
                           projectDir=lf.project_dir, reason=state.circuit)  # fmt: skip
         self.app.publish("fleet", {"event": "circuit-open", "fleet": lf.config.name, "agent": spec.name,

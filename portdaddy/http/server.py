@@ -96,10 +96,5 @@ async def serve_http(core: Any, *, task_status: trio.TaskStatus[None] = trio.TAS
         pass
     try:
         await serve(create_app(core), config, shutdown_trigger=core.stopping.wait, task_status=task_status)
-    finally:
+    finally:  # its socket file and daemon.port are removed by the daemon's exit, if they are still its own
         core.http_stopped.set()
-        for path in (settings.http_sock, settings.port_file):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass

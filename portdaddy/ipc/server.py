@@ -454,11 +454,7 @@ class IpcServer:
             for conn in list(self.connections):
                 conn.close()
             self.epoll.close()
-            listener.close()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            listener.close()  # its file is removed by the daemon's exit, if it is still this daemon's
 
     async def _react(self) -> None:
         """The reactor: one task serves every connection. A trio task per connection paid a scheduler pass

@@ -1,0 +1,387 @@
+"""What the daemon does when its store misbehaves under it (spec/decisions.md, "Storage failures").
+
+Each case is real: a second SQLite connection holding the write lock, a small tmpfs filled to the last block,
+an ext4 image whose kernel driver is told to remount it read-only (as after a disk error), the file or the
+whole home deleted. A write the store cannot take is refused at once with one clear error and changes nothing,
+memory included; reads go on being served; background tasks try again later instead of taking the daemon
+down; and the daemon takes writes again once the condition is gone. The tests that mount a file system need
+root, as here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portdaddy.errors import PDError
+from tests.conftest import Daemon, make_env
+from tests.fleet_helpers import wait_for
+from tests.test_durability import CASES, DEAD, WORKTREE, Caller, State
+
+# -- the conditions ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def write_lock_held(d: Daemon) -> Iterator[None]:
+    """Another process's view of it: a connection with a write transaction open (this process holds the lock)."""
+    db = sqlite3.connect(d.settings.db, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+def _mount(target: Path, *args: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    done = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_home: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs for the store (and nothing else of the daemon's)."""
+    mnt = tmp_home / "disk"
+    mnt.mkdir()
+    _mount(mnt, "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def ext4_disk(tmp_home: Path) -> Iterator[tuple[Path, Path]]:
+    """An 8 MB ext4 image mounted ``errors=remount-ro``: (mount point, the driver's trigger_fs_error file)."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 is not installed")
+    image, mnt = tmp_home / "disk.img", tmp_home / "disk"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True, capture_output=True)
+    _mount(mnt, "-o", "loop,errors=remount-ro", str(image))
+    try:
+        dev = subprocess.run(["findmnt", "-no", "SOURCE", str(mnt)], capture_output=True, text=True).stdout.strip()
+        trigger = Path("/sys/fs/ext4") / os.path.basename(dev) / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip("this kernel's ext4 has no trigger_fs_error")
+        yield mnt, trigger
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free block of ``disk``; the file returned gives them back when deleted."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def refused(call: Any, action: str, **args: Any) -> PDError:
+    with pytest.raises(PDError) as e:
+        call(action, **args)
+    return e.value
+
+
+def act(d: Daemon, case: Any, state: State) -> Any:
+    """The case's operation (its arguments may name an ``agent``, so not through ``Caller``)."""
+    agent, args = case.act(state)
+    with d.client(agent) as c:
+        return c.request(case.op, args, timeout=30)
+
+
+def store_state(d: Daemon) -> dict[str, Any]:
+    return d.call("daemon.status")["store"]
+
+
+def alive(d: Daemon) -> bool:
+    return d.proc is not None and d.proc.poll() is None
+
+
+# -- another process holds the write lock --------------------------------------------------------------------
+
+
+def test_a_write_lock_held_elsewhere_refuses_writes_at_once_and_reads_go_on(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    d.call("port.claim", id="app:api")
+    d.call("agent.register", agentId="worker")
+    with write_lock_held(d):
+        started = time.monotonic()
+        err = refused(d.call, "port.claim", id="app:web")
+        assert err.code == "STORE_LOCKED" and err.extra["holderPid"] == os.getpid()
+        assert err.message.startswith(f"the store {d.settings.db} is locked by another process (")
+        assert f", pid {os.getpid()}); end its transaction or close it, then try again" in err.message
+        for n in range(20):  # each refused without the wait: the daemon is not frozen for anyone
+            assert refused(d.call, "lock.acquire", name=f"l{n}").code == "STORE_LOCKED"
+        assert time.monotonic() - started < 1.5  # was 5 s a write, for every client
+        # Reads, and a re-claim of what exists, are served.
+        assert d.call("port.claim", id="app:api")["existing"] is True
+        assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api"]
+        assert d.call("lock.list")["locks"] == [] and d.call("msg.history", channel=["x"])["messages"] == []
+        state = store_state(d)
+        assert state["ok"] is False and state["error"] == "STORE_LOCKED"
+        out = d.pd("status")
+        assert out.returncode == 0 and "warning:  writes are refused: the store" in out.stdout, out.stdout
+        out = d.pd("claim", "app:db")
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and "locked by another process" in out.stderr
+        # Written behind meanwhile (fire-and-forget heartbeats, the re-claim's lastSeen, the activity log): the
+        # flushes the store refuses are tried again later, and the daemon stays up.
+        with d.client() as c:
+            c.send("agent.heartbeat", {"agentId": "worker"})
+        time.sleep(2.5)
+        assert alive(d), d.log()[-2000:]
+    assert store_state(d) == {"ok": True}
+    assert d.call("port.claim", id="app:web")["existing"] is False
+    assert "Traceback" not in d.log()
+    d.restart()
+    assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api", "app:web"]
+
+
+def test_the_daemon_does_not_start_on_a_store_another_process_holds(tmp_home: Path) -> None:
+    d = Daemon(tmp_home, make_env(tmp_home)).start()
+    d.stop()
+    try:
+        with write_lock_held(d):
+            out = d.pd("start")
+        assert out.returncode == 3 and "the daemon exited with status 1: the store" in out.stderr, out.stderr
+        assert "is locked by another process" in out.stderr and "Traceback" not in d.log()
+    finally:
+        d.pd("stop")
+
+
+# -- every write the store refuses changes nothing -----------------------------------------------------------
+
+
+CLOCK = frozenset({"timeSinceHeartbeat", "graceRemaining", "duration", "uptime"})  # what time alone changes
+
+
+def _steady(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _steady(v) for k, v in value.items() if k not in CLOCK}
+    if isinstance(value, list):
+        return [_steady(v) for v in value]
+    return value
+
+
+def _snapshot(call: Caller, states: list[State]) -> dict[str, Any]:
+    """What the daemon says of everything the cases touch: memory, for the parts kept in memory."""
+    harbors = [h["name"] for h in call("harbor.list", limit=200)["harbors"]]
+    hooks = [h["id"] for h in call("webhook.list")["webhooks"]]
+    channels = [c["channel"] for c in call("msg.channels")["channels"]]
+    inboxes = sorted({args.get("to") or args.get("agentId") for case, s in zip(CASES, states, strict=True)
+                      if case.op.startswith("inbox.") for args in [case.act(s)[1]]})  # fmt: skip
+    said = {
+        "services": call("port.find", pattern="*")["services"],
+        "agents": call("agent.list")["agents"],
+        "salvage": call("salvage.list", all=True)["agents"],
+        "sessions": call("session.list", all=True, limit=1000)["sessions"],
+        "notes": call("note.list", limit=1000)["notes"],
+        "files": call("file.list")["claims"],
+        "locks": call("lock.list")["locks"],
+        "channels": call("msg.channels")["channels"],
+        "history": call("msg.history", channel=channels, limit=1000)["messages"] if channels else [],
+        "inboxes": [call("inbox.list", agentId=a)["messages"] for a in inboxes],
+        "webhooks": [call("webhook.get", id=h)["webhook"] for h in hooks],
+        "deliveries": [call("webhook.deliveries", id=h)["deliveries"] for h in hooks],
+        "harbors": [call("harbor.members", name=h)["members"] for h in harbors],
+        "tuples": [call("tuple.scan", harbor=h, limit=500)["tuples"] for h in [None, *harbors]],
+        "pheromones": call("pheromone.list")["pheromones"],
+        "heat": call("pheromone.files")["files"],
+        "violations": call("arbiter.violations", limit=1000)["violations"],
+        "fleets": call("fleet.status")["fleets"],
+        "runs": call("spawn.list")["agents"],
+    }
+    return _steady(said)
+
+
+def test_every_write_the_store_refuses_changes_nothing(tmp_home: Path) -> None:
+    """Each acknowledged write of test_durability.py, made while another process holds the write lock, is
+    refused with STORE_LOCKED (or the refusal it is there for) and leaves everything as it was; once the lock
+    is let go, the same writes succeed."""
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1",
+                                  PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms")).start()  # fmt: skip
+    try:
+        call = Caller(d)
+        for agent in DEAD:
+            call("agent.register", agent)
+        wait_for(lambda: len(call("salvage.list")["agents"]) == len(DEAD), what="the agents to die")
+    finally:
+        d.stop()
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")).start()
+    try:
+        call = Caller(d)
+        (tmp_home / WORKTREE).mkdir()
+        states = [{"k": f"c{n}", "home": tmp_home, "worktree": str(tmp_home / WORKTREE)} for n in range(len(CASES))]
+        for case, state in zip(CASES, states, strict=True):
+            if case.setup is not None:
+                case.setup(call, state)
+        before = _snapshot(call, states)
+        wrong = []
+        with write_lock_held(d):
+            for case, state in zip(CASES, states, strict=True):
+                try:
+                    got = act(d, case, state)
+                    wrong.append(f"{case.op} ({case.label}): done while the store was locked: {got!r}")
+                except PDError as e:
+                    if e.code != "STORE_LOCKED" and not case.refused:
+                        wrong.append(f"{case.op} ({case.label}): {e!r}")
+            after = _snapshot(call, states)
+        assert not wrong, "\n".join(wrong)
+        changed = {k: [(b, a) for b, a in zip(before[k], after[k], strict=False) if b != a] or (before[k], after[k])
+                   for k in before if before[k] != after[k]}  # fmt: skip
+        assert not changed, f"a refused write changed {sorted(changed)}: {changed}"
+        assert alive(d)
+        for case, state in zip(CASES, states, strict=True):
+            try:
+                result = act(d, case, state)
+            except PDError as e:
+                assert case.refused, f"{case.op} ({case.label}) refused once the lock was free: {e!r}"
+                result = e
+            case.check(call, state, result)
+    finally:
+        d.stop()
+
+
+# -- the disk is full ----------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_refuses_writes_changes_nothing_and_recovers(tmp_home: Path, small_disk: Path) -> None:
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_DB=str(small_disk / "portdaddy.db"))).start()
+    try:
+        d.call("agent.register", agentId="worker")
+        d.call("port.claim", id="app:api")
+        channels = d.call("msg.channels")["channels"]
+        filler = fill(small_disk)
+        pad = "x" * 5000
+        errors = [refused(d.call, "port.claim", id=f"big{n}:api", metadata={"pad": pad}) for n in range(3)]
+        assert {e.code for e in errors} == {"STORE_FULL"}
+        full = f"the disk holding the store {d.settings.db} is full; free some space, then try again"
+        assert errors[0].message == full
+        assert refused(d.call, "msg.publish", channel="c", payload=pad).code == "STORE_FULL"
+        assert refused(d.call, "lock.acquire", name="deploy", metadata={"pad": pad}).code == "STORE_FULL"
+        assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api"]
+        assert d.call("msg.channels")["channels"] == channels and d.call("lock.list")["locks"] == []
+        assert store_state(d)["error"] == "STORE_FULL"
+        with d.client() as c:  # fire-and-forget, written behind: the flushes are refused, the sprays kept
+            for n in range(50):
+                c.send("pheromone.spray", {"table": "files", "id": f"f{n}", "key": "edit", "strength": 1})
+        time.sleep(2.5)
+        assert alive(d), d.log()[-2000:]
+        filler.unlink()
+        assert d.call("port.claim", id="big0:api", metadata={"pad": pad})["existing"] is False
+        d.call("pheromone.spray", table="files", id="f50", key="edit", strength=1)  # flushes all pending
+        assert store_state(d) == {"ok": True}
+        d.kill9()
+        d.start()
+        assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api", "big0:api"]
+        assert len(d.call("pheromone.list", table="files")["pheromones"]) == 51
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+
+
+# -- read-only, deleted --------------------------------------------------------------------------------------
+
+
+def test_a_store_whose_disk_turns_read_only_refuses_writes_and_keeps_serving(
+    tmp_home: Path, ext4_disk: tuple[Path, Path]
+) -> None:
+    disk, trigger = ext4_disk
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_DB=str(disk / "portdaddy.db"))).start()
+    try:
+        d.call("port.claim", id="app:api")
+        trigger.write_text("a disk error\n")  # ext4 remounts itself read-only, open files and all
+        err = refused(d.call, "port.claim", id="app:web")
+        assert err.code == "STORE_READONLY" and "cannot be written: its file system is read-only" in err.message
+        assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api"]
+        time.sleep(1.5)  # the activity log's flush meets it too
+        assert alive(d) and store_state(d)["error"] == "STORE_READONLY"
+        assert "writes are refused: the store" in d.pd("status").stdout
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_the_daemon_does_not_start_on_a_read_only_store(tmp_home: Path, small_disk: Path) -> None:
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_DB=str(small_disk / "portdaddy.db"))).start()
+    d.stop()
+    _mount(small_disk, "-o", "remount,ro")
+    try:
+        out = d.pd("start")
+        assert (
+            out.returncode == 3
+            and f"1: the store {d.settings.db} can only be opened read-only (its mode, or a read-only" in out.stderr
+        ), out.stderr
+        assert "Traceback" not in d.log()
+    finally:
+        d.pd("stop")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_under_the_daemon_takes_no_more_writes(fresh_daemon: Daemon, how: str) -> None:
+    """Writes went on into the deleted file, acknowledged, and were gone at the next start."""
+    d = fresh_daemon
+    db = d.settings.db
+    d.call("port.claim", id="app:api")
+    if how == "deleted":
+        for suffix in ("", "-wal", "-shm"):
+            os.unlink(f"{db}{suffix}")
+    else:  # a backup restored over it
+        shutil.copy(db, f"{db}.new")
+        os.rename(f"{db}.new", db)
+    err = refused(d.call, "port.claim", id="app:web")
+    assert err.code == "STORE_GONE" and "deleted or replaced while the daemon ran" in err.message
+    assert "restart the daemon" in err.message
+    assert d.call("port.claim", id="app:api")["existing"] is True  # reads go on
+    assert store_state(d)["error"] == "STORE_GONE"
+    d.restart()
+    assert "app:web" not in [s["id"] for s in d.call("port.find", pattern="*")["services"]]
+    assert d.call("port.claim", id="app:web")["existing"] is False
+
+
+def test_a_home_deleted_under_the_daemon_refuses_writes_and_leaves_to_the_next_daemon(fresh_daemon: Daemon) -> None:
+    """Nobody can reach a daemon whose home is gone (its sockets went with it) and the next pd starts another
+    one there: the old one refuses writes to the clients it still has, then shuts down, leaving the new one's
+    sockets and pid file alone."""
+    d = fresh_daemon
+    old = d.proc
+    assert old is not None
+    with d.client() as c:
+        c.request("port.claim", {"id": "app:api"})
+        shutil.rmtree(d.home)
+        with pytest.raises(PDError) as err:
+            c.request("port.claim", {"id": "app:web"})
+        assert err.value.code == "STORE_GONE"
+        assert c.request("port.get", {"id": "app:api"})["service"]["port"]
+    d.home.mkdir()
+    new = Daemon(d.home, d.env).start()
+    try:
+        assert old.wait(timeout=10) == 0
+        assert new.call("port.claim", id="app:web")["existing"] is False
+        assert new.pd("status").returncode == 0
+    finally:
+        new.stop()
+        d.proc = None
