@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from portdaddy.core.store import FILE_CHECK_S
 from portdaddy.errors import PDError
 from tests.conftest import Daemon, make_env
 from tests.fleet_helpers import wait_for
@@ -352,6 +353,7 @@ def test_a_store_deleted_or_replaced_under_the_daemon_takes_no_more_writes(fresh
     else:  # a backup restored over it
         shutil.copy(db, f"{db}.new")
         os.rename(f"{db}.new", db)
+    time.sleep(FILE_CHECK_S)  # writes look at the file that often
     err = refused(d.call, "port.claim", id="app:web")
     assert err.code == "STORE_GONE" and "deleted or replaced while the daemon ran" in err.message
     assert "restart the daemon" in err.message
@@ -372,6 +374,7 @@ def test_a_home_deleted_under_the_daemon_refuses_writes_and_leaves_to_the_next_d
     with d.client() as c:
         c.request("port.claim", {"id": "app:api"})
         shutil.rmtree(d.home)
+        time.sleep(FILE_CHECK_S)
         with pytest.raises(PDError) as err:
             c.request("port.claim", {"id": "app:web"})
         assert err.value.code == "STORE_GONE"
