@@ -428,6 +428,20 @@ def _daemon(home: Path, **extra: str) -> Daemon:
     return Daemon(home, make_env(home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", **extra))
 
 
+def daemon_after_deaths(home: Path) -> Daemon:
+    """A running daemon whose DEAD agents died in an earlier run (short thresholds for that run only, so that
+    nothing else dies in the one the cases use): the salvage cases need dead agents."""
+    d = _daemon(home, PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms").start()
+    try:
+        call = Caller(d)
+        for agent in DEAD:
+            call("agent.register", agent)
+        wait_for(lambda: len(call("salvage.list")["agents"]) == len(DEAD), what="the agents to die")
+    finally:
+        d.stop()
+    return _daemon(home).start()
+
+
 # -- the tests -----------------------------------------------------------------------------------------------
 
 
@@ -441,17 +455,7 @@ def test_every_operation_is_classified() -> None:
 
 
 def test_every_acknowledged_change_survives_sigkill(tmp_home: Path) -> None:
-    # Agents that die first, for the salvage cases: short thresholds for this first run only.
-    d = _daemon(tmp_home, PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms").start()
-    try:
-        call = Caller(d)
-        for agent in DEAD:
-            call("agent.register", agent)
-        wait_for(lambda: len(call("salvage.list")["agents"]) == len(DEAD), what="the agents to die")
-    finally:
-        d.stop()
-
-    d = _daemon(tmp_home).start()
+    d = daemon_after_deaths(tmp_home)
     try:
         call = Caller(d)
         ballast(call, tmp_home)

@@ -25,8 +25,7 @@ import pytest
 from portdaddy.core.store import FILE_CHECK_S
 from portdaddy.errors import PDError
 from tests.conftest import Daemon, make_env
-from tests.fleet_helpers import wait_for
-from tests.test_durability import CASES, DEAD, WORKTREE, Caller, State
+from tests.test_durability import CASES, WORKTREE, Caller, State, daemon_after_deaths
 
 # -- the conditions ------------------------------------------------------------------------------------------
 
@@ -222,16 +221,7 @@ def test_every_write_the_store_refuses_changes_nothing(tmp_home: Path) -> None:
     """Each acknowledged write of test_durability.py, made while another process holds the write lock, is
     refused with STORE_LOCKED (or the refusal it is there for) and leaves everything as it was; once the lock
     is let go, the same writes succeed."""
-    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1",
-                                  PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms")).start()  # fmt: skip
-    try:
-        call = Caller(d)
-        for agent in DEAD:
-            call("agent.register", agent)
-        wait_for(lambda: len(call("salvage.list")["agents"]) == len(DEAD), what="the agents to die")
-    finally:
-        d.stop()
-    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")).start()
+    d = daemon_after_deaths(tmp_home)
     try:
         call = Caller(d)
         (tmp_home / WORKTREE).mkdir()
