@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import unix_client
+
 
 def test_message_to_an_unknown_agent_is_kept_and_retrievable(fresh_daemon) -> None:
     sent = fresh_daemon.pd("inbox", "send", "ghost-agent", "schema v2 is in", "--from", "db-agent", "--json")
@@ -108,6 +110,8 @@ def test_unread_since_gives_the_unread_messages_since_then(daemon) -> None:
     assert len(daemon.call("inbox.list", agentId="since-agent", since=first)["messages"]) == 3
     later = daemon.call("inbox.list", agentId="since-agent", since=first + 60_000, unread=True)["messages"]
     assert later == []
+    with unix_client(daemon) as c:  # over HTTP the original's epoch ms, as query text
+        assert c.get(f"/agents/since-agent/inbox?since={first}&unread=true").json()["count"] == 2
     # pd inbox --since takes a duration back from now, as pd notes does
     shown = daemon.pd("inbox", "--agent", "since-agent", "--since", "1h", "--unread", "--json")
     assert [m["id"] for m in json.loads(shown.stdout)["messages"]] == [ids[2], ids[1]]

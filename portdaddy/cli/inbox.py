@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
@@ -11,7 +10,6 @@ from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.messaging import parse_payload
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option
 from portdaddy.cli.transport import call, fail
-from portdaddy.config import parse_duration_ms
 from portdaddy.errors import bad_input
 
 _AGENT = click.option("--agent", "-a", metavar="ID", help="Whose inbox (default: the current agent).")
@@ -45,7 +43,7 @@ def inbox(ctx: click.Context, agent: str | None, unread: bool, since: str | None
     """
     if ctx.invoked_subcommand is not None:
         return
-    args = {"agentId": _me(agent), "unread": unread, "since": _since_ms(since), "limit": limit}
+    args = {"agentId": _me(agent), "unread": unread, "since": since, "limit": limit}
     result = call("inbox.list", args, as_json=as_json)
     if as_json:
         emit_json(result)
@@ -58,16 +56,6 @@ def inbox(ctx: click.Context, agent: str | None, unread: bool, since: str | None
             content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
             mark = " " if m["read"] else "*"
             click.echo(f"{mark} {m['id']}  {age(m['createdAt'])} ago  from {m['from'] or '-'}: {content}")
-
-
-def _since_ms(ago: str | None) -> int | None:
-    """``--since 30m`` as the epoch-ms time the daemon's inbox.list takes (the original's HTTP form)."""
-    if ago is None:
-        return None
-    ms = parse_duration_ms(ago)
-    if ms is None:
-        fail(bad_input(f"--since {ago!r:.40} is not a duration; use e.g. 90s, 30m, 2h or 1d"))
-    return max(0, int(time.time() * 1000) - ms)
 
 
 @inbox.command()

@@ -158,10 +158,10 @@ OPS = (
         (
             _AGENT,
             Param("unread", v.boolean, default=False),
-            Param("since", v.integer(0)),
+            Param("since", v.time_or_ago),
             Param("limit", v.integer(1, 1000), default=50),
         ),
-        summary="an agent's inbox, newest first (unread only, since a time in ms, or both)",
+        summary="an agent's inbox, newest first (unread only, since epoch ms or a duration ago, or both)",
     ),
     Op("inbox.stats", _stats, (_AGENT,), summary="how many messages an agent's inbox holds, and how many unread"),
     Op(

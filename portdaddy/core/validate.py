@@ -180,6 +180,17 @@ def ago(name: str, value: Any) -> int:
     return max(0, now_ms() - _any_duration(name, value))
 
 
+_epoch_ms = integer(0)
+
+
+def time_or_ago(name: str, value: Any) -> int:
+    """A point in time: epoch ms, a whole number (the original's HTTP form; a query string carries it as digits),
+    or a duration back from now with its unit (``2h``, as ``pd`` and the other ``since`` parameters take it)."""
+    if isinstance(value, str) and not _INTEGER_TEXT.fullmatch(value):
+        return ago(name, value)
+    return _epoch_ms(name, value)
+
+
 def lifetime(max_ms: int | None = None) -> Check:
     """A TTL or expiry: a positive duration, refused with INVALID_TTL otherwise. Zero (or under a millisecond)
     is refused rather than read as "never expires": a caller who wrote 0 may well have meant "at once"."""
