@@ -18,6 +18,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -186,6 +187,11 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
         refused = refusal(core, over_tcp=scope.get("client") is not None, host=headers.get(b"host", ""),
                           path=scope["path"], authorization=headers.get(b"authorization", ""),
                           origin=headers.get(b"origin", ""))  # fmt: skip
+        if refused is not None or found is None:
+            # Read the body it is not served for: a reply before it leaves the connection unusable, and the
+            # server closes it, under a client that may already be sending its next request on it.
+            with suppress(PDError):
+                await _read_body(receive)
         if refused is not None:
             await _respond(send, refused[0], refused[1], head=head)
         elif found is None:
