@@ -596,6 +596,27 @@ def test_sigkill_while_running_is_reconciled_after_restart(daemon_factory: Any, 
     d.call("fleet.down", projectDir=str(project))
 
 
+def test_sigkill_as_a_run_starts_stops_its_child_at_restart(daemon_factory: Any, tmp_home: Path) -> None:
+    """A SIGKILL after a run's child started but before its row said so (its pid) left that child running for ever:
+    the restart knew no pid to stop. The test-only pause holds every run in that window (otherwise a few ms)."""
+    d = daemon_factory(**FAST, PORT_DADDY_TEST_FLEET_STARTING_PAUSE="30s")
+    project, pids = _sleeper_fleet(tmp_home)
+    pd_json(d, "fleet", "up", "-C", str(project))
+    run = d.call("fleet.run", projectDir=str(project), agent="sleeper")["run"]
+    procs = _recorded_pids(pids, 1)  # its leader and grandchild run ...
+    [starting] = runs_of(d, project)
+    assert (starting["status"], starting["pid"]) == ("queued", None)  # ... and its row does not know them yet
+    d.kill9()
+    assert all(pid_alive(p) for p in procs)
+    d.start()
+    assert not [p for p in procs if pid_alive(p)]
+    [after] = runs_of(d, project)
+    assert (after["id"], after["status"]) == (run["id"], "lost") and "while this run was starting" in after["error"]
+    assert d.call("session.get", sessionId=after["sessionId"])["session"]["status"] == "abandoned"
+    assert [e["id"] for e in d.call("salvage.list")["agents"]] == [run["id"]]
+    d.call("fleet.down", projectDir=str(project))
+
+
 def test_the_log_of_a_run_found_lost_at_restart_is_cut_too(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(**FAST)
     chatty = "agents:\n  chatty: {trigger: work, backend: custom, command: 'seq 400000; sleep 300'}\n"

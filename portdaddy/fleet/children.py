@@ -4,7 +4,9 @@ Each run is a session leader (``start_new_session``), so its group id is its pid
 every process it started (a shell's children, a CLI's workers). Output goes straight to the run's log file,
 not through a pipe, so a child never blocks on a full pipe and does not die of SIGPIPE if the daemon does.
 After a daemon SIGKILL, ``pid`` + the kernel's start time (``/proc/<pid>/stat`` field 22) tell an orphan of
-ours from an unrelated process that reused the pid.
+ours from an unrelated process that reused the pid; and since every child carries its run's id in its
+environment (``PD_RUN_ID``), the orphans of a run whose pid was never saved (the daemon died as it started the
+child) are found by that.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Pat
         )  # fmt: skip
 
 
+def _stat(proc_dir: str) -> list[str]:
+    """The fields of ``<proc_dir>/stat`` from the state on (state, ppid, pgrp, …): the command name before them
+    may hold spaces and ')'."""
+    stat = Path(proc_dir, "stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` in clock ticks; None when it is gone or a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat(f"/proc/{pid}")
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and ')'
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
@@ -59,11 +67,29 @@ def group_alive(pgid: int) -> bool:
         if not entry.name.isdigit():
             continue
         with suppress(OSError, ValueError, IndexError):
-            stat = Path(entry.path, "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
+            fields = _stat(entry.path)
             if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
                 return True
     return False
+
+
+def marked_groups(marker: str) -> set[int]:
+    """The process groups of this user's live processes whose environment holds ``marker`` (``NAME=value``), never
+    this process's own. A group is found by a live member, so its id cannot be one the kernel handed out again."""
+    wanted, uid, own = marker.encode(), os.getuid(), os.getpgrp()
+    groups = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with suppress(OSError, ValueError, IndexError):
+            if entry.stat().st_uid != uid:
+                continue  # another user's process: not ours to read or to stop
+            if wanted not in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                continue
+            fields = _stat(entry.path)
+            if fields[0] not in ("Z", "X") and int(fields[2]) != own:
+                groups.add(int(fields[2]))
+    return groups
 
 
 async def stop(proc: trio.Process, grace_s: float) -> None:
@@ -82,13 +108,19 @@ def sweep(pgid: int) -> None:
     signal_group(pgid, signal.SIGKILL)
 
 
-async def stop_orphan(pid: int, pid_start: int | None, grace_s: float) -> bool:
-    """Stop the group of a run left behind by a daemon that died; False when it was already gone."""
-    if pid_start is None or start_time(pid) != pid_start:
-        return False  # gone, or the pid now belongs to an unrelated process
-    signal_group(pid, signal.SIGTERM)
+async def stop_orphan(marker: str, pid: int | None, pid_start: int | None, grace_s: float) -> bool:
+    """Stop what a run left behind when the daemon died under it: the group of its leader ``pid`` if that is still
+    the process that started at ``pid_start`` (else it is gone, or the pid was reused), and the group of every
+    process whose environment carries ``marker`` (its ``PD_RUN_ID=…``: when the daemon died as it started the
+    run, no pid was saved). SIGTERM, ``grace_s``, then SIGKILL; False when nothing was left."""
+    groups = marked_groups(marker)  # found and signalled in one go (no await between)
+    if pid is not None and pid_start is not None and start_time(pid) == pid_start:
+        groups.add(pid)
+    for pgid in groups:
+        signal_group(pgid, signal.SIGTERM)
     with trio.move_on_after(grace_s):
-        while group_alive(pid):
+        while any(group_alive(pgid) for pgid in groups):
             await trio.sleep(_POLL_S)
-    sweep(pid)
-    return True
+    for pgid in groups:
+        sweep(pgid)
+    return bool(groups)

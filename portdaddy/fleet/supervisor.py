@@ -61,6 +61,9 @@ class FleetSettings:
     spawn_timeout_s: float = 300.0  # pd spawn without --timeout (the original's default)
     max_queued: int = 100  # per fleet; beyond it a trigger is dropped with a `fleet` channel message
     keep_runs: int = 1000  # finished runs (and their logs) kept
+    # Tests only (PORT_DADDY_TEST_FLEET_STARTING_PAUSE): hold each run this long between its child starting and its
+    # row saying so, to make the window a daemon SIGKILL can land in wide enough to hit. 0 costs nothing.
+    test_starting_pause_s: float = 0.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> FleetSettings:
@@ -72,6 +75,7 @@ class FleetSettings:
             heartbeat_s=_env_seconds(env, "PORT_DADDY_FLEET_HEARTBEAT", defaults.heartbeat_s),
             respawn_delay_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_DELAY", defaults.respawn_delay_s),
             respawn_window_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_WINDOW", defaults.respawn_window_s),
+            test_starting_pause_s=_env_seconds(env, "PORT_DADDY_TEST_FLEET_STARTING_PAUSE", 0.0),
         )
 
 
@@ -168,8 +172,7 @@ class Fleet:
     async def _found_lost(self, run: Run, doing: str) -> None:
         """A run the daemon died under (``doing`` what): its orphan group stopped, its log capped, its agent
         declared dead and its sessions ended, so their file claims stop blocking others."""
-        if run.pid is not None:
-            await children.stop_orphan(run.pid, run.pid_start, self.settings.grace_s)
+        await children.stop_orphan(f"PD_RUN_ID={run.id}", run.pid, run.pid_start, self.settings.grace_s)
         run.status, run.ended_at = "lost", now_ms()
         run.error = f"the daemon stopped while this run was {doing}; its session went to salvage"
         log_path = self.logs_dir / f"{run.id}.log"
@@ -582,6 +585,8 @@ class Fleet:
                 self._emit_exit(run)
                 citizen.crashed(self.app, run, run.error)
                 return
+            if self.settings.test_starting_pause_s:
+                await trio.sleep(self.settings.test_starting_pause_s)
         run.pid, run.pid_start = proc.pid, children.start_time(proc.pid)
         run.status, run.started_at = "running", now_ms()
         self.runs.update(run)
