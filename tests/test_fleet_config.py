@@ -476,6 +476,9 @@ HOSTILE = "a b'c\"d $(touch pwned) `touch pwned` \\ * ;x #y"  # what a directory
         ('printf "[%s]" \\"{project}\\"', '["V"]'),
         ('# it\'s a comment\nprintf "[%s]" {project}', "[V]"),
         ('for project in a b; do printf "[%s]" "${project}"; done', "[a][b]"),  # the shell's own ${project}
+        # Next to what hands text to another shell, but as data: an argument of sh -c's script, or a word "eval".
+        ('sh -c \'printf "[%s]" "$1"\' sh {project}', "[V]"),
+        ('printf "[%s]" eval {project} 2>/dev/null', "[eval][V]"),
     ],
 )
 def test_a_template_value_in_a_shell_command_is_one_word(tmp_path: Path, command: str, expected: str) -> None:
@@ -502,6 +505,28 @@ def test_a_template_value_inside_single_quotes_is_refused(tmp_path: Path, comman
         shell_template(command)
     [error] = fail(tmp_path, f"agents:\n  a: {{trigger: t, backend: custom, command: {json.dumps(command)}}}\n").errors
     assert error.startswith(f"{tmp_path / 'pd-fleet.yml'}:2: agents.a.command: {{project}} stands inside '…'")
+
+
+@pytest.mark.parametrize(
+    ("command", "runner"),
+    [
+        ('sh -c "printf %s {project}"', "the command text sh -c gives another shell"),
+        ("bash -ec {project}", "the command text bash -c gives another shell"),
+        ('cd /tmp && /bin/dash -o errexit -c "x $(echo {project})"', "the command text dash -c gives another shell"),
+        ('find . -exec zsh -c "x {project}" \\;', "the command text zsh -c gives another shell"),
+        ("eval {project}", "the text eval runs as a command"),
+        ('if true; then X=1 eval "x {project}"; fi', "the text eval runs as a command"),
+        ("ssh -p 22 host ./deploy.sh {project}", "the command ssh runs through the remote host's shell"),
+        ('timeout 60 ssh -i key host "deploy {project}" 2>&1', "the command ssh runs through the remote host's shell"),
+    ],
+)
+def test_a_template_value_in_text_handed_to_another_shell_is_refused(tmp_path: Path, command: str, runner: str) -> None:
+    """The value is one word for the shell that runs the command, but that word is code for the next one (sh -c,
+    eval, the remote shell of ssh): quoting it for the first cannot protect it from the second."""
+    [error] = fail(tmp_path, f"agents:\n  a: {{trigger: t, backend: custom, command: {json.dumps(command)}}}\n").errors
+    assert error.startswith(f"{tmp_path / 'pd-fleet.yml'}:2: agents.a.command: {{project}} is in {runner}, which")
+    fix = "printf '%s\\n' \"$PD_PROJECT\" | ssh HOST" if "ssh" in runner else "inside single quotes"
+    assert fix in error
 
 
 def test_an_env_variable_named_command_or_prompt_gets_the_value(tmp_path: Path) -> None:

@@ -128,28 +128,33 @@ def shell_template(command: str, names: tuple[str, ...] = TEMPLATE_VARIABLES) ->
     backquotes), ``${PD_X}`` inside ``"…"``. ``${name}`` is the shell's own parameter and stays as it is.
 
     So the value is one word (or part of the quoted word it stands in), whatever it holds (spaces, quotes,
-    ``$(…)``): the shell expands a variable's value but never reads it as code. A token inside ``'…'`` raises
-    ValueError: the shell expands nothing there, and single-quoted text is often code for another shell
-    (``sh -c '…'``), which would read a value put in it as code. Were the quoting context misread (a ``case``
-    pattern's ``)``, a here-document), the worst is a value split into words, left out, or refused, never a
-    command run."""
+    ``$(…)``): the shell expands a variable's value but never reads it as code. Two places raise ValueError,
+    because there the value would be read as code whatever its quoting: inside ``'…'``, where the shell expands
+    nothing, and which is often code for another shell (``sh -c '…'``); and in a word the command hands to
+    another shell as code (``_code_words``: ``sh -c "… {x}"``, ``eval``, ``ssh host …``). Were the quoting
+    context misread (a ``case`` pattern's ``)``, a here-document), the worst is a value split into words, left
+    out, or refused, never a command run."""
     out: list[str] = []
     stack = ["u"]  # u: unquoted; s: inside '…'; d: inside "…"; p: a $(…) body; b: a `…` body
+    commands = _Commands()
     i = 0
     while i < len(command):
         if command[i] == "$" and (own := _TEMPLATE_TOKEN.match(command, i + 1)) is not None:
             out.append(command[i : own.end()])  # ${sha}: the shell's variable of that name (a loop's, say)
+            commands.text(command[i : own.end()])
             i = own.end()
         elif (token := _TEMPLATE_TOKEN.match(command, i)) is not None and token.group(1) in names:
             if stack[-1] == "s":
                 raise ValueError(_single_quoted(token.group(1)))
+            commands.token(token.group(1))
             ref = "${" + variable_env(token.group(1)) + "}"
             out.append(ref if stack[-1] == "d" else f'"{ref}"')
             i = token.end()
         else:
-            step = _shell_step(command, i, stack)
+            step = _shell_step(command, i, stack, commands)
             out.append(command[i : i + step])
             i += step
+    commands.finish()
     return "".join(out)
 
 
@@ -160,35 +165,213 @@ def _single_quoted(name: str) -> str:
             "that runs that text")  # fmt: skip
 
 
-def _shell_step(command: str, i: int, stack: list[str]) -> int:
-    """How many characters from ``i`` the shell reads as one piece, updating the quoting ``stack``."""
+def _handed_on(name: str, runner: str) -> str:
+    env = variable_env(name)
+    if runner == "ssh":
+        # The remote shell does not get the run's environment: the value has to travel as data.
+        return (f"{{{name}}} is in the command ssh runs through the remote host's shell, which would read its value "
+                f"as code; send the value as data instead: "
+                f"printf '%s\\n' \"${env}\" | ssh HOST 'read -r v; … \"$v\"'")  # fmt: skip
+    what = "the text eval runs as a command" if runner == "eval" else f"the command text {runner} gives another shell"
+    return (f"{{{name}}} is in {what}, which would read its value as code; write \"${env}\" inside single quotes "
+            f"there instead ({runner} '… \"${env}\"'): that shell expands it, as one word")  # fmt: skip
+
+
+def _shell_step(command: str, i: int, stack: list[str], commands: _Commands) -> int:
+    """How many characters from ``i`` the shell reads as one piece, updating the quoting ``stack`` and the words
+    and commands read so far."""
     state, ch = stack[-1], command[i]
     if state == "s":
         if ch == "'":
             stack.pop()
+        else:
+            commands.text(ch)
     elif ch == "\\":
+        if command[i + 1 : i + 2] != "\n":  # a line continuation is nothing at all
+            commands.text(command[i + 1 : i + 2])
         return 2  # the next character is taken literally (in "…" too, for the ones that matter here)
     elif state == "d" and ch == '"':
         stack.pop()
     elif command.startswith("$(", i):
         stack.append("p")
+        commands.push()
         return 2
     elif ch == "`":
         if state == "b":
             stack.pop()
+            commands.pop()
         else:
             stack.append("b")
-    elif state != "d":
-        if ch == "#" and (i == 0 or command[i - 1] in " \t\n;&|()"):
-            end = command.find("\n", i)
-            return (len(command) if end < 0 else end) - i  # a comment, to the end of its line: its quotes are text
-        if ch in "'\"":
-            stack.append("s" if ch == "'" else "d")
-        elif ch == "(" and state == "p":
-            stack.append("p")  # a subshell inside $(…): its ) is not the end of the $(
-        elif ch == ")" and state == "p":
-            stack.pop()
+            commands.push()
+    elif state == "d":
+        commands.text(ch)
+    elif ch == "#" and (i == 0 or command[i - 1] in " \t\n;&|()"):
+        end = command.find("\n", i)
+        return (len(command) if end < 0 else end) - i  # a comment, to the end of its line: its quotes are text
+    elif ch in "'\"":
+        stack.append("s" if ch == "'" else "d")
+        commands.text("")  # '' is a word too
+    elif ch == "(" and state == "p":
+        stack.append("p")  # a subshell inside $(…): its ) is not the end of the $(
+        commands.push()
+    elif ch == ")" and state == "p":
+        stack.pop()
+        commands.pop()
+    elif ch in " \t":
+        commands.space()
+    elif ch in "\n;|()" or (ch == "&" and command[i - 1 : i] not in ("<", ">")):  # 2>&1 is a redirection
+        commands.end()
+    else:
+        commands.text(ch)
     return 1
+
+
+# What hands its arguments to a shell as code: a shell given ``-c`` (wherever it stands, ``xargs sh -c`` or
+# ``find -exec sh -c`` too), ``eval`` and ``ssh`` (where a command starts: ``rsync -e ssh`` runs no command).
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh"})
+_SHELL_OPTIONS_WITH_ARGUMENT = ("-o", "+o", "-O", "+O", "--rcfile", "--init-file")
+_SSH_OPTIONS_WITH_ARGUMENT = frozenset("BbcDEeFIiJLlmOoPpQRSWw")
+# Words before the command a simple command runs: reserved words, and commands that run the rest as a command.
+_RESERVED = frozenset({"!", "{", "}", "if", "then", "else", "elif", "do", "while", "until"})
+_WRAPPERS = frozenset({"exec", "command", "builtin", "nohup", "env", "nice", "setsid", "timeout", "time", "sudo",
+                       "doas", "xargs"})  # fmt: skip
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+_REDIRECTION = re.compile(r"\d*[<>]")
+_OPAQUE = "\0"  # a $(…) or `…` in a word: what it gives is not known here
+
+
+@dataclass(slots=True)
+class _Word:
+    text: str = ""  # as the shell reads it, quotes removed
+    tokens: list[str] = field(default_factory=list)  # the template variables in it (in a $(…) of it too)
+
+
+@dataclass(slots=True)
+class _Frame:
+    words: list[_Word] = field(default_factory=list)  # the simple command being read
+    open: bool = False  # whether its last word is still being read
+
+
+class _Commands:
+    """The simple commands of a shell command as ``shell_template`` reads it, word by word, at each level (the
+    command, every ``$(…)`` and backquote body): enough to see the words another shell reads as code."""
+
+    def __init__(self) -> None:
+        self.frames = [_Frame()]
+
+    def _word(self) -> _Word:
+        frame = self.frames[-1]
+        if not frame.open:
+            frame.words.append(_Word())
+            frame.open = True
+        return frame.words[-1]
+
+    def text(self, text: str) -> None:
+        self._word().text += text
+
+    def token(self, name: str) -> None:
+        self._word()
+        for frame in self.frames:  # a $(…) gives its output to the word it stands in, at every level
+            frame.words[-1].tokens.append(name)
+
+    def space(self) -> None:
+        self.frames[-1].open = False
+
+    def end(self) -> None:
+        frame = self.frames[-1]
+        for index, runner in _code_words([w.text for w in frame.words]):
+            if frame.words[index].tokens:
+                raise ValueError(_handed_on(frame.words[index].tokens[0], runner))
+        self.frames[-1] = _Frame()
+
+    def push(self) -> None:
+        self.text(_OPAQUE)
+        self.frames.append(_Frame())
+
+    def pop(self) -> None:
+        self.end()
+        self.frames.pop()
+
+    def finish(self) -> None:
+        while len(self.frames) > 1:  # an unclosed $(…): the shell refuses it, but check what is there
+            self.pop()
+        self.end()
+
+
+def _code_words(words: list[str]) -> list[tuple[int, str]]:
+    """Which words of a simple command are code for another shell, each with what runs it: the command text of
+    ``sh -c`` (and bash, dash, zsh, ksh), the arguments of ``eval`` and the command ``ssh`` runs remotely."""
+    kept = _without_redirections(words)
+    plain = [words[i] for i in kept]
+    found: list[tuple[int, str]] = []
+    first = _command_start(plain)
+    if first < len(plain) and plain[first] == "eval":
+        found += [(kept[i], "eval") for i in range(first + 1, len(plain))]
+    elif first < len(plain) and plain[first].rpartition("/")[2] == "ssh":
+        found += [(kept[i], "ssh") for i in _ssh_command(plain, first + 1)]
+    for at, word in enumerate(plain):
+        shell = word.rpartition("/")[2]
+        if shell in _SHELLS and (code := _dash_c_text(plain, at + 1)) is not None:
+            found.append((kept[code], f"{shell} -c"))
+    return found
+
+
+def _without_redirections(words: list[str]) -> list[int]:
+    """The indexes of ``words`` that are not redirections (``2>/dev/null``, ``> out``: neither is an argument)."""
+    kept, i = [], 0
+    while i < len(words):
+        redirection = _REDIRECTION.match(words[i])
+        if redirection is None:
+            kept.append(i)
+        elif words[i][redirection.end() :].strip("<>&|") == "":
+            i += 1  # the operator alone: its target is the next word
+        i += 1
+    return kept
+
+
+def _command_start(words: list[str]) -> int:
+    """Where the command a simple command runs is named: past assignments, reserved words and wrappers (with
+    their options), so ``timeout 60 ssh`` and ``env X=1 eval`` are seen."""
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word in _WRAPPERS:
+            while i < len(words) and (words[i].startswith("-") or _ASSIGNMENT.match(words[i])):
+                i += 1
+            if word == "timeout":
+                i += 1  # its duration
+        elif not (word in _RESERVED or _ASSIGNMENT.match(word)):
+            return i - 1
+    return i
+
+
+def _dash_c_text(words: list[str], i: int) -> int | None:
+    """The index of the command text of a shell whose options start at ``i``, if one of them is ``-c``."""
+    dash_c = False
+    while i < len(words) and words[i][:1] in ("-", "+") and len(words[i]) > 1:
+        word = words[i]
+        i += 1
+        if word == "--":
+            break
+        dash_c = dash_c or (word[0] == "-" and word[1] != "-" and "c" in word)
+        if word in _SHELL_OPTIONS_WITH_ARGUMENT:
+            i += 1
+    return i if dash_c and i < len(words) else None
+
+
+def _ssh_command(words: list[str], i: int) -> range:
+    """The indexes of the command ``ssh`` (its options starting at ``i``) runs on the remote host."""
+    while i < len(words) and words[i].startswith("-") and len(words[i]) > 1:
+        word = words[i]
+        i += 1
+        if word == "--":
+            break
+        letters = word[1:]
+        needs = next((at for at, letter in enumerate(letters) if letter in _SSH_OPTIONS_WITH_ARGUMENT), None)
+        if needs == len(letters) - 1:
+            i += 1  # -p 22: the argument is the next word (-p22 holds it)
+    return range(i + 1, len(words))  # past the destination
 
 
 def _commit_of(trigger: dict[str, Any] | None) -> dict[str, Any] | None:
