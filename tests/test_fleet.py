@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from portdaddy.core.store import Store
+from portdaddy.errors import PDError
 from portdaddy.fleet.backends import Task
 from portdaddy.fleet.runs import Run, RunTable, new_id
 from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race
@@ -678,6 +681,85 @@ def test_a_spawn_the_daemon_died_before_starting_is_cancelled_at_restart(fresh_d
     d.start()
     [run] = d.call("spawn.list")["agents"]
     assert run["status"] == "cancelled" and "spawn it again" in run["error"]
+
+
+# --- retention -----------------------------------------------------------------------------------------
+
+
+def _ended(d: Daemon, project: Path, agent: str) -> dict[str, Any]:
+    """Fire one run of ``agent`` and wait until it has ended."""
+    run_id = d.call("fleet.run", projectDir=str(project), agent=agent)["run"]["id"]
+    return wait_for(lambda: next((r for r in runs_of(d, project, agent)
+                                  if r["id"] == run_id and r["status"] not in ("queued", "running")), None),
+                    what=f"run {run_id}")  # fmt: skip
+
+
+def _ids(d: Daemon, project: Path, agent: str) -> list[str]:
+    return [r["id"] for r in runs_of(d, project, agent)]  # newest first
+
+
+def _journal_rows(d: Daemon, session_ids: list[str]) -> int:
+    """Sessions, notes and file claims of ``session_ids`` left in the store (read with the daemon stopped)."""
+    store = Store(d.settings.db)
+    marks = ",".join("?" * len(session_ids))
+    try:
+        return sum(store.scalar(f"SELECT count(*) FROM {table} WHERE {column} IN ({marks})", session_ids)
+                   for table, column in (("sessions", "id"), ("notes", "session_id"),
+                                         ("file_claims", "session_id")))  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_finished_runs_past_the_newest_per_agent_or_a_month_old_are_forgotten_whole(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    """Every run left a session (with notes and claims), and its log, for ever: a cron fleet every minute, 1,440 a
+    day. Now an agent keeps its newest runs (PORT_DADDY_FLEET_KEEP_RUNS, 2 here) and those of the last hour, none
+    older than the salvage window; never one running, nor one whose salvage nobody settled."""
+    d = daemon_factory(**FAST, PORT_DADDY_FLEET_KEEP_RUNS="2")
+    claim = f"{sys.executable} -m portdaddy.cli session files claim src/ok.py"
+    project = make_project(tmp_home, f"""
+        fleet:
+          limits: {{max_concurrent_spawns: 2, max_spawns_per_hour: 100}}
+          agents:
+            ok: {{trigger: work, backend: custom, command: "{claim}"}}
+            bad: {{trigger: work, backend: custom, command: "exit 1"}}
+            slow: {{trigger: work, backend: custom, command: "sleep 300"}}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    slow = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
+    ok = [_ended(d, project, "ok") for _ in range(4)]
+    bad = [_ended(d, project, "bad") for _ in range(3)]  # each a dead agent with its salvage pending
+    assert [r["status"] for r in ok] == ["completed"] * 4 and [r["status"] for r in bad] == ["failed"] * 3
+    assert len(_ids(d, project, "ok")) == 4  # started in the last hour: the hourly limit counts them after a restart
+    assert _ids(d, project, "slow") == [slow["id"]]
+    d.call("salvage.dismiss", id=bad[0]["id"])  # settled: it may go, its entry with it
+    d.stop()  # slow: lost, now
+    hours_ago = int(time.time() * 1000) - 2 * 3_600_000
+    store = Store(d.settings.db)
+    with store.write() as db:  # all started two hours ago; the newest ok and a pending bad one ended a month ago
+        db.execute("UPDATE fleet_runs SET started_at=?", (hours_ago,))
+        db.execute("UPDATE fleet_runs SET ended_at=? WHERE id IN (?, ?)",
+                   (hours_ago - 30 * 86_400_000, ok[3]["id"], bad[1]["id"]))  # fmt: skip
+    store.close()
+    d.start()  # the start forgets ok 0 and 1 (past the newest 2), ok 3 (a month old), bad 0 (settled)
+    assert _ids(d, project, "ok") == [ok[2]["id"]]
+    assert _ids(d, project, "bad") == [bad[2]["id"], bad[1]["id"]]  # salvage pending: kept, a month old too
+    assert bad[0]["id"] not in {e["id"] for e in d.call("salvage.list", all=True)["agents"]}
+    assert [(r["id"], r["status"]) for r in runs_of(d, project, "slow")] == [(slow["id"], "lost")]
+    kept = d.call("session.get", sessionId=ok[2]["sessionId"])
+    assert kept["notes"] and [f["filePath"] for f in kept["files"]] == ["src/ok.py"] and Path(ok[2]["logPath"]).exists()
+    newer = [_ended(d, project, "ok") for _ in range(2)]  # and as a run ends: ok 2 is the third newest now
+    assert _ids(d, project, "ok") == [newer[1]["id"], newer[0]["id"]]
+    gone = [*ok[:2], ok[3], bad[0], ok[2]]
+    for run in gone:
+        assert not Path(run["logPath"]).exists()
+        with pytest.raises(PDError, match="does not exist"):
+            d.call("session.get", sessionId=run["sessionId"])
+        assert d.call("note.list", agent=run["id"])["notes"] == []
+    d.call("fleet.down", projectDir=str(project))
+    d.stop()
+    assert _journal_rows(d, [r["sessionId"] for r in gone]) == 0  # gone from the store, not just hidden
 
 
 # --- spawn ---------------------------------------------------------------------------------------------

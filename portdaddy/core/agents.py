@@ -442,6 +442,19 @@ class Agents:
         log.info("%d salvage entries expired; %d dead agents left the registry", len(expired), len(forgotten))
         self.app.bus.emit("salvage.expire", agentIds=expired, forgotten=forgotten)
 
+    def holding_work(self, agent_ids: list[str]) -> set[str]:
+        """Which of ``agent_ids`` the journal still holds work of: registered (alive, or dead with its work not yet
+        taken over), or with a salvage entry someone may still take over or is doing (pending, claimed)."""
+        rows = self.store.all("SELECT agent_id FROM salvage WHERE status IN ('pending', 'claimed') AND agent_id IN "
+                              "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
+        return {a for a in agent_ids if a in self._agents} | {a for (a,) in rows}
+
+    def forget_settled(self, agent_ids: list[str]) -> None:
+        """Drop the settled salvage entries (completed, dismissed) of agents forgotten with their work (inside a
+        write): their sessions are going, so the entries would point at nothing."""
+        self.store.execute("DELETE FROM salvage WHERE status IN ('completed', 'dismissed') AND agent_id IN "
+                           "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
+
     def _next_expiry(self) -> float:
         """Wall-clock ms when the oldest salvage entry expires (inf if none)."""
         oldest = self.store.scalar("SELECT min(changed_at) FROM salvage")

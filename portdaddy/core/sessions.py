@@ -4,7 +4,8 @@ A session is an agent's declared unit of work ("Building payment API") in a work
 caller (DESIGN §3): the client sends its agent id and worktree root, and a note without a session id goes to
 that caller's latest active session, never to someone else's.
 
-Notes are append-only (the table refuses UPDATE and DELETE) and never deleted; each carries the hash of the
+Notes are append-only (the table refuses UPDATE, and DELETE while their session exists) and never deleted but
+with their whole session, when the fleet forgets an old run (``forget_ended``); each carries the hash of the
 previous note of its session (core/notechain.py) and its body is sealed under the session's key
 (core/sealing.py). File claims are paths or globs (core/globs.py); a claim that overlaps one held by another
 *active* session is refused unless forced, and a forced one is recorded with the conflict. Claims of abandoned
@@ -333,6 +334,21 @@ class Sessions:
         rows = self.store.all(f"SELECT DISTINCT path FROM file_claims WHERE session_id IN ({marks}) AND released_at "
                               "IS NULL ORDER BY id", session_ids)  # fmt: skip
         return [r[0] for r in rows]
+
+    def forget_ended(self, agent_ids: list[str]) -> int:
+        """Delete the ended sessions of ``agent_ids`` whole, with their notes and file claims (inside a write): the
+        fleet forgetting runs it no longer keeps. An active session stays. Returns how many went."""
+        gone = self.store.all("SELECT id FROM sessions WHERE status<>'active' AND agent_id IN "
+                              "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
+        if not gone:
+            return 0
+        ids = json.dumps([sid for (sid,) in gone])
+        # The session goes first (its notes may be deleted only then, see migration 018), so the notes' and claims'
+        # references to it are checked at the commit, when they are gone too.
+        self.store.execute("PRAGMA defer_foreign_keys = ON")
+        for table, column in (("sessions", "id"), ("notes", "session_id"), ("file_claims", "session_id")):
+            self.store.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT value FROM json_each(?))", (ids,))
+        return len(gone)
 
     def held(self, *, repository: str | None = None, path: str | None = None,
              agent: str | None = None) -> list[dict[str, Any]]:  # fmt: skip

@@ -194,12 +194,20 @@ class RunTable:
             ended.append(at)
         return ended[::-1]
 
-    def prune(self, keep: int) -> list[str]:
-        """Forget all but the newest ``keep`` finished runs; returns the log paths of those forgotten."""
+    def past_keeping(self, keep: int, ended_before: int, started_before: int) -> list[tuple[str, str | None]]:
+        """The finished runs not kept: past the newest ``keep`` finished runs of their agent (a fleet's agent, or a
+        spawn's name), or ended before ``ended_before`` (ms); of those, the ones started before ``started_before``.
+        Their ids and log paths, oldest first."""
         marks = ",".join("?" * len(FINISHED))
-        cutoff = f"SELECT rowid FROM fleet_runs WHERE status IN ({marks}) ORDER BY created_at DESC LIMIT -1 OFFSET ?"
-        logs = [p for (p,) in self.store.all(f"SELECT log_path FROM fleet_runs WHERE rowid IN ({cutoff})",
-                                              (*FINISHED, keep)) if p]  # fmt: skip
-        with self.store.write() as db:
-            db.execute(f"DELETE FROM fleet_runs WHERE rowid IN ({cutoff})", (*FINISHED, keep))
-        return logs
+        return self.store.all(
+            "SELECT id, log_path FROM (SELECT id, log_path, created_at, started_at, ended_at, row_number() OVER ("
+            "PARTITION BY kind, project_dir, agent ORDER BY created_at DESC, rowid DESC) AS newest FROM fleet_runs "
+            f"WHERE status IN ({marks})) WHERE (newest > ? OR ended_at < ?) AND coalesce(started_at, 0) < ? "
+            "ORDER BY created_at",
+            (*FINISHED, keep, ended_before, started_before),
+        )
+
+    def delete(self, run_ids: list[str]) -> None:
+        """Forget these runs' rows (inside a write)."""
+        self.store.execute("DELETE FROM fleet_runs WHERE id IN (SELECT value FROM json_each(?))",
+                           (json.dumps(run_ids),))  # fmt: skip

@@ -48,6 +48,11 @@ def _env_seconds(env: dict[str, str], var: str, default: float) -> float:
     return default if ms is None else ms / 1000
 
 
+def _env_count(env: dict[str, str], var: str, default: int) -> int:
+    raw = env.get(var, "").strip()
+    return max(1, int(raw)) if raw.isascii() and raw.isdigit() else default
+
+
 @dataclass(frozen=True, slots=True)
 class FleetSettings:
     """Knobs from the environment (tests shrink them): ``PORT_DADDY_FLEET_*``, durations like ``2s``."""
@@ -60,7 +65,7 @@ class FleetSettings:
     default_timeout_s: float = 1800.0  # a fleet agent without timeout:
     spawn_timeout_s: float = 300.0  # pd spawn without --timeout (the original's default)
     max_queued: int = 100  # per fleet; beyond it a trigger is dropped with a `fleet` channel message
-    keep_runs: int = 1000  # finished runs (and their logs) kept
+    keep_runs: int = 100  # finished runs kept per agent, with their logs and sessions (spec/fleet.md, "Retention")
     # Tests only (PORT_DADDY_TEST_FLEET_STARTING_PAUSE): hold each run this long between its child starting and its
     # row saying so, to make the window a daemon SIGKILL can land in wide enough to hit. 0 costs nothing.
     test_starting_pause_s: float = 0.0
@@ -75,6 +80,7 @@ class FleetSettings:
             heartbeat_s=_env_seconds(env, "PORT_DADDY_FLEET_HEARTBEAT", defaults.heartbeat_s),
             respawn_delay_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_DELAY", defaults.respawn_delay_s),
             respawn_window_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_WINDOW", defaults.respawn_window_s),
+            keep_runs=_env_count(env, "PORT_DADDY_FLEET_KEEP_RUNS", defaults.keep_runs),
             test_starting_pause_s=_env_seconds(env, "PORT_DADDY_TEST_FLEET_STARTING_PAUSE", 0.0),
         )
 
@@ -166,8 +172,29 @@ class Fleet:
                 await self._found_lost(run, "starting")
             elif run.kind == "spawn":  # a spawn starts as it is asked for: one still queued never got to (or a stop)
                 self._finish_unstarted(run, "cancelled", "the daemon stopped before this spawn started; spawn it again")
-        for path in self.runs.prune(self.settings.keep_runs):
-            Path(path).unlink(missing_ok=True)
+        self._forget_old_runs()
+
+    def _forget_old_runs(self) -> None:
+        """Forget the finished runs not kept (past the newest ``keep_runs`` of their agent, or ended longer ago than
+        a salvage entry is kept), each whole: its row, its log, its ended sessions with their notes and claims, its
+        settled salvage entry. Not one whose work the journal still holds (its agent registered, or its salvage
+        entry pending or claimed): it waits for that to settle or expire; nor one started in the last hour, which
+        the hourly limit counts after a restart (``_recall``). At start and as each run ends."""
+        now = now_ms()
+        candidates = dict(self.runs.past_keeping(self.settings.keep_runs, now - self.app.settings.salvage_keep_ms,
+                                                 now - int(HOUR_S * 1000)))  # fmt: skip
+        holding = self.app.agents.holding_work(list(candidates))
+        ids = [run_id for run_id in candidates if run_id not in holding]  # a run's agent id is its run id
+        if not ids:
+            return
+        with self.store.write():
+            sessions = self.app.sessions.forget_ended(ids)
+            self.app.agents.forget_settled(ids)
+            self.runs.delete(ids)
+        for run_id in ids:
+            if candidates[run_id]:
+                Path(candidates[run_id]).unlink(missing_ok=True)
+        log.info("fleet: forgot %d finished runs (%d sessions) no longer kept", len(ids), sessions)
 
     async def _found_lost(self, run: Run, doing: str) -> None:
         """A run the daemon died under (``doing`` what): its orphan group stopped, its log capped, its agent
@@ -554,6 +581,8 @@ class Fleet:
             if lf is not None and run.stop_reason is None:
                 with self.store.unless_refused(f"fleet: what follows run {run.id} (respawn, chain)"):
                     self._after(lf, run)
+            with self.store.unless_refused("fleet: forgetting the runs no longer kept"):
+                self._forget_old_runs()
 
     async def _supervise(self, run: Run) -> None:
         task = run.task
