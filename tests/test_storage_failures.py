@@ -378,3 +378,79 @@ def test_a_home_deleted_under_the_daemon_refuses_writes_and_leaves_to_the_next_d
     finally:
         new.stop()
         d.proc = None
+
+
+# -- a write refused at its commit leaves nothing behind -----------------------------------------------------
+
+
+def truncate_wal(d: Daemon) -> None:
+    """Checkpoint the WAL into the store and empty it: every later commit must grow it (on a full disk, fail)."""
+    db = sqlite3.connect(d.settings.db, isolation_level=None)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+
+
+def test_a_write_refused_at_its_commit_leaves_no_event_activity_delivery_or_message(
+    tmp_home: Path, small_disk: Path
+) -> None:
+    """On a full disk a write runs to its COMMIT, which fails: whatever the operation announced on the way (its
+    events, and through them activity rows, webhook deliveries and channel messages) must go with it."""
+    env = make_env(tmp_home, PORT_DADDY_DB=str(small_disk / "portdaddy.db"), PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")
+    d = Daemon(tmp_home, env).start()
+    try:
+        hook = d.call("webhook.register", url="http://127.0.0.1:9/hook", events=["*"])["id"]
+        d.call("agent.register", agentId="leaver")
+        sid = d.call("session.start", purpose="writing", agentId="writer", files=["src/a.py"])["id"]
+        worktree = str(tmp_home / "wt")
+
+        def seen() -> dict[str, Any]:
+            return {"activity": d.call("activity.list", limit=1000)["entries"],
+                    "deliveries": [(x["id"], x["event"]) for x in d.call("webhook.deliveries", id=hook, limit=500)
+                                   ["deliveries"]],  # their attempts go on
+                    "channels": d.call("msg.channels")["channels"],
+                    "agents": [a["id"] for a in d.call("agent.list")["agents"]],
+                    "sessions": [(s["id"], s["status"], s["noteCount"])
+                                 for s in d.call("session.list", all=True)["sessions"]],
+                    "tuples": d.call("tuple.scan")["tuples"]}  # fmt: skip
+
+        # Small writes: with the WAL emptied, any commit needs a block the disk no longer has.
+        ops: list[tuple[str | None, str, dict[str, Any]]] = [
+            ("newbie", "agent.register", {"purpose": "new"}),
+            ("starter", "agent.begin", {"purpose": "begun", "files": ["src/b.py"], "worktree": worktree}),
+            (None, "session.start", {"purpose": "more", "agentId": "writer", "files": ["src/c.py"]}),
+            (None, "note.add", {"sessionId": sid, "content": "a note"}),
+            (None, "file.claim", {"sessionId": sid, "files": ["src/d.py"]}),
+            (None, "session.end", {"sessionId": sid, "note": "handoff"}),
+            (None, "tuple.out", {"fields": ["work", 1]}),
+            (None, "msg.publish", {"channel": "news", "payload": {"n": 1}}),
+            ("leaver", "agent.done", {"note": "bye"}),
+        ]
+        with d.client() as watcher:
+            watcher.request("msg.subscribe", {"channels": ["*"], "new": True})
+            time.sleep(1.5)  # the activity log has written what came before
+            before = seen()
+            truncate_wal(d)
+            filler = fill(small_disk)
+            for agent, action, args in ops:
+                with d.client(agent) as c:
+                    with pytest.raises(PDError) as e:
+                        c.request(action, args)
+                    assert e.value.code == "STORE_FULL", f"{action}: {e.value!r}"
+            assert watcher.receive(timeout=0.5) is None  # no message reached a subscriber
+            filler.unlink()
+            time.sleep(1.5)  # what was left pending in memory would be written now
+            after = seen()
+            assert after == before
+            # The same operations, now taken, announce themselves: the checks above could see them.
+            d.call("agent.begin", agentId="starter", purpose="begun", files=["src/b.py"], worktree=worktree)
+            pushed = watcher.receive(timeout=5)
+            assert pushed is not None and pushed.payload["channel"] == "agents"
+        known = {e["id"] for e in before["activity"]}
+        new = [e for e in d.call("activity.list", limit=1000)["entries"] if e["id"] not in known]
+        assert {"agent.register", "session.start", "file.claim"} <= {e["type"] for e in new}
+        assert len(d.call("webhook.deliveries", id=hook, limit=500)["deliveries"]) > len(before["deliveries"])
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()

@@ -106,6 +106,7 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []  # see on_rollback
         self._contended = False  # a write found the lock held by another process: the next ones do not wait
         self._spoiled: StoreError | None = None  # a failure met inside the open transaction (it must not commit)
         self.failure: StoreError | None = None  # why the last write failed, until one succeeds
@@ -178,12 +179,16 @@ class Store:
             self._after_commit.clear()
             failure = self._spoiled or (self._storage_failure(e) if isinstance(e, apsw.Error) else None)
             self._rollback()
+            undo, self._undo = self._undo, []
+            for fn in reversed(undo):
+                fn()
             if failure is not None:
                 raise self._failed(failure) from (None if e is failure else e)
             raise
         finally:
             self._depth = 0
             self._spoiled = None
+            self._undo.clear()
         if self.failure is not None:
             self._recovered()
         callbacks, self._after_commit = self._after_commit, []
@@ -291,11 +296,27 @@ class Store:
         return {"ok": False, "error": self.failure.code, "message": self.failure.message, "since": self.failed_since,
                 **self.failure.extra}  # fmt: skip
 
+    @property
+    def writing(self) -> bool:
+        """Whether a write transaction is open (what is done now commits, or not, with it)."""
+        return self._depth > 0
+
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once the open transaction has committed; never if it rolls back. For memory that must not
-        run ahead of the disk (see the fencing-token reservation in locks.py)."""
-        assert self._depth, "after_commit() belongs inside write()"
-        self._after_commit.append(fn)
+        """Run ``fn`` once the open transaction has committed, never if it rolls back; outside a write, at once
+        (what it follows is on disk already). For memory that must not run ahead of the disk (see the
+        fencing-token reservation in locks.py), and for what a change tells others: events (``EventBus.emit``)
+        and the daemon's own channel messages (``App.publish``)."""
+        if self._depth:
+            self._after_commit.append(fn)
+        else:
+            fn()
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the open transaction rolls back; outside a write, never. For memory that a later step of
+        the same write must already see (an agent ``pd begin`` registers, then starts a session of): changed at
+        once, and changed back by ``fn`` if the write is refused."""
+        if self._depth:
+            self._undo.append(fn)
 
     async def background(self, write: Callable[[], Any]) -> bool:
         """A background task's write: True once done. False if the store refused it (``failure`` says why, and
