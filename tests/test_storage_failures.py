@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -254,6 +255,42 @@ def test_every_write_the_store_refuses_changes_nothing(tmp_home: Path) -> None:
             case.check(call, state, result)
     finally:
         d.stop()
+
+
+def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_they_are_taken(
+    fresh_daemon: Daemon,
+) -> None:
+    """A connection-bound lock whose holder hangs up while another process holds the write lock cannot be
+    released then; it was held until its lease ended (5 minutes by default). Nobody else may have it until its
+    release is on disk, and then at once: the first waiter gets it without anyone asking again."""
+    d = fresh_daemon
+    holder = d.client("holder")
+    first = holder.request("lock.acquire", {"name": "deploy", "connBound": True})
+    got: dict[str, Any] = {}
+
+    def wait() -> None:
+        with d.client("waiter") as c:
+            got["lock"] = c.request("lock.acquire", {"name": "deploy", "wait": True, "timeout": "60s"}, timeout=70)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while d.call("daemon.status")["counts"]["lockWaiters"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with write_lock_held(d):
+        holder.close()
+        time.sleep(2.5)  # the daemon has tried the release, and tried again, and been refused
+        assert refused(d.call, "lock.acquire", name="deploy", owner="thief").code == "STORE_LOCKED"
+        assert d.call("lock.get", name="deploy")["owner"] == "holder" and "lock" not in got
+    waiter.join(timeout=10)
+    assert got["lock"]["owner"] == "waiter" and got["lock"]["token"] > first["token"]
+    db = sqlite3.connect(d.settings.db)
+    try:
+        assert db.execute("SELECT owner FROM locks WHERE name='deploy'").fetchall() == [("waiter",)]
+    finally:
+        db.close()
+    assert "Traceback" not in d.log()
 
 
 # -- the disk is full ----------------------------------------------------------------------------------------
