@@ -491,3 +491,39 @@ def test_a_write_refused_at_its_commit_leaves_no_event_activity_delivery_or_mess
         assert "Traceback" not in d.log()
     finally:
         d.stop()
+
+
+def test_a_write_ahead_log_deleted_alone_takes_no_more_writes_and_loses_nothing_acknowledged(
+    fresh_daemon: Daemon,
+) -> None:
+    """The -wal file deleted while the main file stays went unnoticed: commits went on into the deleted log, and
+    a crash lost them with everything since the last checkpoint. Now writes are refused as for a deleted store,
+    and what the log held is copied into the main file when that is noticed, so a SIGKILL then loses nothing."""
+    d = fresh_daemon
+    db = d.settings.db
+    d.call("port.claim", id="app:api")
+    os.unlink(f"{db}-wal")
+    acknowledged = ["app:api"]
+    try:  # in the moment before the next look at the files, a write may still be taken: it must be kept
+        d.call("port.claim", id="app:db")
+        acknowledged.append("app:db")
+    except PDError as e:
+        assert e.code == "STORE_GONE"
+    time.sleep(FILE_CHECK_S)
+    err = refused(d.call, "port.claim", id="app:web")
+    assert err.code == "STORE_GONE", err
+    assert err.message == (f"the store's write-ahead log {db}-wal was deleted while the daemon ran, so nothing more "
+                           "can be saved; what it held was saved into the store; restart the daemon (pd stop, then "
+                           "pd start)")  # fmt: skip
+    assert d.call("port.claim", id="app:api")["existing"] is True  # reads go on
+    assert store_state(d)["error"] == "STORE_GONE"
+    assert "writes are refused: the store's write-ahead log" in d.pd("status").stdout
+    d.kill9()
+    d.start()
+    ids = [s["id"] for s in d.call("port.find", pattern="*")["services"]]
+    assert set(acknowledged) <= set(ids) and "app:web" not in ids
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        check.close()

@@ -47,8 +47,9 @@ _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 BUSY_TIMEOUT_MS = 100
 # A background task (write-behind, expiry, the reaper) whose write the store refused tries again this much later.
 RETRY_S = 1.0
-# How often a write looks whether the store's file is still the one it writes (a stat: ~3 µs, a tenth of a
-# lock grant's SQL, so not every write). Writes in the moment after a deletion are lost with the rest of the file.
+# How often a write looks whether the store's files are still the ones it writes (a stat and a readlink: ~5 µs,
+# a tenth of a lock grant's SQL, so not every write). Writes in the moment after a deletion are lost with the
+# rest of the file (a deleted write-ahead log: saved, see _gone).
 FILE_CHECK_S = 0.5
 # The first byte of SQLite's WAL locks in the -shm file is the write lock (WAL_WRITE_LOCK, os_unix.c).
 _WAL_WRITE_LOCK_BYTE = "120"
@@ -126,6 +127,9 @@ class Store:
         self._file = _file_id(self.path)  # the file this connection writes: writes check it is still there
         self._file_checked = time.monotonic()
         self.migrate()
+        self._wal = os.path.realpath(self.path) + "-wal"  # as /proc names the write-ahead log SQLite has open
+        self._wal_fd = _open_fd(self._wal)  # None where that cannot be told (not Linux): not checked
+        self._wal_lost: StoreError | None = None  # the log was deleted: for good, as for the main file
 
     # -- schema ------------------------------------------------------------------------------------------
 
@@ -197,10 +201,10 @@ class Store:
 
     def _begin(self) -> None:
         """Open the write transaction, or raise a StoreError saying why the store cannot take one."""
-        if time.monotonic() - self._file_checked >= FILE_CHECK_S and self._file_gone():
-            raise self._failed(StoreError(
-                "STORE_GONE", f"the store {self.path} was deleted or replaced while the daemon ran, so nothing more "
-                "can be saved; restart the daemon (pd stop, then pd start) to use the file now there"))  # fmt: skip
+        if time.monotonic() - self._file_checked >= FILE_CHECK_S:
+            gone = self._gone()
+            if gone is not None:
+                raise self._failed(gone)
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except apsw.Error as e:
@@ -215,9 +219,37 @@ class Store:
             self._contended = False
             self.db.set_busy_timeout(self.busy_timeout_ms)
 
-    def _file_gone(self) -> bool:
+    def _gone(self) -> StoreError | None:
+        """STORE_GONE if a file this connection writes is not the store's any more: the main file at its path, or
+        the write-ahead log SQLite has open (Linux: /proc/self/fd; it is never reopened while the connection is)."""
         self._file_checked = time.monotonic()
-        return _file_id(self.path) not in (self._file, None)
+        if _file_id(self.path) not in (self._file, None):
+            return StoreError("STORE_GONE", f"the store {self.path} was deleted or replaced while the daemon ran, so "
+                              "nothing more can be saved; restart the daemon (pd stop, then pd start) to use the file "
+                              "now there")  # fmt: skip
+        if self._wal_fd is None or self._wal_lost is not None:
+            return self._wal_lost
+        try:
+            target = os.readlink(f"/proc/self/fd/{self._wal_fd}")
+        except OSError:
+            target = None
+        if target == self._wal:
+            return None
+        if target != f"{self._wal} (deleted)":  # not the log's descriptor any more: find it again
+            self._wal_fd = _open_fd(self._wal)
+            return None
+        # Commits since the last checkpoint are only in the deleted log, which a crash or the next start would
+        # lose: copy them into the main file now, while the open descriptor still reads them.
+        try:
+            in_log, copied = self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            saved = in_log == copied
+        except apsw.Error:
+            saved = False
+        then = ("what it held was saved into the store; restart the daemon (pd stop, then pd start)" if saved else
+                "stop the daemon cleanly (pd stop saves what it held into the store), then pd start")  # fmt: skip
+        self._wal_lost = StoreError("STORE_GONE", f"the store's write-ahead log {self.path}-wal was deleted while the "
+                                    f"daemon ran, so nothing more can be saved; {then}")  # fmt: skip
+        return self._wal_lost
 
     def _rollback(self) -> None:
         if self.db.in_transaction:  # a failed COMMIT may leave the transaction open (SQLITE_BUSY) or not
@@ -370,6 +402,19 @@ class Store:
 def _unwritable(path: str) -> bool:
     """Whether the daemon may not write the file at ``path`` (or, if there is none, create one beside it)."""
     return not os.access(path if os.path.exists(path) else os.path.dirname(path) or ".", os.W_OK)
+
+
+def _open_fd(path: str) -> int | None:
+    """The descriptor this process has open on ``path`` (Linux: /proc/self/fd), or None."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                return int(fd)
+    return None
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
