@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from portdaddy.core.store import FILE_CHECK_S
+from portdaddy.core.writebehind import MAX_PENDING_REFUSED
 from portdaddy.errors import PDError
 from tests.conftest import Daemon, make_env
 from tests.test_durability import CASES, WORKTREE, Caller, State, daemon_after_deaths
@@ -291,6 +292,40 @@ def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_the
     finally:
         db.close()
     assert "Traceback" not in d.log()
+
+
+def test_fire_and_forget_changes_wait_in_bounded_memory_while_writes_are_refused(tmp_home: Path) -> None:
+    """Sprays to new entities and publishes, sent without a reply while the store refuses writes, waited in
+    memory without bound. At most MAX_PENDING_REFUSED marks and the rest of the current block of message ids
+    wait now; what comes past that is dropped and counted, and what waited is stored once the store takes it."""
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_IPC_RATE="0")).start()
+    try:
+        d.call("msg.publish", channel="flood:0", payload={"n": -1})  # reserves the first block of ids
+        sprays, publishes = MAX_PENDING_REFUSED + 200, 1500
+        with write_lock_held(d):
+            assert refused(d.call, "port.claim", id="app:web").code == "STORE_LOCKED"
+            with d.client() as c:
+                for n in range(sprays):
+                    c.send("pheromone.spray", {"table": "files", "id": f"f{n}", "key": "edit", "strength": 1})
+                for n in range(publishes):
+                    c.send("msg.publish", {"channel": f"flood:{n % 4}", "payload": {"n": n}})
+                c.request("daemon.health")  # every frame before it was handled
+            dropped = store_state(d)["dropped"]
+            assert dropped["sprays"] == 200 and 0 < dropped["messages"] < publishes
+            out = d.pd("status").stdout
+            assert (
+                "warning:  dropped while writes were refused (fire-and-forget, never acknowledged): "
+                f"{dropped['sprays']} sprays, {dropped['messages']} messages; see daemon.log"
+            ) in out, out
+        time.sleep(2.5)  # the write-behinds store what waited
+        assert store_state(d) == {"ok": True, "dropped": dropped}  # counted since the daemon started
+        d.restart()
+        assert len(d.call("pheromone.list", table="files")["pheromones"]) == MAX_PENDING_REFUSED
+        stored = sum(ch["count"] for ch in d.call("msg.channels")["channels"] if ch["channel"].startswith("flood:"))
+        assert stored - 1 + dropped["messages"] == publishes
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
 
 
 # -- the disk is full ----------------------------------------------------------------------------------------

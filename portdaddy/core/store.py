@@ -112,6 +112,10 @@ class Store:
         self._spoiled: StoreError | None = None  # a failure met inside the open transaction (it must not commit)
         self.failure: StoreError | None = None  # why the last write failed, until one succeeds
         self.failed_since: int | None = None  # ms since the epoch
+        # Changes nobody was promised (fire-and-forget frames, activity rows) dropped because the store refused
+        # them, by what they were, since the daemon started (spec/decisions.md, "Storage failures").
+        self.dropped: dict[str, int] = {}
+        self._dropping: set[str] = set()  # what the log said is being dropped, since writes began to be refused
         self.db = apsw.Connection(self.path)
         try:
             self.db.set_busy_timeout(busy_timeout_ms)
@@ -300,6 +304,15 @@ class Store:
     def _recovered(self) -> None:
         log.info("the store takes writes again")
         self.failure = self.failed_since = None
+        self._dropping.clear()
+
+    def drop(self, what: str, n: int = 1) -> None:
+        """Count ``n`` changes of kind ``what`` nobody was promised, dropped because the store refuses writes and
+        memory will not hold more of them; the log says so once per kind while writes are refused."""
+        self.dropped[what] = self.dropped.get(what, 0) + n
+        if what not in self._dropping:
+            self._dropping.add(what)
+            log.warning("writes refused: %s are being dropped (pd status counts them)", what)
 
     def probe(self) -> None:
         """Raise the StoreError a write would meet now, as far as can be told without writing (a lock another
@@ -320,13 +333,14 @@ class Store:
     def health(self) -> dict[str, Any]:
         """For ``pd status``: ``{"ok": true}``, or what stops writes now (``error``, ``message``, ``since``). A
         lock another process holds and a deleted file are looked for now; a full or read-only disk is the last
-        write's failure, until a write succeeds."""
+        write's failure, until a write succeeds. ``dropped``, once anything was: what ``drop()`` counted."""
         with suppress(StoreError):
             self.probe()
+        dropped = {"dropped": dict(self.dropped)} if self.dropped else {}
         if self.failure is None:
-            return {"ok": True}
+            return {"ok": True, **dropped}
         return {"ok": False, "error": self.failure.code, "message": self.failure.message, "since": self.failed_since,
-                **self.failure.extra}  # fmt: skip
+                **self.failure.extra, **dropped}  # fmt: skip
 
     @property
     def writing(self) -> bool:
@@ -445,6 +459,11 @@ class Reserved:
     def take(self) -> int:
         self.last += 1
         return self.last
+
+    @property
+    def exhausted(self) -> bool:
+        """The next number needs a new block reserved on disk."""
+        return self.last >= self.mark
 
     @property
     def covered(self) -> bool:
