@@ -3,9 +3,13 @@ observers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import trio
 
 from portdaddy.core.events import EventBus
+from portdaddy.core.store import Store
 
 
 def drain(rx: trio.MemoryReceiveChannel) -> list[str]:
@@ -71,3 +75,22 @@ async def test_an_observer_runs_inline_and_its_failure_stays_its_own(caplog) -> 
     assert "observer failed on lock.release" in caplog.text
     bus.emit("lock.acquire", name="db")
     assert seen == ["lock.acquire", "lock.release"]  # gone once its block ends
+
+
+async def test_an_event_of_a_write_is_delivered_once_it_commits_and_never_if_it_rolls_back(tmp_path: Path) -> None:
+    store = Store(tmp_path / "portdaddy.db")
+    bus = EventBus(store)
+    observed: list[tuple[str, bool]] = []
+    with bus.observe(lambda ev: observed.append((ev.kind, store.db.in_transaction))), bus.subscribe() as rx:
+        with store.write():
+            bus.emit("session.start", sessionId="s1")
+            with store.write():
+                bus.emit("note.add", sessionId="s1")
+            assert observed == [] and drain(rx) == []  # not yet: the write may still be refused
+        assert observed == [("session.start", False), ("note.add", False)]  # in order, after the COMMIT
+        assert drain(rx) == ["session.start", "note.add"]
+        with pytest.raises(ValueError), store.write():
+            bus.emit("session.end", sessionId="s1")
+            raise ValueError
+        bus.emit("agent.register", agentId="a")  # outside a write: at once
+        assert [kind for kind, _ in observed[2:]] == ["agent.register"] and drain(rx) == ["agent.register"]

@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from portdaddy.core.store import FILE_CHECK_S
+from portdaddy.core.writebehind import MAX_PENDING_REFUSED
 from portdaddy.errors import PDError
 from tests.conftest import Daemon, make_env
 from tests.test_durability import CASES, WORKTREE, Caller, State, daemon_after_deaths
@@ -256,6 +258,76 @@ def test_every_write_the_store_refuses_changes_nothing(tmp_home: Path) -> None:
         d.stop()
 
 
+def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_they_are_taken(
+    fresh_daemon: Daemon,
+) -> None:
+    """A connection-bound lock whose holder hangs up while another process holds the write lock cannot be
+    released then; it was held until its lease ended (5 minutes by default). Nobody else may have it until its
+    release is on disk, and then at once: the first waiter gets it without anyone asking again."""
+    d = fresh_daemon
+    holder = d.client("holder")
+    first = holder.request("lock.acquire", {"name": "deploy", "connBound": True})
+    got: dict[str, Any] = {}
+
+    def wait() -> None:
+        with d.client("waiter") as c:
+            got["lock"] = c.request("lock.acquire", {"name": "deploy", "wait": True, "timeout": "60s"}, timeout=70)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while d.call("daemon.status")["counts"]["lockWaiters"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with write_lock_held(d):
+        holder.close()
+        time.sleep(2.5)  # the daemon has tried the release, and tried again, and been refused
+        assert refused(d.call, "lock.acquire", name="deploy", owner="thief").code == "STORE_LOCKED"
+        assert d.call("lock.get", name="deploy")["owner"] == "holder" and "lock" not in got
+    waiter.join(timeout=10)
+    assert got["lock"]["owner"] == "waiter" and got["lock"]["token"] > first["token"]
+    db = sqlite3.connect(d.settings.db)
+    try:
+        assert db.execute("SELECT owner FROM locks WHERE name='deploy'").fetchall() == [("waiter",)]
+    finally:
+        db.close()
+    assert "Traceback" not in d.log()
+
+
+def test_fire_and_forget_changes_wait_in_bounded_memory_while_writes_are_refused(tmp_home: Path) -> None:
+    """Sprays to new entities and publishes, sent without a reply while the store refuses writes, waited in
+    memory without bound. At most MAX_PENDING_REFUSED marks and the rest of the current block of message ids
+    wait now; what comes past that is dropped and counted, and what waited is stored once the store takes it."""
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_IPC_RATE="0")).start()
+    try:
+        d.call("msg.publish", channel="flood:0", payload={"n": -1})  # reserves the first block of ids
+        sprays, publishes = MAX_PENDING_REFUSED + 200, 1500
+        with write_lock_held(d):
+            assert refused(d.call, "port.claim", id="app:web").code == "STORE_LOCKED"
+            with d.client() as c:
+                for n in range(sprays):
+                    c.send("pheromone.spray", {"table": "files", "id": f"f{n}", "key": "edit", "strength": 1})
+                for n in range(publishes):
+                    c.send("msg.publish", {"channel": f"flood:{n % 4}", "payload": {"n": n}})
+                c.request("daemon.health")  # every frame before it was handled
+            dropped = store_state(d)["dropped"]
+            assert dropped["sprays"] == 200 and 0 < dropped["messages"] < publishes
+            out = d.pd("status").stdout
+            assert (
+                "warning:  dropped while writes were refused (fire-and-forget, never acknowledged): "
+                f"{dropped['sprays']} sprays, {dropped['messages']} messages; see daemon.log"
+            ) in out, out
+        time.sleep(2.5)  # the write-behinds store what waited
+        assert store_state(d) == {"ok": True, "dropped": dropped}  # counted since the daemon started
+        d.restart()
+        assert len(d.call("pheromone.list", table="files")["pheromones"]) == MAX_PENDING_REFUSED
+        stored = sum(ch["count"] for ch in d.call("msg.channels")["channels"] if ch["channel"].startswith("flood:"))
+        assert stored - 1 + dropped["messages"] == publishes
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+
+
 # -- the disk is full ----------------------------------------------------------------------------------------
 
 
@@ -378,3 +450,115 @@ def test_a_home_deleted_under_the_daemon_refuses_writes_and_leaves_to_the_next_d
     finally:
         new.stop()
         d.proc = None
+
+
+# -- a write refused at its commit leaves nothing behind -----------------------------------------------------
+
+
+def truncate_wal(d: Daemon) -> None:
+    """Checkpoint the WAL into the store and empty it: every later commit must grow it (on a full disk, fail)."""
+    db = sqlite3.connect(d.settings.db, isolation_level=None)
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+
+
+def test_a_write_refused_at_its_commit_leaves_no_event_activity_delivery_or_message(
+    tmp_home: Path, small_disk: Path
+) -> None:
+    """On a full disk a write runs to its COMMIT, which fails: whatever the operation announced on the way (its
+    events, and through them activity rows, webhook deliveries and channel messages) must go with it."""
+    env = make_env(tmp_home, PORT_DADDY_DB=str(small_disk / "portdaddy.db"), PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")
+    d = Daemon(tmp_home, env).start()
+    try:
+        hook = d.call("webhook.register", url="http://127.0.0.1:9/hook", events=["*"])["id"]
+        d.call("agent.register", agentId="leaver")
+        sid = d.call("session.start", purpose="writing", agentId="writer", files=["src/a.py"])["id"]
+        worktree = str(tmp_home / "wt")
+
+        def seen() -> dict[str, Any]:
+            return {"activity": d.call("activity.list", limit=1000)["entries"],
+                    "deliveries": [(x["id"], x["event"]) for x in d.call("webhook.deliveries", id=hook, limit=500)
+                                   ["deliveries"]],  # their attempts go on
+                    "channels": d.call("msg.channels")["channels"],
+                    "agents": [a["id"] for a in d.call("agent.list")["agents"]],
+                    "sessions": [(s["id"], s["status"], s["noteCount"])
+                                 for s in d.call("session.list", all=True)["sessions"]],
+                    "tuples": d.call("tuple.scan")["tuples"]}  # fmt: skip
+
+        # Small writes: with the WAL emptied, any commit needs a block the disk no longer has.
+        ops: list[tuple[str | None, str, dict[str, Any]]] = [
+            ("newbie", "agent.register", {"purpose": "new"}),
+            ("starter", "agent.begin", {"purpose": "begun", "files": ["src/b.py"], "worktree": worktree}),
+            (None, "session.start", {"purpose": "more", "agentId": "writer", "files": ["src/c.py"]}),
+            (None, "note.add", {"sessionId": sid, "content": "a note"}),
+            (None, "file.claim", {"sessionId": sid, "files": ["src/d.py"]}),
+            (None, "session.end", {"sessionId": sid, "note": "handoff"}),
+            (None, "tuple.out", {"fields": ["work", 1]}),
+            (None, "msg.publish", {"channel": "news", "payload": {"n": 1}}),
+            ("leaver", "agent.done", {"note": "bye"}),
+        ]
+        with d.client() as watcher:
+            watcher.request("msg.subscribe", {"channels": ["*"], "new": True})
+            time.sleep(1.5)  # the activity log has written what came before
+            before = seen()
+            truncate_wal(d)
+            filler = fill(small_disk)
+            for agent, action, args in ops:
+                with d.client(agent) as c:
+                    with pytest.raises(PDError) as e:
+                        c.request(action, args)
+                    assert e.value.code == "STORE_FULL", f"{action}: {e.value!r}"
+            assert watcher.receive(timeout=0.5) is None  # no message reached a subscriber
+            filler.unlink()
+            time.sleep(1.5)  # what was left pending in memory would be written now
+            after = seen()
+            assert after == before
+            # The same operations, now taken, announce themselves: the checks above could see them.
+            d.call("agent.begin", agentId="starter", purpose="begun", files=["src/b.py"], worktree=worktree)
+            pushed = watcher.receive(timeout=5)
+            assert pushed is not None and pushed.payload["channel"] == "agents"
+        known = {e["id"] for e in before["activity"]}
+        new = [e for e in d.call("activity.list", limit=1000)["entries"] if e["id"] not in known]
+        assert {"agent.register", "session.start", "file.claim"} <= {e["type"] for e in new}
+        assert len(d.call("webhook.deliveries", id=hook, limit=500)["deliveries"]) > len(before["deliveries"])
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_a_write_ahead_log_deleted_alone_takes_no_more_writes_and_loses_nothing_acknowledged(
+    fresh_daemon: Daemon,
+) -> None:
+    """The -wal file deleted while the main file stays went unnoticed: commits went on into the deleted log, and
+    a crash lost them with everything since the last checkpoint. Now writes are refused as for a deleted store,
+    and what the log held is copied into the main file when that is noticed, so a SIGKILL then loses nothing."""
+    d = fresh_daemon
+    db = d.settings.db
+    d.call("port.claim", id="app:api")
+    os.unlink(f"{db}-wal")
+    acknowledged = ["app:api"]
+    try:  # in the moment before the next look at the files, a write may still be taken: it must be kept
+        d.call("port.claim", id="app:db")
+        acknowledged.append("app:db")
+    except PDError as e:
+        assert e.code == "STORE_GONE"
+    time.sleep(FILE_CHECK_S)
+    err = refused(d.call, "port.claim", id="app:web")
+    assert err.code == "STORE_GONE", err
+    assert err.message == (f"the store's write-ahead log {db}-wal was deleted while the daemon ran, so nothing more "
+                           "can be saved; what it held was saved into the store; restart the daemon (pd stop, then "
+                           "pd start)")  # fmt: skip
+    assert d.call("port.claim", id="app:api")["existing"] is True  # reads go on
+    assert store_state(d)["error"] == "STORE_GONE"
+    assert "writes are refused: the store's write-ahead log" in d.pd("status").stdout
+    d.kill9()
+    d.start()
+    ids = [s["id"] for s in d.call("port.find", pattern="*")["services"]]
+    assert set(acknowledged) <= set(ids) and "app:web" not in ids
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        check.close()

@@ -41,6 +41,23 @@ def test_rollback_drops_the_callbacks_and_the_writes(store: Store) -> None:
     assert ran == [] and store.scalar("SELECT count(*) FROM parent") == 0
 
 
+def test_on_rollback_undoes_memory_of_a_refused_write_only(store: Store) -> None:
+    memory = {"agent": "old"}
+    store.on_rollback(lambda: memory.update(agent="never"))  # outside a write: nothing to undo, ever
+    with store.write():
+        memory["agent"] = "new"
+        store.on_rollback(lambda: memory.update(agent="old"))
+    assert memory == {"agent": "new"}
+    with pytest.raises(ValueError), store.write():
+        with store.write():
+            memory["agent"] = "newer"
+            store.on_rollback(lambda: memory.update(agent="new"))
+        raise ValueError
+    assert memory == {"agent": "new"}
+    store.after_commit(lambda: memory.update(agent="now"))  # outside a write: at once
+    assert memory == {"agent": "now"}
+
+
 def test_a_failed_commit_rolls_back_and_the_store_stays_usable(store: Store) -> None:
     ran: list[int] = []
     # A deferred foreign key fails at COMMIT, which leaves SQLite's transaction open unless we roll it back.
@@ -130,8 +147,8 @@ def test_migrations_leave_no_gap_a_database_could_skip() -> None:
 
 
 def test_a_storage_failure_met_inside_a_transaction_never_commits_it(store: Store) -> None:
-    """An observer's nested write that meets a full disk is logged by the event bus, not raised: the
-    transaction around it must still roll back, and say why, rather than commit half of what it did."""
+    """A nested write that meets a full disk, whose error the body catches (as EventBus.emit does an
+    observer's): the transaction around it must still roll back, and say why, rather than commit half of it."""
     store.execute("CREATE TABLE big (v TEXT)")
     store.db.pragma("max_page_count", store.db.pragma("page_count") + 2)  # a disk with two pages left
     with pytest.raises(StoreError) as refused, store.write() as db:
@@ -140,7 +157,7 @@ def test_a_storage_failure_met_inside_a_transaction_never_commits_it(store: Stor
             with store.write() as inner:
                 inner.execute("INSERT INTO big VALUES (?)", ("x" * 100_000,))
         except apsw.FullError:
-            pass  # swallowed, as EventBus.emit does with an observer's error
+            pass  # swallowed
         db.execute("INSERT INTO parent VALUES (3)")  # and the operation goes on
     assert refused.value.code == "STORE_FULL" and store.failure is refused.value
     assert store.scalar("SELECT count(*) FROM parent") == 0 and not store.db.in_transaction

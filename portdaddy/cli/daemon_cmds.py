@@ -136,6 +136,11 @@ def status(as_json: bool) -> None:
     store = st.get("store") or {}
     # First: while the store refuses writes, every change anyone asks for is refused.
     refused = [f"writes are refused: {store['message']}"] if store.get("ok") is False else []
+    dropped = store.get("dropped") or {}
+    if dropped:  # lost, though nobody was promised them: worth knowing after the store came back too
+        what = ", ".join(f"{n} {kind}" for kind, n in dropped.items())
+        refused.append(f"dropped while writes were refused (fire-and-forget, never acknowledged): {what}; see "
+                       "daemon.log")  # fmt: skip
     warnings = refused + attention(st["counts"])
     if as_json:
         emit_json({"success": True, "running": True, **st, "warnings": warnings})

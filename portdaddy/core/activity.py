@@ -114,6 +114,8 @@ class Activity:
             if events:
                 self.write(events)
         except StoreError:
+            if len(events) > MAX_ROWS:
+                self.store.drop("activity", len(events) - MAX_ROWS)
             self._pending = events[-MAX_ROWS:]
             raise
         self._pending = []

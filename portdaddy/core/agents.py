@@ -198,6 +198,7 @@ class Agents:
                  agent.registered_at, agent.last_heartbeat, agent.max_locks, agent.max_services),
             )  # fmt: skip
         self._agents[agent_id] = agent
+        self.store.on_rollback(partial(self._put_back, agent_id, old))  # a part of `pd begin` that was refused
         self._changed.set()
         if old is None or old.liveness == "dead":
             self._take_back(agent_id)
@@ -251,10 +252,18 @@ class Agents:
             ended = self.app.sessions.end_for_agent(agent_id)
             db.execute("DELETE FROM agents WHERE id=?", (agent_id,))
         del self._agents[agent_id]
+        self.store.on_rollback(partial(self._put_back, agent_id, agent))  # a part of `pd done` that was refused
         self.app.sessions.announce_ended(ended, agent_id, "abandoned")
         self.app.bus.emit("agent.unregister", agentId=agent_id)
         self.app.publish("agents", {"type": "unregistered", "agentId": agent_id}, sender="daemon")
         return True
+
+    def _put_back(self, agent_id: str, agent: Agent | None) -> None:
+        """Memory as it was before a change whose write was refused."""
+        if agent is None:
+            self._agents.pop(agent_id, None)
+        else:
+            self._agents[agent_id] = agent
 
     # -- death and salvage ---------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -13,9 +15,12 @@ from portdaddy.config import Settings
 from portdaddy.core.events import EventBus
 from portdaddy.core.ops import Op, load_table
 from portdaddy.core.store import Store
+from portdaddy.errors import StoreError
 
 if TYPE_CHECKING:
     from portdaddy.core.registry import Registry
+
+log = logging.getLogger("portdaddy.app")
 
 
 class Subsystem(Protocol):
@@ -33,7 +38,7 @@ class App:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.bus = EventBus()
+        self.bus = EventBus(store)
         self.ops: dict[str, Op] = load_table()
         self.version = __version__
         self.pid = os.getpid()
@@ -56,10 +61,20 @@ class App:
         return time.time() - self.started_at
 
     def publish(self, channel: str, payload: Any, *, sender: str = "daemon") -> None:
-        """Post a channel message from inside the daemon (agents → ``resurrection``, fleet → ``fleet``)."""
+        """Post a channel message from inside the daemon (agents → ``resurrection``, fleet → ``fleet``). Like an
+        event, it tells of a change: it is posted once the write making that change has committed (never if it
+        rolls back). If the store refuses the message itself, it is logged and dropped: the change it tells of
+        is kept, and the operation that made it has succeeded."""
         broker = getattr(self, "broker", None)
         if broker is not None:
+            self.store.after_commit(partial(self._post, broker, channel, payload, sender))
+
+    @staticmethod
+    def _post(broker: Any, channel: str, payload: Any, sender: str) -> None:
+        try:
             broker.publish(channel, payload, sender=sender)
+        except StoreError as e:
+            log.warning("a message to %s was not posted: %s", channel, e.message)
 
     def stats(self) -> dict[str, Any]:
         counts: dict[str, Any] = {}

@@ -6,9 +6,11 @@ every matching cursor waiter, on the trio thread, so a subscriber sees messages 
 publish (nobody is told it was stored) is pushed at once and written behind, within a second, with the ones
 around it. Ids come from memory: each block of ``ID_BLOCK`` ids is reserved durably (``sqlite_sequence``)
 before the first of them is handed out, so a message lost with a killed daemon leaves a gap in the ids, never
-an id that names two messages. Patterns follow the identity rules:
-``payments:*`` matches ``payments:api`` and deeper (not ``payments``), ``*`` matches everything, a ``*`` inside a
-segment globs that segment.
+an id that names two messages. So while the store refuses writes, at most the rest of the current block of
+fire-and-forget publishes waits in memory; later ones are dropped (counted: ``Store.drop``).
+
+Patterns follow the identity rules: ``payments:*`` matches ``payments:api`` and deeper (not ``payments``), ``*``
+matches everything, a ``*`` inside a segment globs that segment.
 
 Slow subscribers never stall the daemon. A cursor waiter holds no queue: it reads the history after its last
 id. An IPC subscription pushes into the connection's bounded output; when that refuses (the client is not
@@ -40,7 +42,7 @@ from portdaddy.core.identity import WILDCARD, matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.store import autoincrement_ids
 from portdaddy.core.writebehind import WriteBehind
-from portdaddy.errors import PDError, bad_input
+from portdaddy.errors import PDError, StoreError, bad_input
 
 HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in batches
 HISTORY_RETENTION_MS = 7 * 86_400_000  # a message other than its channel's retained one is kept a week
@@ -167,6 +169,11 @@ class Broker:
 
     def post(self, channel: str, payload: Any, *, sender: str | None = None, durable: bool = True) -> Message:
         """Store and deliver a message. ``durable=False`` (fire-and-forget) writes it within a second."""
+        if not durable and self._ids.exhausted and self.store.failure is not None:
+            # Its id needs a new block reserved on disk, which the store refuses (the write-behind tries again each
+            # second): dropped without a try per frame, neither delivered nor kept; nobody was promised it.
+            self.store.drop("messages")
+            raise self.store.failure
         content_type = "text" if isinstance(payload, str) else "json"
         msg = Message(self._ids.take(), channel, payload, content_type, sender, now_ms())
         self._unwritten.append((msg.id, channel, v.compact_json(payload), content_type, sender,
@@ -181,7 +188,9 @@ class Broker:
         if durable or not self._ids.covered:  # an id goes out only once its block is reserved on disk
             try:
                 self._writes.flush()
-            except BaseException:  # not stored, so it never happened: the caller hears the error, nobody the message
+            except BaseException as e:  # not stored, so it never happened: the caller hears the error, nobody it
+                if not durable and isinstance(e, StoreError):
+                    self.store.drop("messages")
                 self._unwritten.pop()
                 self._ids.last -= 1  # nobody saw the id: hand it out again
                 if before is None:

@@ -9,6 +9,11 @@ An observer (``observe``) is called inline instead, at emit time, for checks che
 emitting operation (the arbiter): a channel subscriber costs a task wake-up, and so a scheduler pass, for
 every event. An observer that raises is logged; the emitter never sees it.
 
+An event tells of a change, so it follows the change to the disk: emitted inside a write (``Store.write``),
+it reaches observers and subscribers once that write has committed, and nobody if it rolls back (a refused
+write leaves no activity row, webhook delivery or arbiter check behind). An observer's own write is then a
+transaction of its own, made before the operation answers.
+
 Hot-path kinds (``HOT_KINDS``: sprays, publishes, heartbeats, at up to hundreds of thousands a second) reach
 only subscribers that name them or their area; "everything" subscribers (the arbiter, the activity log) would
 otherwise queue every one of them. Each kind's list of subscribers is computed once and cached, so emitting a
@@ -23,9 +28,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+from portdaddy.errors import StoreError
+
+if TYPE_CHECKING:
+    from portdaddy.core.store import Store
 
 log = logging.getLogger("portdaddy.events")
 
@@ -62,17 +73,23 @@ class _Subscriber:
 
 
 class EventBus:
-    def __init__(self) -> None:
+    def __init__(self, store: Store | None = None) -> None:
+        """``store``: the store whose open write an event waits for (None: events are delivered at once)."""
         self._subscribers: list[_Subscriber] = []
         self._routes: dict[str, list[_Subscriber]] = {}  # kind -> its subscribers; reset on (un)subscribe
+        self._store = store
         self.emitted = 0
 
     def emit(self, kind: str, **data: Any) -> Event | None:
-        """Deliver to every matching subscriber; returns the event, or None when nobody took it."""
-        self.emitted += 1
+        """Deliver to every matching subscriber; returns the event, or None when nobody took it (or nobody yet:
+        inside a write, it is delivered once that has committed, never if it rolls back)."""
         subs = self._routes.get(kind)
         if subs is None:
             subs = self._routes[kind] = [s for s in self._subscribers if kind_matches(kind, s.kinds)]
+        if subs and self._store is not None and self._store.writing:
+            self._store.after_commit(partial(self.emit, kind, **data))
+            return None
+        self.emitted += 1
         event = None
         for sub in subs:
             if sub.wants is not None and not sub.wants(kind, data):
@@ -82,6 +99,8 @@ class EventBus:
             if sub.call is not None:
                 try:
                     sub.call(event)
+                except StoreError as e:  # its write was refused (the log said why when that began)
+                    log.warning("what %s implies was not done: %s", kind, e.message)
                 except Exception:  # an observer's bug must not fail the operation that emitted
                     log.exception("an observer failed on %s", kind)
                 continue

@@ -9,7 +9,9 @@ Re-acquiring a lock you hold (same owner) is idempotent: same token, lease refre
 A lock is never free while someone waits for it: a release or an expiry hands it straight to the first
 waiter (FIFO, in the same step), so a late non-blocking caller cannot barge in. A cancelled waiter (timeout,
 disconnect) is removed by its abort function. State lives in memory and is written through to the store
-before any reply; expiries run at their deadline (the next one, not on a tick).
+before any reply; expiries run at their deadline (the next one, not on a tick). A lock whose holder is gone
+(its connection closed, its agent died or left) while the store refused the release stays held, and is due
+at once: the expiry task tries again until the store takes it (spec/decisions.md, "Storage failures").
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Lock:
     expires_at: int
     metadata: dict[str, Any] | None = None
     conn: Any = None  # the IPC connection it is bound to (released when it closes), or None
+    gone: str | None = None  # why its holder is gone, while the store refuses to record the release
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "owner": self.owner, "token": self.token, "pid": self.pid,
@@ -160,7 +163,7 @@ class Locks:
         with trio.move_on_after(timeout_s if timeout_s is not None else float("inf")) as scope:
             lock: Lock = await trio.lowlevel.wait_task_rescheduled(abort)
             if caller is not None and caller.closed:
-                self._release(lock, by=None, forced=False, reason="disconnect")  # nobody is there to hold it
+                self._let_go(lock, "disconnect")  # nobody is there to hold it
                 raise PDError("CANCELLED", "the connection closed before the lock was granted")
             return lock
         assert scope.cancelled_caught
@@ -207,7 +210,7 @@ class Locks:
         for name in sorted(conn.data.get("locks", ())):
             lock = self._held.get(name)
             if lock is not None and lock.conn is conn:
-                self._release(lock, by=None, forced=False, reason="disconnect")
+                self._let_go(lock, "disconnect")
 
     @staticmethod
     def _held_error(lock: Lock) -> LockHeld:
@@ -256,8 +259,18 @@ class Locks:
         """Release every lock ``owner`` holds (its agent died or unregistered)."""
         names = [lk.name for lk in self._held.values() if lk.owner == owner]
         for name in names:
-            self._release(self._held[name], by=None, forced=False, reason=reason)
+            self._let_go(self._held[name], reason)
         return names
+
+    def _let_go(self, lock: Lock, reason: str) -> None:
+        """Release a lock whose holder is gone. While the store refuses that, the lock stays held (nobody else
+        may be granted it before its release is on disk) and is due at once: the expiry task tries again every
+        RETRY_S, and a call that looks at the lock tries first."""
+        try:
+            self._release(lock, by=None, forced=False, reason=reason)
+        except StoreError:
+            lock.gone = reason
+            self._schedule(lock)
 
     def _release(self, lock: Lock, *, by: str | None, forced: bool, reason: str) -> None:
         """Drop ``lock`` and hand it to the first waiter, if any, in the same transaction. Memory, the events and
@@ -291,24 +304,29 @@ class Locks:
 
     def _schedule(self, lock: Lock) -> None:
         deadlines = self._deadlines
-        entry = (lock.expires_at, lock.name)
+        entry = (_due(lock), lock.name)
         if len(deadlines) > 2 * len(self._held) + COMPACT_SLACK:
             # A released or extended lease leaves its entry behind until that deadline: under steady churn the
             # heap would hold every grant of the last TTL (hundreds of thousands). Rebuild it from the holders.
-            deadlines[:] = [(held.expires_at, held.name) for held in self._held.values()]
+            deadlines[:] = [(_due(held), held.name) for held in self._held.values()]
             heapq.heapify(deadlines)
         else:
             heapq.heappush(deadlines, entry)
         if deadlines[0] == entry and self._expiry is not None:
             # Moving a deadline wakes nobody: a grant does not cost the expiry task a trip through the scheduler.
             # Only an earlier one is set: trio's deadline setter costs a few µs even when the value stays.
-            deadline = _trio_deadline(lock.expires_at)
+            deadline = _trio_deadline(entry[0])
             if deadline < self._expiry.deadline:
                 self._expiry.deadline = deadline
 
     def _expire_if_due(self, name: str) -> None:
+        """Release ``name`` if its lease ended, or its holder is gone and the release is still to be recorded."""
         lock = self._held.get(name)
-        if lock is not None and lock.expires_at <= now_ms():
+        if lock is None:
+            return
+        if lock.gone is not None:
+            self._release(lock, by=None, forced=False, reason=lock.gone)
+        elif lock.expires_at <= now_ms():
             self._release(lock, by=None, forced=False, reason="expire")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -325,7 +343,8 @@ class Locks:
                 now = now_ms()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     entry = self._deadlines[0]
-                    # An extended lease has a later entry and is left alone; one the store refuses to end stays due.
+                    # An extended lease has a later entry and is left alone; one the store refuses to end stays due,
+                    # and is tried again once background() has waited RETRY_S.
                     if not await self.store.background(partial(self._expire_if_due, entry[1])):
                         break
                     if self._deadlines and self._deadlines[0] == entry:
@@ -339,6 +358,11 @@ class Locks:
 
 def _write_fence(db: Any, top: int) -> None:
     db.execute("UPDATE lock_fence SET last_token = ? WHERE id = 1", (top,))
+
+
+def _due(lock: Lock) -> int:
+    """When the expiry task must look at ``lock`` (ms since the epoch): at once if its holder is gone."""
+    return 0 if lock.gone is not None else lock.expires_at
 
 
 def _trio_deadline(expires_at_ms: int) -> float:

@@ -66,7 +66,7 @@ class Pheromones:
         self.clock = clock or trio_wall_clock()
         self.half_life_s = half_life_s or half_life_from_env()
         self._marks: dict[Entity, dict[str, tuple[float, int]]] = {}
-        self._dirty: WriteBehind[tuple[Entity, str]] = WriteBehind(self.store, self._write_marks)
+        self._dirty: WriteBehind[tuple[Entity, str]] = WriteBehind(self.store, self._write_marks, what="sprays")
         self.sprays = 0
         for harbor, table, eid, key, strength, at in self.store.all(
             "SELECT harbor, tbl, entity_id, key, strength, sprayed_at FROM pheromones"
@@ -87,6 +87,8 @@ class Pheromones:
               durable: bool = True) -> None:  # fmt: skip
         """Set ``key`` on an entity to ``strength`` (a fresh spray replaces the faded value)."""
         entity = (harbor, table, eid)
+        if not durable and not self._dirty.admits((entity, key)):
+            return  # the store refuses writes and holds too many waiting: dropped, as nobody was promised it
         marks = self._marks.setdefault(entity, {})
         before = marks.get(key)
         marks[key] = (strength, self._now_ms())

@@ -47,8 +47,9 @@ _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 BUSY_TIMEOUT_MS = 100
 # A background task (write-behind, expiry, the reaper) whose write the store refused tries again this much later.
 RETRY_S = 1.0
-# How often a write looks whether the store's file is still the one it writes (a stat: ~3 µs, a tenth of a
-# lock grant's SQL, so not every write). Writes in the moment after a deletion are lost with the rest of the file.
+# How often a write looks whether the store's files are still the ones it writes (a stat and a readlink: ~5 µs,
+# a tenth of a lock grant's SQL, so not every write). Writes in the moment after a deletion are lost with the
+# rest of the file (a deleted write-ahead log: saved, see _gone).
 FILE_CHECK_S = 0.5
 # The first byte of SQLite's WAL locks in the -shm file is the write lock (WAL_WRITE_LOCK, os_unix.c).
 _WAL_WRITE_LOCK_BYTE = "120"
@@ -106,10 +107,15 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []  # see on_rollback
         self._contended = False  # a write found the lock held by another process: the next ones do not wait
         self._spoiled: StoreError | None = None  # a failure met inside the open transaction (it must not commit)
         self.failure: StoreError | None = None  # why the last write failed, until one succeeds
         self.failed_since: int | None = None  # ms since the epoch
+        # Changes nobody was promised (fire-and-forget frames, activity rows) dropped because the store refused
+        # them, by what they were, since the daemon started (spec/decisions.md, "Storage failures").
+        self.dropped: dict[str, int] = {}
+        self._dropping: set[str] = set()  # what the log said is being dropped, since writes began to be refused
         self.db = apsw.Connection(self.path)
         try:
             self.db.set_busy_timeout(busy_timeout_ms)
@@ -125,6 +131,9 @@ class Store:
         self._file = _file_id(self.path)  # the file this connection writes: writes check it is still there
         self._file_checked = time.monotonic()
         self.migrate()
+        self._wal = os.path.realpath(self.path) + "-wal"  # as /proc names the write-ahead log SQLite has open
+        self._wal_fd = _open_fd(self._wal)  # None where that cannot be told (not Linux): not checked
+        self._wal_lost: StoreError | None = None  # the log was deleted: for good, as for the main file
 
     # -- schema ------------------------------------------------------------------------------------------
 
@@ -178,12 +187,16 @@ class Store:
             self._after_commit.clear()
             failure = self._spoiled or (self._storage_failure(e) if isinstance(e, apsw.Error) else None)
             self._rollback()
+            undo, self._undo = self._undo, []
+            for fn in reversed(undo):
+                fn()
             if failure is not None:
                 raise self._failed(failure) from (None if e is failure else e)
             raise
         finally:
             self._depth = 0
             self._spoiled = None
+            self._undo.clear()
         if self.failure is not None:
             self._recovered()
         callbacks, self._after_commit = self._after_commit, []
@@ -192,10 +205,10 @@ class Store:
 
     def _begin(self) -> None:
         """Open the write transaction, or raise a StoreError saying why the store cannot take one."""
-        if time.monotonic() - self._file_checked >= FILE_CHECK_S and self._file_gone():
-            raise self._failed(StoreError(
-                "STORE_GONE", f"the store {self.path} was deleted or replaced while the daemon ran, so nothing more "
-                "can be saved; restart the daemon (pd stop, then pd start) to use the file now there"))  # fmt: skip
+        if time.monotonic() - self._file_checked >= FILE_CHECK_S:
+            gone = self._gone()
+            if gone is not None:
+                raise self._failed(gone)
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except apsw.Error as e:
@@ -210,9 +223,37 @@ class Store:
             self._contended = False
             self.db.set_busy_timeout(self.busy_timeout_ms)
 
-    def _file_gone(self) -> bool:
+    def _gone(self) -> StoreError | None:
+        """STORE_GONE if a file this connection writes is not the store's any more: the main file at its path, or
+        the write-ahead log SQLite has open (Linux: /proc/self/fd; it is never reopened while the connection is)."""
         self._file_checked = time.monotonic()
-        return _file_id(self.path) not in (self._file, None)
+        if _file_id(self.path) not in (self._file, None):
+            return StoreError("STORE_GONE", f"the store {self.path} was deleted or replaced while the daemon ran, so "
+                              "nothing more can be saved; restart the daemon (pd stop, then pd start) to use the file "
+                              "now there")  # fmt: skip
+        if self._wal_fd is None or self._wal_lost is not None:
+            return self._wal_lost
+        try:
+            target = os.readlink(f"/proc/self/fd/{self._wal_fd}")
+        except OSError:
+            target = None
+        if target == self._wal:
+            return None
+        if target != f"{self._wal} (deleted)":  # not the log's descriptor any more: find it again
+            self._wal_fd = _open_fd(self._wal)
+            return None
+        # Commits since the last checkpoint are only in the deleted log, which a crash or the next start would
+        # lose: copy them into the main file now, while the open descriptor still reads them.
+        try:
+            in_log, copied = self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            saved = in_log == copied
+        except apsw.Error:
+            saved = False
+        then = ("what it held was saved into the store; restart the daemon (pd stop, then pd start)" if saved else
+                "stop the daemon cleanly (pd stop saves what it held into the store), then pd start")  # fmt: skip
+        self._wal_lost = StoreError("STORE_GONE", f"the store's write-ahead log {self.path}-wal was deleted while the "
+                                    f"daemon ran, so nothing more can be saved; {then}")  # fmt: skip
+        return self._wal_lost
 
     def _rollback(self) -> None:
         if self.db.in_transaction:  # a failed COMMIT may leave the transaction open (SQLITE_BUSY) or not
@@ -263,6 +304,15 @@ class Store:
     def _recovered(self) -> None:
         log.info("the store takes writes again")
         self.failure = self.failed_since = None
+        self._dropping.clear()
+
+    def drop(self, what: str, n: int = 1) -> None:
+        """Count ``n`` changes of kind ``what`` nobody was promised, dropped because the store refuses writes and
+        memory will not hold more of them; the log says so once per kind while writes are refused."""
+        self.dropped[what] = self.dropped.get(what, 0) + n
+        if what not in self._dropping:
+            self._dropping.add(what)
+            log.warning("writes refused: %s are being dropped (pd status counts them)", what)
 
     def probe(self) -> None:
         """Raise the StoreError a write would meet now, as far as can be told without writing (a lock another
@@ -283,19 +333,36 @@ class Store:
     def health(self) -> dict[str, Any]:
         """For ``pd status``: ``{"ok": true}``, or what stops writes now (``error``, ``message``, ``since``). A
         lock another process holds and a deleted file are looked for now; a full or read-only disk is the last
-        write's failure, until a write succeeds."""
+        write's failure, until a write succeeds. ``dropped``, once anything was: what ``drop()`` counted."""
         with suppress(StoreError):
             self.probe()
+        dropped = {"dropped": dict(self.dropped)} if self.dropped else {}
         if self.failure is None:
-            return {"ok": True}
+            return {"ok": True, **dropped}
         return {"ok": False, "error": self.failure.code, "message": self.failure.message, "since": self.failed_since,
-                **self.failure.extra}  # fmt: skip
+                **self.failure.extra, **dropped}  # fmt: skip
+
+    @property
+    def writing(self) -> bool:
+        """Whether a write transaction is open (what is done now commits, or not, with it)."""
+        return self._depth > 0
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once the open transaction has committed; never if it rolls back. For memory that must not
-        run ahead of the disk (see the fencing-token reservation in locks.py)."""
-        assert self._depth, "after_commit() belongs inside write()"
-        self._after_commit.append(fn)
+        """Run ``fn`` once the open transaction has committed, never if it rolls back; outside a write, at once
+        (what it follows is on disk already). For memory that must not run ahead of the disk (see the
+        fencing-token reservation in locks.py), and for what a change tells others: events (``EventBus.emit``)
+        and the daemon's own channel messages (``App.publish``)."""
+        if self._depth:
+            self._after_commit.append(fn)
+        else:
+            fn()
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the open transaction rolls back; outside a write, never. For memory that a later step of
+        the same write must already see (an agent ``pd begin`` registers, then starts a session of): changed at
+        once, and changed back by ``fn`` if the write is refused."""
+        if self._depth:
+            self._undo.append(fn)
 
     async def background(self, write: Callable[[], Any]) -> bool:
         """A background task's write: True once done. False if the store refused it (``failure`` says why, and
@@ -351,6 +418,19 @@ def _unwritable(path: str) -> bool:
     return not os.access(path if os.path.exists(path) else os.path.dirname(path) or ".", os.W_OK)
 
 
+def _open_fd(path: str) -> int | None:
+    """The descriptor this process has open on ``path`` (Linux: /proc/self/fd), or None."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == path:
+                return int(fd)
+    return None
+
+
 def _file_id(path: str) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path``; (0, 0) if there is none; None if that cannot be told (a
     directory on the way that the daemon may not search)."""
@@ -379,6 +459,11 @@ class Reserved:
     def take(self) -> int:
         self.last += 1
         return self.last
+
+    @property
+    def exhausted(self) -> bool:
+        """The next number needs a new block reserved on disk."""
+        return self.last >= self.mark
 
     @property
     def covered(self) -> bool:

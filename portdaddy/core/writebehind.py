@@ -6,7 +6,8 @@ transaction, coalesced per key (a thousand heartbeats of one agent are one row w
 microseconds, more than the rest of a request, so paying it per frame would make these paths slow for no
 gain: nobody was told these were stored, so losing the last second of them to a crash breaks no promise.
 Anything a caller is told was done is still committed before the reply (``flush()`` first). While the store
-refuses writes (spec/decisions.md, "Storage failures"), the keys stay pending and the flush is tried again.
+refuses writes (spec/decisions.md, "Storage failures"), the keys stay pending and the flush is tried again;
+a key already pending takes any number of changes, and at most MAX_PENDING_REFUSED keys wait (``admits``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ log = logging.getLogger("portdaddy.store")
 K = TypeVar("K", bound=Hashable)
 
 DELAY_S = 1.0
+# While the store refuses writes, at most this many keys wait to be written; a change that would add one more is
+# dropped (``admits``). Only then: a second of sprays to as many entities is a normal backlog.
+MAX_PENDING_REFUSED = 10_000
 
 
 class WriteBehind(Generic[K]):
-    def __init__(self, store: Any, write: Callable[[Any, Iterable[K]], None], *, delay: float = DELAY_S) -> None:
-        """``write(db, keys)`` writes the current in-memory state of ``keys`` inside an open transaction."""
+    def __init__(self, store: Any, write: Callable[[Any, Iterable[K]], None], *, delay: float = DELAY_S,
+                 what: str = "changes") -> None:  # fmt: skip
+        """``write(db, keys)`` writes the current in-memory state of ``keys`` inside an open transaction; ``what``
+        names them where dropped ones are counted."""
         self.store = store
+        self.what = what
         self.delay = delay
         self._write = write
         self._keys: set[K] = set()
@@ -37,6 +44,15 @@ class WriteBehind(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def admits(self, key: K) -> bool:
+        """Whether a change to ``key`` may be written behind: False (and counted as dropped) while the store
+        refuses writes and MAX_PENDING_REFUSED other keys wait already. Ask before changing memory."""
+        keys = self._keys
+        if len(keys) < MAX_PENDING_REFUSED or key in keys or self.store.failure is None:
+            return True
+        self.store.drop(self.what)
+        return False
 
     def mark(self, key: K) -> None:
         """``key`` changed in memory; write it within ``delay`` seconds."""
