@@ -148,7 +148,9 @@ def _fleet_dirs(call: Call) -> list[str]:
 
 
 def _spawn(call: Call, s: State) -> None:
+    """A run that is running: spawn.start answers once it is queued, and it registers and starts after that."""
     s["run"] = call("spawn.start", backend="custom", task="sleep 60", workdir=str(s["home"]))["agentId"]
+    wait_for(lambda: _run_status(call, s["run"]) == "running", what=f"{s['run']} to run")
 
 
 def _run_status(call: Call, run: str) -> str:

@@ -27,6 +27,7 @@ from portdaddy.core.store import FILE_CHECK_S
 from portdaddy.core.writebehind import MAX_PENDING_REFUSED
 from portdaddy.errors import PDError
 from tests.conftest import Daemon, make_env
+from tests.fleet_helpers import make_project, wait_for
 from tests.test_durability import CASES, WORKTREE, Caller, State, daemon_after_deaths
 
 # -- the conditions ------------------------------------------------------------------------------------------
@@ -562,3 +563,31 @@ def test_a_write_ahead_log_deleted_alone_takes_no_more_writes_and_loses_nothing_
         assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         check.close()
+
+
+def test_a_run_whose_start_the_store_refused_is_recorded_failed_once_it_takes_writes(fresh_daemon: Daemon) -> None:
+    """A queued run that comes to start while writes are refused cannot register: it fails. Its row said
+    `queued` for good (nothing tried again), and pd spawn kill answered "done" for it from that row."""
+    d = fresh_daemon
+    project = make_project(d.home, """
+        limits: {max_concurrent_spawns: 1}
+        agents:
+          w: {trigger: go, backend: custom, command: sleep 0.5}
+        """)  # fmt: skip
+    d.call("fleet.up", projectDir=str(project))
+    first, second = (d.call("fleet.run", projectDir=str(project), agent="w")["run"]["id"] for _ in range(2))
+    wait_for(lambda: _row(d, first)[0] == "running", what="the first run to start")
+    log = d.home / "daemon.log"
+    with write_lock_held(d):
+        wait_for(lambda: f"fleet: run {second}:" in log.read_text(), what="the second run's start to be refused")
+        with pytest.raises(PDError) as refused:
+            d.call("spawn.kill", id=second)
+        assert refused.value.code == "STORE_LOCKED"
+    status, error = wait_for(lambda: (r := _row(d, second))[0] != "queued" and r, what="its end on disk")
+    assert status == "failed" and "locked" in error, (status, error)
+
+
+def _row(d: Daemon, run: str) -> tuple[str, str | None]:
+    """A run's status and error as the store has them."""
+    with sqlite3.connect(d.settings.db) as db:
+        return db.execute("SELECT status, error FROM fleet_runs WHERE id = ?", (run,)).fetchone()

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -569,9 +570,11 @@ class Fleet:
                 log.exception("fleet: run %s failed in the supervisor", run.id)
             if run.status in ("queued", "running"):
                 run.status, run.error, run.ended_at = "failed", f"supervisor error: {exc}", now_ms()
-                # Refused too: the row says it runs, and the next start finds it lost.
-                with self.store.unless_refused(f"fleet: recording the end of run {run.id}"):
-                    self.runs.update(run)
+                # Refused too (the store refused its start): tried again until it is taken, the run live meanwhile
+                # so that pd spawn kill is refused as other writes are, not told of a run the store says is
+                # queued. A daemon stopping meanwhile leaves the row as it was, for the next start to settle.
+                while not await self.store.background(partial(self.runs.update, run)):
+                    pass
         finally:
             if lf is not None:
                 lf.running.pop(run.id, None)
