@@ -486,7 +486,8 @@ def test_a_write_refused_at_its_commit_leaves_no_event_activity_delivery_or_mess
                     "agents": [a["id"] for a in d.call("agent.list")["agents"]],
                     "sessions": [(s["id"], s["status"], s["noteCount"])
                                  for s in d.call("session.list", all=True)["sessions"]],
-                    "tuples": d.call("tuple.scan")["tuples"]}  # fmt: skip
+                    "tuples": d.call("tuple.scan")["tuples"],
+                    "harbors": d.call("harbor.list")["harbors"]}  # fmt: skip
 
         # Small writes: with the WAL emptied, any commit needs a block the disk no longer has.
         ops: list[tuple[str | None, str, dict[str, Any]]] = [
@@ -497,6 +498,8 @@ def test_a_write_refused_at_its_commit_leaves_no_event_activity_delivery_or_mess
             (None, "file.claim", {"sessionId": sid, "files": ["src/d.py"]}),
             (None, "session.end", {"sessionId": sid, "note": "handoff"}),
             (None, "tuple.out", {"fields": ["work", 1]}),
+            (None, "tuple.out", {"fields": ["work", 2], "harbor": "new:harbor"}),  # the harbor was made first
+            ("member", "harbor.enter", {"name": "other:harbor"}),
             (None, "msg.publish", {"channel": "news", "payload": {"n": 1}}),
             ("leaver", "agent.done", {"note": "bye"}),
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -108,7 +109,8 @@ class Harbors:
         expires_ms: int | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[Harbor, bool]:
-        """The harbor called ``name``, created if missing (an existing one is kept as it is)."""
+        """The harbor called ``name``, created if missing (an existing one is kept as it is). Inside a write (a tuple
+        put or an agent entering it), it is made with that write, and not at all if that is refused."""
         now = now_ms()
         harbor = self._harbors.get(name)
         if harbor is not None and not harbor.expired(now):
@@ -124,15 +126,15 @@ class Harbors:
                 (name, v.optional_json(harbor.capabilities), v.optional_json(harbor.channels),
                  v.optional_json(harbor.agent_patterns), now, harbor.expires_at, v.optional_json(metadata)),
             )  # fmt: skip
-        self._harbors[name] = harbor
+        self.store.after_commit(partial(self._harbors.__setitem__, name, harbor))
         return harbor, True
 
     def enter(self, name: str, agent_id: str, *, identity: str | None = None,
               capabilities: list[str] | None = None) -> Harbor:  # fmt: skip
-        harbor, _ = self.ensure(name)
         now = now_ms()
         caps = capabilities or []
         with self.store.write() as db:
+            harbor, _ = self.ensure(name)
             db.execute(
                 "INSERT INTO harbor_members (harbor_name, agent_id, identity, capabilities, joined_at) "
                 "VALUES (?,?,?,?,?) ON CONFLICT(harbor_name, agent_id) DO UPDATE SET "
@@ -160,8 +162,8 @@ class Harbors:
     def _delete(self, harbors: list[Harbor]) -> None:
         with self.store.write() as db:
             db.executemany("DELETE FROM harbors WHERE name=?", [(h.name,) for h in harbors])
-        for h in harbors:
-            del self._harbors[h.name]
+            for h in harbors:
+                self.store.after_commit(partial(self._harbors.pop, h.name, None))
 
     def _purge_expired(self) -> None:
         now = now_ms()

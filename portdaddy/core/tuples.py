@@ -147,8 +147,6 @@ class TupleSpace:
 
     def out(self, fields: list[Any], *, harbor: Harbor = None, ttl_ms: int | None = None,
             written_by: str | None = None) -> Tuple:  # fmt: skip
-        if harbor is not None:
-            self.app.harbors.ensure(harbor)  # a harbor is created on first use
         now = now_ms()
         t = Tuple(0, harbor, fields, written_by, now, now + ttl_ms if ttl_ms else None)
         self._put(t)
@@ -156,11 +154,14 @@ class TupleSpace:
         return t
 
     def _put(self, t: Tuple) -> None:
-        """Store ``t`` (a new one gets its id) and offer it to the harbor's waiters in FIFO order."""
+        """Store ``t`` (a new one gets its id) and offer it to the harbor's waiters in FIFO order. Its harbor is
+        created on first use, with the tuple or not at all."""
         readers, taker = self._claimants(t)
         if not t.id:  # a tuple given back keeps its id
             t.id = self._ids.take()  # never handed out twice, even if this write fails: a gap is harmless
         with self.store.write() as db:
+            if t.harbor is not None:
+                self.app.harbors.ensure(t.harbor)
             db.execute(
                 "INSERT INTO tuples (id, harbor, fields, written_by, created_at, expires_at) VALUES (?,?,?,?,?,?)",
                 (t.id, t.harbor, v.compact_json(t.fields), t.written_by, t.created_at, t.expires_at),
