@@ -13,7 +13,7 @@ import click
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table, until
 from portdaddy.cli.transport import FOREVER_S, blocking_call, call, connect, fail, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 
 _TTL = click.option("--ttl", metavar="DURATION", help="Lease length, e.g. 30s or 10m (default 5m, max 1h).")

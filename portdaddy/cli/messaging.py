@@ -15,7 +15,7 @@ import click
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.ipc.client import BlockingClient
 

@@ -10,7 +10,7 @@ import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import FOREVER_S, call, refuse_reply, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
 

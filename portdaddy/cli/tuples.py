@@ -9,7 +9,7 @@ import click
 
 from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import blocking_call, call, fail
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import NotFound, bad_input
 
 _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the global space).")

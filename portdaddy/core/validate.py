@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
 from portdaddy.core.clock import now_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import bad_input
 
 Check = Callable[[str, Any], Any]
