@@ -12,7 +12,7 @@ import click
 
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table, until
-from portdaddy.cli.transport import FOREVER_S, blocking_call, call, connect, fail, spinning
+from portdaddy.cli.transport import blocking_call, call, connect, fail, reply_wait_s, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 
@@ -162,7 +162,7 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
         with connect() as client:
             with spinning(f"waiting for lock {name}…"):
                 granted = client.request(
-                    "lock.acquire", args, timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S
+                    "lock.acquire", args, timeout=reply_wait_s(None if timeout_ms is None else timeout_ms / 1000)
                 )
             status = _run_holding(client, granted, ttl_ms, command)
     except PDError as e:
