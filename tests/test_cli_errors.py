@@ -166,3 +166,25 @@ def test_a_bad_port_daddy_timeout_is_one_line_and_changes_nothing(daemon: Daemon
         one_error_line(daemon.pd(*args, env={"PORT_DADDY_TIMEOUT": value}), 2, f"PORT_DADDY_TIMEOUT={value!r} {why}",
                        "e.g. PORT_DADDY_TIMEOUT=60s")  # fmt: skip
     assert daemon.call("port.find", pattern="never:*")["services"] == []
+
+
+@pytest.mark.parametrize(("args", "counted"), [
+    (("sub", "interrupted:x"), "subscriptions"), (("watch", "interrupted:x", "--exec", "true"), "subscriptions"),
+    (("tuple", "in", '["interrupted"]', "--wait"), "tupleWaiters"),
+])  # fmt: skip
+def test_ctrl_c_ends_any_wait_with_exit_1(daemon: Daemon, args: tuple[str, ...], counted: str) -> None:
+    """pd sub and pd watch exited 130 on Ctrl-C, every other command 1: pd's exit codes are 0 to 3."""
+    before = daemon.call("daemon.status")["counts"][counted]
+    waiting = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=daemon.env, cwd=daemon.workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while daemon.call("daemon.status")["counts"][counted] == before:
+            assert time.monotonic() < deadline and waiting.poll() is None, waiting.communicate()
+            time.sleep(0.05)
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=20)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 1 and "Traceback" not in err, (out, err)

@@ -40,10 +40,11 @@ _LOCAL_JSON = click.option("--json", "-j", "as_json", is_flag=True, help="Print 
 def fleet() -> None:
     """Background agents declared in pd-fleet.yml, supervised by the daemon.
 
-    \b
     Agents fire on a channel (trigger: git:committed, or another agent's on_success), or on a
     five-field cron (schedule: "*/10 * * * *"). Each run is a registered agent with a session;
     a crash goes to salvage; respawn with a circuit breaker; limits queue bursts.
+
+    \b
     Examples:
       pd fleet init            write a starter pd-fleet.yml and the git post-commit hook
       pd fleet validate        check the file (cycles, cron, missing backend programs)

@@ -133,7 +133,8 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @click.command("with-lock", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@_TTL
+@click.option("--ttl", metavar="DURATION", help="Lease length, renewed every third of it while COMMAND runs, e.g. "
+              "30s (default 1m, max 1h).")  # fmt: skip
 @_WAIT
 @_TIMEOUT
 @_OWNER
@@ -153,7 +154,7 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
       pd with-lock db-migrations -- npx prisma migrate dev
       pd with-lock deploy --wait --timeout 5m -- ./deploy.sh
     """
-    ttl_ms = _duration_ms(ttl, "--ttl") or 60_000
+    ttl_ms = 60_000 if ttl is None else _duration_ms(ttl, "--ttl")  # 0 goes to the daemon, which refuses it
     args = {"name": name, "owner": owner or resolve_agent(), "ttl": ttl_ms, "wait": wait or timeout is not None,
             "timeout": timeout, "connBound": True}  # fmt: skip
     timeout_ms = _duration_ms(timeout, "--timeout")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -114,8 +113,6 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
                     return
     except PDError as e:
         fail(e, as_json=as_json)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 @click.command()
@@ -176,8 +173,6 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
                     return
     except PDError as e:
         fail(e, as_json=as_json)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 @click.command()
