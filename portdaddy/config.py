@@ -6,11 +6,11 @@ Imported by the CLI, so: standard library only, nothing slow.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from portdaddy.durations import parse_duration_ms
 from portdaddy.paths import home_dir, runtime_path
 
 DEFAULT_TCP_PORT = 9876
@@ -19,33 +19,6 @@ DEFAULT_RANGE = (3100, 9999)
 RESERVED_PORTS = frozenset({8000, 8080, 9876})
 DEFAULT_SALVAGE_KEEP_MS = 30 * 86_400_000  # a month, as an unread inbox message (spec/journal.md)
 MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less its NUL
-
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d)")  # ASCII digits: \d would take "٣"
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(value: object) -> int | None:
-    """``90s``, ``2h30m``, ``1d`` or a bare number of milliseconds → ms; None if it is not a duration."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float):
-        return int(value) if value >= 0 and value == value and value != float("inf") else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip().lower()
-    if not text or len(text) > 50:
-        return None
-    if text.isascii() and text.isdigit():  # isdigit() alone takes "²", which int() refuses
-        return int(text)
-    total, pos = 0, 0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            return None
-        total += int(m.group(1)) * _UNIT_MS[m.group(2)]
-        pos = m.end()
-    return total if pos == len(text) else None
 
 
 # Who a client acts as (the CLI and SDK read them): one caller's, so never the daemon's nor what it runs. PD_* is

@@ -23,7 +23,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from portdaddy.config import Settings, parse_duration_ms
+from portdaddy.config import Settings
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
 from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import GiveBack, TrioClient, Undo

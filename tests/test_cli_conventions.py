@@ -4,6 +4,7 @@ prints where a command has one value to give, and that every --json output is on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -301,6 +302,28 @@ def test_every_command_has_examples_and_every_option_says_what_it_does() -> None
             f"{path} {p.opts[0]}: no help" for p in command.params if isinstance(p, click.Option) and not p.help
         ]
     assert lacking == []
+
+
+def test_examples_stand_apart_from_the_text_above_them() -> None:
+    """A \\b paragraph ran on into its "Examples:" line (pd find, pd fleet, pd tuple), as click prints it."""
+
+    def helps(command: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+        ctx = click.Context(command, info_name=" ".join(("pd", *path)))
+        yield " ".join(path), command.get_help(ctx)
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                yield from helps(command.get_command(ctx, name), (*path, name))
+
+    crowded = [path for path, text in helps(cli, ()) if re.search(r"\S\n *Examples?:\n", text)]
+    assert crowded == []
+
+
+def test_pd_and_what_waits_on_the_daemon_say_how_to_wait_longer() -> None:
+    """The commands whose reply may take long (a run stopping, a webhook delivery) show PORT_DADDY_TIMEOUT in
+    an example, and pd --help lists it."""
+    helps = {path: command.help or "" for path, command in _resolved(cli, ())} | {"": cli.help or ""}
+    for path in ("", "spawn kill", "webhook test", "fleet down"):
+        assert re.search(r"^\s*PORT_DADDY_TIMEOUT=\w+ pd ", helps[path], re.M), path
 
 
 def test_an_empty_list_says_so(fresh_daemon: Daemon, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,62 @@ def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_
         assert as_json["running"] is True and as_json["fix"] == f"kill -CONT {pid}"
         # Any command: pd waits longer than the operation would, so no reply is an unreachable daemon, not a
         # refusal (it was exit 1, "no reply to port.claim within 10s").
-        one_error_line(fresh_daemon.pd("claim", "stuck:api", "-q"), 3, "no reply to port.claim", "pd status says why")
+        one_error_line(fresh_daemon.pd("claim", "stuck:api", "-q"), 3, "no reply to port.claim within 10s",
+                       "pd status says why", "wait longer with PORT_DADDY_TIMEOUT=1m")  # fmt: skip
     finally:
         fresh_daemon.proc.send_signal(signal.SIGCONT)
     assert fresh_daemon.pd("status").returncode == 0
+
+
+def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Daemon) -> None:
+    """How long pd waited for a reply was fixed in the code (10 s; 20 s for a webhook test, 300 s to stop a
+    run): a slow machine had no say. PORT_DADDY_TIMEOUT sets it, on the fast claim path and through click."""
+    d, impatient, patient = fresh_daemon, {"PORT_DADDY_TIMEOUT": "1s"}, {"PORT_DADDY_TIMEOUT": "1m"}
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        for args in (("claim", "slow:api", "-q"), ("lock", "slow-lock")):  # taken when the daemon wakes, as sent
+            started = time.monotonic()
+            r = d.pd(*args, env=impatient)
+            one_error_line(r, 3, "within 1s", "PORT_DADDY_TIMEOUT=1m")
+            assert time.monotonic() - started < 8, args  # not the default 10 s
+        with ThreadPoolExecutor() as pool:
+            waiting = [pool.submit(d.pd, *args, env=patient) for args in (("claim", "slow:api", "-q"),
+                                                                         ("lock", "patient-lock", "-q"))]  # fmt: skip
+            time.sleep(3)  # three times what failed above
+            d.proc.send_signal(signal.SIGCONT)
+            claimed, locked = (w.result() for w in waiting)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    port = d.call("port.get", id="slow:api")["service"]["port"]
+    assert claimed.returncode == 0 and claimed.stdout.strip() == str(port)
+    assert locked.returncode == 0, locked.stderr
+
+
+@pytest.mark.parametrize(("value", "why"), [("60", "is 60 ms"), ("soon", "is not a duration"), ("2d", "is over a day")])
+def test_a_bad_port_daddy_timeout_is_one_line_and_changes_nothing(daemon: Daemon, value: str, why: str) -> None:
+    for args in (("claim", "never:api", "-q"), ("claim", "never:api")):  # the fast path, then click's
+        one_error_line(daemon.pd(*args, env={"PORT_DADDY_TIMEOUT": value}), 2, f"PORT_DADDY_TIMEOUT={value!r} {why}",
+                       "e.g. PORT_DADDY_TIMEOUT=60s")  # fmt: skip
+    assert daemon.call("port.find", pattern="never:*")["services"] == []
+
+
+@pytest.mark.parametrize(("args", "counted"), [
+    (("sub", "interrupted:x"), "subscriptions"), (("watch", "interrupted:x", "--exec", "true"), "subscriptions"),
+    (("tuple", "in", '["interrupted"]', "--wait"), "tupleWaiters"),
+])  # fmt: skip
+def test_ctrl_c_ends_any_wait_with_exit_1(daemon: Daemon, args: tuple[str, ...], counted: str) -> None:
+    """pd sub and pd watch exited 130 on Ctrl-C, every other command 1: pd's exit codes are 0 to 3."""
+    before = daemon.call("daemon.status")["counts"][counted]
+    waiting = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=daemon.env, cwd=daemon.workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while daemon.call("daemon.status")["counts"][counted] == before:
+            assert time.monotonic() < deadline and waiting.poll() is None, waiting.communicate()
+            time.sleep(0.05)
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=20)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 1 and "Traceback" not in err, (out, err)

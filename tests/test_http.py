@@ -23,7 +23,7 @@ def test_router_prefers_literal_segments_and_decodes_arguments() -> None:
     assert router.match("GET", "/harbors/myapp:review")[0].op == "harbor.get"
     assert router.match("GET", "/harbors/x/members")[0].op == "harbor.members"
     assert router.match("POST", "/harbors/x") is None  # no such method: a 405
-    assert router.methods("/harbors/x") == ["GET"] and router.methods("/nowhere") == []
+    assert router.methods("/harbors/x") == ["GET", "HEAD", "OPTIONS"] and router.methods("/nowhere") == []
     assert router.match("GET", "/harbors//members") is None  # an empty argument is no argument
     typed = Router([Route("PUT", "/inbox/<int:messageId>/read", "inbox.read")])
     assert typed.match("PUT", "/inbox/7/read")[1] == {"messageId": "7"}  # the converter is not the name
@@ -46,12 +46,13 @@ def test_sources_errors_and_limits(daemon: Daemon) -> None:
         assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
         assert r.json()["error"] == "no route GET /no/such/path; the HTTP API is described in spec/openapi.yaml"
         r = c.post("/services/body%3Aapi")  # a route's path, another method
-        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["code"] == "METHOD_NOT_ALLOWED"
-        assert r.json()["allowed"] == ["GET"] and "use GET" in r.json()["error"]
-        assert c.delete("/locks").json()["allowed"] == ["GET"]
-        assert sorted(c.patch("/locks/x").json()["allowed"]) == ["DELETE", "GET", "POST", "PUT"]
-        r = c.post("/msg/x/subscribe")  # a stream's path: Quart answers, in the same shape
-        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["allowed"] == ["GET"]
+        assert r.status_code == 405 and r.json()["code"] == "METHOD_NOT_ALLOWED"
+        assert r.headers["allow"] == "GET, HEAD, OPTIONS" and r.json()["allowed"] == ["GET", "HEAD", "OPTIONS"]
+        assert r.json()["error"] == "POST is not served on /services/body:api; use GET"
+        assert c.delete("/locks").json()["allowed"] == ["GET", "HEAD", "OPTIONS"]
+        assert c.patch("/locks/x").json()["allowed"] == ["DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"]
+        r = c.post("/msg/x/subscribe")  # a stream's path (Quart serves it): refused in the same shape
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, OPTIONS"
         assert r.json()["error"] == "POST is not served on /msg/x/subscribe; use GET"
         r = c.post("/claim", content=b"[1, 2]")
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
@@ -74,13 +75,33 @@ def test_head_is_a_get_without_its_body(daemon: Daemon) -> None:
             for header in ("content-type", "content-length"):
                 assert head.headers[header] == get.headers[header], (path, header)
         r = c.head("/claim")  # POST only
-        assert (r.status_code, r.headers["allow"], r.content) == (405, "POST", b"")
+        assert (r.status_code, r.headers["allow"], r.content) == (405, "OPTIONS, POST", b"")
         assert (c.head("/no/such/path").status_code, c.head("/no/such/path").content) == (404, b"")
         stream = c.head("/msg/head/subscribe", timeout=5)  # Quart's stream: its headers, not a stream forever
         assert (stream.status_code, stream.headers["content-type"], stream.content) == (200, "text/event-stream", b"")
     port = int(daemon.settings.port_file.read_text())
     with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
         assert (tcp.head("/status").status_code, tcp.head("/health").status_code) == (401, 200)  # no token
+
+
+def test_options_says_what_a_path_takes(daemon: Daemon) -> None:
+    """OPTIONS answers 204 with the path's Allow on every served path, the streams' too (Quart answered it
+    on those alone, in words of its own, and the dispatcher's paths refused it); it changes nothing."""
+    with unix_client(daemon) as c:
+        for path, allow in [("/health", "GET, HEAD, OPTIONS"), ("/claim", "OPTIONS, POST"),
+                            ("/locks/opt", "DELETE, GET, HEAD, OPTIONS, POST, PUT"),
+                            ("/msg/opt/subscribe", "GET, HEAD, OPTIONS")]:  # fmt: skip
+            r = c.request("OPTIONS", path, content=b'{"id": "opt:api"}')
+            assert (r.status_code, r.headers["allow"], r.content) == (204, allow, b""), path
+        assert c.options("/no/such/path").status_code == 404
+        assert c.get("/health").status_code == 200  # the body it was sent was read: the connection still works
+    assert daemon.call("port.find", pattern="opt:*")["services"] == []
+    assert daemon.call("lock.get", name="opt")["held"] is False
+    port = int(daemon.settings.port_file.read_text())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as tcp:
+        assert tcp.options("/claim").status_code == 401  # no token
+        preflight = tcp.options("/health", headers={"Origin": "http://localhost:3000"})  # no CORS for web pages
+        assert preflight.status_code == 403
 
 
 def test_a_body_cut_short_by_the_peer_closes_only_that_connection(fresh_daemon: Daemon) -> None:

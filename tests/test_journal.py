@@ -229,7 +229,35 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     assert released.returncode == 0 and unclaimed == "unclaimed"
 
 
-HUGE_AGO = "99999999999999"  # ms: 3,000 years back, before the epoch (its digits are not a timestamp)
+HUGE_AGO = "100000000d"  # 270,000 years back, before the epoch
+
+
+def test_since_0_is_the_beginning_in_every_command(daemon: Daemon, tmp_path: Path) -> None:
+    """A bare number was "milliseconds ago" for most sinces, so `pd sitrep --since 0` showed nothing (from
+    now). Every since is one grammar: a bare number is a time in epoch ms (0 is the beginning), a duration with
+    its unit is that long ago."""
+    tree = linked_worktree(tmp_path, "zero")
+    agent = daemon.pd("begin", "From the start", "--identity", "zero:api", "-q", cwd=tree).stdout.strip()
+    daemon.pd("note", "at the start", cwd=tree)
+    daemon.call("inbox.send", agentId="zero-agent", content="hello")
+    daemon.call("arbiter.test", name="LOCK_OWNER_VALID")
+    later = str(int(time.time() * 1000) + 3_600_000)  # a time to come: nothing yet
+    commands = [(("notes", "--project", "zero"), "count"), (("log", "--agent", agent), "count"),
+                (("inbox", "--agent", "zero-agent"), "count"), (("arbiter", "violations"), "total")]  # fmt: skip
+    for args, counted in commands:
+        shown = {since: json.loads(daemon.pd(*args, "--since", since, "--json").stdout)[counted]
+                 for since in ("0", "1h", later)}  # fmt: skip
+        everything = json.loads(daemon.pd(*args, "--json").stdout)[counted]
+        assert shown == {"0": everything, "1h": everything, later: 0} and everything >= 1, args
+    sitrep = json.loads(daemon.pd("sitrep", "--since", "0", "--project", "zero", "--json").stdout)
+    assert sitrep["since_ms"] == 0 and sitrep["summary"].startswith("Since the beginning: ")
+    assert [n["content"] for n in sitrep["notes"]] == ["at the start"]
+    assert "epoch ms (0: from the beginning)" in daemon.pd("sitrep", "--help").stdout
+    with unix_client(daemon) as c:
+        assert c.get("/activity/summary", params={"since": "0"}).json()["total"] == \
+            daemon.call("activity.summary")["total"]  # fmt: skip
+        assert c.get("/notes", params={"since": "0", "project": "zero"}).json()["count"] == 1
+    daemon.pd("done", cwd=tree)
 
 
 def test_a_look_back_past_the_epoch_reaches_the_epoch(daemon: Daemon, tmp_path: Path) -> None:
@@ -247,7 +275,7 @@ def test_a_look_back_past_the_epoch_reaches_the_epoch(daemon: Daemon, tmp_path: 
     assert log.returncode == 0 and json.loads(log.stdout)["count"] >= 1
     with unix_client(daemon) as c:
         assert c.get("/activity/summary", params={"since": "100000000d"}).json()["since"] == 0
-        r = c.get("/arbiter/violations", params={"since": "100000000d"})  # a duration; 13+ digits are a timestamp
+        r = c.get("/arbiter/violations", params={"since": "100000000d"})
         assert r.status_code == 200 and r.json()["total"] == daemon.call("arbiter.violations")["total"]
     daemon.pd("done", cwd=tree)
 

@@ -152,6 +152,8 @@ def test_with_lock_runs_the_command_and_exits_with_its_status(daemon, tmp_path) 
     r = daemon.pd("with-lock", "wl:held", "--json", "--", "true")
     assert r.returncode == 1 and json.loads(r.stdout)["holder"] == "other"
     daemon.call("lock.release", name="wl:held")
+    r = daemon.pd("with-lock", "wl:zero", "--ttl", "0", "--", "touch", str(tmp_path / "ran"))  # was 1m, silently
+    assert r.returncode == 2 and "ttl must be positive" in r.stderr and not (tmp_path / "ran").exists()
 
 
 def test_with_lock_on_a_lock_its_caller_holds_leaves_it_held(daemon) -> None:

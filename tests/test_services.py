@@ -33,6 +33,16 @@ def test_env_output_is_safe_to_eval(daemon: Daemon, tmp_path: Path) -> None:
     assert json.loads(daemon.pd("env", "evil:*", "--json").stdout)["env"]["EVIL_API_URL"] == hostile
 
 
+def test_nothing_to_release_or_export_says_so_on_stderr(daemon: Daemon) -> None:
+    """`pd release` of an identity nobody claimed printed "service not found" as if it were a result, and
+    `pd env` of a pattern nothing matches printed nothing at all."""
+    for args, said in [(("release", "nobody:here"), "Nothing released: no claimed service matches nobody:here"),
+                       (("env", "nobody:*"), "No services match nobody:*")]:  # fmt: skip
+        r = daemon.pd(*args)
+        assert (r.returncode, r.stdout) == (0, "") and said in r.stderr, r
+    assert json.loads(daemon.pd("release", "nobody:here", "--json").stdout)["released"] == 0
+
+
 def test_endpoint_url_with_control_characters_refused(daemon: Daemon) -> None:
     """A URL is printed to terminals (pd url, pd find): an escape sequence in it could retitle or clear them."""
     daemon.call("port.claim", id="ctl:api")

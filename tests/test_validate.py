@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from portdaddy.core import validate
+from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import load_table
 from portdaddy.errors import PDError
 
@@ -88,3 +89,15 @@ def test_a_boolean_is_true_false_or_their_usual_spellings(value: object) -> None
     with pytest.raises(PDError, match="must be true or false"):
         validate.boolean("force", value)
     assert [validate.boolean("f", v) for v in (True, 1, "yes", "1", False, 0, "No", "0")] == [True] * 4 + [False] * 4
+
+
+def test_a_since_is_epoch_ms_when_bare_and_a_look_back_with_a_unit() -> None:
+    """A bare number used to be "milliseconds ago" in most places, so 0 meant "from now" rather than "from
+    the beginning"; the arbiter counted digits to tell a timestamp from a look-back."""
+    since = validate.time_or_ago
+    assert [since("since", v) for v in (0, "0", " 5000 ", 1_795_000_000_000)] == [0, 0, 5000, 1_795_000_000_000]
+    before, hour_ago, after = now_ms() - 3_600_000, since("since", "1h"), now_ms() - 3_600_000
+    assert before <= hour_ago <= after and since("since", "100000000d") == 0  # past the epoch: the epoch
+    for bad in (-1, "-5", "yesterday", 1.5, True):
+        with pytest.raises(PDError):
+            since("since", bad)

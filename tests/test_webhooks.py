@@ -152,6 +152,44 @@ def test_a_silent_endpoint_does_not_hold_up_the_others(daemon_factory, receiver)
         assert payloads == list(range(20))  # one at a time per hook: in the order they happened
 
 
+def _payloads(receiver: Receiver) -> list[int]:
+    return [json.loads(body)["data"]["payload"] for _, body in receiver.requests]
+
+
+def test_a_burst_reaches_a_hook_in_the_order_of_its_events(daemon_factory, receiver) -> None:
+    """Deliveries to one hook queued in the same millisecond tied on their due time, and which went first was
+    whatever row SQLite met first; the order of the events decides now."""
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1")
+    hook = d.call("webhook.register", url=receiver.url, events=["msg.publish"])
+    receiver.hold = 1  # the first waits, so the rest of the burst is queued behind it, many to a millisecond
+    with d.client() as c:
+        for i in range(300):
+            c.request("msg.publish", {"channel": "burst:x", "payload": i})
+    listed = d.call("webhook.deliveries", id=hook["id"], limit=500)["deliveries"]
+    assert len(listed) - len({x["createdAt"] for x in listed}) > 100  # most share their millisecond
+    receiver.release.set()
+    _wait_for(lambda: len(receiver.requests) == 300)
+    assert _payloads(receiver) == list(range(300))
+    sent = [headers["x-portdaddy-delivery"] for headers, _ in receiver.requests]
+    assert [x["id"] for x in reversed(listed)] == sent  # the list, newest first, breaks its ties the same way
+
+
+def test_a_retry_due_again_goes_before_the_events_after_it(daemon_factory, receiver) -> None:
+    """Of a hook's due deliveries the one with the earliest due time went first, so a retry waited behind
+    every later event queued before its backoff ended; now the older event goes first."""
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_WEBHOOK_RETRY_BASE="200")
+    d.call("webhook.register", url=receiver.url, events=["msg.publish"])
+    receiver.statuses = [500]  # event 0's first attempt fails: its retry is due 200 ms later
+    receiver.hold = 2  # event 1 is held past that, while event 2 is queued
+    for i in range(3):
+        d.call("msg.publish", channel="retry:x", payload=i)
+    _wait_for(lambda: len(receiver.requests) == 2)
+    time.sleep(0.5)
+    receiver.release.set()
+    _wait_for(lambda: len(receiver.requests) == 4)
+    assert _payloads(receiver) == [0, 1, 0, 2]
+
+
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:9/hook", "http://localhost/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
     "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://printer.local/x", "ftp://example.com/x", "not a url",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, table
 from portdaddy.cli.transport import call
 
 
@@ -39,7 +39,7 @@ def status(as_json: bool) -> None:
 
 
 @arbiter.command("violations")
-@click.option("--since", metavar="WHEN", help="A duration ago (1h, 30m) or epoch milliseconds.")
+@since_option("violations")
 @click.option("--rule", help="Only this rule (e.g. LOCK_OWNER_VALID).")
 @click.option("--limit", type=int, default=50, show_default=True, help="Show at most this many.")
 @json_option

@@ -31,19 +31,20 @@ def quick_claim_identity(argv: list[str]) -> str | None:
 
 def _quick_claim(identity: str) -> int | None:
     """Claim and print the port; the exit code, or None to let the click path handle it (no daemon)."""
-    from portdaddy.errors import DaemonUnavailable, PDError, exit_code
+    from portdaddy.durations import SLOW_HINT, reply_timeout_s
+    from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
     from portdaddy.ipc.client import BlockingClient
     from portdaddy.paths import runtime_path
 
     env = os.environ
     sock = runtime_path(env, "PORT_DADDY_IPC", "daemon.ipc")
     try:
-        with BlockingClient(sock, agent_id=env.get("PORT_DADDY_AGENT"), timeout=10) as c:
+        with BlockingClient(sock, agent_id=env.get("PORT_DADDY_AGENT"), timeout=reply_timeout_s(env)) as c:
             port = c.request("port.claim", {"id": identity})["port"]
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
     except PDError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(f"error: {e.message}{SLOW_HINT if isinstance(e, NoReply) else ''}", file=sys.stderr)
         return exit_code(e.code)
     print(port)
     return 0

@@ -15,12 +15,9 @@ import click
 from portdaddy.cli.context import worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.spawn import echo_log
-from portdaddy.cli.transport import call, fail, spinning
+from portdaddy.cli.transport import STOPPING_S, call, fail, spinning
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import hook
-
-# The daemon stops children with SIGTERM, a grace period, then SIGKILL: a reply may take a while.
-_SLOW_TIMEOUT_S = 300.0
 
 
 def project_dir(explicit: str | None) -> str:
@@ -43,10 +40,11 @@ _LOCAL_JSON = click.option("--json", "-j", "as_json", is_flag=True, help="Print 
 def fleet() -> None:
     """Background agents declared in pd-fleet.yml, supervised by the daemon.
 
-    \b
     Agents fire on a channel (trigger: git:committed, or another agent's on_success), or on a
     five-field cron (schedule: "*/10 * * * *"). Each run is a registered agent with a session;
     a crash goes to salvage; respawn with a circuit breaker; limits queue bursts.
+
+    \b
     Examples:
       pd fleet init            write a starter pd-fleet.yml and the git post-commit hook
       pd fleet validate        check the file (cycles, cron, missing backend programs)
@@ -154,7 +152,7 @@ def up(directory: str | None, as_json: bool) -> None:
     """
     with spinning("starting the fleet…"):
         result = call("fleet.up", {"projectDir": project_dir(directory), "path": os.environ.get("PATH")},
-                      as_json=as_json, timeout=_SLOW_TIMEOUT_S)  # fmt: skip
+                      as_json=as_json, takes=STOPPING_S)  # fmt: skip
     if as_json:
         emit_json(result)
         return
@@ -170,13 +168,16 @@ def up(directory: str | None, as_json: bool) -> None:
 def down(directory: str | None, as_json: bool) -> None:
     """Stop the fleet: queued runs are cancelled, running children get SIGTERM, then SIGKILL after a grace period.
 
+    pd waits up to 5 minutes for them to stop, then PORT_DADDY_TIMEOUT (10s) for the daemon's reply.
+
     \b
-    Example:
+    Examples:
       pd fleet down
+      PORT_DADDY_TIMEOUT=1m pd fleet down    # on a slow machine
     """
     with spinning("stopping the fleet…"):
         result = call("fleet.down", {"projectDir": project_dir(directory)}, as_json=as_json,
-                      timeout=_SLOW_TIMEOUT_S)  # fmt: skip
+                      takes=STOPPING_S)  # fmt: skip
     if as_json:
         emit_json(result)
     elif result["stopped"]:

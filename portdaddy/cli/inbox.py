@@ -8,7 +8,7 @@ import click
 
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.messaging import parse_payload
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
 
@@ -25,7 +25,7 @@ def _me(agent: str | None) -> str:
 @click.group(invoke_without_command=True)
 @_AGENT
 @click.option("--unread", "-u", is_flag=True, help="Only unread messages.")
-@click.option("--since", metavar="DURATION", help="Only messages of the last e.g. 30m (with --unread: both).")
+@since_option("messages (with --unread: the unread ones)")
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
 @quiet_option

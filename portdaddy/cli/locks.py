@@ -12,8 +12,8 @@ import click
 
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table, until
-from portdaddy.cli.transport import FOREVER_S, blocking_call, call, connect, fail, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.cli.transport import blocking_call, call, connect, fail, reply_wait_s, spinning
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 
 _TTL = click.option("--ttl", metavar="DURATION", help="Lease length, e.g. 30s or 10m (default 5m, max 1h).")
@@ -133,7 +133,8 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @click.command("with-lock", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@_TTL
+@click.option("--ttl", metavar="DURATION", help="Lease length, renewed every third of it while COMMAND runs, e.g. "
+              "30s (default 1m, max 1h).")  # fmt: skip
 @_WAIT
 @_TIMEOUT
 @_OWNER
@@ -153,7 +154,7 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
       pd with-lock db-migrations -- npx prisma migrate dev
       pd with-lock deploy --wait --timeout 5m -- ./deploy.sh
     """
-    ttl_ms = _duration_ms(ttl, "--ttl") or 60_000
+    ttl_ms = 60_000 if ttl is None else _duration_ms(ttl, "--ttl")  # 0 goes to the daemon, which refuses it
     args = {"name": name, "owner": owner or resolve_agent(), "ttl": ttl_ms, "wait": wait or timeout is not None,
             "timeout": timeout, "connBound": True}  # fmt: skip
     timeout_ms = _duration_ms(timeout, "--timeout")
@@ -162,7 +163,7 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
         with connect() as client:
             with spinning(f"waiting for lock {name}…"):
                 granted = client.request(
-                    "lock.acquire", args, timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S
+                    "lock.acquire", args, timeout=reply_wait_s(None if timeout_ms is None else timeout_ms / 1000)
                 )
             status = _run_holding(client, granted, ttl_ms, command)
     except PDError as e:

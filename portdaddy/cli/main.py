@@ -75,6 +75,18 @@ def cli() -> None:
 
     Exit codes: 0 done, 1 refused (held, conflict, timeout, not found), 2 bad input,
     3 daemon unreachable. Every command takes --json (but pd daemon, which is the daemon).
+
+    \b
+    Environment:
+      PORT_DADDY_AGENT=backend         who you are (else the agent pd begin made in this worktree)
+      PORT_DADDY_HOME=~/.port-daddy    the daemon's runtime directory
+      PORT_DADDY_NO_AUTOSTART=1        never start the daemon (exit 3 when it is not running)
+      PORT_DADDY_TIMEOUT=1m            how long pd waits for the daemon's reply, past what the
+                                       command itself waits (--timeout); default 10s
+
+    \b
+    Example, on a slow machine:
+      PORT_DADDY_TIMEOUT=1m pd spawn kill spawned-1a2b3c4d5e6f
     """
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -15,7 +14,7 @@ import click
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.ipc.client import BlockingClient
 
@@ -114,8 +113,6 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
                     return
     except PDError as e:
         fail(e, as_json=as_json)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 @click.command()
@@ -176,8 +173,6 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
                     return
     except PDError as e:
         fail(e, as_json=as_json)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 @click.command()

@@ -48,6 +48,13 @@ def quiet_option(f: F) -> F:
     return click.option("--quiet", "-q", is_flag=True, help="Print only the essential value.")(f)
 
 
+def since_option(what: str, default: str | None = None) -> Callable[[F], F]:
+    """``--since``, read alike by every command that has it (spec/decisions.md): the daemon parses it."""
+    return click.option("--since", metavar="WHEN", default=default, show_default=default is not None,
+                        help=f"Only {what} since WHEN: a duration ago (30m, 2h, 1d) or a time in epoch ms "
+                        "(0: from the beginning).")  # fmt: skip
+
+
 def warn(lines: list[str], *, as_json: bool) -> None:
     """Warnings go to stderr, like conflicts; under --json the reply alone is printed."""
     if not as_json:

@@ -68,8 +68,10 @@ def release(pattern: str | None, expired: bool, as_json: bool, quiet: bool) -> N
         emit_json(result)
     elif quiet:
         click.echo(result["released"])
-    else:
+    elif result["released"] or expired:
         click.echo(result["message"])
+    else:  # nothing to do is no failure (a release is idempotent), but it is no "released" either
+        click.echo(f"Nothing released: no claimed service matches {pattern}; see pd find", err=True)
 
 
 def _find(pattern: str, as_json: bool, quiet: bool) -> None:
@@ -96,8 +98,9 @@ def _find(pattern: str, as_json: bool, quiet: bool) -> None:
 def find(pattern: str, as_json: bool, quiet: bool) -> None:
     """List services matching PATTERN (default: all).
 
-    \b
     Patterns: exact 'myapp:api', 'myapp:*' (everything under myapp), '*:api:*' (per segment).
+
+    \b
     Examples:
       pd find 'myapp:*'
       pd find --json
@@ -174,6 +177,8 @@ def env(pattern: str, as_json: bool) -> None:
     if as_json:
         emit_json({"success": True, "env": lines, "collisions": collisions})
         return
+    if not by_name:
+        click.echo(f"No services match {pattern}; see pd find", err=True)  # stderr: eval reads stdout
     for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
         click.echo(f"{key}={shlex.quote(value)}")
     for name, ids in collisions.items():

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table, warn
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, table, warn
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
@@ -273,7 +273,7 @@ def note_line(n: dict[str, Any]) -> str:
 @click.option("--agent", metavar="ID", help="Only this agent's notes.")
 @click.option("--project", metavar="P", help="Only sessions of agents whose identity is in P.")
 @click.option("--type", "-t", "type_", help="Only this type of note.")
-@click.option("--since", metavar="DURATION", help="Only notes of the last e.g. 30m.")
+@since_option("notes")
 @click.option("--verify", is_flag=True, help="Check every session's note chain instead (exit 1 if broken).")
 @json_option
 @quiet_option

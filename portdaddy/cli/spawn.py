@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import FOREVER_S, call, refuse_reply, spinning
-from portdaddy.config import parse_duration_ms
+from portdaddy.cli.transport import STOPPING_S, call, refuse_reply, spinning
+from portdaddy.durations import parse_duration_ms
 
 _BACKENDS = ("claude-cli", "claude", "codex", "gemini", "aider", "ollama", "custom")
 
@@ -90,7 +90,7 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
         ms = parse_duration_ms(timeout) if timeout else None
         with spinning(f"waiting for {result['agentId']}…"):
             result = call("spawn.wait", {"id": result["agentId"]}, as_json=as_json,
-                          timeout=(ms / 1000 + 60) if ms is not None else FOREVER_S)  # fmt: skip
+                          takes=None if ms is None else ms / 1000 + STOPPING_S)  # fmt: skip
         run = result["run"]
         if as_json and run["status"] != "completed":
             why = f": {run['error']}" if run["error"] else ""
@@ -115,14 +115,16 @@ def start(task: tuple[str, ...], backend: str, model: str | None, identity: str 
 def kill(run_id: str, as_json: bool, quiet: bool) -> None:
     """Stop a spawned agent (or a fleet run): SIGTERM to its process group, then SIGKILL after a grace period.
 
-    -q prints the run's status afterwards (killed, or how it had already ended).
+    -q prints the run's status afterwards (killed, or how it had already ended). pd waits up to 5 minutes for
+    it to stop, then PORT_DADDY_TIMEOUT (10s) for the daemon's reply.
 
     \b
-    Example:
+    Examples:
       pd spawn kill spawned-1a2b3c4d5e6f
+      PORT_DADDY_TIMEOUT=1m pd spawn kill spawned-1a2b3c4d5e6f    # on a slow machine
     """
     with spinning(f"stopping {run_id}…"):
-        result = call("spawn.kill", {"id": run_id}, as_json=as_json, timeout=300)
+        result = call("spawn.kill", {"id": run_id}, as_json=as_json, takes=STOPPING_S)
     if as_json:
         emit_json(result)
     elif quiet:

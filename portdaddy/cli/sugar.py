@@ -16,7 +16,7 @@ from portdaddy.cli.context import (
     resolve_session,
     worktree_root,
 )
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn
 from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
@@ -154,7 +154,7 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
 
 
 @click.command("sitrep")
-@click.option("--since", default="30m", show_default=True, metavar="DURATION", help="How far back.")
+@since_option("what happened", default="30m")
 @click.option("--project", "-p", metavar="P", help="Only this project's notes, sessions and dead agents.")
 @click.option("--limit", type=int, help="At most this many of each (default 20).")
 @json_option
@@ -165,6 +165,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
     Examples:
       pd sitrep
       pd sitrep --since 2h --project payments --json
+      pd sitrep --since 0          # everything, from the beginning
     """
     result = call("journal.sitrep", {"since": since, "project": project, "limit": limit}, as_json=as_json)
     if as_json:
@@ -188,7 +189,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
 @click.option("--limit", "-n", type=int, default=30, show_default=True, help="Show at most this many.")
 @click.option("--type", "-t", "type_", help="Only this event type (a prefix ending in * too, e.g. 'session.*').")
 @click.option("--agent", metavar="ID", help="Only this agent's activity.")
-@click.option("--since", metavar="DURATION", help="Only the last e.g. 1h.")
+@since_option("activity")
 @json_option
 @quiet_option
 def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_json: bool, quiet: bool) -> None:

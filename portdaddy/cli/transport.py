@@ -2,6 +2,10 @@
 
 Errors leave here as one stderr line (or a JSON object with ``--json``) and the exit code of their class:
 0 done, 1 refused, 2 bad input, 3 daemon unreachable.
+
+How long pd waits for a reply is what the operation itself may take (a lock's ``--timeout``, a run's grace
+period; nothing for most) plus ``PORT_DADDY_TIMEOUT`` (10 s by default) for the daemon to answer. Past that
+the request is withdrawn and pd exits 3 (``NO_REPLY``): the daemon is stopped, stuck, or too slow.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import click
 
 from portdaddy.cli.output import one_line
 from portdaddy.config import Settings
-from portdaddy.errors import DaemonUnavailable, PDError, exit_code
+from portdaddy.durations import SLOW_HINT, reply_timeout_s
+from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
 from portdaddy.ipc.client import BlockingClient
 
 if TYPE_CHECKING:
@@ -33,6 +38,8 @@ def settings() -> Settings:
 def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     """Print ``err`` (as JSON when asked, or when the running command was given ``--json``) and exit. A refusal
     listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
+    if isinstance(err, NoReply):
+        err.message += SLOW_HINT
     ctx = click.get_current_context(silent=True)
     if as_json or (ctx is not None and ctx.params.get("as_json")):
         click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
@@ -88,9 +95,10 @@ def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: b
 
 
 def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autostart: bool = True,
-            timeout: float = 10.0) -> BlockingClient:  # fmt: skip
+            timeout: float | None = None) -> BlockingClient:  # fmt: skip
+    """A connection whose requests wait ``timeout`` seconds for their reply (default PORT_DADDY_TIMEOUT)."""
     cfg = cfg or settings()
-    client = BlockingClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout)
+    client = BlockingClient(cfg.ipc_sock, agent_id=agent_id, timeout=reply_timeout_s() if timeout is None else timeout)
     try:
         return client.connect()
     except DaemonUnavailable as e:
@@ -103,24 +111,33 @@ def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autosta
     return client.connect()
 
 
+# A blocking call without a timeout may wait for days; the daemon ends it, not the client.
+FOREVER_S = 10**7
+# What stopping agents may take: SIGTERM, their grace period (PORT_DADDY_FLEET_GRACE), SIGKILL, for a fleet's
+# every run at once.
+STOPPING_S = 300.0
+
+
+def reply_wait_s(takes: float | None) -> float:
+    """How long to wait for the reply to an operation that itself may take ``takes`` seconds (None: no limit)."""
+    return FOREVER_S if takes is None else takes + reply_timeout_s()
+
+
 def request(action: str, args: dict[str, Any] | None = None, *, agent_id: str | None = None,
-            timeout: float = 10.0) -> Any:  # fmt: skip
-    """One request; raises PDError."""
-    with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=timeout) as client:
-        return client.request(action, args, timeout=timeout)
+            takes: float | None = 0.0) -> Any:  # fmt: skip
+    """One request for an operation that may take ``takes`` seconds (None: no limit); raises PDError."""
+    wait_s = reply_wait_s(takes)
+    with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=wait_s) as client:
+        return client.request(action, args, timeout=wait_s)
 
 
 def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = False, agent_id: str | None = None,
-         timeout: float = 10.0) -> Any:  # fmt: skip
-    """One request; on error print it and exit with its class's code."""
+         takes: float | None = 0.0) -> Any:  # fmt: skip
+    """One request (see ``request``); on error print it and exit with its class's code."""
     try:
-        return request(action, args, agent_id=agent_id, timeout=timeout)
+        return request(action, args, agent_id=agent_id, takes=takes)
     except PDError as e:
         fail(e, as_json=as_json)
-
-
-# A blocking call without a timeout may wait for days; the daemon ends it, not the client.
-FOREVER_S = 10**7
 
 
 @contextmanager
@@ -144,9 +161,9 @@ def spinning(label: str) -> Iterator[None]:
 
 def blocking_call(action: str, args: dict[str, Any], *, label: str, timeout_ms: int | None,
                   as_json: bool = False) -> Any:  # fmt: skip
-    """A call the daemon may hold (``wait``), with a spinner; the client waits a little past the daemon."""
+    """A call the daemon may hold (``wait``) up to ``timeout_ms`` (None: no limit), with a spinner."""
     try:
         with spinning(label):  # cleared before an error is printed, so the error gets a line of its own
-            return request(action, args, timeout=timeout_ms / 1000 + 10 if timeout_ms is not None else FOREVER_S)
+            return request(action, args, takes=None if timeout_ms is None else timeout_ms / 1000)
     except PDError as e:
         fail(e, as_json=as_json)

@@ -9,7 +9,7 @@ import click
 
 from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import blocking_call, call, fail
-from portdaddy.config import parse_duration_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import NotFound, bad_input
 
 _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the global space).")
@@ -19,10 +19,11 @@ _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the 
 def tuple_() -> None:
     """Shared typed memory: write tuples, read them by pattern, take each exactly once.
 
-    \b
     Patterns are JSON arrays compared position by position: "*" or null match anything, ">0.7"/"<3"
     compare numbers, "myapp:*" matches identities under myapp, "a:*:c" matches per segment; a pattern may
     be shorter than the tuple.
+
+    \b
     Examples:
       pd tuple out '["task", "build-auth", "pending"]' --harbor myapp:fleet
       pd tuple in '["task", "*", "pending"]' --harbor myapp:fleet --wait --timeout 5m

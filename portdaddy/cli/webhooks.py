@@ -7,6 +7,9 @@ import click
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call, refuse_reply
 
+# A test delivery gives up after 10 s (core/httppost.py); pd waits that, and PORT_DADDY_TIMEOUT for the reply.
+DELIVERY_S = 10.0
+
 
 @click.group()
 def webhook() -> None:
@@ -100,11 +103,14 @@ def enable(webhook_id: str, as_json: bool) -> None:
 def test(webhook_id: str, as_json: bool, quiet: bool) -> None:
     """Send a webhook.test event now; exit 1 unless the endpoint answers 2xx. -q prints the HTTP status.
 
+    The delivery gives up after 10s; pd waits that, then PORT_DADDY_TIMEOUT (10s) for the daemon's reply.
+
     \b
-    Example:
+    Examples:
       pd webhook test <id>
+      PORT_DADDY_TIMEOUT=30s pd webhook test <id>    # on a slow machine
     """
-    result = call("webhook.test", {"id": webhook_id}, as_json=as_json, timeout=20)
+    result = call("webhook.test", {"id": webhook_id}, as_json=as_json, takes=DELIVERY_S)
     if not result["success"]:
         refuse_reply("DELIVERY_FAILED", f"test delivery failed: {result.get('error') or result.get('status')}", result)
     if as_json:

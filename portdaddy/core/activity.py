@@ -187,14 +187,15 @@ OPS = (
             Param("type", _FILTER),
             Param("agent", _FILTER),
             Param("target", _FILTER),
-            Param("since", v.ago),
+            Param("since", v.time_or_ago),
         ),
-        summary="activity log, newest first (type/agent/target: exact, or a prefix ending in *; since: 30m ago)",
+        summary="activity log, newest first (type/agent/target: exact or a prefix ending in *; "
+        "since: 30m ago or epoch ms)",
     ),
     Op(
         "activity.summary",
         summary_op,
-        (Param("since", v.ago),),
-        summary="activity counts by type (since: a duration ago like 1h; default all)",
+        (Param("since", v.time_or_ago),),
+        summary="activity counts by type (since: a duration ago like 1h, or epoch ms; default all)",
     ),
 )

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,16 +393,6 @@ _HANDLERS = {
 # -- operations ----------------------------------------------------------------------------------------------
 
 
-_EPOCH_MS = re.compile(r"[0-9]{13,}")  # 10^12 ms and up: a timestamp, not a number of ms back
-
-
-def _since(name: str, value: Any) -> int:
-    """An epoch-ms timestamp (≥ 10^12) or a duration back from now (``1h``, ``90s``)."""
-    if isinstance(value, int | str) and _EPOCH_MS.fullmatch(str(value).strip()):
-        return v.integer(0)(name, value)
-    return v.ago(name, value)
-
-
 def _status(ctx: Ctx) -> dict[str, Any]:
     return ctx.app.arbiter.status()
 
@@ -424,7 +413,7 @@ OPS = (
         "arbiter.violations",
         _violations,
         (
-            Param("since", _since),
+            Param("since", v.time_or_ago),
             Param("rule", v.one_of(*RULES)),
             Param("limit", v.integer(1, 1000), default=50),
             Param("offset", v.integer(0, None), default=0),

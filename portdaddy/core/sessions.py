@@ -529,10 +529,10 @@ OPS = (
             Param("agent", AGENT_ID),
             Param("project", v.name("project", 64)),
             Param("type", _note_type),
-            Param("since", v.ago),
+            Param("since", v.time_or_ago),
             _LIMIT,
         ),
-        summary="notes across sessions and agents, newest first (since: a duration ago like 30m)",
+        summary="notes across sessions and agents, newest first (since: a duration ago like 30m, or epoch ms)",
     ),
     Op(
         "note.verify",

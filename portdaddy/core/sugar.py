@@ -120,7 +120,8 @@ def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
     activity = ctx.app.activity.entries(limit=limit, since=start)
     active = sum(s["status"] == "active" for s in recent)
     minutes = max(1, window // 60_000)
-    summary = (f"Last {minutes}m: {len(activity)} events, {len(notes)} notes, {active} active sessions, "
+    window_name = "Since the beginning" if start == 0 else f"Last {minutes}m"  # --since 0
+    summary = (f"{window_name}: {len(activity)} events, {len(notes)} notes, {active} active sessions, "
                f"{len(dead)} dead agents awaiting salvage, {len(claims)} files claimed")  # fmt: skip
     return {"success": True, "summary": summary, "since_ms": start, "since_minutes": minutes, "notes": notes,
             "sessions": recent[:limit], "salvage_queue": dead, "claims": claims, "activity": activity}  # fmt: skip
@@ -164,7 +165,7 @@ OPS = (
         "journal.sitrep",
         sitrep_op,
         (
-            Param("since", v.ago),
+            Param("since", v.time_or_ago),
             Param("project", v.name("project", 64)),
             Param("limit", v.integer(1, 100), default=20),
         ),

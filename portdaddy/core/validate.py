@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
 from portdaddy.core.clock import now_ms
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import bad_input
 
 Check = Callable[[str, Any], Any]
@@ -184,8 +184,10 @@ _epoch_ms = integer(0)
 
 
 def time_or_ago(name: str, value: Any) -> int:
-    """A point in time: epoch ms, a whole number (the original's HTTP form; a query string carries it as digits),
-    or a duration back from now with its unit (``2h``, as ``pd`` and the other ``since`` parameters take it)."""
+    """Every ``since``: a point in time as epoch ms, a whole number (the original's HTTP form; a query string
+    carries it as digits), so ``0`` is the beginning; or a duration back from now with its unit (``30m``,
+    ``2h``), as ``pd`` users write it. A bare number is never "milliseconds ago": ``--since 0`` meant "from
+    now" that way, and showed nothing."""
     if isinstance(value, str) and not _INTEGER_TEXT.fullmatch(value):
         return ago(name, value)
     return _epoch_ms(name, value)

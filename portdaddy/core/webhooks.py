@@ -147,8 +147,8 @@ class Webhooks:
     def deliveries(self, hook_id: str, limit: int) -> list[dict[str, Any]]:
         self.get(hook_id)
         rows = self.store.all("SELECT id, event, status, attempts, last_attempt, response_status, response_body, "
-                              "created_at FROM webhook_deliveries WHERE webhook_id=? ORDER BY created_at DESC "
-                              "LIMIT ?", (hook_id, limit))  # fmt: skip
+                              "created_at FROM webhook_deliveries WHERE webhook_id=? ORDER BY created_at DESC, "
+                              "rowid DESC LIMIT ?", (hook_id, limit))  # fmt: skip
         keys = ("id", "event", "status", "attempts", "lastAttempt", "responseStatus", "responseBody", "createdAt")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
@@ -292,7 +292,10 @@ class Webhooks:
             await self._deliver(task_status)
 
     async def _deliver(self, task_status: trio.TaskStatus[None]) -> None:
-        """Send each delivery at its due time: one at a time per webhook (oldest due first), MAX_IN_FLIGHT in all.
+        """Send each delivery at its due time: one at a time per webhook, MAX_IN_FLIGHT in all. Of a webhook's due
+        deliveries the oldest event's goes first (rowid: the order they were queued in, which is the events'),
+        whatever their due times say: first attempts of events of one millisecond tie on it, and a retry due
+        again goes before the events that came after it.
 
         A task is started only for a free slot: queued behind a shared limiter, a webhook that never answers
         held every slot for 10 s an attempt while the others waited, and the queue of waiting tasks grew with
@@ -304,14 +307,13 @@ class Webhooks:
                 free = MAX_IN_FLIGHT - len(self._in_flight)
                 if free > 0:
                     busy = list(self._in_flight) or [""]
-                    # SQLite gives the bare column `id` from the row holding min(next_attempt_at) of its group.
                     due = self.store.all(
-                        "SELECT webhook_id, id, min(next_attempt_at) FROM webhook_deliveries WHERE status IN "
-                        f"('pending','retrying') AND next_attempt_at<=? AND webhook_id NOT IN "
-                        f"({','.join('?' * len(busy))}) GROUP BY webhook_id ORDER BY 3 LIMIT ?",
+                        "SELECT webhook_id, id FROM webhook_deliveries WHERE rowid IN (SELECT min(rowid) FROM "
+                        "webhook_deliveries WHERE status IN ('pending','retrying') AND next_attempt_at<=? AND "
+                        f"webhook_id NOT IN ({','.join('?' * len(busy))}) GROUP BY webhook_id) ORDER BY rowid LIMIT ?",
                         (now, *busy, free),
                     )
-                    for hook_id, delivery_id, _ in due:
+                    for hook_id, delivery_id in due:
                         self._in_flight[hook_id] = delivery_id
                         nursery.start_soon(self._send, hook_id, delivery_id)
                 nxt = self.store.scalar("SELECT min(next_attempt_at) FROM webhook_deliveries WHERE status IN "

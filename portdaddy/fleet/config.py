@@ -26,9 +26,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from portdaddy.config import parse_duration_ms
 from portdaddy.core import identity as _identity
 from portdaddy.core.validate import name as _name_check
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, PDError
 from portdaddy.fleet.backends import locate, missing, program_of
 from portdaddy.fleet.spec import (

@@ -27,9 +27,10 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import parse_duration_ms, without_caller
+from portdaddy.config import without_caller
 from portdaddy.core.clock import now_ms
 from portdaddy.core.store import RETRY_S
+from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context

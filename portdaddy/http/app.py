@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, unquote
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, NotFound
 
 from portdaddy.core import validate as v
 from portdaddy.core.agents import AGENT_ID
@@ -146,10 +146,14 @@ class Router:
         return None
 
     def methods(self, raw_path: str) -> list[str]:
-        """The methods some route serves ``raw_path`` with (for a 405's ``Allow``)."""
+        """The methods some route serves ``raw_path`` with, HEAD where GET is and OPTIONS on any served path
+        (what ``Allow`` says); none for a path no route serves."""
         parts = _segments(raw_path)
-        return sorted({method for (method, size), candidates in self._routes.items() if size == len(parts)
-                       for segments, _ in candidates if _bind_path(segments, parts) is not None})  # fmt: skip
+        served = {method for (method, size), candidates in self._routes.items() if size == len(parts)
+                  for segments, _ in candidates if _bind_path(segments, parts) is not None}  # fmt: skip
+        if not served:
+            return []
+        return sorted(served | {"OPTIONS"} | ({"HEAD"} if "GET" in served else set()))
 
 
 def _segments(raw_path: str) -> list[str]:
@@ -172,16 +176,19 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
     """The ASGI application hypercorn serves."""
     quart = _create_quart(core)
     router = Router(ROUTES)
+    # Every served path, the streams' too, so OPTIONS and 405s are answered here alike for all of them.
+    paths = Router([*ROUTES, *(Route(method, path, "") for method, path, _ in STREAMS)])
 
     async def app(scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                   send: Callable[..., Awaitable[None]]) -> None:  # fmt: skip
         # hypercorn's raw_path is the path as sent; scope["path"] is decoded already (%2F would split a segment)
         raw_path = scope["raw_path"].decode("utf-8", "replace") if scope["type"] == "http" else ""
-        head = scope.get("method") == "HEAD"  # a GET without its body: the same status and headers (RFC 9110)
-        found = router.match("GET" if head else scope["method"], raw_path) if raw_path else None
-        allowed = router.methods(raw_path) if found is None and raw_path else []
-        if found is None and not allowed:
-            await quart(scope, receive, send)  # the streams, and 404s
+        method = scope.get("method", "")
+        head = method == "HEAD"  # a GET without its body: the same status and headers (RFC 9110)
+        found = router.match("GET" if head else method, raw_path) if raw_path else None
+        allowed = paths.methods(raw_path) if found is None and raw_path else []
+        if found is None and (not allowed or (method in allowed and method != "OPTIONS")):
+            await quart(scope, receive, send)  # the streams (GET and HEAD), and 404s
             return
         headers = {k: v.decode("latin-1") for k, v in scope["headers"]}
         refused = refusal(core, over_tcp=scope.get("client") is not None, host=headers.get(b"host", ""),
@@ -192,11 +199,15 @@ def create_app(core: Any) -> Callable[..., Awaitable[None]]:
             # server closes it, under a client that may already be sending its next request on it.
             with suppress(PDError):
                 await _read_body(receive)
+        allow = [(b"allow", ", ".join(allowed).encode())]
         if refused is not None:
             await _respond(send, refused[0], refused[1], head=head)
+        elif method == "OPTIONS":  # what the path takes, and nothing else (no CORS: web pages are refused)
+            await send({"type": "http.response.start", "status": 204, "headers": allow})
+            await send({"type": "http.response.body", "body": b""})
         elif found is None:
-            await _respond(send, 405, error_body(method_not_allowed(scope["method"], scope["path"], allowed)),
-                           [(b"allow", ", ".join(allowed).encode())], head=head)  # fmt: skip
+            await _respond(send, 405, error_body(method_not_allowed(method, scope["path"], allowed)), allow,
+                           head=head)  # fmt: skip
         else:
             status, body = await _serve(core, found[0], found[1], scope, headers, receive)
             await _respond(send, status, body, head=head)
@@ -255,8 +266,9 @@ async def _unless_the_client_leaves(receive: Callable[..., Awaitable[Any]], run:
 
 
 def method_not_allowed(method: str, path: str, allowed: list[str]) -> PDError:
-    return PDError("METHOD_NOT_ALLOWED", f"{method} is not served on {path}; use {' or '.join(allowed)}",
-                   allowed=allowed)  # fmt: skip
+    """A 405; its message names the methods that do something (HEAD and OPTIONS go without saying)."""
+    use = " or ".join(m for m in allowed if m not in ("HEAD", "OPTIONS"))
+    return PDError("METHOD_NOT_ALLOWED", f"{method} is not served on {path}; use {use}", allowed=allowed)
 
 
 def _agent_id(header: str | None) -> str | None:
@@ -326,12 +338,7 @@ def _create_quart(core: Any) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Response:
         """Quart's refusals in the dispatcher's shape and words (werkzeug's say nothing of what to do)."""
-        status = e.code or 500
-        if isinstance(e, MethodNotAllowed):
-            allowed = sorted(set(e.valid_methods or ()) - {"HEAD", "OPTIONS"})  # werkzeug adds those two itself
-            response = error_response(method_not_allowed(request.method, request.path, allowed))
-            response.headers["Allow"] = ", ".join(allowed)
-            return response
+        status = e.code or 500  # a 405 is the dispatcher's, which knows the streams' paths too
         if isinstance(e, NotFound):
             return error_response(PDError("NOT_FOUND", f"no route {request.method} {request.path}; the HTTP API is "
                                           "described in spec/openapi.yaml"))  # fmt: skip
