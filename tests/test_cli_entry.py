@@ -51,7 +51,7 @@ def test_fast_claim_prints_the_port_without_click(daemon: Daemon) -> None:
     r = subprocess.run([PYTHON, "-X", "importtime", "-m", "portdaddy.cli", "claim", "fast:api", "-q"],
                        env=daemon.env, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 0
-    assert not _modules(r.stderr) & {"click", "typing", "trio", "apsw", "json"}
+    assert not _modules(r.stderr) & {"click", "typing", "trio", "apsw", "json", "re"}
     full = json.loads(daemon.pd("claim", "fast:api", "--json").stdout)
     assert r.stdout == f"{full['port']}\n" and full["existing"]
     shortcut = daemon.pd("fast:api", "-q")
