@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from portdaddy.core.validate import wire_int
 from portdaddy.errors import bad_input
 
 WILDCARD = "*"
@@ -72,7 +73,7 @@ def _clean(value: Any, where: str, depth: int) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return int(value)
+        return wire_int(where, int(value))
     if isinstance(value, float):
         if not math.isfinite(value):
             raise bad_input(f"{where} is {value!r}; JSON numbers must be finite")

@@ -207,8 +207,33 @@ def lifetime(max_ms: int | None = None) -> Check:
     return check
 
 
+# Whole numbers a value may hold: what MessagePack carries. JSON (HTTP) spells any size; a larger one, stored,
+# failed every IPC reply that carried it, and stopped the daemon's IPC server (the reply encoder raised).
+WIRE_INT_MIN, WIRE_INT_MAX = INT64_MIN, 2**64 - 1
+_LONG_DIGITS = re.compile(r"[0-9]{19}")  # every number outside the wire's range has at least 19 digits
+
+
+def wire_int(where: str, value: int) -> int:
+    """A whole number inside a JSON value, refused when the IPC wire cannot carry it."""
+    if not WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        raise bad_input(f"{where} holds a whole number outside 64 bits (-2**63 to 2**64-1); send it as text")
+    return value
+
+
+def _check_wire_ints(name: str, value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item.__class__ is int:
+            wire_int(name, item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def json_value(max_bytes: int) -> Check:
-    """Any JSON-serialisable value whose encoding fits ``max_bytes``."""
+    """Any JSON-serialisable value whose encoding fits ``max_bytes`` and whose numbers fit 64 bits."""
 
     def check(name: str, value: Any) -> Any:
         try:
@@ -218,6 +243,8 @@ def json_value(max_bytes: int) -> Check:
                             "true, false or null") from None  # fmt: skip
         if len(encoded) > max_bytes:
             raise bad_input(f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE")
+        if _LONG_DIGITS.search(encoded):  # rare (long numbers, or digits in text): only then look closer
+            _check_wire_ints(name, value)
         return value
 
     return check
