@@ -19,11 +19,11 @@ LOG_TAIL_MAX = 1_000_000
 
 
 def _dir(name: str, value: Any) -> str:
-    return require_dir(value)
+    return require_dir(value, field=name)
 
 
 def _dir_or_gone(name: str, value: Any) -> str:
-    return require_dir(value, exists=False)
+    return require_dir(value, exists=False, field=name)
 
 
 _duration_up_to_a_week = v.duration(7 * 86_400_000)
