@@ -39,7 +39,18 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True) -> Check:
+# Control characters (C0 but tab, DEL, C1): stored, a line break or a terminal escape in a lock's owner or a
+# session's purpose came back inside other agents' error lines and listings (spec/decisions.md, "Text fields").
+_CONTROL_IN_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # line breaks are text here
+
+
+def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True, lines: bool = False) -> Check:
+    """A string of printable characters: one line (tabs allowed), or with ``lines`` line breaks too (notes,
+    prompts)."""
+    control = _CONTROL_IN_LINES if lines else _CONTROL_IN_LINE
+    kind = "text" if lines else "one line of text"
+
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str):
             raise bad_input(f"{name} must be a string, got {_type_name(value)}")
@@ -49,8 +60,8 @@ def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True
             raise bad_input(f"{name} must not be empty")
         if len(value) > max_len:
             raise bad_input(f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE")
-        if "\x00" in value:
-            raise bad_input(f"{name} contains a NUL byte")
+        if (found := control.search(value)) is not None:
+            raise bad_input(f"{name} contains the control character {found.group()!r}; send {kind}")
         return value
 
     return check

@@ -210,7 +210,7 @@ OPS = (
         _spawn,
         (
             Param("backend", v.text(20), default="claude-cli"),
-            Param("task", v.text(100_000), required=True, aliases=("prompt",)),
+            Param("task", v.text(100_000, lines=True), required=True, aliases=("prompt",)),
             Param("identity", v.identity),
             Param("model", v.text(200)),
             Param("timeout", _spawn_timeout),
