@@ -27,5 +27,7 @@ def repository_of(worktree: str | None) -> str | None:
         if dot_git.is_dir():
             return str(dot_git.resolve())
         return str(root.resolve())
-    except OSError:  # unreadable or gone: the path as given still tells this worktree from others
+    # Unreadable, gone, or a symlink loop (resolve() raises RuntimeError for one until Python 3.13): the path
+    # as given still tells this worktree from others.
+    except (OSError, RuntimeError):
         return str(root)

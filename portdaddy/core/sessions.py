@@ -382,7 +382,7 @@ _SESSION = Param("sessionId", v.name("session id", 100), aliases=("id", "session
 FILES = Param("files", _paths, default=[], aliases=("paths",))
 FORCE = Param("force", v.boolean, default=False)
 _PURPOSE = Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True)
-_CONTENT = Param("content", v.text(MAX_NOTE_CHARS), required=True, aliases=("note", "text"))
+_CONTENT = Param("content", v.text(MAX_NOTE_CHARS, lines=True), required=True, aliases=("note", "text"))
 _LIMIT = Param("limit", v.integer(1, 1000), default=50)
 
 
@@ -489,7 +489,7 @@ OPS = (
         end_op,
         (
             _SESSION,
-            Param("note", v.text(MAX_NOTE_CHARS)),
+            Param("note", v.text(MAX_NOTE_CHARS, lines=True)),
             Param("status", v.one_of(*END_STATUSES), default="completed"),
             Param("agentId", AGENT_ID),
             WORKTREE,

@@ -149,7 +149,7 @@ OPS = (
         (
             _AGENT,
             _SESSION,
-            Param("note", v.text(MAX_NOTE_CHARS)),
+            Param("note", v.text(MAX_NOTE_CHARS, lines=True)),
             Param("status", v.one_of(*END_STATUSES), default="completed"),
             WORKTREE,
         ),

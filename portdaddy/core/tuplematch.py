@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from portdaddy.core.validate import wire_int
 from portdaddy.errors import bad_input
 
 WILDCARD = "*"
@@ -65,6 +66,15 @@ def json_equal(a: Any, b: Any) -> bool:
 # --- validation -------------------------------------------------------------------------------------------
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _key(key: str) -> str:
+    """An object key as a refusal names it: as is when plain, else quoted and cut short, so that a key with a
+    line break or 60 KB long cannot make the refusal several lines or that long."""
+    return key if _PLAIN_KEY.fullmatch(key) else repr(key[:40]) + ("..." if len(key) > 40 else "")
+
+
 def _clean(value: Any, where: str, depth: int) -> Any:
     """A plain-JSON copy of ``value`` (list/dict/str/int/float/bool/None), or a clear error."""
     if depth > MAX_DEPTH:
@@ -72,7 +82,7 @@ def _clean(value: Any, where: str, depth: int) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return int(value)
+        return wire_int(where, int(value))
     if isinstance(value, float):
         if not math.isfinite(value):
             raise bad_input(f"{where} is {value!r}; JSON numbers must be finite")
@@ -86,7 +96,7 @@ def _clean(value: Any, where: str, depth: int) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise bad_input(f"{where} has a {type(k).__name__} key; JSON object keys are strings")
-            out[str(k)] = _clean(v, f"{where}.{k}", depth + 1)
+            out[str(k)] = _clean(v, f"{where}.{_key(k)}", depth + 1)
         return out
     raise bad_input(f"{where} is a {type(value).__name__}; use JSON values (null, bool, number, string, "
                     "array, object)")  # fmt: skip

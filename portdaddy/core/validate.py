@@ -39,7 +39,18 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True) -> Check:
+# Control characters (C0 but tab, DEL, C1): stored, a line break or a terminal escape in a lock's owner or a
+# session's purpose came back inside other agents' error lines and listings (spec/decisions.md, "Text fields").
+_CONTROL_IN_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # line breaks are text here
+
+
+def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True, lines: bool = False) -> Check:
+    """A string of printable characters: one line (tabs allowed), or with ``lines`` line breaks too (notes,
+    prompts)."""
+    control = _CONTROL_IN_LINES if lines else _CONTROL_IN_LINE
+    kind = "text" if lines else "one line of text"
+
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str):
             raise bad_input(f"{name} must be a string, got {_type_name(value)}")
@@ -49,8 +60,8 @@ def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True
             raise bad_input(f"{name} must not be empty")
         if len(value) > max_len:
             raise bad_input(f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE")
-        if "\x00" in value:
-            raise bad_input(f"{name} contains a NUL byte")
+        if (found := control.search(value)) is not None:
+            raise bad_input(f"{name} contains the control character {found.group()!r}; send {kind}")
         return value
 
     return check
@@ -209,8 +220,33 @@ def lifetime(max_ms: int | None = None) -> Check:
     return check
 
 
+# Whole numbers a value may hold: what MessagePack carries. JSON (HTTP) spells any size; a larger one, stored,
+# failed every IPC reply that carried it, and stopped the daemon's IPC server (the reply encoder raised).
+WIRE_INT_MIN, WIRE_INT_MAX = INT64_MIN, 2**64 - 1
+_LONG_DIGITS = re.compile(r"[0-9]{19}")  # every number outside the wire's range has at least 19 digits
+
+
+def wire_int(where: str, value: int) -> int:
+    """A whole number inside a JSON value, refused when the IPC wire cannot carry it."""
+    if not WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        raise bad_input(f"{where} holds a whole number outside 64 bits (-2**63 to 2**64-1); send it as text")
+    return value
+
+
+def _check_wire_ints(name: str, value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item.__class__ is int:
+            wire_int(name, item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def json_value(max_bytes: int) -> Check:
-    """Any JSON-serialisable value whose encoding fits ``max_bytes``."""
+    """Any JSON-serialisable value whose encoding fits ``max_bytes`` and whose numbers fit 64 bits."""
 
     def check(name: str, value: Any) -> Any:
         try:
@@ -220,6 +256,8 @@ def json_value(max_bytes: int) -> Check:
                             "true, false or null") from None  # fmt: skip
         if len(encoded) > max_bytes:
             raise bad_input(f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE")
+        if _LONG_DIGITS.search(encoded):  # rare (long numbers, or digits in text): only then look closer
+            _check_wire_ints(name, value)
         return value
 
     return check

@@ -19,11 +19,11 @@ LOG_TAIL_MAX = 1_000_000
 
 
 def _dir(name: str, value: Any) -> str:
-    return require_dir(value)
+    return require_dir(value, field=name)
 
 
 def _dir_or_gone(name: str, value: Any) -> str:
-    return require_dir(value, exists=False)
+    return require_dir(value, exists=False, field=name)
 
 
 _duration_up_to_a_week = v.duration(7 * 86_400_000)
@@ -210,7 +210,7 @@ OPS = (
         _spawn,
         (
             Param("backend", v.text(20), default="claude-cli"),
-            Param("task", v.text(100_000), required=True, aliases=("prompt",)),
+            Param("task", v.text(100_000, lines=True), required=True, aliases=("prompt",)),
             Param("identity", v.identity),
             Param("model", v.text(200)),
             Param("timeout", _spawn_timeout),

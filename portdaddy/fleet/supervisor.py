@@ -797,14 +797,29 @@ def _gone_reason(lf: LiveFleet) -> str:
             f"stop the fleet with: pd fleet down -C {lf.project_dir}")  # fmt: skip
 
 
-def require_dir(project_dir: Any, *, exists: bool = True) -> str:
+_PATH_MAX = 4096  # Linux's: a longer path names nothing
+
+
+def require_dir(project_dir: Any, *, exists: bool = True, field: str = "projectDir") -> str:
     """A project directory as the fleet keys it: absolute and resolved. ``exists=False`` also takes one that is
     gone (a fleet that is up can still be seen and brought down after its directory was deleted)."""
     if not isinstance(project_dir, str) or not project_dir.strip():
-        raise bad_input("projectDir must be a directory path; run pd fleet from inside the project")
+        hint = "; run pd fleet from inside the project" if field == "projectDir" else ""
+        raise bad_input(f"{field} must be a directory path{hint}")
+    if len(project_dir) > _PATH_MAX:
+        raise bad_input(f"{field} is {len(project_dir)} characters; the limit is {_PATH_MAX}", code="PAYLOAD_TOO_LARGE")
+    if "\x00" in project_dir:  # os.stat and realpath raise ValueError on one
+        raise bad_input(f"{field} contains a NUL byte")
+    shown = project_dir[:200]
     path = Path(project_dir).expanduser()
     if not path.is_absolute():
-        raise bad_input(f"projectDir must be absolute, got {project_dir!r}")
-    if exists and not path.is_dir():
-        raise bad_input(f"projectDir {project_dir!r} is not a directory")
-    return str(path.resolve())
+        raise bad_input(f"{field} must be absolute, got {shown!r}")
+    try:
+        is_dir, resolved = path.is_dir(), path.resolve()
+    except OSError as e:  # is_dir is False for a missing path, but raises for a name over NAME_MAX
+        raise bad_input(f"{field} {shown!r} cannot be looked at: {e.strerror}") from None
+    except RuntimeError:  # resolve's symlink loop (until Python 3.13)
+        raise bad_input(f"{field} {shown!r} runs into a symlink loop") from None
+    if exists and not is_dir:
+        raise bad_input(f"{field} {shown!r} is not a directory")
+    return str(resolved)

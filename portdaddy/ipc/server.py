@@ -125,7 +125,7 @@ class Connection:
             return False
         try:
             frame = self.encoder.encode(Performative.INFORM, 0, payload)
-        except (TypeError, ValueError) as e:  # FrameTooLarge, or a value msgpack cannot carry
+        except (TypeError, ValueError, OverflowError) as e:  # FrameTooLarge, or a value msgpack cannot carry
             log.warning("dropped a %s push: %s", payload.get("action"), e)
             self._drop_push()
             return False
@@ -252,9 +252,9 @@ class Connection:
         except FrameTooLarge as e:
             body = {"action": payload.get("action") or "", "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
-        except (TypeError, ValueError) as e:
-            # A value msgpack cannot carry (a lone surrogate stored before input refused it): this reply fails,
-            # the reactor and every other connection carry on.
+        except (TypeError, ValueError, OverflowError) as e:
+            # A value msgpack cannot carry (a lone surrogate, a number over 64 bits, stored before input refused
+            # them): this reply fails, the reactor and every other connection carry on.
             log.error("could not encode a %s reply: %s", payload.get("action"), e)
             body = {"action": str(payload.get("action") or ""), "error": "INTERNAL",
                     "message": "the reply could not be encoded; see daemon.log"}  # fmt: skip
