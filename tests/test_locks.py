@@ -411,24 +411,34 @@ def test_quiet_unlock_and_heartbeat_print_one_word(daemon) -> None:
 def test_a_grant_racing_its_waiters_disconnect_is_released_bound_or_not(daemon) -> None:
     """The holder's release hands the lock to a waiter whose connection is closing at that very moment: nobody
     would know they hold it. It was released at once only when the lock was bound to the connection; otherwise
-    it stayed held until its lease ran out (5 minutes by default)."""
+    it stayed held until its lease ran out (5 minutes by default). The daemon is stopped while the release is
+    sent and the waiter hangs up, so that it finds both in one pass, the release first; had it run between
+    them, it would have written the grant into the waiter's socket before the hang-up, and a grant the socket
+    took is the waiter's (as one read and then abandoned would be), held until its lease."""
     import socket
 
     from portdaddy.ipc.frame import Performative, encode
 
-    def sent(frame: dict[str, Any]) -> socket.socket:  # a request whose reply nobody reads
+    def connected() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(daemon.settings.ipc_sock))
-        sock.sendall(encode(Performative.REQUEST, 1, frame))
         return sock
 
-    with daemon.client() as c:
+    with daemon.client() as c, connected() as releaser:
+        releaser.sendall(encode(Performative.REQUEST, 1, {"action": "daemon.version"}))
+        assert releaser.recv(65536)  # accepted and served: its next frame is read in the same pass as a hang-up
         for n in range(30):
             name = f"race-disconnect:{n}"
             token = c.request("lock.acquire", {"name": name, "owner": "holder"})["token"]
-            waiter = sent({"action": "lock.acquire", "name": name, "owner": "waiter", "wait": True,
-                           "connBound": n % 2 == 1})  # fmt: skip
+            waiter = connected()
+            waiter.sendall(encode(Performative.REQUEST, 1, {"action": "lock.acquire", "name": name, "owner": "waiter",
+                                                            "wait": True, "connBound": n % 2 == 1}))  # fmt: skip
             _wait_for(lambda: c.request("daemon.status")["counts"]["lockWaiters"] == 1)
-            sent({"action": "lock.release", "name": name, "token": token}).close()
-            waiter.close()  # at once, as the release reaches the daemon
+            daemon.proc.send_signal(signal.SIGSTOP)
+            try:
+                releaser.sendall(encode(Performative.REQUEST, 2 + n, {"action": "lock.release", "name": name,
+                                                                      "token": token}))  # fmt: skip
+                waiter.close()
+            finally:
+                daemon.proc.send_signal(signal.SIGCONT)
             _wait_for(lambda name=name: c.request("lock.get", {"name": name})["held"] is False, timeout=5)
