@@ -729,22 +729,21 @@ def test_finished_runs_past_the_newest_per_agent_or_a_month_old_are_forgotten_wh
     pd_json(d, "fleet", "up", "-C", str(project))
     slow = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
     ok = [_ended(d, project, "ok") for _ in range(4)]
-    bad = [_ended(d, project, "bad") for _ in range(3)]  # each a dead agent with its salvage pending
+    bad = [_ended(d, project, "bad") for _ in range(3)]  # each a dead agent; the newest one's salvage pending
     assert [r["status"] for r in ok] == ["completed"] * 4 and [r["status"] for r in bad] == ["failed"] * 3
     assert len(_ids(d, project, "ok")) == 4  # started in the last hour: the hourly limit counts them after a restart
     assert _ids(d, project, "slow") == [slow["id"]]
-    d.call("salvage.dismiss", id=bad[0]["id"])  # settled: it may go, its entry with it
     d.stop()  # slow: lost, now
     hours_ago = int(time.time() * 1000) - 2 * 3_600_000
     store = Store(d.settings.db)
-    with store.write() as db:  # all started two hours ago; the newest ok and a pending bad one ended a month ago
+    with store.write() as db:  # all started two hours ago; the newest ok and the pending bad one ended a month ago
         db.execute("UPDATE fleet_runs SET started_at=?", (hours_ago,))
         db.execute("UPDATE fleet_runs SET ended_at=? WHERE id IN (?, ?)",
-                   (hours_ago - 30 * 86_400_000, ok[3]["id"], bad[1]["id"]))  # fmt: skip
+                   (hours_ago - 30 * 86_400_000, ok[3]["id"], bad[2]["id"]))  # fmt: skip
     store.close()
-    d.start()  # the start forgets ok 0 and 1 (past the newest 2), ok 3 (a month old), bad 0 (settled)
+    d.start()  # the start forgets ok 0 and 1 (past the newest 2), ok 3 (a month old), bad 0 (settled: superseded)
     assert _ids(d, project, "ok") == [ok[2]["id"]]
-    assert _ids(d, project, "bad") == [bad[2]["id"], bad[1]["id"]]  # salvage pending: kept, a month old too
+    assert _ids(d, project, "bad") == [bad[2]["id"], bad[1]["id"]]  # bad 2's salvage pending: kept, a month old
     assert bad[0]["id"] not in {e["id"] for e in d.call("salvage.list", all=True)["agents"]}
     assert [(r["id"], r["status"]) for r in runs_of(d, project, "slow")] == [(slow["id"], "lost")]
     kept = d.call("session.get", sessionId=ok[2]["sessionId"])
