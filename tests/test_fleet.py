@@ -783,6 +783,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     d.call("agent.register", agentId="builder", identity="proj:api", purpose="Half-done API")
     d.call("session.start", agentId="builder", purpose="Half-done API", files=["src/api.py"], worktree=str(project))
     wait_for(lambda: d.call("agent.get", id="builder")["agent"]["liveness"] == "dead", what="the builder's death")
+    spawned = [d.call("spawn.start", backend="custom", task="exit 1")["agentId"] for _ in range(2)]  # not a fleet's
     pd_json(d, "fleet", "up", "-C", str(project))
     (project / "broken").touch()
     qa = [_ended(d, project, "qa") for _ in range(3)]
@@ -792,22 +793,23 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     every = _salvage(d, all=True)
     assert [(every[r["id"]]["status"], every[r["id"]]["completedBy"]) for r in qa[:2]] == [
         ("superseded", qa[1]["id"]), ("superseded", qa[2]["id"])]  # fmt: skip
-    pending = _salvage(d)
-    assert {k: e["failures"] for k, e in pending.items()} == {qa[2]["id"]: 3, docs["id"]: 1, "builder": 1}
+    pending = wait_for(lambda: (lambda p: p if len(p) == 5 else None)(_salvage(d)), what="the spawns' deaths")
+    assert {k: e["failures"] for k, e in pending.items()} == {qa[2]["id"]: 3, docs["id"]: 1, "builder": 1,
+                                                            spawned[0]: 1, spawned[1]: 1}  # fmt: skip
     assert pending[qa[2]["id"]]["failingSince"] == every[qa[0]["id"]]["detectedAt"]
 
     salvage = d.pd("salvage").stdout
-    assert "Failed:   3 failed runs, the first" in salvage and "3 agent(s) in salvage queue" in salvage, salvage
+    assert "Failed:   3 failed runs, the first" in salvage and "5 agent(s) in salvage queue" in salvage, salvage
     listed = d.pd("agents").stdout
     assert f"{qa[2]['id']} (proj:fleet:qa, " in listed and "[salvage pending, 3 failed runs]" in listed, listed
     sitrep = d.pd("sitrep").stdout
-    assert "3 dead agents awaiting salvage" in sitrep
+    assert "5 dead agents awaiting salvage" in sitrep
     assert f"{qa[2]['id']} (proj:fleet:qa): Fleet agent: qa [3 failed runs, the first" in sitrep, sitrep
     assert qa[2]["sessionId"] in sitrep and qa[0]["sessionId"] not in sitrep  # its earlier runs' sessions: in the entry
     for earlier in qa[:2]:  # they left the registry, as a dismissed entry's agent does
         assert earlier["id"] not in salvage + listed
     status = d.pd("status").stdout
-    assert "3 dead agent(s) left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
+    assert "5 dead agent(s) left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
     refused = d.pd("salvage", "claim", qa[0]["id"], "--agent", "fixer")
     assert refused.returncode == 1 and f"superseded by {qa[1]['id']}" in refused.stderr, refused.stderr
 
@@ -823,7 +825,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     every = _salvage(d, all=True)
     assert (every[qa[4]["id"]]["status"], every[qa[4]["id"]]["completedBy"]) == ("completed", fixed["id"])
     assert every[qa[2]["id"]]["status"] == "claimed"
-    assert set(_salvage(d)) == {docs["id"], "builder"}
+    assert set(_salvage(d)) == {docs["id"], "builder", *spawned}
     assert "earlier failed runs" not in d.pd("status").stdout
     d.call("fleet.down", projectDir=str(project))
 
