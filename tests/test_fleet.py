@@ -729,22 +729,21 @@ def test_finished_runs_past_the_newest_per_agent_or_a_month_old_are_forgotten_wh
     pd_json(d, "fleet", "up", "-C", str(project))
     slow = d.call("fleet.run", projectDir=str(project), agent="slow")["run"]
     ok = [_ended(d, project, "ok") for _ in range(4)]
-    bad = [_ended(d, project, "bad") for _ in range(3)]  # each a dead agent with its salvage pending
+    bad = [_ended(d, project, "bad") for _ in range(3)]  # each a dead agent; the newest one's salvage pending
     assert [r["status"] for r in ok] == ["completed"] * 4 and [r["status"] for r in bad] == ["failed"] * 3
     assert len(_ids(d, project, "ok")) == 4  # started in the last hour: the hourly limit counts them after a restart
     assert _ids(d, project, "slow") == [slow["id"]]
-    d.call("salvage.dismiss", id=bad[0]["id"])  # settled: it may go, its entry with it
     d.stop()  # slow: lost, now
     hours_ago = int(time.time() * 1000) - 2 * 3_600_000
     store = Store(d.settings.db)
-    with store.write() as db:  # all started two hours ago; the newest ok and a pending bad one ended a month ago
+    with store.write() as db:  # all started two hours ago; the newest ok and the pending bad one ended a month ago
         db.execute("UPDATE fleet_runs SET started_at=?", (hours_ago,))
         db.execute("UPDATE fleet_runs SET ended_at=? WHERE id IN (?, ?)",
-                   (hours_ago - 30 * 86_400_000, ok[3]["id"], bad[1]["id"]))  # fmt: skip
+                   (hours_ago - 30 * 86_400_000, ok[3]["id"], bad[2]["id"]))  # fmt: skip
     store.close()
-    d.start()  # the start forgets ok 0 and 1 (past the newest 2), ok 3 (a month old), bad 0 (settled)
+    d.start()  # the start forgets ok 0 and 1 (past the newest 2), ok 3 (a month old), bad 0 (settled: superseded)
     assert _ids(d, project, "ok") == [ok[2]["id"]]
-    assert _ids(d, project, "bad") == [bad[2]["id"], bad[1]["id"]]  # salvage pending: kept, a month old too
+    assert _ids(d, project, "bad") == [bad[2]["id"], bad[1]["id"]]  # bad 2's salvage pending: kept, a month old
     assert bad[0]["id"] not in {e["id"] for e in d.call("salvage.list", all=True)["agents"]}
     assert [(r["id"], r["status"]) for r in runs_of(d, project, "slow")] == [(slow["id"], "lost")]
     kept = d.call("session.get", sessionId=ok[2]["sessionId"])
@@ -760,6 +759,75 @@ def test_finished_runs_past_the_newest_per_agent_or_a_month_old_are_forgotten_wh
     d.call("fleet.down", projectDir=str(project))
     d.stop()
     assert _journal_rows(d, [r["sessionId"] for r in gone]) == 0  # gone from the store, not just hidden
+
+
+def _salvage(d: Daemon, **args: Any) -> dict[str, dict[str, Any]]:
+    return {e["id"]: e for e in d.call("salvage.list", limit=500, **args)["agents"]}
+
+
+def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_succeeds(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    """A fleet agent failing every run (a cron every minute: 1,440 a day) left a dead agent and a pending salvage
+    entry per run, and they drowned a crashed agent's half-done work in pd salvage, agents, sitrep and status. Now
+    a failed run's entry supersedes the pending ones of its agent's earlier runs and counts their failures, a
+    successful run settles it, and an entry someone claimed, or another agent's, is left alone."""
+    d = daemon_factory(**FAST, PORT_DADDY_STALE_AFTER="1s", PORT_DADDY_DEAD_AFTER="2s")
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 1, max_spawns_per_hour: 100}
+          agents:
+            qa: {trigger: work, backend: custom, command: 'test ! -e "$PD_PROJECT_DIR/broken"'}
+            docs: {trigger: work, backend: custom, command: "exit 1"}
+        """)  # fmt: skip
+    d.call("agent.register", agentId="builder", identity="proj:api", purpose="Half-done API")
+    d.call("session.start", agentId="builder", purpose="Half-done API", files=["src/api.py"], worktree=str(project))
+    wait_for(lambda: d.call("agent.get", id="builder")["agent"]["liveness"] == "dead", what="the builder's death")
+    spawned = [d.call("spawn.start", backend="custom", task="exit 1")["agentId"] for _ in range(2)]  # not a fleet's
+    pd_json(d, "fleet", "up", "-C", str(project))
+    (project / "broken").touch()
+    qa = [_ended(d, project, "qa") for _ in range(3)]
+    docs = _ended(d, project, "docs")
+    assert {r["status"] for r in [*qa, docs]} == {"failed"}
+
+    every = _salvage(d, all=True)
+    assert [(every[r["id"]]["status"], every[r["id"]]["completedBy"]) for r in qa[:2]] == [
+        ("superseded", qa[1]["id"]), ("superseded", qa[2]["id"])]  # fmt: skip
+    pending = wait_for(lambda: (lambda p: p if len(p) == 5 else None)(_salvage(d)), what="the spawns' deaths")
+    assert {k: e["failures"] for k, e in pending.items()} == {qa[2]["id"]: 3, docs["id"]: 1, "builder": 1,
+                                                            spawned[0]: 1, spawned[1]: 1}  # fmt: skip
+    assert pending[qa[2]["id"]]["failingSince"] == every[qa[0]["id"]]["detectedAt"]
+
+    salvage = d.pd("salvage").stdout
+    assert "Failed:   3 failed runs, the first" in salvage and "5 agent(s) in salvage queue" in salvage, salvage
+    listed = d.pd("agents").stdout
+    assert f"{qa[2]['id']} (proj:fleet:qa, " in listed and "[salvage pending, 3 failed runs]" in listed, listed
+    sitrep = d.pd("sitrep").stdout
+    assert "5 dead agents awaiting salvage" in sitrep
+    assert f"{qa[2]['id']} (proj:fleet:qa): Fleet agent: qa [3 failed runs, the first" in sitrep, sitrep
+    assert qa[2]["sessionId"] in sitrep and qa[0]["sessionId"] not in sitrep  # its earlier runs' sessions: in the entry
+    for earlier in qa[:2]:  # they left the registry, as a dismissed entry's agent does
+        assert earlier["id"] not in salvage + listed
+    status = d.pd("status").stdout
+    assert "5 dead agent(s) left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
+    refused = d.pd("salvage", "claim", qa[0]["id"], "--agent", "fixer")
+    assert refused.returncode == 1 and f"superseded by {qa[1]['id']}" in refused.stderr, refused.stderr
+
+    d.call("salvage.claim", id=qa[2]["id"], newAgentId="fixer")  # someone's work now: no later run touches it
+    qa += [_ended(d, project, "qa") for _ in range(2)]
+    every = _salvage(d, all=True)
+    assert [(every[r["id"]]["status"], every[r["id"]]["failures"]) for r in qa[2:]] == [
+        ("claimed", 3), ("superseded", 1), ("pending", 2)]  # fmt: skip
+
+    (project / "broken").unlink()
+    fixed = _ended(d, project, "qa")
+    assert fixed["status"] == "completed"
+    every = _salvage(d, all=True)
+    assert (every[qa[4]["id"]]["status"], every[qa[4]["id"]]["completedBy"]) == ("completed", fixed["id"])
+    assert every[qa[2]["id"]]["status"] == "claimed"
+    assert set(_salvage(d)) == {docs["id"], "builder", *spawned}
+    assert "earlier failed runs" not in d.pd("status").stdout
+    d.call("fleet.down", projectDir=str(project))
 
 
 # --- spawn ---------------------------------------------------------------------------------------------

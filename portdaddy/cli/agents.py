@@ -133,13 +133,26 @@ def show(agent_id: str, as_json: bool, quiet: bool) -> None:
             click.echo(f"{label + ':':16}{value}")
 
 
+def failed_runs(failures: int | None) -> str | None:
+    """``1,440 failed runs`` for a fleet agent's entry that stands for its earlier failed runs too; else None."""
+    return f"{failures:,} failed runs" if failures and failures > 1 else None
+
+
 def agent_line(a: dict[str, Any]) -> str:
     """``Active frontend-builder (payments:web, 30s ago)``; dead agents also show their salvage entry."""
     where = ", ".join(filter(None, [a.get("identity"), f"{age(a['lastHeartbeat'])} ago"]))
     line = f"{a['liveness'].capitalize():6} {a['id']} ({where})"
     if a["liveness"] == "dead" and a.get("salvageStatus"):
-        line += f" [salvage {a['salvageStatus']}]"
+        runs = failed_runs(a.get("salvageFailures"))
+        line += f" [salvage {a['salvageStatus']}{f', {runs}' if runs else ''}]"
     return line
+
+
+def repeated_failures(e: dict[str, Any]) -> str | None:
+    """``1,440 failed runs, the first 16h ago`` for an entry standing for its fleet agent's earlier runs too (not
+    one superseded: the entry that superseded it stands for them now)."""
+    runs = failed_runs(e.get("failures")) if e["status"] != "superseded" else None
+    return f"{runs}, the first {age(e['failingSince'])} ago" if runs else None
 
 
 @click.command("agents")
@@ -201,10 +214,11 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
         return
     click.echo(f"Salvage queue ({scope})")
     for e in result["agents"]:
-        by = e["completedBy"] if e["status"] == "completed" else e["claimedBy"] if e["status"] == "claimed" else None
+        by = e["claimedBy"] if e["status"] == "claimed" else e["completedBy"]
         click.echo(f"  {e['id']} ({e['status']}{f' by {by}' if by else ''}, dead {age(e['detectedAt'])} ago)")
-        for label, value in (("Identity", e["identity"]), ("Purpose", e["purpose"]), ("Session", e["sessionId"]),
-                             ("Files", ", ".join(e["files"]))):  # fmt: skip
+        for label, value in (("Identity", e["identity"]), ("Purpose", e["purpose"]),
+                             ("Failed", repeated_failures(e)),
+                             ("Session", e["sessionId"]), ("Files", ", ".join(e["files"]))):  # fmt: skip
             if value:
                 click.echo(f"    {label + ':':10}{value}")
         for note in e["notes"]:

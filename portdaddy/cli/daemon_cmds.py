@@ -184,7 +184,14 @@ _ATTENTION = {
 
 def attention(counts: dict[str, int]) -> list[str]:
     """What in a running daemon wants a look, each with where to look."""
-    return [f"{counts[key]} {what}: see {where}" for key, (what, where) in _ATTENTION.items() if counts.get(key)]
+    return [f"{counts[key]} {what}{_detail(key, counts)}: see {where}"
+            for key, (what, where) in _ATTENTION.items() if counts.get(key)]  # fmt: skip
+
+
+def _detail(key: str, counts: dict[str, int]) -> str:
+    """A fleet agent failing run after run is one dead agent: say how many failed runs it stands for."""
+    repeats = counts.get("salvageRepeats") if key == "agentsDead" else 0
+    return f" (and {repeats:,} earlier failed runs of the same fleet agents)" if repeats else ""
 
 
 @click.command()

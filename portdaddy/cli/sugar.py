@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.agents import warn_if_declared_dead
+from portdaddy.cli.agents import repeated_failures, warn_if_declared_dead
 from portdaddy.cli.context import (
     forget,
     load_current,
@@ -175,14 +175,19 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
     sections = (("Notes", [note_line(n) for n in result["notes"]]),
                 ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}"
                               for s in result["sessions"]]),
-                ("Dead agents awaiting salvage", [f"{e['id']} ({e['identity'] or '-'}): {e['purpose'] or '-'}"
-                                                  for e in result["salvage_queue"]]),
+                ("Dead agents awaiting salvage", [_salvage_line(e) for e in result["salvage_queue"]]),
                 ("File claims", [claim_line(c) for c in result["claims"]]))  # fmt: skip
     for title, lines in sections:
         if lines:
             click.echo(f"\n{title}:")
             for line in lines:
                 click.echo(f"  {line}")
+
+
+def _salvage_line(e: dict[str, Any]) -> str:
+    """``fleet-qa-1a2b3c4d (proj:fleet:qa): Fleet agent: qa [1,440 failed runs, the first 16h ago]``."""
+    repeats = repeated_failures(e)
+    return f"{e['id']} ({e['identity'] or '-'}): {e['purpose'] or '-'}" + (f" [{repeats}]" if repeats else "")
 
 
 @click.command("log")

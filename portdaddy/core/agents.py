@@ -10,7 +10,9 @@ Death (``declare_dead``, also the fleet's entry point) abandons the agent's acti
 kept), records a salvage entry and tells the lock manager and harbors through the ``agent.dead`` event, all in
 one transaction. A dead agent stays listed until its salvage entry is claimed or dismissed (the original
 deleted agents before its salvage check could see them, reference §10.4), or until the entry expires: an
-entry is kept ``salvage_keep_ms`` (a month) after it last changed, and the reaper wakes for that too.
+entry is kept ``salvage_keep_ms`` (a month) after it last changed, and the reaper wakes for that too. A fleet
+agent's runs are agents of their own: the death of one supersedes the pending entries of its earlier runs, and
+a success settles them (``settle_fixed``), so a fleet agent that keeps failing is one entry, not one a run.
 
 Agents live in memory (heartbeats are a hot path) and are written through to the store; a fire-and-forget
 heartbeat is flushed within a second.
@@ -49,7 +51,11 @@ DEFAULT_MAX_LOCKS = 20
 DEFAULT_MAX_SERVICES = 50
 # The wall clock moving this much further than the monotonic clock between two wake-ups means the host slept.
 SLEEP_JUMP_MS = 10_000
-SALVAGE_STATES = ("pending", "claimed", "completed", "dismissed")
+# superseded: a later run of the same fleet agent died too, and its entry stands for this one (spec/fleet.md).
+SALVAGE_STATES = ("pending", "claimed", "completed", "dismissed", "superseded")
+SETTLED = ("completed", "dismissed", "superseded")
+_ENTRY_COLUMNS = ("agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, status, claimed_by, "
+                  "claimed_at, completed_by, completed_at, failures, failing_since")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -120,8 +126,11 @@ class Agents:
         counts = {"active": 0, "stale": 0, "dead": 0}
         for a in self._agents.values():
             counts[a.liveness] += 1
+        # The earlier failed runs pending fleet entries stand for besides their own (pd status says so).
+        repeats = self.store.scalar("SELECT total(failures - 1) FROM salvage WHERE status='pending'")
         return {"agents": len(self._agents), "agentsActive": counts["active"], "agentsStale": counts["stale"],
-                "agentsDead": counts["dead"], "agentHeartbeats": self.heartbeats}  # fmt: skip
+                "agentsDead": counts["dead"], "agentHeartbeats": self.heartbeats,
+                "salvageRepeats": int(repeats)}  # fmt: skip
 
     def thresholds(self, status: str) -> tuple[int, int]:
         """(stale, dead) silence in ms for an agent of ``status``."""
@@ -153,7 +162,8 @@ class Agents:
     def wire(self, agent: Agent, now: int | None = None) -> dict[str, Any]:
         wire = agent.to_wire(now or now_ms(), *self.thresholds(agent.status))
         if agent.liveness == "dead":
-            wire["salvageStatus"] = self.store.scalar("SELECT status FROM salvage WHERE agent_id=?", (agent.id,))
+            row = self.store.one("SELECT status, failures FROM salvage WHERE agent_id=?", (agent.id,))
+            wire["salvageStatus"], wire["salvageFailures"] = row or (None, None)
         return wire
 
     def list(self, *, identity: str | None = None, active_only: bool = False,
@@ -311,8 +321,11 @@ class Agents:
         by = completed_by if status == "completed" else claimed_by
         return f"{notice}; {by} took its work over ({status}, see pd salvage --all): do not redo it"
 
-    def declare_dead(self, agent_id: str, reason: str) -> bool:
-        """Declare an agent dead: the reaper's path, and the fleet's when a run crashes. False if not alive."""
+    def declare_dead(self, agent_id: str, reason: str, *, supersedes: Iterable[str] = ()) -> bool:
+        """Declare an agent dead: the reaper's path, and the fleet's when a run crashes. False if not alive.
+
+        ``supersedes``: the fleet's earlier runs of the same agent; their pending entries are settled by this one,
+        which stands for their failures as well as its own."""
         agent = self._agents.get(agent_id)
         if agent is None or agent.liveness == "dead":
             return False
@@ -322,27 +335,60 @@ class Agents:
             purpose = self.app.sessions.latest_purpose(agent_id) or agent.purpose
             db.execute("UPDATE agents SET liveness='dead', dead_at=?, last_heartbeat=? WHERE id=?",
                        (now, agent.last_heartbeat, agent_id))  # fmt: skip
+            superseded, earlier, since = self._settle(supersedes, "superseded", agent_id, now)
             db.execute(
                 "INSERT INTO salvage (agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, "
-                "status, changed_at) VALUES (?1,?2,?3,?4,?5,?6,?7,'pending',?6) ON CONFLICT(agent_id) DO UPDATE SET "
+                "status, changed_at, failures, failing_since) VALUES (?1,?2,?3,?4,?5,?6,?7,'pending',?6,?8,?9) "
+                "ON CONFLICT(agent_id) DO UPDATE SET "
                 "identity=excluded.identity, purpose=excluded.purpose, session_ids=excluded.session_ids, "
                 "last_heartbeat=excluded.last_heartbeat, "
                 "detected_at=excluded.detected_at, reason=excluded.reason, status='pending', claimed_by=NULL, "
-                "claimed_at=NULL, completed_by=NULL, completed_at=NULL, changed_at=excluded.changed_at",
+                "claimed_at=NULL, completed_by=NULL, completed_at=NULL, changed_at=excluded.changed_at, "
+                "failures=excluded.failures, failing_since=excluded.failing_since",
                 (agent_id, agent.identity, purpose, json.dumps(abandoned or self.app.sessions.session_ids_of(agent_id)),
-                 agent.last_heartbeat, now, reason),
+                 agent.last_heartbeat, now, reason, 1 + earlier, min(since, now)),
             )  # fmt: skip
         agent.liveness, agent.dead_at = "dead", now
         log.info("agent %s is dead: %s", agent_id, reason)
         self.app.sessions.announce_ended(abandoned, agent_id, "abandoned")
         self.app.bus.emit("agent.dead", agentId=agent_id, identity=agent.identity, lastHeartbeat=agent.last_heartbeat,
                           sessionIds=abandoned, reason=reason)  # fmt: skip
+        self._announce_settled(superseded, "superseded", agent_id)
         self.app.bus.emit("salvage.create", salvageId=agent_id, agentId=agent_id, by="daemon")
         message = {"type": "dead", "agentId": agent_id, "identity": agent.identity, "purpose": purpose,
-                   "zombiedSessions": abandoned, "reason": reason}  # fmt: skip
+                   "zombiedSessions": abandoned, "reason": reason, "failures": 1 + earlier}  # fmt: skip
         self.app.publish("resurrection", message, sender="daemon")
         self.app.publish("agents", message, sender="daemon")
         return True
+
+    def settle_fixed(self, agent_ids: Iterable[str], by: str) -> list[str]:
+        """A fleet run ``by`` succeeded: the pending entries of its agent's earlier runs (``agent_ids``) are
+        settled, ``completed`` by it (the agent does its job again). The entries settled."""
+        with self.store.write():
+            settled, _, _ = self._settle(agent_ids, "completed", by, now_ms())
+        self._announce_settled(settled, "completed", by)
+        return settled
+
+    def _settle(self, agent_ids: Iterable[str], status: str, by: str, now: int) -> tuple[list[str], int, float]:
+        """Settle the *pending* entries among ``agent_ids`` (inside a write; claimed ones are someone's work and
+        stay as they are) as ``status`` by ``by``; their dead agents leave the registry. (The entries settled, the
+        failures they stood for, the earliest of those failures or inf.)"""
+        ids = json.dumps([a for a in agent_ids if a != by])
+        rows = self.store.all("SELECT agent_id, failures, coalesce(failing_since, detected_at) FROM salvage WHERE "
+                              "status='pending' AND agent_id IN (SELECT value FROM json_each(?))", (ids,))  # fmt: skip
+        if not rows:
+            return [], 0, math.inf
+        settled = [a for a, _, _ in rows]
+        self.store.execute("UPDATE salvage SET status=?1, completed_by=?2, completed_at=?3, changed_at=?3 WHERE "
+                           "agent_id IN (SELECT value FROM json_each(?4))",
+                           (status, by, now, json.dumps(settled)))  # fmt: skip
+        for agent_id in settled:
+            self._forget_dead(agent_id)
+        return settled, sum(f for _, f, _ in rows), min(t for _, _, t in rows)
+
+    def _announce_settled(self, settled: list[str], status: str, by: str) -> None:
+        if settled:
+            self.app.bus.emit("salvage.supersede", agentId=by, by=by, status=status, agentIds=settled)
 
     def _mark_stale(self, agent: Agent) -> None:
         with self.store.write() as db:
@@ -355,11 +401,8 @@ class Agents:
     def salvage_entries(self, *, project: str | None = None, stack: str | None = None,
                         statuses: tuple[str, ...] = ("pending",), limit: int = 50) -> list[dict[str, Any]]:  # fmt: skip
         marks = ",".join("?" * len(statuses))
-        rows = self.store.all(
-            "SELECT agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, status, claimed_by, "
-            f"claimed_at, completed_by, completed_at FROM salvage WHERE status IN ({marks}) ORDER BY detected_at DESC",
-            statuses,
-        )  # fmt: skip
+        rows = self.store.all(f"SELECT {_ENTRY_COLUMNS} FROM salvage WHERE status IN ({marks}) "
+                              "ORDER BY detected_at DESC", statuses)  # fmt: skip
         entries = []
         for row in rows:
             entry = self._entry(row)
@@ -373,16 +416,14 @@ class Agents:
         return entries
 
     def salvage_entry(self, agent_id: str) -> dict[str, Any]:
-        row = self.store.one(
-            "SELECT agent_id, identity, purpose, session_ids, last_heartbeat, detected_at, reason, status, claimed_by, "
-            "claimed_at, completed_by, completed_at FROM salvage WHERE agent_id=?", (agent_id,),
-        )  # fmt: skip
+        row = self.store.one(f"SELECT {_ENTRY_COLUMNS} FROM salvage WHERE agent_id=?", (agent_id,))
         if row is None:
             raise NotFound("NOT_FOUND", f"agent {agent_id} is not in the salvage queue; see pd salvage")
         return self._entry(row)
 
     def _entry(self, row: tuple[Any, ...]) -> dict[str, Any]:
-        agent_id, identity, purpose, session_ids, last_hb, detected, reason, status, cby, cat, dby, dat = row
+        (agent_id, identity, purpose, session_ids, last_hb, detected, reason, status, cby, cat, dby, dat, failures,
+         since) = row  # fmt: skip
         sessions = json.loads(session_ids)
         segments = [*(identity or "").split(":"), None, None, None]
         return {
@@ -391,6 +432,7 @@ class Agents:
             "purpose": purpose, "sessionId": sessions[-1] if sessions else None, "sessionIds": sessions,
             "lastHeartbeat": last_hb, "staleSince": detected, "detectedAt": detected, "reason": reason,
             "status": status, "claimedBy": cby, "claimedAt": cat, "completedBy": dby, "completedAt": dat,
+            "failures": failures, "failingSince": since if since is not None else detected,
             "files": self.app.sessions.claimed_paths(sessions),
             "notes": self.app.sessions.note_texts(sessions, limit=3),
         }  # fmt: skip
@@ -400,6 +442,9 @@ class Agents:
         entry = self.salvage_entry(agent_id)
         allowed = {"claim": ("pending",), "complete": ("pending", "claimed"), "abandon": ("claimed",),
                    "dismiss": ("pending", "claimed")}[action]  # fmt: skip
+        if entry["status"] == "superseded":
+            raise Conflict("CONFLICT", f"salvage entry {agent_id} was superseded by {entry['completedBy']}, a later "
+                           "failed run of the same fleet agent, whose entry stands for it; see pd salvage")  # fmt: skip
         if entry["status"] not in allowed:
             raise Conflict("CONFLICT", f"salvage entry {agent_id} is {entry['status']}, not {' or '.join(allowed)}; "
                            "see pd salvage --all")  # fmt: skip
@@ -458,10 +503,16 @@ class Agents:
                               "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
         return {a for a in agent_ids if a in self._agents} | {a for (a,) in rows}
 
+    def superseded(self, agent_ids: Iterable[str]) -> set[str]:
+        """Which of ``agent_ids`` are fleet runs whose salvage entry a later run's stands for."""
+        rows = self.store.all("SELECT agent_id FROM salvage WHERE status='superseded' AND agent_id IN "
+                              "(SELECT value FROM json_each(?))", (json.dumps(list(agent_ids)),))  # fmt: skip
+        return {a for (a,) in rows}
+
     def forget_settled(self, agent_ids: list[str]) -> None:
-        """Drop the settled salvage entries (completed, dismissed) of agents forgotten with their work (inside a
-        write): their sessions are going, so the entries would point at nothing."""
-        self.store.execute("DELETE FROM salvage WHERE status IN ('completed', 'dismissed') AND agent_id IN "
+        """Drop the settled salvage entries (completed, dismissed, superseded) of agents forgotten with their work
+        (inside a write): their sessions are going, so the entries would point at nothing."""
+        self.store.execute(f"DELETE FROM salvage WHERE status IN {SETTLED} AND agent_id IN "
                            "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
 
     def _next_expiry(self) -> float:

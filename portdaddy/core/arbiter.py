@@ -178,6 +178,11 @@ class Arbiter:
         if agent in self._agents and self.app.agents.get(agent) is None:
             del self._agents[agent]
 
+    def _salvage_superseded(self, d: dict[str, Any]) -> None:
+        """A fleet run's death or success settled its agent's earlier entries (``agentIds``): those dead agents left."""
+        for agent in d.get("agentIds") or ():
+            self._salvage_settled({"agentId": agent})
+
     def _salvage_expired(self, d: dict[str, Any]) -> None:
         """Dead agents whose salvage entry expired left the registry (``forgotten``)."""
         for agent in d.get("forgotten") or ():
@@ -385,6 +390,7 @@ _HANDLERS = {
     "salvage.claim": Arbiter._salvage_settled,
     "salvage.complete": Arbiter._salvage_settled,
     "salvage.dismiss": Arbiter._salvage_settled,
+    "salvage.supersede": Arbiter._salvage_superseded,
     "salvage.expire": Arbiter._salvage_expired,
     "session.end": Arbiter._session_end,
 }

@@ -115,6 +115,9 @@ def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
     notes = sessions.notes(project=project, since=start, limit=limit)
     recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
               if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
+    # A fleet agent failing run after run is one salvage entry below; its earlier runs' sessions would drown the rest.
+    repeats = ctx.app.agents.superseded({s["agentId"] for s in recent if s["agentId"]})
+    recent = [s for s in recent if s["agentId"] not in repeats]
     dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
     claims = sessions.held()  # every repository's: a sitrep is of the whole machine
     activity = ctx.app.activity.entries(limit=limit, since=start)

@@ -54,6 +54,7 @@ EVENTS = {
     "salvage.create": "a dead agent's work was queued for salvage",
     "salvage.claim": "an agent took a dead agent's work over", "salvage.complete": "salvaged work was finished",
     "salvage.abandon": "salvaged work went back to the queue", "salvage.dismiss": "a salvage entry was dismissed",
+    "salvage.supersede": "a fleet run's death or success settled its agent's earlier pending salvage entries",
     "arbiter.violation": "an invariant was broken",
     "fleet.run.start": "a fleet run started", "fleet.run.exit": "a fleet run exited",
     "fleet.circuit.open": "a fleet agent's circuit breaker opened",

@@ -58,9 +58,17 @@ async def heartbeat(app: App, run: Run) -> None:
     await _op(app, "agent.heartbeat", agentId=run.agent_id)
 
 
-async def done(app: App, run: Run, note: str) -> None:
-    """The run ended on its own terms (success, or stopped on purpose): end its session and unregister."""
+async def done(app: App, run: Run, note: str, *, fixes: list[str] | None = None) -> None:
+    """The run ended on its own terms (success, or stopped on purpose): end its session and unregister.
+
+    ``fixes``: earlier runs of its fleet agent, when it succeeded; their pending salvage is settled, completed by
+    this run (spec/fleet.md, "Repeated failures")."""
     await _op(app, "agent.done", agentId=run.agent_id, note=note, sessionId=run.session_id)
+    if fixes:
+        try:
+            app.agents.settle_fixed(fixes, run.agent_id)
+        except PDError as exc:
+            log.warning("fleet: settling the salvage of %s's earlier runs failed: %s", run.agent_id, exc.message)
 
 
 def registered(app: App, run: Run) -> bool:
@@ -68,14 +76,15 @@ def registered(app: App, run: Run) -> bool:
     return app.agents.get(run.agent_id) is not None or bool(app.sessions.session_ids_of(run.agent_id))
 
 
-def crashed(app: App, run: Run, reason: str) -> None:
+def crashed(app: App, run: Run, reason: str, *, supersedes: list[str] | None = None) -> None:
     """The run died (crash, timeout, lost with the daemon): the reaper's path, so its session goes to salvage.
+    ``supersedes``: the other runs of its fleet agent; its entry stands for their pending ones.
 
     Its sessions end even when its agent is not alive to be declared dead (declared so before, or gone after a
     ``pd done`` the run made, then a new session): no reaper would ever judge them, and an active session's file
     claims block everyone else's."""
     try:
-        if app.agents.declare_dead(run.agent_id, reason):
+        if app.agents.declare_dead(run.agent_id, reason, supersedes=supersedes or ()):
             return
     except PDError as exc:
         log.warning("fleet: declaring %s dead failed: %s", run.agent_id, exc.message)

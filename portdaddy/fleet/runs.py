@@ -194,6 +194,17 @@ class RunTable:
             ended.append(at)
         return ended[::-1]
 
+    def same_agent(self, run: Run, *, created_before: bool = False) -> list[str]:
+        """The ids of the other runs of ``run``'s fleet agent (its project and name), or of those created before it:
+        whose pending salvage its death supersedes, or its success settles. Empty for a spawn, whose runs are each
+        their own task."""
+        if run.kind != "fleet":
+            return []
+        before, args = (" AND created_at <= ?", (run.created_at,)) if created_before else ("", ())
+        rows = self.store.all(f"SELECT id FROM fleet_runs WHERE kind='fleet' AND project_dir=? AND agent=? AND id<>?"
+                              f"{before}", (run.project_dir, run.agent, run.id, *args))  # fmt: skip
+        return [run_id for (run_id,) in rows]
+
     def past_keeping(self, keep: int, ended_before: int, started_before: int) -> list[tuple[str, str | None]]:
         """The finished runs not kept: past the newest ``keep`` finished runs of their agent (a fleet's agent, or a
         spawn's name), or ended before ``ended_before`` (ms); of those, the ones started before ``started_before``.

@@ -210,7 +210,7 @@ class Fleet:
         run.session_id = run.session_id or next(iter(self.app.sessions.session_ids_of(run.agent_id)), None)
         run.log_dropped = cap_log(run)
         self.runs.update(run)
-        citizen.crashed(self.app, run, f"fleet run {run.id} lost: the daemon died while it was {doing}")
+        self._crashed(run, f"fleet run {run.id} lost: the daemon died while it was {doing}")
         self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
                           projectDir=run.project_dir, exitCode=None)  # fmt: skip
 
@@ -616,7 +616,7 @@ class Fleet:
                 run.started_at = run.ended_at = now_ms()
                 self.runs.update(run)
                 self._emit_exit(run)
-                citizen.crashed(self.app, run, run.error)
+                self._crashed(run, run.error)
                 return
             if self.settings.test_starting_pause_s:
                 await trio.sleep(self.settings.test_starting_pause_s)
@@ -679,11 +679,18 @@ class Fleet:
         self.runs.update(run)
         self._emit_exit(run)
         self._leave_harbor(run)
-        if run.status in ("completed", "killed"):
-            verb = "Completed" if run.status == "completed" else "Stopped"
-            await citizen.done(self.app, run, f"{verb}: {self.output_tail(run, citizen.NOTE_OUTPUT_MAX)}")
+        if run.status == "completed":
+            await citizen.done(self.app, run, f"Completed: {self.output_tail(run, citizen.NOTE_OUTPUT_MAX)}",
+                               fixes=self.runs.same_agent(run, created_before=True))  # fmt: skip
+        elif run.status == "killed":  # stopped on purpose: says nothing of the agent's earlier failures
+            await citizen.done(self.app, run, f"Stopped: {self.output_tail(run, citizen.NOTE_OUTPUT_MAX)}")
         else:
-            citizen.crashed(self.app, run, f"fleet run {run.id} {run.status}: {run.error}")
+            self._crashed(run, f"fleet run {run.id} {run.status}: {run.error}")
+
+    def _crashed(self, run: Run, reason: str) -> None:
+        """The run died: to salvage, its entry standing for its fleet agent's earlier pending ones (spec/fleet.md,
+        "Repeated failures")."""
+        citizen.crashed(self.app, run, reason, supersedes=self.runs.same_agent(run))
 
     def _emit_exit(self, run: Run) -> None:
         self.app.bus.emit("fleet.run.exit", agent=run.agent, runId=run.id, status=run.status,
