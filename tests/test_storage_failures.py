@@ -420,6 +420,8 @@ def test_a_store_deleted_or_replaced_under_the_daemon_takes_no_more_writes(fresh
     err = refused(d.call, "port.claim", id="app:web")
     assert err.code == "STORE_GONE" and "deleted or replaced while the daemon ran" in err.message
     assert "restart the daemon" in err.message
+    # Every write looks again once one found the file gone: those until the next look were acknowledged, and lost.
+    assert {refused(d.call, "port.claim", id=f"app:w{n}").code for n in range(20)} == {"STORE_GONE"}
     assert d.call("port.claim", id="app:api")["existing"] is True  # reads go on
     assert store_state(d)["error"] == "STORE_GONE"
     d.restart()
@@ -554,6 +556,8 @@ def test_a_write_ahead_log_deleted_alone_takes_no_more_writes_and_loses_nothing_
     assert err.message == (f"the store's write-ahead log {db}-wal was deleted while the daemon ran, so nothing more "
                            "can be saved; what it held was saved into the store; restart the daemon (pd stop, then "
                            "pd start)")  # fmt: skip
+    # Every write looks again once one found the log gone: those until the next look went into the deleted log.
+    assert {refused(d.call, "port.claim", id=f"app:w{n}").code for n in range(20)} == {"STORE_GONE"}
     assert d.call("port.claim", id="app:api")["existing"] is True  # reads go on
     assert store_state(d)["error"] == "STORE_GONE"
     assert "writes are refused: the store's write-ahead log" in d.pd("status").stdout

@@ -205,7 +205,10 @@ class Store:
 
     def _begin(self) -> None:
         """Open the write transaction, or raise a StoreError saying why the store cannot take one."""
-        if time.monotonic() - self._file_checked >= FILE_CHECK_S:
+        # Once a file was found gone, every write looks again (a stat and a readlink, on the refusing path only):
+        # a write let through until the next look would be acknowledged into a deleted file, lost at the next start.
+        gone_before = self.failure is not None and self.failure.code == "STORE_GONE"
+        if gone_before or time.monotonic() - self._file_checked >= FILE_CHECK_S:
             gone = self._gone()
             if gone is not None:
                 raise self._failed(gone)
