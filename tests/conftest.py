@@ -105,6 +105,14 @@ class Daemon:
         return (self.home / "daemon.log").read_text(errors="replace")
 
 
+def traceback_frames(error: BaseException) -> int:
+    """How many frames ``error``'s traceback holds (and keeps alive)."""
+    tb, frames = error.__traceback__, 0
+    while tb is not None:
+        tb, frames = tb.tb_next, frames + 1
+    return frames
+
+
 def unix_client(d: Daemon) -> httpx.Client:
     """HTTP to ``d`` over its Unix socket (no token needed)."""
     return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.settings.http_sock)), base_url="http://x")

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 import trio
+from conftest import traceback_frames
 
 import portdaddy.sdk
 from portdaddy.errors import PDError, StoreError, Timeout
@@ -451,6 +452,34 @@ def test_a_publish_the_store_refuses_leaves_no_trace(tmp_path) -> None:
     after = broker.post("busy:x", "next")
     assert after.id == first + 1
     assert [(m.id, m.payload) for m in broker.since(["busy:*"], 0)] == [(first, "stored"), (after.id, "next")]
+    other.close()
+    app.store.close()
+
+
+def test_dropped_publishes_keep_nothing_of_each_other_while_writes_are_refused(tmp_path) -> None:
+    """Each fire-and-forget publish past the reserved block of ids raised the store's one failure again, and an
+    exception raised again keeps every earlier raise's traceback: the frames, payloads included, of every
+    dropped publish stayed in memory as long as writes were refused (150 MB for 50,000 of 4 KB)."""
+    import apsw
+
+    from portdaddy.core.broker import ID_BLOCK, Broker
+    from tests.swarm_app import make_app
+
+    app = make_app(tmp_path)
+    broker = Broker(app)
+    broker.post("busy:x", "stored")
+    other = apsw.Connection(str(tmp_path / "portdaddy.db"))
+    other.execute("BEGIN IMMEDIATE")
+    frames = []
+    for n in range(ID_BLOCK + 100):
+        try:
+            broker.post("busy:x", {"n": n}, durable=False)
+        except StoreError as e:
+            frames.append(traceback_frames(e))
+    # The first met the store itself; the others were dropped without a try, each with its own traceback.
+    assert len(frames) == 101 and len(set(frames[1:])) == 1, frames[:5] + frames[-5:]
+    assert app.store.dropped == {"messages": len(frames)}
+    other.execute("ROLLBACK")
     other.close()
     app.store.close()
 

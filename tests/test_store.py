@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import apsw
 import pytest
+from conftest import traceback_frames
 
-from portdaddy.core.store import Reserved, Store, autoincrement_ids, migrations
+from portdaddy.core.store import FILE_CHECK_S, Reserved, Store, autoincrement_ids, migrations
 from portdaddy.errors import StoreError
 
 
@@ -165,3 +168,17 @@ def test_a_storage_failure_met_inside_a_transaction_never_commits_it(store: Stor
     with store.write() as db:
         db.execute("INSERT INTO parent VALUES (2)")
     assert store.failure is None and store.health() == {"ok": True}
+
+
+def test_a_write_ahead_log_deleted_refuses_every_write_and_keeps_nothing_of_the_refused_ones(store: Store) -> None:
+    """The deleted log's refusal was one exception raised again for every write, keeping every earlier raise's
+    traceback (and the frames of every refused call) while the daemon ran on."""
+    os.unlink(store.path + "-wal")
+    time.sleep(FILE_CHECK_S)  # writes look at the files that often
+    frames = []
+    for n in range(20):
+        with pytest.raises(StoreError) as refused, store.write() as db:
+            db.execute("INSERT INTO parent VALUES (?)", (n,))
+        assert refused.value.code == "STORE_GONE"
+        frames.append(traceback_frames(refused.value))
+    assert len(set(frames)) == 1, frames

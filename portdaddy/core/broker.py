@@ -173,7 +173,7 @@ class Broker:
             # Its id needs a new block reserved on disk, which the store refuses (the write-behind tries again each
             # second): dropped without a try per frame, neither delivered nor kept; nobody was promised it.
             self.store.drop("messages")
-            raise self.store.failure
+            raise self.store.refusal()
         content_type = "text" if isinstance(payload, str) else "json"
         msg = Message(self._ids.take(), channel, payload, content_type, sender, now_ms())
         self._unwritten.append((msg.id, channel, v.compact_json(payload), content_type, sender,

@@ -235,7 +235,7 @@ class Store:
                               "nothing more can be saved; restart the daemon (pd stop, then pd start) to use the file "
                               "now there")  # fmt: skip
         if self._wal_fd is None or self._wal_lost is not None:
-            return self._wal_lost
+            return None if self._wal_lost is None else _again(self._wal_lost)
         try:
             target = os.readlink(f"/proc/self/fd/{self._wal_fd}")
         except OSError:
@@ -256,7 +256,7 @@ class Store:
                 "stop the daemon cleanly (pd stop saves what it held into the store), then pd start")  # fmt: skip
         self._wal_lost = StoreError("STORE_GONE", f"the store's write-ahead log {self.path}-wal was deleted while the "
                                     f"daemon ran, so nothing more can be saved; {then}")  # fmt: skip
-        return self._wal_lost
+        return _again(self._wal_lost)
 
     def _rollback(self) -> None:
         if self.db.in_transaction:  # a failed COMMIT may leave the transaction open (SQLITE_BUSY) or not
@@ -308,6 +308,11 @@ class Store:
         log.info("the store takes writes again")
         self.failure = self.failed_since = None
         self._dropping.clear()
+
+    def refusal(self) -> StoreError:
+        """Why writes are refused now (``failure``), as a new error to raise where no write is tried."""
+        assert self.failure is not None, "refusal() belongs where the store refuses writes"
+        return _again(self.failure)
 
     def drop(self, what: str, n: int = 1) -> None:
         """Count ``n`` changes of kind ``what`` nobody was promised, dropped because the store refuses writes and
@@ -419,6 +424,12 @@ class Store:
 def _unwritable(path: str) -> bool:
     """Whether the daemon may not write the file at ``path`` (or, if there is none, create one beside it)."""
     return not os.access(path if os.path.exists(path) else os.path.dirname(path) or ".", os.W_OK)
+
+
+def _again(error: StoreError) -> StoreError:
+    """``error`` to raise once more, as a new exception: one raised again keeps the traceback of every earlier
+    raise, and with it the frames (and their payloads) of every call it refused, for as long as writes are."""
+    return StoreError(error.code, error.message, **error.extra)
 
 
 def _open_fd(path: str) -> int | None:
