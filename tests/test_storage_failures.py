@@ -268,6 +268,7 @@ def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_the
     d = fresh_daemon
     holder = d.client("holder")
     first = holder.request("lock.acquire", {"name": "deploy", "connBound": True})
+    holder.request("lock.acquire", {"name": "unwanted", "connBound": True})
     got: dict[str, Any] = {}
 
     def wait() -> None:
@@ -285,6 +286,8 @@ def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_the
         time.sleep(2.5)  # the daemon has tried the release, and tried again, and been refused
         assert refused(d.call, "lock.acquire", name="deploy", owner="thief").code == "STORE_LOCKED"
         assert d.call("lock.get", name="deploy")["owner"] == "holder" and "lock" not in got
+    # Before the expiry task's next try (a second after its last), a listing tries first, as a lock.get does.
+    assert "unwanted" not in [lk["name"] for lk in d.call("lock.list")["locks"]]
     waiter.join(timeout=10)
     assert got["lock"]["owner"] == "waiter" and got["lock"]["token"] > first["token"]
     db = sqlite3.connect(d.settings.db)

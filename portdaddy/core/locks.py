@@ -110,7 +110,7 @@ class Locks:
     def list(self, owner_glob: str | None = None) -> list[Lock]:
         now = now_ms()
         with suppress(StoreError):
-            for lock in [lk for lk in self._held.values() if lk.expires_at <= now]:
+            for lock in [lk for lk in self._held.values() if _due(lk) <= now]:  # ended, or its holder gone
                 self._expire_if_due(lock.name)
         locks = sorted((lk for lk in self._held.values() if lk.expires_at > now), key=lambda lk: lk.acquired_at,
                        reverse=True)  # fmt: skip
