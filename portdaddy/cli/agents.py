@@ -183,7 +183,9 @@ def agents(active: bool, identity: str | None, as_json: bool, quiet: bool) -> No
 @click.group("salvage", invoke_without_command=True)
 @click.option("--project", "-p", metavar="P", help="Only dead agents whose identity is in P:* (globs allowed).")
 @click.option("--stack", metavar="S", help="Only this stack (globs allowed).")
-@click.option("--all", "all_", is_flag=True, help="Every entry, also claimed, completed and dismissed ones.")
+@click.option(
+    "--all", "all_", is_flag=True, help="Every entry, also claimed, completed, dismissed and superseded ones."
+)
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
 @quiet_option
