@@ -512,8 +512,9 @@ class Agents:
     def forget_settled(self, agent_ids: list[str]) -> None:
         """Drop the settled salvage entries (completed, dismissed, superseded) of agents forgotten with their work
         (inside a write): their sessions are going, so the entries would point at nothing."""
-        self.store.execute(f"DELETE FROM salvage WHERE status IN {SETTLED} AND agent_id IN "
-                           "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
+        self.store.execute("DELETE FROM salvage WHERE status IN (SELECT value FROM json_each(?)) "
+                           "AND agent_id IN (SELECT value FROM json_each(?))",
+                           (json.dumps(SETTLED), json.dumps(agent_ids)))  # fmt: skip
 
     def _next_expiry(self) -> float:
         """Wall-clock ms when the oldest salvage entry expires (inf if none)."""
