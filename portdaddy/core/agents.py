@@ -38,6 +38,7 @@ from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import Conflict, NotFound, PDError, StoreError, bad_input
+from portdaddy.text import quoted
 
 log = logging.getLogger("portdaddy.agents")
 
@@ -699,8 +700,21 @@ def _status(name: str, value: Any) -> str:
 _AGENT = Param("agentId", AGENT_ID, aliases=("id",))
 # Ops that name *another* agent read ``id`` first: a bound IPC client adds its own ``agentId`` to every request.
 _OTHER = Param("id", AGENT_ID, required=True, aliases=("agentId",))
+_PATH_TEXT = v.text(4096)
+
+
+def _worktree(name: str, value: Any) -> str:
+    """An absolute path: a relative one would be read against the daemon's own directory, which means nothing
+    to a client elsewhere (spec/journal.md, "Sessions")."""
+    path = _PATH_TEXT(name, value)
+    if not path.startswith("/"):
+        raise bad_input(f"{name} {quoted(path)} is a relative path, which the daemon cannot place; send "
+                        "the worktree's absolute path, e.g. /home/me/project (pd and the SDK resolve it)")  # fmt: skip
+    return path
+
+
 # The caller's worktree root: scopes its current session and its claims' repository (core/repository.py).
-WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
+WORKTREE = Param("worktree", _worktree, aliases=("worktreeId",))
 
 REGISTER_PARAMS = (
     Param("identity", v.identity),
