@@ -1,9 +1,15 @@
-"""Text for people, written alike by the daemon and by pd: values cut to fit a line.
+"""Text for people, written alike by the daemon and by pd: counts with their nouns, and values cut to fit a line.
 
 Leaf-level (no imports): pd loads it on every run, through errors.py.
 """
 
 from __future__ import annotations
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``0 notes``, ``1 note``, ``1,440 notes``: a count with its noun in the right number (``many``: the plural
+    when it is not ``noun`` + s, e.g. ``entries``)."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
 
 
 def clip(text: str, limit: int) -> str:

@@ -80,7 +80,7 @@ def test_validate_reports_cycles_yaml_lines_and_missing_backends(tmp_home: Path,
     project = make_project(tmp_home, CHAIN)
     ok = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": path_with(bin_dir)})
     assert ok.returncode == 0, ok.stderr
-    assert "2 agent(s) (qa, tidy)" in ok.stdout
+    assert "2 agents (qa, tidy)" in ok.stdout
 
     missing = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2
@@ -799,7 +799,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     assert pending[qa[2]["id"]]["failingSince"] == every[qa[0]["id"]]["detectedAt"]
 
     salvage = d.pd("salvage").stdout
-    assert "Failed:   3 failed runs, the first" in salvage and "5 agent(s) in salvage queue" in salvage, salvage
+    assert "Failed:   3 failed runs, the first" in salvage and "5 agents in salvage queue" in salvage, salvage
     listed = d.pd("agents").stdout
     assert f"{qa[2]['id']} (proj:fleet:qa, " in listed and "[salvage pending, 3 failed runs]" in listed, listed
     sitrep = d.pd("sitrep").stdout
@@ -809,7 +809,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     for earlier in qa[:2]:  # they left the registry, as a dismissed entry's agent does
         assert earlier["id"] not in salvage + listed
     status = d.pd("status").stdout
-    assert "5 dead agent(s) left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
+    assert "5 dead agents left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
     refused = d.pd("salvage", "claim", qa[0]["id"], "--agent", "fixer")
     assert refused.returncode == 1 and f"superseded by {qa[1]['id']}" in refused.stderr, refused.stderr
 

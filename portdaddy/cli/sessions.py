@@ -17,6 +17,7 @@ from portdaddy.cli.output import age, emit_json, json_option, quiet_option, sinc
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
+from portdaddy.text import plural
 
 _AGENT = click.option("--agent", "-a", metavar="ID", help="Act as this agent (default: the worktree's current one).")
 _SESSION = click.option("--session", "-s", "session", metavar="ID",
@@ -117,7 +118,7 @@ def end(note: str | None, status: str, session: str | None, as_json: bool, quiet
         emit_json(result)
     else:
         click.echo(result["id"] if quiet else f"Session {result['id']} {result['status']}; "
-                   f"released {len(result['releasedFiles'])} file claim(s)")  # fmt: skip
+                   f"released {plural(len(result['releasedFiles']), 'file claim')}")  # fmt: skip
 
 
 @session.command("list")
@@ -211,7 +212,7 @@ def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_jso
         emit_json(result)
     else:
         claimed = len(result["claimed"])
-        click.echo(claimed if quiet else f"Claimed {claimed} path(s) for {result['sessionId']}")
+        click.echo(claimed if quiet else f"Claimed {plural(claimed, 'path')} for {result['sessionId']}")
 
 
 @files_group.command("release")
@@ -232,7 +233,7 @@ def files_release(paths: tuple[str, ...], session: str | None, as_json: bool, qu
         emit_json(result)
     else:
         released = len(result["released"])
-        click.echo(released if quiet else f"Released {released} path(s)")
+        click.echo(released if quiet else f"Released {plural(released, 'path')}")
 
 
 @click.command("note")
@@ -291,13 +292,15 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
     if verify:
         result = call("note.verify", {"sessionId": session}, as_json=as_json)
         if as_json and not result["valid"]:
-            refuse_reply("CHAIN_BROKEN", f"{len(result['problems'])} problem(s) in note chains", result)
+            refuse_reply("CHAIN_BROKEN", f"{plural(len(result['problems']), 'problem')} in note chains", result)
         if as_json:
             emit_json(result)
         elif quiet:
             click.echo("intact" if result["valid"] else "broken")
         elif result["valid"]:
-            click.echo(f"Note chain intact: {result['notes']} notes in {result['sessions']} session(s)")
+            click.echo(
+                f"Note chain intact: {plural(result['notes'], 'note')} in {plural(result['sessions'], 'session')}"
+            )
         else:
             for p in result["problems"]:
                 click.echo(f"{p['sessionId']}: {p['problem']}", err=True)
@@ -369,7 +372,7 @@ def who_owns(path: str, as_json: bool, quiet: bool) -> None:
     elif quiet:
         click.echo("claimed" if result["claimed"] else "unclaimed")
     else:
-        click.echo(f"{result['filePath']}: claimed by {len(result['owners'])} session(s)")
+        click.echo(f"{result['filePath']}: claimed by {plural(len(result['owners']), 'session')}")
         for c in result["owners"]:
             click.echo(f"  {claim_line(c)}")
 

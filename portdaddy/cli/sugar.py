@@ -20,6 +20,7 @@ from portdaddy.cli.output import age, emit_json, json_option, quiet_option, sinc
 from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
+from portdaddy.text import plural
 
 
 @click.command("begin")
@@ -70,7 +71,7 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
     for s in result["stillActive"]:
         click.echo(
             f"Warning: {result['agentId']} still has session {s['sessionId']} ({s['purpose']}) active, "
-            f"claiming {len(s['files'])} file(s); end it with: pd session end --session {s['sessionId']}",
+            f"claiming {plural(len(s['files']), 'file')}; end it with: pd session end --session {s['sessionId']}",
             err=True,
         )
 
@@ -171,7 +172,7 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
     if as_json:
         emit_json(result)
         return
-    click.echo(result["summary"])
+    click.echo(_summary(result))
     sections = (("Notes", [note_line(n) for n in result["notes"]]),
                 ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}"
                               for s in result["sessions"]]),
@@ -182,6 +183,18 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
             click.echo(f"\n{title}:")
             for line in lines:
                 click.echo(f"  {line}")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """``Last 30m: 4 events, 1 note, 1 active session, 0 dead agents awaiting salvage, 2 files claimed`` (the
+    daemon's ``summary`` keeps the original's wording, "1 notes" too)."""
+    c = result["counts"]
+    window = "Since the beginning" if result["since_ms"] == 0 else f"Last {result['since_minutes']}m"
+    return (
+        f"{window}: {plural(c['events'], 'event')}, {plural(c['notes'], 'note')}, "
+        f"{plural(c['activeSessions'], 'active session')}, {plural(c['deadAgents'], 'dead agent')} awaiting "
+        f"salvage, {plural(c['filesClaimed'], 'file')} claimed"
+    )
 
 
 def _salvage_line(e: dict[str, Any]) -> str:

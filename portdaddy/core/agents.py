@@ -38,7 +38,7 @@ from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import Conflict, NotFound, PDError, StoreError, bad_input
-from portdaddy.text import quoted
+from portdaddy.text import plural, quoted
 
 log = logging.getLogger("portdaddy.agents")
 
@@ -588,6 +588,12 @@ def caller(ctx: Ctx, agent_id: str | None, *, what: str = "agentId") -> str:
     return agent
 
 
+def salvage_hint(dead: int, project: str) -> str:
+    """What an agent joining ``project`` hears of its ``dead`` agents awaiting salvage (the original's wording,
+    with the count's noun in the right number)."""
+    return f"{plural(dead, 'dead agent')} in {project}:*. Run: pd salvage --project {project}"
+
+
 def returning(agents: Agents, agent_id: str) -> bool:
     """Whether a sign of life from ``agent_id`` may be its first since it was declared dead (it is dead, or was
     forgotten once its work was taken over): then its reply carries ``death_notice``."""
@@ -605,8 +611,7 @@ def _register_reply(ctx: Ctx, agent: Agent, new: bool, back: bool) -> dict[str, 
         dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent.id]
         if dead:
             reply["deadAgentsInProject"] = len(dead)
-            reply["salvageHint"] = (f"{len(dead)} dead agent(s) in {agent.project}:*. "
-                                    f"Run: pd salvage --project {agent.project}")  # fmt: skip
+            reply["salvageHint"] = salvage_hint(len(dead), agent.project)
     return reply
 
 
