@@ -504,12 +504,6 @@ class Agents:
                               "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
         return {a for a in agent_ids if a in self._agents} | {a for (a,) in rows}
 
-    def superseded(self, agent_ids: Iterable[str]) -> set[str]:
-        """Which of ``agent_ids`` are fleet runs whose salvage entry a later run's stands for."""
-        rows = self.store.all("SELECT agent_id FROM salvage WHERE status='superseded' AND agent_id IN "
-                              "(SELECT value FROM json_each(?))", (json.dumps(list(agent_ids)),))  # fmt: skip
-        return {a for (a,) in rows}
-
     def forget_settled(self, agent_ids: list[str]) -> None:
         """Drop the settled salvage entries (completed, dismissed, superseded) of agents forgotten with their work
         (inside a write): their sessions are going, so the entries would point at nothing."""

@@ -19,6 +19,7 @@ from portdaddy.core.sessions import (
     FORCE,
     MAX_NOTE_CHARS,
     MAX_PURPOSE_CHARS,
+    RUNS,
     Sessions,
     file_conflict,
     target_session,
@@ -105,18 +106,16 @@ def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
             "noteCount": s["noteCount"], "startedAt": s["createdAt"], "duration": now - s["createdAt"]}  # fmt: skip
 
 
-def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
-    """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity."""
+def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
+    """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity. A
+    fleet agent's runs ended in the window are one session line and its newest run's notes (unless ``runs``)."""
     sessions: Sessions = ctx.app.sessions
     now = now_ms()
     start = now - DEFAULT_SITREP_MS if since is None else since
     window = now - start
-    notes = sessions.notes(project=project, since=start, limit=limit)
-    recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
-              if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
-    # A fleet agent failing run after run is one salvage entry below; its earlier runs' sessions would drown the rest.
-    repeats = ctx.app.agents.superseded({s["agentId"] for s in recent if s["agentId"]})
-    recent = [s for s in recent if s["agentId"] not in repeats]
+    notes = sessions.notes(project=project, since=start, limit=limit, fold_runs=not runs)
+    recent = sessions.list(status=None, agent=None, worktree=None, project=project, limit=500, since=start,
+                           fold_runs=not runs)  # fmt: skip
     dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
     claims = sessions.held()  # every repository's: a sitrep is of the whole machine
     activity = ctx.app.activity.entries(limit=limit, since=start)
@@ -174,8 +173,10 @@ OPS = (
         (
             Param("since", v.time_or_ago),
             Param("project", v.name("project", 64)),
+            RUNS,
             Param("limit", v.integer(1, 100), default=20),
         ),
-        summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity",
+        summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity (a fleet "
+        "agent's ended runs are one session and its newest run's notes unless runs)",
     ),
 )
