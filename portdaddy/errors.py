@@ -7,6 +7,8 @@ imported by the CLI, so it must stay free of heavy imports.
 
 from __future__ import annotations
 
+from portdaddy.text import clip
+
 # ``pd`` never imports typing (~15 ms of a ``pd claim -q``); annotations only need the names for checkers.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,10 +83,20 @@ def exit_code(code: str) -> int:
     return _TABLE.get(code, _DEFAULT)[2]
 
 
+# A refusal says what was wrong, and what to do, in one line: the quoted values in it (a 4,096-character worktree,
+# a tuple path 32 levels deep) are what can make it long, and they are cut here, the one place every message of
+# every transport passes, from the middle, so the line keeps its start and its end.
+MAX_MESSAGE = 300
+
+
 class PDError(Exception):
     """An error with a stable code. ``extra`` fields travel to the client beside ``error``/``message``."""
 
+    max_message: int | None = MAX_MESSAGE
+
     def __init__(self, code: str, message: str, **extra: Any) -> None:
+        if self.max_message is not None:
+            message = clip(message, self.max_message)
         super().__init__(message)
         self.code = code
         self.message = message

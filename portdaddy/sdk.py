@@ -89,6 +89,15 @@ def _timeout_ms(timeout: Any) -> int | None:
     return None if timeout is None else _ms("timeout", timeout)
 
 
+def _absolute(worktree: Any) -> Any:
+    """A worktree as the daemon needs it: absolute, resolved here in the caller's directory as pd does (symlinks
+    followed, so one directory is one worktree however it is reached). Anything but text goes as given, for the
+    daemon to refuse."""
+    if not isinstance(worktree, str) or not worktree.strip():
+        return worktree
+    return os.path.realpath(os.path.expanduser(worktree.strip()))
+
+
 def _backstop(args: dict[str, Any]) -> float | None:
     """How long the client waits for a reply: a request's own ``timeout`` (ms or a duration, which the daemon
     enforces) and a margin; without one, None: as long as the daemon shows it is alive (a request may wait by
@@ -361,7 +370,7 @@ class PortDaddy:
                     force: bool = False, worktree: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Register this connection's agent and start its session in one step (``Conflict`` on a file claim)."""
         return await self.call("agent.begin", purpose=purpose, identity=identity, files=files, force=force,
-                               worktree=worktree)  # fmt: skip
+                               worktree=_absolute(worktree))  # fmt: skip
 
     async def done(self, note: str | None = None, *, session_id: str | None = None,
                    status: str = "completed") -> dict[str, Any]:  # fmt: skip
@@ -370,7 +379,7 @@ class PortDaddy:
     async def start_session(self, purpose: str, *, files: list[str] | None = None, force: bool = False,
                             worktree: str | None = None, metadata: dict[str, Any] | None = None) -> str:  # fmt: skip
         """Start a session; returns its id. ``Conflict`` (FILE_CONFLICT, with ``conflicts``) unless ``force``."""
-        r = await self.call("session.start", purpose=purpose, files=files, force=force, worktree=worktree,
+        r = await self.call("session.start", purpose=purpose, files=files, force=force, worktree=_absolute(worktree),
                             metadata=metadata)  # fmt: skip
         return r["id"]
 

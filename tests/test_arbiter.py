@@ -261,7 +261,7 @@ def test_violations_are_kept_a_week_and_the_newest_ten_thousand(fresh_daemon) ->
 
     d = fresh_daemon
     old = [d.call("arbiter.test", name="LOCK_OWNER_VALID")["violation"]["id"] for _ in range(2)]
-    assert "2 invariant violation(s) recorded" in d.pd("status").stdout
+    assert "2 invariant violations recorded" in d.pd("status").stdout
     d.stop()
     now = int(time.time() * 1000)
     with sqlite3.connect(d.settings.db) as db:

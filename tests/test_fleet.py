@@ -80,7 +80,7 @@ def test_validate_reports_cycles_yaml_lines_and_missing_backends(tmp_home: Path,
     project = make_project(tmp_home, CHAIN)
     ok = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": path_with(bin_dir)})
     assert ok.returncode == 0, ok.stderr
-    assert "2 agent(s) (qa, tidy)" in ok.stdout
+    assert "2 agents (qa, tidy)" in ok.stdout
 
     missing = daemon.pd("fleet", "validate", "-C", str(project), env={"PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2
@@ -761,6 +761,60 @@ def test_finished_runs_past_the_newest_per_agent_or_a_month_old_are_forgotten_wh
     assert _journal_rows(d, [r["sessionId"] for r in gone]) == 0  # gone from the store, not just hidden
 
 
+def test_a_fleet_agents_ended_runs_are_one_line_in_sitrep_sessions_and_notes(daemon_factory: Any,
+                                                                           tmp_home: Path) -> None:  # fmt: skip
+    """A cron agent succeeding every minute ended a session per run, with its handoff note: pd sitrep, pd session
+    list --all and pd notes filled with them, and the people's own sessions and notes went off the page. Now a
+    fleet agent's ended runs are one entry, its newest run's session (and notes), with how many runs it stands for
+    and how they ended; its running runs stay on their own lines, and --runs (or naming a run) shows every one."""
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          limits: {max_concurrent_spawns: 2, max_spawns_per_hour: 100}
+          agents:
+            tick: {trigger: work, backend: custom, command: "echo ticked"}
+            flaky: {trigger: work, backend: custom, command: "exit 1"}
+            slow: {trigger: work, backend: custom, command: "sleep 300"}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    alice = d.call("agent.begin", agentId="alice", purpose="Refactor auth", worktree=str(project))["sessionId"]
+    d.call("note.add", agentId="alice", worktree=str(project), content="tokens rotate every 15m")
+    ticks = [_ended(d, project, "tick") for _ in range(3)]
+    flaky = [_ended(d, project, "flaky") for _ in range(2)]
+    slow = [d.call("fleet.run", projectDir=str(project), agent="slow")["run"]["id"] for _ in range(2)]
+    wait_for(lambda: {r["status"] for r in runs_of(d, project, "slow")} == {"running"}, what="the slow runs")
+
+    listed = {s["agentId"]: s for s in d.call("session.list", all=True)["sessions"]}
+    assert set(listed) == {"alice", ticks[2]["id"], flaky[1]["id"], *slow}  # one entry per fleet agent's ended runs
+    first = d.call("session.get", sessionId=ticks[0]["sessionId"])["session"]["createdAt"]
+    assert listed[ticks[2]["id"]]["fleetRuns"] == {"agent": "tick", "projectDir": str(project), "count": 3,
+                                                   "completed": 3, "abandoned": 0, "firstAt": first}  # fmt: skip
+    assert listed[flaky[1]["id"]]["fleetRuns"]["abandoned"] == 2
+    assert listed["alice"]["fleetRuns"] is None and listed[slow[0]]["fleetRuns"] is None  # active: on its own
+    assert d.call("session.list", all=True, runs=True)["count"] == 8
+
+    notes = d.call("note.list")
+    assert [n["agentId"] for n in notes["notes"]] == [ticks[2]["id"], "alice"] and notes["earlierRunNotes"] == 2
+    assert notes["notes"][0]["content"].startswith("Completed: ticked")
+    assert d.call("note.list", runs=True)["count"] == 4
+    assert d.call("note.list", agent=ticks[0]["id"])["count"] == 1  # a run named: its notes
+    shown = d.pd("notes")
+    assert "pd notes --runs" in shown.stderr and shown.stdout.count("ticked") == 1, shown.stdout
+
+    sitrep = d.pd("sitrep").stdout
+    sessions = sitrep.split("\nSessions:\n")[1].split("\n\n")[0].splitlines()
+    assert len(sessions) == 5, sitrep
+    assert f"completed {ticks[2]['sessionId']} {ticks[2]['id']}: Fleet agent: tick [newest of 3 ended runs, the " \
+        "first " in sitrep, sitrep  # fmt: skip
+    assert "Fleet agent: flaky [newest of 2 ended runs, 2 abandoned, the first " in sitrep, sitrep
+    assert f"active    {alice} alice: Refactor auth" in sitrep and sitrep.count("ticked") == 1
+    every = d.pd("sitrep", "--runs").stdout
+    assert all(t["sessionId"] in every for t in ticks) and "newest of" not in every, every
+    table = d.pd("session", "list", "--all")
+    assert "Fleet agent: tick [newest of 3 ended runs" in table.stdout and "--runs lists every run" in table.stderr
+    d.call("fleet.down", projectDir=str(project))
+
+
 def _salvage(d: Daemon, **args: Any) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in d.call("salvage.list", limit=500, **args)["agents"]}
 
@@ -799,7 +853,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     assert pending[qa[2]["id"]]["failingSince"] == every[qa[0]["id"]]["detectedAt"]
 
     salvage = d.pd("salvage").stdout
-    assert "Failed:   3 failed runs, the first" in salvage and "5 agent(s) in salvage queue" in salvage, salvage
+    assert "Failed:   3 failed runs, the first" in salvage and "5 agents in salvage queue" in salvage, salvage
     listed = d.pd("agents").stdout
     assert f"{qa[2]['id']} (proj:fleet:qa, " in listed and "[salvage pending, 3 failed runs]" in listed, listed
     sitrep = d.pd("sitrep").stdout
@@ -809,7 +863,7 @@ def test_a_fleet_agent_failing_run_after_run_is_one_salvage_entry_until_a_run_su
     for earlier in qa[:2]:  # they left the registry, as a dismissed entry's agent does
         assert earlier["id"] not in salvage + listed
     status = d.pd("status").stdout
-    assert "5 dead agent(s) left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
+    assert "5 dead agents left work behind (and 2 earlier failed runs of the same fleet agents)" in status, status
     refused = d.pd("salvage", "claim", qa[0]["id"], "--agent", "fixer")
     assert refused.returncode == 1 and f"superseded by {qa[1]['id']}" in refused.stderr, refused.stderr
 

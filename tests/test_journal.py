@@ -202,7 +202,7 @@ def test_begin_again_without_done_says_the_earlier_session_is_still_active(daemo
     daemon.pd("begin", "task A", "--files", "a.ts", cwd=tree)
     again = daemon.pd("begin", "task B", "--files", "b.ts", cwd=tree)
     first = daemon.call("file.owners", path="a.ts")["owners"][0]["sessionId"]
-    assert again.returncode == 0 and f"still has session {first} (task A) active, claiming 1 file(s)" in again.stderr
+    assert again.returncode == 0 and f"still has session {first} (task A) active, claiming 1 file" in again.stderr
     assert f"pd session end --session {first}" in again.stderr
     assert daemon.pd("session", "end", "--session", first, cwd=tree).returncode == 0
     third = daemon.pd("begin", "task C", cwd=tree).stderr
@@ -220,13 +220,37 @@ def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     lone = daemon.pd("session", "start", "Nobody's work", "-q", cwd=linked_worktree(tmp_path, "lone")).stdout.strip()
     assert f"active    {lone} Nobody's work\n" in daemon.pd("sitrep", "--since", "5m").stdout  # no agent, no "-:"
     owners = daemon.pd("who-owns", "web/components/Button.tsx", cwd=tree)
-    assert "claimed by 1 session(s)" in owners.stdout and "sitter: Sit UI" in owners.stdout
+    assert "claimed by 1 session" in owners.stdout and "sitter: Sit UI" in owners.stdout
     assert daemon.pd("who-owns", "web/components/Button.tsx", "-q").stdout.strip() == "unclaimed"  # another repo
     assert daemon.pd("who-owns", "web/pages/x.ts", "-q", cwd=tree).stdout.strip() == "unclaimed"
     assert "web/components/*" in daemon.pd("files", "web", cwd=tree).stdout
     released = daemon.pd("session", "files", "release", "web/components/*", cwd=tree)
     unclaimed = daemon.pd("who-owns", "web/components/a", "-q", cwd=tree).stdout.strip()
     assert released.returncode == 0 and unclaimed == "unclaimed"
+
+
+def test_counts_pd_prints_agree_with_their_nouns(fresh_daemon: Daemon, tmp_path: Path) -> None:
+    """pd printed "1 notes", "1 active sessions", "1 file(s)": every count it prints has its noun in the right
+    number for 0, 1 and many. The sitrep's wire summary keeps the original's wording; pd writes its own."""
+    d = fresh_daemon
+    tree = linked_worktree(tmp_path, "count")
+    d.pd("begin", "Counting", "--agent", "counter", "--files", "a.py", cwd=tree)
+    d.pd("note", "the first", cwd=tree)
+    first = d.pd("sitrep").stdout.splitlines()[0]
+    assert re.fullmatch(r"Last 30m: \d+ events, 1 note, 1 active session, 0 dead agents awaiting salvage, "
+                        r"1 file claimed", first), first  # fmt: skip
+    assert ", 1 notes, 1 active sessions, " in d.call("journal.sitrep")["summary"]
+    counts = d.pd("status").stdout
+    assert "1 note," in counts and "1 active session," in counts and "1 agent," in counts, counts
+    assert d.pd("notes", "--verify").stdout.strip() == "Note chain intact: 1 note in 1 session"
+    assert d.pd("session", "files", "claim", "b.py", "c.py", cwd=tree).stdout.strip().startswith("Claimed 2 paths ")
+    assert d.pd("session", "files", "release", "a.py", cwd=tree).stdout.strip() == "Released 1 path"
+    d.pd("note", "the second", cwd=tree)
+    d.pd("session", "start", "Another", "--agent", "counter", cwd=tree)
+    again = d.pd("sitrep").stdout.splitlines()[0]
+    assert ", 2 notes, 2 active sessions, 0 dead agents awaiting salvage, 2 files claimed" in again, again
+    assert "2 notes," in d.pd("status").stdout
+    assert d.pd("who-owns", "zzz.py", cwd=tree).stdout.strip() == "zzz.py: claimed by 0 sessions"
 
 
 HUGE_AGO = "100000000d"  # 270,000 years back, before the epoch
@@ -345,7 +369,7 @@ def test_guard_checks_staged_files_against_other_sessions(daemon: Daemon, tmp_pa
     commit = _git(repo, "commit", "-qm", "claimed file", env=daemon.env)
     assert (commit.returncode != 0) == blocked, commit.stderr
     if mode == "advisory":
-        assert "pd guard: 1 file(s) are claimed by other sessions" in commit.stderr
+        assert "pd guard: 1 file is claimed by other sessions" in commit.stderr
     else:
         assert "Warning: src/auth.ts overlaps src/*, claimed by session-" in commit.stderr
     as_json = daemon.pd("guard", "check", "src/auth.ts", "--mode", mode, "--json", cwd=repo)

@@ -89,7 +89,7 @@ def test_five_agents_walk_through_the_seed(daemon_factory, tmp_path: Path) -> No
         if name != "database-builder":
             assert f"Active {name} ({identity}," in listing
 
-    assert "warning:  1 dead agent(s) left work behind: see pd salvage" in pd("tester", "status").stdout
+    assert "warning:  1 dead agent left work behind: see pd salvage" in pd("tester", "status").stdout
     salvage = pd("tester", "salvage", "--project", "payments")
     assert salvage.returncode == 0
     assert "database-builder (pending" in salvage.stdout and "Payment system schema" in salvage.stdout

@@ -24,14 +24,23 @@ from conftest import Daemon, unix_client
 
 from portdaddy.core.agents import SALVAGE_MOVES
 from portdaddy.core.ops import Op, load_table
-from portdaddy.errors import EXIT_BAD_INPUT, PDError, exit_code
+from portdaddy.errors import EXIT_BAD_INPUT, MAX_MESSAGE, PDError, exit_code
 from portdaddy.http.routes import ROUTES, STREAMS, Route
 from portdaddy.ipc.frame import Decoder, Encoder, Parts, Performative
 
 SPEC_ERRORS = Path(__file__).resolve().parent.parent / "spec" / "errors.md"
 CODES = set(re.findall(r"^\| `(\w+)` \|", SPEC_ERRORS.read_text(), re.M)) - {"INTERNAL"}
 _OK = {Performative.INFORM_DONE, Performative.INFORM_REF, Performative.AGREE}
-MAX_MESSAGE = 500  # a refusal says what was wrong in a line, it does not echo a 60 KB value back
+
+
+def deep(levels: int) -> Any:
+    """NaN inside ``levels`` objects, each under a long key with a line break: a refusal that names where the bad
+    value sits must not quote the whole path (32 levels of long keys made it thousands of characters)."""
+    value: Any = math.nan
+    for level in range(levels):
+        value = {f"line\nbreak{'k' * 600}{level}": value}
+    return value
+
 
 # Values of every kind a client can put in a field, msgpack-able (IPC) ...
 HOSTILE: list[Any] = [
@@ -41,7 +50,7 @@ HOSTILE: list[Any] = [
     "-rf", "%00%2e", "1e999", "-5", "0", "nan", "99999999999999999999999", "true", "null", "[1]", "b" * 4000,
     "a" * 60_000, [], [None], ["a", 1, None], [[[[]]]], list(range(300)), ["x", "line\nbreak"], ["x", "b" * 4000],
     {}, {"": None}, {"a": {"b": [1, {"c": None}]}}, {"line\nbreak" + "k" * 600: [math.nan]},
-    ["x", {"line\nbreak" + "k" * 600: [math.nan]}], b"", b"\xff\x00",
+    ["x", {"line\nbreak" + "k" * 600: [math.nan]}], ["x", deep(30)], b"", b"\xff\x00", "/" + "w" * 4000,
 ]  # fmt: skip
 # ... and what JSON adds: numbers of any size, a lone surrogate escape, nesting past any recursion limit.
 JSON_EXTRA: list[str] = ["1" + "0" * 30, "-1" + "0" * 30, '"\\ud800"', "[" * 5000 + "]" * 5000, "1e400"]
@@ -59,7 +68,7 @@ def problem(code: Any, message: Any) -> str | None:
         return "empty message"
     if "\n" in message or "\r" in message:
         return f"multi-line message {message[:120]!r}"
-    if len(message) > MAX_MESSAGE:
+    if len(message) > MAX_MESSAGE:  # one line says what was wrong; it does not echo a 60 KB value back
         return f"message of {len(message)} characters"
     return None
 
@@ -361,3 +370,19 @@ def test_fields_other_agents_are_shown_refuse_control_characters(daemon: Daemon)
     assert d.call("session.get", sessionId=sid)["notes"][0]["content"] == "line one\r\nline two\n\ttabbed"
     with pytest.raises(PDError, match="control character"):
         d.call("note.add", sessionId=sid, content="clear\x1b[2J")
+
+
+def test_refusals_quoting_long_values_keep_their_start_and_end(daemon: Daemon) -> None:
+    """NO_ACTIVE_SESSION quoted the caller's worktree whole (up to 4,096 characters), a tuple's refusal the path to
+    its bad value (32 levels of long keys, thousands of characters): every refusal is cut in its middle to
+    MAX_MESSAGE, so the line still says what was wrong and what to do."""
+    with pytest.raises(PDError) as no_session:
+        daemon.call("note.add", content="hi", agentId="nobody-here", worktree="/" + "w" * 4000)
+    with pytest.raises(PDError) as deep_nan:
+        daemon.call("tuple.out", fields=["x", deep(30)])
+    cases = ((no_session, "no active session for agent nobody-here in /ww", "; start one with pd session start"),
+             (deep_nan, "tuple[1].'line\\nbreakkk", " is nan; JSON numbers must be finite"))  # fmt: skip
+    for refused, start, end in cases:
+        message = refused.value.message
+        assert problem(refused.value.code, message) is None, message
+        assert message.startswith(start) and end in message[-60:] and "…" in message, message

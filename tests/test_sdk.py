@@ -260,3 +260,29 @@ async def test_publish_is_fire_and_forget_and_publish_confirmed_waits_for_the_id
             got = [await sub.__anext__(), await sub.__anext__()]
         assert [(m.channel, m.payload) for m in got] == [("sdk:ff:a", {"n": 1}), ("sdk:ff:b", {"n": 2})]
         assert got[1].id == confirmed > got[0].id
+
+
+async def test_a_relative_worktree_is_resolved_by_the_sdk_and_refused_by_the_daemon(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``worktree`` (or ``worktreeId``) was read against the daemon's own directory, meaningless to a
+    client elsewhere: its sessions matched nobody's and its claims met the wrong repository. The daemon refuses one
+    in a line that says what to send; the SDK, like pd, sends the absolute path of the caller's directory."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    async with connect(daemon, agent_id="sdk-worktree") as pd:
+        for key in ("worktree", "worktreeId"):
+            with pytest.raises(BadInput, match=r"^worktree 'link' is a relative path, .*send the worktree's absolute "
+                               "path, e.g. /home/me/project") as refused:  # fmt: skip
+                await pd.call("session.start", purpose="relative", **{key: "link"})
+            assert refused.value.code == "VALIDATION_ERROR"
+        assert (await pd.call("session.list", agent="sdk-worktree"))["count"] == 0  # nothing was started
+        session_id = await pd.start_session("resolved", worktree="link")
+        session = (await pd.call("session.get", sessionId=session_id))["session"]
+        assert session["worktreeId"] == str((tmp_path / "real").resolve())
+        await pd.end_session(session_id)
+        begun = await pd.begin("begun here", worktree="link/")
+        assert (await pd.call("session.get", sessionId=begun["sessionId"]))["session"]["worktreeId"] == \
+            session["worktreeId"]  # fmt: skip
+        await pd.done("done")

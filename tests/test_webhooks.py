@@ -275,7 +275,7 @@ def test_a_hook_failing_for_long_enough_is_disabled_until_enabled(daemon_factory
     assert entry["targetId"] == hook_id and f"failures={hook['consecutiveFailures']}" in entry["details"]
     listed = d.pd("webhook", "ls")
     assert " disabled " in listed.stdout and f"pd webhook enable {hook_id}" in listed.stdout
-    assert "1 webhook(s) disabled" in d.pd("status").stdout
+    assert "1 webhook disabled" in d.pd("status").stdout
 
     d.restart()
     assert _hook(d, hook_id) == hook

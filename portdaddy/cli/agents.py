@@ -9,6 +9,7 @@ import click
 from portdaddy.cli.context import forget, remember, resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
 from portdaddy.cli.transport import call
+from portdaddy.text import plural
 
 _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
                       help="Agent id (default: PORT_DADDY_AGENT, then this worktree's current agent).")  # fmt: skip
@@ -135,7 +136,7 @@ def show(agent_id: str, as_json: bool, quiet: bool) -> None:
 
 def failed_runs(failures: int | None) -> str | None:
     """``1,440 failed runs`` for a fleet agent's entry that stands for its earlier failed runs too; else None."""
-    return f"{failures:,} failed runs" if failures and failures > 1 else None
+    return plural(failures, "failed run") if failures and failures > 1 else None
 
 
 def agent_line(a: dict[str, Any]) -> str:
@@ -228,8 +229,8 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
         if e["status"] == "pending":
             click.echo(f"    Salvage:  pd salvage claim {e['id']}")
     # --all lists settled entries too, which are in no queue.
-    click.echo(f"{result['count']} salvage entr{'y' if result['count'] == 1 else 'ies'}" if all_
-               else f"{result['count']} agent(s) in salvage queue")  # fmt: skip
+    click.echo(plural(result["count"], "salvage entry", "salvage entries") if all_
+               else f"{plural(result['count'], 'agent')} in salvage queue")  # fmt: skip
 
 
 def _move(action: str, dead_id: str, agent: str | None, as_json: bool) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from portdaddy.cli.transport import fail, settings, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
+from portdaddy.text import plural
 
 
 def diagnose_down(cfg: Settings) -> tuple[str, str]:
@@ -138,7 +139,7 @@ def status(as_json: bool) -> None:
     refused = [f"writes are refused: {store['message']}"] if store.get("ok") is False else []
     dropped = store.get("dropped") or {}
     if dropped:  # lost, though nobody was promised them: worth knowing after the store came back too
-        what = ", ".join(f"{n} {kind}" for kind, n in dropped.items())
+        what = ", ".join(count_line(kind, n, _DROPPED) for kind, n in dropped.items())
         refused.append(f"dropped while writes were refused (fire-and-forget, never acknowledged): {what}; see "
                        "daemon.log")  # fmt: skip
     warnings = refused + attention(st["counts"])
@@ -151,7 +152,7 @@ def status(as_json: bool) -> None:
         if where:
             click.echo(f"  {name + ':':9} {where}")
     click.echo(f"  database: {st['db']}")
-    counts = ", ".join(f"{v} {k}" for k, v in st["counts"].items() if v) or "nothing yet"
+    counts = ", ".join(count_line(k, v) for k, v in st["counts"].items() if v) or "nothing yet"
     click.echo(f"  counts:   {counts}")
     for line in warnings:
         click.echo(f"  warning:  {line}")
@@ -170,28 +171,73 @@ def _not_serving(cfg: Settings, as_json: bool, *, running: bool) -> NoReturn:
     sys.exit(EXIT_UNREACHABLE)
 
 
-# count -> (what it means when above zero, where to look)
+# The daemon's counts as pd status prints them: key -> (one, many).
+_NOUNS = {
+    "services": ("service", "services"), "agents": ("agent", "agents"),
+    "agentsActive": ("active agent", "active agents"), "agentsStale": ("stale agent", "stale agents"),
+    "agentsDead": ("dead agent", "dead agents"), "agentHeartbeats": ("heartbeat", "heartbeats"),
+    "salvageRepeats": ("earlier failed fleet run", "earlier failed fleet runs"),
+    "sessionsActive": ("active session", "active sessions"), "notes": ("note", "notes"),
+    "activityRows": ("activity row", "activity rows"), "locks": ("lock", "locks"),
+    "lockWaiters": ("lock waiter", "lock waiters"), "channels": ("channel", "channels"),
+    "messagesPublished": ("message published", "messages published"),
+    "subscriptions": ("subscription", "subscriptions"), "lagging": ("lagging subscriber", "lagging subscribers"),
+    "inboxSent": ("direct message sent", "direct messages sent"), "webhooks": ("webhook", "webhooks"),
+    "webhookPending": ("webhook delivery pending", "webhook deliveries pending"),
+    "webhookDelivered": ("webhook delivery made", "webhook deliveries made"),
+    "webhookFailed": ("failed webhook delivery", "failed webhook deliveries"),
+    "webhooksDisabled": ("disabled webhook", "disabled webhooks"), "harbors": ("harbor", "harbors"),
+    "tuples": ("tuple", "tuples"), "tupleWaiters": ("tuple waiter", "tuple waiters"),
+    "pheromones": ("pheromone", "pheromones"), "pheromoneSprays": ("pheromone spray", "pheromone sprays"),
+    "arbiterViolations": ("arbiter finding", "arbiter findings"),
+    "arbiterSerious": ("serious arbiter finding", "serious arbiter findings"),
+    "fleets": ("fleet", "fleets"), "fleetRuns": ("fleet run running", "fleet runs running"),
+    "ipcConnections": ("IPC connection", "IPC connections"),
+    "ipcRefused": ("IPC connection refused", "IPC connections refused"),
+    "ipcMalformed": ("malformed IPC frame", "malformed IPC frames"),
+    "ipcCutOff": ("IPC connection cut off", "IPC connections cut off"),
+    "ipcRateLimited": ("IPC frame over the rate", "IPC frames over the rate"),
+    "ipcDroppedFrames": ("dropped IPC frame", "dropped IPC frames"),
+    "ipcDroppedPushes": ("dropped IPC push", "dropped IPC pushes"),
+}  # fmt: skip
+
+
+# What the store dropped while it refused writes, by kind (core/store.py's ``drop``).
+_DROPPED = {"changes": ("change", "changes"), "sprays": ("spray", "sprays"), "messages": ("message", "messages"),
+            "activity": ("activity row", "activity rows")}  # fmt: skip
+
+
+def count_line(key: str, n: int, nouns: dict[str, tuple[str, str]] = _NOUNS) -> str:
+    """``1 note``, ``3 active sessions``; a count pd does not know yet (a newer daemon's) as ``key=n``."""
+    return plural(n, *nouns[key]) if key in nouns else f"{key}={n:,}"
+
+
+# count -> (one, many, what it means when above zero, where to look)
 _ATTENTION = {
-    "agentsStale": ("agent(s) silent past their heartbeat interval, to be declared dead if it lasts", "pd agents"),
-    "agentsDead": ("dead agent(s) left work behind", "pd salvage"),
-    "arbiterSerious": ("invariant violation(s) recorded", "pd arbiter violations"),
-    "webhookFailed": ("webhook delivery(ies) failed", "pd webhook ls"),
-    "webhooksDisabled": ("webhook(s) disabled after failing every delivery for a while", "pd webhook ls"),
-    "lagging": ("subscriber(s) fell behind and missed messages", "pd channels"),
-    "ipcCutOff": ("IPC connection(s) cut off for malformed frames", "daemon.log"),
-}
+    "agentsStale": ("agent", "agents", "silent past the heartbeat interval, to be declared dead if that lasts",
+                    "pd agents"),
+    "agentsDead": ("dead agent", "dead agents", "left work behind", "pd salvage"),
+    "arbiterSerious": ("invariant violation", "invariant violations", "recorded", "pd arbiter violations"),
+    "webhookFailed": ("webhook delivery", "webhook deliveries", "failed", "pd webhook ls"),
+    "webhooksDisabled": ("webhook", "webhooks", "disabled after failing every delivery for a while", "pd webhook ls"),
+    "lagging": ("subscriber", "subscribers", "fell behind and missed messages", "pd channels"),
+    "ipcCutOff": ("IPC connection", "IPC connections", "cut off for malformed frames", "daemon.log"),
+}  # fmt: skip
 
 
 def attention(counts: dict[str, int]) -> list[str]:
     """What in a running daemon wants a look, each with where to look."""
-    return [f"{counts[key]} {what}{_detail(key, counts)}: see {where}"
-            for key, (what, where) in _ATTENTION.items() if counts.get(key)]  # fmt: skip
+    return [f"{plural(counts[key], one, many)} {what}{_detail(key, counts)}: see {where}"
+            for key, (one, many, what, where) in _ATTENTION.items() if counts.get(key)]  # fmt: skip
 
 
 def _detail(key: str, counts: dict[str, int]) -> str:
     """A fleet agent failing run after run is one dead agent: say how many failed runs it stands for."""
     repeats = counts.get("salvageRepeats") if key == "agentsDead" else 0
-    return f" (and {repeats:,} earlier failed runs of the same fleet agents)" if repeats else ""
+    if not repeats:
+        return ""
+    whose = "the same fleet agent" if counts[key] == 1 else "the same fleet agents"
+    return f" (and {plural(repeats, 'earlier failed run')} of {whose})"
 
 
 @click.command()

@@ -18,6 +18,7 @@ from portdaddy.cli.spawn import echo_log
 from portdaddy.cli.transport import STOPPING_S, call, fail, spinning
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import hook
+from portdaddy.text import plural
 
 
 def project_dir(explicit: str | None) -> str:
@@ -134,8 +135,8 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
         return
     for line in cfg.warnings:
         click.echo(f"warning: {line}", err=True)
-    click.echo(f"{cfg.path}: fleet {cfg.name!r} is valid: {len(cfg.agents)} agent(s) "
-               f"({', '.join(cfg.agents) or 'none'}), {len(cfg.channels)} channel(s)")  # fmt: skip
+    click.echo(f"{cfg.path}: fleet {cfg.name!r} is valid: {plural(len(cfg.agents), 'agent')} "
+               f"({', '.join(cfg.agents) or 'none'}), {plural(len(cfg.channels), 'channel')}")  # fmt: skip
 
 
 @fleet.command("up")
@@ -159,7 +160,7 @@ def up(directory: str | None, as_json: bool) -> None:
     for line in result["warnings"]:
         click.echo(f"warning: {line}", err=True)
     view = result["fleet"]
-    click.echo(f"Fleet {view['name']!r} is up: {len(view['agents'])} agent(s) in {view['projectDir']}")
+    click.echo(f"Fleet {view['name']!r} is up: {plural(len(view['agents']), 'agent')} in {view['projectDir']}")
 
 
 @fleet.command("down")
@@ -181,7 +182,10 @@ def down(directory: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     elif result["stopped"]:
-        click.echo(f"Fleet stopped: {result['killed']} run(s) stopped, {result['cancelled']} queued run(s) cancelled")
+        click.echo(
+            f"Fleet stopped: {plural(result['killed'], 'run')} stopped, "
+            f"{plural(result['cancelled'], 'queued run')} cancelled"
+        )
     else:
         click.echo("No fleet was up for this project")
 

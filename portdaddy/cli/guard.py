@@ -19,6 +19,7 @@ from portdaddy.cli.output import emit_json, json_option
 from portdaddy.cli.sessions import warn_conflicts
 from portdaddy.cli.transport import connect, fail
 from portdaddy.errors import EXIT_REFUSED, DaemonUnavailable, PDError, bad_input
+from portdaddy.text import plural
 
 MODES = ("advisory", "warn", "enforce")
 MARKER = "# port-daddy guard"
@@ -116,7 +117,8 @@ def check(paths: tuple[str, ...], staged: bool, mode: str, as_json: bool) -> Non
             **result, "checked": True, "success": False, "error": "FILE_CONFLICT",
             "message": "commit refused: files are claimed by other sessions"})  # fmt: skip
     elif conflicts and mode == "advisory":
-        click.echo(f"pd guard: {len({c['filePath'] for c in conflicts})} file(s) are claimed by other sessions "
+        files = len({c["filePath"] for c in conflicts})
+        click.echo(f"pd guard: {plural(files, 'file')} {'is' if files == 1 else 'are'} claimed by other sessions "
                    "(see pd who-owns PATH)", err=True)  # fmt: skip
     elif conflicts:
         warn_conflicts(conflicts)

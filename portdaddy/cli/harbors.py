@@ -7,6 +7,7 @@ import click
 from portdaddy.cli.context import resolve_agent
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call
+from portdaddy.text import plural
 
 
 @click.group()
@@ -115,7 +116,7 @@ def enter(name: str, agent: str | None, cap: str | None, identity: str | None, a
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"{agent} entered harbor {name} ({result['harbor']['memberCount']} member(s))")
+        click.echo(f"{agent} entered harbor {name} ({plural(result['harbor']['memberCount'], 'member')})")
 
 
 @harbor.command("leave")

@@ -11,6 +11,7 @@ from portdaddy.cli.messaging import parse_payload
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
+from portdaddy.text import plural
 
 _AGENT = click.option("--agent", "-a", metavar="ID", help="Whose inbox (default: the current agent).")
 
@@ -100,7 +101,7 @@ def read(message_id: int | None, agent: str | None, as_json: bool, quiet: bool) 
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["marked"] if quiet else f"Marked {result['marked']} message(s) read")
+        click.echo(result["marked"] if quiet else f"Marked {plural(result['marked'], 'message')} read")
 
 
 @inbox.command()
@@ -118,7 +119,7 @@ def clear(agent: str | None, as_json: bool, quiet: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["deleted"] if quiet else f"Deleted {result['deleted']} message(s)")
+        click.echo(result["deleted"] if quiet else f"Deleted {plural(result['deleted'], 'message')}")
 
 
 COMMANDS = (inbox,)

@@ -15,6 +15,7 @@ from portdaddy.cli.output import emit_json, json_option, quiet_option, table, un
 from portdaddy.cli.transport import blocking_call, call, connect, fail, reply_wait_s, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
+from portdaddy.text import plural
 
 _TTL = click.option("--ttl", metavar="DURATION", help="Lease length, e.g. 30s or 10m (default 5m, max 1h).")
 _WAIT = click.option("--wait", "-w", is_flag=True, help="Queue (FIFO) until the lock is free instead of exit 1.")
@@ -125,7 +126,7 @@ def locks(owner: str | None, as_json: bool, quiet: bool) -> None:
     else:
         table([(lk["name"], lk["owner"], lk["token"], until(lk["expiresAt"])) for lk in result["locks"]],
               ("NAME", "OWNER", "TOKEN", "EXPIRES"))  # fmt: skip
-        click.echo(f"Total: {result['count']} lock(s)")
+        click.echo(f"Total: {plural(result['count'], 'lock')}")
 
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

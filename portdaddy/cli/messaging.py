@@ -17,6 +17,7 @@ from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
 from portdaddy.ipc.client import BlockingClient
+from portdaddy.text import plural
 
 _HISTORY_PAGE = 1000
 
@@ -193,7 +194,7 @@ def channels(clear: str | None, as_json: bool, quiet: bool) -> None:
         if as_json:
             emit_json(result)
         else:
-            click.echo(result["deleted"] if quiet else f"Cleared {result['deleted']} message(s) from {clear}")
+            click.echo(result["deleted"] if quiet else f"Cleared {plural(result['deleted'], 'message')} from {clear}")
         return
     result = call("msg.channels", as_json=as_json)
     if as_json:

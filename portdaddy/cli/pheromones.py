@@ -6,6 +6,7 @@ import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call
+from portdaddy.text import plural
 
 _TABLES = click.Choice(["services", "projects", "sessions", "agents", "locks", "files", "harbors"])
 _HARBOR = click.option("--harbor", "-H", help="The harbor the signal belongs to (default: global).")
@@ -124,7 +125,9 @@ def files(prefix: str, depth: int, limit: int, as_json: bool, quiet: bool) -> No
             age(f["lastActivity"])) for f in result["files"]],
           ("PATH", "HEAT", "AGENTS", "CONFLICT", "LAST"))  # fmt: skip
     s = result["summary"]
-    click.echo(f"{s['totalFiles']} file(s), {s['activeConflicts']} conflict(s); hottest: {s['hottestFile']}")
+    click.echo(
+        f"{plural(s['totalFiles'], 'file')}, {plural(s['activeConflicts'], 'conflict')}; hottest: {s['hottestFile']}"
+    )
 
 
 COMMANDS = (pheromone,)

@@ -9,6 +9,7 @@ import click
 from portdaddy.cli.output import emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import NotFound
+from portdaddy.text import plural
 
 
 @click.command()
@@ -88,7 +89,7 @@ def _find(pattern: str, as_json: bool, quiet: bool) -> None:
     else:
         table([(s["id"], s["port"], s["status"], s["urls"].get("local", "")) for s in services],
               ("ID", "PORT", "STATUS", "URL"))  # fmt: skip
-        click.echo(f"Total: {len(services)} service(s)")
+        click.echo(f"Total: {plural(len(services), 'service')}")
 
 
 @click.command()

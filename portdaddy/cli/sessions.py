@@ -17,6 +17,7 @@ from portdaddy.cli.output import age, emit_json, json_option, quiet_option, sinc
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
+from portdaddy.text import plural
 
 _AGENT = click.option("--agent", "-a", metavar="ID", help="Act as this agent (default: the worktree's current one).")
 _SESSION = click.option("--session", "-s", "session", metavar="ID",
@@ -117,7 +118,29 @@ def end(note: str | None, status: str, session: str | None, as_json: bool, quiet
         emit_json(result)
     else:
         click.echo(result["id"] if quiet else f"Session {result['id']} {result['status']}; "
-                   f"released {len(result['releasedFiles'])} file claim(s)")  # fmt: skip
+                   f"released {plural(len(result['releasedFiles']), 'file claim')}")  # fmt: skip
+
+
+_RUNS = click.option(
+    "--runs",
+    is_flag=True,
+    help="Every fleet run's session on its own line (a fleet agent's ended runs are one, its newest).",
+)
+
+
+def folded_runs(s: dict[str, Any]) -> str:
+    """`` [newest of 1,440 ended runs, 39 abandoned, the first 1d ago]`` for a session standing for its fleet
+    agent's ended runs (spec/journal.md, "Fleet runs in the views"); else nothing."""
+    runs = s.get("fleetRuns")
+    if not runs or runs["count"] < 2:
+        return ""
+    abandoned = f", {runs['abandoned']:,} abandoned" if runs["abandoned"] else ""
+    return f" [newest of {plural(runs['count'], 'ended run')}{abandoned}, the first {age(runs['firstAt'])} ago]"
+
+
+def hint_if_folded(sessions: list[dict[str, Any]]) -> None:
+    if any(folded_runs(s) for s in sessions):
+        click.echo("(a fleet agent's ended runs are one line, its newest run's; --runs lists every run)", err=True)
 
 
 @session.command("list")
@@ -125,19 +148,22 @@ def end(note: str | None, status: str, session: str | None, as_json: bool, quiet
 @click.option("--status", type=click.Choice(["active", "completed", "abandoned"]), help="Only sessions in this state.")
 @click.option("--agent", metavar="ID", help="Only this agent's sessions.")
 @click.option("--here", is_flag=True, help="Only sessions of this worktree.")
+@_RUNS
 @click.option("--limit", type=int, help="At most this many (default 50).")
 @json_option
 @quiet_option
-def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: int | None, as_json: bool,
-          quiet: bool) -> None:  # fmt: skip
-    """List sessions (active ones unless --all or --status), most recently updated first.
+def list_(all_: bool, status: str | None, agent: str | None, here: bool, runs: bool, limit: int | None,
+          as_json: bool, quiet: bool) -> None:  # fmt: skip
+    """List sessions (active ones unless --all or --status), most recently updated first. A fleet agent's ended
+    runs are one line, its newest run's session, unless --runs.
 
     \b
     Examples:
       pd session list
       pd session list --all --agent backend-builder --json
+      pd session list --all --runs
     """
-    result = call("session.list", {"all": all_, "status": status, "agent": agent, "limit": limit,
+    result = call("session.list", {"all": all_, "status": status, "agent": agent, "limit": limit, "runs": runs,
                                    "worktree": str(worktree_root()) if here else None}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
@@ -147,8 +173,9 @@ def list_(all_: bool, status: str | None, agent: str | None, here: bool, limit: 
         click.echo("No sessions")
     else:
         table([(s["id"], s["status"], s["agentId"] or "-", s["noteCount"], len(s["files"]), age(s["updatedAt"]),
-               s["purpose"]) for s in result["sessions"]],
+               s["purpose"] + folded_runs(s)) for s in result["sessions"]],
               ("SESSION", "STATUS", "AGENT", "NOTES", "FILES", "LAST ACTIVE", "PURPOSE"))  # fmt: skip
+        hint_if_folded(result["sessions"])
 
 
 @session.command("show")
@@ -211,7 +238,7 @@ def files_claim(paths: tuple[str, ...], force: bool, session: str | None, as_jso
         emit_json(result)
     else:
         claimed = len(result["claimed"])
-        click.echo(claimed if quiet else f"Claimed {claimed} path(s) for {result['sessionId']}")
+        click.echo(claimed if quiet else f"Claimed {plural(claimed, 'path')} for {result['sessionId']}")
 
 
 @files_group.command("release")
@@ -232,7 +259,7 @@ def files_release(paths: tuple[str, ...], session: str | None, as_json: bool, qu
         emit_json(result)
     else:
         released = len(result["released"])
-        click.echo(released if quiet else f"Released {released} path(s)")
+        click.echo(released if quiet else f"Released {plural(released, 'path')}")
 
 
 @click.command("note")
@@ -274,12 +301,16 @@ def note_line(n: dict[str, Any]) -> str:
 @click.option("--project", metavar="P", help="Only sessions of agents whose identity is in P.")
 @click.option("--type", "-t", "type_", help="Only this type of note.")
 @since_option("notes")
+@click.option("--runs", is_flag=True, help="Also the notes of fleet agents' earlier runs (only the newest run's by "
+              "default).")  # fmt: skip
 @click.option("--verify", is_flag=True, help="Check every session's note chain instead (exit 1 if broken).")
 @json_option
 @quiet_option
 def notes(limit: int, session: str | None, agent: str | None, project: str | None, type_: str | None,
-          since: str | None, verify: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
+          since: str | None, runs: bool, verify: bool, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """The timeline of notes across agents, newest first. -q prints how many (with --verify: intact or broken).
+
+    Of a fleet agent's ended runs only the newest run's notes are shown, unless --runs, --session or --agent.
 
     \b
     Examples:
@@ -291,28 +322,34 @@ def notes(limit: int, session: str | None, agent: str | None, project: str | Non
     if verify:
         result = call("note.verify", {"sessionId": session}, as_json=as_json)
         if as_json and not result["valid"]:
-            refuse_reply("CHAIN_BROKEN", f"{len(result['problems'])} problem(s) in note chains", result)
+            refuse_reply("CHAIN_BROKEN", f"{plural(len(result['problems']), 'problem')} in note chains", result)
         if as_json:
             emit_json(result)
         elif quiet:
             click.echo("intact" if result["valid"] else "broken")
         elif result["valid"]:
-            click.echo(f"Note chain intact: {result['notes']} notes in {result['sessions']} session(s)")
+            click.echo(
+                f"Note chain intact: {plural(result['notes'], 'note')} in {plural(result['sessions'], 'session')}"
+            )
         else:
             for p in result["problems"]:
                 click.echo(f"{p['sessionId']}: {p['problem']}", err=True)
         sys.exit(0 if result["valid"] else EXIT_REFUSED)
     result = call("note.list", {"limit": limit, "sessionId": session, "agent": agent, "project": project,
-                                "type": type_, "since": since}, as_json=as_json)  # fmt: skip
+                                "type": type_, "since": since, "runs": runs}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
-    elif quiet:
+        return
+    if quiet:
         click.echo(result["count"])
-    elif not result["notes"]:
+        return
+    if not result["notes"]:
         click.echo("No notes")
-    else:
-        for n in result["notes"]:
-            click.echo(note_line(n))
+    for n in result["notes"]:
+        click.echo(note_line(n))
+    if result["earlierRunNotes"]:
+        click.echo(f"({plural(result['earlierRunNotes'], 'note')} of fleet agents' earlier runs not shown; "
+                   "pd notes --runs shows them)", err=True)  # fmt: skip
 
 
 def holder(agent_id: str | None, purpose: str) -> str:
@@ -369,7 +406,7 @@ def who_owns(path: str, as_json: bool, quiet: bool) -> None:
     elif quiet:
         click.echo("claimed" if result["claimed"] else "unclaimed")
     else:
-        click.echo(f"{result['filePath']}: claimed by {len(result['owners'])} session(s)")
+        click.echo(f"{result['filePath']}: claimed by {plural(len(result['owners']), 'session')}")
         for c in result["owners"]:
             click.echo(f"  {claim_line(c)}")
 

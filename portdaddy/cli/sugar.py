@@ -17,9 +17,10 @@ from portdaddy.cli.context import (
     worktree_root,
 )
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn
-from portdaddy.cli.sessions import claim_line, claiming_call, holder, note_line
+from portdaddy.cli.sessions import claim_line, claiming_call, folded_runs, hint_if_folded, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
+from portdaddy.text import plural
 
 
 @click.command("begin")
@@ -70,7 +71,7 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
     for s in result["stillActive"]:
         click.echo(
             f"Warning: {result['agentId']} still has session {s['sessionId']} ({s['purpose']}) active, "
-            f"claiming {len(s['files'])} file(s); end it with: pd session end --session {s['sessionId']}",
+            f"claiming {plural(len(s['files']), 'file')}; end it with: pd session end --session {s['sessionId']}",
             err=True,
         )
 
@@ -156,9 +157,11 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
 @click.command("sitrep")
 @since_option("what happened", default="30m")
 @click.option("--project", "-p", metavar="P", help="Only this project's notes, sessions and dead agents.")
+@click.option("--runs", is_flag=True, help="Every fleet run on its own (a fleet agent's ended runs are one "
+              "session line, and its newest run's notes).")  # fmt: skip
 @click.option("--limit", type=int, help="At most this many of each (default 20).")
 @json_option
-def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) -> None:
+def sitrep(since: str, project: str | None, runs: bool, limit: int | None, as_json: bool) -> None:
     """Catch me up: recent notes, sessions, dead agents awaiting salvage, file claims.
 
     \b
@@ -167,13 +170,14 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
       pd sitrep --since 2h --project payments --json
       pd sitrep --since 0          # everything, from the beginning
     """
-    result = call("journal.sitrep", {"since": since, "project": project, "limit": limit}, as_json=as_json)
+    result = call("journal.sitrep", {"since": since, "project": project, "runs": runs, "limit": limit},
+                  as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
         return
-    click.echo(result["summary"])
+    click.echo(_summary(result))
     sections = (("Notes", [note_line(n) for n in result["notes"]]),
-                ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}"
+                ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}{folded_runs(s)}"
                               for s in result["sessions"]]),
                 ("Dead agents awaiting salvage", [_salvage_line(e) for e in result["salvage_queue"]]),
                 ("File claims", [claim_line(c) for c in result["claims"]]))  # fmt: skip
@@ -182,6 +186,19 @@ def sitrep(since: str, project: str | None, limit: int | None, as_json: bool) ->
             click.echo(f"\n{title}:")
             for line in lines:
                 click.echo(f"  {line}")
+    hint_if_folded(result["sessions"])
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """``Last 30m: 4 events, 1 note, 1 active session, 0 dead agents awaiting salvage, 2 files claimed`` (the
+    daemon's ``summary`` keeps the original's wording, "1 notes" too)."""
+    c = result["counts"]
+    window = "Since the beginning" if result["since_ms"] == 0 else f"Last {result['since_minutes']}m"
+    return (
+        f"{window}: {plural(c['events'], 'event')}, {plural(c['notes'], 'note')}, "
+        f"{plural(c['activeSessions'], 'active session')}, {plural(c['deadAgents'], 'dead agent')} awaiting "
+        f"salvage, {plural(c['filesClaimed'], 'file')} claimed"
+    )
 
 
 def _salvage_line(e: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from portdaddy.cli.output import emit_json, json_option, quiet_option
 from portdaddy.cli.transport import blocking_call, call, fail
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import NotFound, bad_input
+from portdaddy.text import plural
 
 _HARBOR = click.option("--harbor", "-H", help="The harbor's space (default: the global space).")
 
@@ -159,7 +160,7 @@ def scan(harbor: str | None, limit: int | None, query: str | None, as_json: bool
         click.echo(result["count"])
     else:
         _print_tuples(result["tuples"])
-        click.echo(f"Total: {result['count']} tuple(s)")
+        click.echo(f"Total: {plural(result['count'], 'tuple')}")
 
 
 @tuple_.command("count")

@@ -38,6 +38,7 @@ from portdaddy.core.identity import matches as identity_matches
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import Conflict, NotFound, PDError, StoreError, bad_input
+from portdaddy.text import plural, quoted
 
 log = logging.getLogger("portdaddy.agents")
 
@@ -503,12 +504,6 @@ class Agents:
                               "(SELECT value FROM json_each(?))", (json.dumps(agent_ids),))  # fmt: skip
         return {a for a in agent_ids if a in self._agents} | {a for (a,) in rows}
 
-    def superseded(self, agent_ids: Iterable[str]) -> set[str]:
-        """Which of ``agent_ids`` are fleet runs whose salvage entry a later run's stands for."""
-        rows = self.store.all("SELECT agent_id FROM salvage WHERE status='superseded' AND agent_id IN "
-                              "(SELECT value FROM json_each(?))", (json.dumps(list(agent_ids)),))  # fmt: skip
-        return {a for (a,) in rows}
-
     def forget_settled(self, agent_ids: list[str]) -> None:
         """Drop the settled salvage entries (completed, dismissed, superseded) of agents forgotten with their work
         (inside a write): their sessions are going, so the entries would point at nothing."""
@@ -588,6 +583,12 @@ def caller(ctx: Ctx, agent_id: str | None, *, what: str = "agentId") -> str:
     return agent
 
 
+def salvage_hint(dead: int, project: str) -> str:
+    """What an agent joining ``project`` hears of its ``dead`` agents awaiting salvage (the original's wording,
+    with the count's noun in the right number)."""
+    return f"{plural(dead, 'dead agent')} in {project}:*. Run: pd salvage --project {project}"
+
+
 def returning(agents: Agents, agent_id: str) -> bool:
     """Whether a sign of life from ``agent_id`` may be its first since it was declared dead (it is dead, or was
     forgotten once its work was taken over): then its reply carries ``death_notice``."""
@@ -605,8 +606,7 @@ def _register_reply(ctx: Ctx, agent: Agent, new: bool, back: bool) -> dict[str, 
         dead = [e for e in agents.salvage_entries(project=agent.project) if e["id"] != agent.id]
         if dead:
             reply["deadAgentsInProject"] = len(dead)
-            reply["salvageHint"] = (f"{len(dead)} dead agent(s) in {agent.project}:*. "
-                                    f"Run: pd salvage --project {agent.project}")  # fmt: skip
+            reply["salvageHint"] = salvage_hint(len(dead), agent.project)
     return reply
 
 
@@ -700,8 +700,21 @@ def _status(name: str, value: Any) -> str:
 _AGENT = Param("agentId", AGENT_ID, aliases=("id",))
 # Ops that name *another* agent read ``id`` first: a bound IPC client adds its own ``agentId`` to every request.
 _OTHER = Param("id", AGENT_ID, required=True, aliases=("agentId",))
+_PATH_TEXT = v.text(4096)
+
+
+def _worktree(name: str, value: Any) -> str:
+    """An absolute path: a relative one would be read against the daemon's own directory, which means nothing
+    to a client elsewhere (spec/journal.md, "Sessions")."""
+    path = _PATH_TEXT(name, value)
+    if not path.startswith("/"):
+        raise bad_input(f"{name} {quoted(path)} is a relative path, which the daemon cannot place; send "
+                        "the worktree's absolute path, e.g. /home/me/project (pd and the SDK resolve it)")  # fmt: skip
+    return path
+
+
 # The caller's worktree root: scopes its current session and its claims' repository (core/repository.py).
-WORKTREE = Param("worktree", v.text(4096), aliases=("worktreeId",))
+WORKTREE = Param("worktree", _worktree, aliases=("worktreeId",))
 
 REGISTER_PARAMS = (
     Param("identity", v.identity),

@@ -24,6 +24,7 @@ from collections import deque
 from functools import lru_cache
 
 from portdaddy.errors import bad_input
+from portdaddy.text import quoted
 
 MAX_CLAIM_LEN = 1024
 GLOBSTAR = "**"
@@ -32,10 +33,6 @@ _GLOB_CHARS = frozenset("*?")
 _ANY_CHAR = "x"
 
 Claim = tuple[str, ...]  # canonical segments; plain paths end with GLOBSTAR
-
-
-def _show(text: str) -> str:
-    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
 
 
 def _canon_segment(seg: str) -> str:
@@ -62,12 +59,12 @@ def normalize_claim_path(path: object) -> str:
     if len(text) > MAX_CLAIM_LEN:
         raise bad_input(f"claim path is {len(text)} characters; the limit is {MAX_CLAIM_LEN}")
     if "\x00" in text or "\n" in text or "\r" in text:
-        raise bad_input(f"claim path {_show(text)} contains a NUL or line break; claim one path per entry")
+        raise bad_input(f"claim path {quoted(text)} contains a NUL or line break; claim one path per entry")
     if text.startswith("/"):
-        raise bad_input(f"path {_show(text)} is absolute; give paths relative to the repo root")
+        raise bad_input(f"path {quoted(text)} is absolute; give paths relative to the repo root")
     raw_segments = text.split("/")
     if ".." in raw_segments:
-        raise bad_input(f"path {_show(text)} leaves the worktree; give paths inside it")
+        raise bad_input(f"path {quoted(text)} leaves the worktree; give paths inside it")
     directory = text.endswith("/")
     # Empty segments come from '//' and the trailing '/'; '.' segments from './'. Neither names anything.
     segments = [_canon_segment(s) for s in raw_segments if s not in ("", ".")]
@@ -76,7 +73,7 @@ def normalize_claim_path(path: object) -> str:
     # Adjacent '**' segments match the same paths as one.
     segments = [s for i, s in enumerate(segments) if s != GLOBSTAR or i == 0 or segments[i - 1] != GLOBSTAR]
     if not segments:
-        raise bad_input(f"claim path {_show(text)} names no file; to claim the whole repo use '**'")
+        raise bad_input(f"claim path {quoted(text)} names no file; to claim the whole repo use '**'")
     return "/".join(segments)
 
 

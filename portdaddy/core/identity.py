@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from portdaddy.errors import bad_input
+from portdaddy.text import quoted
 
 MAX_SEGMENTS = 3
 MAX_SEGMENT_LEN = 64
@@ -69,11 +70,6 @@ class Identity:
         return self.text
 
 
-def _show(text: str) -> str:
-    # repr() escapes control characters and quotes; the cut keeps hostile input from flooding the message.
-    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
-
-
 def _problem(text: str) -> str | None:
     """What is wrong with ``text`` as an identity or pattern, in one line; None if it fits the grammar."""
     if not text:
@@ -82,15 +78,15 @@ def _problem(text: str) -> str | None:
         return f"identity is {len(text)} characters; the limit is {MAX_LEN}"
     bad = _BAD_CHAR.search(text)
     if bad:
-        return f"identity {_show(text)} contains {bad.group()!r}; {_CHARS}"
+        return f"identity {quoted(text)} contains {bad.group()!r}; {_CHARS}"
     segments = text.split(":")
     if "" in segments:
-        return f"identity {_show(text)} has an empty segment; separate non-empty segments with a single ':'"
+        return f"identity {quoted(text)} has an empty segment; separate non-empty segments with a single ':'"
     if len(segments) > MAX_SEGMENTS:
-        return f"identity {_show(text)} has {len(segments)} segments; at most {MAX_SEGMENTS}: {_FORM}"
+        return f"identity {quoted(text)} has {len(segments)} segments; at most {MAX_SEGMENTS}: {_FORM}"
     for seg in segments:
         if len(seg) > MAX_SEGMENT_LEN:
-            return f"identity segment {_show(seg)} is {len(seg)} characters; the limit is {MAX_SEGMENT_LEN}"
+            return f"identity segment {quoted(seg)} is {len(seg)} characters; the limit is {MAX_SEGMENT_LEN}"
         if seg.strip(".") == "":
             return f"identity segment {seg!r} is only dots; {_DOTS}"
     return None
@@ -106,7 +102,7 @@ def parse(text: object, *, wildcard: bool = True) -> Identity:
         raise bad_input(problem, code=_CODE)
     ident = Identity(tuple(text.split(":")))
     if not wildcard and ident.has_wildcard:
-        raise bad_input(f"cannot claim a wildcard identity {_show(text)}; {_ONE}", code=_CODE)
+        raise bad_input(f"cannot claim a wildcard identity {quoted(text)}; {_ONE}", code=_CODE)
     return ident
 
 

@@ -40,6 +40,18 @@ END_STATUSES = ("completed", "abandoned")
 
 _SESSION_COLUMNS = ("id, purpose, status, agent_id, worktree, identity_project, created_at, updated_at, completed_at, "
                     "metadata, note_count")  # fmt: skip
+# The fleet agent (its project directory and name, as JSON) of a fleet run's ended session, else NULL: the fleet
+# starts a run's session with the run as its agent and the fleet agent in its metadata (fleet/citizen.py). The
+# views fold these into one line per fleet agent, since a cron agent ends one every run (spec/journal.md, "Fleet
+# runs in the views"); a pd spawn run is a task of its own and stays on its own line.
+_RUN_OF = ("CASE WHEN status <> 'active' AND json_extract(metadata, '$.kind') = 'fleet' AND "
+           "json_extract(metadata, '$.runId') = agent_id "
+           "THEN json_array(worktree, json_extract(metadata, '$.agent')) END")  # fmt: skip
+_NEWEST_FIRST = "ORDER BY updated_at DESC, rid DESC"
+# The sessions of every fleet agent's ended runs but its newest: what the folded views leave out.
+_EARLIER_RUNS = (f"SELECT id FROM (SELECT id, run_of, row_number() OVER (PARTITION BY run_of {_NEWEST_FIRST}) AS nth "
+                 f"FROM (SELECT id, updated_at, rowid AS rid, {_RUN_OF} AS run_of FROM sessions "
+                 "WHERE status <> 'active')) WHERE run_of IS NOT NULL AND nth > 1")  # fmt: skip
 # Held claims, of the repository given as the one parameter (and those whose repository is unknown); None: all.
 _HELD = ("SELECT c.path, c.session_id, c.claimed_at, s.purpose, s.agent_id, c.forced FROM file_claims c "
          "JOIN sessions s ON s.id = c.session_id WHERE c.released_at IS NULL AND s.status = 'active' "
@@ -64,6 +76,23 @@ def file_conflict(conflicts: list[dict[str, Any]]) -> Conflict:
     more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
     return Conflict("FILE_CONFLICT", f"{conflict_line(conflicts[0])}{more}; use --force to claim anyway",
                     conflicts=conflicts, hint="Use force=true to claim files anyway")  # fmt: skip
+
+
+def _note_filter(*, session_id: str | None = None, agent: str | None = None, project: str | None = None,
+                 type: str | None = None, since: int | None = None) -> tuple[list[str], list[Any]]:  # fmt: skip
+    """The WHERE clauses (notes ``n`` joined to their sessions ``s``) and arguments of the filters given."""
+    where, args = ["1"], []
+    for clause, value in (
+        ("n.session_id = ?", session_id),
+        ("coalesce(n.agent_id, s.agent_id) = ?", agent),
+        ("s.identity_project = ?", project),
+        ("n.type = ?", type),
+        ("n.created_at >= ?", since),
+    ):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    return where, args
 
 
 class Sessions:
@@ -154,16 +183,29 @@ class Sessions:
             self.app.bus.emit("session.end", sessionId=sid, agentId=agent_id, status=status)
 
     def list(self, *, status: str | None, agent: str | None, worktree: str | None, project: str | None,
-             limit: int) -> list[dict[str, Any]]:  # fmt: skip
+             limit: int, since: int | None = None, fold_runs: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """Sessions, most recently updated first (``since``: those active or updated since). ``fold_runs``: each
+        fleet agent's ended runs are one entry, the newest's session, with ``fleetRuns`` counting them."""
         rows = self.store.all(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE (?1 IS NULL OR status=?1) AND (?2 IS NULL OR agent_id=?2) "
+            f"WITH picked AS (SELECT {_SESSION_COLUMNS}, rowid AS rid, {_RUN_OF if fold_runs else 'NULL'} AS run_of "
+            "FROM sessions WHERE (?1 IS NULL OR status=?1) AND (?2 IS NULL OR agent_id=?2) "
             "AND (?3 IS NULL OR worktree=?3) AND (?4 IS NULL OR identity_project=?4) "
-            "ORDER BY updated_at DESC, rowid DESC LIMIT ?5",
-            (status, agent, worktree, project, limit),
+            "AND (?6 IS NULL OR updated_at >= ?6 OR status = 'active')) "
+            f"SELECT {_SESSION_COLUMNS}, run_of, runs, ok, first FROM (SELECT *, "
+            f"row_number() OVER (PARTITION BY run_of {_NEWEST_FIRST}) AS nth, count(*) OVER runs AS runs, "
+            "total(status = 'completed') OVER runs AS ok, min(created_at) OVER runs AS first "
+            "FROM picked WINDOW runs AS (PARTITION BY run_of)) "
+            f"WHERE run_of IS NULL OR nth = 1 {_NEWEST_FIRST} LIMIT ?5",
+            (status, agent, worktree, project, limit, since),
         )  # fmt: skip
-        sessions = [_session_wire(r) for r in rows]
-        for s in sessions:
+        sessions = []
+        for *row, run_of, runs, ok, first in rows:
+            s = _session_wire(row)
             s["files"] = self.claimed_paths([s["id"]])
+            s["fleetRuns"] = None if run_of is None else {
+                "agent": json.loads(run_of)[1], "projectDir": s["worktreeId"], "count": runs,
+                "completed": int(ok), "abandoned": runs - int(ok), "firstAt": first}  # fmt: skip
+            sessions.append(s)
         return sessions
 
     def current(self, *, agent_id: str | None, worktree: str | None) -> str:
@@ -217,22 +259,16 @@ class Sessions:
                 "hash": digest, "createdAt": now}  # fmt: skip
 
     def notes(self, *, session_id: str | None = None, session_ids: list[str] | None = None, agent: str | None = None,
-              project: str | None = None, type: str | None = None, since: int | None = None,
-              limit: int = 50, oldest_first: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-        where, args = ["1"], []
-        for clause, value in (
-            ("n.session_id = ?", session_id),
-            ("coalesce(n.agent_id, s.agent_id) = ?", agent),
-            ("s.identity_project = ?", project),
-            ("n.type = ?", type),
-            ("n.created_at >= ?", since),
-        ):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
+              project: str | None = None, type: str | None = None, since: int | None = None, limit: int = 50,
+              oldest_first: bool = False, fold_runs: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """Notes, newest first. ``fold_runs``: not those of a fleet agent's earlier ended runs, only its newest's
+        (``earlier_run_notes`` counts what that leaves out)."""
+        where, args = _note_filter(session_id=session_id, agent=agent, project=project, type=type, since=since)
         if session_ids is not None:
             where.append(f"n.session_id IN ({','.join('?' * len(session_ids))})")
             args.extend(session_ids)
+        if fold_runs:
+            where.append(f"n.session_id NOT IN ({_EARLIER_RUNS})")
         rows = self.store.all(
             "SELECT n.id, n.session_id, n.seq, n.agent_id, n.type, n.created_at, n.body, n.hash, n.prev_hash, "
             f"s.wrapped_key, s.purpose FROM notes n JOIN sessions s ON s.id = n.session_id WHERE {' AND '.join(where)} "
@@ -245,6 +281,12 @@ class Sessions:
                           "content": text, "unreadable": text is None, "createdAt": created, "hash": digest,
                           "prevHash": prev, "sessionPurpose": purpose})  # fmt: skip
         return notes[::-1] if oldest_first else notes
+
+    def earlier_run_notes(self, **filters: Any) -> int:
+        """How many notes ``notes(fold_runs=True, **filters)`` leaves out: those of fleet agents' earlier runs."""
+        where, args = _note_filter(**filters)
+        return self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
+                                 f"{' AND '.join(where)} AND n.session_id IN ({_EARLIER_RUNS})", args)  # fmt: skip
 
     def verify(self, session_id: str | None = None) -> dict[str, Any]:
         heads = self.store.all("SELECT id, note_count, head_hash FROM sessions WHERE ?1 IS NULL OR id=?1 "
@@ -384,6 +426,8 @@ FORCE = Param("force", v.boolean, default=False)
 _PURPOSE = Param("purpose", v.text(MAX_PURPOSE_CHARS), required=True)
 _CONTENT = Param("content", v.text(MAX_NOTE_CHARS, lines=True), required=True, aliases=("note", "text"))
 _LIMIT = Param("limit", v.integer(1, 1000), default=50)
+# Every fleet run on its own: the views fold a fleet agent's ended runs into its newest (spec/journal.md).
+RUNS = Param("runs", v.boolean, default=False)
 
 
 def target_session(ctx: Ctx, session_id: str | None, agent_id: str | None, worktree: str | None) -> str:
@@ -420,9 +464,9 @@ def get_op(ctx: Ctx, *, sessionId, agentId, worktree) -> dict[str, Any]:
     return {"success": True, "session": s, "notes": notes, "files": files}
 
 
-def list_op(ctx: Ctx, *, status, agent, worktree, project, all, limit) -> dict[str, Any]:
+def list_op(ctx: Ctx, *, status, agent, worktree, project, all, runs, limit) -> dict[str, Any]:
     found = ctx.app.sessions.list(status=None if all else (status or "active"), agent=agent, worktree=worktree,
-                                  project=project, limit=limit)  # fmt: skip
+                                  project=project, limit=limit, fold_runs=not runs)  # fmt: skip
     return {"success": True, "sessions": found, "count": len(found)}
 
 
@@ -433,12 +477,15 @@ def note_add_op(ctx: Ctx, *, sessionId, content, type, agentId, worktree) -> dic
     return ctx.app.sessions.add_note(sid, content, type, agent)
 
 
-def note_list_op(ctx: Ctx, *, sessionId, agent, project, type, since, limit) -> dict[str, Any]:
+def note_list_op(ctx: Ctx, *, sessionId, agent, project, type, since, runs, limit) -> dict[str, Any]:
+    sessions: Sessions = ctx.app.sessions
     if sessionId is not None:
-        ctx.app.sessions.session(sessionId)  # a mistyped id is SESSION_NOT_FOUND, not a session without notes
-    found = ctx.app.sessions.notes(session_id=sessionId, agent=agent, project=project, type=type, since=since,
-                                   limit=limit)  # fmt: skip
-    return {"success": True, "notes": found, "count": len(found)}
+        sessions.session(sessionId)  # a mistyped id is SESSION_NOT_FOUND, not a session without notes
+    filters = {"session_id": sessionId, "agent": agent, "project": project, "type": type, "since": since}
+    fold = not runs and sessionId is None and agent is None  # one session or agent asked for: all of its notes
+    found = sessions.notes(**filters, limit=limit, fold_runs=fold)
+    return {"success": True, "notes": found, "count": len(found),
+            "earlierRunNotes": sessions.earlier_run_notes(**filters) if fold else 0}  # fmt: skip
 
 
 def verify_op(ctx: Ctx, *, sessionId) -> dict[str, Any]:
@@ -511,9 +558,11 @@ OPS = (
             WORKTREE,
             Param("project", v.name("project", 64)),
             Param("all", v.boolean, default=False),
+            RUNS,
             _LIMIT,
         ),
-        summary="sessions, most recently updated first (active only unless status or all)",
+        summary="sessions, most recently updated first (active only unless status or all; a fleet agent's ended "
+        "runs are one entry unless runs)",
     ),
     Op(
         "note.add",
@@ -530,9 +579,11 @@ OPS = (
             Param("project", v.name("project", 64)),
             Param("type", _note_type),
             Param("since", v.time_or_ago),
+            RUNS,
             _LIMIT,
         ),
-        summary="notes across sessions and agents, newest first (since: a duration ago like 30m, or epoch ms)",
+        summary="notes across sessions and agents, newest first (since: a duration ago like 30m, or epoch ms; "
+        "of a fleet agent's ended runs only the newest's unless runs, a session or an agent is named)",
     ),
     Op(
         "note.verify",

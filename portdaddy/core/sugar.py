@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning
+from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning, salvage_hint
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.repository import repository_of
@@ -19,6 +19,7 @@ from portdaddy.core.sessions import (
     FORCE,
     MAX_NOTE_CHARS,
     MAX_PURPOSE_CHARS,
+    RUNS,
     Sessions,
     file_conflict,
     target_session,
@@ -51,8 +52,7 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
     return {"success": True, "agentId": agent_id, "sessionId": started["id"], "identity": agent.identity,
             "purpose": purpose, "agentRegistered": True, "sessionStarted": True, "fileClaims": files,
             "fileConflicts": conflicts, "startedAt": started["createdAt"], "stillActive": earlier,
-            "salvageHint": (f"{len(dead)} dead agent(s) in {agent.project}:*. Run: pd salvage --project "
-                            f"{agent.project}") if dead else None,
+            "salvageHint": salvage_hint(len(dead), agent.project) if dead else None,
             "deathNotice": agents.death_notice(agent_id) if back else None}  # fmt: skip
 
 
@@ -106,28 +106,31 @@ def whoami_op(ctx: Ctx, *, agentId, sessionId, worktree) -> dict[str, Any]:
             "noteCount": s["noteCount"], "startedAt": s["createdAt"], "duration": now - s["createdAt"]}  # fmt: skip
 
 
-def sitrep_op(ctx: Ctx, *, since, project, limit) -> dict[str, Any]:
-    """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity."""
+def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
+    """What happened lately: notes, sessions started or ended, dead agents awaiting salvage, claims, activity. A
+    fleet agent's runs ended in the window are one session line and its newest run's notes (unless ``runs``)."""
     sessions: Sessions = ctx.app.sessions
     now = now_ms()
     start = now - DEFAULT_SITREP_MS if since is None else since
     window = now - start
-    notes = sessions.notes(project=project, since=start, limit=limit)
-    recent = [s for s in sessions.list(status=None, agent=None, worktree=None, project=project, limit=500)
-              if s["updatedAt"] >= start or s["status"] == "active"]  # fmt: skip
-    # A fleet agent failing run after run is one salvage entry below; its earlier runs' sessions would drown the rest.
-    repeats = ctx.app.agents.superseded({s["agentId"] for s in recent if s["agentId"]})
-    recent = [s for s in recent if s["agentId"] not in repeats]
+    notes = sessions.notes(project=project, since=start, limit=limit, fold_runs=not runs)
+    recent = sessions.list(status=None, agent=None, worktree=None, project=project, limit=500, since=start,
+                           fold_runs=not runs)  # fmt: skip
     dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
     claims = sessions.held()  # every repository's: a sitrep is of the whole machine
     activity = ctx.app.activity.entries(limit=limit, since=start)
-    active = sum(s["status"] == "active" for s in recent)
+    counts = {"events": len(activity), "notes": len(notes),
+              "activeSessions": sum(s["status"] == "active" for s in recent), "deadAgents": len(dead),
+              "filesClaimed": len(claims)}  # fmt: skip
     minutes = max(1, window // 60_000)
     window_name = "Since the beginning" if start == 0 else f"Last {minutes}m"  # --since 0
-    summary = (f"{window_name}: {len(activity)} events, {len(notes)} notes, {active} active sessions, "
-               f"{len(dead)} dead agents awaiting salvage, {len(claims)} files claimed")  # fmt: skip
-    return {"success": True, "summary": summary, "since_ms": start, "since_minutes": minutes, "notes": notes,
-            "sessions": recent[:limit], "salvage_queue": dead, "claims": claims, "activity": activity}  # fmt: skip
+    # The original's wording, kept on the wire; pd prints its own from counts.
+    summary = (f"{window_name}: {counts['events']} events, {counts['notes']} notes, {counts['activeSessions']} "
+               f"active sessions, {counts['deadAgents']} dead agents awaiting salvage, {counts['filesClaimed']} "
+               "files claimed")  # fmt: skip
+    return {"success": True, "summary": summary, "counts": counts, "since_ms": start, "since_minutes": minutes,
+            "notes": notes, "sessions": recent[:limit], "salvage_queue": dead, "claims": claims,
+            "activity": activity}  # fmt: skip
 
 
 _AGENT = Param("agentId", AGENT_ID)
@@ -170,8 +173,10 @@ OPS = (
         (
             Param("since", v.time_or_ago),
             Param("project", v.name("project", 64)),
+            RUNS,
             Param("limit", v.integer(1, 100), default=20),
         ),
-        summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity",
+        summary="catch me up: recent notes, sessions, dead agents awaiting salvage, claims and activity (a fleet "
+        "agent's ended runs are one session and its newest run's notes unless runs)",
     ),
 )

@@ -29,6 +29,7 @@ from typing import Any
 
 from portdaddy.core.validate import wire_int
 from portdaddy.errors import bad_input
+from portdaddy.text import quoted
 
 WILDCARD = "*"
 MAX_FIELDS = 64
@@ -72,7 +73,7 @@ _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 def _key(key: str) -> str:
     """An object key as a refusal names it: as is when plain, else quoted and cut short, so that a key with a
     line break or 60 KB long cannot make the refusal several lines or that long."""
-    return key if _PLAIN_KEY.fullmatch(key) else repr(key[:40]) + ("..." if len(key) > 40 else "")
+    return key if _PLAIN_KEY.fullmatch(key) else quoted(key, 40)
 
 
 def _clean(value: Any, where: str, depth: int) -> Any:

@@ -82,6 +82,8 @@ _CHANNEL_KEYS = ("description", "consumers")
 class FleetConfigError(BadInput):
     """All problems in a fleet file; ``message`` has one ``<file>:<line>: <field>: <problem>`` per line."""
 
+    max_message = None  # every problem, each on its line: what pd fleet validate is for
+
     def __init__(self, errors: list[str], path: Path | str) -> None:
         super().__init__("VALIDATION_ERROR", "\n".join(errors), file=str(path), errors=list(errors))
         self.errors = list(errors)

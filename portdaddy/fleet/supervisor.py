@@ -36,6 +36,7 @@ from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
+from portdaddy.text import plural
 
 log = logging.getLogger("portdaddy.fleet")
 
@@ -736,7 +737,7 @@ class Fleet:
 
     def _open_circuit(self, lf: LiveFleet, spec: AgentSpec, run: Run, failures: int) -> None:
         state = lf.state(spec.name)
-        state.circuit = (f"{failures} failures within {self.settings.respawn_window_s:g}s "
+        state.circuit = (f"{plural(failures, 'failure')} within {self.settings.respawn_window_s:g}s "
                          f"(max_respawns {spec.max_respawns}); last: {run.error}")  # fmt: skip
         state.circuit_at = now_ms()
         with self.store.write() as db:
