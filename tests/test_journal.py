@@ -253,6 +253,19 @@ def test_counts_pd_prints_agree_with_their_nouns(fresh_daemon: Daemon, tmp_path:
     assert d.pd("who-owns", "zzz.py", cwd=tree).stdout.strip() == "zzz.py: claimed by 0 sessions"
 
 
+def test_sitrep_counts_what_happened_not_what_fits_in_its_lists(fresh_daemon: Daemon) -> None:
+    """The counts (and the summary line pd prints) were the lengths of lists cut at --limit: "20 notes" when
+    there were 25."""
+    d = fresh_daemon
+    sid = d.call("session.start", purpose="Busy", agentId="busy")["id"]
+    for n in range(25):
+        d.call("note.add", sessionId=sid, content=f"note {n}")
+    rep = d.call("journal.sitrep", limit=20)
+    assert (len(rep["notes"]), rep["counts"]["notes"]) == (20, 25)
+    assert len(rep["activity"]) == 20 and rep["counts"]["events"] >= 26  # the session and its notes, at least
+    assert re.match(r"Last 30m: [\d,]+ events, 25 notes, ", d.pd("sitrep").stdout)
+
+
 HUGE_AGO = "100000000d"  # 270,000 years back, before the epoch
 
 

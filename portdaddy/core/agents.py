@@ -400,7 +400,9 @@ class Agents:
                                           "lastHeartbeat": agent.last_heartbeat}, sender="daemon")  # fmt: skip
 
     def salvage_entries(self, *, project: str | None = None, stack: str | None = None,
-                        statuses: tuple[str, ...] = ("pending",), limit: int = 50) -> list[dict[str, Any]]:  # fmt: skip
+                        statuses: tuple[str, ...] = ("pending",),
+                        limit: int | None = 50) -> list[dict[str, Any]]:  # fmt: skip
+        """Salvage entries, newest first (``limit`` None: all of them)."""
         marks = ",".join("?" * len(statuses))
         rows = self.store.all(f"SELECT {_ENTRY_COLUMNS} FROM salvage WHERE status IN ({marks}) "
                               "ORDER BY detected_at DESC", statuses)  # fmt: skip
@@ -412,7 +414,7 @@ class Agents:
             if stack and not _segment_glob(stack, entry["identityStack"]):
                 continue
             entries.append(entry)
-            if len(entries) >= limit:
+            if limit is not None and len(entries) >= limit:
                 break
         return entries
 

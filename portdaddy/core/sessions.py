@@ -282,6 +282,14 @@ class Sessions:
                           "prevHash": prev, "sessionPurpose": purpose})  # fmt: skip
         return notes[::-1] if oldest_first else notes
 
+    def count_notes(self, *, fold_runs: bool = False, **filters: Any) -> int:
+        """How many notes ``notes(fold_runs=fold_runs, **filters)`` would list without a limit."""
+        where, args = _note_filter(**filters)
+        if fold_runs:
+            where.append(f"n.session_id NOT IN ({_EARLIER_RUNS})")
+        return self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
+                                 f"{' AND '.join(where)}", args)  # fmt: skip
+
     def earlier_run_notes(self, **filters: Any) -> int:
         """How many notes ``notes(fold_runs=True, **filters)`` leaves out: those of fleet agents' earlier runs."""
         where, args = _note_filter(**filters)

@@ -116,12 +116,15 @@ def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
     notes = sessions.notes(project=project, since=start, limit=limit, fold_runs=not runs)
     recent = sessions.list(status=None, agent=None, worktree=None, project=project, limit=500, since=start,
                            fold_runs=not runs)  # fmt: skip
-    dead = ctx.app.agents.salvage_entries(project=project, limit=limit)
+    dead = ctx.app.agents.salvage_entries(project=project, limit=None)
     claims = sessions.held()  # every repository's: a sitrep is of the whole machine
     activity = ctx.app.activity.entries(limit=limit, since=start)
-    counts = {"events": len(activity), "notes": len(notes),
+    # What happened in the window, not what fits in the lists (they stop at ``limit``).
+    counts = {"events": sum(ctx.app.activity.summary(start).values()),
+              "notes": sessions.count_notes(project=project, since=start, fold_runs=not runs),
               "activeSessions": sum(s["status"] == "active" for s in recent), "deadAgents": len(dead),
               "filesClaimed": len(claims)}  # fmt: skip
+    dead = dead[:limit]
     minutes = max(1, window // 60_000)
     window_name = "Since the beginning" if start == 0 else f"Last {minutes}m"  # --since 0
     # The original's wording, kept on the wire; pd prints its own from counts.
