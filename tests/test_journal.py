@@ -266,6 +266,14 @@ def test_sitrep_counts_what_happened_not_what_fits_in_its_lists(fresh_daemon: Da
     assert re.match(r"Last 30m: [\d,]+ events, 25 notes, ", d.pd("sitrep").stdout)
 
 
+def test_claims_are_listed_with_their_sessions_in_a_column(daemon: Daemon, tmp_path: Path) -> None:
+    tree = linked_worktree(tmp_path, "column")
+    daemon.pd("begin", "Columns", "--agent", "columnist", "--files", "a.py", "src/api/payments/*", cwd=tree)
+    lines = daemon.pd("files", cwd=tree).stdout.splitlines()
+    assert len(lines) == 2 and len({line.index("session-") for line in lines}) == 1, lines
+    daemon.pd("done", cwd=tree)
+
+
 HUGE_AGO = "100000000d"  # 270,000 years back, before the epoch
 
 

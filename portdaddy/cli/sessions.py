@@ -357,9 +357,11 @@ def holder(agent_id: str | None, purpose: str) -> str:
     return f"{agent_id}: {purpose}" if agent_id else purpose
 
 
-def claim_line(c: dict[str, Any]) -> str:
-    forced = " [forced]" if c["forced"] else ""
-    return f"{c['filePath']}  {c['sessionId']} ({holder(c['agentId'], c['purpose'])}){forced}"
+def claim_lines(claims: list[dict[str, Any]]) -> list[str]:
+    """One line per claim, the sessions in a column (a path longer than 60 characters pushes only its own)."""
+    width = min(60, max((len(c["filePath"]) for c in claims), default=0))
+    return [f"{c['filePath']:{width}}  {c['sessionId']} ({holder(c['agentId'], c['purpose'])})"
+            + (" [forced]" if c["forced"] else "") for c in claims]  # fmt: skip
 
 
 @click.command("files")
@@ -384,8 +386,7 @@ def files(path: str | None, agent: str | None, as_json: bool, quiet: bool) -> No
     elif not result["claims"]:
         click.echo("No files claimed")
     else:
-        for c in result["claims"]:
-            click.echo(claim_line(c))
+        click.echo("\n".join(claim_lines(result["claims"])))
 
 
 @click.command("who-owns")
@@ -407,8 +408,8 @@ def who_owns(path: str, as_json: bool, quiet: bool) -> None:
         click.echo("claimed" if result["claimed"] else "unclaimed")
     else:
         click.echo(f"{result['filePath']}: claimed by {plural(len(result['owners']), 'session')}")
-        for c in result["owners"]:
-            click.echo(f"  {claim_line(c)}")
+        for line in claim_lines(result["owners"]):
+            click.echo(f"  {line}")
 
 
 COMMANDS = (session, note, notes, files, who_owns)

@@ -17,7 +17,7 @@ from portdaddy.cli.context import (
     worktree_root,
 )
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn
-from portdaddy.cli.sessions import claim_line, claiming_call, folded_runs, hint_if_folded, holder, note_line
+from portdaddy.cli.sessions import claim_lines, claiming_call, folded_runs, hint_if_folded, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
 from portdaddy.text import plural
@@ -180,7 +180,7 @@ def sitrep(since: str, project: str | None, runs: bool, limit: int | None, as_js
                 ("Sessions", [f"{s['status']:9} {s['id']} {holder(s['agentId'], s['purpose'])}{folded_runs(s)}"
                               for s in result["sessions"]]),
                 ("Dead agents awaiting salvage", [_salvage_line(e) for e in result["salvage_queue"]]),
-                ("File claims", [claim_line(c) for c in result["claims"]]))  # fmt: skip
+                ("File claims", claim_lines(result["claims"])))  # fmt: skip
     for title, lines in sections:
         if lines:
             click.echo(f"\n{title}:")
