@@ -27,6 +27,18 @@ CALLER_VARIABLES = frozenset({"PORT_DADDY_AGENT", "PORT_DADDY_SESSION", "AGENT_I
 CALLER_PREFIX = "PD_"
 
 
+def env_int(env: Mapping[str, str], var: str, default: int) -> int:
+    """A whole number from the environment; ``default`` when unset or not one (ASCII digits only)."""
+    raw = env.get(var, "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() else default
+
+
+def env_ms(env: Mapping[str, str], var: str) -> int | None:
+    """A duration from the environment (``90s``, ``2h``, bare ms); None when unset or not one."""
+    raw = env.get(var)
+    return parse_duration_ms(raw) if raw else None
+
+
 def without_caller(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` less the variables that say who one caller is: what a daemon, and each agent it starts, may keep of
     the environment of the shell that started it (spec/fleet.md, "An agent's environment")."""
@@ -75,12 +87,10 @@ class Settings:
             return env.get(var, "").lower() in ("1", "true", "yes", "on")
 
         def duration(var: str) -> int | None:
-            raw = env.get(var)
-            return parse_duration_ms(raw) if raw else None
+            return env_ms(env, var)
 
         def integer(var: str, default: int) -> int:
-            raw = env.get(var, "")
-            return int(raw) if raw.strip().isascii() and raw.strip().isdigit() else default
+            return env_int(env, var, default)
 
         disable_after = duration("PORT_DADDY_WEBHOOK_DISABLE_AFTER")
         salvage_keep = duration("PORT_DADDY_SALVAGE_KEEP")

@@ -27,10 +27,9 @@ from typing import Any
 
 import trio
 
-from portdaddy.config import without_caller
+from portdaddy.config import env_int, env_ms, without_caller
 from portdaddy.core.clock import now_ms
 from portdaddy.core.store import RETRY_S
-from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
@@ -47,13 +46,8 @@ SHUTTING_DOWN = "daemon shutting down"  # the stop reason of runs the daemon's o
 
 
 def _env_seconds(env: dict[str, str], var: str, default: float) -> float:
-    ms = parse_duration_ms(env.get(var, ""))
+    ms = env_ms(env, var)
     return default if ms is None else ms / 1000
-
-
-def _env_count(env: dict[str, str], var: str, default: int) -> int:
-    raw = env.get(var, "").strip()
-    return max(1, int(raw)) if raw.isascii() and raw.isdigit() else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +77,7 @@ class FleetSettings:
             heartbeat_s=_env_seconds(env, "PORT_DADDY_FLEET_HEARTBEAT", defaults.heartbeat_s),
             respawn_delay_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_DELAY", defaults.respawn_delay_s),
             respawn_window_s=_env_seconds(env, "PORT_DADDY_FLEET_RESPAWN_WINDOW", defaults.respawn_window_s),
-            keep_runs=_env_count(env, "PORT_DADDY_FLEET_KEEP_RUNS", defaults.keep_runs),
+            keep_runs=max(1, env_int(env, "PORT_DADDY_FLEET_KEEP_RUNS", defaults.keep_runs)),
             test_starting_pause_s=_env_seconds(env, "PORT_DADDY_TEST_FLEET_STARTING_PAUSE", 0.0),
         )
 
