@@ -292,9 +292,7 @@ class Sessions:
 
     def earlier_run_notes(self, **filters: Any) -> int:
         """How many notes ``notes(fold_runs=True, **filters)`` leaves out: those of fleet agents' earlier runs."""
-        where, args = _note_filter(**filters)
-        return self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
-                                 f"{' AND '.join(where)} AND n.session_id IN ({_EARLIER_RUNS})", args)  # fmt: skip
+        return self.count_notes(**filters) - self.count_notes(fold_runs=True, **filters)
 
     def verify(self, session_id: str | None = None) -> dict[str, Any]:
         heads = self.store.all("SELECT id, note_count, head_hash FROM sessions WHERE ?1 IS NULL OR id=?1 "
