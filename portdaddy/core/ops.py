@@ -45,6 +45,9 @@ class Ctx:
     # False while a synchronous handler serves a fire-and-forget frame (nobody waits for its reply), so a hot
     # path may defer its store write; True for every request.
     acknowledged: bool = True
+    # The fleet agent a fleet run's calls are made for. Only the fleet sets it, never a transport from a request, so
+    # a session is known as a run's by it, not by metadata any client sets (spec/journal.md, "Fleet runs in the views").
+    fleet_agent: str | None = None
 
 
 class Later:

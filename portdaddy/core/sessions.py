@@ -40,18 +40,38 @@ END_STATUSES = ("completed", "abandoned")
 
 _SESSION_COLUMNS = ("id, purpose, status, agent_id, worktree, identity_project, created_at, updated_at, completed_at, "
                     "metadata, note_count")  # fmt: skip
-# The fleet agent (its project directory and name, as JSON) of a fleet run's ended session, else NULL: the fleet
-# starts a run's session with the run as its agent and the fleet agent in its metadata (fleet/citizen.py). The
-# views fold these into one line per fleet agent, since a cron agent ends one every run (spec/journal.md, "Fleet
-# runs in the views"); a pd spawn run is a task of its own and stays on its own line.
-_RUN_OF = ("CASE WHEN status <> 'active' AND json_extract(metadata, '$.kind') = 'fleet' AND "
-           "json_extract(metadata, '$.runId') = agent_id "
-           "THEN json_array(worktree, json_extract(metadata, '$.agent')) END")  # fmt: skip
-_NEWEST_FIRST = "ORDER BY updated_at DESC, rid DESC"
-# The sessions of every fleet agent's ended runs but its newest: what the folded views leave out.
-_EARLIER_RUNS = (f"SELECT id FROM (SELECT id, run_of, row_number() OVER (PARTITION BY run_of {_NEWEST_FIRST}) AS nth "
-                 f"FROM (SELECT id, updated_at, rowid AS rid, {_RUN_OF} AS run_of FROM sessions "
-                 "WHERE status <> 'active')) WHERE run_of IS NOT NULL AND nth > 1")  # fmt: skip
+# A listing is read in three parts, each from its own index in recency order and cut at the limit, so that it costs
+# what its limit asks for, not what the table holds: active sessions (fleet runs' too), other ended sessions, and
+# fleet agents' ended runs. The views fold the last into one entry per fleet agent (same project directory and
+# name), since a cron agent ends a run's session every minute (spec/journal.md, "Fleet runs in the views"). A run's
+# session is known by ``fleet_agent``, which only the fleet writes (migration 020); a pd spawn run has none.
+_ACTIVE = "status = 'active'"
+_ENDED = "fleet_agent IS NULL AND status <> 'active'"
+_ENDED_RUNS = "fleet_agent IS NOT NULL AND status <> 'active'"
+_NEWEST_FIRST = "ORDER BY updated_at DESC, rowid DESC"
+# Whether session ``s`` is one of a fleet agent's ended runs but its newest: what the folded views leave out.
+_EARLIER_RUN = ("(s.fleet_agent IS NOT NULL AND s.status <> 'active' AND s.rowid <> (SELECT r.rowid FROM sessions r "
+                "WHERE r.worktree IS s.worktree AND r.fleet_agent = s.fleet_agent AND r.status <> 'active' "
+                "ORDER BY r.updated_at DESC, r.rowid DESC LIMIT 1))")  # fmt: skip
+
+
+def _newest(where: str) -> str:
+    """The sessions matching ``where``, newest first, cut at the listing's limit."""
+    return (f"SELECT {_SESSION_COLUMNS}, rowid AS rid, NULL AS run_of, NULL AS runs, NULL AS ok, NULL AS first "
+            f"FROM sessions WHERE {where} {_NEWEST_FIRST} LIMIT :limit")  # fmt: skip
+
+
+def _folded(where: str) -> str:
+    """Of the ended runs matching ``where``, each fleet agent's newest, with how many there are, how they ended and
+    when the first began (counted in the index sessions_runs)."""
+    return (f"SELECT {_SESSION_COLUMNS}, s.rowid AS rid, g.agent AS run_of, g.runs, g.ok, g.first FROM "
+            "(SELECT worktree AS tree, fleet_agent AS agent, count(*) AS runs, total(status = 'completed') AS ok, "
+            f"min(created_at) AS first FROM sessions WHERE {where} GROUP BY worktree, fleet_agent) g "
+            f"JOIN sessions s ON s.rowid = (SELECT rowid FROM sessions WHERE {where} AND worktree IS g.tree "
+            f"AND fleet_agent = g.agent {_NEWEST_FIRST} LIMIT 1) "
+            "ORDER BY s.updated_at DESC, s.rowid DESC LIMIT :limit")  # fmt: skip
+
+
 # Held claims, of the repository given as the one parameter (and those whose repository is unknown); None: all.
 _HELD = ("SELECT c.path, c.session_id, c.claimed_at, s.purpose, s.agent_id, c.forced FROM file_claims c "
          "JOIN sessions s ON s.id = c.session_id WHERE c.released_at IS NULL AND s.status = 'active' "
@@ -122,7 +142,8 @@ class Sessions:
         return s
 
     def start(self, purpose: str, *, agent_id: str | None, files: list[str], force: bool, worktree: str | None,
-              metadata: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+              metadata: dict[str, Any] | None, fleet_agent: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """``fleet_agent``: the session is a run of this fleet agent (the fleet's own calls only, ``Ctx``)."""
         repository = repository_of(worktree)
         conflicts = self.conflicts(files, repository=repository)
         if conflicts and not force:
@@ -133,9 +154,11 @@ class Sessions:
         with self.store.write() as db:
             db.execute(
                 "INSERT INTO sessions (id, purpose, status, agent_id, worktree, repository, identity_project, "
-                "created_at, updated_at, metadata, wrapped_key, head_hash) VALUES (?,?,'active',?,?,?,?,?,?,?,?,?)",
+                "created_at, updated_at, metadata, wrapped_key, head_hash, fleet_agent) "
+                "VALUES (?,?,'active',?,?,?,?,?,?,?,?,?,?)",
                 (sid, purpose, agent_id, worktree, repository, agent.project if agent else None, now, now,
-                 None if metadata is None else json.dumps(metadata), self.sealer.new_session_key(sid), GENESIS),
+                 None if metadata is None else json.dumps(metadata), self.sealer.new_session_key(sid), GENESIS,
+                 fleet_agent),
             )  # fmt: skip
             self._insert_claims(sid, files, bool(conflicts), now)
         self.app.bus.emit("session.start", sessionId=sid, agentId=agent_id, purpose=purpose, files=files,
@@ -186,25 +209,30 @@ class Sessions:
              limit: int, since: int | None = None, fold_runs: bool = False) -> list[dict[str, Any]]:  # fmt: skip
         """Sessions, most recently updated first (``since``: those active or updated since). ``fold_runs``: each
         fleet agent's ended runs are one entry, the newest's session, with ``fleetRuns`` counting them."""
-        rows = self.store.all(
-            f"WITH picked AS (SELECT {_SESSION_COLUMNS}, rowid AS rid, {_RUN_OF if fold_runs else 'NULL'} AS run_of "
-            "FROM sessions WHERE (?1 IS NULL OR status=?1) AND (?2 IS NULL OR agent_id=?2) "
-            "AND (?3 IS NULL OR worktree=?3) AND (?4 IS NULL OR identity_project=?4) "
-            "AND (?6 IS NULL OR updated_at >= ?6 OR status = 'active')) "
-            f"SELECT {_SESSION_COLUMNS}, run_of, runs, ok, first FROM (SELECT *, "
-            f"row_number() OVER (PARTITION BY run_of {_NEWEST_FIRST}) AS nth, count(*) OVER runs AS runs, "
-            "total(status = 'completed') OVER runs AS ok, min(created_at) OVER runs AS first "
-            "FROM picked WINDOW runs AS (PARTITION BY run_of)) "
-            f"WHERE run_of IS NULL OR nth = 1 {_NEWEST_FIRST} LIMIT ?5",
-            (status, agent, worktree, project, limit, since),
-        )  # fmt: skip
+        args = {"status": status, "agent": agent, "worktree": worktree, "project": project, "since": since,
+                "limit": limit}  # fmt: skip
+        named = {"agent_id = :agent": agent, "worktree = :worktree": worktree, "identity_project = :project": project}
+        match = [clause for clause, value in named.items() if value is not None]
+        window = [] if since is None else ["updated_at >= :since"]  # an active session is listed whatever its age
+        chosen = [] if status is None else ["status = :status"]
+        parts = []
+        if status in (None, "active"):
+            parts.append(_newest(" AND ".join([_ACTIVE, *match])))
+        if status != "active":
+            parts.append(_newest(" AND ".join([_ENDED, *match, *chosen, *window])))
+            # "+status" (no index for that term): a status alone would lead the planner to sessions_status, every
+            # ended session of the table, instead of sessions_runs.
+            runs = " AND ".join([_ENDED_RUNS, *match, *(f"+{c}" for c in chosen), *window])
+            parts.append(_folded(runs) if fold_runs else _newest(runs))
+        rows = self.store.all(" UNION ALL ".join(f"SELECT * FROM ({part})" for part in parts)
+                              + " ORDER BY updated_at DESC, rid DESC LIMIT :limit", args)  # fmt: skip
         sessions = []
-        for *row, run_of, runs, ok, first in rows:
+        for *row, _rid, run_of, runs, ok, first in rows:
             s = _session_wire(row)
             s["files"] = self.claimed_paths([s["id"]])
             s["fleetRuns"] = None if run_of is None else {
-                "agent": json.loads(run_of)[1], "projectDir": s["worktreeId"], "count": runs,
-                "completed": int(ok), "abandoned": runs - int(ok), "firstAt": first}  # fmt: skip
+                "agent": run_of, "projectDir": s["worktreeId"], "count": runs, "completed": int(ok),
+                "abandoned": runs - int(ok), "firstAt": first}  # fmt: skip
             sessions.append(s)
         return sessions
 
@@ -268,7 +296,7 @@ class Sessions:
             where.append(f"n.session_id IN ({','.join('?' * len(session_ids))})")
             args.extend(session_ids)
         if fold_runs:
-            where.append(f"n.session_id NOT IN ({_EARLIER_RUNS})")
+            where.append(f"NOT {_EARLIER_RUN}")
         rows = self.store.all(
             "SELECT n.id, n.session_id, n.seq, n.agent_id, n.type, n.created_at, n.body, n.hash, n.prev_hash, "
             f"s.wrapped_key, s.purpose FROM notes n JOIN sessions s ON s.id = n.session_id WHERE {' AND '.join(where)} "
@@ -285,14 +313,16 @@ class Sessions:
     def count_notes(self, *, fold_runs: bool = False, **filters: Any) -> int:
         """How many notes ``notes(fold_runs=fold_runs, **filters)`` would list without a limit."""
         where, args = _note_filter(**filters)
-        if fold_runs:
-            where.append(f"n.session_id NOT IN ({_EARLIER_RUNS})")
-        return self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
-                                 f"{' AND '.join(where)}", args)  # fmt: skip
+        count = self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
+                                  f"{' AND '.join(where)}", args)  # fmt: skip
+        return count - self.earlier_run_notes(**filters) if fold_runs else count
 
     def earlier_run_notes(self, **filters: Any) -> int:
-        """How many notes ``notes(fold_runs=True, **filters)`` leaves out: those of fleet agents' earlier runs."""
-        return self.count_notes(**filters) - self.count_notes(fold_runs=True, **filters)
+        """How many notes ``notes(fold_runs=True, **filters)`` leaves out: those of fleet agents' earlier runs (read
+        from the ended runs, a hundred a fleet agent kept, to their notes; from the notes of the window, if smaller)."""
+        where, args = _note_filter(**filters)
+        return self.store.scalar(f"SELECT count(*) FROM notes n JOIN sessions s ON s.id = n.session_id WHERE "
+                                 f"{_EARLIER_RUN} AND {' AND '.join(where)}", args)  # fmt: skip
 
     def verify(self, session_id: str | None = None) -> dict[str, Any]:
         heads = self.store.all("SELECT id, note_count, head_hash FROM sessions WHERE ?1 IS NULL OR id=?1 "
@@ -449,7 +479,7 @@ def _alive(ctx: Ctx, agent_id: str | None) -> None:
 
 def start_op(ctx: Ctx, *, purpose, agentId, files, force, worktree, metadata) -> dict[str, Any]:
     result = ctx.app.sessions.start(purpose, agent_id=agentId or ctx.agent_id, files=files, force=force,
-                                    worktree=worktree, metadata=metadata)  # fmt: skip
+                                    worktree=worktree, metadata=metadata, fleet_agent=ctx.fleet_agent)  # fmt: skip
     _alive(ctx, result["agentId"])
     return {"success": True, **result}
 

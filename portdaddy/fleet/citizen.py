@@ -25,11 +25,12 @@ _CALL_TIMEOUT_S = 5.0
 NOTE_OUTPUT_MAX = 200  # characters of output in a done note, as the original
 
 
-async def _op(app: App, action: str, **args: Any) -> Any:
+async def _op(app: App, action: str, run: Run, **args: Any) -> Any:
     # Shielded: bookkeeping for a run that is being stopped must still reach the journal.
+    ctx = Ctx(app, "fleet", fleet_agent=run.agent if run.kind == "fleet" else None)
     with trio.CancelScope(shield=True), trio.move_on_after(_CALL_TIMEOUT_S):
         try:
-            return await call(app.ops, action, {k: v for k, v in args.items() if v is not None}, Ctx(app, "fleet"))
+            return await call(app.ops, action, {k: v for k, v in args.items() if v is not None}, ctx)
         except PDError as exc:
             log.warning("fleet: %s for %s failed: %s", action, args.get("agentId"), exc.message)
     return None
@@ -44,18 +45,18 @@ def purpose(run: Run) -> str:
 
 async def enter(app: App, run: Run) -> str | None:
     """Register the run's agent and start its session; the session id (None if the journal refused)."""
-    if await _op(app, "agent.register", agentId=run.agent_id, identity=run.identity, purpose=purpose(run),
+    if await _op(app, "agent.register", run, agentId=run.agent_id, identity=run.identity, purpose=purpose(run),
                  type="fleet" if run.kind == "fleet" else "spawned") is None:  # fmt: skip
         return None
     metadata = {"runId": run.id, "kind": run.kind, "agent": run.agent, "fleet": run.fleet,
                 "backend": run.task.backend, "trigger": run.trigger, "attempt": run.attempt}  # fmt: skip
-    reply = await _op(app, "session.start", purpose=purpose(run), agentId=run.agent_id, force=True,
+    reply = await _op(app, "session.start", run, purpose=purpose(run), agentId=run.agent_id, force=True,
                       worktree=run.project_dir, metadata=metadata)  # fmt: skip
     return reply.get("sessionId") if isinstance(reply, dict) else None
 
 
 async def heartbeat(app: App, run: Run) -> None:
-    await _op(app, "agent.heartbeat", agentId=run.agent_id)
+    await _op(app, "agent.heartbeat", run, agentId=run.agent_id)
 
 
 async def done(app: App, run: Run, note: str, *, fixes: list[str] | None = None) -> None:
@@ -63,7 +64,7 @@ async def done(app: App, run: Run, note: str, *, fixes: list[str] | None = None)
 
     ``fixes``: earlier runs of its fleet agent, when it succeeded; their pending salvage is settled, completed by
     this run (spec/fleet.md, "Repeated failures")."""
-    await _op(app, "agent.done", agentId=run.agent_id, note=note, sessionId=run.session_id)
+    await _op(app, "agent.done", run, agentId=run.agent_id, note=note, sessionId=run.session_id)
     if fixes:
         try:
             app.agents.settle_fixed(fixes, run.agent_id)
