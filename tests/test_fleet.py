@@ -815,6 +815,38 @@ def test_a_fleet_agents_ended_runs_are_one_line_in_sitrep_sessions_and_notes(dae
     d.call("fleet.down", projectDir=str(project))
 
 
+def test_a_session_dressed_as_a_fleet_run_is_not_folded(daemon_factory: Any, tmp_home: Path) -> None:
+    """The fold knew a run by its session's metadata, which any client sets: an agent naming itself like a run of
+    tick, with tick's metadata, had its ended sessions and their notes left out of everyone's views, and the newest
+    stood in for tick's runs. A run's session is known by what only the fleet writes."""
+    d = daemon_factory(**FAST)
+    project = make_project(tmp_home, """
+        fleet:
+          agents:
+            tick: {trigger: work, backend: custom, command: "echo ticked"}
+        """)  # fmt: skip
+    pd_json(d, "fleet", "up", "-C", str(project))
+    ticks = [_ended(d, project, "tick") for _ in range(2)]
+    forged = []
+    for n in range(2):
+        agent = f"fleet-tick-{n:08x}"
+        metadata = {"runId": agent, "kind": "fleet", "agent": "tick"}  # what the fleet sends, and a field it does not
+        sid = d.call("session.start", purpose="Fleet agent: tick", agentId=agent, worktree=str(project),
+                     metadata=metadata, fleetAgent="tick")["sessionId"]  # fmt: skip
+        d.call("session.end", sessionId=sid, note=f"moved the deploy key {n}")
+        forged.append(sid)
+
+    listed = {s["id"]: s["fleetRuns"] for s in d.call("session.list", all=True)["sessions"]}
+    assert set(listed) == {ticks[1]["sessionId"], *forged} and listed[forged[0]] is None and listed[forged[1]] is None
+    assert listed[ticks[1]["sessionId"]]["count"] == 2
+    notes = d.call("note.list")
+    assert [n["content"] for n in notes["notes"]][:2] == ["moved the deploy key 1", "moved the deploy key 0"]
+    assert notes["count"] == 3 and notes["earlierRunNotes"] == 1  # tick's first run's handoff, and only that
+    sitrep = d.call("journal.sitrep")
+    assert {s["id"] for s in sitrep["sessions"]} == set(listed) and sitrep["counts"]["notes"] == 3
+    d.call("fleet.down", projectDir=str(project))
+
+
 def _salvage(d: Daemon, **args: Any) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in d.call("salvage.list", limit=500, **args)["agents"]}
 

@@ -4,8 +4,10 @@ tampering, death and salvage through the seam the fleet uses."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -236,3 +238,74 @@ def test_the_session_key_cache_is_bounded_and_evicted_keys_still_open(tmp_path: 
     assert [sealer.open(sid, wrapped[sid], body) for sid, body in bodies.items()] == \
         [f"note of s{i}" for i in range(10)]  # fmt: skip
     assert list(sealer._boxes) == ["s6", "s7", "s8", "s9"]
+
+
+def _add_sessions(app: App, first: int, count: int, *, runs_of: tuple[str, ...] = ()) -> None:
+    """``count`` ended sessions, one a second from ``first`` (ms), each with a note: ordinary ones, or with
+    ``runs_of``, runs of those fleet agents in turn (written as the fleet writes them)."""
+    sessions, notes = [], []
+    for n in range(first // 1000, first // 1000 + count):
+        sid, at, fleet_agent = f"session-{n:012x}", n * 1000, runs_of[n % len(runs_of)] if runs_of else None
+        agent = f"fleet-{fleet_agent}-{n:08x}" if fleet_agent else f"agent-{n % 7}"
+        sessions.append((sid, "p", "completed" if n % 5 else "abandoned", agent, "/p", at, at, b"k", "h", fleet_agent))
+        notes.append((n, sid, agent, at))  # ids in time order, as the daemon gives them
+    with app.store.write() as db:
+        db.executemany("INSERT INTO sessions (id, purpose, status, agent_id, worktree, created_at, updated_at, "
+                       "wrapped_key, head_hash, fleet_agent, note_count) VALUES (?,?,?,?,?,?,?,?,?,?,1)",
+                       sessions)  # fmt: skip
+        db.executemany("INSERT INTO notes (id, session_id, seq, agent_id, type, created_at, body, prev_hash, hash) "
+                       "VALUES (?, ?, 1, ?, 'note', ?, x'00', '', '')", notes)  # fmt: skip
+
+
+def _vm_steps(app: App, view: Callable[[], Any]) -> tuple[int, Any]:
+    """``view()``'s answer and its cost in SQLite's virtual machine, in tens of instructions (counted, not timed)."""
+    steps = 0
+
+    def count() -> bool:
+        nonlocal steps
+        steps += 1
+        return False  # go on
+
+    app.store.db.set_progress_handler(count, 10)
+    try:
+        answer = view()
+        return steps, answer
+    finally:
+        app.store.db.set_progress_handler(None)
+
+
+def test_the_journal_views_cost_what_their_limit_asks_for_not_what_the_table_holds(tmp_path: Path) -> None:
+    """Sessions are kept for ever, so the views must not read them all: the fold of fleet runs ran json_extract and
+    window functions over every session (0.2 s at 50k). Twenty thousand older sessions later, every view answers the
+    same at the same cost; only a fleet agent's kept runs (a hundred by default) are counted whole."""
+    a = make_app(tmp_path)
+    a.add(PublishRecorder())
+    sessions = Sessions(a)
+    a.add(sessions)
+    now = now_ms()
+    _add_sessions(a, now - 600_000, 200)
+    _add_sessions(a, now - 300_000, 120, runs_of=("tick", "tock"))
+    _add_sessions(a, now - 100_000, 60)
+    for n in range(3):
+        sessions.start(f"active {n}", agent_id=None, files=[], force=False, worktree="/p", metadata=None)
+    recent = now - 250_000
+    listed = partial(sessions.list, agent=None, worktree=None, project=None)
+    views = {
+        "session.list": partial(listed, status="active", limit=50),
+        "session.list --all": partial(listed, status=None, limit=100, fold_runs=True),
+        "session.list --all --runs": partial(listed, status=None, limit=50),
+        "session.list --status abandoned": partial(listed, status="abandoned", limit=50, fold_runs=True),
+        "sitrep's sessions": partial(listed, status=None, limit=500, since=recent, fold_runs=True),
+        "note.list": partial(sessions.notes, limit=50, fold_runs=True),
+        "earlierRunNotes": sessions.earlier_run_notes,
+        "sitrep's note count": partial(sessions.count_notes, since=recent, fold_runs=True),
+    }
+    before = {name: _vm_steps(a, view) for name, view in views.items()}
+    folded = [s["fleetRuns"]["count"] for s in before["session.list --all"][1] if s["fleetRuns"]]
+    assert folded == [60, 60] and before["earlierRunNotes"][1] == 118 and len(before["session.list"][1]) == 3
+    _add_sessions(a, now - 40_000_000, 20_000)
+    for name, view in views.items():
+        steps, answer = _vm_steps(a, view)
+        assert answer == before[name][1], name
+        assert steps <= before[name][0] * 1.1 + 10, (name, before[name][0], steps)
+    a.store.close()

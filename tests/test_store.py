@@ -101,15 +101,21 @@ def test_reserved_numbers_raise_the_mark_once_per_block_and_only_when_committed(
     assert again.take() == 10
 
 
-def test_locks_move_to_a_table_keyed_by_name_and_keep_their_rows(tmp_path: Path) -> None:
-    """Migration 009 rebuilds ``locks`` WITHOUT ROWID (one page per acquire or release instead of two)."""
-    path = tmp_path / "portdaddy.db"
+def _database_before(path: Path, migration: int) -> apsw.Connection:
+    """A database as a daemon from before ``migration`` left it."""
     db = apsw.Connection(str(path))
     for number, _name, sql in migrations():
-        if number < 9:
+        if number < migration:
             with db:
                 db.execute(sql)
                 db.pragma("user_version", number)
+    return db
+
+
+def test_locks_move_to_a_table_keyed_by_name_and_keep_their_rows(tmp_path: Path) -> None:
+    """Migration 009 rebuilds ``locks`` WITHOUT ROWID (one page per acquire or release instead of two)."""
+    path = tmp_path / "portdaddy.db"
+    db = _database_before(path, 9)
     row = ("deploy", "agent-a", 7, 123, 1000, 2000, 1, '{"why":"release"}')
     db.execute("INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
                "VALUES (?,?,?,?,?,?,?,?)", row)  # fmt: skip
@@ -122,6 +128,30 @@ def test_locks_move_to_a_table_keyed_by_name_and_keep_their_rows(tmp_path: Path)
     with pytest.raises(apsw.ConstraintError), store.write() as w:  # the name is still the key
         w.execute("INSERT INTO locks (name, owner, token, acquired_at, expires_at) VALUES ('deploy','b',8,1,2)")
     assert store.integrity_check() == "ok"
+
+
+def test_stored_sessions_are_a_fleet_runs_only_when_the_fleets_own_run_row_says_so(tmp_path: Path) -> None:
+    """Migration 020: the views fold a fleet agent's ended runs by ``sessions.fleet_agent``, which only the fleet
+    writes. A stored session gets it when a fleet run's row names it as its session, not for metadata that a
+    client could have sent (spec/journal.md, "Fleet runs in the views")."""
+    path = tmp_path / "portdaddy.db"
+    db = _database_before(path, 20)
+    for run_id, kind, agent, session in (("fleet-tick-1", "fleet", "tick", "session-run"),
+                                         ("spawned-1", "spawn", "spawn", "session-spawn")):  # fmt: skip
+        db.execute("INSERT INTO fleet_runs (id, kind, project_dir, agent, identity, backend, spec, status, session_id, "
+                   "created_at) VALUES (?, ?, '/p', ?, 'p:x', 'custom', '{}', 'completed', ?, 1)",
+                   (run_id, kind, agent, session))  # fmt: skip
+    for sid, agent, kind in (("session-run", "fleet-tick-1", "fleet"), ("session-forged", "fleet-tick-2", "fleet"),
+                             ("session-spawn", "spawned-1", "spawn")):  # fmt: skip
+        metadata = f'{{"kind": "{kind}", "runId": "{agent}", "agent": "tick"}}'
+        db.execute("INSERT INTO sessions (id, purpose, status, agent_id, worktree, created_at, updated_at, metadata, "
+                   "wrapped_key, head_hash) VALUES (?, 'p', 'completed', ?, '/p', 1, 1, ?, x'00', '')",
+                   (sid, agent, metadata))  # fmt: skip
+    db.close()
+    store = Store(path)
+    assert dict(store.all("SELECT id, fleet_agent FROM sessions")) == {
+        "session-run": "tick", "session-forged": None, "session-spawn": None}  # fmt: skip
+    store.close()
 
 
 def test_autoincrement_ids_reserve_a_block_in_sqlite_sequence(store: Store) -> None:
