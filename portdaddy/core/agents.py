@@ -476,6 +476,13 @@ class Agents:
                 self.app.publish("agents", {"type": event, "agentId": agent_id, "by": by}, sender="daemon")
         return self.salvage_entry(agent_id)
 
+    def unclaim(self, agent_id: str, by: str, claimed_at: int) -> None:
+        """Give back a claim whose reply never reached its caller: nobody knows they took the work over, which
+        would stay claimed, and undone, until its entry expires. Only if that claim still stands."""
+        entry = self.salvage_entry(agent_id)
+        if (entry["status"], entry["claimedBy"], entry["claimedAt"]) == ("claimed", by, claimed_at):
+            self.salvage_move(agent_id, "abandon", by)
+
     def _forget_dead(self, agent_id: str) -> None:
         """A dead agent leaves the registry once someone has taken over (or dismissed) its work."""
         agent = self._agents.get(agent_id)
@@ -695,6 +702,11 @@ def _salvage_op(action: str) -> Any:
     return op
 
 
+def _unclaim_undelivered(ctx: Ctx, result: dict[str, Any]) -> None:
+    entry = result["agent"]
+    ctx.app.agents.unclaim(entry["id"], entry["claimedBy"], entry["claimedAt"])
+
+
 def _status(name: str, value: Any) -> str:
     return v.one_of(*STATUSES)(name, value)
 
@@ -776,7 +788,13 @@ OPS = (
         summary="dead agents' work awaiting salvage (all=true: every entry), with purpose, files and last notes",
     ),
     *(
-        Op(f"salvage.{action}", _salvage_op(action), (_OTHER, Param("newAgentId", AGENT_ID)), summary=summary)
+        Op(
+            f"salvage.{action}",
+            _salvage_op(action),
+            (_OTHER, Param("newAgentId", AGENT_ID)),
+            summary=summary,
+            undo=_unclaim_undelivered if action == "claim" else None,
+        )
         for action, summary in SALVAGE_MOVES.items()
     ),
 )

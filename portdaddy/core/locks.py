@@ -145,10 +145,9 @@ class Locks:
 
     async def acquire_blocking(self, name: str, owner: str, *, ttl_ms: int, timeout_s: float | None,
                                pid: int | None = None, metadata: dict[str, Any] | None = None,
-                               conn: Any = None, caller: Any = None) -> Lock:  # fmt: skip
+                               conn: Any = None) -> Lock:  # fmt: skip
         """Wait in FIFO order until the lock is handed to ``owner`` (call after ``try_acquire`` refused).
-        ``conn``: the connection the lock is bound to, if any; ``caller``: the one the grant goes back to (a
-        grant that finds it closed is released: nobody would know they hold it)."""
+        ``conn``: the connection the lock is bound to, if any."""
         self._check_quota(owner)
         waiter = _Waiter(owner, ttl_ms, pid, metadata, conn, trio.lowlevel.current_task())
         queue = self._waiters.setdefault(name, {})
@@ -161,11 +160,7 @@ class Locks:
             return trio.lowlevel.Abort.SUCCEEDED
 
         with trio.move_on_after(timeout_s if timeout_s is not None else float("inf")) as scope:
-            lock: Lock = await trio.lowlevel.wait_task_rescheduled(abort)
-            if caller is not None and caller.closed:
-                self._let_go(lock, "disconnect")  # nobody is there to hold it
-                raise PDError("CANCELLED", "the connection closed before the lock was granted")
-            return lock
+            return await trio.lowlevel.wait_task_rescheduled(abort)
         assert scope.cancelled_caught
         holder = self._held.get(name)
         raise PDError("TIMEOUT", f"lock {name!r} was not free within {timeout_s:g}s"
@@ -254,6 +249,14 @@ class Locks:
             db.execute("UPDATE locks SET expires_at=? WHERE name=?", (expires_at, lock.name))
         lock.expires_at = expires_at
         self._schedule(lock)
+
+    def take_back(self, name: str, token: int, expires_at: int) -> None:
+        """Let go of a grant whose reply never reached its caller: nobody knows they hold it. Only if the grant
+        stands untouched: a lease renewed since (a re-acquire or an extend by the same owner) was answered to
+        someone who does know."""
+        lock = self._held.get(name)
+        if lock is not None and lock.token == token and lock.expires_at == expires_at:
+            self._let_go(lock, "disconnect")
 
     def release_owner(self, owner: str, reason: str) -> list[str]:
         """Release every lock ``owner`` holds (its agent died or unregistered)."""
@@ -417,11 +420,18 @@ def _acquire(ctx: Ctx, *, name, owner, ttl, wait, timeout, metadata, connBound) 
                 pass
             timeout_s = None if timeout is None else timeout / 1000
             lock = await locks.acquire_blocking(name, who, ttl_ms=ttl, timeout_s=timeout_s, pid=ctx.pid,
-                                                metadata=metadata, conn=conn, caller=ctx.conn)  # fmt: skip
+                                                metadata=metadata, conn=conn)  # fmt: skip
             return _acquire_reply(lock, False)
 
         return Later(queue)
     return _acquire_reply(lock, existing)
+
+
+def _let_go_undelivered(ctx: Ctx, result: dict[str, Any]) -> None:
+    """A grant whose reply never reached its caller (it hung up first, its connection failed) is let go, or the
+    lock would be held by nobody until its lease ends. A re-acquire handed nothing over, and keeps it."""
+    if not result["existing"]:
+        ctx.app.locks.take_back(result["name"], result["token"], result["expiresAt"])
 
 
 def _release(ctx: Ctx, *, name, owner, token, force) -> dict[str, Any]:
@@ -465,6 +475,7 @@ OPS = (
             Param("connBound", v.boolean, default=False),
         ),
         summary="take a lock (fencing `token` in the reply); wait=true queues FIFO until it is free (timeout)",
+        undo=_let_go_undelivered,
     ),
     Op(
         "lock.release",

@@ -2,8 +2,9 @@
 
 An operation has a name (the IPC action, e.g. ``port.claim``), typed parameters (validated here, once, for
 every transport), a handler ``handler(ctx, **params)`` (plain functions run atomically on the trio thread;
-``async`` ones may wait), and whether it may arrive fire-and-forget. Each subsystem declares its ``OPS`` next
-to its logic; this module assembles them into ``TABLE``.
+``async`` ones may wait), whether it may arrive fire-and-forget, and, if its reply hands something over (a
+taken tuple, a granted lock), how to take that back when the reply cannot reach its caller. Each subsystem
+declares its ``OPS`` next to its logic; this module assembles them into ``TABLE``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class Op:
     params: tuple[Param, ...] = ()
     fire_and_forget: bool = False
     summary: str = ""
+    # ``undo(ctx, result)``: give back what the reply ``result`` handed over (a taken tuple, a granted lock), when
+    # a transport knows that reply never reached the caller (spec/decisions.md, "Durability"). None: nothing to.
+    undo: Callable[[Ctx, Any], None] | None = None
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +112,8 @@ def build_table(*groups: Iterable[Op]) -> dict[str, Op]:
             names = [p.name for p in op.params]
             if len(set(names)) != len(names):
                 raise RuntimeError(f"operation {op.name} declares a parameter twice: {names}")
+            if op.undo is not None and op.fire_and_forget:  # nobody would be told what it handed over
+                raise RuntimeError(f"operation {op.name} hands something over, so it cannot be fire-and-forget")
             table[op.name] = op
     return table
 

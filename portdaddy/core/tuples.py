@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +35,9 @@ from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.core.store import autoincrement_ids
-from portdaddy.errors import PDError, bad_input
+from portdaddy.errors import PDError, StoreError, bad_input
+
+log = logging.getLogger("portdaddy.tuples")
 
 Harbor = str | None
 Matcher = Callable[[list[Any]], bool]
@@ -57,6 +60,10 @@ class Tuple:
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "harbor": self.harbor, "fields": self.fields, "writtenBy": self.written_by,
                 "createdAt": self.created_at, "expiresAt": self.expires_at}  # fmt: skip
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> Tuple:
+        return cls(w["id"], w["harbor"], w["fields"], w["writtenBy"], w["createdAt"], w["expiresAt"])
 
 
 @dataclass(eq=False, slots=True)
@@ -237,9 +244,15 @@ class TupleSpace:
                       timedOut=True)  # fmt: skip
 
     def give_back(self, t: Tuple) -> None:
-        """Return a taken tuple nobody received (its taker disconnected before the reply) to the space."""
+        """Return a taken tuple nobody received (its reply never reached the taker) to the space, with its id, as
+        if it had never left: the first matching waiter takes it, or it stays."""
+        try:
+            self._put(t)
+        except StoreError as e:
+            log.error("the tuple %s of harbor %s (id %d), taken by a caller that left before the reply, could not be "
+                      "written back, and is lost: %s", v.compact_json(t.fields)[:500], t.harbor, t.id, e)  # fmt: skip
+            return
         self.taken -= 1
-        self._put(t)
 
     def poll(self, pattern: list[Any], *, harbor: Harbor = None, after: int = 0, limit: int = 1) -> list[Tuple]:
         """Matching tuples written after id ``after``, oldest first: a reader's cursor over new work."""
@@ -354,9 +367,6 @@ def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
             if taken:
                 return _in_reply(taken)
             t = await space.wait(pattern, harbor=harbor, take=True, timeout_s=_seconds(timeout))
-            if ctx.conn is not None and ctx.conn.closed:
-                space.give_back(t)  # the taker hung up while being handed the tuple: nobody received it
-                raise PDError("CANCELLED", "the connection closed before the tuple was delivered")
             ctx.app.bus.emit("tuple.in", harbor=harbor, tupleId=t.id, agentId=ctx.agent_id)
             return _in_reply([t])
 
@@ -367,6 +377,13 @@ def _in(ctx: Ctx, *, pattern, harbor, limit, wait, timeout) -> dict[str, Any] | 
 def _in_reply(taken: list[Tuple]) -> dict[str, Any]:
     wire = [t.to_wire() for t in taken]
     return {"success": True, "taken": wire, "count": len(wire), "tuple": wire[0] if wire else None}
+
+
+def _give_back_taken(ctx: Ctx, result: dict[str, Any]) -> None:
+    """A take whose reply never reached its caller (it hung up first, its connection failed): what it took goes
+    back, or a tuple its writer was told was written would be gone with nobody having it."""
+    for wire in result["taken"]:
+        ctx.app.tuples.give_back(Tuple.from_wire(wire))
 
 
 def _poll(ctx: Ctx, *, pattern, harbor, after, limit) -> dict[str, Any]:
@@ -423,6 +440,7 @@ OPS = (
             _TIMEOUT,
         ),
         summary="take (read and remove) matching tuples, oldest first; exactly one caller gets each tuple",
+        undo=_give_back_taken,
     ),
     Op(
         "tuple.poll",

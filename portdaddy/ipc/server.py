@@ -10,6 +10,12 @@ Operations that wait (blocking acquires, ``tuple in --wait``) run as tasks in th
 when their connection closes, so the connection keeps serving. Limits (reference §20.5): connection cap,
 per-connection rate, a three-strike budget for malformed frames, bounded output, one agent identity per
 connection.
+
+A reply that hands something over (a taken tuple, a granted lock: its op has an ``undo``) is delivered once
+its last byte is in the socket. Until then the connection keeps the op's ``undo`` beside it, and a reply that
+cannot get there (the send fails, or the connection closes with it still queued) gives back what it handed
+over (spec/decisions.md, "Durability"). Only such replies cost anything: a tuple in a list, cleared by the
+send that takes them.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class Connection:
         self.dropped_pushes = 0
         self.data: dict[str, Any] = {}  # per-connection state owned by subsystems (subscriptions, …)
         self._closers: list[Callable[[], None]] = []
+        # Replies queued in ``out`` that hand something over: (where each ends in ``out``, its op's undo, the result).
+        self._handed: list[tuple[int, Callable[[Ctx, Any], None], Any]] = []
         self._paused = False  # whole frames wait in the decoder until the client reads its replies down
         self.watching = _IN  # what the reactor watches this socket for
         self._pending: dict[int, trio.CancelScope] = {}  # conv id -> its waiting operation
@@ -217,12 +225,17 @@ class Connection:
             except Exception:
                 log.exception("connection cleanup failed")
         self._closers.clear()
-        # Best effort: let the last frames (a REFUSE before disconnect) reach the client.
+        # Best effort: let the last frames (a REFUSE before disconnect) reach the client. What the socket does not
+        # take never reaches it.
         if self.out:
             try:
-                self.sock.send(self.out)
+                sent = self.sock.send(self.out)
             except OSError:
-                pass
+                sent = 0
+            if self._handed:
+                self._delivered(sent)
+        if self._handed:
+            self._give_back_unsent()
         self.sock.close()
 
     def _flush(self) -> None:
@@ -236,19 +249,46 @@ class Connection:
         except OSError:  # the peer is gone (EPIPE, ECONNRESET): its hang-up wakes the reactor, which closes
             out.clear()
             self.hangup = True
+            if self._handed:
+                self._give_back_unsent()
             return
         del out[:sent]
+        if self._handed:
+            self._delivered(sent)
         if out and not self.watching & _OUT:
             self._watch()
 
+    def _delivered(self, sent: int) -> None:
+        """The first ``sent`` bytes of the outbox went into the socket: the replies they complete are delivered
+        (all we can know: the kernel has them), and a reply cut short by ``sent`` is not."""
+        handed = self._handed
+        if handed[-1][0] <= sent:  # the usual case: the send took every one
+            handed.clear()
+        elif sent:
+            self._handed = [(end - sent, undo, result) for end, undo, result in handed if end > sent]
+
+    def _give_back_unsent(self) -> None:
+        """The replies still queued will never reach the caller: give back what each handed over, in order."""
+        handed, self._handed = self._handed, []
+        for _, undo, result in handed:
+            self._undo(undo, result)
+
+    def _undo(self, undo: Callable[[Ctx, Any], None], result: Any) -> None:
+        try:
+            undo(self.ctx, result)
+        except Exception:  # one failed give-back must not stop the others, nor the reactor
+            log.exception("could not give back what an undelivered reply handed over: %.200r", result)
+
     # -- frames --------------------------------------------------------------------------------------------
 
-    def _reply(self, kind: int, conv_id: int, payload: dict[str, Any]) -> None:
+    def _reply(self, kind: int, conv_id: int, payload: dict[str, Any]) -> bool:
+        """Queue a reply; False if a FAILURE had to go in its place."""
         try:
             try:
                 self.out += self.encoder.encode(kind, conv_id, payload)
             except FrameTooLarge:  # a long listing: in parts (spec/ipc.md "Replies")
                 self.out += self.encoder.encode_in_parts(kind, conv_id, payload)
+            return True
         except FrameTooLarge as e:
             body = {"action": payload.get("action") or "", "error": "PAYLOAD_TOO_LARGE", "message": str(e)}
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
@@ -259,6 +299,16 @@ class Connection:
             body = {"action": str(payload.get("action") or ""), "error": "INTERNAL",
                     "message": "the reply could not be encoded; see daemon.log"}  # fmt: skip
             self.out += self.encoder.encode(Performative.FAILURE, conv_id, body)
+        return False
+
+    def _hand_over(self, conv_id: int, action: str, result: Any, undo: Callable[[Ctx, Any], None]) -> None:
+        """Queue the reply of an operation that handed something over, keeping ``undo`` until the reply is in the
+        socket. A reply that cannot get there gives it back at once: the connection closed before it came (a
+        grant woke a waiter whose caller had left), or a FAILURE went in its place."""
+        if self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result}) and not self.closed:
+            self._handed.append((len(self.out), undo, result))
+        else:
+            self._undo(undo, result)
 
     def _error(self, conv_id: int, action: str, err: PDError) -> None:
         # Every frame carries a str action (spec/ipc.md), replies included, or clients see it as malformed.
@@ -355,12 +405,12 @@ class Connection:
                 if event is self.decoder.repeatable:  # only a frame the decoder may hand back is worth keeping
                     self._repeated, self._repeated_kwargs = event, kwargs
             if op.is_async:
-                self._start_waiting_op(action, functools.partial(op.handler, self.ctx, **kwargs), conv_id)
+                self._start_waiting_op(op, functools.partial(op.handler, self.ctx, **kwargs), conv_id)
                 return
             self.ctx.acknowledged = wants_reply
             result = op.handler(self.ctx, **kwargs)
             if result.__class__ is Later:
-                self._start_waiting_op(action, result.run, conv_id)
+                self._start_waiting_op(op, result.run, conv_id)
                 return
         except PDError as e:
             self._error(conv_id, action, e)
@@ -370,9 +420,12 @@ class Connection:
             self._error(conv_id, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
             return
         if wants_reply:
-            self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
+            if op.undo is None:
+                self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
+            else:
+                self._hand_over(conv_id, action, result, op.undo)
 
-    def _start_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
+    def _start_waiting_op(self, op: Op, run: Callable[[], Awaitable[Any]], conv_id: int) -> None:
         if len(self._waiting) >= MAX_WAITING_OPS:
             message = f"{MAX_WAITING_OPS} waiting operations are in flight on this connection; wait or open another"
             raise PDError("RESOURCE_LIMIT", message)
@@ -380,10 +433,11 @@ class Connection:
         self._waiting.add(scope)
         if conv_id:
             self._pending[conv_id] = scope
-        self.server.nursery.start_soon(self._run_waiting_op, action, run, conv_id, scope)
+        self.server.nursery.start_soon(self._run_waiting_op, op, run, conv_id, scope)
 
-    async def _run_waiting_op(self, action: str, run: Callable[[], Awaitable[Any]], conv_id: int,
+    async def _run_waiting_op(self, op: Op, run: Callable[[], Awaitable[Any]], conv_id: int,
                               scope: trio.CancelScope) -> None:  # fmt: skip
+        action = op.name
         try:
             with scope:
                 try:
@@ -394,7 +448,9 @@ class Connection:
                     log.exception("operation %s failed", action)
                     self._error(conv_id, action, PDError("INTERNAL", f"{action} failed; see daemon.log"))
                 else:
-                    if conv_id:
+                    if op.undo is not None:  # a request: only fire-and-forget ops come without a conv id
+                        self._hand_over(conv_id, action, result, op.undo)
+                    elif conv_id:
                         self._reply(Performative.INFORM_DONE, conv_id, {"action": action, "result": result})
             if scope.cancelled_caught and conv_id and not self.closed:
                 self._error(conv_id, action, PDError("CANCELLED", f"{action} was cancelled"))
