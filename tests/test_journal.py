@@ -260,10 +260,17 @@ def test_sitrep_counts_what_happened_not_what_fits_in_its_lists(fresh_daemon: Da
     sid = d.call("session.start", purpose="Busy", agentId="busy")["id"]
     for n in range(25):
         d.call("note.add", sessionId=sid, content=f"note {n}")
+    for n in range(3):
+        d.call("session.start", purpose=f"Still on it {n}", agentId=f"steady-{n}")
+    for n in range(501):  # sessions ended since, more than the daemon ever lists at once
+        ended = d.call("session.start", purpose=f"Quick {n}", agentId="quick")["id"]
+        d.call("session.end", sessionId=ended, status="completed")
+    rep = d.call("journal.sitrep", limit=4)
+    assert (len(rep["sessions"]), rep["counts"]["activeSessions"]) == (4, 4)
     rep = d.call("journal.sitrep", limit=20)
     assert (len(rep["notes"]), rep["counts"]["notes"]) == (20, 25)
     assert len(rep["activity"]) == 20 and rep["counts"]["events"] >= 26  # the session and its notes, at least
-    assert re.match(r"Last 30m: [\d,]+ events, 25 notes, ", d.pd("sitrep").stdout)
+    assert re.match(r"Last 30m: [\d,]+ events, 25 notes, 4 active sessions", d.pd("sitrep").stdout)
 
 
 def test_claims_are_listed_with_their_sessions_in_a_column(daemon: Daemon, tmp_path: Path) -> None:

@@ -124,8 +124,12 @@ class Sessions:
         self.sealer = Sealer(load_or_create_master_key(app.settings.master_key))
 
     def stats(self) -> dict[str, Any]:
-        return {"sessionsActive": self.store.scalar("SELECT count(*) FROM sessions WHERE status='active'"),
-                "notes": self.store.scalar("SELECT coalesce(max(id), 0) FROM notes")}  # fmt: skip
+        notes = self.store.scalar("SELECT coalesce(max(id), 0) FROM notes")
+        return {"sessionsActive": self.count_active(), "notes": notes}
+
+    def count_active(self, project: str | None = None) -> int:
+        return self.store.scalar("SELECT count(*) FROM sessions WHERE status='active' AND (?1 IS NULL OR "
+                                 "identity_project=?1)", (project,))  # fmt: skip
 
     # -- sessions ------------------------------------------------------------------------------------------
 

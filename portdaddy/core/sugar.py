@@ -114,7 +114,7 @@ def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
     start = now - DEFAULT_SITREP_MS if since is None else since
     window = now - start
     notes = sessions.notes(project=project, since=start, limit=limit, fold_runs=not runs)
-    recent = sessions.list(status=None, agent=None, worktree=None, project=project, limit=500, since=start,
+    recent = sessions.list(status=None, agent=None, worktree=None, project=project, limit=limit, since=start,
                            fold_runs=not runs)  # fmt: skip
     dead = ctx.app.agents.salvage_entries(project=project, limit=None)
     claims = sessions.held()  # every repository's: a sitrep is of the whole machine
@@ -122,7 +122,7 @@ def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
     # What happened in the window, not what fits in the lists (they stop at ``limit``).
     counts = {"events": sum(ctx.app.activity.summary(start).values()),
               "notes": sessions.count_notes(project=project, since=start, fold_runs=not runs),
-              "activeSessions": sum(s["status"] == "active" for s in recent), "deadAgents": len(dead),
+              "activeSessions": sessions.count_active(project), "deadAgents": len(dead),
               "filesClaimed": len(claims)}  # fmt: skip
     dead = dead[:limit]
     minutes = max(1, window // 60_000)
@@ -132,7 +132,7 @@ def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
                f"active sessions, {counts['deadAgents']} dead agents awaiting salvage, {counts['filesClaimed']} "
                "files claimed")  # fmt: skip
     return {"success": True, "summary": summary, "counts": counts, "since_ms": start, "since_minutes": minutes,
-            "notes": notes, "sessions": recent[:limit], "salvage_queue": dead, "claims": claims,
+            "notes": notes, "sessions": recent, "salvage_queue": dead, "claims": claims,
             "activity": activity}  # fmt: skip
 
 
