@@ -302,6 +302,12 @@ def test_since_0_is_the_beginning_in_every_command(daemon: Daemon, tmp_path: Pat
         assert c.get("/activity/summary", params={"since": "0"}).json()["total"] == \
             daemon.call("activity.summary")["total"]  # fmt: skip
         assert c.get("/notes", params={"since": "0", "project": "zero"}).json()["count"] == 1
+        assert c.get("/notes", params={"since": "5"}).status_code == 400
+    # A bare number that cannot be a time anyone means (5 ms after 1970) is a unit left out: said so, exit 2.
+    for args, _ in commands:
+        five = daemon.pd(*args, "--since", "5")
+        assert five.returncode == 2 and five.stderr.startswith("error: since 5 ") and five.stdout == "", five
+        assert "did you mean 5m?" in five.stderr and len(five.stderr.splitlines()) == 1, five.stderr
     daemon.pd("done", cwd=tree)
 
 
