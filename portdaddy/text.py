@@ -1,4 +1,5 @@
-"""Text for people, written alike by the daemon and by pd: counts with their nouns, and values cut to fit a line.
+"""Text for people, written alike by the daemon and by pd: counts with their nouns, values cut to fit a line,
+and control characters shown escaped.
 
 Leaf-level (no imports): pd loads it on every run, through errors.py.
 """
@@ -25,3 +26,19 @@ def quoted(text: str, limit: int = 60) -> str:
     """A value as a message quotes it: ``repr`` (quotes, control characters escaped, so the message stays one
     line) of the value cut to ``limit`` characters, so a 60 KB value cannot flood it."""
     return repr(clip(text, limit))
+
+
+# C0 controls but tab and newline, DEL and C1 controls, shown as \x1b and the like.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(32), *range(0x7F, 0xA0)) if c not in (9, 10)}
+_LINE_CONTROLS = {**_CONTROLS, 9: "\\t", 10: "\\n"}
+
+
+def shown(text: str) -> str:
+    """``text`` as pd shows it to people: line breaks (LF, CRLF) and tabs kept, every other control character
+    escaped (``\\x1b``), a bare CR too, since it lets a line overwrite what it says."""
+    return text.replace("\r\n", "\n").translate(_CONTROLS)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped, line breaks too: for lines that must stay one line."""
+    return text.translate(_LINE_CONTROLS)

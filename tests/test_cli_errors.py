@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Daemon, make_env
+from tests.conftest import PYTHON, Daemon, linked_worktree, make_env
 
 
 def pd(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -103,6 +104,32 @@ def test_text_from_other_agents_cannot_drive_your_terminal(daemon: Daemon) -> No
     assert b"\x1b" not in shown and b"\x07" not in shown and b"\\x1b]0;owned\\x07" in shown
     piped = daemon.pd("history", "tty:x", "--json")
     assert json.loads(piped.stdout)["messages"][0]["payload"] == hostile  # the data itself is unchanged
+
+
+def test_stored_controls_are_shown_escaped_wherever_pd_prints_for_people(fresh_daemon: Daemon, tmp_path: Path) -> None:
+    """A purpose stored before the daemon refused control characters reached terminals anyway: through piped
+    stdout (``pd session list | less -R``) and through stderr, where the conflict warning quotes it; only a
+    terminal stdout was guarded. Line breaks and tabs stay; --json stays exact."""
+    d = fresh_daemon
+    alpha, beta = linked_worktree(tmp_path, "alpha"), linked_worktree(tmp_path, "beta")
+    started = d.pd("session", "start", "placeholder", "--files", "db.sql", cwd=alpha, env={"PORT_DADDY_AGENT": "a"})
+    assert started.returncode == 0, started.stderr
+    d.call("note.add", sessionId=json.loads(d.pd("session", "list", "--json").stdout)["sessions"][0]["id"],
+           content="first\r\nsecond\tthird\rover")  # fmt: skip
+    d.stop()
+    hostile = "Schema\x1b]0;owned\x07 \x1b[2Jwiped\x7f\x9b"
+    with sqlite3.connect(d.settings.db) as db:
+        db.execute("UPDATE sessions SET purpose = ?", (hostile,))
+    d.start()
+    escaped = "Schema\\x1b]0;owned\\x07 \\x1b[2Jwiped\\x7f\\x9b"
+    listed = d.pd("session", "list")
+    conflict = d.pd("session", "start", "Mine", "--files", "db.sql", cwd=beta, env={"PORT_DADDY_AGENT": "b"})
+    assert conflict.returncode == 1 and conflict.stderr.startswith("Warning: db.sql claimed by"), conflict.stderr
+    for text in (listed.stdout, conflict.stderr):
+        assert escaped in text and not {"\x1b", "\x07", "\x7f", "\x9b"} & set(text), text
+    notes = d.pd("notes").stdout
+    assert "first\nsecond\tthird\\x0dover" in notes and "\r" not in notes, notes
+    assert json.loads(d.pd("session", "list", "--json").stdout)["sessions"][0]["purpose"] == hostile
 
 
 def test_a_refusal_under_json_is_a_json_refusal(daemon: Daemon) -> None:
