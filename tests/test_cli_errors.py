@@ -163,6 +163,22 @@ def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_
     assert fresh_daemon.pd("status").returncode == 0
 
 
+def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh_daemon: Daemon) -> None:
+    """Where nobody reaps it (a container whose init does not), an exited daemon stays a zombie, which still
+    takes signals: pd stop waited 10 s for it and failed ("kill it with: kill -9"), and pd status called it
+    running but not answering. The test process is the daemon's parent and reaps it only when told."""
+    d = fresh_daemon
+    assert d.proc is not None
+    pid = d.proc.pid
+    stopped = d.pd("stop")
+    assert stopped.returncode == 0 and f"Daemon stopped (pid {pid})" in stopped.stdout, stopped.stderr
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    (d.home / "daemon.pid").write_text(f"{pid}\n")  # as a SIGKILL leaves it
+    status = d.pd("status")
+    assert status.returncode == 3 and f"pid file names process {pid}, which is gone" in status.stderr, status.stderr
+    assert "fix: pd start" in status.stderr
+
+
 def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Daemon) -> None:
     """How long pd waited for a reply was fixed in the code (10 s; 20 s for a webhook test, 300 s to stop a
     run): a slow machine had no say. PORT_DADDY_TIMEOUT sets it, on the fast claim path and through click."""

@@ -35,26 +35,42 @@ def diagnose_down(cfg: Settings) -> tuple[str, str]:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start"
+            pass
         except PermissionError:
             return f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME"
+        state = _state(pid)
+        if state in _GONE:
+            return f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start"
         if not cfg.ipc_sock.exists():
             return f"process {pid} is running but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start"
-        if _stopped(pid):
+        if state in ("T", "t"):  # stopped, or traced
             return f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}"
         return f"process {pid} is running but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start"
     if cfg.ipc_sock.exists():
         return f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)"
-    return "no daemon is running", "pd start"
+    # The home is named: a daemon running elsewhere (another PORT_DADDY_HOME) is the likeliest surprise.
+    return f"nothing runs in {cfg.home} (stopped cleanly, or never started there)", "pd start"
 
 
-def _stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped: its state in /proc (Linux) is T (stopped) or t (traced)."""
+# A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
+# still takes signals: it is as gone as one that no longer exists.
+_GONE = ("", "Z", "X")
+
+
+def _state(pid: int) -> str:
+    """``pid``'s state letter in /proc (Linux): R, S, T (stopped), Z (exited, not reaped)…; "" if there is no
+    such process; "?" where /proc cannot tell (another system: taken as alive, as os.kill said)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
     except (OSError, IndexError):
-        return False
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in _GONE
 
 
 @click.command()
@@ -102,9 +118,7 @@ def stop(as_json: bool) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             break
         time.sleep(0.02)
     else:
