@@ -1,5 +1,5 @@
-"""Text for people, written alike by the daemon and by pd: counts with their nouns, values cut to fit a line,
-and control characters shown escaped.
+"""Text for people, written alike by the daemon and by pd: counts with their nouns, spans of time, values cut to
+fit a line, and control characters shown escaped.
 
 Leaf-level (no imports): pd loads it on every run, through errors.py.
 """
@@ -11,6 +11,23 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
     """``0 notes``, ``1 note``, ``1,440 notes``: a count with its noun in the right number (``many``: the plural
     when it is not ``noun`` + s, e.g. ``entries``)."""
     return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+
+
+def span(seconds: int) -> str:
+    """``42s``, ``8m``, ``3h``, ``2d``: the largest whole unit, as ages and lifetimes are shown everywhere."""
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def elapsed(seconds: float) -> str:
+    """``1d 2h 5m 3s``: every unit, for an uptime."""
+    s = int(seconds)
+    d, s = divmod(s, 86_400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return " ".join([f"{d}d"] * bool(d) + [f"{h}h"] * bool(h) + [f"{m}m"] * bool(m) + [f"{s}s"])
 
 
 def clip(text: str, limit: int) -> str:

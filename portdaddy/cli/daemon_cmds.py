@@ -16,7 +16,7 @@ from portdaddy.cli.transport import fail, settings, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
-from portdaddy.text import plural
+from portdaddy.text import elapsed, plural
 
 
 def diagnose_down(cfg: Settings) -> tuple[str, str]:
@@ -282,7 +282,7 @@ def version(as_json: bool, quiet: bool) -> None:
         elif daemon and "notAnswering" in daemon:
             click.echo(f"Daemon running, but not answering ({daemon['notAnswering']}): see pd status")
         elif daemon:
-            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {daemon['uptime']}s)")
+            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {elapsed(daemon['uptime'])})")
         else:
             click.echo("Daemon not running")
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from portdaddy.text import shown
+from portdaddy.text import shown, span
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,24 +88,16 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
             click.echo("  ".join("-" * w for w in widths))
 
 
-def _span(seconds: int) -> str:
-    """``42s``, ``8m``, ``3h``, ``2d``: the largest whole unit."""
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def age(ms_timestamp: int | None, now_ms: int | None = None) -> str:
     """``42s``, ``8m``, ``3h``, ``2d`` since a ms timestamp."""
     if not ms_timestamp:
         return "-"
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    return _span(max(0, (now_ms - ms_timestamp) // 1000))
+    return span(max(0, (now_ms - ms_timestamp) // 1000))
 
 
 def until(ms_timestamp: int | None) -> str:
     """``in 5m`` to a ms timestamp, rounded up: a lock just taken for 5 minutes expires "in 5m", not "in 4m"."""
     if not ms_timestamp:
         return "never"
-    return "in " + _span(max(0, -((int(time.time() * 1000) - ms_timestamp) // 1000)))
+    return "in " + span(max(0, -((int(time.time() * 1000) - ms_timestamp) // 1000)))
