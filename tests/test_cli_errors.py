@@ -135,13 +135,18 @@ def test_stored_controls_are_shown_escaped_wherever_pd_prints_for_people(fresh_d
 def test_a_refusal_under_json_is_a_json_refusal(daemon: Daemon) -> None:
     r = daemon.pd("tuple", "rd", '["nothing-here"]', "--json")
     assert r.returncode == 1 and json.loads(r.stdout) == {
-        "success": False, "error": "NOT_FOUND", "message": 'no tuple matches ["nothing-here"]'}  # fmt: skip
+        "success": False, "error": "NOT_FOUND", "message": 'no tuple matches ["nothing-here"]; wait for one with '
+        "--wait, or see what there is with pd tuple scan"}  # fmt: skip
 
 
 def test_a_timeout_means_waiting(daemon: Daemon) -> None:
     daemon.call("lock.acquire", name="cli:timed", owner="someone-else")
     r = daemon.pd("lock", "cli:timed", "--timeout", "300ms")  # no --wait: the timeout says how long to wait
-    one_error_line(r, 1, "was not free within 0.3s", "held by someone-else")
+    one_error_line(r, 1, "was not free within 0.3s", "held by someone-else", "wait longer with --timeout")
+    waited = daemon.pd("wait", "cli:never", "--timeout", "200ms")
+    one_error_line(waited, 1, "no message on cli:never within 0.2s; wait longer with --timeout")
+    taken = daemon.pd("tuple", "in", '["cli-never"]', "--timeout", "200ms")
+    one_error_line(taken, 1, "no tuple matched within 0.2s; wait longer with --timeout")
 
 
 def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_daemon: Daemon) -> None:

@@ -85,8 +85,9 @@ def _read(action: str, pattern: str, harbor: str | None, limit: int | None, wait
             "timeout": timeout}  # fmt: skip
     result = _blocking_call(action, args, as_json=as_json, wait=wait, timeout=timeout)
     found = result["taken"] if action == "tuple.in" else result["tuples"]
-    if not found:
-        fail(NotFound("NOT_FOUND", f"no tuple matches {pattern}"), as_json=as_json)
+    if not found:  # a wait returns a tuple, or times out (TIMEOUT)
+        fail(NotFound("NOT_FOUND", f"no tuple matches {pattern}; wait for one with --wait, or see what there is "
+                      "with pd tuple scan"), as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
     elif quiet:

@@ -170,7 +170,8 @@ class Locks:
         assert scope.cancelled_caught
         holder = self._held.get(name)
         raise PDError("TIMEOUT", f"lock {name!r} was not free within {timeout_s:g}s"
-                      + (f" (held by {holder.owner})" if holder else ""), timedOut=True,
+                      + (f" (held by {holder.owner})" if holder else "") + "; wait longer with --timeout, or try later",
+                      timedOut=True,
                       holder=holder.owner if holder else None)  # fmt: skip
 
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
