@@ -179,7 +179,7 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     tree = linked_worktree(tmp_path, "shared")
     first = daemon.pd("session", "start", "Building checkout UI", "-q", cwd=tree).stdout.strip()
     second = daemon.pd("session", "start", "Building payment API", cwd=tree)
-    assert f"warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
+    assert f"Warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
     assert "give each its own PORT_DADDY_AGENT" in second.stderr
     note = daemon.pd("note", "Built CheckoutForm component", cwd=tree)  # agent 1's note, in agent 2's session:
     assert note.stdout.endswith("(Building payment API)\n"), note.stdout  # the reply names where it went
@@ -191,10 +191,10 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     # The environment outranks what a worktree remembers: an --agent that it overrides is said to be so.
     other = linked_worktree(tmp_path, "env")
     begun = daemon.pd("begin", "Finish the schema", "--agent", "db-2", cwd=other, env={"PORT_DADDY_AGENT": "backend"})
-    assert "warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
+    assert "Warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
         begun.stderr)  # fmt: skip
     plain = daemon.pd("begin", "Same agent", cwd=linked_worktree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
-    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
+    assert plain.returncode == 0 and "Warning" not in plain.stderr, plain.stderr
 
 
 def test_begin_again_without_done_says_the_earlier_session_is_still_active(daemon: Daemon, tmp_path: Path) -> None:

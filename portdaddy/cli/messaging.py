@@ -172,7 +172,7 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
                        "PD_SENDER": msg["sender"] or ""}  # fmt: skip
                 status = subprocess.run(command, shell=True, env=env).returncode
                 if status:
-                    click.echo(f"warning: command exited {status} for message {msg['id']}", err=True)
+                    click.echo(f"Warning: command exited {status} for message {msg['id']}", err=True)
                 if once:
                     return
     except PDError as e:
