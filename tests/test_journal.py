@@ -157,8 +157,10 @@ def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon,
         return r
 
     alice = json.loads(pd("alice", "begin", "Alice work", "--files", "a.ts", "--json").stdout)["sessionId"]
-    bob = pd("bob", "session", "start", "Bob work", "--files", "b.ts", "-q").stdout.strip()
+    bob_started = pd("bob", "session", "start", "Bob work", "--files", "b.ts", "-q")
+    bob = bob_started.stdout.strip()
     assert json.loads((tree / ".portdaddy" / "current.json").read_text())["agentId"] == "bob"
+    assert bob_started.stderr == ""  # alice is named by her PORT_DADDY_AGENT: nothing of hers was taken over
     assert f"to session {alice}" in pd("alice", "note", "from alice").stdout
     assert json.loads(pd("alice", "session", "show", "--json").stdout)["session"]["id"] == alice
     assert "Agent:    alice" in pd("alice", "whoami").stdout
