@@ -337,6 +337,9 @@ def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tm
     tree = linked_worktree(tmp_path, "ended")
     agent = daemon.pd("begin", "Short job", "-q", cwd=tree).stdout.strip()
     assert daemon.pd("session", "end", cwd=tree).returncode == 0
+    between = daemon.pd("whoami", cwd=tree)  # it said "Use pd begin to start", as if nobody were here
+    assert between.returncode == 0 and between.stdout == (
+        f'Agent:    {agent}\nSession:  none; start one with pd session start "what you are doing"\n')  # fmt: skip
     done = daemon.pd("done", "late note", cwd=tree)
     assert done.returncode == 0 and "No active session to end (the note was not kept)" in done.stderr
     assert f"Agent {agent} unregistered" in done.stderr
