@@ -74,14 +74,14 @@ def test_values_the_wire_cannot_carry_are_bad_input(daemon: Daemon) -> None:
     assert daemon.call("msg.history", channel="wire:x")["messages"] == []
 
 
-def _on_a_terminal(d: Daemon, *args: str) -> bytes:
-    """What ``pd args`` writes to stdout when stdout is a terminal."""
+def _on_a_terminal(d: Daemon, *args: str, stream: str = "stdout") -> bytes:
+    """What ``pd args`` writes to ``stream`` (stdout or stderr) when that stream is a terminal."""
     import os
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, stdout=slave,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: slave}
+    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, **streams)
     os.close(slave)
     out = b""
     while True:
@@ -130,6 +130,15 @@ def test_stored_controls_are_shown_escaped_wherever_pd_prints_for_people(fresh_d
     notes = d.pd("notes").stdout
     assert "first\nsecond\tthird\\x0dover" in notes and "\r" not in notes, notes
     assert json.loads(d.pd("session", "list", "--json").stdout)["sessions"][0]["purpose"] == hostile
+
+
+def test_pd_stop_shows_a_spinner_while_the_daemon_takes_its_time(daemon_factory) -> None:
+    """A daemon stops its agents before it exits, each given its grace period: pd stop sat silent meanwhile."""
+    d = daemon_factory(PORT_DADDY_FLEET_GRACE="2s")
+    assert d.pd("spawn", "-b", "custom", "--", "trap '' TERM; sleep 60").returncode == 0  # waits out its grace
+    shown = _on_a_terminal(d, "stop", stream="stderr")
+    assert b"stopping the daemon (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
+    assert d.pd("status").returncode == 3
 
 
 def test_a_refusal_under_json_is_a_json_refusal(daemon: Daemon) -> None:

@@ -12,7 +12,7 @@ import click
 
 from portdaddy import __version__
 from portdaddy.cli.output import emit_json, json_option, quiet_option
-from portdaddy.cli.transport import fail, settings, wait_healthy
+from portdaddy.cli.transport import fail, settings, spinning, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
@@ -117,11 +117,10 @@ def stop(as_json: bool) -> None:
     pid = health["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            break
-        time.sleep(0.02)
-    else:
+    with spinning(f"stopping the daemon (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if _alive(pid):
         fail(PDError("TIMEOUT", f"daemon pid {pid} did not exit within 10s; kill it with: kill -9 {pid}"))
     emit_json({"success": True, "stopped": pid}) if as_json else click.echo(f"Daemon stopped (pid {pid})")
 
