@@ -70,8 +70,12 @@ def cli() -> None:
 
     \b
     Quick start:
-      pd claim myapp:api -q            stable port for a service identity
-      pd status                        is the daemon healthy?
+      pd status                          is the daemon healthy?
+      pd begin "Auth" --files 'src/auth/*' say what you do, claim its files
+      PORT=$(pd claim myapp:api -q)      stable port for a service identity
+      pd note "JWT validation works"     a note the others read with pd notes
+      pd salvage                         dead agents' unfinished work, to take over
+      pd done "Refresh tokens left"      end with a handoff note
 
     Exit codes: 0 done, 1 refused (held, conflict, timeout, not found), 2 bad input,
     3 daemon unreachable. Every command takes --json (but pd daemon, which is the daemon).
