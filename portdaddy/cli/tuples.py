@@ -75,7 +75,8 @@ def out(fields: str, harbor: str | None, ttl: str | None, written_by: str | None
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["id"] if quiet else f"Tuple written: {result['id']}")
+        where = result["tuple"]["harbor"] or "the global space"
+        click.echo(result["id"] if quiet else f"Tuple written to {where} (id: {result['id']})")
 
 
 def _read(action: str, pattern: str, harbor: str | None, limit: int | None, wait: bool, timeout: str | None,
