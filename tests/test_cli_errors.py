@@ -193,6 +193,22 @@ def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh
     assert "fix: pd start" in status.stderr
 
 
+def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(fresh_daemon: Daemon) -> None:
+    """With its IPC socket deleted, the daemon runs on and nothing reaches it. pd status said "not running:
+    process N is running but …"; a pd that auto-started waited 15 s (its daemon stepping aside for the one that
+    holds the home) and said only "the daemon did not become healthy in 15s"."""
+    d = fresh_daemon
+    assert d.proc is not None
+    d.settings.ipc_sock.unlink()
+    status = d.pd("status")
+    header = f"Port Daddy is not answering: process {d.proc.pid} runs but {d.settings.ipc_sock} is missing"
+    assert status.returncode == 3 and status.stderr.startswith(header), status.stderr
+    assert json.loads(d.pd("status", "--json").stdout)["running"] is True
+    auto = d.pd("claim", "gone:api", "-q", env={"PORT_DADDY_NO_AUTOSTART": ""})
+    one_error_line(auto, 3, f"a daemon holds {d.home} but does not answer: process {d.proc.pid} runs but",
+                   "fix: pd stop && pd start")  # fmt: skip
+
+
 def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Daemon) -> None:
     """How long pd waited for a reply was fixed in the code (10 s; 20 s for a webhook test, 300 s to stop a
     run): a slow machine had no say. PORT_DADDY_TIMEOUT sets it, on the fast claim path and through click."""

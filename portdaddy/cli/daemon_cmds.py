@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import click
 
@@ -19,13 +19,20 @@ from portdaddy.launcher import probe, spawn_daemon
 from portdaddy.text import elapsed, plural
 
 
-def diagnose_down(cfg: Settings) -> tuple[str, str]:
-    """(why the daemon is not answering, what to run)."""
+class Down(NamedTuple):
+    """Why no daemon answers in a home, what to run about it, and whether a daemon process is there at all."""
+
+    why: str
+    fix: str
+    alive: bool = False
+
+
+def diagnose_down(cfg: Settings) -> Down:
     problem = cfg.home_problem()
     if problem is not None:
-        return problem
+        return Down(*problem)
     if not cfg.home.exists():
-        return f"{cfg.home} does not exist yet (never started here)", "pd start"
+        return Down(f"{cfg.home} does not exist yet (never started here)", "pd start")
     pid = None
     try:
         pid = int(cfg.pid_file.read_text().strip())
@@ -37,19 +44,21 @@ def diagnose_down(cfg: Settings) -> tuple[str, str]:
         except ProcessLookupError:
             pass
         except PermissionError:
-            return f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME"
+            return Down(f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME")
         state = _state(pid)
         if state in _GONE:
-            return f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start"
+            return Down(f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start")
         if not cfg.ipc_sock.exists():
-            return f"process {pid} is running but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start"
+            return Down(f"process {pid} runs but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start",
+                        alive=True)  # fmt: skip
         if state in ("T", "t"):  # stopped, or traced
-            return f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}"
-        return f"process {pid} is running but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start"
+            return Down(f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}", alive=True)
+        return Down(f"process {pid} runs but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start",
+                    alive=True)  # fmt: skip
     if cfg.ipc_sock.exists():
-        return f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)"
+        return Down(f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)")
     # The home is named: a daemon running elsewhere (another PORT_DADDY_HOME) is the likeliest surprise.
-    return f"nothing runs in {cfg.home} (stopped cleanly, or never started there)", "pd start"
+    return Down(f"nothing runs in {cfg.home} (stopped cleanly, or never started there)", "pd start")
 
 
 # A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
@@ -173,8 +182,10 @@ def status(as_json: bool) -> None:
 
 def _not_serving(cfg: Settings, as_json: bool, *, running: bool) -> NoReturn:
     """Say why no daemon serves this home (``running``: one took the connection but did not answer), what to
-    run about it, and exit 3."""
-    why, fix = diagnose_down(cfg)
+    run about it, and exit 3. A daemon process that is there but cannot be reached is "not answering": "not
+    running: process 22792 is running but …" said both."""
+    why, fix, alive = diagnose_down(cfg)
+    running = running or alive
     if as_json:
         emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
                    "running": running, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip

@@ -89,6 +89,15 @@ def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: b
     spinner = Spinner("starting the Port Daddy daemon…")
     try:
         return launcher.wait_healthy(cfg, proc, tick=spinner.tick, http=http)
+    except DaemonUnavailable as e:
+        if proc is None or proc.poll() != 0:
+            raise
+        # Ours stepped aside (exit 0) for a daemon that holds the home, which never answered: say what is wrong
+        # with that one, not only that "the daemon did not become healthy".
+        from portdaddy.cli.daemon_cmds import diagnose_down
+
+        why, fix, _ = diagnose_down(cfg)
+        raise DaemonUnavailable(f"a daemon holds {cfg.home} but does not answer: {why}; fix: {fix}") from e
     finally:
         spinner.done()
 
