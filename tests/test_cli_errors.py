@@ -196,7 +196,8 @@ def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh
 def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(fresh_daemon: Daemon) -> None:
     """With its IPC socket deleted, the daemon runs on and nothing reaches it. pd status said "not running:
     process N is running but …"; a pd that auto-started waited 15 s (its daemon stepping aside for the one that
-    holds the home) and said only "the daemon did not become healthy in 15s"."""
+    holds the home) and said only "the daemon did not become healthy in 15s"; pd stop, the fix both give, said
+    "not running" and stopped nothing."""
     d = fresh_daemon
     assert d.proc is not None
     d.settings.ipc_sock.unlink()
@@ -207,6 +208,9 @@ def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(f
     auto = d.pd("claim", "gone:api", "-q", env={"PORT_DADDY_NO_AUTOSTART": ""})
     one_error_line(auto, 3, f"a daemon holds {d.home} but does not answer: process {d.proc.pid} runs but",
                    "fix: pd stop && pd start")  # fmt: skip
+    stopped = d.pd("stop")  # the fix given must work: pd stop said "not running" and left it there
+    assert stopped.returncode == 0 and f"Daemon stopped (pid {d.proc.pid})" in stopped.stdout, stopped
+    assert d.pd("status").stderr.startswith("Port Daddy is not running")
 
 
 def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Daemon) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
@@ -59,6 +60,28 @@ def diagnose_down(cfg: Settings) -> Down:
         return Down(f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)")
     # The home is named: a daemon running elsewhere (another PORT_DADDY_HOME) is the likeliest surprise.
     return Down(f"nothing runs in {cfg.home} (stopped cleanly, or never started there)", "pd start")
+
+
+def _unreachable_holder(cfg: Settings) -> int | None:
+    """The pid of a daemon that holds ``cfg``'s home (its instance flock) but does not answer, e.g. with its IPC
+    socket deleted: pd status says to stop it, which must then work. None when no process holds the lock, so a
+    recycled pid in a stale pid file is never signalled."""
+    try:
+        fd = os.open(cfg.lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
 
 
 # A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
@@ -120,10 +143,10 @@ def stop(as_json: bool) -> None:
         health = probe(cfg)
     except PDError as e:
         fail(e, as_json=as_json)
-    if health is None:
+    pid = health["pid"] if health is not None else _unreachable_holder(cfg)
+    if pid is None:
         emit_json({"success": True, "running": False}) if as_json else click.echo("Port Daddy is not running")
         return
-    pid = health["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     with spinning(f"stopping the daemon (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
