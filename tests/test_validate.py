@@ -108,7 +108,8 @@ def test_a_since_is_epoch_ms_when_bare_and_a_look_back_with_a_unit() -> None:
 @pytest.mark.parametrize(("value", "hint"), [
     ("5", "did you mean 5m?"),  # 5 ms after 1970 is everything: surely five minutes ago was meant
     (86_400_000, "did you mean 1d?"),  # milliseconds ago, as a look-back without its unit
-    ("-30", "is before 1970: did you mean 30m?"),
+    ("-30", "is before 1970: did you mean 30m?"),  # a look-back written with a minus
+    (-7_200_000, "is before 1970: did you mean 2h?"),
     ("1732000000", "looks like epoch seconds; in epoch ms that is 1732000000000"),
     (1_732_000_000_000_000, "looks like epoch microseconds; in epoch ms that is 1732000000000"),
     (99_999_999_999_999, "is after 2100 as epoch ms"),

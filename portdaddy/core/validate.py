@@ -219,7 +219,7 @@ def _unlikely_time(n: int) -> str:
     if EARLIEST_SINCE_MS * 1000 <= n < LATEST_SINCE_MS * 1000:
         return f"looks like epoch microseconds; in epoch ms that is {n // 1000}"
     if n < 0:
-        return f"is before 1970: did you mean {-n}m? {_LOOK_BACK}"
+        return f"is before 1970: did you mean {_guess_look_back(-n)}? {_LOOK_BACK}"
     if n >= LATEST_SINCE_MS:
         return f"is after 2100 as epoch ms; {_LOOK_BACK}"
     return f"would be epoch ms in 1970: did you mean {_guess_look_back(n)}? {_LOOK_BACK}"
