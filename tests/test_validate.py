@@ -79,6 +79,8 @@ def test_numbers_in_text_are_accepted_or_refused_never_crashed_on(text: str) -> 
 def test_integers_and_durations_are_ascii_digits() -> None:
     assert validate.integer()("n", " -12 ") == -12
     assert validate.duration()("d", "90s") == 90_000 and validate.duration()("d", "250") == 250
+    with pytest.raises(PDError, match="must be an integer"):  # \x1f is a space to re's \s, not to int()
+        validate.integer()("n", "0\x1f")
     for text in ("٣", "²", "--5", "1.5", "٣s"):
         for check in (validate.integer(), validate.duration()):
             with pytest.raises(PDError):

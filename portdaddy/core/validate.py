@@ -112,7 +112,8 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
 # SQLite stores 64-bit integers; a larger one would crash the query instead of being refused.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and int() takes "٣".
-_INTEGER_TEXT = re.compile(r"\s*-?[0-9]+\s*")
+# ASCII spaces too: \s takes \x1c-\x1f, which int() refuses ("0\x1f" was an INTERNAL error, found by hypothesis).
+_INTEGER_TEXT = re.compile(r"\s*-?[0-9]+\s*", re.ASCII)
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
