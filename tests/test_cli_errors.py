@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, Daemon, make_env
+from tests.conftest import PYTHON, Daemon, linked_worktree, make_env
 
 
 def pd(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -73,14 +74,14 @@ def test_values_the_wire_cannot_carry_are_bad_input(daemon: Daemon) -> None:
     assert daemon.call("msg.history", channel="wire:x")["messages"] == []
 
 
-def _on_a_terminal(d: Daemon, *args: str) -> bytes:
-    """What ``pd args`` writes to stdout when stdout is a terminal."""
+def _on_a_terminal(d: Daemon, *args: str, stream: str = "stdout") -> bytes:
+    """What ``pd args`` writes to ``stream`` (stdout or stderr) when that stream is a terminal."""
     import os
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, stdout=slave,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, stream: slave}
+    proc = subprocess.Popen([PYTHON, "-m", "portdaddy.cli", *args], env=d.env, cwd=d.workdir, **streams)
     os.close(slave)
     out = b""
     while True:
@@ -105,16 +106,56 @@ def test_text_from_other_agents_cannot_drive_your_terminal(daemon: Daemon) -> No
     assert json.loads(piped.stdout)["messages"][0]["payload"] == hostile  # the data itself is unchanged
 
 
+def test_stored_controls_are_shown_escaped_wherever_pd_prints_for_people(fresh_daemon: Daemon, tmp_path: Path) -> None:
+    """A purpose stored before the daemon refused control characters reached terminals anyway: through piped
+    stdout (``pd session list | less -R``) and through stderr, where the conflict warning quotes it; only a
+    terminal stdout was guarded. Line breaks and tabs stay; --json stays exact."""
+    d = fresh_daemon
+    alpha, beta = linked_worktree(tmp_path, "alpha"), linked_worktree(tmp_path, "beta")
+    started = d.pd("session", "start", "placeholder", "--files", "db.sql", cwd=alpha, env={"PORT_DADDY_AGENT": "a"})
+    assert started.returncode == 0, started.stderr
+    d.call("note.add", sessionId=json.loads(d.pd("session", "list", "--json").stdout)["sessions"][0]["id"],
+           content="first\r\nsecond\tthird\rover")  # fmt: skip
+    d.stop()
+    hostile = "Schema\x1b]0;owned\x07 \x1b[2Jwiped\x7f\x9b"
+    with sqlite3.connect(d.settings.db) as db:
+        db.execute("UPDATE sessions SET purpose = ?", (hostile,))
+    d.start()
+    escaped = "Schema\\x1b]0;owned\\x07 \\x1b[2Jwiped\\x7f\\x9b"
+    listed = d.pd("session", "list")
+    conflict = d.pd("session", "start", "Mine", "--files", "db.sql", cwd=beta, env={"PORT_DADDY_AGENT": "b"})
+    assert conflict.returncode == 1 and conflict.stderr.startswith("Warning: db.sql claimed by"), conflict.stderr
+    for text in (listed.stdout, conflict.stderr):
+        assert escaped in text and not {"\x1b", "\x07", "\x7f", "\x9b"} & set(text), text
+    notes = d.pd("notes").stdout
+    assert "first\nsecond\tthird\\x0dover" in notes and "\r" not in notes, notes
+    assert json.loads(d.pd("session", "list", "--json").stdout)["sessions"][0]["purpose"] == hostile
+
+
+def test_pd_stop_shows_a_spinner_while_the_daemon_takes_its_time(daemon_factory) -> None:
+    """A daemon stops its agents before it exits, each given its grace period: pd stop sat silent meanwhile."""
+    d = daemon_factory(PORT_DADDY_FLEET_GRACE="2s")
+    assert d.pd("spawn", "-b", "custom", "--", "trap '' TERM; sleep 60").returncode == 0  # waits out its grace
+    shown = _on_a_terminal(d, "stop", stream="stderr")
+    assert b"stopping the daemon (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
+    assert d.pd("status").returncode == 3
+
+
 def test_a_refusal_under_json_is_a_json_refusal(daemon: Daemon) -> None:
     r = daemon.pd("tuple", "rd", '["nothing-here"]', "--json")
     assert r.returncode == 1 and json.loads(r.stdout) == {
-        "success": False, "error": "NOT_FOUND", "message": 'no tuple matches ["nothing-here"]'}  # fmt: skip
+        "success": False, "error": "NOT_FOUND", "message": 'no tuple matches ["nothing-here"]; wait for one with '
+        "--wait, or see what there is with pd tuple scan"}  # fmt: skip
 
 
 def test_a_timeout_means_waiting(daemon: Daemon) -> None:
     daemon.call("lock.acquire", name="cli:timed", owner="someone-else")
     r = daemon.pd("lock", "cli:timed", "--timeout", "300ms")  # no --wait: the timeout says how long to wait
-    one_error_line(r, 1, "was not free within 0.3s", "held by someone-else")
+    one_error_line(r, 1, "was not free within 0.3s", "held by someone-else", "wait longer with --timeout")
+    waited = daemon.pd("wait", "cli:never", "--timeout", "200ms")
+    one_error_line(waited, 1, "no message on cli:never within 0.2s; wait longer with --timeout")
+    taken = daemon.pd("tuple", "in", '["cli-never"]', "--timeout", "200ms")
+    one_error_line(taken, 1, "no tuple matched within 0.2s; wait longer with --timeout")
 
 
 def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_daemon: Daemon) -> None:
@@ -134,6 +175,42 @@ def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_
     finally:
         fresh_daemon.proc.send_signal(signal.SIGCONT)
     assert fresh_daemon.pd("status").returncode == 0
+
+
+def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh_daemon: Daemon) -> None:
+    """Where nobody reaps it (a container whose init does not), an exited daemon stays a zombie, which still
+    takes signals: pd stop waited 10 s for it and failed ("kill it with: kill -9"), and pd status called it
+    running but not answering. The test process is the daemon's parent and reaps it only when told."""
+    d = fresh_daemon
+    assert d.proc is not None
+    pid = d.proc.pid
+    stopped = d.pd("stop")
+    assert stopped.returncode == 0 and f"Daemon stopped (pid {pid})" in stopped.stdout, stopped.stderr
+    assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    (d.home / "daemon.pid").write_text(f"{pid}\n")  # as a SIGKILL leaves it
+    status = d.pd("status")
+    assert status.returncode == 3 and f"pid file names process {pid}, which is gone" in status.stderr, status.stderr
+    assert "fix: pd start" in status.stderr
+
+
+def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(fresh_daemon: Daemon) -> None:
+    """With its IPC socket deleted, the daemon runs on and nothing reaches it. pd status said "not running:
+    process N is running but …"; a pd that auto-started waited 15 s (its daemon stepping aside for the one that
+    holds the home) and said only "the daemon did not become healthy in 15s"; pd stop, the fix both give, said
+    "not running" and stopped nothing."""
+    d = fresh_daemon
+    assert d.proc is not None
+    d.settings.ipc_sock.unlink()
+    status = d.pd("status")
+    header = f"Port Daddy is not answering: process {d.proc.pid} runs but {d.settings.ipc_sock} is missing"
+    assert status.returncode == 3 and status.stderr.startswith(header), status.stderr
+    assert json.loads(d.pd("status", "--json").stdout)["running"] is True
+    auto = d.pd("claim", "gone:api", "-q", env={"PORT_DADDY_NO_AUTOSTART": ""})
+    one_error_line(auto, 3, f"a daemon holds {d.home} but does not answer: process {d.proc.pid} runs but",
+                   "fix: pd stop && pd start")  # fmt: skip
+    stopped = d.pd("stop")  # the fix given must work: pd stop said "not running" and left it there
+    assert stopped.returncode == 0 and f"Daemon stopped (pid {d.proc.pid})" in stopped.stdout, stopped
+    assert d.pd("status").stderr.startswith("Port Daddy is not running")
 
 
 def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Daemon) -> None:

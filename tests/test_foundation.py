@@ -85,7 +85,7 @@ def test_env_leaves_out_identities_that_give_the_same_name_and_says_so(daemon: D
     port = claim_q(daemon, "clash-app:web")
     r = daemon.pd("env", "clash*:*")
     assert r.returncode == 0 and r.stdout == f"CLASH_APP_WEB_PORT={port}\nCLASH_APP_WEB_URL=http://localhost:{port}\n"
-    assert r.stderr == ("warning: CLASH_APP_API_PORT would name each of clash-app:api, clash_app:api; none of them "
+    assert r.stderr == ("Warning: CLASH_APP_API_PORT would name each of clash-app:api, clash_app:api; none of them "
                         "is printed (narrow the pattern to one, or use pd url ID)\n")  # fmt: skip
     body = json.loads(daemon.pd("env", "clash*:*", "--json").stdout)
     assert body["collisions"] == {"CLASH_APP_API": ["clash-app:api", "clash_app:api"]}

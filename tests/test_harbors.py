@@ -24,6 +24,9 @@ def test_create_keeps_an_existing_harbor(daemon) -> None:
     first = daemon.call("harbor.create", name="hb:keep", capabilities=["a"])
     second = daemon.call("harbor.create", name="hb:keep", capabilities=["b"])
     assert first["created"] and not second["created"] and second["harbor"]["capabilities"] == ["a"]
+    # Said as other confirmations are ("Webhook registered: …"); it was "created: harbor hb:cli".
+    assert daemon.pd("harbor", "create", "hb:cli").stdout == "Harbor created: hb:cli\n"
+    assert daemon.pd("harbor", "create", "hb:cli", "--cap", "x").stdout == "Harbor hb:cli exists already (unchanged)\n"
 
 
 def test_bad_input_exits_2_and_changes_nothing(daemon) -> None:

@@ -157,8 +157,10 @@ def test_agents_sharing_a_worktree_each_act_on_their_own_session(daemon: Daemon,
         return r
 
     alice = json.loads(pd("alice", "begin", "Alice work", "--files", "a.ts", "--json").stdout)["sessionId"]
-    bob = pd("bob", "session", "start", "Bob work", "--files", "b.ts", "-q").stdout.strip()
+    bob_started = pd("bob", "session", "start", "Bob work", "--files", "b.ts", "-q")
+    bob = bob_started.stdout.strip()
     assert json.loads((tree / ".portdaddy" / "current.json").read_text())["agentId"] == "bob"
+    assert bob_started.stderr == ""  # alice is named by her PORT_DADDY_AGENT: nothing of hers was taken over
     assert f"to session {alice}" in pd("alice", "note", "from alice").stdout
     assert json.loads(pd("alice", "session", "show", "--json").stdout)["session"]["id"] == alice
     assert "Agent:    alice" in pd("alice", "whoami").stdout
@@ -179,7 +181,7 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     tree = linked_worktree(tmp_path, "shared")
     first = daemon.pd("session", "start", "Building checkout UI", "-q", cwd=tree).stdout.strip()
     second = daemon.pd("session", "start", "Building payment API", cwd=tree)
-    assert f"warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
+    assert f"Warning: this worktree's current session was {first} (Building checkout UI);" in second.stderr
     assert "give each its own PORT_DADDY_AGENT" in second.stderr
     note = daemon.pd("note", "Built CheckoutForm component", cwd=tree)  # agent 1's note, in agent 2's session:
     assert note.stdout.endswith("(Building payment API)\n"), note.stdout  # the reply names where it went
@@ -191,10 +193,10 @@ def test_a_worktree_says_when_it_stops_using_someone_elses_session(daemon: Daemo
     # The environment outranks what a worktree remembers: an --agent that it overrides is said to be so.
     other = linked_worktree(tmp_path, "env")
     begun = daemon.pd("begin", "Finish the schema", "--agent", "db-2", cwd=other, env={"PORT_DADDY_AGENT": "backend"})
-    assert "warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
+    assert "Warning: PORT_DADDY_AGENT=backend is set, so later pd commands here act as that agent, not db-2" in (
         begun.stderr)  # fmt: skip
     plain = daemon.pd("begin", "Same agent", cwd=linked_worktree(tmp_path, "env2"), env={"PORT_DADDY_AGENT": "backend"})
-    assert plain.returncode == 0 and "warning" not in plain.stderr, plain.stderr
+    assert plain.returncode == 0 and "Warning" not in plain.stderr, plain.stderr
 
 
 def test_begin_again_without_done_says_the_earlier_session_is_still_active(daemon: Daemon, tmp_path: Path) -> None:
@@ -309,6 +311,12 @@ def test_since_0_is_the_beginning_in_every_command(daemon: Daemon, tmp_path: Pat
         assert c.get("/activity/summary", params={"since": "0"}).json()["total"] == \
             daemon.call("activity.summary")["total"]  # fmt: skip
         assert c.get("/notes", params={"since": "0", "project": "zero"}).json()["count"] == 1
+        assert c.get("/notes", params={"since": "5"}).status_code == 400
+    # A bare number that cannot be a time anyone means (5 ms after 1970) is a unit left out: said so, exit 2.
+    for args, _ in commands:
+        five = daemon.pd(*args, "--since", "5")
+        assert five.returncode == 2 and five.stderr.startswith("error: since 5 ") and five.stdout == "", five
+        assert "did you mean 5m?" in five.stderr and len(five.stderr.splitlines()) == 1, five.stderr
     daemon.pd("done", cwd=tree)
 
 
@@ -336,6 +344,9 @@ def test_done_after_the_session_ended_still_lets_the_agent_go(daemon: Daemon, tm
     tree = linked_worktree(tmp_path, "ended")
     agent = daemon.pd("begin", "Short job", "-q", cwd=tree).stdout.strip()
     assert daemon.pd("session", "end", cwd=tree).returncode == 0
+    between = daemon.pd("whoami", cwd=tree)  # it said "Use pd begin to start", as if nobody were here
+    assert between.returncode == 0 and between.stdout == (
+        f'Agent:    {agent}\nSession:  none; start one with pd session start "what you are doing"\n')  # fmt: skip
     done = daemon.pd("done", "late note", cwd=tree)
     assert done.returncode == 0 and "No active session to end (the note was not kept)" in done.stderr
     assert f"Agent {agent} unregistered" in done.stderr

@@ -99,13 +99,14 @@ def test_five_agents_walk_through_the_seed(daemon_factory, tmp_path: Path) -> No
     claimed = pd("tester", "salvage", "claim", "database-builder")
     assert claimed.returncode == 0, claimed.stderr
     assert "Creating payments table, webhook_requests, refunds" in claimed.stdout
-    assert "Continue with: pd session start \"Payment system schema\" --files 'supabase/migrations/*'" in claimed.stdout
+    # The tester is at work in a session already: the dead agent's files join it, rather than a second session.
+    assert claimed.stdout.endswith("Continue with: pd session files claim 'supabase/migrations/*'\n"), claimed.stdout
     assert "No agents awaiting salvage" in pd("tester", "salvage", "--project", "payments").stdout
     entry = json.loads(pd("tester", "salvage", "--all", "--json").stdout)["agents"][0]
     assert (entry["id"], entry["status"], entry["claimedBy"]) == ("database-builder", "claimed", "tester")
     assert "database-builder" not in pd("tester", "agents").stdout  # gone once its work was taken over
 
     # The abandoned session's claim blocks nobody: the salvager takes the files over without --force.
-    again = pd("tester", "session", "start", "Payment system schema (salvaged)", "--files", "supabase/migrations/*")
+    again = pd("tester", "session", "files", "claim", "supabase/migrations/*")
     assert again.returncode == 0 and "Warning" not in again.stderr, again.stderr
     assert pd("tester", "notes", "--verify").returncode == 0

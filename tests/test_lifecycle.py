@@ -109,7 +109,8 @@ def test_after_a_death_whoami_and_salvage_say_what_is_true(daemon_factory, tmp_p
     wait_dead(d, "ghost")
     who = d.pd("whoami", cwd=wt)
     assert "Agent:    ghost (dead)" in who.stdout and "pd salvage --all" in who.stderr, (who.stdout, who.stderr)
-    assert d.pd("salvage", "claim", "ghost", "--agent", "heir", cwd=wt).returncode == 0
+    heir = d.pd("salvage", "claim", "ghost", "--agent", "heir", cwd=wt)
+    assert heir.returncode == 0 and heir.stdout.endswith('Continue with: pd session start "build db"\n'), heir.stdout
     listing = d.pd("salvage", "--all", cwd=wt).stdout
     assert "ghost (claimed by heir," in listing and "1 salvage entry" in listing, listing
 

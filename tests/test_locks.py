@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -44,6 +45,7 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
     held = daemon.pd("lock", "cli:db-migrations")  # another process: another owner
     assert held.returncode == 1
     assert "held by pid-" in held.stderr and held.stdout == ""
+    assert re.search(r"\(expires in [45]m\); wait with --wait", held.stderr)  # as pd lock says it; was "in 299s"
     as_json = json.loads(daemon.pd("lock", "cli:db-migrations", "--json").stdout)
     assert as_json["success"] is False and as_json["error"] == "LOCK_HELD" and as_json["holder"].startswith("pid-")
     listed = json.loads(daemon.pd("locks", "--json").stdout)

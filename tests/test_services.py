@@ -86,5 +86,5 @@ def test_reclaim_with_another_port_says_it_was_ignored(daemon: Daemon) -> None:
     other = port + 1 if port < 9999 else port - 1
     r = daemon.pd("claim", "move:api", "--port", str(other))
     assert r.returncode == 0 and int(r.stdout) == port
-    assert r.stderr.startswith(f"warning: preferred port {other} ignored") and "pd release" in r.stderr
-    assert "warning" not in daemon.pd("claim", "move:api", "--port", str(port)).stderr
+    assert r.stderr.startswith(f"Warning: preferred port {other} ignored") and "pd release" in r.stderr
+    assert "Warning" not in daemon.pd("claim", "move:api", "--port", str(port)).stderr

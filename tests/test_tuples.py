@@ -29,7 +29,8 @@ def test_out_rd_in_scan_count_through_the_cli(daemon) -> None:
     r = daemon.pd("tuple", "out", '["job", "cli-a", 0.9]', "--harbor", "cli:fleet", "-q")
     assert r.returncode == 0, r.stderr
     tid = int(r.stdout)
-    daemon.pd("tuple", "out", '["job", "cli-b", 0.2]', "--harbor", "cli:fleet")
+    written = daemon.pd("tuple", "out", '["job", "cli-b", 0.2]', "--harbor", "cli:fleet").stdout
+    assert written == f"Tuple written to cli:fleet (id: {tid + 1})\n"  # where, and the id as pd pub says it
     rd = daemon.pd("tuple", "rd", '["job", "*", ">0.5"]', "--harbor", "cli:fleet", "--json")
     assert [t["id"] for t in json.loads(rd.stdout)["tuples"]] == [tid]
     assert daemon.pd("tuple", "count", "--harbor", "cli:fleet").stdout.strip() == "2"
@@ -215,7 +216,7 @@ def test_waiters_are_served_fifo_and_readers_see_the_tuple(daemon) -> None:
 def test_wait_timeout_exits_1(daemon) -> None:
     started = time.monotonic()
     r = daemon.pd("tuple", "in", '["never"]', "--harbor", "timeout:h", "--wait", "--timeout", "300ms")
-    assert r.returncode == 1 and "gave up waiting" in r.stderr
+    assert r.returncode == 1 and "no tuple matched within 0.3s; wait longer with --timeout" in r.stderr
     assert time.monotonic() - started < 20
     assert daemon.call("daemon.status")["counts"]["tupleWaiters"] == 0
 

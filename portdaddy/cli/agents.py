@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from portdaddy.cli.context import forget, remember, resolve_agent
+from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
 from portdaddy.cli.transport import call
 from portdaddy.text import plural
@@ -261,6 +261,10 @@ def claim(dead_agent: str, agent: str | None, as_json: bool) -> None:
     for n in context["notes"]:
         click.echo(f"  [{n['type']}] {n['content']}")
     files = " ".join(f"'{f}'" for f in context["files"])
+    if resolve_session(agent=agent):  # already at work here (pd begin first, as the README goes): files join it
+        if files:
+            click.echo(f"Continue with: pd session files claim {files}")
+        return
     click.echo(
         f'Continue with: pd session start "{context["purpose"] or "continue"}"' + (f" --files {files}" if files else "")
     )

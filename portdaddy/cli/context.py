@@ -91,20 +91,25 @@ def remember(agent_id: str | None, **fields: Any) -> list[str]:
 
     Returns warnings for the caller to print: the worktree stops using a session that is someone else's (another
     agent's, or one of two started without agent ids, which cannot be told apart), or the environment names
-    another agent, which later commands will act as instead of this one."""
+    another agent, which later commands will act as instead of this one. An agent the environment named when
+    it wrote the file (``agentFromEnv``) is named by it in its next commands too, so losing the file costs it
+    nothing and is not worth a warning: agents that each have their PORT_DADDY_AGENT hear nothing."""
     current = load_current()
     held, other_agent = current.get("sessionId"), current.get("agentId") != agent_id
     warnings = []
-    if held and (other_agent or (agent_id is None and fields.get("sessionId", held) != held)):
-        warnings.append(f"warning: this worktree's current session was {held} ({current.get('purpose')}); pd here "
+    taken_over = held and (other_agent or (agent_id is None and fields.get("sessionId", held) != held))
+    if taken_over and not current.get("agentFromEnv"):
+        warnings.append(f"Warning: this worktree's current session was {held} ({current.get('purpose')}); pd here "
                         "no longer uses it. Agents sharing a worktree: give each its own PORT_DADDY_AGENT")  # fmt: skip
     var = next((name for name in _AGENT_VARS if os.environ.get(name)), None)
     if var and agent_id and os.environ[var] != agent_id:
-        warnings.append(f"warning: {var}={os.environ[var]} is set, so later pd commands here act as that agent, "
+        warnings.append(f"Warning: {var}={os.environ[var]} is set, so later pd commands here act as that agent, "
                         f"not {agent_id}; pass them --agent {agent_id}, or change {var}")  # fmt: skip
     if other_agent:
         current = {}
-    save_current({**current, **({"agentId": agent_id} if agent_id else {}), **fields})
+    current.pop("agentFromEnv", None)
+    named = {"agentFromEnv": True} if var and agent_id and os.environ[var] == agent_id else {}
+    save_current({**current, **({"agentId": agent_id} if agent_id else {}), **named, **fields})
     return warnings
 
 

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import click
 
 from portdaddy import __version__
 from portdaddy.cli.output import emit_json, json_option, quiet_option
-from portdaddy.cli.transport import fail, settings, wait_healthy
+from portdaddy.cli.transport import fail, settings, spinning, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
-from portdaddy.text import plural
+from portdaddy.text import elapsed, plural
 
 
-def diagnose_down(cfg: Settings) -> tuple[str, str]:
-    """(why the daemon is not answering, what to run)."""
+class Down(NamedTuple):
+    """Why no daemon answers in a home, what to run about it, and whether a daemon process is there at all."""
+
+    why: str
+    fix: str
+    alive: bool = False
+
+
+def diagnose_down(cfg: Settings) -> Down:
     problem = cfg.home_problem()
     if problem is not None:
-        return problem
+        return Down(*problem)
     if not cfg.home.exists():
-        return f"{cfg.home} does not exist yet (never started here)", "pd start"
+        return Down(f"{cfg.home} does not exist yet (never started here)", "pd start")
     pid = None
     try:
         pid = int(cfg.pid_file.read_text().strip())
@@ -35,26 +43,66 @@ def diagnose_down(cfg: Settings) -> tuple[str, str]:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start"
+            pass
         except PermissionError:
-            return f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME"
+            return Down(f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME")
+        state = _state(pid)
+        if state in _GONE:
+            return Down(f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start")
         if not cfg.ipc_sock.exists():
-            return f"process {pid} is running but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start"
-        if _stopped(pid):
-            return f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}"
-        return f"process {pid} is running but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start"
+            return Down(f"process {pid} runs but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start",
+                        alive=True)  # fmt: skip
+        if state in ("T", "t"):  # stopped, or traced
+            return Down(f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}", alive=True)
+        return Down(f"process {pid} runs but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start",
+                    alive=True)  # fmt: skip
     if cfg.ipc_sock.exists():
-        return f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)"
-    return "no daemon is running", "pd start"
+        return Down(f"stale socket {cfg.ipc_sock} with no daemon behind it", "pd start (it cleans up stale files)")
+    # The home is named: a daemon running elsewhere (another PORT_DADDY_HOME) is the likeliest surprise.
+    return Down(f"nothing runs in {cfg.home} (stopped cleanly, or never started there)", "pd start")
 
 
-def _stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped: its state in /proc (Linux) is T (stopped) or t (traced)."""
+def _unreachable_holder(cfg: Settings) -> int | None:
+    """The pid of a daemon that holds ``cfg``'s home (its instance flock) but does not answer, e.g. with its IPC
+    socket deleted: pd status says to stop it, which must then work. None when no process holds the lock, so a
+    recycled pid in a stale pid file is never signalled."""
+    try:
+        fd = os.open(cfg.lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+# A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
+# still takes signals: it is as gone as one that no longer exists.
+_GONE = ("", "Z", "X")
+
+
+def _state(pid: int) -> str:
+    """``pid``'s state letter in /proc (Linux): R, S, T (stopped), Z (exited, not reaped)…; "" if there is no
+    such process; "?" where /proc cannot tell (another system: taken as alive, as os.kill said)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
     except (OSError, IndexError):
-        return False
+        return "?"
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in _GONE
 
 
 @click.command()
@@ -95,19 +143,16 @@ def stop(as_json: bool) -> None:
         health = probe(cfg)
     except PDError as e:
         fail(e, as_json=as_json)
-    if health is None:
+    pid = health["pid"] if health is not None else _unreachable_holder(cfg)
+    if pid is None:
         emit_json({"success": True, "running": False}) if as_json else click.echo("Port Daddy is not running")
         return
-    pid = health["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    else:
+    with spinning(f"stopping the daemon (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if _alive(pid):
         fail(PDError("TIMEOUT", f"daemon pid {pid} did not exit within 10s; kill it with: kill -9 {pid}"))
     emit_json({"success": True, "stopped": pid}) if as_json else click.echo(f"Daemon stopped (pid {pid})")
 
@@ -160,8 +205,10 @@ def status(as_json: bool) -> None:
 
 def _not_serving(cfg: Settings, as_json: bool, *, running: bool) -> NoReturn:
     """Say why no daemon serves this home (``running``: one took the connection but did not answer), what to
-    run about it, and exit 3."""
-    why, fix = diagnose_down(cfg)
+    run about it, and exit 3. A daemon process that is there but cannot be reached is "not answering": "not
+    running: process 22792 is running but …" said both."""
+    why, fix, alive = diagnose_down(cfg)
+    running = running or alive
     if as_json:
         emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
                    "running": running, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip
@@ -268,7 +315,7 @@ def version(as_json: bool, quiet: bool) -> None:
         elif daemon and "notAnswering" in daemon:
             click.echo(f"Daemon running, but not answering ({daemon['notAnswering']}): see pd status")
         elif daemon:
-            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {daemon['uptime']}s)")
+            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {elapsed(daemon['uptime'])})")
         else:
             click.echo("Daemon not running")
 

@@ -35,6 +35,7 @@ def _quick_claim(identity: str) -> int | None:
     from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
     from portdaddy.ipc.client import BlockingClient
     from portdaddy.paths import runtime_path
+    from portdaddy.text import one_line
 
     env = os.environ
     sock = runtime_path(env, "PORT_DADDY_IPC", "daemon.ipc")
@@ -44,7 +45,7 @@ def _quick_claim(identity: str) -> int | None:
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
     except PDError as e:
-        print(f"error: {e.message}{SLOW_HINT if isinstance(e, NoReply) else ''}", file=sys.stderr)
+        print(f"error: {one_line(e.message)}{SLOW_HINT if isinstance(e, NoReply) else ''}", file=sys.stderr)
         return exit_code(e.code)
     print(port)
     return 0

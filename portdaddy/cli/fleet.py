@@ -134,7 +134,7 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
                    "warnings": cfg.warnings})  # fmt: skip
         return
     for line in cfg.warnings:
-        click.echo(f"warning: {line}", err=True)
+        click.echo(f"Warning: {line}", err=True)
     click.echo(f"{cfg.path}: fleet {cfg.name!r} is valid: {plural(len(cfg.agents), 'agent')} "
                f"({', '.join(cfg.agents) or 'none'}), {plural(len(cfg.channels), 'channel')}")  # fmt: skip
 
@@ -158,7 +158,7 @@ def up(directory: str | None, as_json: bool) -> None:
         emit_json(result)
         return
     for line in result["warnings"]:
-        click.echo(f"warning: {line}", err=True)
+        click.echo(f"Warning: {line}", err=True)
     view = result["fleet"]
     click.echo(f"Fleet {view['name']!r} is up: {plural(len(view['agents']), 'agent')} in {view['projectDir']}")
 

@@ -47,7 +47,8 @@ def create(name: str, cap: str | None, channels: str | None, expires: str | None
         emit_json(result)
     else:
         state = "created" if result["created"] else "exists"
-        click.echo(state if quiet else f"{state}: harbor {name}")
+        said = f"Harbor created: {name}" if result["created"] else f"Harbor {name} exists already (unchanged)"
+        click.echo(state if quiet else said)
 
 
 @harbor.command("list")

@@ -81,7 +81,7 @@ def send(to: str, text: tuple[str, ...], sender: str | None, kind: str | None, a
     elif quiet:
         click.echo(result["messageId"])
     else:
-        click.echo(f"Sent to {to} (id {result['messageId']}): {result['message']}")
+        click.echo(f"Sent to {to} (id: {result['messageId']}): {result['message']}")
 
 
 @inbox.command()

@@ -191,7 +191,7 @@ def _run_holding(client: Any, granted: dict[str, Any], ttl_ms: int, command: tup
                     client.request("lock.extend", {"name": granted["name"], "token": granted["token"],
                                                    "ttl": ttl_ms})  # fmt: skip
                 except PDError as e:
-                    click.echo(f"warning: lost lock {granted['name']!r} while the command runs: {e.message}",
+                    click.echo(f"Warning: lost lock {granted['name']!r} while the command runs: {e.message}",
                                err=True)  # fmt: skip
     finally:
         for sig, handler in previous.items():

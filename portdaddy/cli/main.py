@@ -14,7 +14,7 @@ import sys
 import click
 
 from portdaddy import __version__
-from portdaddy.cli.output import guard_terminal
+from portdaddy.cli.output import guard_output
 from portdaddy.cli.transport import fail
 from portdaddy.errors import EXIT_OK, EXIT_REFUSED, bad_input
 
@@ -70,8 +70,12 @@ def cli() -> None:
 
     \b
     Quick start:
-      pd claim myapp:api -q            stable port for a service identity
-      pd status                        is the daemon healthy?
+      pd status                          is the daemon healthy?
+      pd begin "Auth" --files 'src/auth/*' say what you do, claim its files
+      PORT=$(pd claim myapp:api -q)      stable port for a service identity
+      pd note "JWT validation works"     a note the others read with pd notes
+      pd salvage                         dead agents' unfinished work, to take over
+      pd done "Refresh tokens left"      end with a handoff note
 
     Exit codes: 0 done, 1 refused (held, conflict, timeout, not found), 2 bad input,
     3 daemon unreachable. Every command takes --json (but pd daemon, which is the daemon).
@@ -93,9 +97,11 @@ def cli() -> None:
 def main() -> None:
     """Run ``pd``; click's own error printing is replaced so that bad usage, like any other bad input, is one
     ``error:`` line (or a JSON object under ``--json``) and exit 2."""
-    guard_terminal()
+    guard_output()
     try:
-        code = cli.main(prog_name="pd", standalone_mode=False)
+        # color=True: click would strip colour sequences from output that is not a terminal, where the rest of
+        # a hostile string still came through; guard_output shows them all escaped, wherever output goes.
+        code = cli.main(prog_name="pd", standalone_mode=False, color=True)
     except click.exceptions.NoArgsIsHelpError as e:  # `pd`, `pd agent`: the help is what was asked for
         click.echo(e.format_message())
         code = EXIT_OK

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import resolve_agent
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.output import age, echo_exact, emit_json, json_option, quiet_option, table
 from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
@@ -109,7 +109,10 @@ def sub(channels: tuple[str, ...], new: bool, once: bool, after: int | None, as_
         waiting = spinning(f"waiting for a message on {','.join(channels)}…") if once else nullcontext()
         with connect() as client, waiting:
             for msg in stream(client, _patterns(channels), new=new, after=after):
-                click.echo(json.dumps(msg, separators=(",", ":")) if as_json else show_payload(msg))
+                if as_json:
+                    echo_exact(json.dumps(msg, separators=(",", ":")))
+                else:
+                    click.echo(show_payload(msg))
                 if once:
                     return
     except PDError as e:
@@ -169,7 +172,7 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
                        "PD_SENDER": msg["sender"] or ""}  # fmt: skip
                 status = subprocess.run(command, shell=True, env=env).returncode
                 if status:
-                    click.echo(f"warning: command exited {status} for message {msg['id']}", err=True)
+                    click.echo(f"Warning: command exited {status} for message {msg['id']}", err=True)
                 if once:
                     return
     except PDError as e:

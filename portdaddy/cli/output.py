@@ -1,4 +1,5 @@
-"""Rendering helpers shared by every command: ``--json``/``-q`` options, tables, ages."""
+"""Rendering helpers shared by every command: ``--json``/``-q`` options, tables, ages, and the one place where
+what pd prints has its control characters escaped."""
 
 from __future__ import annotations
 
@@ -11,33 +12,45 @@ from typing import Any, TypeVar
 
 import click
 
+from portdaddy.text import shown, span
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# C0 controls but tab and newline, DEL and C1 controls, shown as \x1b and the like.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(32), *range(0x7F, 0xA0)) if c not in (9, 10)}
-_LINE_CONTROLS = {**_CONTROLS, 9: "\\t", 10: "\\n"}
-
-
-def one_line(text: str) -> str:
-    """``text`` with every control character escaped, line breaks too: for lines that must stay one line."""
-    return text.translate(_LINE_CONTROLS)
-
-
-class _TerminalText(io.TextIOWrapper):
-    """stdout on a terminal. What pd prints comes from other agents (notes, payloads, purposes, paths): their
-    escape sequences must not retitle, recolour or overwrite the reader's terminal, so controls are shown
-    escaped. Piped output passes unchanged; --json escapes them as JSON does."""
+class _Shown(io.TextIOWrapper):
+    """stdout or stderr of pd. What pd prints for people comes from other agents (notes, purposes, lock owners,
+    payloads, paths), some stored before the daemon refused control characters in them, and reaches a terminal
+    directly or through a pipe (``| less -R``, ``| head``): their escape sequences must not retitle, recolour or
+    overwrite the reader's terminal, so every write is ``shown()``. What programs read (``--json``) and the
+    spinner's own carriage returns go through ``exact()``."""
 
     def write(self, text: str) -> int:
-        return super().write(text.translate(_CONTROLS))
+        super().write(shown(text))
+        return len(text)
+
+    def exact(self, text: str) -> None:
+        super().write(text)
 
 
-def guard_terminal() -> None:
-    """Escape control characters in what pd prints to a terminal (call before any output)."""
-    out = sys.stdout
-    if out is not None and out.isatty() and hasattr(out, "buffer"):
-        sys.stdout = _TerminalText(out.buffer, encoding=out.encoding, errors=out.errors, line_buffering=True)
+def guard_output() -> None:
+    """Escape control characters in everything pd prints from here on but ``echo_exact`` (call before any
+    output)."""
+    for name in ("stdout", "stderr"):
+        out = getattr(sys, name)
+        if out is not None and hasattr(out, "buffer"):
+            setattr(sys, name, _Shown(out.buffer, encoding=out.encoding, errors=out.errors,
+                                      line_buffering=out.line_buffering, write_through=out.write_through))  # fmt: skip
+
+
+def echo_exact(text: str, *, err: bool = False, nl: bool = True) -> None:
+    """Print ``text`` unchanged (JSON, whose own escapes keep it one value; the spinner's ``\\r``)."""
+    out = sys.stderr if err else sys.stdout
+    text += "\n" if nl else ""
+    if isinstance(out, _Shown):
+        out.exact(text)
+    else:
+        out.write(text)
+    out.flush()
 
 
 def json_option(f: F) -> F:
@@ -63,7 +76,7 @@ def warn(lines: list[str], *, as_json: bool) -> None:
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    echo_exact(json.dumps(value, indent=2, default=str))
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
@@ -75,24 +88,16 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
             click.echo("  ".join("-" * w for w in widths))
 
 
-def _span(seconds: int) -> str:
-    """``42s``, ``8m``, ``3h``, ``2d``: the largest whole unit."""
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def age(ms_timestamp: int | None, now_ms: int | None = None) -> str:
     """``42s``, ``8m``, ``3h``, ``2d`` since a ms timestamp."""
     if not ms_timestamp:
         return "-"
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    return _span(max(0, (now_ms - ms_timestamp) // 1000))
+    return span(max(0, (now_ms - ms_timestamp) // 1000))
 
 
 def until(ms_timestamp: int | None) -> str:
     """``in 5m`` to a ms timestamp, rounded up: a lock just taken for 5 minutes expires "in 5m", not "in 4m"."""
     if not ms_timestamp:
         return "never"
-    return "in " + _span(max(0, -((int(time.time() * 1000) - ms_timestamp) // 1000)))
+    return "in " + span(max(0, -((int(time.time() * 1000) - ms_timestamp) // 1000)))

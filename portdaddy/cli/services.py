@@ -42,7 +42,7 @@ def claim(identity: str, port: int | None, port_range: str | None, expires: str 
     click.echo(result["port"])
     if not quiet:
         if result["message"].startswith("preferred port"):
-            click.echo(f"warning: {result['message']}", err=True)
+            click.echo(f"Warning: {result['message']}", err=True)
         if sys.stderr.isatty():
             reused = "  (reused existing)" if result["existing"] else ""
             click.echo(f"{identity} → port {result['port']}{reused}", err=True)
@@ -183,7 +183,7 @@ def env(pattern: str, as_json: bool) -> None:
     for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
         click.echo(f"{key}={shlex.quote(value)}")
     for name, ids in collisions.items():
-        click.echo(f"warning: {name}_PORT would name each of {', '.join(ids)}; none of them is printed (narrow "
+        click.echo(f"Warning: {name}_PORT would name each of {', '.join(ids)}; none of them is printed (narrow "
                    "the pattern to one, or use pd url ID)", err=True)  # fmt: skip
 
 

@@ -135,6 +135,9 @@ def whoami(agent: str | None, as_json: bool, quiet: bool) -> None:
                                        "worktree": str(worktree_root())}, as_json=as_json)  # fmt: skip
     if as_json:
         emit_json({**result, "localContext": load_current()})
+    elif "sessionId" not in result and result.get("agentId") and not quiet:  # registered, between sessions
+        click.echo(f"Agent:    {result['agentId']}")
+        click.echo('Session:  none; start one with pd session start "what you are doing"')
     elif "sessionId" not in result:
         click.echo(result["hint"], err=quiet)  # -q prints the value, and there is none
     elif quiet:

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from portdaddy.cli.output import one_line
+from portdaddy.cli.output import echo_exact
 from portdaddy.config import Settings
 from portdaddy.durations import SLOW_HINT, reply_timeout_s
 from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
 from portdaddy.ipc.client import BlockingClient
+from portdaddy.text import one_line
 
 if TYPE_CHECKING:
     import subprocess
@@ -42,7 +43,7 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
         err.message += SLOW_HINT
     ctx = click.get_current_context(silent=True)
     if as_json or (ctx is not None and ctx.params.get("as_json")):
-        click.echo(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
+        echo_exact(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
     else:
         for problem in err.extra.get("errors") or [err.message]:
             click.echo(f"error: {one_line(str(problem))}", err=True)
@@ -74,14 +75,12 @@ class Spinner:
 
     def tick(self) -> None:
         if self.tty and time.monotonic() - self.start > 1.0:
-            sys.stderr.write(f"\r{next(self.frames)} {self.label}")
-            sys.stderr.flush()
+            echo_exact(f"\r{next(self.frames)} {self.label}", err=True, nl=False)
             self.shown = True
 
     def done(self) -> None:
         if self.shown:
-            sys.stderr.write("\r" + " " * (len(self.label) + 2) + "\r")
-            sys.stderr.flush()
+            echo_exact("\r" + " " * (len(self.label) + 2) + "\r", err=True, nl=False)
 
 
 def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: bool = False) -> dict[str, Any]:
@@ -90,6 +89,15 @@ def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: b
     spinner = Spinner("starting the Port Daddy daemon…")
     try:
         return launcher.wait_healthy(cfg, proc, tick=spinner.tick, http=http)
+    except DaemonUnavailable as e:
+        if proc is None or proc.poll() != 0:
+            raise
+        # Ours stepped aside (exit 0) for a daemon that holds the home, which never answered: say what is wrong
+        # with that one, not only that "the daemon did not become healthy".
+        from portdaddy.cli.daemon_cmds import diagnose_down
+
+        why, fix, _ = diagnose_down(cfg)
+        raise DaemonUnavailable(f"a daemon holds {cfg.home} but does not answer: {why}; fix: {fix}") from e
     finally:
         spinner.done()
 

@@ -75,7 +75,8 @@ def out(fields: str, harbor: str | None, ttl: str | None, written_by: str | None
     if as_json:
         emit_json(result)
     else:
-        click.echo(result["id"] if quiet else f"Tuple written: {result['id']}")
+        where = result["tuple"]["harbor"] or "the global space"
+        click.echo(result["id"] if quiet else f"Tuple written to {where} (id: {result['id']})")
 
 
 def _read(action: str, pattern: str, harbor: str | None, limit: int | None, wait: bool, timeout: str | None,
@@ -85,8 +86,9 @@ def _read(action: str, pattern: str, harbor: str | None, limit: int | None, wait
             "timeout": timeout}  # fmt: skip
     result = _blocking_call(action, args, as_json=as_json, wait=wait, timeout=timeout)
     found = result["taken"] if action == "tuple.in" else result["tuples"]
-    if not found:
-        fail(NotFound("NOT_FOUND", f"no tuple matches {pattern}"), as_json=as_json)
+    if not found:  # a wait returns a tuple, or times out (TIMEOUT)
+        fail(NotFound("NOT_FOUND", f"no tuple matches {pattern}; wait for one with --wait, or see what there is "
+                      "with pd tuple scan"), as_json=as_json)  # fmt: skip
     if as_json:
         emit_json(result)
     elif quiet:

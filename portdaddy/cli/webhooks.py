@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
-from portdaddy.cli.transport import call, refuse_reply
+from portdaddy.cli.transport import call, refuse_reply, spinning
 
 # A test delivery gives up after 10 s (core/httppost.py); pd waits that, and PORT_DADDY_TIMEOUT for the reply.
 DELIVERY_S = 10.0
@@ -110,7 +110,8 @@ def test(webhook_id: str, as_json: bool, quiet: bool) -> None:
       pd webhook test <id>
       PORT_DADDY_TIMEOUT=30s pd webhook test <id>    # on a slow machine
     """
-    result = call("webhook.test", {"id": webhook_id}, as_json=as_json, takes=DELIVERY_S)
+    with spinning(f"delivering webhook.test to {webhook_id}…"):  # a slow endpoint takes up to 10 s
+        result = call("webhook.test", {"id": webhook_id}, as_json=as_json, takes=DELIVERY_S)
     if not result["success"]:
         refuse_reply("DELIVERY_FAILED", f"test delivery failed: {result.get('error') or result.get('status')}", result)
     if as_json:

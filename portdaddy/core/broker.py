@@ -555,7 +555,8 @@ async def _wait(ctx: Ctx, *, channels, after, timeout) -> dict[str, Any]:
         return {"success": True, "messages": {p: m.to_wire() for p, m in got.items()}}
     have = ctx.app.broker.retained(patterns)
     missing = [p for p in patterns if not any(m.id > after and matches(p, m.channel) for m in have)]
-    raise PDError("TIMEOUT", f"no message on {', '.join(missing)} within {timeout / 1000:g}s", timedOut=True,
+    raise PDError("TIMEOUT", f"no message on {', '.join(missing)} within {timeout / 1000:g}s; wait longer with "
+                  "--timeout, or see what was published with pd channels", timedOut=True,
                   missing=missing)  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from portdaddy.core.events import Event
 from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.core.store import Reserved
 from portdaddy.errors import LockHeld, PDError, StoreError, bad_input
+from portdaddy.text import span
 
 DEFAULT_TTL_MS = 5 * 60_000
 MAX_TTL_MS = 60 * 60_000
@@ -164,7 +165,8 @@ class Locks:
         assert scope.cancelled_caught
         holder = self._held.get(name)
         raise PDError("TIMEOUT", f"lock {name!r} was not free within {timeout_s:g}s"
-                      + (f" (held by {holder.owner})" if holder else ""), timedOut=True,
+                      + (f" (held by {holder.owner})" if holder else "") + "; wait longer with --timeout, or try later",
+                      timedOut=True,
                       holder=holder.owner if holder else None)  # fmt: skip
 
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
@@ -209,8 +211,9 @@ class Locks:
 
     @staticmethod
     def _held_error(lock: Lock) -> LockHeld:
-        return LockHeld("LOCK_HELD", f"lock {lock.name!r} is held by {lock.owner} (expires in "
-                        f"{max(0, lock.expires_at - now_ms()) // 1000}s); wait with --wait or try later",
+        left_s = max(0, -((now_ms() - lock.expires_at) // 1000))  # rounded up, as pd lock and pd locks show it
+        return LockHeld("LOCK_HELD", f"lock {lock.name!r} is held by {lock.owner} (expires in {span(left_s)}); "
+                        "wait with --wait or try later",
                         holder=lock.owner, heldSince=lock.acquired_at, expiresAt=lock.expires_at)  # fmt: skip
 
     # -- release / extend ----------------------------------------------------------------------------------

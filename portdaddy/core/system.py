@@ -5,15 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core.ops import Ctx, Op
-
-
-def _uptime_human(seconds: float) -> str:
-    s = int(seconds)
-    d, s = divmod(s, 86_400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    parts = [f"{d}d"] * bool(d) + [f"{h}h"] * bool(h) + [f"{m}m"] * bool(m) + [f"{s}s"]
-    return " ".join(parts)
+from portdaddy.text import elapsed
 
 
 def health(ctx: Ctx) -> dict[str, Any]:
@@ -48,7 +40,7 @@ def status(ctx: Ctx) -> dict[str, Any]:
         "version": app.version,
         "pid": app.pid,
         "uptimeSeconds": int(app.uptime_s),
-        "uptimeHuman": _uptime_human(app.uptime_s),
+        "uptimeHuman": elapsed(app.uptime_s),
         "home": str(s.home),
         "sockets": {
             "http": str(s.http_sock),

@@ -239,9 +239,8 @@ class TupleSpace:
         with trio.move_on_after(timeout_s if timeout_s is not None else float("inf")) as scope:
             return await trio.lowlevel.wait_task_rescheduled(abort)
         assert scope.cancelled_caught
-        verb = "in" if take else "rd"
-        raise PDError("TIMEOUT", f"no tuple matched within {timeout_s:g}s; tuple {verb} gave up waiting",
-                      timedOut=True)  # fmt: skip
+        raise PDError("TIMEOUT", f"no tuple matched within {timeout_s:g}s; wait longer with --timeout, or see what "
+                      "there is with pd tuple scan", timedOut=True)  # fmt: skip
 
     def give_back(self, t: Tuple) -> None:
         """Return a taken tuple nobody received (its reply never reached the taker) to the space, with its id, as

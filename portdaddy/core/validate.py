@@ -112,7 +112,8 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
 # SQLite stores 64-bit integers; a larger one would crash the query instead of being refused.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and int() takes "٣".
-_INTEGER_TEXT = re.compile(r"\s*-?[0-9]+\s*")
+# ASCII spaces too: \s takes \x1c-\x1f, which int() refuses ("0\x1f" was an INTERNAL error, found by hypothesis).
+_INTEGER_TEXT = re.compile(r"\s*-?[0-9]+\s*", re.ASCII)
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
@@ -191,17 +192,49 @@ def ago(name: str, value: Any) -> int:
     return max(0, now_ms() - _any_duration(name, value))
 
 
-_epoch_ms = integer(0)
+_whole = integer()
+# The times a bare ``since`` may name, in epoch ms: 2000-01-01 to 2100-01-01. Every time a client got from us
+# (a note's createdAt, Date.now()) is inside; a number outside is a unit mistake, not a time anyone means.
+EARLIEST_SINCE_MS, LATEST_SINCE_MS = 946_684_800_000, 4_102_444_800_000
+_LOOK_BACK = "a look-back takes its unit (30m, 2h, 1d); 0 is the beginning"
 
 
 def time_or_ago(name: str, value: Any) -> int:
     """Every ``since``: a point in time as epoch ms, a whole number (the original's HTTP form; a query string
     carries it as digits), so ``0`` is the beginning; or a duration back from now with its unit (``30m``,
     ``2h``), as ``pd`` users write it. A bare number is never "milliseconds ago": ``--since 0`` meant "from
-    now" that way, and showed nothing."""
+    now" that way, and showed nothing. Nor is it taken when it cannot be a time anyone means: ``--since 5``
+    (5 ms after 1970: everything) was meant as ``5m``, and epoch seconds read as ms are January 1970."""
     if isinstance(value, str) and not _INTEGER_TEXT.fullmatch(value):
         return ago(name, value)
-    return _epoch_ms(name, value)
+    ms = _whole(name, value)
+    if ms == 0 or EARLIEST_SINCE_MS <= ms < LATEST_SINCE_MS:
+        return ms
+    raise bad_input(f"{name} {ms} {_unlikely_time(ms)}")
+
+
+def _unlikely_time(n: int) -> str:
+    """Why the bare number ``n`` is not taken as a time, and what was likely meant."""
+    if EARLIEST_SINCE_MS // 1000 <= n < LATEST_SINCE_MS // 1000:
+        return f"looks like epoch seconds; in epoch ms that is {n * 1000}"
+    if EARLIEST_SINCE_MS * 1000 <= n < LATEST_SINCE_MS * 1000:
+        return f"looks like epoch microseconds; in epoch ms that is {n // 1000}"
+    if n < 0:
+        return f"is before 1970: did you mean {_guess_look_back(-n)}? {_LOOK_BACK}"
+    if n >= LATEST_SINCE_MS:
+        return f"is after 2100 as epoch ms; {_LOOK_BACK}"
+    return f"would be epoch ms in 1970: did you mean {_guess_look_back(n)}? {_LOOK_BACK}"
+
+
+def _guess_look_back(n: int) -> str:
+    """A small count is likely minutes (``5``: ``5m``); a large one milliseconds ago, in the largest unit that
+    divides it (``86400000``: ``1d``)."""
+    if n < 10_000:
+        return f"{n}m"
+    return next(f"{n // size}{unit}" for unit, size in _LOOK_BACK_UNITS if n % size == 0)
+
+
+_LOOK_BACK_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
 
 
 def lifetime(max_ms: int | None = None) -> Check:
