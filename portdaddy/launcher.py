@@ -12,6 +12,7 @@ from typing import Any
 from portdaddy.config import Settings, without_caller
 from portdaddy.errors import DaemonUnavailable
 from portdaddy.ipc.client import BlockingClient
+from portdaddy.procfs import seconds_running
 
 START_TIMEOUT_S = 15.0
 
@@ -67,15 +68,30 @@ def wait_healthy(
         health = probe(cfg, timeout=2.0)
         if health is not None and not (http and health.get("http") == "starting"):
             return health
-        # Exit status 0 means "another daemon is already running": keep waiting for that one.
+        # Exit status 0 means "another daemon is already running": keep waiting for that one, while it may still
+        # be starting (two clients auto-started at once); one that has run longer than a start may take and does
+        # not answer will not by waiting (its socket deleted, or stopped).
         if proc is not None and proc.poll() not in (None, 0):
             raise DaemonUnavailable(f"the daemon exited with status {proc.returncode}{_why_not_started(cfg)}; "
                                     f"see {cfg.log}")  # fmt: skip
+        if proc is not None and proc.returncode == 0 and (stuck := _holder_past_start(cfg, timeout)) is not None:
+            raise DaemonUnavailable(f"process {stuck}, which holds {cfg.home}, has run over {timeout:g}s and does "
+                                    f"not answer; see {cfg.log}")  # fmt: skip
         if time.monotonic() > deadline:
             raise DaemonUnavailable(f"the daemon did not become healthy in {timeout:g}s; see {cfg.log}")
         if tick is not None:
             tick()
         time.sleep(0.01 if health is None else 0.03)  # a daemon loading HTTP's imports has no GIL to spare
+
+
+def _holder_past_start(cfg: Settings, timeout: float) -> int | None:
+    """The pid of the daemon holding the home (the pid file's) if it has run longer than ``timeout``."""
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    running = seconds_running(pid)
+    return pid if running is not None and running > timeout else None
 
 
 def _why_not_started(cfg: Settings) -> str:

@@ -17,6 +17,7 @@ from portdaddy.cli.transport import fail, settings, spinning, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
+from portdaddy.procfs import GONE_STATES, state
 from portdaddy.text import elapsed, plural
 
 
@@ -46,13 +47,13 @@ def diagnose_down(cfg: Settings) -> Down:
             pass
         except PermissionError:
             return Down(f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME")
-        state = _state(pid)
-        if state in _GONE:
+        letter = state(pid)
+        if letter in _GONE:
             return Down(f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start")
         if not cfg.ipc_sock.exists():
             return Down(f"process {pid} runs but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start",
                         alive=True)  # fmt: skip
-        if state in ("T", "t"):  # stopped, or traced
+        if letter in ("T", "t"):  # stopped, or traced
             return Down(f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}", alive=True)
         return Down(f"process {pid} runs but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start",
                     alive=True)  # fmt: skip
@@ -86,23 +87,11 @@ def _unreachable_holder(cfg: Settings) -> int | None:
 
 # A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
 # still takes signals: it is as gone as one that no longer exists.
-_GONE = ("", "Z", "X")
-
-
-def _state(pid: int) -> str:
-    """``pid``'s state letter in /proc (Linux): R, S, T (stopped), Z (exited, not reaped)…; "" if there is no
-    such process; "?" where /proc cannot tell (another system: taken as alive, as os.kill said)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
-    except (OSError, IndexError):
-        return "?"
+_GONE = ("", *GONE_STATES)
 
 
 def _alive(pid: int) -> bool:
-    return _state(pid) not in _GONE
+    return state(pid) not in _GONE
 
 
 @click.command()

@@ -32,6 +32,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.events import Event
 from portdaddy.core.harbors import covers
 from portdaddy.core.ops import Ctx, Op, Param
+from portdaddy.procfs import stat_fields
 
 log = logging.getLogger("portdaddy.arbiter")
 
@@ -94,8 +95,7 @@ def descends_from(pid: int, ancestor: int) -> bool | None:
         if pid <= 1:
             return False
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            pid = int(stat_fields(pid)[1])
         except (OSError, ValueError, IndexError):
             return None
     return None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import trio
 
+from portdaddy.procfs import GONE_STATES, start_time, stat_fields
+
 _POLL_S = 0.05
 
 
@@ -30,24 +32,6 @@ async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Pat
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, umask=-1 if umask is None else umask,
         )  # fmt: skip
-
-
-def _stat(proc_dir: str) -> list[str]:
-    """The fields of ``<proc_dir>/stat`` from the state on (state, ppid, pgrp, …): the command name before them
-    may hold spaces and ')'."""
-    stat = Path(proc_dir, "stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` in clock ticks; None when it is gone or a zombie."""
-    try:
-        fields = _stat(f"/proc/{pid}")
-    except OSError:
-        return None
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -67,8 +51,8 @@ def group_alive(pgid: int) -> bool:
         if not entry.name.isdigit():
             continue
         with suppress(OSError, ValueError, IndexError):
-            fields = _stat(entry.path)
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            fields = stat_fields(entry.name)
+            if int(fields[2]) == pgid and fields[0] not in GONE_STATES:
                 return True
     return False
 
@@ -86,8 +70,8 @@ def marked_groups(marker: str) -> set[int]:
                 continue  # another user's process: not ours to read or to stop
             if wanted not in Path(entry.path, "environ").read_bytes().split(b"\0"):
                 continue
-            fields = _stat(entry.path)
-            if fields[0] not in ("Z", "X") and int(fields[2]) != own:
+            fields = stat_fields(entry.name)
+            if fields[0] not in GONE_STATES and int(fields[2]) != own:
                 groups.add(int(fields[2]))
     return groups
 

@@ -35,6 +35,7 @@ from portdaddy.fleet import children, citizen
 from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
+from portdaddy.procfs import start_time
 from portdaddy.text import plural
 
 log = logging.getLogger("portdaddy.fleet")
@@ -615,7 +616,7 @@ class Fleet:
                 return
             if self.settings.test_starting_pause_s:
                 await trio.sleep(self.settings.test_starting_pause_s)
-        run.pid, run.pid_start = proc.pid, children.start_time(proc.pid)
+        run.pid, run.pid_start = proc.pid, start_time(proc.pid)
         run.status, run.started_at = "running", now_ms()
         self.runs.update(run)
         self.app.bus.emit("fleet.run.start", agent=run.agent, runId=run.id, status=run.status, pid=run.pid,
