@@ -16,6 +16,7 @@ import apsw
 import httpx
 import pytest
 
+import portdaddy
 from portdaddy.core.registry import seed_port
 from portdaddy.errors import DaemonUnavailable
 from portdaddy.ipc.client import BlockingClient
@@ -243,6 +244,26 @@ def test_status_and_version(daemon: Daemon) -> None:
     assert st["sockets"]["ipc"].endswith("daemon.ipc") and "services" in st["counts"]
     assert st["success"] is True and st["running"] is True and isinstance(st["warnings"], list)
     assert daemon.pd("version", "-q").stdout.strip() == st["version"]
+
+
+def test_status_says_when_the_daemon_runs_code_older_than_its_files(daemon: Daemon) -> None:
+    """After a git pull in a checkout the version stays the same while the daemon runs what it loaded at start:
+    pd status said nothing, and users chased fixed bugs."""
+
+    def code_warnings() -> list[str]:
+        return [w for w in json.loads(daemon.pd("status", "--json").stdout)["warnings"] if "this pd's" in w]
+
+    assert code_warnings() == []
+    source = Path(portdaddy.__file__).with_name("text.py")
+    was = source.stat()
+    os.utime(source, ns=(was.st_atime_ns, was.st_mtime_ns + 1_000_000_000))  # as a pull that changed it would
+    try:
+        human, warned = daemon.pd("status"), code_warnings()
+    finally:
+        os.utime(source, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert human.returncode == 0 and "its files have changed since" in human.stdout, human.stdout
+    assert len(warned) == 1 and warned[0].endswith("restart it to run this pd's: pd stop && pd start"), warned
+    assert code_warnings() == []
 
 
 def test_autostart_and_no_autostart(tmp_home: Path) -> None:

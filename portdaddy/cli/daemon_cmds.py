@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import click
 
@@ -176,7 +176,7 @@ def status(as_json: bool) -> None:
         what = ", ".join(count_line(kind, n, _DROPPED) for kind, n in dropped.items())
         refused.append(f"dropped while writes were refused (fire-and-forget, never acknowledged): {what}; see "
                        "daemon.log")  # fmt: skip
-    warnings = refused + attention(st["counts"])
+    warnings = refused + _other_code(st) + attention(st["counts"])
     if as_json:
         emit_json({"success": True, "running": True, **st, "warnings": warnings})
         return
@@ -259,6 +259,19 @@ _ATTENTION = {
     "lagging": ("subscriber", "subscribers", "fell behind and missed messages", "pd channels"),
     "ipcCutOff": ("IPC connection", "IPC connections", "cut off for malformed frames", "daemon.log"),
 }  # fmt: skip
+
+
+def _other_code(st: dict[str, Any]) -> list[str]:
+    """A daemon started before an upgrade or a ``git pull`` runs the code it loaded then, not this pd's."""
+    from portdaddy.source import fingerprint  # hashlib: only pd status pays for it
+
+    restart = "restart it to run this pd's: pd stop && pd start"
+    if st.get("version") != __version__:
+        return [f"the daemon runs version {st.get('version')}, this pd {__version__}: {restart}"]
+    if st.get("code") != fingerprint():
+        return [f"the daemon runs the code it loaded when it started; its files have changed since (an upgrade or a "
+                f"git pull): {restart}"]  # fmt: skip
+    return []
 
 
 def attention(counts: dict[str, int]) -> list[str]:

@@ -16,6 +16,7 @@ from portdaddy.core.events import EventBus
 from portdaddy.core.ops import Op, load_table
 from portdaddy.core.store import Store
 from portdaddy.errors import StoreError
+from portdaddy.source import fingerprint
 
 if TYPE_CHECKING:
     from portdaddy.core.registry import Registry
@@ -41,6 +42,7 @@ class App:
         self.bus = EventBus(store)
         self.ops: dict[str, Op] = load_table()
         self.version = __version__
+        self.code = fingerprint()  # the files as loaded now: pd status tells a daemon older than them
         self.pid = os.getpid()
         self.started_at = time.time()
         self.tcp_port: int | None = None

@@ -26,6 +26,7 @@ def version(ctx: Ctx) -> dict[str, Any]:
         "version": app.version,
         "service": "port-daddy",
         "api": "semantic",
+        "code": app.code,
         "pid": app.pid,
         "startedAt": int(app.started_at * 1000),
         "uptime": int(app.uptime_s),
@@ -38,6 +39,7 @@ def status(ctx: Ctx) -> dict[str, Any]:
     return {
         "status": "ok",
         "version": app.version,
+        "code": app.code,
         "pid": app.pid,
         "uptimeSeconds": int(app.uptime_s),
         "uptimeHuman": elapsed(app.uptime_s),
