@@ -67,13 +67,17 @@ async def start(home: Path, *, now: Any = None) -> AsyncIterator[tuple[App, Flee
 
 
 async def settled(fleet: Fleet, project: Path, agent: str, n: int, timeout: float = 10, poll: float = 0.02) -> list:
-    with trio.fail_after(timeout):
+    """The first ``n`` ended runs of ``agent``, looked for at each run's exit event and every ``poll`` s (a run
+    ended on a path that announces nothing is still seen). Under the MockClock each wake-up is a jump that costs
+    0.2 s of real idleness, so the cron tests poll seldom and wake at the exits."""
+    with trio.fail_after(timeout), fleet.app.bus.subscribe("fleet.run.exit") as exits:
         while True:
             runs = [r for r in fleet.runs.recent(project_dir=str(project), agent=agent)
                     if r.status not in ("queued", "running")]  # fmt: skip
             if len(runs) >= n:
                 return runs
-            await trio.sleep(poll)
+            with trio.move_on_after(poll):
+                await exits.receive()
 
 
 CHAINED = """
@@ -173,8 +177,7 @@ async def test_cron_fires_on_schedule_under_a_mock_clock(home: Path, jumpy_clock
         state = fleet.fleets[str(project)].state("docs")
         await trio.sleep(0)  # let the cron task compute its first fire
         assert state.next_fire == BASE.replace(minute=5, second=0)
-        # Polled every 10 virtual seconds: each mock-clock jump waits for 0.2 s of real idleness.
-        runs = await settled(fleet, project, "docs", 2, timeout=1200, poll=10)
+        runs = await settled(fleet, project, "docs", 2, timeout=1200, poll=600)
         fired = sorted(r.trigger["firedAt"] for r in runs)
         assert fired == [BASE.replace(minute=5, second=0).isoformat(), BASE.replace(minute=10, second=0).isoformat()]
         assert all(r.status == "completed" and r.trigger["source"] == "schedule" for r in runs)
@@ -202,7 +205,7 @@ async def test_a_cron_fleet_whose_directory_was_deleted_fires_nothing_until_it_i
         assert said == ["project-missing"]  # once, not once per slot
 
         make_project(home, CRON)  # the directory is back: the next slot fires
-        [run] = await settled(fleet, project, "docs", 1, timeout=1200, poll=10)
+        [run] = await settled(fleet, project, "docs", 1, timeout=1200, poll=600)
         assert run.status == "completed" and run.trigger["firedAt"] == BASE.replace(minute=20, second=0).isoformat()
         assert fleet.status(str(project))[0]["problem"] is None
 
