@@ -164,16 +164,20 @@ def test_a_daemon_that_does_not_answer_is_unreachable_and_status_says_why(fresh_
     pid = fresh_daemon.proc.pid
     fresh_daemon.proc.send_signal(signal.SIGSTOP)  # it still takes connections (the kernel does), answers none
     try:
-        status = fresh_daemon.pd("status")
+        # Each waits out its timeout (3 s for status, 10 s for the claim): side by side, not one after another.
+        with ThreadPoolExecutor() as pool:
+            waits = [pool.submit(fresh_daemon.pd, *args) for args in (("status",), ("status", "--json"),
+                                                                      ("claim", "stuck:api", "-q"))]  # fmt: skip
+            status, status_json, claim = (w.result() for w in waits)
         assert status.returncode == 3, status.stderr
         assert f"is not answering: process {pid} is stopped" in status.stderr
         assert f"fix: kill -CONT {pid}" in status.stderr
-        as_json = json.loads(fresh_daemon.pd("status", "--json").stdout)
+        as_json = json.loads(status_json.stdout)
         assert as_json["running"] is True and as_json["fix"] == f"kill -CONT {pid}"
         # Any command: pd waits longer than the operation would, so no reply is an unreachable daemon, not a
         # refusal (it was exit 1, "no reply to port.claim within 10s").
-        one_error_line(fresh_daemon.pd("claim", "stuck:api", "-q"), 3, "no reply to port.claim within 10s",
-                       "pd status says why", "wait longer with PORT_DADDY_TIMEOUT=1m")  # fmt: skip
+        one_error_line(claim, 3, "no reply to port.claim within 10s", "pd status says why",
+                       "wait longer with PORT_DADDY_TIMEOUT=1m")  # fmt: skip
     finally:
         fresh_daemon.proc.send_signal(signal.SIGCONT)
     assert fresh_daemon.pd("status").returncode == 0
@@ -226,15 +230,17 @@ def test_port_daddy_timeout_is_how_long_pd_waits_for_the_reply(fresh_daemon: Dae
     d, impatient, patient = fresh_daemon, {"PORT_DADDY_TIMEOUT": "1s"}, {"PORT_DADDY_TIMEOUT": "1m"}
     d.proc.send_signal(signal.SIGSTOP)
     try:
-        for args in (("claim", "slow:api", "-q"), ("lock", "slow-lock")):  # taken when the daemon wakes, as sent
-            started = time.monotonic()
-            r = d.pd(*args, env=impatient)
-            one_error_line(r, 3, "within 1s", "PORT_DADDY_TIMEOUT=1m")
-            assert time.monotonic() - started < 8, args  # not the default 10 s
         with ThreadPoolExecutor() as pool:
+            started = time.monotonic()  # the impatient give up after 1 s (their requests are taken when it wakes)
+            impatients = [pool.submit(d.pd, *args, env=impatient) for args in (("claim", "slow:api", "-q"),
+                                                                               ("lock", "slow-lock"))]  # fmt: skip
             waiting = [pool.submit(d.pd, *args, env=patient) for args in (("claim", "slow:api", "-q"),
                                                                          ("lock", "patient-lock", "-q"))]  # fmt: skip
-            time.sleep(3)  # three times what failed above
+            for r in (w.result() for w in impatients):
+                one_error_line(r, 3, "within 1s", "PORT_DADDY_TIMEOUT=1m")
+            assert time.monotonic() - started < 8  # not the default 10 s
+            time.sleep(max(0.0, started + 3 - time.monotonic()))  # three times what failed above
+            assert not any(w.done() for w in waiting)
             d.proc.send_signal(signal.SIGCONT)
             claimed, locked = (w.result() for w in waiting)
     finally:
