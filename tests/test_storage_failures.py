@@ -321,7 +321,7 @@ def test_fire_and_forget_changes_wait_in_bounded_memory_while_writes_are_refused
                 "warning:  dropped while writes were refused (fire-and-forget, never acknowledged): "
                 f"{dropped['sprays']} sprays, {dropped['messages']} messages; see daemon.log"
             ) in out, out
-        time.sleep(2.5)  # the write-behinds store what waited
+        wait_for(lambda: _sprays_stored(d) == MAX_PENDING_REFUSED, what="the write-behinds to store what waited")
         assert store_state(d) == {"ok": True, "dropped": dropped}  # counted since the daemon started
         d.restart()
         assert len(d.call("pheromone.list", table="files")["pheromones"]) == MAX_PENDING_REFUSED
@@ -330,6 +330,12 @@ def test_fire_and_forget_changes_wait_in_bounded_memory_while_writes_are_refused
         assert "Traceback" not in d.log()
     finally:
         d.stop()
+
+
+def _sprays_stored(d: Daemon) -> int:
+    """The pheromone rows on disk (the daemon keeps them in memory: this is what its write-behind wrote)."""
+    with sqlite3.connect(d.settings.db) as db:
+        return db.execute("SELECT count(*) FROM pheromones WHERE tbl = 'files'").fetchone()[0]
 
 
 # -- the disk is full ----------------------------------------------------------------------------------------
