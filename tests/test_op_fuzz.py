@@ -418,7 +418,8 @@ def test_every_parameter_refuses_hostile_values_cleanly(daemon_factory: Callable
         for name, op in table.items():
             try:
                 base = baselines(prepare(d, worktree), worktree, webhook, str(empty))[name]
-                found += filter(None, [ipc_baseline(sock, name, base)])
+                if (why := ipc_baseline(sock, name, base)) is not None:
+                    found.append(why)
                 cases = list(ipc_cases(sock, name, op, base, hostile))
                 for route in routes.get(name, ()):
                     cases += http_route_cases(sweep, route, op, base)
