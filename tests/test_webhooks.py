@@ -43,7 +43,8 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next look at its flag: every 0.5 s by default, at each teardown.
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def events(self, kind: str) -> list[tuple[dict[str, str], bytes]]:
         return [(h, b) for h, b in self.requests if h["x-portdaddy-event"] == kind]
