@@ -156,6 +156,13 @@ class Settings:
                         "it", "remove it, or point PORT_DADDY_HOME at a new directory of your own")  # fmt: skip
         return None
 
+    def recorded_pid(self) -> int | None:
+        """The pid the daemon wrote to its pid file (it may be gone since, or a stale file's)."""
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def ensure_home(self) -> None:
         """Create the runtime dir 0700 (and tighten it if it already exists); OSError says why it cannot be."""
         problem = self.home_problem()

@@ -104,12 +104,6 @@ def acquire_instance_lock(settings: Settings) -> int | None:
     return fd
 
 
-def running_pid(settings: Settings) -> int | None:
-    with suppress(OSError, ValueError):
-        return int(settings.pid_file.read_text().strip())
-    return None
-
-
 def _still_ours(fd: int, lock_file: Path) -> bool:
     """Whether ``lock_file`` is still the file ``fd`` holds open: not once the home was deleted, even if it was
     made again (a file held open keeps its inode, so the new one cannot have the same)."""
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lock_fd = acquire_instance_lock(settings)
     if lock_fd is None:
-        print(f"Port Daddy already running (pid {running_pid(settings) or '?'})")
+        print(f"Port Daddy already running (pid {settings.recorded_pid() or '?'})")
         return 0
     try:
         _remove_runtime_files(settings)  # stale leftovers of a daemon that died without cleaning up

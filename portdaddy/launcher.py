@@ -86,11 +86,8 @@ def wait_healthy(
 
 def _holder_past_start(cfg: Settings, timeout: float) -> int | None:
     """The pid of the daemon holding the home (the pid file's) if it has run longer than ``timeout``."""
-    try:
-        pid = int(cfg.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    running = seconds_running(pid)
+    pid = cfg.recorded_pid()
+    running = None if pid is None else seconds_running(pid)
     return pid if running is not None and running > timeout else None
 
 

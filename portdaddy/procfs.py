@@ -29,6 +29,12 @@ def state(pid: int) -> str:
         return "?"
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited: a zombie (in a container whose init does not reap, for
+    good) still takes signals, yet is as gone as one that no longer exists."""
+    return state(pid) not in ("", *GONE_STATES)
+
+
 def start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` in clock ticks since boot; None when it is gone or a zombie."""
     try:

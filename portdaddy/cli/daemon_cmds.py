@@ -17,7 +17,7 @@ from portdaddy.cli.transport import fail, settings, spinning, wait_healthy
 from portdaddy.config import Settings
 from portdaddy.errors import EXIT_UNREACHABLE, NoReply, PDError, exit_code
 from portdaddy.launcher import probe, spawn_daemon
-from portdaddy.procfs import GONE_STATES, state
+from portdaddy.procfs import alive, state
 from portdaddy.text import elapsed, plural
 
 
@@ -35,11 +35,7 @@ def diagnose_down(cfg: Settings) -> Down:
         return Down(*problem)
     if not cfg.home.exists():
         return Down(f"{cfg.home} does not exist yet (never started here)", "pd start")
-    pid = None
-    try:
-        pid = int(cfg.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        pass
+    pid = cfg.recorded_pid()
     if pid:
         try:
             os.kill(pid, 0)
@@ -47,13 +43,12 @@ def diagnose_down(cfg: Settings) -> Down:
             pass
         except PermissionError:
             return Down(f"process {pid} from the pid file belongs to another user", "check PORT_DADDY_HOME")
-        letter = state(pid)
-        if letter in _GONE:
+        if not alive(pid):
             return Down(f"pid file names process {pid}, which is gone (the daemon crashed or was killed)", "pd start")
         if not cfg.ipc_sock.exists():
             return Down(f"process {pid} runs but {cfg.ipc_sock} is missing (PORT_DADDY_NO_IPC?)", "pd stop && pd start",
                         alive=True)  # fmt: skip
-        if letter in ("T", "t"):  # stopped, or traced
+        if state(pid) in ("T", "t"):  # stopped, or traced
             return Down(f"process {pid} is stopped (a SIGSTOP, Ctrl-Z or a debugger)", f"kill -CONT {pid}", alive=True)
         return Down(f"process {pid} runs but does not answer on {cfg.ipc_sock}", f"see {cfg.log}; pd stop && pd start",
                     alive=True)  # fmt: skip
@@ -78,20 +73,8 @@ def _unreachable_holder(cfg: Settings) -> int | None:
         pass
     finally:
         os.close(fd)  # drops the shared lock, if it was taken
-    try:
-        pid = int(cfg.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _alive(pid) else None
-
-
-# A process that has exited but is not yet reaped (a zombie; in a container whose init does not reap, for good)
-# still takes signals: it is as gone as one that no longer exists.
-_GONE = ("", *GONE_STATES)
-
-
-def _alive(pid: int) -> bool:
-    return state(pid) not in _GONE
+    pid = cfg.recorded_pid()
+    return pid if pid is not None and alive(pid) else None
 
 
 @click.command()
@@ -139,9 +122,9 @@ def stop(as_json: bool) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     with spinning(f"stopping the daemon (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-    if _alive(pid):
+    if alive(pid):
         fail(PDError("TIMEOUT", f"daemon pid {pid} did not exit within 10s; kill it with: kill -9 {pid}"))
     emit_json({"success": True, "stopped": pid}) if as_json else click.echo(f"Daemon stopped (pid {pid})")
 
@@ -196,8 +179,8 @@ def _not_serving(cfg: Settings, as_json: bool, *, running: bool) -> NoReturn:
     """Say why no daemon serves this home (``running``: one took the connection but did not answer), what to
     run about it, and exit 3. A daemon process that is there but cannot be reached is "not answering": "not
     running: process 22792 is running but …" said both."""
-    why, fix, alive = diagnose_down(cfg)
-    running = running or alive
+    why, fix, process_there = diagnose_down(cfg)
+    running = running or process_there
     if as_json:
         emit_json({"success": False, "error": "DAEMON_UNAVAILABLE", "message": f"{why}; fix: {fix}",
                    "running": running, "reason": why, "fix": fix, "home": str(cfg.home)})  # fmt: skip
