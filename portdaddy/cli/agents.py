@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn, warning
 from portdaddy.cli.transport import call
 from portdaddy.text import plural
 
@@ -17,7 +17,7 @@ _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
 
 def warn_if_declared_dead(result: dict[str, Any], *, as_json: bool) -> None:
     """An agent back after it was declared dead hears what it lost and whose its work is now."""
-    warn([f"Warning: {result['deathNotice']}"] if result.get("deathNotice") else [], as_json=as_json)
+    warn([result["deathNotice"]] if result.get("deathNotice") else [], as_json=as_json)
 
 
 @click.group()
@@ -67,7 +67,7 @@ def register(agent: str | None, identity: str | None, purpose: str | None, type_
     click.echo(result["agentId"] if quiet else f"{'Registered' if result['registered'] else 'Updated'} agent: "
                f"{result['agentId']}")  # fmt: skip
     if result.get("salvageHint"):
-        click.echo(f"Warning: {result['salvageHint']}", err=True)
+        warning(result["salvageHint"])
     warn_if_declared_dead(result, as_json=as_json)
 
 

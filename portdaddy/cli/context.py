@@ -99,11 +99,11 @@ def remember(agent_id: str | None, **fields: Any) -> list[str]:
     warnings = []
     taken_over = held and (other_agent or (agent_id is None and fields.get("sessionId", held) != held))
     if taken_over and not current.get("agentFromEnv"):
-        warnings.append(f"Warning: this worktree's current session was {held} ({current.get('purpose')}); pd here "
+        warnings.append(f"this worktree's current session was {held} ({current.get('purpose')}); pd here "
                         "no longer uses it. Agents sharing a worktree: give each its own PORT_DADDY_AGENT")  # fmt: skip
     var = next((name for name in _AGENT_VARS if os.environ.get(name)), None)
     if var and agent_id and os.environ[var] != agent_id:
-        warnings.append(f"Warning: {var}={os.environ[var]} is set, so later pd commands here act as that agent, "
+        warnings.append(f"{var}={os.environ[var]} is set, so later pd commands here act as that agent, "
                         f"not {agent_id}; pass them --agent {agent_id}, or change {var}")  # fmt: skip
     if other_agent:
         current = {}

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import worktree_root
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, table, warning
 from portdaddy.cli.spawn import echo_log
 from portdaddy.cli.transport import STOPPING_S, call, fail, spinning
 from portdaddy.errors import PDError, bad_input
@@ -134,7 +134,7 @@ def validate(directory: str | None, file: str | None, as_json: bool) -> None:
                    "warnings": cfg.warnings})  # fmt: skip
         return
     for line in cfg.warnings:
-        click.echo(f"Warning: {line}", err=True)
+        warning(line)
     click.echo(f"{cfg.path}: fleet {cfg.name!r} is valid: {plural(len(cfg.agents), 'agent')} "
                f"({', '.join(cfg.agents) or 'none'}), {plural(len(cfg.channels), 'channel')}")  # fmt: skip
 
@@ -158,7 +158,7 @@ def up(directory: str | None, as_json: bool) -> None:
         emit_json(result)
         return
     for line in result["warnings"]:
-        click.echo(f"Warning: {line}", err=True)
+        warning(line)
     view = result["fleet"]
     click.echo(f"Fleet {view['name']!r} is up: {plural(len(view['agents']), 'agent')} in {view['projectDir']}")
 

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import resolve_agent
-from portdaddy.cli.output import emit_json, json_option, quiet_option, table, until
+from portdaddy.cli.output import emit_json, json_option, quiet_option, table, until, warning
 from portdaddy.cli.transport import blocking_call, call, connect, fail, reply_wait_s, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
@@ -191,8 +191,7 @@ def _run_holding(client: Any, granted: dict[str, Any], ttl_ms: int, command: tup
                     client.request("lock.extend", {"name": granted["name"], "token": granted["token"],
                                                    "ttl": ttl_ms})  # fmt: skip
                 except PDError as e:
-                    click.echo(f"Warning: lost lock {granted['name']!r} while the command runs: {e.message}",
-                               err=True)  # fmt: skip
+                    warning(f"lost lock {granted['name']!r} while the command runs: {e.message}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import resolve_agent
-from portdaddy.cli.output import age, echo_exact, emit_json, json_option, quiet_option, table
+from portdaddy.cli.output import age, echo_exact, emit_json, json_option, quiet_option, table, warning
 from portdaddy.cli.transport import blocking_call, call, connect, fail, spinning
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import PDError, bad_input
@@ -172,7 +172,7 @@ def watch(channel: str, command: str, once: bool, retained: bool, as_json: bool)
                        "PD_SENDER": msg["sender"] or ""}  # fmt: skip
                 status = subprocess.run(command, shell=True, env=env).returncode
                 if status:
-                    click.echo(f"Warning: command exited {status} for message {msg['id']}", err=True)
+                    warning(f"command exited {status} for message {msg['id']}")
                 if once:
                     return
     except PDError as e:

@@ -68,11 +68,16 @@ def since_option(what: str, default: str | None = None) -> Callable[[F], F]:
                         "(0: from the beginning).")  # fmt: skip
 
 
+def warning(text: str) -> None:
+    """A warning: one line on stderr, like conflicts, spelled alike by every command."""
+    click.echo(f"Warning: {text}", err=True)
+
+
 def warn(lines: list[str], *, as_json: bool) -> None:
-    """Warnings go to stderr, like conflicts; under --json the reply alone is printed."""
+    """Warnings, but under --json, where the reply alone is printed."""
     if not as_json:
         for line in lines:
-            click.echo(line, err=True)
+            warning(line)
 
 
 def emit_json(value: Any) -> None:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from portdaddy.cli.output import emit_json, json_option, quiet_option, table
+from portdaddy.cli.output import emit_json, json_option, quiet_option, table, warning
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import NotFound
 from portdaddy.text import plural
@@ -42,7 +42,7 @@ def claim(identity: str, port: int | None, port_range: str | None, expires: str 
     click.echo(result["port"])
     if not quiet:
         if result["message"].startswith("preferred port"):
-            click.echo(f"Warning: {result['message']}", err=True)
+            warning(result["message"])
         if sys.stderr.isatty():
             reused = "  (reused existing)" if result["existing"] else ""
             click.echo(f"{identity} → port {result['port']}{reused}", err=True)
@@ -183,8 +183,8 @@ def env(pattern: str, as_json: bool) -> None:
     for key, value in lines.items():  # any agent may set a URL: quoted, it cannot run as a command
         click.echo(f"{key}={shlex.quote(value)}")
     for name, ids in collisions.items():
-        click.echo(f"Warning: {name}_PORT would name each of {', '.join(ids)}; none of them is printed (narrow "
-                   "the pattern to one, or use pd url ID)", err=True)  # fmt: skip
+        warning(f"{name}_PORT would name each of {', '.join(ids)}; none of them is printed (narrow the pattern to "
+                "one, or use pd url ID)")  # fmt: skip
 
 
 COMMANDS = (claim, release, find, services, url, env)

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, table, warn
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, table, warn, warning
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.errors import EXIT_REFUSED, PDError
@@ -32,7 +32,7 @@ def where() -> dict[str, Any]:
 
 def warn_conflicts(conflicts: list[dict[str, Any]]) -> None:
     for c in conflicts:
-        click.echo(f"Warning: {conflict_line(c)}", err=True)
+        warning(conflict_line(c))
 
 
 def claiming_call(action: str, args: dict[str, Any], *, as_json: bool) -> Any:

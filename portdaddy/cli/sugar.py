@@ -16,7 +16,7 @@ from portdaddy.cli.context import (
     resolve_session,
     worktree_root,
 )
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn, warning
 from portdaddy.cli.sessions import claim_lines, claiming_call, folded_runs, hint_if_folded, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
@@ -67,12 +67,11 @@ def begin(purpose: str | None, paths: tuple[str, ...], purpose_opt: str | None, 
     if result["fileClaims"]:
         click.echo(f"  Files:    {len(result['fileClaims'])} claimed", err=True)
     if result["salvageHint"]:
-        click.echo(f"Warning: {result['salvageHint']}", err=True)
+        warning(result["salvageHint"])
     for s in result["stillActive"]:
-        click.echo(
-            f"Warning: {result['agentId']} still has session {s['sessionId']} ({s['purpose']}) active, "
-            f"claiming {plural(len(s['files']), 'file')}; end it with: pd session end --session {s['sessionId']}",
-            err=True,
+        warning(
+            f"{result['agentId']} still has session {s['sessionId']} ({s['purpose']}) active, claiming "
+            f"{plural(len(s['files']), 'file')}; end it with: pd session end --session {s['sessionId']}"
         )
 
 
