@@ -378,7 +378,8 @@ class PortDaddy:
 
     async def start_session(self, purpose: str, *, files: list[str] | None = None, force: bool = False,
                             worktree: str | None = None, metadata: dict[str, Any] | None = None) -> str:  # fmt: skip
-        """Start a session; returns its id. ``Conflict`` (FILE_CONFLICT, with ``conflicts``) unless ``force``."""
+        """Start a session; returns its id. ``Conflict`` (FILE_CONFLICT, with ``conflicts``) where another agent's
+        active session claims one of ``files``, unless ``force`` (this agent's own sessions are no conflict)."""
         r = await self.call("session.start", purpose=purpose, files=files, force=force, worktree=_absolute(worktree),
                             metadata=metadata)  # fmt: skip
         return r["id"]

@@ -30,11 +30,14 @@ def elapsed(seconds: float) -> str:
     return " ".join([f"{d}d"] * bool(d) + [f"{h}h"] * bool(h) + [f"{m}m"] * bool(m) + [f"{s}s"])
 
 
-def clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int, *, keep_end: bool = True) -> str:
     """``text`` in at most ``limit`` characters: a longer one keeps its start and its end around ``…``, since a
-    message says what was wrong first and what to do last, and a path's last parts tell it apart."""
+    message says what was wrong first and what to do last, and a path's last parts tell it apart. ``keep_end``
+    False: its start and ``…``, for a text whose start says what it is about (a prompt)."""
     if len(text) <= limit:
         return text
+    if not keep_end:
+        return f"{text[: limit - 1]}…"
     head = (limit - 1) // 2
     return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
 

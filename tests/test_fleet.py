@@ -258,6 +258,11 @@ def test_a_huge_commit_is_announced_with_its_file_list_cut(daemon_factory: Any, 
     payload = run["trigger"]["payload"]
     assert payload["fileCount"] == 451 and payload["truncated"] is True  # 450 + pd-fleet.yml
     assert 0 < len(payload["files"]) < 451 and len(json.dumps(payload["files"], separators=(",", ":"))) <= 32_000
+    # The run's session says what fired it; the message itself is the run's (was: over the 16 KB a session's
+    # metadata may hold, so the run got no session, and its result no note).
+    session = d.call("session.get", sessionId=run["sessionId"])["session"]
+    assert session["metadata"]["trigger"] == {k: v for k, v in run["trigger"].items() if k != "payload"}
+    assert session["metadata"]["trigger"]["channel"] == "git:committed"
 
 
 # --- running -------------------------------------------------------------------------------------------
@@ -944,6 +949,20 @@ def test_spawn_wait_logs_list_and_kill(fresh_daemon: Daemon, tmp_home: Path) -> 
     bad = d.pd("spawn", "-b", "custom", "--timeout", "soon", "--", "true")
     assert bad.returncode == 2
     assert d.pd("spawn", "kill", "spawned-000000000000").returncode == 1
+
+
+def test_a_spawned_runs_session_is_named_by_the_start_of_its_task_on_one_line(daemon: Daemon) -> None:
+    """A session's purpose is one line of text: a task of several lines was cut at 80 characters as it came, and
+    its line break got the run's agent and session refused, so the run was in no journal."""
+    task = "echo checking payments\necho " + "and refunds " * 20
+    r = daemon.pd("spawn", "-b", "custom", "--wait", "--json", "--", task)
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout)["run"]
+    assert run["status"] == "completed" and run["sessionId"] is not None
+    purpose = daemon.call("session.get", sessionId=run["sessionId"])["session"]["purpose"]
+    assert purpose == " ".join(task.split())[:79] + "…"
+    short = json.loads(daemon.pd("spawn", "-b", "custom", "--wait", "--json", "--", "true").stdout)["run"]
+    assert daemon.call("session.get", sessionId=short["sessionId"])["session"]["purpose"] == "true"  # not cut
 
 
 def test_spawn_timeout_stops_the_group(fresh_daemon: Daemon) -> None:

@@ -212,6 +212,35 @@ def test_begin_again_without_done_says_the_earlier_session_is_still_active(daemo
     daemon.pd("done", cwd=tree)
 
 
+def test_an_agent_is_not_in_conflict_with_its_own_earlier_session(daemon: Daemon, tmp_path: Path) -> None:
+    """A conflict warns other agents. An agent that starts a second session on files its first still claims is
+    told so plainly and gets them, by every door (session start, a claim, begin); another agent is still refused."""
+    tree = linked_worktree(tmp_path, "own")
+
+    def pd(agent: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return daemon.pd(*args, cwd=tree, env={"PORT_DADDY_AGENT": agent})
+
+    first = pd("alice", "session", "start", "first pass", "--files", "src/pay.ts", "-q").stdout.strip()
+    second = pd("alice", "session", "start", "second pass", "--files", "src/*", "--json")
+    assert second.returncode == 0, second.stderr
+    reply = json.loads(second.stdout)
+    assert reply["conflicts"] == [] and [c["sessionId"] for c in reply["ownClaims"]] == [first]
+    again = pd("alice", "session", "files", "claim", "src/pay.ts", "--session", reply["id"])
+    assert again.returncode == 0, again.stderr
+    assert f"src/pay.ts is also claimed by alice's session {first} (first pass)" in again.stderr
+    assert "--force" not in again.stderr
+    begun = pd("alice", "begin", "third pass", "--files", "src/pay.ts")
+    assert begun.returncode == 0 and f"still has session {first} (first pass) active" in begun.stderr
+    claims = daemon.call("file.list", path="src/pay.ts", worktree=str(tree))["claims"]
+    assert len(claims) == 4 and not any(c["forced"] for c in claims)  # src/pay.ts twice, src/* once, begin's
+    other = pd("bob", "session", "start", "bob's pass", "--files", "src/pay.ts")
+    assert other.returncode == 1 and f"claimed by {first} (alice: first pass)" in other.stderr
+    assert "Use --force to claim anyway" in other.stderr
+    for sid in (first, reply["id"]):
+        daemon.call("session.end", sessionId=sid)
+    assert pd("alice", "done").returncode == 0
+
+
 def test_sitrep_files_who_owns(daemon: Daemon, tmp_path: Path) -> None:
     tree = linked_worktree(tmp_path, "sit")
     daemon.pd("agent", "register", "--agent", "sitter", "--identity", "sit:web", cwd=tree)
@@ -504,8 +533,9 @@ async def test_sdk_heartbeats_in_the_background(daemon: Daemon) -> None:
         sid = await pd.start_session("sdk session", files=["sdk/*"])
         assert await pd.note("from the sdk") > 0
         assert (await pd.notes(session_id=sid))[0]["content"] == "from the sdk"
-        with pytest.raises(Conflict):
-            await pd.start_session("clash", files=["sdk/x.py"])
+        async with portdaddy.connect(agent_id="sdk-other", settings=daemon.settings, autostart=False) as other:
+            with pytest.raises(Conflict):  # another agent's claim; this agent's own are no conflict to it
+                await other.start_session("clash", files=["sdk/x.py"])
         with pytest.raises(BadInput):
             await pd.note("")
         with pytest.raises(NotFound):

@@ -15,7 +15,7 @@ import click
 from portdaddy.cli.context import forget, remember, repo_paths, resolve_agent, resolve_session, worktree_root
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, table, warn, warning
 from portdaddy.cli.transport import call, connect, fail, refuse_reply
-from portdaddy.core.conflicts import conflict_line
+from portdaddy.core.conflicts import conflict_line, own_claim_line
 from portdaddy.errors import EXIT_REFUSED, PDError
 from portdaddy.text import plural
 
@@ -48,6 +48,8 @@ def claiming_call(action: str, args: dict[str, Any], *, as_json: bool) -> Any:
         fail(e, as_json=as_json)
     if not as_json:
         warn_conflicts(result.get("conflicts") or result.get("fileConflicts") or [])
+        for c in result.get("ownClaims") or []:
+            warning(own_claim_line(c))
     return result
 
 

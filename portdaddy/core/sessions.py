@@ -8,8 +8,9 @@ Notes are append-only (the table refuses UPDATE, and DELETE while their session 
 with their whole session, when the fleet forgets an old run (``forget_ended``); each carries the hash of the
 previous note of its session (core/notechain.py) and its body is sealed under the session's key
 (core/sealing.py). File claims are paths or globs (core/globs.py); a claim that overlaps one held by another
-*active* session is refused unless forced, and a forced one is recorded with the conflict. Claims of abandoned
-sessions (their agent died) are kept for salvage but block nobody (the original's permanent 409s, §27 #6).
+agent's *active* session is refused unless forced, and a forced one is recorded with the conflict; the agent's
+own other sessions' claims are no conflict (``ownClaims``). Claims of abandoned sessions (their agent died) are
+kept for salvage but block nobody (the original's permanent 409s, §27 #6).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class Sessions:
               metadata: dict[str, Any] | None, fleet_agent: str | None = None) -> dict[str, Any]:  # fmt: skip
         """``fleet_agent``: the session is a run of this fleet agent (the fleet's own calls only, ``Ctx``)."""
         repository = repository_of(worktree)
-        conflicts = self.conflicts(files, repository=repository)
+        conflicts, own = self.overlapping(files, repository=repository, agent=agent_id)
         if conflicts and not force:
             raise file_conflict(conflicts)
         now = now_ms()
@@ -170,7 +171,7 @@ class Sessions:
         if files:
             self.app.bus.emit("file.claim", sessionId=sid, agentId=agent_id, paths=files, conflicts=conflicts,
                               forced=bool(conflicts))  # fmt: skip
-        return {**self.session(sid), "files": files, "conflicts": conflicts}
+        return {**self.session(sid), "files": files, "conflicts": conflicts, "ownClaims": own}
 
     def end(self, session_id: str, *, note: str | None, status: str, agent_id: str | None) -> dict[str, Any]:
         s = self._active(session_id)
@@ -354,22 +355,30 @@ class Sessions:
 
     # -- file claims ---------------------------------------------------------------------------------------
 
-    def conflicts(self, paths: Iterable[str], *, repository: str | None = None,
-                  exclude: Iterable[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    def overlapping(self, paths: Iterable[str], *, repository: str | None = None, agent: str | None = None,
+                    exclude: Iterable[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
         """Claims of other active sessions that overlap any of ``paths`` (one entry per pair), in ``repository``
-        (None: in any)."""
+        (None: in any), as (conflicts, own): the claims of ``agent``'s own sessions are not conflicts, since a
+        conflict is there to warn other agents (spec/journal.md, "File claims")."""
         paths = list(paths)
         if not paths:
-            return []
+            return [], []
         skip = set(exclude)
         held = [r for r in self.store.all(_HELD, (repository,)) if r[1] not in skip]
-        found = []
+        conflicts: list[dict[str, Any]] = []
+        own: list[dict[str, Any]] = []
         for path in paths:
             for row in held:
                 if globs.overlaps(path, row[0]):
+                    found = own if agent is not None and row[4] == agent else conflicts
                     found.append({**_claim_wire(row), "filePath": path, "claimedPath": row[0],
                                   "example": globs.witness(path, row[0])})  # fmt: skip
-        return found
+        return conflicts, own
+
+    def conflicts(self, paths: Iterable[str], *, repository: str | None = None, agent: str | None = None,
+                  exclude: Iterable[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
+        """The conflicts of ``overlapping``: other agents' claims."""
+        return self.overlapping(paths, repository=repository, agent=agent, exclude=exclude)[0]
 
     def _insert_claims(self, session_id: str, paths: list[str], forced: bool, now: int) -> list[str]:
         held = {r[0] for r in self.store.all("SELECT path FROM file_claims WHERE session_id=? AND released_at IS NULL",
@@ -382,7 +391,7 @@ class Sessions:
     def claim(self, session_id: str, paths: list[str], *, force: bool) -> dict[str, Any]:
         s = self._active(session_id)
         repository = self.store.scalar("SELECT repository FROM sessions WHERE id=?", (session_id,))
-        conflicts = self.conflicts(paths, repository=repository, exclude=[session_id])
+        conflicts, own = self.overlapping(paths, repository=repository, agent=s["agentId"], exclude=[session_id])
         if conflicts and not force:
             raise file_conflict(conflicts)
         now = now_ms()
@@ -391,7 +400,7 @@ class Sessions:
             db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
         self.app.bus.emit("file.claim", sessionId=session_id, agentId=s["agentId"], paths=paths, conflicts=conflicts,
                           forced=bool(conflicts))  # fmt: skip
-        return {"success": True, "sessionId": session_id, "claimed": paths, "conflicts": conflicts}
+        return {"success": True, "sessionId": session_id, "claimed": paths, "conflicts": conflicts, "ownClaims": own}
 
     def _release(self, db: Any, session_id: str, paths: list[str] | None) -> list[str]:
         held = [r[0] for r in db.execute("SELECT path FROM file_claims WHERE session_id=? AND released_at IS NULL",
@@ -555,12 +564,8 @@ def who_owns_op(ctx: Ctx, *, path, worktree) -> dict[str, Any]:
 
 def check_op(ctx: Ctx, *, files, sessionId, agentId, worktree) -> dict[str, Any]:
     """Which of ``files`` other active sessions claim (the caller's own sessions are not "other")."""
-    sessions: Sessions = ctx.app.sessions
-    agent = agentId or ctx.agent_id
-    own = [sessionId] if sessionId else []
-    if agent:
-        own += [s["id"] for s in sessions.list(status="active", agent=agent, worktree=None, project=None, limit=1000)]
-    conflicts = sessions.conflicts(files, repository=repository_of(worktree), exclude=own)
+    conflicts = ctx.app.sessions.conflicts(files, repository=repository_of(worktree), agent=agentId or ctx.agent_id,
+                                           exclude=[sessionId] if sessionId else [])  # fmt: skip
     return {"success": True, "conflicts": conflicts, "count": len(conflicts), "checked": len(files)}
 
 
@@ -569,7 +574,7 @@ OPS = (
         "session.start",
         start_op,
         (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, WORKTREE, Param("metadata", v.json_object(16_000))),
-        summary="start a session with optional file claims (a conflicting claim is refused unless force)",
+        summary="start a session with optional file claims (another agent's overlapping claim is refused unless force)",
     ),
     Op(
         "session.end",
@@ -635,7 +640,7 @@ OPS = (
         "file.claim",
         claim_op,
         (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), WORKTREE),
-        summary="claim paths or globs for a session (a conflicting claim is refused unless force)",
+        summary="claim paths or globs for a session (another agent's overlapping claim is refused unless force)",
     ),
     Op(
         "file.release",

@@ -33,10 +33,11 @@ def begin_op(ctx: Ctx, *, purpose, agentId, files, force, metadata, identity, ty
              worktree, name, maxLocks, maxServices) -> dict[str, Any]:  # fmt: skip
     agents: Agents = ctx.app.agents
     sessions: Sessions = ctx.app.sessions
-    conflicts = sessions.conflicts(files, repository=repository_of(worktree))
+    agent_id = agentId or ctx.agent_id or new_agent_id()
+    # The agent's own earlier sessions are no conflict: stillActive below names them and what they claim.
+    conflicts = sessions.conflicts(files, repository=repository_of(worktree), agent=agent_id)
     if conflicts and not force:
         raise file_conflict(conflicts)
-    agent_id = agentId or ctx.agent_id or new_agent_id()
     back = returning(agents, agent_id)
     with ctx.app.store.write():
         agent, _ = agents.register(agent_id, identity=identity, purpose=purpose, type=type, pid=pid or ctx.pid,

@@ -15,6 +15,7 @@ import trio
 
 from portdaddy.core.ops import Ctx, call
 from portdaddy.errors import PDError
+from portdaddy.text import clip
 
 if TYPE_CHECKING:
     from portdaddy.core.app import App
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("portdaddy.fleet")
 _CALL_TIMEOUT_S = 5.0
 NOTE_OUTPUT_MAX = 200  # characters of output in a done note, as the original
+PURPOSE_MAX = 80  # characters of a spawned run's task in its purpose: a line of pd session list
 
 
 async def _op(app: App, action: str, run: Run, **args: Any) -> Any:
@@ -37,10 +39,19 @@ async def _op(app: App, action: str, run: Run, **args: Any) -> Any:
 
 
 def purpose(run: Run) -> str:
+    """What the run's agent and session say they do: a purpose is one line, so a spawned run's task (kept whole
+    in the run's row) is said by its start, its line breaks as spaces."""
     if run.kind == "fleet":
         return f"Fleet agent: {run.agent}"
     text = run.task.command if run.task.backend == "custom" else run.task.prompt
-    return (text or run.agent)[:80]
+    return clip(" ".join((text or run.agent).split()), PURPOSE_MAX, keep_end=False)
+
+
+def _trigger_said(trigger: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What fired the run, for its session: the trigger without the message that fired it, which the run's row
+    holds whole (``pd fleet runs --json``) and which may be more than a session's metadata may (a commit's file
+    list: 32 KB, with each run of a chain nesting the last's)."""
+    return None if trigger is None else {k: v for k, v in trigger.items() if k != "payload"}
 
 
 async def enter(app: App, run: Run) -> str | None:
@@ -49,7 +60,7 @@ async def enter(app: App, run: Run) -> str | None:
                  type="fleet" if run.kind == "fleet" else "spawned") is None:  # fmt: skip
         return None
     metadata = {"runId": run.id, "kind": run.kind, "agent": run.agent, "fleet": run.fleet,
-                "backend": run.task.backend, "trigger": run.trigger, "attempt": run.attempt}  # fmt: skip
+                "backend": run.task.backend, "trigger": _trigger_said(run.trigger), "attempt": run.attempt}  # fmt: skip
     reply = await _op(app, "session.start", run, purpose=purpose(run), agentId=run.agent_id, force=True,
                       worktree=run.project_dir, metadata=metadata)  # fmt: skip
     return reply.get("sessionId") if isinstance(reply, dict) else None
