@@ -5,7 +5,8 @@ own, whose fd trio waits on. For each ready socket it does one large non-blockin
 handles its whole frames one by one, running synchronous operations inline (they are atomic on the trio
 thread), and flushes all replies with one ``send``; what the socket does not take waits for EPOLLOUT. A
 connection gets at most FRAMES_PER_PASS frames handled per pass; the rest wait in its decoder, unread socket
-behind them, until the next pass, so one client's burst cannot hold up the others.
+behind them, until the next pass, so one client's burst cannot hold up the others. Between passes, while trio
+has nothing else to run, the reactor waits for its epoll without a pass through trio's scheduler (linger.py).
 Operations that wait (blocking acquires, ``tuple in --wait``) run as tasks in the server's nursery, cancelled
 when their connection closes, so the connection keeps serving. Limits (reference §20.5): connection cap,
 per-connection rate, a three-strike budget for malformed frames, bounded output, one agent identity per
