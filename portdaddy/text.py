@@ -30,16 +30,20 @@ def elapsed(seconds: float) -> str:
     return " ".join([f"{d}d"] * bool(d) + [f"{h}h"] * bool(h) + [f"{m}m"] * bool(m) + [f"{s}s"])
 
 
-def clip(text: str, limit: int, *, keep_end: bool = True) -> str:
+def clip(text: str, limit: int) -> str:
     """``text`` in at most ``limit`` characters: a longer one keeps its start and its end around ``…``, since a
-    message says what was wrong first and what to do last, and a path's last parts tell it apart. ``keep_end``
-    False: its start and ``…``, for a text whose start says what it is about (a prompt)."""
+    message says what was wrong first and what to do last, and a path's last parts tell it apart."""
     if len(text) <= limit:
         return text
-    if not keep_end:
-        return f"{text[: limit - 1]}…"
     head = (limit - 1) // 2
     return f"{text[:head]}…{text[len(text) - (limit - 1 - head) :]}"
+
+
+def gist(text: str, limit: int) -> str:
+    """The start of ``text`` on one line, in at most ``limit`` characters: runs of whitespace (line breaks
+    among them) become one space, and a longer text is cut with ``…`` (a prompt, a note in a summary)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def quoted(text: str, limit: int = 60) -> str:

@@ -166,3 +166,14 @@ def test_a_running_daemon_lets_a_salvage_entry_go_when_it_is_due(daemon_factory)
     logged = [e["metadata"] for e in d.call("activity.list", type="salvage.expire")["entries"]]
     assert sorted(a for e in logged for a in e["agentIds"]) == ["crashed", "steady"]
     assert [a for e in logged for a in e["forgotten"]] == ["crashed"]
+
+
+def test_the_salvage_queue_shows_each_note_as_the_start_of_it_on_one_line(daemon_factory) -> None:
+    d = daemon_factory(**FAST)
+    sid = d.call("agent.begin", agentId="wordy", purpose="migrations")["sessionId"]
+    d.call("note.add", sessionId=sid, agentId="wordy", content="Tables done.\nNext: " + "refunds " * 30)
+    wait_dead(d, "wordy")
+    listing = d.pd("salvage").stdout
+    [line] = [ln for ln in listing.splitlines() if ln.startswith("    - ")]
+    assert line.startswith("    - Tables done. Next: refunds refunds") and line.endswith("…"), listing
+    assert len(line) == len("    - ") + 100

@@ -9,7 +9,7 @@ import click
 from portdaddy.cli.context import forget, remember, resolve_agent, resolve_session
 from portdaddy.cli.output import age, emit_json, json_option, quiet_option, warn, warning
 from portdaddy.cli.transport import call
-from portdaddy.text import plural
+from portdaddy.text import gist, plural
 
 _AGENT = click.option("--agent", "-a", "agent", metavar="ID",
                       help="Agent id (default: PORT_DADDY_AGENT, then this worktree's current agent).")  # fmt: skip
@@ -225,7 +225,7 @@ def salvage(ctx: click.Context, project: str | None, stack: str | None, all_: bo
             if value:
                 click.echo(f"    {label + ':':10}{value}")
         for note in e["notes"]:
-            click.echo(f"    - {note[:100]}")
+            click.echo(f"    - {gist(note, 100)}")
         if e["status"] == "pending":
             click.echo(f"    Salvage:  pd salvage claim {e['id']}")
     # --all lists settled entries too, which are in no queue.

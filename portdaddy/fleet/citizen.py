@@ -15,7 +15,7 @@ import trio
 
 from portdaddy.core.ops import Ctx, call
 from portdaddy.errors import PDError
-from portdaddy.text import clip
+from portdaddy.text import gist
 
 if TYPE_CHECKING:
     from portdaddy.core.app import App
@@ -44,7 +44,7 @@ def purpose(run: Run) -> str:
     if run.kind == "fleet":
         return f"Fleet agent: {run.agent}"
     text = run.task.command if run.task.backend == "custom" else run.task.prompt
-    return clip(" ".join((text or run.agent).split()), PURPOSE_MAX, keep_end=False)
+    return gist(text or run.agent, PURPOSE_MAX)
 
 
 def _trigger_said(trigger: dict[str, Any] | None) -> dict[str, Any] | None:
