@@ -4,6 +4,7 @@ never a traceback, whatever the mistake: bad usage, a home it cannot use, values
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -256,6 +257,32 @@ def test_a_bad_port_daddy_timeout_is_one_line_and_changes_nothing(daemon: Daemon
         one_error_line(daemon.pd(*args, env={"PORT_DADDY_TIMEOUT": value}), 2, f"PORT_DADDY_TIMEOUT={value!r} {why}",
                        "e.g. PORT_DADDY_TIMEOUT=60s")  # fmt: skip
     assert daemon.call("port.find", pattern="never:*")["services"] == []
+
+
+def _into_a_closed_pipe(d: Daemon, *args: str, unbuffered: str) -> subprocess.CompletedProcess[str]:
+    """``pd ARGS | head -1`` once head has its line and is gone: every write to stdout fails (EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([PYTHON, "-m", "portdaddy.cli", *args], env={**d.env, "PYTHONUNBUFFERED": unbuffered},
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, cwd=d.workdir)  # fmt: skip
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])  # stdout written as pd prints, or (a pipe's default) at exit
+@pytest.mark.parametrize(("args", "code"), [
+    (("claim", "piped:api", "-q"), 0), (("claim", "piped:api"), 0), (("log",), 0), (("log", "--json"), 0),
+    (("status",), 0), (("sub", "piped:*", "--once"), 0), (("--help",), 0),
+    (("tuple", "rd", '["piped-none"]', "--json"), 1),  # a refusal nobody reads is a refusal still
+])  # fmt: skip
+def test_a_reader_that_stops_reading_ends_pd_quietly(daemon: Daemon, args: tuple[str, ...], code: int,
+                                                     unbuffered: str) -> None:  # fmt: skip
+    """``pd notes | head -1`` exited 1, which says "refused", and the fast claim path 120 with a traceback. What
+    was asked was done and the reader has what it wanted: exit 0, nothing on stderr (spec/decisions.md)."""
+    daemon.call("msg.publish", channel="piped:signal", payload={"ready": True})  # what pd sub prints first
+    r = _into_a_closed_pipe(daemon, *args, unbuffered=unbuffered)
+    assert (r.returncode, r.stderr) == (code, ""), args
 
 
 @pytest.mark.parametrize(("args", "counted"), [

@@ -6,15 +6,13 @@ or apsw), and only the module of the command being run is imported, so ``pd`` st
 
 from __future__ import annotations
 
-import errno
 import importlib
-import os
 import sys
 
 import click
 
 from portdaddy import __version__
-from portdaddy.cli.output import guard_output
+from portdaddy.cli.output import ReaderGone, guard_output
 from portdaddy.cli.transport import fail
 from portdaddy.errors import EXIT_OK, EXIT_REFUSED, bad_input
 
@@ -115,12 +113,8 @@ def main() -> None:
         code = e.exit_code
     except click.Abort:  # Ctrl-C; click has already closed the terminal's ^C line
         code = EXIT_REFUSED
-    except OSError as e:
-        if e.errno != errno.EPIPE:
-            raise
-        # The reader went away (`pd agents | head -1`): print nothing more, not even at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_REFUSED
+    except ReaderGone:  # `pd agents | head -1`: what was asked was done, the reader has what it wanted
+        code = EXIT_OK
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

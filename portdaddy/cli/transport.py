@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from portdaddy.cli.output import echo_exact
+from portdaddy.cli.output import ReaderGone, echo_exact
 from portdaddy.config import Settings
 from portdaddy.durations import SLOW_HINT, reply_timeout_s
 from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
@@ -42,11 +42,12 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     if isinstance(err, NoReply):
         err.message += SLOW_HINT
     ctx = click.get_current_context(silent=True)
-    if as_json or (ctx is not None and ctx.params.get("as_json")):
-        echo_exact(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
-    else:
-        for problem in err.extra.get("errors") or [err.message]:
-            click.echo(f"error: {one_line(str(problem))}", err=True)
+    with suppress(ReaderGone):  # a refusal nobody reads is a refusal still: its exit code says so
+        if as_json or (ctx is not None and ctx.params.get("as_json")):
+            echo_exact(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
+        else:
+            for problem in err.extra.get("errors") or [err.message]:
+                click.echo(f"error: {one_line(str(problem))}", err=True)
     sys.exit(exit_code(err.code))
 
 
