@@ -285,6 +285,28 @@ def test_a_reader_that_stops_reading_ends_pd_quietly(daemon: Daemon, args: tuple
     assert (r.returncode, r.stderr) == (code, ""), args
 
 
+@pytest.mark.parametrize("value", ["bad id!", "bad\x1bid", "a" * 101])
+def test_a_bad_agent_id_in_the_environment_is_named_with_the_fix(daemon: Daemon, value: str) -> None:
+    """The daemon refused it as "agent id 'bad id!' has characters outside …", not saying where pd had it from,
+    which the daemon cannot know and pd does. On the fast claim path and through click alike."""
+    env = {"PORT_DADDY_AGENT": value}
+    refused = [daemon.pd(*args, env=env) for args in (("claim", "envagent:api", "-q"), ("claim", "envagent:api"),
+                                                       ("whoami",))]  # fmt: skip
+    for r in refused:
+        one_error_line(r, 2, "the PORT_DADDY_AGENT environment variable is not a valid agent id: agent id ",
+                       "set it to one (e.g. export PORT_DADDY_AGENT=backend) or unset it")  # fmt: skip
+    assert len({r.stderr for r in refused}) == 1
+    alias = daemon.pd("whoami", env={"AGENT_ID": value})  # the original's name for it
+    one_error_line(alias, 2, "the AGENT_ID environment variable", "export AGENT_ID=backend")
+    as_json = json.loads(daemon.pd("whoami", "--json", env=env).stdout)
+    assert as_json["error"] == "VALIDATION_ERROR" and "PORT_DADDY_AGENT" in as_json["message"]
+    assert daemon.call("port.find", pattern="envagent:*")["services"] == []
+    # A refusal of anything else is not blamed on a good one.
+    other = daemon.pd("claim", "bad!:api", "-q", env={"PORT_DADDY_AGENT": "fine-agent"})
+    one_error_line(other, 2, "bad!:api")
+    assert "PORT_DADDY_AGENT" not in other.stderr
+
+
 @pytest.mark.parametrize(("args", "counted"), [
     (("sub", "interrupted:x"), "subscriptions"), (("watch", "interrupted:x", "--exec", "true"), "subscriptions"),
     (("tuple", "in", '["interrupted"]', "--wait"), "tupleWaiters"),

@@ -45,6 +45,9 @@ def _quick_claim(identity: str) -> int | None:
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
     except PDError as e:
+        from portdaddy.cli.context import blame_agent_variable
+
+        e = blame_agent_variable(e)
         _say(f"error: {one_line(e.message)}{SLOW_HINT if isinstance(e, NoReply) else ''}", err=True)
         return exit_code(e.code)
     _say(str(port))

@@ -41,6 +41,9 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
     if isinstance(err, NoReply):
         err.message += SLOW_HINT
+    from portdaddy.cli.context import blame_agent_variable  # not loaded by every pd, only by one that fails
+
+    err = blame_agent_variable(err)
     ctx = click.get_current_context(silent=True)
     with suppress(ReaderGone):  # a refusal nobody reads is a refusal still: its exit code says so
         if as_json or (ctx is not None and ctx.params.get("as_json")):
