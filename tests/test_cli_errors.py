@@ -140,7 +140,7 @@ def test_pd_stop_shows_a_spinner_while_the_daemon_takes_its_time(daemon_factory)
     d = daemon_factory(PORT_DADDY_FLEET_GRACE="2s")
     assert d.pd("spawn", "-b", "custom", "--", "trap '' TERM; sleep 60").returncode == 0  # waits out its grace
     shown = _on_a_terminal(d, "stop", stream="stderr")
-    assert b"stopping the daemon (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
+    assert b"stopping Port Daddy (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
     assert d.pd("status").returncode == 3
 
 
@@ -192,7 +192,7 @@ def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh
     assert d.proc is not None
     pid = d.proc.pid
     stopped = d.pd("stop")
-    assert stopped.returncode == 0 and f"Daemon stopped (pid {pid})" in stopped.stdout, stopped.stderr
+    assert stopped.returncode == 0 and f"Port Daddy stopped (pid {pid})" in stopped.stdout, stopped.stderr
     assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     (d.home / "daemon.pid").write_text(f"{pid}\n")  # as a SIGKILL leaves it
     status = d.pd("status")
@@ -221,7 +221,7 @@ def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(f
     one_error_line(auto, 3, f"a daemon holds {d.home} but does not answer: process {d.proc.pid} runs but",
                    "fix: pd stop && pd start")  # fmt: skip
     stopped = d.pd("stop")  # the fix given must work: pd stop said "not running" and left it there
-    assert stopped.returncode == 0 and f"Daemon stopped (pid {d.proc.pid})" in stopped.stdout, stopped
+    assert stopped.returncode == 0 and f"Port Daddy stopped (pid {d.proc.pid})" in stopped.stdout, stopped
     assert d.pd("status").stderr.startswith("Port Daddy is not running")
 
 

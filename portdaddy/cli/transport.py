@@ -90,7 +90,7 @@ class Spinner:
 def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: bool = False) -> dict[str, Any]:
     from portdaddy import launcher  # only when the daemon must be started: it pulls in subprocess
 
-    spinner = Spinner("starting the Port Daddy daemon…")
+    spinner = Spinner("starting Port Daddy…")
     try:
         return launcher.wait_healthy(cfg, proc, tick=spinner.tick, http=http)
     except DaemonUnavailable as e:
