@@ -273,7 +273,7 @@ def _into_a_closed_pipe(d: Daemon, *args: str, unbuffered: str) -> subprocess.Co
 @pytest.mark.parametrize("unbuffered", ["1", ""])  # stdout written as pd prints, or (a pipe's default) at exit
 @pytest.mark.parametrize(("args", "code"), [
     (("claim", "piped:api", "-q"), 0), (("claim", "piped:api"), 0), (("log",), 0), (("log", "--json"), 0),
-    (("status",), 0), (("sub", "piped:*", "--once"), 0), (("--help",), 0),
+    (("status",), 0), (("sub", "piped:*", "--once"), 0), (("--help",), 0), ((), 0),
     (("tuple", "rd", '["piped-none"]', "--json"), 1),  # a refusal nobody reads is a refusal still
 ])  # fmt: skip
 def test_a_reader_that_stops_reading_ends_pd_quietly(daemon: Daemon, args: tuple[str, ...], code: int,

@@ -93,9 +93,19 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Run ``pd``; click's own error printing is replaced so that bad usage, like any other bad input, is one
-    ``error:`` line (or a JSON object under ``--json``) and exit 2."""
+    """Run ``pd``: the command's exit code, or 0 when what it printed lost its reader (``pd agents | head -1``,
+    ``pd | head -1``): what was asked was done, and the reader has what it wanted."""
     guard_output()
+    try:
+        code = _run()
+    except ReaderGone:
+        code = EXIT_OK
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command; click's own error printing is replaced so that bad usage, like any other bad input, is
+    one ``error:`` line (or a JSON object under ``--json``) and exit 2."""
     try:
         # color=True: click would strip colour sequences from output that is not a terminal, where the rest of
         # a hostile string still came through; guard_output shows them all escaped, wherever output goes.
@@ -113,9 +123,7 @@ def main() -> None:
         code = e.exit_code
     except click.Abort:  # Ctrl-C; click has already closed the terminal's ^C line
         code = EXIT_REFUSED
-    except ReaderGone:  # `pd agents | head -1`: what was asked was done, the reader has what it wanted
-        code = EXIT_OK
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def _asks_for_json(argv: list[str]) -> bool:
