@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lock_fd = acquire_instance_lock(settings)
     if lock_fd is None:
-        print(f"Port Daddy already running (pid {settings.recorded_pid() or '?'})")
+        print(f"Port Daddy is already running (pid {settings.recorded_pid() or '?'}) in {settings.home}")
         return 0
     try:
         _remove_runtime_files(settings)  # stale leftovers of a daemon that died without cleaning up

@@ -332,3 +332,15 @@ def test_an_empty_list_says_so(fresh_daemon: Daemon, tmp_path: Path) -> None:
                        (("log", "--type", "never.*"), "No activity\n")):  # fmt: skip
         r = fresh_daemon.pd(*args)
         assert r.returncode == 0 and said in (r.stdout, r.stderr) and "---" not in r.stdout, (args, r.stdout, r.stderr)
+
+
+def test_the_activity_log_shows_times_as_the_other_listings_do(fresh_daemon: Daemon) -> None:
+    """pd log printed ``expiresAt=1795537013881``: a time, for people, is shown as every other listing shows
+    it (``in 5m``, ``3m ago``). --json keeps the daemon's reply, epoch milliseconds and all."""
+    d = fresh_daemon
+    d.call("lock.acquire", name="log-times", owner="timer", ttl=300_000)
+    human = d.pd("log", "--type", "lock.*")
+    assert human.returncode == 0 and re.search(r"expiresAt=in [45]m\b", human.stdout), human.stdout
+    assert not re.search(r"\d{10,}", human.stdout), human.stdout
+    (entry,) = json.loads(d.pd("log", "--type", "lock.*", "--json").stdout)["entries"]
+    assert f"expiresAt={entry['metadata']['expiresAt']}" in entry["details"]

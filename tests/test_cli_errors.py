@@ -4,6 +4,7 @@ never a traceback, whatever the mistake: bad usage, a home it cannot use, values
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -139,7 +140,7 @@ def test_pd_stop_shows_a_spinner_while_the_daemon_takes_its_time(daemon_factory)
     d = daemon_factory(PORT_DADDY_FLEET_GRACE="2s")
     assert d.pd("spawn", "-b", "custom", "--", "trap '' TERM; sleep 60").returncode == 0  # waits out its grace
     shown = _on_a_terminal(d, "stop", stream="stderr")
-    assert b"stopping the daemon (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
+    assert b"stopping Port Daddy (pid " in shown and shown.endswith(b"\r"), shown  # and cleared after
     assert d.pd("status").returncode == 3
 
 
@@ -191,7 +192,7 @@ def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh
     assert d.proc is not None
     pid = d.proc.pid
     stopped = d.pd("stop")
-    assert stopped.returncode == 0 and f"Daemon stopped (pid {pid})" in stopped.stdout, stopped.stderr
+    assert stopped.returncode == 0 and f"Port Daddy stopped (pid {pid})" in stopped.stdout, stopped.stderr
     assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     (d.home / "daemon.pid").write_text(f"{pid}\n")  # as a SIGKILL leaves it
     status = d.pd("status")
@@ -220,7 +221,7 @@ def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(f
     one_error_line(auto, 3, f"a daemon holds {d.home} but does not answer: process {d.proc.pid} runs but",
                    "fix: pd stop && pd start")  # fmt: skip
     stopped = d.pd("stop")  # the fix given must work: pd stop said "not running" and left it there
-    assert stopped.returncode == 0 and f"Daemon stopped (pid {d.proc.pid})" in stopped.stdout, stopped
+    assert stopped.returncode == 0 and f"Port Daddy stopped (pid {d.proc.pid})" in stopped.stdout, stopped
     assert d.pd("status").stderr.startswith("Port Daddy is not running")
 
 
@@ -256,6 +257,54 @@ def test_a_bad_port_daddy_timeout_is_one_line_and_changes_nothing(daemon: Daemon
         one_error_line(daemon.pd(*args, env={"PORT_DADDY_TIMEOUT": value}), 2, f"PORT_DADDY_TIMEOUT={value!r} {why}",
                        "e.g. PORT_DADDY_TIMEOUT=60s")  # fmt: skip
     assert daemon.call("port.find", pattern="never:*")["services"] == []
+
+
+def _into_a_closed_pipe(d: Daemon, *args: str, unbuffered: str) -> subprocess.CompletedProcess[str]:
+    """``pd ARGS | head -1`` once head has its line and is gone: every write to stdout fails (EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([PYTHON, "-m", "portdaddy.cli", *args], env={**d.env, "PYTHONUNBUFFERED": unbuffered},
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, cwd=d.workdir)  # fmt: skip
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])  # stdout written as pd prints, or (a pipe's default) at exit
+@pytest.mark.parametrize(("args", "code"), [
+    (("claim", "piped:api", "-q"), 0), (("claim", "piped:api"), 0), (("log",), 0), (("log", "--json"), 0),
+    (("status",), 0), (("sub", "piped:*", "--once"), 0), (("--help",), 0), ((), 0),
+    (("tuple", "rd", '["piped-none"]', "--json"), 1),  # a refusal nobody reads is a refusal still
+])  # fmt: skip
+def test_a_reader_that_stops_reading_ends_pd_quietly(daemon: Daemon, args: tuple[str, ...], code: int,
+                                                     unbuffered: str) -> None:  # fmt: skip
+    """``pd notes | head -1`` exited 1, which says "refused", and the fast claim path 120 with a traceback. What
+    was asked was done and the reader has what it wanted: exit 0, nothing on stderr (spec/decisions.md)."""
+    daemon.call("msg.publish", channel="piped:signal", payload={"ready": True})  # what pd sub prints first
+    r = _into_a_closed_pipe(daemon, *args, unbuffered=unbuffered)
+    assert (r.returncode, r.stderr) == (code, ""), args
+
+
+@pytest.mark.parametrize("value", ["bad id!", "bad\x1bid", "a" * 101])
+def test_a_bad_agent_id_in_the_environment_is_named_with_the_fix(daemon: Daemon, value: str) -> None:
+    """The daemon refused it as "agent id 'bad id!' has characters outside …", not saying where pd had it from,
+    which the daemon cannot know and pd does. On the fast claim path and through click alike."""
+    env = {"PORT_DADDY_AGENT": value}
+    refused = [daemon.pd(*args, env=env) for args in (("claim", "envagent:api", "-q"), ("claim", "envagent:api"),
+                                                       ("whoami",))]  # fmt: skip
+    for r in refused:
+        one_error_line(r, 2, "the PORT_DADDY_AGENT environment variable is not a valid agent id: agent id ",
+                       "set it to one (e.g. export PORT_DADDY_AGENT=backend) or unset it")  # fmt: skip
+    assert len({r.stderr for r in refused}) == 1
+    alias = daemon.pd("whoami", env={"AGENT_ID": value})  # the original's name for it
+    one_error_line(alias, 2, "the AGENT_ID environment variable", "export AGENT_ID=backend")
+    as_json = json.loads(daemon.pd("whoami", "--json", env=env).stdout)
+    assert as_json["error"] == "VALIDATION_ERROR" and "PORT_DADDY_AGENT" in as_json["message"]
+    assert daemon.call("port.find", pattern="envagent:*")["services"] == []
+    # A refusal of anything else is not blamed on a good one.
+    other = daemon.pd("claim", "bad!:api", "-q", env={"PORT_DADDY_AGENT": "fine-agent"})
+    one_error_line(other, 2, "bad!:api")
+    assert "PORT_DADDY_AGENT" not in other.stderr
 
 
 @pytest.mark.parametrize(("args", "counted"), [

@@ -218,7 +218,8 @@ def test_sigkill_after_acknowledged_claims_loses_nothing(fresh_daemon: Daemon) -
 def test_single_instance_and_clean_shutdown(fresh_daemon: Daemon) -> None:
     second = subprocess.run([PYTHON, "-m", "portdaddy.daemon"], env=fresh_daemon.env, capture_output=True,
                             text=True, timeout=30)  # fmt: skip
-    assert second.returncode == 0 and "already running (pid" in second.stdout
+    pid, home = fresh_daemon.proc.pid, fresh_daemon.home
+    assert second.returncode == 0 and second.stdout == f"Port Daddy is already running (pid {pid}) in {home}\n"
     cfg = fresh_daemon.settings
     assert fresh_daemon.stop(signal.SIGTERM) == 0
     for path in (cfg.ipc_sock, cfg.http_sock, cfg.pid_file):
@@ -312,6 +313,28 @@ def test_pd_start_returns_once_http_answers_too(tmp_home: Path) -> None:
             assert c.get("/health").json()["http"] == "ready"
     finally:
         subprocess.run([PYTHON, "-m", "portdaddy.cli", "stop"], env=env, capture_output=True, timeout=30)
+
+
+def test_start_stop_and_status_say_alike_what_became_of_port_daddy(tmp_home: Path) -> None:
+    """pd start said "Port Daddy running", pd stop "Daemon stopped": one wording for the daemon's life
+    (spec/decisions.md, "The CLI's conventions")."""
+    env = make_env(tmp_home)
+
+    def run_pd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, "-m", "portdaddy.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+
+    try:
+        started = run_pd("start")
+        pid = json.loads(run_pd("status", "--json").stdout)["pid"]
+        assert started.stdout == f"Port Daddy started (pid {pid}) in {tmp_home}\n", started
+        assert run_pd("start").stdout == f"Port Daddy is already running (pid {pid}) in {tmp_home}\n"
+        assert run_pd("status").stdout.startswith(f"Port Daddy {portdaddy.__version__} is running (pid {pid}, up ")
+    finally:
+        stopped = run_pd("stop")
+    assert stopped.stdout == f"Port Daddy stopped (pid {pid}) in {tmp_home}\n", stopped
+    assert run_pd("stop").stdout == f"Port Daddy is not running in {tmp_home}\n"
+    assert run_pd("status").stderr.startswith("Port Daddy is not running: ")
 
 
 def test_pd_import_path_is_light() -> None:

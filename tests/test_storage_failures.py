@@ -563,7 +563,7 @@ def test_a_write_ahead_log_deleted_alone_takes_no_more_writes_and_loses_nothing_
     err = refused(d.call, "port.claim", id="app:web")
     assert err.code == "STORE_GONE", err
     assert err.message == (f"the store's write-ahead log {db}-wal was deleted while the daemon ran, so nothing more "
-                           "can be saved; what it held was saved into the store; restart the daemon (pd stop, then "
+                           "can be saved; what it held was saved into the store; restart the daemon (pd stop && "
                            "pd start)")  # fmt: skip
     # Every write looks again once one found the log gone: those until the next look went into the deleted log.
     assert {refused(d.call, "port.claim", id=f"app:w{n}").code for n in range(20)} == {"STORE_GONE"}

@@ -93,12 +93,8 @@ def start(as_json: bool) -> None:
         health = wait_healthy(cfg, None if running else spawn_daemon(cfg), http=True)
     except PDError as e:
         fail(e, as_json=as_json)
-    if as_json:
-        emit_json({"success": True, "started": not running, **health})
-    elif running:
-        click.echo(f"Port Daddy already running (pid {health['pid']})")
-    else:
-        click.echo(f"Port Daddy running (pid {health['pid']}) in {cfg.home}")
+    state = "is already running" if running else "started"
+    _report(as_json, {"started": not running, **health}, f"Port Daddy {state} (pid {health['pid']}) in {cfg.home}")
 
 
 @click.command()
@@ -117,16 +113,25 @@ def stop(as_json: bool) -> None:
         fail(e, as_json=as_json)
     pid = health["pid"] if health is not None else _unreachable_holder(cfg)
     if pid is None:
-        emit_json({"success": True, "running": False}) if as_json else click.echo("Port Daddy is not running")
+        _report(as_json, {"running": False}, f"Port Daddy is not running in {cfg.home}")
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    with spinning(f"stopping the daemon (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
+    with spinning(f"stopping Port Daddy (pid {pid})…"):  # it stops its fleet's agents first: seconds, maybe
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
     if alive(pid):
-        fail(PDError("TIMEOUT", f"daemon pid {pid} did not exit within 10s; kill it with: kill -9 {pid}"))
-    emit_json({"success": True, "stopped": pid}) if as_json else click.echo(f"Daemon stopped (pid {pid})")
+        fail(PDError("TIMEOUT", f"Port Daddy (pid {pid}) did not stop within 10s; kill it with: kill -9 {pid}"))
+    _report(as_json, {"stopped": pid}, f"Port Daddy stopped (pid {pid}) in {cfg.home}")
+
+
+def _report(as_json: bool, reply: dict[str, Any], line: str) -> None:
+    """What became of the daemon: ``reply`` under --json, else ``line``, which says it in the one wording of the
+    daemon's life, "Port Daddy <started | stopped | is …> (pid N) in HOME" (spec/decisions.md)."""
+    if as_json:
+        emit_json({"success": True, **reply})
+    else:
+        click.echo(line)
 
 
 @click.command()

@@ -45,10 +45,30 @@ def _quick_claim(identity: str) -> int | None:
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
     except PDError as e:
-        print(f"error: {one_line(e.message)}{SLOW_HINT if isinstance(e, NoReply) else ''}", file=sys.stderr)
+        from portdaddy.cli.context import blame_agent_variable
+
+        e = blame_agent_variable(e)
+        _say(f"error: {one_line(e.message)}{SLOW_HINT if isinstance(e, NoReply) else ''}", err=True)
         return exit_code(e.code)
-    print(port)
+    _say(str(port))
     return 0
+
+
+def _say(line: str, *, err: bool = False) -> None:
+    """Print ``line`` now, not at exit, where Python would report a reader that is gone (``pd claim x -q |
+    true``): that changes nothing, the claim is made (spec/decisions.md, "Exit codes and errors")."""
+    out = sys.stderr if err else sys.stdout
+    try:
+        print(line, file=out, flush=True)
+    except BrokenPipeError:
+        discard(out.fileno())
+
+
+def discard(fd: int) -> None:
+    """Send what pd still holds for ``fd``, and all it prints there from now on, nowhere: its reader went away."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def main() -> None:

@@ -6,15 +6,13 @@ or apsw), and only the module of the command being run is imported, so ``pd`` st
 
 from __future__ import annotations
 
-import errno
 import importlib
-import os
 import sys
 
 import click
 
 from portdaddy import __version__
-from portdaddy.cli.output import guard_output
+from portdaddy.cli.output import ReaderGone, guard_output
 from portdaddy.cli.transport import fail
 from portdaddy.errors import EXIT_OK, EXIT_REFUSED, bad_input
 
@@ -95,9 +93,19 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Run ``pd``; click's own error printing is replaced so that bad usage, like any other bad input, is one
-    ``error:`` line (or a JSON object under ``--json``) and exit 2."""
+    """Run ``pd``: the command's exit code, or 0 when what it printed lost its reader (``pd agents | head -1``,
+    ``pd | head -1``): what was asked was done, and the reader has what it wanted."""
     guard_output()
+    try:
+        code = _run()
+    except ReaderGone:
+        code = EXIT_OK
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command; click's own error printing is replaced so that bad usage, like any other bad input, is
+    one ``error:`` line (or a JSON object under ``--json``) and exit 2."""
     try:
         # color=True: click would strip colour sequences from output that is not a terminal, where the rest of
         # a hostile string still came through; guard_output shows them all escaped, wherever output goes.
@@ -115,13 +123,7 @@ def main() -> None:
         code = e.exit_code
     except click.Abort:  # Ctrl-C; click has already closed the terminal's ^C line
         code = EXIT_REFUSED
-    except OSError as e:
-        if e.errno != errno.EPIPE:
-            raise
-        # The reader went away (`pd agents | head -1`): print nothing more, not even at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_REFUSED
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def _asks_for_json(argv: list[str]) -> bool:

@@ -8,13 +8,19 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+from portdaddy.cli.entry import discard
 from portdaddy.text import shown, span
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ReaderGone(Exception):
+    """What pd prints has nobody to read it any more (``pd notes | head -1``, once head has its line). pd stops
+    there and exits 0, not 1, which would say it was refused (spec/decisions.md, "Exit codes and errors")."""
 
 
 class _Shown(io.TextIOWrapper):
@@ -22,14 +28,27 @@ class _Shown(io.TextIOWrapper):
     payloads, paths), some stored before the daemon refused control characters in them, and reaches a terminal
     directly or through a pipe (``| less -R``, ``| head``): their escape sequences must not retitle, recolour or
     overwrite the reader's terminal, so every write is ``shown()``. What programs read (``--json``) and the
-    spinner's own carriage returns go through ``exact()``."""
+    spinner's own carriage returns go through ``exact()``. A write its reader is gone for raises ReaderGone."""
 
     def write(self, text: str) -> int:
-        super().write(shown(text))
+        self.exact(shown(text))
         return len(text)
 
     def exact(self, text: str) -> None:
-        super().write(text)
+        try:
+            super().write(text)
+        except BrokenPipeError:
+            self._gone()
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> NoReturn:
+        discard(self.fileno())
+        raise ReaderGone from None
 
 
 def guard_output() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
@@ -16,7 +17,7 @@ from portdaddy.cli.context import (
     resolve_session,
     worktree_root,
 )
-from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, warn, warning
+from portdaddy.cli.output import age, emit_json, json_option, quiet_option, since_option, until, warn, warning
 from portdaddy.cli.sessions import claim_lines, claiming_call, folded_runs, hint_if_folded, holder, note_line
 from portdaddy.cli.transport import call, fail
 from portdaddy.errors import bad_input
@@ -234,7 +235,21 @@ def log(limit: int, type_: str | None, agent: str | None, since: str | None, as_
     if not result["entries"]:
         click.echo("No activity", err=True)  # stderr: scripts read stdout as entries
     for e in result["entries"]:
-        click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {e['details'] or ''}")
+        click.echo(f"{age(e['timestamp']):>4}  {e['type']:18} {e['agentId'] or '-':20} {_details(e)}")
+
+
+def _details(entry: dict[str, Any]) -> str:
+    """An entry's details with its times (epoch ms: ``expiresAt=1795537013881``) shown as every listing shows a
+    time, ``expiresAt=in 5m``, ``lastHeartbeat=3m ago``. The daemon's ``details`` stay as they are for --json."""
+    details = entry["details"] or ""
+    for key, value in (entry.get("metadata") or {}).items():
+        if (key.endswith("At") or key == "lastHeartbeat") and type(value) is int:  # spec/events.md: the times
+            details = details.replace(f"{key}={value}", f"{key}={_when(value)}")
+    return details
+
+
+def _when(ms_timestamp: int) -> str:
+    return until(ms_timestamp) if ms_timestamp > time.time() * 1000 else f"{age(ms_timestamp)} ago"
 
 
 COMMANDS = (begin, done, whoami, sitrep, log)

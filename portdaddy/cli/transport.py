@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from portdaddy.cli.output import echo_exact
+from portdaddy.cli.output import ReaderGone, echo_exact
 from portdaddy.config import Settings
 from portdaddy.durations import SLOW_HINT, reply_timeout_s
 from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
@@ -41,12 +41,16 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
     if isinstance(err, NoReply):
         err.message += SLOW_HINT
+    from portdaddy.cli.context import blame_agent_variable  # not loaded by every pd, only by one that fails
+
+    err = blame_agent_variable(err)
     ctx = click.get_current_context(silent=True)
-    if as_json or (ctx is not None and ctx.params.get("as_json")):
-        echo_exact(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
-    else:
-        for problem in err.extra.get("errors") or [err.message]:
-            click.echo(f"error: {one_line(str(problem))}", err=True)
+    with suppress(ReaderGone):  # a refusal nobody reads is a refusal still: its exit code says so
+        if as_json or (ctx is not None and ctx.params.get("as_json")):
+            echo_exact(_json({"success": False, "error": err.code, "message": err.message, **err.extra}))
+        else:
+            for problem in err.extra.get("errors") or [err.message]:
+                click.echo(f"error: {one_line(str(problem))}", err=True)
     sys.exit(exit_code(err.code))
 
 
@@ -86,7 +90,7 @@ class Spinner:
 def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: bool = False) -> dict[str, Any]:
     from portdaddy import launcher  # only when the daemon must be started: it pulls in subprocess
 
-    spinner = Spinner("starting the Port Daddy daemon…")
+    spinner = Spinner("starting Port Daddy…")
     try:
         return launcher.wait_healthy(cfg, proc, tick=spinner.tick, http=http)
     except DaemonUnavailable as e:

@@ -581,7 +581,6 @@ def new_agent_id() -> str:
 
 # -- operations ----------------------------------------------------------------------------------------------
 
-AGENT_ID = v.name("agent id")
 _CAPABILITY = v.name("capability", 100, wildcard=True)
 
 
@@ -711,9 +710,9 @@ def _status(name: str, value: Any) -> str:
     return v.one_of(*STATUSES)(name, value)
 
 
-_AGENT = Param("agentId", AGENT_ID, aliases=("id",))
+_AGENT = Param("agentId", v.AGENT_ID, aliases=("id",))
 # Ops that name *another* agent read ``id`` first: a bound IPC client adds its own ``agentId`` to every request.
-_OTHER = Param("id", AGENT_ID, required=True, aliases=("agentId",))
+_OTHER = Param("id", v.AGENT_ID, required=True, aliases=("agentId",))
 _PATH_TEXT = v.text(4096)
 
 
@@ -791,7 +790,7 @@ OPS = (
         Op(
             f"salvage.{action}",
             _salvage_op(action),
-            (_OTHER, Param("newAgentId", AGENT_ID)),
+            (_OTHER, Param("newAgentId", v.AGENT_ID)),
             summary=summary,
             undo=_unclaim_undelivered if action == "claim" else None,
         )

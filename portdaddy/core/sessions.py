@@ -23,7 +23,7 @@ from typing import Any
 
 from portdaddy.core import globs
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, WORKTREE
+from portdaddy.core.agents import WORKTREE
 from portdaddy.core.clock import now_ms
 from portdaddy.core.conflicts import conflict_line
 from portdaddy.core.notechain import GENESIS, Link, link_hash, verify
@@ -573,7 +573,7 @@ OPS = (
     Op(
         "session.start",
         start_op,
-        (_PURPOSE, Param("agentId", AGENT_ID), FILES, FORCE, WORKTREE, Param("metadata", v.json_object(16_000))),
+        (_PURPOSE, Param("agentId", v.AGENT_ID), FILES, FORCE, WORKTREE, Param("metadata", v.json_object(16_000))),
         summary="start a session with optional file claims (another agent's overlapping claim is refused unless force)",
     ),
     Op(
@@ -583,7 +583,7 @@ OPS = (
             _SESSION,
             Param("note", v.text(MAX_NOTE_CHARS, lines=True)),
             Param("status", v.one_of(*END_STATUSES), default="completed"),
-            Param("agentId", AGENT_ID),
+            Param("agentId", v.AGENT_ID),
             WORKTREE,
         ),
         summary="end a session (completed or abandoned) with an optional handoff note; releases its files",
@@ -591,7 +591,7 @@ OPS = (
     Op(
         "session.get",
         get_op,
-        (_SESSION, Param("agentId", AGENT_ID), WORKTREE),
+        (_SESSION, Param("agentId", v.AGENT_ID), WORKTREE),
         summary="one session with its notes (oldest first) and file claims (default: the caller's current one)",
     ),
     Op(
@@ -599,7 +599,7 @@ OPS = (
         list_op,
         (
             Param("status", v.one_of("active", *END_STATUSES)),
-            Param("agent", AGENT_ID),
+            Param("agent", v.AGENT_ID),
             WORKTREE,
             Param("project", v.name("project", 64)),
             Param("all", v.boolean, default=False),
@@ -612,7 +612,7 @@ OPS = (
     Op(
         "note.add",
         note_add_op,
-        (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", AGENT_ID), WORKTREE),
+        (_SESSION, _CONTENT, Param("type", _note_type, default="note"), Param("agentId", v.AGENT_ID), WORKTREE),
         summary="append a note to a session (default: the caller's current one); sealed at rest, hash-chained",
     ),
     Op(
@@ -620,7 +620,7 @@ OPS = (
         note_list_op,
         (
             Param("sessionId", v.name("session id", 100), aliases=("id", "session")),
-            Param("agent", AGENT_ID),
+            Param("agent", v.AGENT_ID),
             Param("project", v.name("project", 64)),
             Param("type", _note_type),
             Param("since", v.time_or_ago),
@@ -639,19 +639,19 @@ OPS = (
     Op(
         "file.claim",
         claim_op,
-        (_SESSION, FILES, FORCE, Param("agentId", AGENT_ID), WORKTREE),
+        (_SESSION, FILES, FORCE, Param("agentId", v.AGENT_ID), WORKTREE),
         summary="claim paths or globs for a session (another agent's overlapping claim is refused unless force)",
     ),
     Op(
         "file.release",
         release_op,
-        (_SESSION, FILES, Param("agentId", AGENT_ID), WORKTREE),
+        (_SESSION, FILES, Param("agentId", v.AGENT_ID), WORKTREE),
         summary="release some (or all) of a session's claims",
     ),
     Op(
         "file.list",
         files_op,
-        (Param("path", _claim_path), Param("agent", AGENT_ID), WORKTREE),
+        (Param("path", _claim_path), Param("agent", v.AGENT_ID), WORKTREE),
         summary="claims held by active sessions (path: only those overlapping it; worktree: only its repository's)",
     ),
     Op(
@@ -663,7 +663,7 @@ OPS = (
     Op(
         "file.check",
         check_op,
-        (FILES, _SESSION, Param("agentId", AGENT_ID), WORKTREE),
+        (FILES, _SESSION, Param("agentId", v.AGENT_ID), WORKTREE),
         summary="which of these paths other active sessions of the worktree's repository claim (the git guard's)",
     ),
 )

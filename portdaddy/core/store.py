@@ -232,7 +232,7 @@ class Store:
         self._file_checked = time.monotonic()
         if _file_id(self.path) not in (self._file, None):
             return StoreError("STORE_GONE", f"the store {self.path} was deleted or replaced while the daemon ran, so "
-                              "nothing more can be saved; restart the daemon (pd stop, then pd start) to use the file "
+                              "nothing more can be saved; restart the daemon (pd stop && pd start) to use the file "
                               "now there")  # fmt: skip
         if self._wal_fd is None or self._wal_lost is not None:
             return None if self._wal_lost is None else _again(self._wal_lost)
@@ -252,7 +252,7 @@ class Store:
             saved = in_log == copied
         except apsw.Error:
             saved = False
-        then = ("what it held was saved into the store; restart the daemon (pd stop, then pd start)" if saved else
+        then = ("what it held was saved into the store; restart the daemon (pd stop && pd start)" if saved else
                 "stop the daemon cleanly (pd stop saves what it held into the store), then pd start")  # fmt: skip
         self._wal_lost = StoreError("STORE_GONE", f"the store's write-ahead log {self.path}-wal was deleted while the "
                                     f"daemon ran, so nothing more can be saved; {then}")  # fmt: skip

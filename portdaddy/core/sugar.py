@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID, REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning, salvage_hint
+from portdaddy.core.agents import REGISTER_PARAMS, WORKTREE, Agents, new_agent_id, returning, salvage_hint
 from portdaddy.core.clock import now_ms
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.repository import repository_of
@@ -137,7 +137,7 @@ def sitrep_op(ctx: Ctx, *, since, project, runs, limit) -> dict[str, Any]:
             "activity": activity}  # fmt: skip
 
 
-_AGENT = Param("agentId", AGENT_ID)
+_AGENT = Param("agentId", v.AGENT_ID)
 _SESSION = Param("sessionId", v.name("session id", 100), aliases=("session",))
 
 OPS = (

@@ -109,6 +109,11 @@ def name(what: str, max_len: int = 100, *, wildcard: bool = False) -> Check:
     return check
 
 
+# Who a caller acts as (an IPC frame's or HTTP's agent id) and every parameter naming an agent. Here, not with the
+# agents, so that pd can tell a bad PORT_DADDY_AGENT by the daemon's own rule without importing the daemon.
+AGENT_ID = name("agent id")
+
+
 # SQLite stores 64-bit integers; a larger one would crash the query instead of being refused.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and int() takes "٣".

@@ -29,7 +29,6 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
 
 from portdaddy.core import validate as v
-from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, call, lookup
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
@@ -277,7 +276,7 @@ def _agent_id(header: str | None) -> str | None:
     if not header:
         return None
     try:
-        return AGENT_ID("X-Agent-Id", header)
+        return v.AGENT_ID("X-Agent-Id", header)
     except PDError as e:
         raise PDError(e.code, f"X-Agent-Id: {e.message}") from None
 

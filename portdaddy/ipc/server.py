@@ -32,8 +32,8 @@ from typing import Any
 
 import trio
 
-from portdaddy.core.agents import AGENT_ID
 from portdaddy.core.ops import Ctx, Later, Op
+from portdaddy.core.validate import AGENT_ID
 from portdaddy.errors import PDError, bad_input, performative
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
 from portdaddy.ipc.linger import Linger
