@@ -83,6 +83,28 @@ def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]
     return figures
 
 
+def ipc_beside_busy_process(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]:
+    """A claim round trip while a busy process shares the daemon's CPU and the client runs on the other: a
+    daemon that gave its CPU away between requests (a ``sched_yield``) answered the next one a time slice
+    later, ~4 ms at p90 (spec/ipc.md, "The server")."""
+    if (os.cpu_count() or 1) < 2:
+        return []
+    n = 500 if quick else 3000
+    busy = subprocess.Popen([PYTHON, "-c", "while True: pass"])
+    try:
+        pin(busy.pid)
+        pin(daemon_pid)
+        pin(cpu=1)
+        with BlockingClient(cfg.ipc_sock) as c:
+            samples = timed(lambda: c.request("port.claim", {"id": "bench:api"}), n, warmup=200)
+    finally:
+        busy.kill()
+        busy.wait()
+        unpin(daemon_pid)
+        unpin()
+    return [Figure("ipc: port.claim, a busy process on the daemon's CPU", samples, floor=PINGPONG)]
+
+
 def _concurrent_case(c: BlockingClient, case: str, worker: int) -> Callable[[], object]:
     """One worker's operation for ``case``, on names of its own: the figure measures the daemon's path for many
     connections at once, not contention for one lock or channel."""
@@ -347,6 +369,7 @@ def run_all(quick: bool = False) -> list[Figure]:
     with bench_daemon(PORT_DADDY_IPC_RATE="0") as (cfg, proc, _started):
         figures.append(Figure("daemon RSS idle", [rss_mb(proc.pid)], unit="MB"))
         figures += ipc_round_trips(cfg, proc.pid, quick)
+        figures += ipc_beside_busy_process(cfg, proc.pid, quick)
         figures += ipc_concurrent(cfg, quick)
         figures += sdk_fire_and_forget(cfg, quick)
         figures += daemon_ingest(cfg, quick)

@@ -9,12 +9,14 @@ runnable, never past trio's next deadline, and at most ``STREAK_S`` after the re
 trio: tasks that trio woke in the same batch as the reactor are in no queue it can see, and they run at the
 latest then.
 
-Before it blocks it spins for up to ``SPIN_S``, yielding the CPU between looks. The client it just answered is
-runnable: if it shares this CPU it runs during the yield, and its next request is there at the next look,
-instead of the daemon sleeping and being woken for it; if it runs on another CPU, the daemon's CPU does not go
-idle in between, and waking an idle CPU costs tens of µs on a virtual machine. A claim round trip went from
-41 to 32 µs with client and daemon pinned to one CPU, and from 60 to 23 µs unpinned (spec/performance.md). The
-spin costs at most ``SPIN_S`` of CPU each time requests stop, and the yield gives way to any other process.
+Before it blocks it spins for up to ``SPIN_S``. A client on another CPU sends its next request within that
+time, and the daemon's CPU has not gone idle in between: waking an idle CPU costs tens of µs on a virtual
+machine. A client on the same CPU usually preempts the daemon as the reply wakes it, so its request is there
+when the spin looks. A claim round trip went from 60 to 23 µs unpinned and from 41 to 33 µs with client and
+daemon pinned to one CPU (spec/performance.md). The spin does not yield the CPU: a yield hands it to whatever
+else runs there for the rest of that process's time slice, and with a busy process on the daemon's CPU a
+request that came meanwhile waited ~4 ms (p90; 60 µs without the spin, 40 µs with it, measured). It costs at
+most ``SPIN_S`` of CPU each time requests stop.
 
 It reads three attributes of trio's runner that are not public API (``runq``, ``deadlines``, the epoll
 manager's ``_epoll``); on a trio without them ``Linger.start`` returns None and the reactor always waits
@@ -23,7 +25,6 @@ through trio (tests/test_ipc_linger.py then fails, so an upgrade does not lose t
 
 from __future__ import annotations
 
-import os
 import select
 import time
 from typing import Any
@@ -69,12 +70,10 @@ class Linger:
         if timeout_ms <= 0:
             return False
         poll = self._poll.poll
+        spin_until = time.perf_counter() + SPIN_S
         ready = poll(0)
+        while not ready and time.perf_counter() < spin_until:
+            ready = poll(0)
         if not ready:
-            spin_until = time.perf_counter() + SPIN_S
-            while not ready and time.perf_counter() < spin_until:
-                os.sched_yield()
-                ready = poll(0)
-            if not ready:
-                ready = poll(timeout_ms)
+            ready = poll(timeout_ms)
         return len(ready) == 1 and ready[0][0] == self._own_fd
