@@ -12,7 +12,7 @@ latest then.
 Before it blocks it spins for up to ``SPIN_S``. A client on another CPU sends its next request within that
 time, and the daemon's CPU has not gone idle in between: waking an idle CPU costs tens of µs on a virtual
 machine. A client on the same CPU usually preempts the daemon as the reply wakes it, so its request is there
-when the spin looks. A claim round trip went from 60 to 23 µs unpinned and from 41 to 33 µs with client and
+when the spin looks. A claim round trip went from 60 to 23 µs unpinned and from 41 to 34 µs with client and
 daemon pinned to one CPU (spec/performance.md). The spin does not yield the CPU: a yield hands it to whatever
 else runs there for the rest of that process's time slice, and with a busy process on the daemon's CPU a
 request that came meanwhile waited ~4 ms (p90; 60 µs without the spin, 40 µs with it, measured). It costs at
