@@ -316,8 +316,8 @@ def test_pd_start_returns_once_http_answers_too(tmp_home: Path) -> None:
 
 
 def test_start_stop_and_status_say_alike_what_became_of_port_daddy(tmp_home: Path) -> None:
-    """pd start said "Port Daddy running", pd stop "Daemon stopped": one wording for the daemon's life
-    (spec/decisions.md, "The CLI's conventions")."""
+    """pd start said "Port Daddy running", pd stop "Daemon stopped", pd version "Daemon not running": one
+    wording for the daemon's life (spec/decisions.md, "The CLI's conventions")."""
     env = make_env(tmp_home)
 
     def run_pd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -330,11 +330,15 @@ def test_start_stop_and_status_say_alike_what_became_of_port_daddy(tmp_home: Pat
         assert started.stdout == f"Port Daddy started (pid {pid}) in {tmp_home}\n", started
         assert run_pd("start").stdout == f"Port Daddy is already running (pid {pid}) in {tmp_home}\n"
         assert run_pd("status").stdout.startswith(f"Port Daddy {portdaddy.__version__} is running (pid {pid}, up ")
+        version = run_pd("version").stdout.splitlines()
+        assert version[0] == f"pd {portdaddy.__version__}", version
+        assert version[1].startswith(f"Port Daddy {portdaddy.__version__} is running (pid {pid}, up "), version
     finally:
         stopped = run_pd("stop")
     assert stopped.stdout == f"Port Daddy stopped (pid {pid}) in {tmp_home}\n", stopped
     assert run_pd("stop").stdout == f"Port Daddy is not running in {tmp_home}\n"
     assert run_pd("status").stderr.startswith("Port Daddy is not running: ")
+    assert run_pd("version").stdout == f"pd {portdaddy.__version__}\nPort Daddy is not running\n"
 
 
 def test_pd_import_path_is_light() -> None:

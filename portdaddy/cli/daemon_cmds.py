@@ -299,15 +299,17 @@ def version(as_json: bool, quiet: bool) -> None:
     elif quiet:
         click.echo(__version__)
     else:
-        click.echo(f"Port Daddy {__version__}")
+        # The daemon's line in the one wording of its life, as pd status says it (spec/decisions.md).
+        click.echo(f"pd {__version__}")
         if daemon and "refused" in daemon:
-            click.echo(f"Daemon running, but it refused this connection: {daemon['refused']}")
+            click.echo(f"Port Daddy is running but refused this connection: {daemon['refused']}")
         elif daemon and "notAnswering" in daemon:
-            click.echo(f"Daemon running, but not answering ({daemon['notAnswering']}): see pd status")
+            click.echo(f"Port Daddy is running but not answering ({daemon['notAnswering']}): see pd status")
         elif daemon:
-            click.echo(f"Daemon {daemon['version']} (pid {daemon['pid']}, up {elapsed(daemon['uptime'])})")
+            click.echo(f"Port Daddy {daemon['version']} is running (pid {daemon['pid']}, "
+                       f"up {elapsed(daemon['uptime'])})")  # fmt: skip
         else:
-            click.echo("Daemon not running")
+            click.echo("Port Daddy is not running")
 
 
 @click.command()
