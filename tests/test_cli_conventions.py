@@ -344,3 +344,10 @@ def test_the_activity_log_shows_times_as_the_other_listings_do(fresh_daemon: Dae
     assert not re.search(r"\d{10,}", human.stdout), human.stdout
     (entry,) = json.loads(d.pd("log", "--type", "lock.*", "--json").stdout)["entries"]
     assert f"expiresAt={entry['metadata']['expiresAt']}" in entry["details"]
+
+
+def test_the_activity_log_leaves_out_empty_lists(fresh_daemon: Daemon) -> None:
+    """pd log printed ``conflicts=`` for a claim that had none."""
+    fresh_daemon.call("session.start", purpose="lists", agentId="lister", files=["src/a.ts"])
+    (entry,) = json.loads(fresh_daemon.pd("log", "--type", "file.claim", "--json").stdout)["entries"]
+    assert "paths=src/a.ts" in entry["details"] and "conflicts" not in entry["details"], entry["details"]

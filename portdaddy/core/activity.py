@@ -65,7 +65,7 @@ def row_of(ev: Event) -> tuple[Any, ...]:
         if isinstance(val, _SCALARS):
             if k not in _NOT_DETAILS:
                 scalars.append(f"{k}={val}")
-        elif isinstance(val, list) and all(map(_scalar, val)):
+        elif isinstance(val, list) and val and all(map(_scalar, val)):  # an empty one says nothing
             lists.append(f"{k}={','.join(map(str, val))}")
     details = ", ".join(scalars)
     if lists:
