@@ -370,9 +370,9 @@ class Sessions:
         for path in paths:
             for row in held:
                 if globs.overlaps(path, row[0]):
-                    found = own if agent is not None and row[4] == agent else conflicts
-                    found.append({**_claim_wire(row), "filePath": path, "claimedPath": row[0],
-                                  "example": globs.witness(path, row[0])})  # fmt: skip
+                    claim = {**_claim_wire(row), "filePath": path, "claimedPath": row[0],
+                             "example": globs.witness(path, row[0])}  # fmt: skip
+                    (own if agent is not None and claim["agentId"] == agent else conflicts).append(claim)
         return conflicts, own
 
     def conflicts(self, paths: Iterable[str], *, repository: str | None = None, agent: str | None = None,
