@@ -56,9 +56,9 @@ def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]
             c.request("tuple.out", {"fields": ["job", 1]})
             c.request("tuple.in", {"pattern": ["job", "*"]})
 
-        def lock_cycle() -> None:
-            token = c.request("lock.acquire", {"name": "bench:lock", "owner": "bench"})["token"]
-            c.request("lock.release", {"name": "bench:lock", "token": token})
+        def lock_cycle(conn_bound: bool = False) -> None:
+            token = c.request("lock.acquire", {"name": "bench:lock", "owner": "bench", "connBound": conn_bound})
+            c.request("lock.release", {"name": "bench:lock", "token": token["token"]})
 
         def publish_to_receipt() -> None:  # fire-and-forget publish, timed until the subscriber has it
             c.send("msg.publish", {"channel": "bench:ready", "payload": 1})
@@ -66,6 +66,7 @@ def ipc_round_trips(cfg: Settings, daemon_pid: int, quick: bool) -> list[Figure]
 
         cases = {"port.claim existing": lambda: c.request("port.claim", {"id": "bench:api"}),
                  "tuple.out + tuple.in": tuple_out_in, "lock.acquire + lock.release": lock_cycle,
+                 "lock.acquire + lock.release, connection-bound": lambda: lock_cycle(conn_bound=True),
                  "msg.publish (ff) to subscriber receipt": publish_to_receipt}  # fmt: skip
         for label, fn in cases.items():
             for pinned in (True, False):

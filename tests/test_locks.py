@@ -86,6 +86,19 @@ def test_sigkill_keeps_locks_and_the_token_counter(fresh_daemon) -> None:
     assert c["token"] > b["token"] > a["token"]
 
 
+def test_tokens_keep_growing_across_sigkill_after_a_block_of_connection_bound_grants(daemon_factory) -> None:
+    """Connection-bound grants write no lock row, but a grant past the reserved block of tokens still reserves
+    the next one on disk before it is answered: after a SIGKILL, tokens resume above every one handed out."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    with d.client() as c:
+        for _ in range(locks_module.FENCE_BLOCK + 10):
+            last = c.request("lock.acquire", {"name": "bound:churn", "connBound": True})["token"]
+            c.request("lock.release", {"name": "bound:churn", "token": last})
+    d.kill9()
+    d.start()
+    assert d.call("lock.acquire", name="bound:churn", owner="next")["token"] > last
+
+
 def test_blocking_waiters_are_served_in_fifo_order_and_time_out(daemon) -> None:
     daemon.call("lock.acquire", name="fifo:x", owner="holder")
     order: list[str] = []

@@ -298,6 +298,49 @@ def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_the
     assert "Traceback" not in d.log()
 
 
+def test_a_connection_bound_lock_writes_nothing_so_it_is_served_while_writes_are_refused(
+    fresh_daemon: Daemon,
+) -> None:
+    """A connection-bound lock ends with its connection, and the daemon's death ends every connection: the
+    store has nothing to keep for it. Its grant, renewal and release need no write, so they are served while
+    another process holds the write lock (a durable lock is refused then), and no row of it is ever stored. A
+    release that hands it to a waiter holding it by name writes the waiter's row."""
+    d = fresh_daemon
+    d.call("lock.release", name="plain", token=d.call("lock.acquire", name="plain")["token"])  # reserves tokens
+    with d.client("holder") as holder:
+        with write_lock_held(d):
+            assert refused(d.call, "lock.acquire", name="plain").code == "STORE_LOCKED"
+            first = holder.request("lock.acquire", {"name": "deploy", "connBound": True, "ttl": "1m"})
+            again = holder.request("lock.acquire", {"name": "deploy", "connBound": True, "ttl": "10m"})
+            assert again["existing"] and again["token"] == first["token"]
+            assert again["expiresAt"] > first["expiresAt"]
+            assert holder.request("lock.release", {"name": "deploy", "token": first["token"]})["released"]
+            second = holder.request("lock.acquire", {"name": "deploy", "connBound": True})
+            assert second["token"] > first["token"]
+        db = sqlite3.connect(d.settings.db)
+        try:
+            assert db.execute("SELECT count(*) FROM locks").fetchone() == (0,)
+        finally:
+            db.close()
+        got: dict[str, Any] = {}
+
+        def wait() -> None:
+            with d.client("waiter") as c:
+                got["lock"] = c.request("lock.acquire", {"name": "deploy", "wait": True, "timeout": "20s"},
+                                        timeout=30)  # fmt: skip
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_for(lambda: d.call("daemon.status")["counts"]["lockWaiters"] == 1)
+    waiter.join(timeout=10)  # the holder hung up: the lock went to the waiter, by name
+    assert got["lock"]["owner"] == "waiter" and not got["lock"]["connBound"]
+    db = sqlite3.connect(d.settings.db)
+    try:
+        assert db.execute("SELECT owner, token FROM locks").fetchall() == [("waiter", got["lock"]["token"])]
+    finally:
+        db.close()
+
+
 def test_fire_and_forget_changes_wait_in_bounded_memory_while_writes_are_refused(tmp_home: Path) -> None:
     """Sprays to new entities and publishes, sent without a reply while the store refuses writes, waited in
     memory without bound. At most MAX_PENDING_REFUSED marks and the rest of the current block of message ids

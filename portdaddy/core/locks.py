@@ -12,6 +12,10 @@ disconnect) is removed by its abort function. State lives in memory and is writt
 before any reply; expiries run at their deadline (the next one, not on a tick). A lock whose holder is gone
 (its connection closed, its agent died or left) while the store refused the release stays held, and is due
 at once: the expiry task tries again until the store takes it (spec/decisions.md, "Storage failures").
+
+A connection-bound lock is the exception to writing through: it ends with its connection, which the daemon's
+death ends too, so the store has nothing to keep for it, and its grant and release write nothing (a lock cycle
+without two commits).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import fnmatch
 import heapq
 import json
 import secrets
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -91,7 +95,8 @@ class Locks:
             lock = Lock(name, owner, token, pid, acquired, expires, json.loads(meta) if meta else None)
             self._held[name] = lock
             if conn_bound:
-                # Its connection died with the previous daemon: nobody holds it any more.
+                # Written by a daemon before connection-bound locks were kept in memory only; its connection
+                # died with that daemon: nobody holds it any more.
                 self._release(lock, by=None, forced=False, reason="disconnect")
             else:
                 heapq.heappush(self._deadlines, (expires, name))
@@ -171,19 +176,22 @@ class Locks:
 
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
                conn: Any) -> Lock:  # fmt: skip
-        """Grant the lock; memory and the event follow once the grant (or the release it is part of) committed."""
+        """Grant the lock; memory and the event follow once the grant (or the release it is part of) committed.
+        A connection-bound grant writes nothing, unless its token needs a new block reserved."""
         now = now_ms()
         token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
         lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
-        with self.store.write() as db:
-            self._tokens.cover(db)
-            db.execute(
-                "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (name, owner, token, pid, now, lock.expires_at, conn is not None,
-                 json.dumps(metadata) if metadata is not None else None),
-            )  # fmt: skip
-            self.store.after_commit(partial(self._granted, lock, conn))
+        if conn is None or not self._tokens.covered:
+            with self.store.write() as db:
+                self._tokens.cover(db)
+                if conn is None:
+                    db.execute(
+                        "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
+                        "VALUES (?,?,?,?,?,?,0,?)",
+                        (name, owner, token, pid, now, lock.expires_at,
+                         json.dumps(metadata) if metadata is not None else None),
+                    )  # fmt: skip
+        self.store.after_commit(partial(self._granted, lock, conn))
         return lock
 
     def _granted(self, lock: Lock, conn: Any) -> None:
@@ -248,8 +256,9 @@ class Locks:
         return lock
 
     def _set_expiry(self, lock: Lock, expires_at: int) -> None:
-        with self.store.write() as db:
-            db.execute("UPDATE locks SET expires_at=? WHERE name=?", (expires_at, lock.name))
+        if lock.conn is None:
+            with self.store.write() as db:
+                db.execute("UPDATE locks SET expires_at=? WHERE name=?", (expires_at, lock.name))
         lock.expires_at = expires_at
         self._schedule(lock)
 
@@ -280,13 +289,16 @@ class Locks:
 
     def _release(self, lock: Lock, *, by: str | None, forced: bool, reason: str) -> None:
         """Drop ``lock`` and hand it to the first waiter, if any, in the same transaction. Memory, the events and
-        the waiter's wake-up follow once it has committed: a release the store refuses leaves the lock held."""
+        the waiter's wake-up follow once it has committed: a release the store refuses leaves the lock held.
+        Between connection-bound locks nothing is written, unless the waiter's token needs a new block."""
         queue = self._waiters.get(lock.name)
-        with self.store.write() as db:
-            db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
+        waiter = next(iter(queue)) if queue else None
+        durable = lock.conn is None or (waiter is not None and (waiter.conn is None or self._tokens.exhausted))
+        with self.store.write() if durable else nullcontext():
+            if lock.conn is None:
+                self.store.db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
             self.store.after_commit(partial(self._released, lock, by, forced, reason))
-            if queue:
-                waiter = next(iter(queue))
+            if waiter is not None:
                 granted = self._grant(lock.name, waiter.owner, waiter.ttl_ms, waiter.pid, waiter.metadata,
                                       waiter.conn)  # fmt: skip
                 self.store.after_commit(partial(self._handed, waiter, granted))
