@@ -32,6 +32,42 @@ def _timeval(seconds: float | None) -> bytes:
     return _TIMEVAL.pack(*divmod(max(1, int(seconds * 1_000_000)), 1_000_000))
 
 
+class Spin:
+    """How long the client polls its socket for a reply before it sleeps in ``recv``, learned as it goes.
+
+    A client asleep in ``recv`` is woken by the daemon's send; on a virtual machine waking an idle vCPU costs
+    both sides tens of µs (a lock cycle's two round trips took ~160 µs asleep, ~85 µs polling). Polling pays
+    only while the daemon answers from another CPU, so, as the kernel's haltpoll governor does: a wait a
+    longer poll would have caught grows the budget, up to MAX_NS; a wait far past it (many clients sharing the
+    CPUs, a slow operation) halves it, down to nothing, and only a run of short waits starts it again. Never
+    while this process may run on one CPU only: the daemon may need that CPU, and polling would hold it up
+    for the whole budget (spec/ipc.md, "Clients")."""
+
+    MAX_NS = 100_000
+    START_NS = 25_000
+    RESUME_AFTER = 8  # short waits in a row before a client that stopped polling starts again
+
+    def __init__(self) -> None:
+        self.budget_ns = self.START_NS
+        self._short = 0  # waits in a row that a poll of MAX_NS would have caught
+
+    def usable(self) -> int | None:
+        """The budget for the next wait; None while this process may run on one CPU only (nothing to learn)."""
+        return self.budget_ns if len(os.sched_getaffinity(0)) > 1 else None
+
+    def waited(self, ns: int) -> None:
+        """A wait that a poll of the current budget did not catch took ``ns``."""
+        if ns > self.MAX_NS:
+            self._short = 0
+            self.budget_ns = 0 if self.budget_ns <= self.START_NS else self.budget_ns // 2
+            return
+        self._short += 1
+        if self.budget_ns:
+            self.budget_ns = min(self.MAX_NS, self.budget_ns * 2)
+        elif self._short >= self.RESUME_AFTER:
+            self.budget_ns = self.START_NS
+
+
 def request_payload(action: str, agent_id: str | None, args: dict[str, Any] | None) -> dict[str, Any]:
     """A request's payload: its action, the agent it speaks for, and the arguments that are not None."""
     payload = {"action": action}
@@ -105,6 +141,7 @@ class BlockingClient:
         self._conv = 0
         self._pushed: deque[Frame] = deque()
         self._recv_timeout: float | None = None  # what SO_RCVTIMEO is set to
+        self._spin = Spin()
 
     def connect(self) -> BlockingClient:
         # The socket stays in blocking mode, bounded by the kernel's SO_SNDTIMEO and SO_RCVTIMEO. Python's own
@@ -224,6 +261,31 @@ class BlockingClient:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
         self._recv_timeout = seconds
 
+    def _recv(self, remaining: float | None) -> bytes:
+        """The next bytes from the daemon: polled for within the spin budget (see ``Spin``), then slept for,
+        bounded by SO_RCVTIMEO (BlockingIOError when it runs out)."""
+        sock, clock = self.sock, time.perf_counter_ns
+        assert sock is not None, "connect() first"
+        budget = self._spin.usable()
+        if budget is None:
+            self._bound_recv(remaining)
+            return sock.recv(65536)
+        if remaining is not None:
+            budget = min(budget, int(remaining * 1e9))
+        start = clock()
+        if budget:
+            end = start + budget
+            while True:
+                try:
+                    return sock.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if clock() >= end:
+                        break
+        self._bound_recv(remaining)
+        data = sock.recv(65536)
+        self._spin.waited(clock() - start)
+        return data
+
     def _next_frame(self, deadline: float | None) -> Frame | None:
         assert self.sock is not None, "connect() first"
         while True:
@@ -235,9 +297,8 @@ class BlockingClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self._bound_recv(remaining)
             try:
-                data = self.sock.recv(65536)
+                data = self._recv(remaining)
             except BlockingIOError:  # SO_RCVTIMEO ran out
                 return None
             except OSError as e:

@@ -1,0 +1,97 @@
+"""The blocking client's poll before it sleeps (portdaddy/ipc/client.py ``Spin``): it polls only while that can
+catch a reply, learns from how long replies take, and never where the daemon might need its CPU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from conftest import Daemon
+
+from portdaddy.errors import PDError
+from portdaddy.ipc.client import BlockingClient, Spin
+
+SHORT, LONG = Spin.MAX_NS // 2, Spin.MAX_NS * 10
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """This process restricted to one CPU, as `taskset -c 0` would start it."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def time_out(c: BlockingClient) -> None:
+    """A blocking take the daemon ends after 20 ms: a wait no poll catches."""
+    with pytest.raises(PDError) as e:
+        c.request("tuple.in", {"pattern": ["spin:none"], "wait": True, "timeout": "20ms"})
+    assert e.value.code == "TIMEOUT"
+
+
+def stopped() -> Spin:
+    spin = Spin()
+    spin.waited(LONG)
+    assert spin.budget_ns == 0
+    return spin
+
+
+def test_waits_a_longer_poll_would_catch_grow_the_budget_up_to_its_limit() -> None:
+    spin = Spin()
+    seen = []
+    for _ in range(5):
+        spin.waited(SHORT)
+        seen.append(spin.budget_ns)
+    assert seen == [2 * Spin.START_NS, 4 * Spin.START_NS, Spin.MAX_NS, Spin.MAX_NS, Spin.MAX_NS]
+
+
+def test_waits_far_past_the_limit_halve_the_budget_down_to_no_polling() -> None:
+    spin = Spin()
+    spin.budget_ns = Spin.MAX_NS
+    seen = []
+    for _ in range(4):
+        spin.waited(LONG)
+        seen.append(spin.budget_ns)
+    assert seen == [Spin.MAX_NS // 2, Spin.START_NS, 0, 0]
+
+
+def test_a_client_that_stopped_polling_starts_again_only_after_a_run_of_short_waits() -> None:
+    spin = stopped()
+    for _ in range(Spin.RESUME_AFTER - 1):
+        spin.waited(SHORT)
+    spin.waited(LONG)  # the run is broken: it starts over
+    for _ in range(Spin.RESUME_AFTER - 1):
+        spin.waited(SHORT)
+    assert spin.budget_ns == 0
+    spin.waited(SHORT)
+    assert spin.budget_ns == Spin.START_NS
+
+
+def test_a_process_on_one_cpu_never_polls(one_cpu: None) -> None:
+    assert Spin().usable() is None
+
+
+def test_on_one_cpu_the_client_sleeps_at_once_and_learns_nothing(daemon: Daemon, one_cpu: None) -> None:
+    with daemon.client() as c:
+        for _ in range(3):
+            time_out(c)
+        assert c.request("port.claim", {"id": "spin:pinned"})["port"]
+        assert c._spin.budget_ns == Spin.START_NS
+
+
+def test_replies_that_take_long_stop_the_client_polling(daemon: Daemon) -> None:
+    """Two waits no poll catches and the client sleeps at once, as it does beside many other clients."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    with daemon.client() as c:
+        assert c._spin.usable() == Spin.START_NS
+        for _ in range(2):
+            time_out(c)
+        assert c._spin.usable() == 0
+        assert c.request("port.claim", {"id": "spin:after"})["port"]
