@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from portdaddy.caller import AGENT_VARS
 from portdaddy.durations import parse_duration_ms
 from portdaddy.paths import home_dir, runtime_path
 
@@ -23,7 +24,7 @@ MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less its NUL
 
 # Who a client acts as (the CLI and SDK read them): one caller's, so never the daemon's nor what it runs. PD_* is
 # the context Port Daddy hands what it runs (a fleet agent, pd lock --exec, pd watch --exec): one run's, likewise.
-CALLER_VARIABLES = frozenset({"PORT_DADDY_AGENT", "PORT_DADDY_SESSION", "AGENT_ID"})
+CALLER_VARIABLES = frozenset({*AGENT_VARS, "PORT_DADDY_SESSION"})
 CALLER_PREFIX = "PD_"
 
 

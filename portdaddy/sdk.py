@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from portdaddy.caller import agent_from_env
 from portdaddy.config import Settings
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
@@ -555,12 +556,15 @@ async def connect(
     reconnect: bool = True,
     autostart: bool = True,
 ) -> AsyncIterator[PortDaddy]:
-    """Connect to the daemon of ``PORT_DADDY_HOME`` (starting it if needed) for the ``async with`` block."""
+    """Connect to the daemon of ``PORT_DADDY_HOME`` (starting it if needed) for the ``async with`` block, acting
+    as ``agent_id``, else as the agent ``PORT_DADDY_AGENT`` (or ``AGENT_ID``) names, as ``pd`` does: a refusal of
+    one from the environment names the variable and how to fix it."""
     cfg = settings or Settings.from_env()
-    agent_id = agent_id or os.environ.get("PORT_DADDY_AGENT")
+    agent_var, from_env = (None, None) if agent_id else agent_from_env()
     if autostart:
         await trio.to_thread.run_sync(ensure_daemon, cfg)
-    client = TrioClient(cfg.ipc_sock, agent_id=agent_id, timeout=timeout, reconnect=reconnect)
+    client = TrioClient(cfg.ipc_sock, agent_id=agent_id or from_env, agent_var=agent_var, timeout=timeout,
+                        reconnect=reconnect)  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run)

@@ -293,7 +293,7 @@ def linked_worktree(root: Path, name: str) -> Path:
 
 
 def make_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT_DADDY_", "PD_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PORT_DADDY_", "PD_")) and k != "AGENT_ID"}
     env.update(PORT_DADDY_HOME=str(home), PORT_DADDY_PORT=str(free_port()), PORT_DADDY_NO_AUTOSTART="1")
     env.update(extra)
     return env

@@ -307,6 +307,40 @@ def test_a_bad_agent_id_in_the_environment_is_named_with_the_fix(daemon: Daemon,
     assert "PORT_DADDY_AGENT" not in other.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ("sub", "envagent:signal"), ("sub", "envagent:signal", "--once", "--json"),
+    ("watch", "envagent:signal", "--exec", "true"), ("with-lock", "envagent-with", "--", "true"),
+    ("lock", "envagent-lock"), ("session", "start", "envagent", "src/envagent.py"),
+])  # fmt: skip
+def test_commands_with_a_connection_of_their_own_send_the_agent_id_from_the_environment(
+    daemon: Daemon, args: tuple[str, ...]
+) -> None:
+    """pd sub and pd watch held their connection waiting, as no agent, and pd with-lock took the lock with 'bad
+    id!' as its owner, where pd lock said the variable is wrong; with AGENT_ID every command did."""
+    daemon.call("msg.publish", channel="envagent:signal", payload="retained")  # what sub and watch see first
+    for var in ("PORT_DADDY_AGENT", "AGENT_ID"):
+        r = daemon.pd(*args, env={var: "bad id!"}, timeout=20)
+        if "--json" in args:
+            assert r.returncode == 2 and var in json.loads(r.stdout)["message"], (var, r.stdout, r.stderr)
+        else:
+            one_error_line(r, 2, f"the {var} environment variable is not a valid agent id: agent id 'bad id!'",
+                           f"set it to one (e.g. export {var}=backend) or unset it")  # fmt: skip
+        assert not [lock for lock in daemon.call("lock.list")["locks"] if lock["name"].startswith("envagent-")]
+        assert "envagent" not in [s["purpose"] for s in daemon.call("session.list")["sessions"]]
+
+
+def test_agent_id_names_the_caller_as_port_daddy_agent_does(daemon: Daemon) -> None:
+    """AGENT_ID, the original's name, was the caller's agent only where pd read it itself (whoami, pd lock's
+    owner): a claim made with it, on the fast path or through click, was nobody's."""
+    for var, args in (("PORT_DADDY_AGENT", ("claim", "asagent:fast", "-q")), ("AGENT_ID", ("claim", "asagent:slow")),
+                      ("AGENT_ID", ("claim", "asagent:alias", "-q"))):  # fmt: skip
+        assert daemon.pd(*args, env={var: "named-by-env"}).returncode == 0
+        assert daemon.call("port.get", id=args[1])["service"]["agentId"] == "named-by-env", args
+    # The first one set wins, as for every other use of it.
+    daemon.pd("claim", "asagent:both", "-q", env={"PORT_DADDY_AGENT": "first", "AGENT_ID": "second"})
+    assert daemon.call("port.get", id="asagent:both")["service"]["agentId"] == "first"
+
+
 @pytest.mark.parametrize(("args", "counted"), [
     (("sub", "interrupted:x"), "subscriptions"), (("watch", "interrupted:x", "--exec", "true"), "subscriptions"),
     (("tuple", "in", '["interrupted"]', "--wait"), "tupleWaiters"),

@@ -172,6 +172,41 @@ async def test_errors_leave_the_connect_block_as_themselves(daemon: Daemon, tmp_
     assert own.value.__suppress_context__  # the block's own chaining is kept
 
 
+@pytest.mark.parametrize("var", ["PORT_DADDY_AGENT", "AGENT_ID"])
+async def test_a_bad_agent_id_from_the_environment_is_named_with_the_fix(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    """The daemon refused it as "agent id 'bad id!' has characters outside …", not saying where the SDK had it
+    from, which the daemon cannot know and the SDK does, as pd says it; and AGENT_ID, which pd reads as the
+    caller's agent (the original's name for it), the SDK did not read at all."""
+    for name in ("PORT_DADDY_AGENT", "AGENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(var, "bad id!")
+    blamed = (rf"^the {var} environment variable is not a valid agent id: agent id 'bad id!' has characters "
+              rf"outside .*; set it to one \(e\.g\. export {var}=backend\) or unset it$")  # fmt: skip
+    async with connect(daemon) as pd:
+        assert pd.agent_id == "bad id!"
+        for attempt in (lambda: pd.claim("sdk:envagent"), lambda: pd.lock("sdk:envagent", blocking=False),
+                        lambda: pd.wait_for_signal("sdk:envagent", timeout=0.1)):  # fmt: skip
+            with pytest.raises(BadInput, match=blamed) as refused:
+                await attempt()
+            assert refused.value.code == "VALIDATION_ERROR"
+        with pytest.raises(BadInput, match=blamed):
+            async with pd.subscribe("sdk:envagent"):
+                pass
+    # Given in code, it is the code's mistake, whatever the environment holds.
+    async with connect(daemon, agent_id="bad id!") as pd:
+        with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):
+            await pd.claim("sdk:envagent")
+    monkeypatch.setenv(var, "sdk-env-agent")
+    async with connect(daemon) as pd:
+        assert (await pd.claim("sdk:envagent")).port
+        assert (await pd.call("port.get", id="sdk:envagent"))["service"]["agentId"] == "sdk-env-agent"
+        with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):  # not the variable's
+            await pd.call("agent.get", id="bad id!")
+        await pd.release("sdk:envagent")
+
+
 async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Daemon) -> None:
     """A beat sent while the daemon was away raised DaemonUnavailable in the connection's nursery and ended the
     whole connect() block: the reconnection the SDK promises never got its chance."""

@@ -18,10 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from portdaddy.errors import BadInput, PDError, bad_input
-
-# Where an agent's id comes from when no --agent is given, first match wins (AGENT_ID as the original).
-_AGENT_VARS = ("PORT_DADDY_AGENT", "AGENT_ID")
+from portdaddy.caller import agent_from_env
 
 
 def worktree_root(start: Path | None = None) -> Path:
@@ -103,14 +100,14 @@ def remember(agent_id: str | None, **fields: Any) -> list[str]:
     if taken_over and not current.get("agentFromEnv"):
         warnings.append(f"this worktree's current session was {held} ({current.get('purpose')}); pd here "
                         "no longer uses it. Agents sharing a worktree: give each its own PORT_DADDY_AGENT")  # fmt: skip
-    var = next((name for name in _AGENT_VARS if os.environ.get(name)), None)
-    if var and agent_id and os.environ[var] != agent_id:
-        warnings.append(f"{var}={os.environ[var]} is set, so later pd commands here act as that agent, "
+    var, from_env = agent_from_env()
+    if from_env and agent_id and from_env != agent_id:
+        warnings.append(f"{var}={from_env} is set, so later pd commands here act as that agent, "
                         f"not {agent_id}; pass them --agent {agent_id}, or change {var}")  # fmt: skip
     if other_agent:
         current = {}
     current.pop("agentFromEnv", None)
-    named = {"agentFromEnv": True} if var and agent_id and os.environ[var] == agent_id else {}
+    named = {"agentFromEnv": True} if from_env and from_env == agent_id else {}
     save_current({**current, **({"agentId": agent_id} if agent_id else {}), **named, **fields})
     return warnings
 
@@ -125,27 +122,8 @@ def forget(*, agent_id: str | None = None, session_id: str | None = None) -> Non
         save_current({k: v for k, v in current.items() if k not in ("sessionId", "purpose")})
 
 
-def blame_agent_variable(err: PDError) -> PDError:
-    """``err``, unless it refuses the agent id pd had from the environment (PORT_DADDY_AGENT, AGENT_ID): then an
-    error that names the variable and says how to fix it, which the daemon cannot, not knowing where the id came
-    from. It is the variable's when the daemon's own check says the very same of the variable's value."""
-    if not isinstance(err, BadInput):
-        return err
-    from portdaddy.core.validate import AGENT_ID  # ~37 ms: paid by a request refused as bad input, not by every pd
-
-    for var in filter(os.environ.get, _AGENT_VARS):
-        try:
-            AGENT_ID(var, os.environ[var])
-        except PDError as why:
-            if why.message == err.message:
-                return bad_input(f"the {var} environment variable is not a valid agent id: {why.message}; set it to "
-                                 f"one (e.g. export {var}=backend) or unset it")  # fmt: skip
-    return err
-
-
 def resolve_agent(explicit: str | None = None) -> str | None:
-    from_env = next((os.environ[name] for name in _AGENT_VARS if os.environ.get(name)), None)
-    return explicit or from_env or load_current().get("agentId")
+    return explicit or agent_from_env()[1] or load_current().get("agentId")
 
 
 def resolve_session(explicit: str | None = None, agent: str | None = None) -> str | None:

@@ -31,6 +31,7 @@ def quick_claim_identity(argv: list[str]) -> str | None:
 
 def _quick_claim(identity: str) -> int | None:
     """Claim and print the port; the exit code, or None to let the click path handle it (no daemon)."""
+    from portdaddy.caller import agent_from_env, blame_agent_variable
     from portdaddy.durations import SLOW_HINT, reply_timeout_s
     from portdaddy.errors import DaemonUnavailable, NoReply, PDError, exit_code
     from portdaddy.ipc.client import BlockingClient
@@ -39,15 +40,14 @@ def _quick_claim(identity: str) -> int | None:
 
     env = os.environ
     sock = runtime_path(env, "PORT_DADDY_IPC", "daemon.ipc")
+    var, agent_id = agent_from_env(env)
     try:
-        with BlockingClient(sock, agent_id=env.get("PORT_DADDY_AGENT"), timeout=reply_timeout_s(env)) as c:
+        with BlockingClient(sock, agent_id=agent_id, timeout=reply_timeout_s(env)) as c:
             port = c.request("port.claim", {"id": identity})["port"]
     except DaemonUnavailable:
         return None  # claims are idempotent: the click path may safely ask again after starting the daemon
     except PDError as e:
-        from portdaddy.cli.context import blame_agent_variable
-
-        e = blame_agent_variable(e)
+        e = blame_agent_variable(e, var, agent_id)
         _say(f"error: {one_line(e.message)}{SLOW_HINT if isinstance(e, NoReply) else ''}", err=True)
         return exit_code(e.code)
     _say(str(port))

@@ -6,7 +6,6 @@ The current session and agent are remembered per worktree in ``.portdaddy/curren
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -38,7 +37,7 @@ def warn_conflicts(conflicts: list[dict[str, Any]]) -> None:
 def claiming_call(action: str, args: dict[str, Any], *, as_json: bool) -> Any:
     """A call that claims files: conflicts print as warnings; a refused claim says how to force it (exit 1)."""
     try:
-        with connect(agent_id=os.environ.get("PORT_DADDY_AGENT")) as client:
+        with connect() as client:
             result = client.request(action, args)
     except PDError as e:
         if e.code == "FILE_CONFLICT" and not as_json:

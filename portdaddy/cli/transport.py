@@ -11,7 +11,6 @@ the request is withdrawn and pd exits 3 (``NO_REPLY``): the daemon is stopped, s
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from portdaddy.caller import agent_from_env, blame_agent_variable
 from portdaddy.cli.output import ReaderGone, echo_exact
 from portdaddy.config import Settings
 from portdaddy.durations import SLOW_HINT, reply_timeout_s
@@ -41,9 +41,7 @@ def fail(err: PDError, *, as_json: bool = False) -> NoReturn:
     listing several problems (``errors``, e.g. of a fleet file) gets an ``error:`` line for each."""
     if isinstance(err, NoReply):
         err.message += SLOW_HINT
-    from portdaddy.cli.context import blame_agent_variable  # not loaded by every pd, only by one that fails
-
-    err = blame_agent_variable(err)
+    err = blame_agent_variable(err, *agent_from_env())
     ctx = click.get_current_context(silent=True)
     with suppress(ReaderGone):  # a refusal nobody reads is a refusal still: its exit code says so
         if as_json or (ctx is not None and ctx.params.get("as_json")):
@@ -108,9 +106,12 @@ def wait_healthy(cfg: Settings, proc: subprocess.Popen[bytes] | None, *, http: b
 
 def connect(cfg: Settings | None = None, *, agent_id: str | None = None, autostart: bool = True,
             timeout: float | None = None) -> BlockingClient:  # fmt: skip
-    """A connection whose requests wait ``timeout`` seconds for their reply (default PORT_DADDY_TIMEOUT)."""
+    """A connection whose requests wait ``timeout`` seconds for their reply (default PORT_DADDY_TIMEOUT), acting
+    as ``agent_id``, else as the agent the environment names: a command that opens its own connection (pd sub,
+    pd watch, pd with-lock) acts as the same agent as every other."""
     cfg = cfg or settings()
-    client = BlockingClient(cfg.ipc_sock, agent_id=agent_id, timeout=reply_timeout_s() if timeout is None else timeout)
+    wait_s = reply_timeout_s() if timeout is None else timeout
+    client = BlockingClient(cfg.ipc_sock, agent_id=agent_id or agent_from_env()[1], timeout=wait_s)
     try:
         return client.connect()
     except DaemonUnavailable as e:
@@ -139,7 +140,7 @@ def request(action: str, args: dict[str, Any] | None = None, *, agent_id: str | 
             takes: float | None = 0.0) -> Any:  # fmt: skip
     """One request for an operation that may take ``takes`` seconds (None: no limit); raises PDError."""
     wait_s = reply_wait_s(takes)
-    with connect(agent_id=agent_id or os.environ.get("PORT_DADDY_AGENT"), timeout=wait_s) as client:
+    with connect(agent_id=agent_id, timeout=wait_s) as client:
         return client.request(action, args, timeout=wait_s)
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import trio
 from outcome import Value
 
-from portdaddy.errors import DaemonUnavailable, NoReply, PDError
+from portdaddy.caller import blame_agent_variable
+from portdaddy.errors import BadInput, DaemonUnavailable, NoReply, PDError
 from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_frame
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
 from portdaddy.ipc.peer import check_daemon_uid
@@ -71,11 +72,13 @@ class TrioClient:
         path: os.PathLike[str] | str,
         *,
         agent_id: str | None = None,
+        agent_var: str | None = None,
         timeout: float = 5.0,
         reconnect: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.agent_id = agent_id
+        self.agent_var = agent_var  # the environment variable agent_id came from, named if the daemon refuses it
         self.timeout = timeout
         self.reconnect = reconnect
         self.sock: socket.socket | None = None
@@ -148,7 +151,12 @@ class TrioClient:
             if timeout is None:
                 raise NoReply(f"no reply to {action}, and no sign of life for {self.timeout:g}s")
             raise NoReply(f"no reply to {action} within {timeout:g}s")
-        return reply_result(frame)
+        try:
+            return reply_result(frame)
+        except BadInput as e:
+            if self.agent_var is None:
+                raise
+            raise blame_agent_variable(e, self.agent_var, self.agent_id) from None
 
     def _withdraw(self, conv: int, action: str) -> None:
         """Tell the daemon nobody waits for ``conv`` any more, so a blocked take does not win a tuple nobody
