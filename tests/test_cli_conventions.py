@@ -93,6 +93,7 @@ JSON_CALLS: dict[str, tuple[str, ...]] = {
     "fleet reset": ("fleet", "reset", "qa", "-C", "{project}"),
     "fleet run": ("fleet", "run", "qa", "-C", "{project}"),
     "fleet runs": ("fleet", "runs", "-C", "{project}"),
+    "fleet show": ("fleet", "show", "{run}"),
     "fleet status": ("fleet", "status", "-C", "{project}"),
     "fleet up": ("fleet", "up", "-C", "{project}"),
     "fleet validate": ("fleet", "validate", "-C", "{project}"),
@@ -211,6 +212,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
         values = {
             "project": str(project),
             "idle": str(root / "idle"),
+            "run": run,
             "session": pd_json("session", "start", "Noted", "--agent", "j-noter")["id"],
             "ended": pd_json("session", "start", "Ended", "--agent", "j-ender")["id"],
             "spawned": pd_json("spawn", "-b", "custom", "--", "sleep 300")["agentId"],
@@ -270,6 +272,7 @@ def test_quiet_prints_the_count_of_what_a_list_shows(world: tuple[Daemon, dict[s
         listed = json.loads(d.pd(*args, "--json").stdout)
         assert quiet(d, *args) == f"{listed['count']}\n"
     assert quiet(d, "fleet", "reset", "qa", "-C", values["project"]) == "not-open\n"
+    assert quiet(d, "fleet", "show", values["run"]) == "completed\n"
 
 
 # Commands without -q: nothing they print is the one value a script wants.

@@ -322,7 +322,7 @@ READ_ONLY = frozenset({
     "webhook.get", "webhook.test", "webhook.deliveries", "webhook.events", "harbor.list", "harbor.get",
     "harbor.members", "tuple.rd", "tuple.poll", "tuple.scan", "tuple.count", "pheromone.sniff", "pheromone.list",
     "pheromone.files", "arbiter.status", "arbiter.violations", "fleet.status", "fleet.runs", "fleet.logs",
-    "spawn.list", "spawn.logs", "spawn.wait",
+    "fleet.show", "spawn.list", "spawn.logs", "spawn.wait",
 })
 # fmt: on
 

@@ -18,8 +18,8 @@ import pytest
 from portdaddy.core.store import Store
 from portdaddy.errors import PDError
 from portdaddy.fleet.backends import Task
-from portdaddy.fleet.runs import Run, RunTable, new_id
-from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race
+from portdaddy.fleet.runs import PROMPT_HEAD, PROMPT_TAIL, Run, RunTable, new_id
+from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race, unix_client
 from tests.fleet_helpers import (
     FAST,
     env_dumper,
@@ -290,6 +290,87 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     status = pd_json(d, "fleet", "status", "-C", str(project))["fleets"][0]
     qa = next(a for a in status["agents"] if a["name"] == "qa")
     assert qa["lastRun"]["status"] == "completed" and qa["circuit"]["open"] is False
+
+
+REVIEW = """
+agents:
+  review:
+    trigger: review:go
+    backend: claude-cli
+    allowedTools: "Read"
+    env: {PD_TEST_RECORD: "RECORDS"}
+    prompt: |
+      Review {branch} for bugs.
+      Then say what you found.
+  check:
+    trigger: review:go
+    backend: custom
+    command: echo "checking {branch}"; exit 4
+"""
+
+
+def test_show_gives_one_run_in_full_with_the_prompt_it_was_sent(daemon_factory: Any, tmp_home: Path) -> None:
+    """pd fleet runs said a run's trigger source and exit code: what its agent was asked, the Trigger context block
+    included, no command showed (spec/fleet.md, "What a run was asked")."""
+    d = daemon_factory(**FAST)
+    bin_dir = make_bin(tmp_home)
+    project = make_project(tmp_home, REVIEW.replace("RECORDS", str(tmp_home / "records")))
+    pd_json(d, "fleet", "up", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    d.call("msg.publish", channel="review:go", payload={"pr": 7, "ask": "look at auth"}, sender="ci")
+    [review] = finished(d, project, "review", 1)
+    [check] = finished(d, project, "check", 1)
+    [rec] = records(tmp_home)
+    sent = rec["argv"][1]
+    assert sent.startswith("Review main for bugs.\nThen say") and "Trigger context:" in sent and "look at auth" in sent
+
+    shown = pd_json(d, "fleet", "show", review["id"])
+    assert shown["prompt"] == sent == rec["env"]["PD_PROMPT"] and shown["promptDropped"] == 0
+    run = shown["run"]
+    assert run["status"] == "completed" and run["exitCode"] == 0 and run["logPath"] and run["endedAt"]
+    assert run["trigger"]["payload"] == {"pr": 7, "ask": "look at auth"} and run["trigger"]["sender"] == "ci"
+    assert shown["allowedTools"] == "Read" and shown["command"] is None and shown["workdir"] == str(project)
+    with unix_client(d) as c:  # the one operation, over HTTP too
+        assert c.get(f"/fleet/runs/{review['id']}").json()["prompt"] == sent
+
+    text = d.pd("fleet", "show", review["id"])
+    assert text.returncode == 0 and text.stdout.endswith(f"Prompt (as sent):\n{sent}\n"), text.stdout
+    assert "Status:   completed, exit 0\n" in text.stdout and "Fired by: channel review:go from ci" in text.stdout
+    assert f"Log:      {run['logPath']}\n" in text.stdout
+    assert d.pd("fleet", "show", review["id"], "-q").stdout == "completed\n"
+
+    # A custom agent: the command as its shell ran it, the values it refers to, and its PD_PROMPT.
+    shown = pd_json(d, "fleet", "show", check["id"])
+    assert shown["command"] == 'echo "checking ${PD_BRANCH}"; exit 4' and shown["variables"]["PD_BRANCH"] == "main"
+    assert shown["run"]["exitCode"] == 4 and shown["prompt"].startswith("\n\nTrigger context:\n- source: channel")
+    text = d.pd("fleet", "show", check["id"]).stdout
+    assert "/bin/sh -c" in text and 'echo "checking ${PD_BRANCH}"; exit 4\n' in text and "PD_BRANCH=main" in text
+
+    gone = d.pd("fleet", "show", "fleet-review-00000000")
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert gone.stderr == "error: no run 'fleet-review-00000000'; list them with pd fleet runs or pd spawned\n"
+    refused = json.loads(d.pd("fleet", "show", "fleet-review-00000000", "--json").stdout)
+    assert refused["success"] is False and refused["error"] == "NOT_FOUND"
+
+
+def test_a_long_prompt_is_kept_as_its_start_and_end_with_the_cut_said(daemon_factory: Any, tmp_home: Path) -> None:
+    d = daemon_factory(**FAST)
+    bin_dir = make_bin(tmp_home)
+    task = "Start here.\n" + "".join(f"step {n}: check it\n" for n in range(5000)) + "End here."
+    assert PROMPT_HEAD + PROMPT_TAIL < len(task) <= 100_000
+    with unix_client(d) as c:  # over HTTP: a request this large is more than one IPC frame holds
+        run = c.post("/spawn", json={"backend": "claude-cli", "task": task, "path": path_with(bin_dir),
+                                     "env": {"PD_TEST_RECORD": str(tmp_home / "records")}}).json()["run"]  # fmt: skip
+    assert d.call("spawn.wait", id=run["id"], timeout=20_000)["run"]["status"] == "completed"
+    assert records(tmp_home)[0]["argv"][1] == task  # the agent was sent all of it: only what is kept is cut
+
+    shown = pd_json(d, "fleet", "show", run["id"])
+    dropped = len(task) - PROMPT_HEAD - PROMPT_TAIL
+    assert shown["promptDropped"] == dropped
+    marker = (f"\n# {run['id']}: {dropped} characters of the prompt dropped here (a run's stored prompt keeps its "
+              f"first {PROMPT_HEAD} and last {PROMPT_TAIL} characters)\n")  # fmt: skip
+    assert shown["prompt"] == task[:PROMPT_HEAD] + marker + task[-PROMPT_TAIL:]
+    said = d.pd("fleet", "show", run["id"]).stdout
+    assert f"Prompt (as sent; {dropped:,} characters cut from its middle):\nStart here." in said
 
 
 # Who a caller is, as the shell that starts the daemon may have it (an agent's shell): none of it may reach the

@@ -178,6 +178,7 @@ def baselines(s: dict[str, Any], worktree: str, webhook: str, empty: str) -> dic
         "fleet.down": {"projectDir": worktree},
         "fleet.run": {"projectDir": worktree, "agent": "qa"},
         "fleet.reset": {"projectDir": worktree, "agent": "qa"},
+        "fleet.show": {"runId": "no-such-run"},
         "spawn.start": {"task": "fuzz", "path": empty},  # no backend binary on that PATH: refused, never spawned
         "spawn.kill": {"id": "no-such-run"},
         "spawn.logs": {"id": "no-such-run"},

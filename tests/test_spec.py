@@ -87,6 +87,10 @@ def test_fleet_wire_shapes_are_documented(daemon: Daemon, tmp_home: Path) -> Non
         daemon.call("fleet.down", projectDir=str(project))
     _assert_documented("FleetView", view)
     assert set(view["agents"][0]) == _schema_fields("FleetAgent")
+    run = daemon.call("spawn.start", backend="custom", task="true", workdir=str(project))["run"]
+    daemon.call("spawn.wait", id=run["id"], timeout=20_000)
+    shown = daemon.call("fleet.show", runId=run["id"])
+    _assert_documented("FleetRunShown", {k: v for k, v in shown.items() if k != "success"})
 
 
 def test_every_route_that_takes_arguments_documents_its_400() -> None:

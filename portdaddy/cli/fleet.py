@@ -1,4 +1,5 @@
-"""pd fleet init | validate | up | down | status | logs | reset | run | runs: background agents from pd-fleet.yml.
+"""pd fleet init | validate | up | down | status | logs | reset | run | runs | show: background agents from
+pd-fleet.yml.
 
 ``validate`` and ``init`` work without the daemon (they read and write files in the project); the rest ask the
 daemon, which supervises the fleet (it survives the terminal that ran ``pd fleet up``).
@@ -6,6 +7,7 @@ daemon, which supervises the fleet (it survives the terminal that ran ``pd fleet
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from portdaddy.cli.spawn import echo_log
 from portdaddy.cli.transport import STOPPING_S, call, fail, spinning
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet import hook
-from portdaddy.text import plural
+from portdaddy.text import clip, plural, span
 
 
 def project_dir(explicit: str | None) -> str:
@@ -52,6 +54,7 @@ def fleet() -> None:
       pd fleet up              start (or reload) the fleet in the daemon
       pd fleet status          agents, queues, breakers, last runs
       pd fleet logs qa         output of qa's latest run
+      pd fleet runs qa         qa's recent runs; pd fleet show RUN: one in full, its prompt too
       pd fleet down            stop it; children get SIGTERM, then SIGKILL
     """
 
@@ -275,7 +278,7 @@ def logs(agent: str | None, directory: str | None, run_id: str | None, tail: int
 @json_option
 @quiet_option
 def runs(agent: str | None, directory: str | None, limit: int, as_json: bool, quiet: bool) -> None:
-    """Recent runs of the fleet's agents, newest first. -q prints how many.
+    """Recent runs of the fleet's agents, newest first. -q prints how many. pd fleet show RUN shows one in full.
 
     \b
     Example:
@@ -295,6 +298,84 @@ def runs(agent: str | None, directory: str | None, limit: int, as_json: bool, qu
     table([[r["id"], r["agent"], r["status"], r["attempt"], (r["trigger"] or {}).get("source", "-"),
             r["exitCode"], age(r["createdAt"])] for r in result["runs"]],
           ["RUN", "AGENT", "STATUS", "ATTEMPT", "TRIGGER", "EXIT", "AGE"])  # fmt: skip
+
+
+def _fired_by(trigger: dict[str, Any] | None) -> str:
+    """What fired a run, on one line; the message itself is in the prompt, and whole under --json."""
+    trigger = trigger or {}
+    source = trigger.get("source", "-")
+    if source == "channel":
+        said = f"channel {trigger.get('channel')} from {trigger.get('sender') or 'unknown'}"
+        return said + (f" (message {trigger['messageId']})" if trigger.get("messageId") is not None else "")
+    if source == "schedule":
+        return f"schedule {trigger.get('schedule')} (due {trigger.get('firedAt')})"
+    if source == "manual":
+        return f"pd fleet run (by {trigger.get('by') or 'unknown'})"
+    return source
+
+
+def _took(start: int | None, end: int | None) -> str:
+    return span(max(0, (end - start) // 1000)) if start and end else "-"
+
+
+@fleet.command("show")
+@click.argument("run_id", metavar="RUN")
+@json_option
+@quiet_option
+def show(run_id: str, as_json: bool, quiet: bool) -> None:
+    """One run in full: the prompt it was sent (with its Trigger context block), or a custom agent's command, what
+    fired it, when, how it ended, its log. RUN is an id from pd fleet runs (or pd spawned). -q prints its status.
+
+    Exit 1 for a run the daemon does not know (never made, or past keeping: an agent keeps its last 100 runs).
+
+    \b
+    Examples:
+      pd fleet show fleet-qa-1a2b3c4d
+      pd fleet show fleet-qa-1a2b3c4d --json | jq -r .prompt
+    """
+    result = call("fleet.show", {"runId": run_id}, as_json=as_json)
+    if as_json:
+        emit_json(result)
+        return
+    run = result["run"]
+    if quiet:
+        click.echo(run["status"])
+        return
+    whose = f"agent {run['agent']} of fleet {run['fleet']}" if run["kind"] == "fleet" else "pd spawn"
+    ended = run["status"] + (f", exit {run['exitCode']}" if run["exitCode"] is not None else "")
+    backend = ", ".join(f"{k} {v}" for k, v in (("model", run["model"]), ("tools", result["allowedTools"])) if v)
+    timeout = f"; timeout {span(result['timeout'] // 1000)}" if result["timeout"] else ""
+    log = run["logPath"] or "-"
+    if run["logDropped"]:
+        log += f" ({run['logDropped']:,} bytes cut from its middle)"
+    rows = [("Run", f"{run['id']} ({whose}, attempt {run['attempt']})"), ("Status", ended), ("Error", run["error"]),
+            ("Backend", run["backend"] + (f" ({backend})" if backend else "")),
+            ("Fired by", _fired_by(run["trigger"])), ("Queued", f"{age(run['createdAt'])} ago"),
+            ("Started", run["startedAt"] and f"{age(run['startedAt'])} ago"),
+            ("Ended", run["endedAt"] and f"{age(run['endedAt'])} ago (ran "
+                                         f"{_took(run['startedAt'], run['endedAt'])}{timeout})"),
+            ("Workdir", result["workdir"]), ("Log", log), ("Session", run["sessionId"]),
+            ("Values", " ".join(f"{k}={v}" for k, v in result["variables"].items()) or None)]  # fmt: skip
+    payload = (run["trigger"] or {}).get("payload")
+    if payload is not None:
+        rows.append(("Message", clip(json.dumps(payload, separators=(",", ":")), 300) + " (whole: --json)"))
+    for label, value in rows:
+        if value:
+            click.echo(f"{label + ':':10}{value}")
+    if result["command"] is not None:  # its own block: a command may be several lines
+        click.echo("Command (run by /bin/sh -c, the values above in its environment):")
+        click.echo(result["command"])
+    prompt = result["prompt"]
+    if prompt is None:
+        why = "not sent yet: the run is queued" if run["status"] == "queued" else (
+            "none kept: the run never started, or ran before prompts were kept")  # fmt: skip
+        click.echo(f"Prompt:   {why}")
+        return
+    if result["command"] and not prompt:
+        return  # a custom command with no prompt: PD_PROMPT was empty
+    cut = f"; {result['promptDropped']:,} characters cut from its middle" if result["promptDropped"] else ""
+    click.echo(f"Prompt (as sent{', in PD_PROMPT' if result['command'] else ''}{cut}):")
+    click.echo(prompt)
 
 
 @fleet.command("run")

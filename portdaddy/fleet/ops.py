@@ -12,6 +12,7 @@ from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet.backends import Task, find_binary, normalise_backend
 from portdaddy.fleet.runs import Run
+from portdaddy.fleet.spec import variable_env
 from portdaddy.fleet.supervisor import require_dir
 
 LOG_TAIL_DEFAULT = 64_000
@@ -138,6 +139,22 @@ def _logs(ctx: Ctx, *, projectDir: str | None, agent: str | None, runId: str | N
     return _log_reply(fleet.live.get(runs[0].id, runs[0]), tail)
 
 
+def _show(ctx: Ctx, *, runId: str) -> dict[str, Any]:
+    """One run in full: what it was asked (the prompt as sent; a custom command and the values it refers to),
+    with how it went (its wire shape: trigger, times, exit, log)."""
+    fleet = ctx.app.fleet
+    run = fleet.find(runId)
+    prompt, dropped = fleet.runs.prompt_of(run.id)
+    task = run.task
+    return {
+        "success": True, "run": run.to_wire(), "prompt": prompt, "promptDropped": dropped,
+        "command": task.command if task.backend == "custom" else None,
+        "variables": {variable_env(name): value for name, value in task.variables.items()},
+        "allowedTools": task.allowed_tools, "workdir": task.cwd,
+        "timeout": None if task.timeout_s is None else round(task.timeout_s * 1000),
+    }  # fmt: skip
+
+
 # -- spawn ------------------------------------------------------------------------------------------------
 
 
@@ -204,6 +221,12 @@ OPS = (
         _logs,
         (_PROJECT_OPT, Param("agent", v.name("agent name", 64)), Param("runId", v.name("run id", 100)), _TAIL),
         summary="a run's output (latest run of the fleet or agent, or runId)",
+    ),
+    Op(
+        "fleet.show",
+        _show,
+        (Param("runId", v.name("run id", 100), required=True, aliases=("id",)),),
+        summary="one run (of a fleet agent or pd spawn) in full: the prompt it was sent, its trigger, times, exit",
     ),
     Op(
         "spawn.start",

@@ -29,6 +29,11 @@ FAILED = ("failed", "timeout")
 # What a finished run's log keeps of its output: the start (what it set out to do) and the end (its result).
 LOG_HEAD = 64 * 1024
 LOG_TAIL = 448 * 1024
+# What a run's stored prompt keeps, in characters: the start (its task) and the end (the Trigger context block,
+# under 5,000 characters). Most prompts are a few thousand characters; the cap bounds what a hundred kept runs of
+# an agent hold, whatever its fleet file or a pd spawn (up to 100,000 characters) asks.
+PROMPT_HEAD = 56_000
+PROMPT_TAIL = 8_000
 
 _COLUMNS = ("id, kind, project_dir, fleet, agent, identity, backend, spec, trigger, attempt, status, pid, pid_start, "
             "exit_code, error, log_path, session_id, created_at, started_at, ended_at, not_before, "
@@ -113,6 +118,17 @@ def cap_log(run: Run, head: int = LOG_HEAD, tail: int = LOG_TAIL) -> int:
     return dropped
 
 
+def cap_prompt(run_id: str, prompt: str, head: int = PROMPT_HEAD, tail: int = PROMPT_TAIL) -> tuple[str, int]:
+    """``prompt`` as a run's row keeps it, and the characters cut from its middle (0 when it fits): a longer one keeps
+    its first ``head`` and last ``tail`` characters, with a line where the cut is."""
+    dropped = len(prompt) - head - tail
+    if dropped <= 0:
+        return prompt, 0
+    marker = (f"\n# {run_id}: {dropped} characters of the prompt dropped here (a run's stored prompt keeps its first "
+              f"{head} and last {tail} characters)\n")  # fmt: skip
+    return prompt[:head] + marker + prompt[-tail:], dropped
+
+
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
@@ -143,6 +159,18 @@ class RunTable:
                 (run.status, run.pid, run.pid_start, run.exit_code, run.error, run.log_path, run.session_id,
                  run.started_at, run.ended_at, run.log_dropped, run.id),
             )  # fmt: skip
+
+    def record_prompt(self, run: Run, prompt: str) -> None:
+        """Keep the prompt ``run`` is sent (capped: ``cap_prompt``), as it starts."""
+        kept, dropped = cap_prompt(run.id, prompt)
+        with self.store.write() as db:
+            db.execute("UPDATE fleet_runs SET prompt=?, prompt_dropped=? WHERE id=?", (kept, dropped, run.id))
+
+    def prompt_of(self, run_id: str) -> tuple[str | None, int]:
+        """The prompt a run was sent as its row keeps it (None: not started, or started before prompts were kept),
+        and the characters cut from its middle. Read alone: the lists of runs do not carry prompts."""
+        row = self.store.one("SELECT prompt, prompt_dropped FROM fleet_runs WHERE id=?", (run_id,))
+        return (None, 0) if row is None else (row[0], row[1])
 
     def _select(self, where: str, args: tuple[Any, ...] = (), limit: int = 1000) -> list[Run]:
         rows = self.store.all(f"SELECT {_COLUMNS} FROM fleet_runs WHERE {where} LIMIT {int(limit)}", args)

@@ -504,7 +504,7 @@ class Fleet:
     def find(self, run_id: str) -> Run:
         run = self.live.get(run_id) or self.runs.get(run_id)
         if run is None:
-            raise PDError("NOT_FOUND", f"no run {run_id!r}; list them with pd spawned or pd fleet status")
+            raise PDError("NOT_FOUND", f"no run {run_id!r}; list them with pd fleet runs or pd spawned")
         return run
 
     async def kill(self, run_id: str) -> Run:
@@ -588,6 +588,8 @@ class Fleet:
         task = run.task
         run.log_path = str(self.logs_dir / f"{run.id}.log")
         prompt = with_trigger_context(task.prompt, run.trigger)
+        # Kept as sent, not rebuilt when asked: the block this appends has changed before (pd fleet show).
+        self.runs.record_prompt(run, prompt)
         try:
             argv = argv_for(task, prompt)
         except PDError as exc:

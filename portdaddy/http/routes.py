@@ -115,6 +115,7 @@ ROUTES: list[Route] = [
     Route("POST", "/fleet/agent/run", "fleet.run"),
     Route("POST", "/fleet/agent/reset", "fleet.reset"),
     Route("GET", "/fleet/runs", "fleet.runs"),
+    Route("GET", "/fleet/runs/<runId>", "fleet.show"),
     Route("GET", "/fleet/logs", "fleet.logs"),
     Route("POST", "/spawn", "spawn.start"),
     Route("GET", "/spawn", "spawn.list"),
