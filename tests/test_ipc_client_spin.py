@@ -77,6 +77,21 @@ def test_a_process_on_one_cpu_never_polls(one_cpu: None) -> None:
     assert Spin().usable() is None
 
 
+def test_a_process_pinned_while_it_runs_stops_polling_within_a_bounded_number_of_waits() -> None:
+    """The affinity is looked at every AFFINITY_EVERY waits, not every wait (a syscall per round trip)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    spin = Spin()
+    assert spin.usable() == Spin.START_NS
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        looks = [spin.usable() for _ in range(Spin.AFFINITY_EVERY + 1)]
+    finally:
+        os.sched_setaffinity(0, before)
+    assert looks[-1] is None and all(looks[:-1])
+
+
 def test_on_one_cpu_the_client_sleeps_at_once_and_learns_nothing(daemon: Daemon, one_cpu: None) -> None:
     with daemon.client() as c:
         for _ in range(3):
