@@ -178,10 +178,11 @@ class Locks:
                conn: Any) -> Lock:  # fmt: skip
         """Grant the lock; memory and the event follow once the grant (or the release it is part of) committed.
         A connection-bound grant writes nothing, unless its token needs a new block reserved."""
+        writes = self._grant_writes(conn)
         now = now_ms()
         token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
         lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
-        if conn is None or not self._tokens.covered:
+        if writes:
             with self.store.write() as db:
                 self._tokens.cover(db)
                 if conn is None:
@@ -193,6 +194,10 @@ class Locks:
                     )  # fmt: skip
         self.store.after_commit(partial(self._granted, lock, conn))
         return lock
+
+    def _grant_writes(self, conn: Any) -> bool:
+        """Whether the next grant must write: a lock held by name (its row), or a token past the reserved block."""
+        return conn is None or self._tokens.exhausted
 
     def _granted(self, lock: Lock, conn: Any) -> None:
         self._held[lock.name] = lock
@@ -293,7 +298,7 @@ class Locks:
         Between connection-bound locks nothing is written, unless the waiter's token needs a new block."""
         queue = self._waiters.get(lock.name)
         waiter = next(iter(queue)) if queue else None
-        durable = lock.conn is None or (waiter is not None and (waiter.conn is None or self._tokens.exhausted))
+        durable = lock.conn is None or (waiter is not None and self._grant_writes(waiter.conn))
         with self.store.write() if durable else nullcontext():
             if lock.conn is None:
                 self.store.db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
