@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from portdaddy.core.lockjournal import journal_path
 from portdaddy.core.store import FILE_CHECK_S
 from portdaddy.core.writebehind import MAX_PENDING_REFUSED
 from portdaddy.errors import PDError
@@ -259,6 +260,27 @@ def test_every_write_the_store_refuses_changes_nothing(tmp_home: Path) -> None:
         d.stop()
 
 
+def test_locks_held_by_name_are_served_from_their_journal_until_the_store_is_known_to_refuse(
+    fresh_daemon: Daemon,
+) -> None:
+    """A lock held by name goes to the lock journal, which another process's write lock does not stop: it is
+    granted, and folded into the store once the lock is let go. Once a write has found the store refusing,
+    such a change is written to the store itself, and refused with the rest."""
+    d = fresh_daemon
+    d.call("lock.release", name="warm", token=d.call("lock.acquire", name="warm")["token"])  # reserves tokens
+    with write_lock_held(d):
+        got = d.call("lock.acquire", name="deploy", owner="a", ttl="10m")
+        assert refused(d.call, "port.claim", id="app:api").code == "STORE_LOCKED"
+        assert refused(d.call, "lock.release", name="deploy", owner="a").code == "STORE_LOCKED"
+        assert d.call("lock.get", name="deploy")["token"] == got["token"]
+    db = sqlite3.connect(d.settings.db)
+    try:
+        wait_for(lambda: db.execute("SELECT owner, token FROM locks").fetchall() == [("a", got["token"])])
+    finally:
+        db.close()
+    assert d.call("lock.release", name="deploy", owner="a")["released"]
+
+
 def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_they_are_taken(
     fresh_daemon: Daemon,
 ) -> None:
@@ -282,6 +304,9 @@ def test_a_lock_whose_holder_left_while_writes_were_refused_is_released_once_the
         assert time.monotonic() < deadline
         time.sleep(0.05)
     with write_lock_held(d):
+        # Once the store has refused a write, a change to a lock held by name is written to it, not to the lock
+        # journal: it is refused with the rest.
+        assert refused(d.call, "port.claim", id="app:api").code == "STORE_LOCKED"
         holder.close()
         time.sleep(2.5)  # the daemon has tried the release, and tried again, and been refused
         assert refused(d.call, "lock.acquire", name="deploy", owner="thief").code == "STORE_LOCKED"
@@ -303,12 +328,14 @@ def test_a_connection_bound_lock_writes_nothing_so_it_is_served_while_writes_are
 ) -> None:
     """A connection-bound lock ends with its connection, and the daemon's death ends every connection: the
     store has nothing to keep for it. Its grant, renewal and release need no write, so they are served while
-    another process holds the write lock (a durable lock is refused then), and no row of it is ever stored. A
-    release that hands it to a waiter holding it by name writes the waiter's row."""
+    another process holds the write lock (a lock held by name is refused then, once the store is known to
+    refuse writes), and no row of it is ever stored. A release that hands it to a waiter holding it by name
+    stores the waiter's row."""
     d = fresh_daemon
     d.call("lock.release", name="plain", token=d.call("lock.acquire", name="plain")["token"])  # reserves tokens
     with d.client("holder") as holder:
         with write_lock_held(d):
+            assert refused(d.call, "port.claim", id="app:api").code == "STORE_LOCKED"
             assert refused(d.call, "lock.acquire", name="plain").code == "STORE_LOCKED"
             first = holder.request("lock.acquire", {"name": "deploy", "connBound": True, "ttl": "1m"})
             again = holder.request("lock.acquire", {"name": "deploy", "connBound": True, "ttl": "10m"})
@@ -319,7 +346,7 @@ def test_a_connection_bound_lock_writes_nothing_so_it_is_served_while_writes_are
             assert second["token"] > first["token"]
         db = sqlite3.connect(d.settings.db)
         try:
-            assert db.execute("SELECT count(*) FROM locks").fetchone() == (0,)
+            assert db.execute("SELECT * FROM locks WHERE name='deploy'").fetchall() == []
         finally:
             db.close()
         got: dict[str, Any] = {}
@@ -336,7 +363,7 @@ def test_a_connection_bound_lock_writes_nothing_so_it_is_served_while_writes_are
     assert got["lock"]["owner"] == "waiter" and not got["lock"]["connBound"]
     db = sqlite3.connect(d.settings.db)
     try:
-        assert db.execute("SELECT owner, token FROM locks").fetchall() == [("waiter", got["lock"]["token"])]
+        wait_for(lambda: db.execute("SELECT owner, token FROM locks").fetchall() == [("waiter", got["lock"]["token"])])
     finally:
         db.close()
 
@@ -415,6 +442,37 @@ def test_a_full_disk_refuses_writes_changes_nothing_and_recovers(tmp_home: Path,
         assert [s["id"] for s in d.call("port.find", pattern="*")["services"]] == ["app:api", "big0:api"]
         assert len(d.call("pheromone.list", table="files")["pheromones"]) == 51
         assert "Traceback" not in d.log()
+    finally:
+        d.stop()
+
+
+def test_a_lock_journal_append_the_disk_cuts_short_is_cut_off_and_the_change_refused(
+    tmp_home: Path, small_disk: Path
+) -> None:
+    """A lock held by name is one append to the lock journal. On a full disk a small one still fits in the
+    file's last block, and is kept; a larger one gets in only in part: that part is cut off again (a torn frame
+    in front of the next would hide it from replay), and the change is written to the store instead, which
+    refuses it as it refuses the rest."""
+    d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_DB=str(small_disk / "portdaddy.db"))).start()
+    try:
+        journal = Path(journal_path(str(d.settings.db)))
+        header = journal.stat().st_size
+        d.call("lock.release", name="warm", token=d.call("lock.acquire", name="warm")["token"])  # reserves tokens
+        wait_for(lambda: journal.stat().st_size == header)  # folded: the store has nothing left to write
+        filler = fill(small_disk)
+        small = d.call("lock.acquire", name="small", owner="a", ttl="10m")
+        size = journal.stat().st_size
+        assert size > header
+        error = refused(d.call, "lock.acquire", name="big", owner="a", metadata={"pad": "x" * 5000})
+        assert error.code == "STORE_FULL" and journal.stat().st_size == size
+        assert d.call("lock.get", name="big")["held"] is False
+        filler.unlink()
+        after = d.call("lock.acquire", name="after", owner="a", ttl="10m")
+        d.kill9()
+        d.start()
+        held = {lk["name"]: lk["token"] for lk in d.call("lock.list")["locks"]}
+        assert held == {"small": small["token"], "after": after["token"]}
+        assert "cut short" not in d.log() and "Traceback" not in d.log()
     finally:
         d.stop()
 

@@ -13,6 +13,11 @@ before any reply; expiries run at their deadline (the next one, not on a tick). 
 (its connection closed, its agent died or left) while the store refused the release stays held, and is due
 at once: the expiry task tries again until the store takes it (spec/decisions.md, "Storage failures").
 
+A lock held by name is written through to the lock journal (core/lockjournal.py): one append, folded into the
+store's ``locks`` table within FOLD_S, rather than a commit per change. While the store refuses writes, or the
+journal cannot take one, the change is written to the store itself (folding in what the journal held first), so
+that it is refused whenever the store refuses, as every other change is.
+
 A connection-bound lock is the exception to writing through: it ends with its connection, which the daemon's
 death ends too, so the store has nothing to keep for it, and its grant and release write nothing (a lock cycle
 without two commits).
@@ -23,8 +28,9 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import json
+import math
 import secrets
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -35,6 +41,7 @@ from outcome import Value
 from portdaddy.core import validate as v
 from portdaddy.core.clock import now_ms
 from portdaddy.core.events import Event
+from portdaddy.core.lockjournal import LockJournal, journal_path, replay
 from portdaddy.core.ops import Ctx, Later, Op, Param
 from portdaddy.core.store import Reserved
 from portdaddy.errors import LockHeld, PDError, StoreError, bad_input
@@ -45,6 +52,7 @@ MAX_TTL_MS = 60 * 60_000
 MAX_WAIT_MS = 24 * 3600_000
 COMPACT_SLACK = 64  # stale expiry entries tolerated beyond twice the locks held
 FENCE_BLOCK = 1024  # fencing tokens reserved per write of lock_fence
+FOLD_S = 1.0  # how long a change may stay in the lock journal before it is folded into the store
 
 
 @dataclass(slots=True)
@@ -87,19 +95,42 @@ class Locks:
         self._expiry: trio.CancelScope | None = None  # the expiry task's sleep; its deadline is the next expiry
         self.granted = 0
         # lock_fence.last_token is the highest token reserved (0 before the first grant): ours start above it.
-        self._tokens = Reserved(self.store, self.store.scalar("SELECT last_token FROM lock_fence WHERE id = 1"),
-                                FENCE_BLOCK, _write_fence)  # fmt: skip
+        last_token, self._journal_id, self._seq = self.store.one(
+            "SELECT last_token, journal_id, journal_seq FROM lock_fence WHERE id = 1")  # fmt: skip
+        self._tokens = Reserved(self.store, last_token, FENCE_BLOCK, _write_fence)
+        self._journal: LockJournal | None = None  # None until loaded, or when no file can be written
+        self._dirty: set[str] = set()  # locks changed in the journal since its last fold
+        self._fold_scope: trio.CancelScope | None = None  # the fold task's sleep: its deadline is the next fold
         rows = self.store.all("SELECT name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata "
                               "FROM locks")  # fmt: skip
-        for name, owner, token, pid, acquired, expires, conn_bound, meta in rows:
-            lock = Lock(name, owner, token, pid, acquired, expires, json.loads(meta) if meta else None)
-            self._held[name] = lock
+        bound = []
+        for name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata in rows:
+            lock = self._held[name] = _lock(name, [owner, token, pid, acquired_at, expires_at, metadata])
             if conn_bound:
-                # Written by a daemon before connection-bound locks were kept in memory only; its connection
-                # died with that daemon: nobody holds it any more.
-                self._release(lock, by=None, forced=False, reason="disconnect")
+                bound.append(lock)
+        for seq, name, row in replay(self._journal_path, self._journal_id, self._seq):
+            self._seq = seq
+            self._dirty.add(name)
+            if row is None:
+                self._held.pop(name, None)
             else:
-                heapq.heappush(self._deadlines, (expires, name))
+                self._held[name] = _lock(name, row)
+        for lock in bound:
+            if self._held.get(lock.name) is not lock:
+                continue
+            # Written by a daemon before connection-bound locks were kept in memory only; its connection died
+            # with that daemon: nobody holds it any more.
+            self._release(lock, by=None, forced=False, reason="disconnect")
+        if self._dirty:
+            with self.store.write() as db:
+                self._fold(db)
+        self._journal = LockJournal.start(self._journal_path, self._journal_id)
+        self._deadlines.extend((lk.expires_at, name) for name, lk in self._held.items())
+        heapq.heapify(self._deadlines)
+
+    @property
+    def _journal_path(self) -> str:
+        return journal_path(self.store.path)
 
     def stats(self) -> dict[str, Any]:
         return {"locks": len(self._held), "lockWaiters": sum(len(w) for w in self._waiters.values())}
@@ -176,28 +207,66 @@ class Locks:
 
     def _grant(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None,
                conn: Any) -> Lock:  # fmt: skip
-        """Grant the lock; memory and the event follow once the grant (or the release it is part of) committed.
-        A connection-bound grant writes nothing, unless its token needs a new block reserved."""
-        writes = self._grant_writes(conn)
-        now = now_ms()
-        token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
-        lock = Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
-        if writes:
-            with self.store.write() as db:
-                self._tokens.cover(db)
-                if conn is None:
-                    db.execute(
-                        "INSERT INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, metadata) "
-                        "VALUES (?,?,?,?,?,?,0,?)",
-                        (name, owner, token, pid, now, lock.expires_at,
-                         json.dumps(metadata) if metadata is not None else None),
-                    )  # fmt: skip
+        """Grant the lock; memory and the event follow once it is kept (a connection-bound one: nothing is)."""
+        lock = self._new(name, owner, ttl_ms, pid, metadata)
+        self._keep(name, _row(lock) if conn is None else None, stored=False)
         self.store.after_commit(partial(self._granted, lock, conn))
         return lock
 
-    def _grant_writes(self, conn: Any) -> bool:
-        """Whether the next grant must write: a lock held by name (its row), or a token past the reserved block."""
-        return conn is None or self._tokens.exhausted
+    def _new(self, name: str, owner: str, ttl_ms: int, pid: int | None, metadata: dict[str, Any] | None) -> Lock:
+        now = now_ms()
+        token = self._tokens.take()  # never handed out twice, even if this grant fails: a gap is harmless
+        return Lock(name, owner, token, pid, now, now + ttl_ms, metadata)
+
+    def _keep(self, name: str, row: list[Any] | None, *, stored: bool) -> None:
+        """Make ``row`` what the store holds for ``name`` (None: nothing), where it or what was there (``stored``)
+        is a lock held by name, and reserve a new block of tokens if the last one handed out needs it. Raises
+        StoreError, having changed nothing, if that cannot be kept."""
+        if row is None and not stored and self._tokens.covered:
+            return  # connection-bound, before and after
+        if self._journaled(name, row):
+            return
+        with self.store.write() as db:
+            self._tokens.cover(db)
+            self._fold(db)  # first: the journal's records must not be replayed over this change
+            if row is not None or stored:
+                _write_row(db, name, row)
+
+    def _journaled(self, name: str, row: list[Any] | None) -> bool:
+        """Whether the change went to the journal: not while the store refuses writes (it must be refused with
+        them), nor when a token block must be written anyway, nor inside a store transaction (it must not outlive
+        that transaction's rollback)."""
+        journal = self._journal
+        if journal is None or self.store.failure is not None or self.store.writing or not self._tokens.covered:
+            return False
+        if not journal.append(self._seq + 1, name, row):
+            return False
+        self._seq += 1
+        if not self._dirty and self._fold_scope is not None:
+            self._fold_scope.deadline = trio.current_time() + FOLD_S
+        self._dirty.add(name)
+        return True
+
+    def _fold(self, db: Any) -> None:
+        """Inside an open write: store what the locks changed in the journal now are."""
+        if not self._dirty:
+            return
+        for name in self._dirty:
+            lock = self._held.get(name)
+            _write_row(db, name, _row(lock) if lock is not None and lock.conn is None else None)
+        db.execute("UPDATE lock_fence SET journal_seq = ? WHERE id = 1", (self._seq,))
+        self.store.after_commit(self._folded)
+
+    def _folded(self) -> None:
+        self._dirty.clear()
+        journal = self._journal
+        if journal is not None and not journal.empty():
+            journal.close()
+            self._journal = LockJournal.start(self._journal_path, self._journal_id)
+
+    def _fold_now(self) -> None:
+        with self.store.write() as db:
+            self._fold(db)
 
     def _granted(self, lock: Lock, conn: Any) -> None:
         self._held[lock.name] = lock
@@ -262,8 +331,7 @@ class Locks:
 
     def _set_expiry(self, lock: Lock, expires_at: int) -> None:
         if lock.conn is None:
-            with self.store.write() as db:
-                db.execute("UPDATE locks SET expires_at=? WHERE name=?", (expires_at, lock.name))
+            self._keep(lock.name, _row(lock, expires_at), stored=True)
         lock.expires_at = expires_at
         self._schedule(lock)
 
@@ -293,20 +361,19 @@ class Locks:
             self._schedule(lock)
 
     def _release(self, lock: Lock, *, by: str | None, forced: bool, reason: str) -> None:
-        """Drop ``lock`` and hand it to the first waiter, if any, in the same transaction. Memory, the events and
-        the waiter's wake-up follow once it has committed: a release the store refuses leaves the lock held.
-        Between connection-bound locks nothing is written, unless the waiter's token needs a new block."""
+        """Drop ``lock`` and hand it to the first waiter, if any, in the same change. Memory, the events and the
+        waiter's wake-up follow once it is kept: a release the store refuses leaves the lock held."""
         queue = self._waiters.get(lock.name)
         waiter = next(iter(queue)) if queue else None
-        durable = lock.conn is None or (waiter is not None and self._grant_writes(waiter.conn))
-        with self.store.write() if durable else nullcontext():
-            if lock.conn is None:
-                self.store.db.execute("DELETE FROM locks WHERE name=?", (lock.name,))
-            self.store.after_commit(partial(self._released, lock, by, forced, reason))
-            if waiter is not None:
-                granted = self._grant(lock.name, waiter.owner, waiter.ttl_ms, waiter.pid, waiter.metadata,
-                                      waiter.conn)  # fmt: skip
-                self.store.after_commit(partial(self._handed, waiter, granted))
+        granted = None
+        if waiter is not None:
+            granted = self._new(lock.name, waiter.owner, waiter.ttl_ms, waiter.pid, waiter.metadata)
+        self._keep(lock.name, _row(granted) if granted is not None and waiter.conn is None else None,
+                   stored=lock.conn is None)  # fmt: skip
+        self.store.after_commit(partial(self._released, lock, by, forced, reason))
+        if waiter is not None:
+            self.store.after_commit(partial(self._granted, granted, waiter.conn))
+            self.store.after_commit(partial(self._handed, waiter, granted))
 
     def _released(self, lock: Lock, by: str | None, forced: bool, reason: str) -> None:
         del self._held[lock.name]
@@ -353,30 +420,72 @@ class Locks:
             self._release(lock, by=None, forced=False, reason="expire")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Expire leases at their deadline, and release the locks of agents that die or unregister."""
+        """Expire leases at their deadline, fold the journal into the store, and release the locks of agents
+        that die or unregister."""
         # Inline (observe), not a task woken later: the release must commit before `agent.unregister` or
         # `agent.done` is answered, or a SIGKILL in between leaves the lock held by an agent that is gone.
         with self.app.bus.observe(self._owner_gone, "agent.dead", "agent.unregister"):
-            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fold_when_due)
+                task_status.started()
+                await self._expire_when_due()
+
+    async def _expire_when_due(self) -> None:
+        while True:
+            with trio.CancelScope() as self._expiry:
+                if self._deadlines:
+                    self._expiry.deadline = _trio_deadline(self._deadlines[0][0])
+                await trio.sleep_forever()
+            now = now_ms()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                entry = self._deadlines[0]
+                # An extended lease has a later entry and is left alone; one the store refuses to end stays due,
+                # and is tried again once background() has waited RETRY_S.
+                if not await self.store.background(partial(self._expire_if_due, entry[1])):
+                    break
+                if self._deadlines and self._deadlines[0] == entry:
+                    heapq.heappop(self._deadlines)
+
+    async def _fold_when_due(self) -> None:
+        """Fold the journal FOLD_S after its first change since the last fold (a deadline set by that change: no
+        task wake-up per change), until the store takes it; and once more when the daemon stops, so that the
+        next start has nothing to replay."""
+        try:
             while True:
-                with trio.CancelScope() as self._expiry:
-                    if self._deadlines:
-                        self._expiry.deadline = _trio_deadline(self._deadlines[0][0])
+                with trio.CancelScope(deadline=trio.current_time() + FOLD_S if self._dirty else math.inf) as scope:
+                    self._fold_scope = scope
                     await trio.sleep_forever()
-                now = now_ms()
-                while self._deadlines and self._deadlines[0][0] <= now:
-                    entry = self._deadlines[0]
-                    # An extended lease has a later entry and is left alone; one the store refuses to end stays due,
-                    # and is tried again once background() has waited RETRY_S.
-                    if not await self.store.background(partial(self._expire_if_due, entry[1])):
-                        break
-                    if self._deadlines and self._deadlines[0] == entry:
-                        heapq.heappop(self._deadlines)
+                self._fold_scope = None
+                while not await self.store.background(self._fold_now):
+                    pass
+        finally:
+            self._fold_scope = None
+            with suppress(StoreError):
+                self._fold_now()
 
     def _owner_gone(self, event: Event) -> None:
         agent_id = event.data.get("agentId")
         if isinstance(agent_id, str):
             self.release_owner(agent_id, "owner-dead")
+
+
+def _row(lock: Lock, expires_at: int | None = None) -> list[Any]:
+    """What the store and the journal hold of a lock held by name."""
+    return [lock.owner, lock.token, lock.pid, lock.acquired_at, lock.expires_at if expires_at is None else expires_at,
+            json.dumps(lock.metadata) if lock.metadata is not None else None]  # fmt: skip
+
+
+def _lock(name: str, row: list[Any]) -> Lock:
+    owner, token, pid, acquired_at, expires_at, metadata = row
+    return Lock(name, owner, token, pid, acquired_at, expires_at, json.loads(metadata) if metadata else None)
+
+
+def _write_row(db: Any, name: str, row: list[Any] | None) -> None:
+    if row is None:
+        db.execute("DELETE FROM locks WHERE name=?", (name,))
+    else:
+        db.execute("INSERT OR REPLACE INTO locks (name, owner, token, pid, acquired_at, expires_at, conn_bound, "
+                   "metadata) VALUES (?,?,?,?,?,?,0,?)", (name, *row))  # fmt: skip
 
 
 def _write_fence(db: Any, top: int) -> None:
