@@ -1,5 +1,5 @@
 """A test project for the fleet: a git repository with a pd-fleet.yml, and a stand-in ``claude`` on PATH that
-records its arguments and environment (the only fake: an LLM CLI cannot run here)."""
+records its arguments, environment and standard input (the only fake: an LLM CLI cannot run here)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ STAND_IN = """\
 import json, os, sys, time
 record = os.environ.get("PD_TEST_RECORD")
 if record:
+    with open(os.path.join(record, "claude-%d.stdin" % os.getpid()), "wb") as f:
+        f.write(sys.stdin.buffer.read())  # as it came, byte for byte (empty from /dev/null); before the record
     with open(os.path.join(record, "claude-%d.json" % os.getpid()), "w") as f:
         json.dump({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items()
                                                  if k.startswith(("PD_", "PORT_DADDY_"))}}}}, f)
@@ -71,7 +73,11 @@ def path_with(bin_dir: Path) -> str:
 
 
 def records(root: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((root / "records").glob("claude-*.json"))]
+    """What each stand-in ``claude`` got: ``argv``, ``env`` (``PD_*``, ``PORT_DADDY_*``) and ``stdin`` (bytes)."""
+    found = []
+    for path in sorted((root / "records").glob("claude-*.json")):
+        found.append({**json.loads(path.read_text()), "stdin": path.with_suffix(".stdin").read_bytes()})
+    return found
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:

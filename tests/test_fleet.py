@@ -17,7 +17,7 @@ import pytest
 
 from portdaddy.core.store import Store
 from portdaddy.errors import PDError
-from portdaddy.fleet.backends import Task
+from portdaddy.fleet.backends import Task, with_trigger_context
 from portdaddy.fleet.runs import PROMPT_HEAD, PROMPT_TAIL, Run, RunTable, new_id
 from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race, unix_client
 from tests.fleet_helpers import (
@@ -371,6 +371,99 @@ def test_a_long_prompt_is_kept_as_its_start_and_end_with_the_cut_said(daemon_fac
     assert shown["prompt"] == task[:PROMPT_HEAD] + marker + task[-PROMPT_TAIL:]
     said = d.pd("fleet", "show", run["id"]).stdout
     assert f"Prompt (as sent; {dropped:,} characters cut from its middle):\nStart here." in said
+
+
+BIG_PROMPT = """
+agents:
+  review:
+    trigger: review:go
+    backend: claude-cli
+    allowedTools: "Read"
+    env: {PD_TEST_RECORD: "RECORDS"}
+    prompt: |
+PROMPT
+  small:
+    trigger: review:go
+    backend: claude-cli
+    env: {PD_TEST_RECORD: "RECORDS"}
+    prompt: "Say hello"
+"""
+
+
+def _long_text(lines: int) -> str:
+    """Text of several bytes a character (what a 128 KiB limit counts), as a prompt block's indented lines."""
+    return "".join(f"      Step {n}: vérifie le café, 日本語のテキスト — then go on.\n" for n in range(lines))
+
+
+def _unindented(block: str) -> str:
+    """The prompt a ``prompt: |`` block of ``_long_text`` lines gives (the file's text is stripped)."""
+    return "".join(line[6:] for line in block.splitlines(keepends=True)).strip()
+
+
+def test_a_prompt_too_large_for_an_argument_is_sent_on_stdin(daemon_factory: Any, tmp_home: Path) -> None:
+    """Linux refuses an argument or environment string over 128 KiB: such a prompt made the run fail to start
+    (spec/fleet.md, "A prompt too large for an argument")."""
+    d = daemon_factory(**FAST)
+    bin_dir = make_bin(tmp_home)
+    block = _long_text(4300)
+    config = BIG_PROMPT.replace("RECORDS", str(tmp_home / "records")).replace("PROMPT\n", block)
+    project = make_project(tmp_home, config)
+    pd_json(d, "fleet", "up", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    d.call("msg.publish", channel="review:go", payload={"diff": "+ added a line"}, sender="ci")
+    [review] = finished(d, project, "review", 1)
+    [small] = finished(d, project, "small", 1)
+    # Was: failed, "cannot start: [Errno 7] Argument list too long: '…/claude'", after it was registered (salvage).
+    assert review["status"] == "completed", review["error"]
+    assert small["status"] == "completed", small
+
+    shown = pd_json(d, "fleet", "show", review["id"])
+    prompt = with_trigger_context(_unindented(block), review["trigger"])
+    assert len(prompt.encode()) > 300_000 > len(prompt) > 128 * 1024
+    got = {rec["env"]["PD_RUN_ID"]: rec for rec in records(tmp_home)}
+    big = got[review["id"]]
+    assert big["stdin"] == prompt.encode()  # the whole prompt, byte for byte
+    assert big["argv"] == ["-p", "--allowedTools", "Read"] and "PD_PROMPT" not in big["env"]
+    assert "Trigger context:" in prompt and "added a line" in prompt
+    # Kept as sent (its middle cut, as any long prompt's), whichever way it went.
+    dropped = len(prompt) - PROMPT_HEAD - PROMPT_TAIL
+    marker = (f"\n# {review['id']}: {dropped} characters of the prompt dropped here (a run's stored prompt keeps its "
+              f"first {PROMPT_HEAD} and last {PROMPT_TAIL} characters)\n")  # fmt: skip
+    assert shown["prompt"] == prompt[:PROMPT_HEAD] + marker + prompt[-PROMPT_TAIL:]
+    assert f"its prompt ({len(prompt.encode()):,} bytes) on stdin" in Path(review["logPath"]).read_text()
+
+    # A prompt that fits goes as before: the argument of -p and PD_PROMPT, nothing on stdin.
+    hello = got[small["id"]]
+    assert hello["argv"] == ["-p", hello["env"]["PD_PROMPT"]] and hello["stdin"] == b""
+    assert hello["env"]["PD_PROMPT"].startswith("Say hello\n\nTrigger context:")
+    assert pd_json(d, "fleet", "show", small["id"])["prompt"] == hello["env"]["PD_PROMPT"]
+
+
+def test_a_prompt_too_large_for_a_backend_without_stdin_fails_with_the_reason(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    """A custom command gets its prompt only in PD_PROMPT: one too large for an environment variable is refused up
+    front when the file's own prompt is, and else (a trigger's message made it so) fails with the reason."""
+    d = daemon_factory(**FAST)
+    out = tmp_home / "ran"
+    agent = "agents:\n  qa:\n    trigger: qa:go\n    backend: custom\n    command: touch OUT\n    prompt: |\nPROMPT"
+    agent = agent.replace("OUT", str(out))
+    near = "      " + "x" * (128 * 1024 - 100) + "\n"  # fits, but not with the Trigger context block a run adds
+    project = make_project(tmp_home, agent.replace("PROMPT", near))
+    pd_json(d, "fleet", "up", "-C", str(project))
+    d.call("msg.publish", channel="qa:go", payload="go", sender="ci")
+    [run] = finished(d, project, "qa", 1)
+    assert run["status"] == "failed" and run["exitCode"] is None and not out.exists()
+    size = len(with_trigger_context(_unindented(near), run["trigger"]).encode())
+    assert run["error"] == (f"the prompt is {size:,} bytes; backend custom gets it only in PD_PROMPT, and Linux "
+                            "refuses an environment variable over 128 KiB: shorten it, or put its long part in a file "
+                            "the command reads")  # fmt: skip
+    assert Path(run["logPath"]).read_text() == f"# {run['id']}: not started: {run['error']}\n"
+    assert run["sessionId"] is None  # never registered: nothing went to salvage
+
+    (project / "pd-fleet.yml").write_text(agent.replace("PROMPT", _long_text(3000)))
+    refused = d.pd("fleet", "up", "-C", str(project))
+    assert refused.returncode == 2 and "pd-fleet.yml:6: agents.qa.prompt: is " in refused.stderr, refused.stderr
+    assert "backend custom gets it only in PD_PROMPT" in refused.stderr
 
 
 # Who a caller is, as the shell that starts the daemon may have it (an agent's shell): none of it may reach the

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
+import threading
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from portdaddy.errors import PDError
+from portdaddy.fleet.backends import Task, argv_for, prompt_fits, too_large
 from portdaddy.fleet.config import (
     STARTER_FLEET,
     AgentSpec,
@@ -673,6 +678,64 @@ def test_check_backends(tmp_path: Path) -> None:
     assert check_backends(cfg, which=lambda b: f"/usr/bin/{b}" if b in on_path else None) == [
         "agent 'gone' uses backend custom but './scripts/missing.sh' does not exist; fix its command"
     ]
+
+
+def test_each_backend_but_custom_takes_a_prompt_too_large_for_an_argument_on_stdin(tmp_path: Path) -> None:
+    for name in ("claude", "codex", "gemini", "aider"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    small, big = "Review it", "é" * (64 * 1024)  # 128 KiB: over, with PD_PROMPT= and the NUL
+    assert prompt_fits(small) and not prompt_fits(big) and prompt_fits("é" * (64 * 1024 - 6))
+    bin_ = str(tmp_path)
+    expected = {
+        "claude-cli": ([f"{bin_}/claude", "-p", small, "--model", "m"], [f"{bin_}/claude", "-p", "--model", "m"]),
+        "codex": ([f"{bin_}/codex", "exec", "--model", "m", small], [f"{bin_}/codex", "exec", "--model", "m", "-"]),
+        "gemini": ([f"{bin_}/gemini", "-m", "m", "-p", small], [f"{bin_}/gemini", "-m", "m"]),
+        "aider": ([f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message", small],
+                  [f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message-file", "/dev/stdin"]),
+        "ollama": ([sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m"],
+                   [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", "--prompt-stdin"]),
+    }  # fmt: skip
+    for backend, (as_argument, on_stdin) in expected.items():
+        task = Task(backend=backend, prompt=small, model="m", path=bin_)
+        assert argv_for(task, small) == as_argument, backend
+        assert argv_for(task, big, on_stdin=True) == on_stdin, backend
+        assert too_large(backend, big) is None
+    assert too_large("custom", small) is None
+    assert too_large("custom", big) == (
+        "is 131,072 bytes; backend custom gets it only in PD_PROMPT, and Linux refuses an environment variable over "
+        "128 KiB: shorten it, or put its long part in a file the command reads"
+    )
+
+
+def test_the_ollama_client_reads_a_prompt_from_stdin_when_told(tmp_path: Path) -> None:
+    got: list[Any] = []
+
+    class Ollama(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = json.dumps({"message": {"content": "done"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Ollama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{server.server_port}", "PD_PROMPT": "from the environment"}
+        prompt = "日本語 " * 50_000
+        cases = (([], b"", "from the environment"), (["--prompt-stdin"], prompt.encode(), prompt))
+        for extra, stdin, expected in cases:
+            out = subprocess.run([sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", *extra], input=stdin,
+                                 env=env, capture_output=True, timeout=30, check=True)  # fmt: skip
+            assert out.stdout == b"done\n" and got.pop()["messages"] == [{"role": "user", "content": expected}]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- cron ------------------------------------------------------------------------------------------------

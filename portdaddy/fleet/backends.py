@@ -2,7 +2,8 @@
 
 Every backend is a child process, ollama included (a tiny stdlib HTTP client, ``fleet/ollama.py``), so one
 supervision path (process group, timeout, log file, SIGTERM then SIGKILL) covers them all. The prompt travels
-as an argument for the CLIs that take it that way, and always in ``PD_PROMPT`` (custom commands read it there).
+as an argument for the CLIs that take it that way, and in ``PD_PROMPT`` (custom commands read it there). A
+prompt too large for that (``prompt_fits``) goes on the child's stdin instead, for every backend but custom.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS, va
 
 DEFAULT_OLLAMA_MODEL = "llama3.2"
 TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a prompt (as the original)
+# Linux will not exec a program given one argument or environment string (``NAME=value``) of more than 128 KiB
+# with its NUL (MAX_ARG_STRLEN): the exec fails with E2BIG and the run never starts.
+ARG_STRLEN_MAX = 128 * 1024
+# The backends whose CLI reads the prompt from stdin when it is not given as an argument (spec/fleet.md, "A prompt
+# too large for an argument"); a custom command reads PD_PROMPT, and nothing else can stand in for that.
+STDIN_BACKENDS = frozenset({"claude-cli", "codex", "gemini", "aider", "ollama"})
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # Words a shell runs itself: a custom command starting with one of these needs no binary on PATH.
@@ -144,24 +151,50 @@ def find_binary(task: Task) -> str | None:
     return found
 
 
-def argv_for(task: Task, prompt: str) -> list[str]:
-    """The child's argv. Raises BadInput when the backend's binary is not on the task's PATH."""
+def exec_size(text: str) -> int:
+    """The bytes ``text`` takes as one argument or environment string of an exec, its NUL included."""
+    return len(text.encode("utf-8", "surrogatepass")) + 1  # surrogatepass: counts what encoding would refuse
+
+
+def prompt_fits(prompt: str) -> bool:
+    """Whether ``prompt`` can be sent as it always was: an argument and ``PD_PROMPT`` (the larger of the two)."""
+    return exec_size(f"PD_PROMPT={prompt}") <= ARG_STRLEN_MAX
+
+
+def too_large(backend: str, prompt: str) -> str | None:
+    """Why ``prompt`` cannot reach ``backend`` at all, as "is N bytes; …" and what to do (None: it can)."""
+    if prompt_fits(prompt) or backend in STDIN_BACKENDS:
+        return None
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    return (f"is {size:,} bytes; backend {backend} gets it only in PD_PROMPT, and Linux refuses an environment "
+            f"variable over {ARG_STRLEN_MAX // 1024} KiB: shorten it, or put its long part in a file the command "
+            "reads")  # fmt: skip
+
+
+def argv_for(task: Task, prompt: str, *, on_stdin: bool = False) -> list[str]:
+    """The child's argv; ``on_stdin``: without the prompt, which its CLI then reads from stdin (``STDIN_BACKENDS``).
+    Raises BadInput when the backend's binary is not on the task's PATH."""
+    assert not on_stdin or task.backend in STDIN_BACKENDS
     model = ["--model", task.model] if task.model else []
     if task.backend == "custom":
         if not task.command:
             raise bad_input("backend custom needs a command; pass the shell command as the task")
         return ["/bin/sh", "-c", task.command]
     if task.backend == "ollama":
-        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL]
+        stdin = ["--prompt-stdin"] if on_stdin else []
+        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL, *stdin]
     found = find_binary(task)
     assert found is not None
+    # Each CLI's way to read the prompt from stdin: claude -p and gemini read it when no prompt is given (gemini
+    # runs headless when stdin is not a terminal), codex exec takes "-" for it, aider a file to read (/dev/stdin).
     if task.backend == "claude-cli":
         tools = ["--allowedTools", task.allowed_tools] if task.allowed_tools else []
-        return [found, "-p", prompt, *tools, *model]
+        return [found, "-p", *([] if on_stdin else [prompt]), *tools, *model]
     if task.backend == "codex":
-        return [found, "exec", *model, prompt]
+        return [found, "exec", *model, "-" if on_stdin else prompt]
     if task.backend == "gemini":
-        return [found, *(["-m", task.model] if task.model else []), "-p", prompt]
+        return [found, *(["-m", task.model] if task.model else []), *([] if on_stdin else ["-p", prompt])]
     if task.backend == "aider":
-        return [found, "--yes", "--no-stream", *model, "--message", prompt]
+        message = ["--message-file", "/dev/stdin"] if on_stdin else ["--message", prompt]
+        return [found, "--yes", "--no-stream", *model, *message]
     raise bad_input(f"unknown backend {task.backend!r}")

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from contextlib import suppress
+import tempfile
+from contextlib import ExitStack, suppress
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -24,12 +26,23 @@ from portdaddy.procfs import GONE_STATES, start_time, stat_fields
 _POLL_S = 0.05
 
 
-async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Path,
-                umask: int | None = None) -> trio.Process:  # fmt: skip
-    """Start ``argv`` with its output appended to ``log_path``; ``umask`` None keeps this process's."""
-    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+async def start(argv: list[str], *, cwd: str, env: dict[str, str], log_path: Path, umask: int | None = None,
+                stdin: bytes | None = None) -> trio.Process:  # fmt: skip
+    """Start ``argv`` with its output appended to ``log_path``; ``umask`` None keeps this process's. ``stdin``: what
+    the child reads on its standard input (else /dev/null).
+
+    ``stdin`` is a file, not a pipe: written whole before the child starts, so the daemon never waits on a child
+    that reads slowly or not at all. It has no name (O_TMPFILE, or unlinked at once; mode 0600, beside the log in
+    the 0700 home): the child's descriptor is the one way in, and it is gone when the child exits, daemon or not."""
+    with ExitStack() as files:
+        log = files.enter_context(open(log_path, "ab"))  # the child keeps its own copy of each descriptor
+        source: Any = subprocess.DEVNULL
+        if stdin is not None:
+            source = files.enter_context(tempfile.TemporaryFile(dir=log_path.parent))
+            source.write(stdin)
+            source.seek(0)
         return await trio.lowlevel.open_process(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            argv, cwd=cwd, env=env, stdin=source, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, umask=-1 if umask is None else umask,
         )  # fmt: skip
 

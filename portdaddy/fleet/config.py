@@ -30,7 +30,7 @@ from portdaddy.core import identity as _identity
 from portdaddy.core.validate import name as _name_check
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, PDError
-from portdaddy.fleet.backends import locate, missing, program_of
+from portdaddy.fleet.backends import locate, missing, program_of, too_large
 from portdaddy.fleet.spec import (
     BACKEND_ALIASES,
     BACKENDS,
@@ -430,6 +430,8 @@ def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variable
     prompt = get("prompt")
     if prompt is not None:
         kw["prompt"] = _text(ctx, prompt[1], f"{fld}.prompt", allow_empty=True)
+        if kw["prompt"] and (problem := too_large(backend, kw["prompt"])) is not None:
+            ctx.error(prompt[1], f"{fld}.prompt", problem)  # every run would fail to start (a run adds to it)
     if backend == "custom":
         if get("command") is None:
             ctx.error(name_node, f"{fld}.command", "backend custom needs command: <shell command to run>")

@@ -1,6 +1,7 @@
 """The ollama backend's child process: one non-streaming chat request to a local ollama server.
 
-Run as ``python -m portdaddy.fleet.ollama --model M`` with the prompt in ``PD_PROMPT``; prints the reply.
+Run as ``python -m portdaddy.fleet.ollama --model M`` with the prompt in ``PD_PROMPT``, or on stdin with
+``--prompt-stdin`` (a prompt too large for an environment variable); prints the reply.
 The server is ``OLLAMA_HOST`` (default ``http://localhost:11434``). Exit 1 with one line on any failure.
 """
 
@@ -17,12 +18,17 @@ import urllib.request
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="portdaddy.fleet.ollama")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prompt-stdin", action="store_true")
     args = parser.parse_args(argv)
+    if args.prompt_stdin:
+        prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
+    else:
+        prompt = os.environ.get("PD_PROMPT", "")
     host = os.environ.get("OLLAMA_HOST", "http://localhost:11434").rstrip("/")
     if "://" not in host:
         host = f"http://{host}"
     body = {"model": args.model, "stream": False,
-            "messages": [{"role": "user", "content": os.environ.get("PD_PROMPT", "")}]}  # fmt: skip
+            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
     request = urllib.request.Request(
         f"{host}/api/chat", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )

@@ -32,7 +32,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.store import RETRY_S
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
-from portdaddy.fleet.backends import Task, argv_for, with_trigger_context
+from portdaddy.fleet.backends import Task, argv_for, prompt_fits, too_large, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
 from portdaddy.procfs import start_time
@@ -533,10 +533,11 @@ class Fleet:
         self.live.pop(run.id, None)
         run.done.set()
 
-    def _child_env(self, run: Run, prompt: str) -> dict[str, str]:
+    def _child_env(self, run: Run, prompt: str | None) -> dict[str, str]:
         """What a run's child gets (spec/fleet.md, "An agent's environment"): the daemon's environment less any
         caller's identity (a daemon started from an agent's shell has that agent's), the agent's ``env:``, the
-        PATH it was started with, then who it is and what fired it, which nothing before may change."""
+        PATH it was started with, then who it is and what fired it, which nothing before may change. ``prompt``
+        None: it went on stdin, too large for ``PD_PROMPT``, which is then unset (an ``env:`` one included)."""
         trigger = run.trigger or {}
         env = {**without_caller(os.environ), **run.task.env}
         if run.task.path:
@@ -544,11 +545,15 @@ class Fleet:
         env.update({variable_env(name): value for name, value in run.task.variables.items()})
         env.update({
             "PORT_DADDY_HOME": str(self.app.settings.home), "PORT_DADDY_AGENT": run.agent_id,
-            "PD_RUN_ID": run.id, "PD_AGENT_NAME": run.agent, "PD_IDENTITY": run.identity, "PD_PROMPT": prompt,
+            "PD_RUN_ID": run.id, "PD_AGENT_NAME": run.agent, "PD_IDENTITY": run.identity,
             "PD_TRIGGER_SOURCE": str(trigger.get("source", "manual")),
             "PD_TRIGGER_CHANNEL": trigger.get("channel") or "", "PD_TRIGGER_PAYLOAD": _dumps(trigger.get("payload")),
             "PD_ATTEMPT": str(run.attempt),
         })  # fmt: skip
+        if prompt is not None:
+            env["PD_PROMPT"] = prompt
+        else:
+            env.pop("PD_PROMPT", None)
         if run.session_id:
             env["PORT_DADDY_SESSION"] = run.session_id
         if run.fleet:
@@ -590,8 +595,14 @@ class Fleet:
         prompt = with_trigger_context(task.prompt, run.trigger)
         # Kept as sent, not rebuilt when asked: the block this appends has changed before (pd fleet show).
         self.runs.record_prompt(run, prompt)
+        # A prompt too large for an argument goes on stdin, where the backend reads it (spec/fleet.md, "A prompt too
+        # large for an argument"); one that fits goes as it always did.
+        on_stdin = not prompt_fits(prompt)
+        stdin = prompt.encode("utf-8", "surrogateescape") if on_stdin else None  # as an argument would be
         try:
-            argv = argv_for(task, prompt)
+            if (problem := too_large(task.backend, prompt)) is not None:
+                raise bad_input(f"the prompt {problem}")
+            argv = argv_for(task, prompt, on_stdin=on_stdin)
         except PDError as exc:
             Path(run.log_path).write_text(f"# {run.id}: not started: {exc.message}\n")
             run.status, run.error, run.started_at, run.ended_at = "failed", exc.message, now_ms(), now_ms()
@@ -605,10 +616,12 @@ class Fleet:
             run.session_id = await citizen.enter(self.app, run)
             self._enter_harbor(run)
             with open(run.log_path, "a") as header:
-                header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …\n")
+                how = f"; its prompt ({len(stdin):,} bytes) on stdin" if stdin is not None else ""
+                header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …{how}\n")
             try:
-                proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, prompt),
-                                            log_path=Path(run.log_path), umask=self.app.child_umask)  # fmt: skip
+                proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, None if on_stdin else prompt),
+                                            log_path=Path(run.log_path), umask=self.app.child_umask,
+                                            stdin=stdin)  # fmt: skip
             except OSError as exc:
                 run.status, run.error = "failed", f"cannot start: {exc}"
                 run.started_at = run.ended_at = now_ms()
