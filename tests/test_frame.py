@@ -611,7 +611,7 @@ def test_a_request_over_max_request_is_refused_before_anything_is_sent() -> None
     assert info.value.limit == fr.MAX_REQUEST
     assert (
         str(info.value)
-        == f"payload is {info.value.size} bytes, over the {fr.MAX_REQUEST}-byte limit of a payload; send less"
+        == f"the request is {info.value.size} bytes, over the 1048576-byte limit of one request; send less"
     )
 
 

@@ -114,8 +114,11 @@ class FrameTooLarge(ValueError):
         self.limit = limit
 
     def __str__(self) -> str:
-        what = "one IPC frame; send less or split it" if self.limit == MAX_PAYLOAD else "a payload; send less"
-        return f"payload is {self.size} bytes, over the {self.limit}-byte limit of {what}"
+        if self.limit == MAX_REPLY:
+            return f"the reply is {self.size} bytes, over the {self.limit}-byte limit of one reply; ask for less"
+        if self.limit == MAX_REQUEST:
+            return f"the request is {self.size} bytes, over the {self.limit}-byte limit of one request; send less"
+        return f"payload is {self.size} bytes, over the {self.limit}-byte limit of one IPC frame; send less or split it"
 
 
 # Malformed reasons. Stable strings: the server puts them in its NOT_UNDERSTOOD reply and tests match them.
