@@ -357,7 +357,7 @@ def test_a_long_prompt_is_kept_as_its_start_and_end_with_the_cut_said(daemon_fac
     bin_dir = make_bin(tmp_home)
     task = "Start here.\n" + "".join(f"step {n}: check it\n" for n in range(5000)) + "End here."
     assert PROMPT_HEAD + PROMPT_TAIL < len(task) <= 100_000
-    with unix_client(d) as c:  # over HTTP: a request this large is more than one IPC frame holds
+    with unix_client(d) as c:  # over HTTP (pd spawn sends it over IPC in parts: test_ipc_limits.py)
         run = c.post("/spawn", json={"backend": "claude-cli", "task": task, "path": path_with(bin_dir),
                                      "env": {"PD_TEST_RECORD": str(tmp_home / "records")}}).json()["run"]  # fmt: skip
     assert d.call("spawn.wait", id=run["id"], timeout=20_000)["run"]["status"] == "completed"

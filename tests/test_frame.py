@@ -567,3 +567,118 @@ def test_a_reply_over_max_reply_is_refused_before_anything_is_sent() -> None:
     with pytest.raises(FrameTooLarge) as info:
         Encoder().encode_in_parts(Performative.INFORM_DONE, 1, {"action": "x", "blob": b"x" * (fr.MAX_REPLY + 1)})
     assert info.value.limit == fr.MAX_REPLY
+
+
+# -- requests in parts (the daemon's Decoder(max_request=...)) ------------------------------------------------
+
+
+def part_frame(conv: int, part: bytes, ftype: int = Performative.INFORM_PART) -> bytes:
+    return encode(ftype, conv, {"action": "x", "part": part})
+
+
+def sliced(conv: int, body: bytes, kind: int = Performative.REQUEST) -> bytes:
+    """Any bytes sent as a request's parts, as a client sends a packed payload."""
+    starts = range(0, len(body), fr.PART_SIZE)
+    return b"".join(part_frame(conv, body[i : i + fr.PART_SIZE], kind if i == starts[-1] else Performative.INFORM_PART)
+                    for i in starts)  # fmt: skip
+
+
+def daemon_decoder(max_request: int = fr.MAX_REQUEST) -> Decoder:
+    return Decoder(reuse_repeats=True, max_request=max_request)
+
+
+def test_a_request_too_large_for_a_frame_goes_in_parts_and_the_daemon_gets_it_whole() -> None:
+    payload = {"action": "spawn.start", "task": "é" * 100_000 + "x" * 40_000, "env": {"A": [1.5] * 5000}}
+    for kind, conv in ((Performative.REQUEST, 3), (Performative.INFORM, 0)):  # fire-and-forget too
+        wire = Encoder().encode_in_parts(kind, conv, payload, fr.MAX_REQUEST)
+        assert [f.type for f in decode_all(wire)] == [Performative.INFORM_PART] * 4 + [kind]  # as a client sees it
+        for cut in range(0, len(wire), 9973):  # the bytes split anywhere
+            dec = daemon_decoder()
+            dec.feed(wire[:cut])
+            assert drain(dec) == [] and dec.buffered <= cut and (dec.buffered > 0) == (cut > 0)
+            dec.feed(wire[cut:])
+            assert drain(dec) == [Frame(kind, conv, payload)] and dec.buffered == 0
+    dec = daemon_decoder()  # the frames before and after are their own
+    dec.feed(encode(Performative.REQUEST, 1, {"action": "a"}) + wire + encode(Performative.REQUEST, 2, {"action": "b"}))
+    assert [(e.conv_id, e.payload["action"]) for e in drain(dec)] == [(1, "a"), (0, "spawn.start"), (2, "b")]
+
+
+def test_a_request_over_max_request_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(FrameTooLarge) as info:
+        Encoder().encode_in_parts(
+            Performative.REQUEST, 1, {"action": "x", "blob": b"x" * fr.MAX_REQUEST}, fr.MAX_REQUEST
+        )
+    assert info.value.limit == fr.MAX_REQUEST
+    assert (
+        str(info.value)
+        == f"the request is {info.value.size} bytes, over the 1048576-byte limit of one request; send less"
+    )
+
+
+def test_hostile_parts_are_malformed_and_bounded() -> None:
+    full = b"\0" * fr.PART_SIZE
+    whole = encode(Performative.REQUEST, 9, {"action": "daemon.health"})
+    too_large = f"{fr.R_PARTS_TOO_LARGE} {{}} bytes".format
+
+    def events(*frames: bytes, max_request: int = fr.MAX_REQUEST) -> list[tuple[str, int] | int]:
+        dec = daemon_decoder(max_request)
+        dec.feed(b"".join(frames))
+        got = [(e.reason, e.conv_id) if isinstance(e, Malformed) else e.conv_id for e in drain(dec)]
+        assert dec.buffered <= max_request
+        return got
+
+    # a frame of another conversation between the parts drops the request, and is served itself
+    assert events(part_frame(1, full), whole) == [(fr.R_PARTS_CUT, 1), 9]
+    assert events(part_frame(1, full), sliced(2, msgpack.packb({"action": "a", "pad": "x" * 70_000}))) == [
+        (fr.R_PARTS_CUT, 1), 2]  # fmt: skip
+    # a short part, a part that is no bin, a bad frame among the parts: each drops the request
+    assert events(part_frame(1, b"\0" * 10), whole) == [(fr.R_PART_SIZE, 1), 9]
+    assert events(part_frame(1, full), encode(Performative.INFORM_PART, 1, {"action": "x", "part": "text"})) == [
+        (fr.R_PART_NOT_BIN, 1)]  # fmt: skip
+    assert events(part_frame(1, full), encode(Performative.REQUEST, 1, {"action": "x"}), whole) == [
+        (fr.R_PART_NOT_BIN, 1), 9]  # fmt: skip
+    assert events(part_frame(1, full), raw_frame(Performative.REQUEST, 1, b"\xc1"), whole) == [
+        (fr.R_BAD_MSGPACK, 1), 9]  # fmt: skip
+    # parts without end: refused once over max_request (nothing more kept), then the next parts start afresh
+    assert events(*[part_frame(4, full)] * 8, max_request=3 * fr.PART_SIZE) == [(too_large(3 * fr.PART_SIZE), 4)] * 2
+    assert events(part_frame(4, full), part_frame(4, b"\0", Performative.REQUEST), max_request=fr.PART_SIZE) == [
+        (too_large(fr.PART_SIZE), 4)]  # fmt: skip
+    # the request put together is checked as any frame's payload is
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    assert events(sliced(6, msgpack.packb({"action": "x", "pad": "x" * 70_000, "d": deep}))) == [(fr.R_TOO_DEEP, 6)]
+    assert events(sliced(6, msgpack.packb(["x" * 70_000]))) == [(fr.R_NOT_A_MAP, 6)]
+    assert events(sliced(6, msgpack.packb({"action": "x", "pad": "x" * 70_000}) + b"\0")) == [(fr.R_TRAILING, 6)]
+
+
+def test_parts_so_far_count_as_buffered_so_the_daemon_times_them_out() -> None:
+    dec = daemon_decoder()
+    dec.feed(part_frame(5, b"\0" * fr.PART_SIZE))
+    assert dec.next_event() is None and dec.buffered == fr.PART_SIZE
+
+
+def test_a_client_decoder_passes_inform_part_through() -> None:
+    """Only the daemon puts requests together: what a client reads in parts is a reply (``Parts``)."""
+    assert decode_all(part_frame(1, b"abc")) == [Frame(Performative.INFORM_PART, 1, {"action": "x", "part": b"abc"})]
+
+
+part_frames = st.builds(
+    part_frame,
+    st.sampled_from([1, 2]),
+    st.sampled_from([b"\0" * fr.PART_SIZE, b"\x90", b"", b"abc"]),
+    st.sampled_from([Performative.INFORM_PART] * 3 + [Performative.REQUEST]),
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=60)
+@given(st.lists(part_frames | garbage_frames, max_size=10),
+       st.lists(st.integers(min_value=1, max_value=70_000), max_size=5))  # fmt: skip
+def test_property_any_parts_never_raise_and_stay_bounded(fs: list[bytes], sizes: list[int]) -> None:
+    limit = 2 * fr.PART_SIZE
+    dec = daemon_decoder(limit)
+    for chunk in _chunks(b"".join(fs), sizes):
+        dec.feed(chunk)
+        for ev in drain(dec):
+            assert isinstance(ev, Frame | Malformed)
+        assert dec._parts is None or len(dec._parts) <= limit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -18,10 +19,10 @@ import trio
 from conftest import Daemon
 
 import portdaddy
-from portdaddy.errors import DaemonUnavailable, NoReply, PDError, Timeout
+from portdaddy.errors import BadInput, DaemonUnavailable, NoReply, PDError, Timeout
 from portdaddy.ipc import server, trio_client
 from portdaddy.ipc.client import BlockingClient
-from portdaddy.ipc.frame import HEADER, Decoder, Encoder, Frame, Performative
+from portdaddy.ipc.frame import HEADER, MAX_REQUEST, PART_SIZE, Decoder, Encoder, Frame, Performative
 from portdaddy.ipc.trio_client import TrioClient
 from tests.fleet_helpers import wait_for
 
@@ -321,12 +322,17 @@ def test_first_agent_id_binds_the_connection(daemon: Daemon) -> None:
     assert bound.type == Performative.INFORM_DONE
 
 
-def test_payload_over_the_frame_limit_is_refused_before_sending(daemon: Daemon) -> None:
+def test_a_request_over_the_request_limit_is_refused_before_sending(daemon: Daemon) -> None:
     with daemon.client() as c:
-        with pytest.raises(PDError, match="65535") as refused:
-            c.request("port.claim", {"id": "big:one", "metadata": {"blob": "x" * 70_000}})
+        with pytest.raises(PDError) as refused:
+            c.request("port.claim", {"id": "big:one", "metadata": {"blob": "x" * MAX_REQUEST}})
         assert refused.value.code == "PAYLOAD_TOO_LARGE"
+        assert refused.value.message == ("the port.claim request is 1,048,626 bytes, over the 1,048,576-byte limit "
+                                         "of one request (IPC or HTTP); send less")  # fmt: skip
         assert c.request("daemon.health")["status"] == "ok"  # nothing half-sent: the stream is intact
+        with pytest.raises(PDError) as refused:  # larger than a frame, within the request limit: the op says no
+            c.request("port.claim", {"id": "big:one", "metadata": {"blob": "x" * 70_000}})
+        assert refused.value.message == "metadata is 70011 bytes; the limit is 10000"
     assert daemon.call("port.find", pattern="big:*")["count"] == 0
 
 
@@ -596,3 +602,101 @@ async def test_a_listing_larger_than_a_frame_arrives_whole(fresh_daemon: Daemon)
         found = await pd.call("port.find", pattern="big:*")
         assert {s["metadata"]["blob"][0] for s in found["services"]} == {str(i) for i in range(8)}
         assert (await pd.claim("big:svc0")).port  # the connection goes on after a reply in parts
+
+
+# -- requests larger than a frame (spec/ipc.md, "Requests in parts") -------------------------------------------
+
+# 8,000 floats: 56 KB of JSON, within msg.publish's 60,000 bytes, but 72 KB packed (a float is 9 bytes in MessagePack).
+FLOATS = [n + 0.5 for n in range(8000)]
+
+
+def test_pd_sends_a_request_larger_than_a_frame_and_it_arrives_whole(fresh_daemon: Daemon, tmp_home: Path) -> None:
+    """pd spawn with a long task, pd pub with a large payload: refused before, as over one frame's 64 KiB."""
+    d = fresh_daemon
+    text = "".join(f"line {n}: déjà vu\n" for n in range(5000))  # 104 KB of UTF-8, under 128 KiB for one argv
+    out = tmp_home / "task-out"
+    started = d.pd("spawn", "-b", "custom", "--wait", "--", f"printf '%s' '{text}' > {out}")
+    assert started.returncode == 0, started.stderr
+    assert out.read_text() == text
+    json_floats = json.dumps(FLOATS, separators=(",", ":"))
+    published = d.pd("pub", "big:floats", json_floats, "--json")
+    assert published.returncode == 0, published.stderr
+    history = d.pd("history", "big:floats", "--json")
+    assert json.loads(history.stdout)["messages"][0]["payload"] == FLOATS
+
+
+def test_pd_says_in_one_line_that_a_request_is_over_the_limit_of_any_transport(fresh_daemon: Daemon) -> None:
+    word = "a" * 100_000  # eleven of them: 1.1 MB, over 1 MiB (each under the 128 KiB of one argument)
+    refused = fresh_daemon.pd("spawn", "-b", "custom", "--", "echo", *[word] * 11)
+    assert refused.returncode == 2
+    assert re.fullmatch(r"error: the spawn\.start request is 1,1\d\d,\d\d\d bytes, over the 1,048,576-byte limit of "
+                        r"one request \(IPC or HTTP\); send less\n", refused.stderr), refused.stderr  # fmt: skip
+    assert fresh_daemon.call("spawn.list")["count"] == 0
+
+
+async def test_sdk_sends_requests_larger_than_a_frame_and_they_arrive_whole(fresh_daemon: Daemon) -> None:
+    async with portdaddy.connect(settings=fresh_daemon.settings, autostart=False) as pd:
+        confirmed = await pd.publish_confirmed("big:sdk", FLOATS)
+        pd.publish("big:sdk-ff", [*FLOATS, 1.25])  # fire-and-forget, in parts as well
+        tuple_id = await pd.out(["big", FLOATS[:7500]])  # 48 KB of JSON (the limit is 64,000), 68 KB packed
+        [message] = await pd.history("big:sdk")
+        assert (message.id, message.payload) == (confirmed, FLOATS)
+        [message] = await pd.history("big:sdk-ff")
+        assert message.payload == [*FLOATS, 1.25]
+        [written] = await pd.rd(["big", "*"])
+        assert written == {**written, "id": tuple_id, "fields": ["big", FLOATS[:7500]]}
+        with pytest.raises(BadInput) as refused:
+            await pd.publish_confirmed("big:sdk", "x" * MAX_REQUEST)
+        assert (
+            refused.value.code == "PAYLOAD_TOO_LARGE" and "1,048,576-byte limit of one request" in refused.value.message
+        )
+        assert (await pd.claim("big:after")).port  # nothing half-sent: the connection goes on
+
+
+def test_hostile_request_parts_are_strikes_and_the_daemon_serves_on(daemon_factory) -> None:
+    """Parts of two conversations interleaved, a request over the limit, parts without end: each is a malformed
+    frame (three strikes close the connection), holds at most MAX_REQUEST, and others are served meanwhile."""
+    d = daemon_factory(PORT_DADDY_IPC_PARTIAL_TIMEOUT="500ms")
+    encoder = Encoder()
+
+    def part(conv: int, kind: int = Performative.INFORM_PART) -> bytes:
+        return encoder.encode(kind, conv, {"action": "daemon.health", "part": b"\0" * PART_SIZE})
+
+    raw = Raw(d)
+    raw.sock.sendall(part(1) + encoder.encode(Performative.REQUEST, 2, {"action": "daemon.health"}))
+    cut, served = raw.frames(2)
+    assert (cut.type, cut.conv_id, cut.payload["violations"]) == (Performative.NOT_UNDERSTOOD, 1, 1)
+    assert cut.payload["message"] == "a request's parts were cut short by another frame"
+    assert (served.type, served.conv_id) == (Performative.INFORM_DONE, 2)
+    raw.sock.sendall(part(3) * 16 + part(3, Performative.REQUEST))  # 1,096,687 bytes in all
+    [too_large] = raw.frames(1)
+    assert (too_large.type, too_large.conv_id, too_large.payload["violations"]) == (Performative.NOT_UNDERSTOOD, 3, 2)
+    assert too_large.payload["message"] == "a request in parts is over its limit of 1048576 bytes"
+    assert d.call("daemon.health")["status"] == "ok"
+    with suppress(OSError):  # parts without end: the third strike closes the connection
+        for _ in range(40):
+            raw.sock.sendall(part(5))
+    [bye] = raw.frames(1)
+    assert bye.type == Performative.REFUSE and bye.payload["error"] == "disconnected"
+    assert "3 malformed frames; last: a request in parts is over its limit" in bye.payload["reason"]
+    assert raw.closed_by_peer()
+    quiet = Raw(d)  # parts, then nothing: cut off as half a frame is
+    quiet.sock.sendall(part(7) * 2)
+    assert d.call("daemon.health")["status"] == "ok"
+    [gone] = quiet.frames(1)
+    assert gone.type == Performative.REFUSE and "partial frame" in gone.payload["message"]
+    counts = d.call("daemon.status")["counts"]
+    assert counts["ipcMalformed"] == 3 and counts["ipcCutOff"] == 2
+
+
+def test_a_request_in_parts_counts_once_against_the_rate(daemon_factory) -> None:
+    """The rate limits requests, not the frames that carry them: each part is PART_SIZE bytes, so a request is
+    at most 17 frames (counting each would let a 1 MiB request pass only under a rate of 17)."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="4")
+    raw = Raw(d)
+    payload = {"action": "daemon.health", "pad": "x" * 2 * PART_SIZE}  # three frames
+    raw.sock.sendall(b"".join(Encoder().encode_in_parts(Performative.REQUEST, conv, payload) for conv in range(1, 13)))
+    replies = raw.frames(12)
+    served = [r for r in replies if r.type == Performative.INFORM_DONE]
+    refused = [r for r in replies if r.type == Performative.REFUSE]
+    assert len(served) >= 4 and refused and refused[0].payload["error"] == "rate_limited", replies

@@ -32,10 +32,11 @@ from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, call, lookup
 from portdaddy.errors import PDError, http_status
 from portdaddy.http.routes import ROUTES, STREAMS, Route
+from portdaddy.ipc.frame import MAX_REQUEST
 
 log = logging.getLogger("portdaddy.http")
 
-MAX_BODY = 1024 * 1024
+MAX_BODY = MAX_REQUEST  # one limit for a request, whichever way it comes (spec/ipc.md)
 _LOCAL_HOST = re.compile(r"^(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$")
 _OPEN_PATHS = frozenset({"/health"})
 # JSON's \ud800-\udfff escapes: a lone one decodes to a str that no UTF-8 encoder (msgpack's, ours) accepts.

@@ -13,7 +13,17 @@ import time
 from collections import deque
 
 from portdaddy.errors import DaemonUnavailable, NoReply, PDError, bad_input
-from portdaddy.ipc.frame import Decoder, Encoder, Frame, FrameTooLarge, Malformed, Parts, Performative, next_conv_id
+from portdaddy.ipc.frame import (
+    MAX_REQUEST,
+    Decoder,
+    Encoder,
+    Frame,
+    FrameTooLarge,
+    Malformed,
+    Parts,
+    Performative,
+    next_conv_id,
+)
 from portdaddy.ipc.peer import check_daemon_uid
 
 # Not imported at run time: ``pd`` never loads typing (see portdaddy/errors.py).
@@ -92,20 +102,25 @@ def request_payload(action: str, agent_id: str | None, args: dict[str, Any] | No
 
 def request_frame(encoder: Encoder, kind: int, conv: int, action: str, agent_id: str | None,
                   args: dict[str, Any] | None) -> bytes:  # fmt: skip
-    """A request encoded. What msgpack cannot carry is the caller's bad input, said in one line, not a crash
-    from its C code: text that is not UTF-8 (a lone surrogate, as Python makes of an argument's undecodable
-    bytes or as JSON can spell), a whole number outside 64 bits, a value of no wire type (a set, an object),
-    a request larger than one frame."""
+    """A request encoded: one frame, or for a larger one its parts (spec/ipc.md, "Requests in parts"). What
+    msgpack cannot carry is the caller's bad input, said in one line, not a crash from its C code: text that is
+    not UTF-8 (a lone surrogate, as Python makes of an argument's undecodable bytes or as JSON can spell), a
+    whole number outside 64 bits, a value of no wire type (a set, an object), a request over MAX_REQUEST."""
+    payload = request_payload(action, agent_id, args)
     try:
-        return encoder.encode(kind, conv, request_payload(action, agent_id, args))
+        try:
+            return encoder.encode(kind, conv, payload)
+        except FrameTooLarge:  # packed twice, but only when it is this large
+            return encoder.encode_in_parts(kind, conv, payload, MAX_REQUEST)
     except UnicodeEncodeError:
         raise bad_input("the request holds text that is not valid Unicode (a lone surrogate, or an argument "
                         "whose bytes are not UTF-8); send UTF-8 text") from None  # fmt: skip
     except OverflowError:
         raise bad_input("the request holds a whole number outside 64 bits (-2**63 to 2**64-1); quote it to "
                         "send it as text") from None  # fmt: skip
-    except FrameTooLarge as e:
-        raise bad_input(str(e), code="PAYLOAD_TOO_LARGE") from None
+    except FrameTooLarge as e:  # HTTP takes no more either
+        raise bad_input(f"the {action[:64]} request is {e.size:,} bytes, over the {e.limit:,}-byte limit of one "
+                        "request (IPC or HTTP); send less", code="PAYLOAD_TOO_LARGE") from None  # fmt: skip
     except TypeError as e:  # msgpack: "can not serialize 'set' object"
         raise bad_input(f"the request holds a value that cannot be sent ({e}); send JSON-like values: dict, "
                         "list, str, int, float, bool or None") from None  # fmt: skip

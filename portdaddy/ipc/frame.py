@@ -14,7 +14,10 @@ types are refused (timestamps, which msgpack decodes itself, come through as ``m
 ``Decoder`` turns a byte stream into ``Frame`` and ``Malformed`` events. A malformed frame never stops the
 stream: the header says how long the frame is, so its bytes are skipped and decoding continues with the next
 frame. ``Encoder`` turns ``(type, conv_id, payload)`` into one ``bytes`` object and raises ``FrameTooLarge``
-when the payload does not fit. See spec/ipc.md, "Frames".
+when the payload does not fit. A payload too large for one frame travels in parts, either way: ``INFORM_PART``
+frames, each with the next slice of the packed payload, then a frame of its own performative with the last
+slice. ``Parts`` puts replies together; the daemon's ``Decoder(max_request=...)`` puts requests together.
+See spec/ipc.md, "Frames".
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "MAX_CONV_ID",
     "MAX_DEPTH",
     "MAX_PAYLOAD",
+    "MAX_REQUEST",
     "DecodeEvent",
     "Decoder",
     "Encoder",
@@ -57,10 +61,11 @@ MAX_PAYLOAD = 65535
 RECV_SIZE = 256 * 1024
 MAX_CONV_ID = 0x7FFFFFFF
 MAX_DEPTH = 32
-# A reply too large for one frame goes as slices of its packed payload this large (room left for the map
-# around each slice), up to MAX_REPLY bytes in all.
+# A payload too large for one frame goes as slices of its packed payload this large (room left for the map
+# around each slice): a reply up to MAX_REPLY bytes in all, a request up to MAX_REQUEST, what HTTP takes in a body.
 PART_SIZE = MAX_PAYLOAD - 1024
 MAX_REPLY = 16 * 1024 * 1024
+MAX_REQUEST = 1024 * 1024
 
 assert HEADER.size == HEADER_SIZE
 
@@ -109,6 +114,10 @@ class FrameTooLarge(ValueError):
         self.limit = limit
 
     def __str__(self) -> str:
+        if self.limit == MAX_REPLY:
+            return f"the reply is {self.size} bytes, over the {self.limit}-byte limit of one reply; ask for less"
+        if self.limit == MAX_REQUEST:
+            return f"the request is {self.size} bytes, over the {self.limit}-byte limit of one request; send less"
         return f"payload is {self.size} bytes, over the {self.limit}-byte limit of one IPC frame; send less or split it"
 
 
@@ -121,8 +130,13 @@ R_NO_ACTION = "payload has no str 'action'"
 R_KEY_NOT_STR = "map keys must be str"
 R_TOO_DEEP = f"payload nests deeper than {MAX_DEPTH} levels"
 R_EXT_TYPE = "MessagePack ext types are not allowed"
+R_PARTS_CUT = "a request's parts were cut short by another frame"
+R_PART_NOT_BIN = "a request part carries no bin 'part'"
+R_PART_SIZE = f"a request part other than the last must carry {PART_SIZE} bytes"
+R_PARTS_TOO_LARGE = "a request in parts is over its limit of"
 
 _KNOWN_TYPES = frozenset(int(p) for p in Performative)
+_PART = int(Performative.INFORM_PART)
 
 # Bound methods looked up once: attribute lookups are a measurable share of a ~2 µs decode.
 _unpack_header = HEADER.unpack_from
@@ -229,9 +243,10 @@ class Decoder:
     arrived, so a truncated frame at EOF shows up as ``buffered > 0`` rather than as an event.
     """
 
-    __slots__ = ("_buf", "_check_nested", "_last_body", "_last_frame", "_pos", "_repeats")
+    __slots__ = ("_buf", "_check_nested", "_last_body", "_last_frame", "_max_request", "_parts", "_parts_conv", "_pos",
+                 "_repeats")  # fmt: skip
 
-    def __init__(self, *, reuse_repeats: bool = False, from_daemon: bool = False) -> None:
+    def __init__(self, *, reuse_repeats: bool = False, from_daemon: bool = False, max_request: int = 0) -> None:
         """``reuse_repeats``: a fire-and-forget frame byte-identical to the previous one, with a flat payload,
         comes back as the same ``Frame`` object, payload dict included, without being decoded again. A flood of
         fire-and-forget frames is mostly one frame repeated (the SDK sends its heartbeat pre-encoded), and the
@@ -240,13 +255,23 @@ class Decoder:
         ``from_daemon``: a client's decoder skips the walk over nested keys and depth. That walk guards the
         daemon against hostile clients; what the daemon sends it built itself, or checked on the way in. Under
         load the walk was ~4 µs of a client's ~40 µs of CPU per request (msgpack still refuses keys that are
-        neither str nor bytes, and nesting past its own 1,024 levels)."""
+        neither str nor bytes, and nesting past its own 1,024 levels).
+
+        ``max_request`` (the daemon's): put a request sent in parts together, up to this many packed bytes, and
+        hand it on as one frame. Its frames come back to back: ``INFORM_PART`` frames carrying ``PART_SIZE``
+        bytes each, then one of the request's own performative with the rest, all of one conversation. Anything
+        else is ``Malformed`` and drops the request: a frame of another conversation between them (which is
+        itself decoded next), a part of the wrong size, a request over ``max_request``. So one connection holds
+        at most one request in parts, and never more than ``max_request`` bytes of it."""
         self._buf = bytearray()
         self._pos = 0
         self._repeats = reuse_repeats
         self._check_nested = not from_daemon
         self._last_body: bytes | bytearray = b""
         self._last_frame: Frame | None = None
+        self._max_request = max_request
+        self._parts: bytearray | None = None  # the request in parts so far
+        self._parts_conv = 0
 
     @property
     def repeatable(self) -> Frame | None:
@@ -255,8 +280,9 @@ class Decoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet turned into events."""
-        return len(self._buf) - self._pos
+        """Bytes received but not yet turned into events (a request's parts so far included)."""
+        parts = self._parts
+        return len(self._buf) - self._pos + (0 if parts is None else len(parts))
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         buf = self._buf
@@ -282,6 +308,8 @@ class Decoder:
         stop = start + plen
         if stop > len(buf):
             return None
+        if self._parts is not None or (ftype == _PART and self._max_request):
+            return self._request_in_parts()
         self._pos = stop
         body = buf[start:stop]
         if conv_id or not self._repeats:
@@ -293,6 +321,42 @@ class Decoder:
         if event.__class__ is Frame and plen <= _MAX_REPEAT and _is_flat(event.payload):
             self._last_body, self._last_frame = body, event
         return event
+
+    def _request_in_parts(self) -> Frame | Malformed | None:
+        """The frames of a request in parts from the read offset on, as far as they have arrived: the request
+        whole (decoded and checked as a frame's payload is), None while parts are still to come, or Malformed.
+        Every part but the last is PART_SIZE bytes, so a request is at most max_request / PART_SIZE + 1 frames."""
+        buf = self._buf
+        while len(buf) - self._pos >= HEADER_SIZE:
+            pos = self._pos
+            ftype, conv_id, plen = _unpack_header(buf, pos)
+            stop = pos + HEADER_SIZE + plen
+            if stop > len(buf):
+                return None
+            parts = self._parts
+            if parts is not None and conv_id != self._parts_conv:
+                # Not consumed: the next call decodes this frame on its own.
+                self._parts = None
+                return _tuple_new(Malformed, (R_PARTS_CUT, self._parts_conv))
+            self._pos = stop
+            self._parts = None  # put back below while the request goes on
+            event = _decode(ftype, conv_id, buf[pos + HEADER_SIZE : stop])
+            if event.__class__ is Malformed:
+                return event
+            part = event.payload.get("part")
+            if part.__class__ is not bytes:
+                return _tuple_new(Malformed, (R_PART_NOT_BIN, conv_id))
+            if parts is None:
+                parts = bytearray()
+            if len(parts) + len(part) > self._max_request:
+                return _tuple_new(Malformed, (f"{R_PARTS_TOO_LARGE} {self._max_request} bytes", conv_id))
+            parts += part
+            if ftype != _PART:
+                return _decode(ftype, conv_id, parts)
+            if len(part) != PART_SIZE:
+                return _tuple_new(Malformed, (R_PART_SIZE, conv_id))
+            self._parts, self._parts_conv = parts, conv_id
+        return None
 
     def events(self) -> list[Frame | Malformed]:
         """Every complete event in the buffer, in order."""
@@ -326,13 +390,13 @@ class Encoder:
                 f"frame header out of range: type={type!r} (uint8), conv_id={conv_id!r} (uint32)"
             ) from None
 
-    def encode_in_parts(self, type: int, conv_id: int, payload: dict[str, Any]) -> bytes:
-        """A reply too large for one frame: ``INFORM_PART`` frames, then one of ``type``, each ``{action, part}``
-        with the next slice of the packed payload (``Parts`` puts it together). Raises FrameTooLarge over
-        MAX_REPLY bytes."""
+    def encode_in_parts(self, type: int, conv_id: int, payload: dict[str, Any], limit: int = MAX_REPLY) -> bytes:
+        """A payload too large for one frame: ``INFORM_PART`` frames, then one of ``type``, each ``{action, part}``
+        with the next slice of the packed payload (``Parts`` puts a reply together, the daemon's ``Decoder`` a
+        request). Raises FrameTooLarge over ``limit`` bytes (MAX_REQUEST for a request)."""
         body = self._pack(payload)
-        if len(body) > MAX_REPLY:
-            raise FrameTooLarge(len(body), MAX_REPLY)
+        if len(body) > limit:
+            raise FrameTooLarge(len(body), limit)
         action = payload.get("action") or ""
         starts = range(0, len(body), PART_SIZE)
         return b"".join(

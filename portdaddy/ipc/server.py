@@ -35,7 +35,7 @@ import trio
 from portdaddy.core.ops import Ctx, Later, Op
 from portdaddy.core.validate import AGENT_ID
 from portdaddy.errors import PDError, bad_input, performative
-from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
+from portdaddy.ipc.frame import MAX_REQUEST, RECV_SIZE, Decoder, Encoder, Frame, FrameTooLarge, Malformed, Performative
 from portdaddy.ipc.linger import Linger
 from portdaddy.ipc.peer import peer_credentials
 
@@ -94,7 +94,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer_pid = peer_pid
         self.ctx = Ctx(server.app, "ipc", pid=peer_pid, conn=self)
-        self.decoder = Decoder(reuse_repeats=True)
+        self.decoder = Decoder(reuse_repeats=True, max_request=MAX_REQUEST)  # puts requests in parts together
         self.encoder = Encoder()
         self.out = bytearray()
         self.strikes = 0
