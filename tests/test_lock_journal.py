@@ -93,6 +93,22 @@ def test_a_journal_cut_short_is_replayed_up_to_the_cut(daemon_factory: Any) -> N
     assert "Traceback" not in d.log()
 
 
+def test_a_journal_ending_in_zeros_is_replayed_up_to_them(daemon_factory: Any) -> None:
+    """A file whose size grew before its data reached the disk (an OS crash; XFS, ext4 data=writeback) ends in
+    zeros. Eight zero bytes are a frame of length 0 whose CRC-32 (that of no bytes) is 0: they passed the
+    checks, failed to decode, and the daemon could not start until the journal was deleted by hand."""
+    d = daemon_factory()
+    _warm(d)
+    kept = d.call("lock.acquire", name="kept", owner="a", ttl="10m")
+    d.kill9()
+    with open(_journal(d), "ab") as f:
+        f.write(bytes(4096))
+    d.start()
+    assert _held(d) == {"kept": ("a", kept["token"], kept["expiresAt"])}
+    assert "ends with 4096 bytes cut short" in d.log()
+    assert "Traceback" not in d.log()
+
+
 def test_the_journal_beside_a_deleted_store_is_not_replayed_into_a_new_one(daemon_factory: Any) -> None:
     d = daemon_factory()
     _warm(d)
