@@ -117,6 +117,9 @@ class LockJournal:
         self._id = _file_id(os.fstat(fd))
         self._checked = time.monotonic()
         self._cut = False  # an append failed and could not be cut off: nothing more goes after it
+        # Its file was found deleted or replaced: nothing more goes into it, even if the change that found it out
+        # was refused by the store too (the fold that starts a new journal comes later).
+        self._lost = False
 
     @classmethod
     def start(cls, path: str, store_id: str) -> LockJournal | None:
@@ -139,12 +142,13 @@ class LockJournal:
         return None
 
     def append(self, seq: int, name: str, row: list[Any] | None) -> bool:
-        if self._cut:
+        if self._cut or self._lost:
             return False
         now = time.monotonic()
         if now - self._checked >= CHECK_S:
             self._checked = now
             if not self._ours():
+                self._lost = True
                 return False
         frame = _frame([seq, name, row])
         try:
@@ -160,7 +164,8 @@ class LockJournal:
     def empty(self) -> bool:
         """After a fold, drop the records (the store has them). False if this file is not the journal's any more
         (deleted, replaced) or cannot be emptied: start a new one."""
-        if not self._ours():
+        if self._lost or not self._ours():
+            self._lost = True
             return False
         self._truncate(self._header)
         return not self._cut
