@@ -14,6 +14,7 @@ from portdaddy.core import lockjournal
 from portdaddy.core.lockjournal import LockJournal, journal_path, replay
 from tests.conftest import Daemon
 from tests.fleet_helpers import wait_for
+from tests.test_storage_failures import refused, write_lock_held
 
 Held = dict[str, tuple[str, int, int]]  # name: (owner, token, expiresAt)
 
@@ -93,6 +94,22 @@ def test_a_journal_cut_short_is_replayed_up_to_the_cut(daemon_factory: Any) -> N
     assert "Traceback" not in d.log()
 
 
+def test_a_journal_ending_in_zeros_is_replayed_up_to_them(daemon_factory: Any) -> None:
+    """A file whose size grew before its data reached the disk (an OS crash; XFS, ext4 data=writeback) ends in
+    zeros. Eight zero bytes are a frame of length 0 whose CRC-32 (that of no bytes) is 0: they passed the
+    checks, failed to decode, and the daemon could not start until the journal was deleted by hand."""
+    d = daemon_factory()
+    _warm(d)
+    kept = d.call("lock.acquire", name="kept", owner="a", ttl="10m")
+    d.kill9()
+    with open(_journal(d), "ab") as f:
+        f.write(bytes(4096))
+    d.start()
+    assert _held(d) == {"kept": ("a", kept["token"], kept["expiresAt"])}
+    assert "ends with 4096 bytes cut short" in d.log()
+    assert "Traceback" not in d.log()
+
+
 def test_the_journal_beside_a_deleted_store_is_not_replayed_into_a_new_one(daemon_factory: Any) -> None:
     d = daemon_factory()
     _warm(d)
@@ -120,6 +137,25 @@ def test_a_journal_deleted_under_the_daemon_is_started_again_and_loses_nothing(d
     d.kill9()
     d.start()
     assert _held(d) == want
+
+
+def test_a_journal_found_deleted_takes_no_more_appends_even_if_the_store_refused_the_change(
+    daemon_factory: Any,
+) -> None:
+    """An append that finds its file deleted sends the change to the store, whose fold starts a new journal. If
+    the store refused that change, the journal forgot what it had found: once the store took writes again, the
+    next appends within CHECK_S went into the deleted file, acknowledged, and a SIGKILL lost them."""
+    d = daemon_factory()
+    _warm(d)
+    _journal(d).unlink()
+    time.sleep(lockjournal.CHECK_S + 0.1)
+    with write_lock_held(d):  # the append looks at its file, which is gone: the change goes to the store
+        assert refused(d.call, "lock.acquire", name="first", owner="a").code == "STORE_LOCKED"
+    d.call("port.claim", id="app:api")  # the store takes writes again
+    got = d.call("lock.acquire", name="second", owner="a", ttl="10m")  # well within CHECK_S of that look
+    d.kill9()
+    d.start()
+    assert _held(d) == {"second": ("a", got["token"], got["expiresAt"])}
 
 
 # -- the file format, without a daemon -----------------------------------------------------------------------

@@ -13,8 +13,10 @@ store keeps the seq of the last record folded (``lock_fence.journal_seq``): repl
 so a journal that could not be emptied after its fold replays nothing twice.
 
 Frames: ``<u32 length><u32 crc32>`` and a msgpack body. A last frame cut short (the daemon killed in the middle
-of a write, a full disk) fails its length or checksum, and replay stops there: it was never acknowledged. An
-append that fails is cut off again; while the journal cannot be cut back, nothing is appended to it.
+of a write, a full disk) fails its length or checksum, and replay stops there: it was never acknowledged. So
+does a tail of zeros (an OS crash can leave a file longer than what reached the disk), which would pass both
+checks as a frame of length 0, and any body that is not a record. An append that fails is cut off again; while
+the journal cannot be cut back, nothing is appended to it.
 """
 
 from __future__ import annotations
@@ -68,21 +70,39 @@ def replay(path: str, store_id: str, after: int) -> list[Record]:
     while pos + _FRAME.size <= len(data):
         length, crc = _FRAME.unpack_from(data, pos)
         body = data[pos + _FRAME.size : pos + _FRAME.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
+        # No body is empty: a frame of length 0 is zeros (CRC-32 of no bytes is 0), a tail an OS crash left.
+        record = _decode(body) if 0 < length == len(body) and zlib.crc32(body) == crc else None
+        if record is None or not (_is_header(record) if header else _is_record(record)):
             break
         pos += _FRAME.size + length
-        record = msgpack.unpackb(body, raw=False)
         if header:
-            if record != [_MAGIC, store_id]:
+            if record[1] != store_id:
                 log.warning("the lock journal %s belongs to another store; ignored", path)
                 return []
             header = False
         elif record[0] > after:
             records.append((record[0], record[1], record[2]))
     if pos < len(data):
-        log.warning("the lock journal %s ends with %d bytes cut short (the daemon stopped while writing them); "
-                    "they were never acknowledged", path, len(data) - pos)  # fmt: skip
+        log.warning("the lock journal %s ends with %d bytes cut short (the daemon stopped while writing them, "
+                    "which were never acknowledged, or the system crashed before they reached the disk); ignored",
+                    path, len(data) - pos)  # fmt: skip
     return records
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+
+
+def _is_header(record: Any) -> bool:
+    return isinstance(record, list) and len(record) == 2 and record[0] == _MAGIC and isinstance(record[1], str)
+
+
+def _is_record(record: Any) -> bool:
+    return (isinstance(record, list) and len(record) == 3 and type(record[0]) is int and isinstance(record[1], str)
+            and (record[2] is None or (isinstance(record[2], list) and len(record[2]) == 6)))  # fmt: skip
 
 
 class LockJournal:
@@ -97,6 +117,9 @@ class LockJournal:
         self._id = _file_id(os.fstat(fd))
         self._checked = time.monotonic()
         self._cut = False  # an append failed and could not be cut off: nothing more goes after it
+        # Its file was found deleted or replaced: nothing more goes into it, even if the change that found it out
+        # was refused by the store too (the fold that starts a new journal comes later).
+        self._lost = False
 
     @classmethod
     def start(cls, path: str, store_id: str) -> LockJournal | None:
@@ -119,12 +142,13 @@ class LockJournal:
         return None
 
     def append(self, seq: int, name: str, row: list[Any] | None) -> bool:
-        if self._cut:
+        if self._cut or self._lost:
             return False
         now = time.monotonic()
         if now - self._checked >= CHECK_S:
             self._checked = now
             if not self._ours():
+                self._lost = True
                 return False
         frame = _frame([seq, name, row])
         try:
@@ -140,7 +164,8 @@ class LockJournal:
     def empty(self) -> bool:
         """After a fold, drop the records (the store has them). False if this file is not the journal's any more
         (deleted, replaced) or cannot be emptied: start a new one."""
-        if not self._ours():
+        if self._lost or not self._ours():
+            self._lost = True
             return False
         self._truncate(self._header)
         return not self._cut
