@@ -12,6 +12,7 @@ from typing import Any
 
 from portdaddy.core import lockjournal
 from portdaddy.core.lockjournal import LockJournal, journal_path, replay
+from portdaddy.core.locks import FENCE_BLOCK
 from tests.conftest import Daemon
 from tests.fleet_helpers import wait_for
 from tests.test_storage_failures import refused, write_lock_held
@@ -191,3 +192,26 @@ def test_an_append_is_refused_once_its_file_is_not_the_journal(tmp_path: Path) -
     assert not journal.append(2, "a", None)
     assert not journal.empty()
     journal.close()
+
+
+def test_tokens_go_on_above_what_the_journal_replays_over_a_store_restored_from_a_backup(
+    daemon_factory: Any,
+) -> None:
+    """A store put back from a backup holds an older reservation of tokens; grants its journal replays may be
+    above it. The next token is above every one replayed, never one handed out already."""
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    _warm(d)
+    assert d.stop() == 0
+    backup = Path(d.settings.db).read_bytes()
+    d.start()
+    with d.client() as c:
+        for _ in range(FENCE_BLOCK + 10):  # past the backup's reservation: a new block is reserved
+            c.request("lock.release", {"name": "churn", "token": c.request("lock.acquire", {"name": "churn"})["token"]})
+        top = c.request("lock.acquire", {"name": "kept", "owner": "a", "ttl": "10m"})["token"]
+        d.kill9()
+    Path(d.settings.db).write_bytes(backup)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{d.settings.db}{suffix}").unlink(missing_ok=True)
+    d.start()
+    assert _held(d)["kept"][1] == top  # replayed from the journal
+    assert d.call("lock.acquire", name="next", owner="b")["token"] > top

@@ -125,6 +125,8 @@ class Locks:
             with self.store.write() as db:
                 self._fold(db)
         self._journal = LockJournal.start(self._journal_path, self._journal_id)
+        # A store restored from a backup may hold a reservation below tokens its journal replayed: go on above them.
+        self._tokens.last = max(self._tokens.last, *(lk.token for lk in self._held.values()), 0)
         self._deadlines.extend((lk.expires_at, name) for name, lk in self._held.items())
         heapq.heapify(self._deadlines)
 
