@@ -153,9 +153,7 @@ class TrioClient:
             raise NoReply(f"no reply to {action} within {timeout:g}s")
         try:
             return reply_result(frame)
-        except BadInput as e:
-            if self.agent_var is None:
-                raise
+        except BadInput as e:  # blame_agent_variable gives e back unless the refused id was the variable's
             raise blame_agent_variable(e, self.agent_var, self.agent_id) from None
 
     def _withdraw(self, conv: int, action: str) -> None:
