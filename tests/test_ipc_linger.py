@@ -82,6 +82,74 @@ async def test_a_thread_handing_trio_work_ends_the_wait(linger: Linger) -> None:
     assert not woke and took < LONG / 2
 
 
+def wait_for_a_late_request(linger: Linger, own: tuple[socket.socket, socket.socket]) -> None:
+    """A request that comes after any spin has given up: what a client on the daemon's own CPU looks like."""
+    timer = threading.Timer(0.01, own[1].send, [b"x"])
+    timer.start()
+    assert timed_wait(linger)[0]
+    own[0].recv(64)
+    timer.join()
+
+
+def wait_for_a_request(linger: Linger, own: tuple[socket.socket, socket.socket]) -> None:
+    assert timed_wait(linger)[0]
+    own[0].recv(64)
+
+
+async def test_spins_that_catch_nothing_give_way_to_a_yield(
+    linger: Linger, own: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client on the daemon's CPU cannot send while the daemon spins: after MISSES spins that caught nothing
+    the linger yields the CPU instead, and goes on yielding while the request is there right after the yield."""
+    yields = []
+
+    def client_runs_in_the_yield() -> None:  # what a yield does for a client on the same CPU
+        yields.append(1)
+        own[1].send(b"x")
+
+    monkeypatch.setattr(linger_module.os, "sched_yield", client_runs_in_the_yield)
+    for _ in range(linger_module.MISSES):
+        wait_for_a_late_request(linger, own)
+    assert not yields
+    for n in range(1, 4):
+        wait_for_a_request(linger, own)
+        assert len(yields) == n
+
+
+async def test_a_yield_that_finds_nothing_goes_back_to_spinning(
+    linger: Linger, own: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client is on another CPU after all (or was busy): the next waits spin again."""
+    yields = []
+    monkeypatch.setattr(linger_module.os, "sched_yield", lambda: yields.append(1))
+    for _ in range(linger_module.MISSES + 1):
+        wait_for_a_late_request(linger, own)
+    assert len(yields) == 1
+    wait_for_a_late_request(linger, own)
+    assert len(yields) == 1
+
+
+async def test_a_yield_that_lost_the_cpu_for_long_goes_back_to_spinning(
+    linger: Linger, own: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy process took the CPU for its time slice in the yield: a request that came meanwhile waited for it,
+    so the next waits spin (they catch a client on the other CPU) instead of yielding to it again."""
+    yields = []
+
+    def busy_process_runs_in_the_yield() -> None:
+        yields.append(1)
+        own[1].send(b"x")
+        time.sleep(0.002)
+
+    monkeypatch.setattr(linger_module.os, "sched_yield", busy_process_runs_in_the_yield)
+    for _ in range(linger_module.MISSES):
+        wait_for_a_late_request(linger, own)
+    wait_for_a_request(linger, own)
+    assert len(yields) == 1
+    wait_for_a_late_request(linger, own)
+    assert len(yields) == 1
+
+
 def test_a_client_in_a_request_loop_holds_up_nothing(daemon_factory: Callable[..., Daemon]) -> None:
     """While one connection claims as fast as it can (the reactor lingers between its requests), HTTP answers,
     a lease runs out on time and the waiter behind it gets the lock."""
