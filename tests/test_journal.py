@@ -22,6 +22,26 @@ from portdaddy.errors import BadInput, Conflict, NotFound, PDError
 from tests.conftest import Daemon, linked_worktree, unix_client
 
 
+def test_the_activity_log_is_written_within_a_second_of_each_burst_without_a_read(fresh_daemon: Daemon) -> None:
+    """Rows are batched, not held until someone reads the log: the store has a change's row about a second
+    later (what a SIGKILL would find), for the first burst and for one after a batch was written."""
+    d = fresh_daemon
+
+    def stored(kind: str) -> bool:  # the store itself, so that no read of the daemon's writes the batch first
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with apsw.Connection(str(d.settings.db), flags=apsw.SQLITE_OPEN_READONLY) as db:
+                if db.execute("SELECT count(*) FROM activity WHERE type = ?", (kind,)).fetchone()[0]:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    token = d.call("lock.acquire", name="activity:batched", owner="batcher")["token"]
+    assert stored("lock.acquire")
+    d.call("lock.release", name="activity:batched", token=token)
+    assert stored("lock.release")
+
+
 def test_sigkill_after_acknowledged_notes_loses_nothing(fresh_daemon: Daemon) -> None:
     d = fresh_daemon
     sid = d.call("session.start", purpose="durable", agentId="scribe")["id"]
