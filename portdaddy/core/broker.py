@@ -48,7 +48,7 @@ HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in
 HISTORY_RETENTION_MS = 7 * 86_400_000  # a message other than its channel's retained one is kept a week
 CHANNEL_RETENTION_MS = 30 * 86_400_000  # a channel silent this long is forgotten, retained message and all
 PRUNE_INTERVAL_S = 3600.0
-MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded; a delivery must fit one IPC frame (64 KiB)
+MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded (a delivery larger than an IPC frame goes in parts: floats pack to 9 bytes)
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
 IPC_REPLY_BUDGET = 56_000  # bytes of history per IPC reply (a frame holds 65,535)
@@ -273,7 +273,7 @@ class Broker:
             return
         try:
             pushed = sub.conn.push({"action": "msg.delivery", "subscription": sub.id, **msg.to_wire()})
-        except ValueError:  # larger than a frame once encoded: the client must read it from history
+        except ValueError:  # not encodable: the client must read it from history
             pushed = False
         if pushed:
             sub.last_id = msg.id
