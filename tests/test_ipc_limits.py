@@ -665,6 +665,42 @@ async def test_a_delivery_larger_than_a_frame_reaches_live_subscribers(fresh_dae
     blocking.close()
 
 
+async def test_a_history_page_holds_what_was_asked_for_however_large(fresh_daemon: Daemon) -> None:
+    """msg.history over IPC was cut to one frame's worth (~56 KB of JSON): asked for the newest 10 messages of 20,000
+    characters, pd history printed 2 and the SDK returned 2, saying nothing; a cursor read came back short (more:
+    true), and messages of floats came one a page. Replies go in parts: a page holds what was asked for."""
+    d = fresh_daemon
+    texts = [d.call("msg.publish", channel="big:text", payload=f"{n}" * 20_000)["id"] for n in range(10)]
+    floats = [d.call("msg.publish", channel="big:floats", payload=FLOATS)["id"] for _ in range(3)]
+    newest = d.call("msg.history", channel="big:text", limit=10)
+    assert ([m["id"] for m in newest["messages"]], newest["more"]) == (texts, False)
+    page = d.call("msg.history", channel="big:*", after=0)
+    assert ([m["id"] for m in page["messages"]], page["lastId"], page["more"]) == (texts + floats, floats[-1], False)
+    assert [m["payload"] for m in page["messages"][10:]] == [FLOATS] * 3
+    printed = d.pd("history", "big:text", "--limit", "10")
+    assert printed.returncode == 0, printed.stderr
+    assert [line.split()[0] for line in printed.stdout.splitlines()] == [str(i) for i in texts]
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        assert [m.id for m in await pd.history("big:floats", limit=3)] == floats
+
+
+def test_a_history_page_is_cut_only_at_the_largest_reply_and_says_so(fresh_daemon: Daemon) -> None:
+    """A page is one reply, at most 16 MiB packed (frame.MAX_REPLY): 240 messages of 8,000 floats (17 MB packed)
+    come as more than one page, each saying more: true, and none refused as too large."""
+    d = fresh_daemon
+    with d.client() as c:
+        ids = [c.request("msg.publish", {"channel": "huge", "payload": FLOATS})["id"] for _ in range(240)]
+        newest = c.request("msg.history", {"channel": "huge", "limit": 1000})
+        assert newest["more"] is True and 100 < newest["count"] < 240
+        assert [m["id"] for m in newest["messages"]] == ids[-newest["count"] :]  # the newest, as asked
+        read, after, more = [], 0, True
+        while more:
+            page = c.request("msg.history", {"channel": "huge", "after": after, "limit": 1000})
+            read += [m["id"] for m in page["messages"]]
+            after, more = page["lastId"], page["more"]
+        assert read == ids and len(read) > newest["count"]
+
+
 def test_pd_says_in_one_line_that_a_request_is_over_the_limit_of_any_transport(fresh_daemon: Daemon) -> None:
     word = "a" * 100_000  # eleven of them: 1.1 MB, over 1 MiB (each under the 128 KiB of one argument)
     refused = fresh_daemon.pd("spawn", "-b", "custom", "--", "echo", *[word] * 11)
