@@ -16,7 +16,7 @@ from typing import Any
 import apsw
 import pytest
 import trio
-from conftest import Daemon
+from conftest import Daemon, unix_client
 
 import portdaddy
 from portdaddy.errors import BadInput, DaemonUnavailable, NoReply, PDError, Timeout
@@ -623,6 +623,82 @@ def test_pd_sends_a_request_larger_than_a_frame_and_it_arrives_whole(fresh_daemo
     assert published.returncode == 0, published.stderr
     history = d.pd("history", "big:floats", "--json")
     assert json.loads(history.stdout)["messages"][0]["payload"] == FLOATS
+
+
+async def test_a_delivery_larger_than_a_frame_reaches_live_subscribers(fresh_daemon: Daemon) -> None:
+    """8,000 floats are within msg.publish's 60,000 bytes of JSON, but a 72 KB delivery. The daemon acknowledged
+    it, then dropped every live delivery of it (counted, and a msg.missed notice in its place: a client of its
+    own lost the message; pd sub and the SDK read it from history a round trip later). Pushed in parts now,
+    whichever transport published it; SSE, a cursor over history with no frames, always carried it."""
+    d = fresh_daemon
+    blocking = d.client()
+    blocking.request("msg.subscribe", {"channels": ["big:*"], "new": True})
+    connected, sse_events = threading.Event(), []
+
+    def read_sse() -> None:
+        with unix_client(d) as http, http.stream("GET", "/msg/big:*/subscribe?new=true", timeout=10) as r:
+            for line in r.iter_lines():
+                connected.set()
+                if line.startswith('data: {"id"'):
+                    sse_events.append(json.loads(line[6:]))
+                    if len(sse_events) == 2:
+                        return
+
+    sse = threading.Thread(target=read_sse)
+    sse.start()
+    assert connected.wait(10)
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd, pd.subscribe("big:*", new=True) as sub:
+        with unix_client(d) as http:
+            by_http = http.post("/msg/big:http", json={"payload": FLOATS}).json()["id"]
+        by_ipc = await pd.publish_confirmed("big:ipc", [*FLOATS, 1.25])
+        expected = [(by_http, FLOATS), (by_ipc, [*FLOATS, 1.25])]
+        with trio.fail_after(10):
+            assert [((m := await sub.__anext__()).id, m.payload) for _ in range(2)] == expected
+        assert (await pd.claim("big:after")).port  # the connection goes on after a push in parts
+    pushed = [f for _ in range(2) if (f := blocking.receive(timeout=5))]
+    assert [(f.type, f.conv_id, f.payload["action"]) for f in pushed] == [(Performative.INFORM, 0, "msg.delivery")] * 2
+    assert [(f.payload["id"], f.payload["payload"]) for f in pushed] == expected
+    assert blocking.request("port.claim", {"id": "big:blocking"})["port"]
+    await trio.to_thread.run_sync(sse.join, 10)
+    assert [(e["id"], e["payload"]) for e in sse_events] == expected
+    assert d.call("daemon.status")["counts"]["ipcDroppedPushes"] == 0
+    blocking.close()
+
+
+async def test_a_history_page_holds_what_was_asked_for_however_large(fresh_daemon: Daemon) -> None:
+    """msg.history over IPC was cut to one frame's worth (~56 KB of JSON): asked for the newest 10 messages of 20,000
+    characters, pd history printed 2 and the SDK returned 2, saying nothing; a cursor read came back short (more:
+    true), and messages of floats came one a page. Replies go in parts: a page holds what was asked for."""
+    d = fresh_daemon
+    texts = [d.call("msg.publish", channel="big:text", payload=f"{n}" * 20_000)["id"] for n in range(10)]
+    floats = [d.call("msg.publish", channel="big:floats", payload=FLOATS)["id"] for _ in range(3)]
+    newest = d.call("msg.history", channel="big:text", limit=10)
+    assert ([m["id"] for m in newest["messages"]], newest["more"]) == (texts, False)
+    page = d.call("msg.history", channel="big:*", after=0)
+    assert ([m["id"] for m in page["messages"]], page["lastId"], page["more"]) == (texts + floats, floats[-1], False)
+    assert [m["payload"] for m in page["messages"][10:]] == [FLOATS] * 3
+    printed = d.pd("history", "big:text", "--limit", "10")
+    assert printed.returncode == 0, printed.stderr
+    assert [line.split()[0] for line in printed.stdout.splitlines()] == [str(i) for i in texts]
+    async with portdaddy.connect(settings=d.settings, autostart=False) as pd:
+        assert [m.id for m in await pd.history("big:floats", limit=3)] == floats
+
+
+def test_a_history_page_is_cut_only_at_the_largest_reply_and_says_so(fresh_daemon: Daemon) -> None:
+    """A page is one reply, at most 16 MiB packed (frame.MAX_REPLY): 240 messages of 8,000 floats (17 MB packed)
+    come as more than one page, each saying more: true, and none refused as too large."""
+    d = fresh_daemon
+    with d.client() as c:
+        ids = [c.request("msg.publish", {"channel": "huge", "payload": FLOATS})["id"] for _ in range(240)]
+        newest = c.request("msg.history", {"channel": "huge", "limit": 1000})
+        assert newest["more"] is True and 100 < newest["count"] < 240
+        assert [m["id"] for m in newest["messages"]] == ids[-newest["count"] :]  # the newest, as asked
+        read, after, more = [], 0, True
+        while more:
+            page = c.request("msg.history", {"channel": "huge", "after": after, "limit": 1000})
+            read += [m["id"] for m in page["messages"]]
+            after, more = page["lastId"], page["more"]
+        assert read == ids and len(read) > newest["count"]
 
 
 def test_pd_says_in_one_line_that_a_request_is_over_the_limit_of_any_transport(fresh_daemon: Daemon) -> None:

@@ -48,10 +48,11 @@ HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in
 HISTORY_RETENTION_MS = 7 * 86_400_000  # a message other than its channel's retained one is kept a week
 CHANNEL_RETENTION_MS = 30 * 86_400_000  # a channel silent this long is forgotten, retained message and all
 PRUNE_INTERVAL_S = 3600.0
-MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded; a delivery must fit one IPC frame (64 KiB)
+MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded (a delivery larger than an IPC frame goes in parts: floats pack to 9 bytes)
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
-IPC_REPLY_BUDGET = 56_000  # bytes of history per IPC reply (a frame holds 65,535)
+# Packed bytes of history per IPC reply: it goes in parts, up to frame.MAX_REPLY (16 MiB), less room for the rest.
+IPC_REPLY_BUDGET = 16 * 1024 * 1024 - 65_536
 ID_BLOCK = 1024  # message ids reserved per durable write of sqlite_sequence
 
 
@@ -273,7 +274,7 @@ class Broker:
             return
         try:
             pushed = sub.conn.push({"action": "msg.delivery", "subscription": sub.id, **msg.to_wire()})
-        except ValueError:  # larger than a frame once encoded: the client must read it from history
+        except ValueError:  # not encodable: the client must read it from history
             pushed = False
         if pushed:
             sub.last_id = msg.id
@@ -506,11 +507,12 @@ def _unsubscribe(ctx: Ctx, *, subscription) -> dict[str, Any]:
     return {"success": True, "unsubscribed": dropped}
 
 
-def _fit_frame(found: list[Message]) -> list[Message]:
-    """The first messages whose reply fits one IPC frame (always at least one: a payload fits a delivery)."""
+def _fit_reply(found: list[Message]) -> list[Message]:
+    """The first messages that surely fit one IPC reply (always at least one). Packed, a message is at most 9/4 of
+    its compact JSON (``1.5,`` is 4 bytes, a float packs to 9; text, whole numbers and the rest pack smaller)."""
     size = 0
     for n, m in enumerate(found):
-        size += len(v.compact_json(m.payload)) + len(m.channel) + 120
+        size += len(v.compact_json(m.payload)) * 9 // 4 + len(m.channel) + 4 * len(m.sender or "") + 120
         if size > IPC_REPLY_BUDGET and n:
             return found[:n]
     return found
@@ -519,13 +521,13 @@ def _fit_frame(found: list[Message]) -> list[Message]:
 def _history(ctx: Ctx, *, channel, after, limit) -> dict[str, Any]:
     broker: Broker = ctx.app.broker
     found = broker.since(channel, after, limit) if after is not None else broker.latest(channel, limit)
-    page = _fit_frame(found) if ctx.transport == "ipc" else found
-    if after is None and len(page) < len(found):
-        page = found[len(found) - len(page) :]  # the newest ones, as asked
+    page = found
+    if ctx.transport == "ipc":  # HTTP has no bound on a reply
+        page = _fit_reply(found) if after is not None else _fit_reply(found[::-1])[::-1]  # the newest, as asked
     wire = [m.to_wire() for m in page]
     last_id = wire[-1]["id"] if wire else (after or 0)
-    # more: a cursor read stopped at the limit or the frame size; read again after lastId.
-    more = after is not None and (len(page) < len(found) or len(found) == limit)
+    # more: cut at the size of a reply, or a cursor read stopped at the limit; read again after lastId.
+    more = len(page) < len(found) or (after is not None and len(found) == limit)
     return {"success": True, "channel": ",".join(channel), "messages": wire, "count": len(wire), "lastId": last_id,
             "more": more}  # fmt: skip
 

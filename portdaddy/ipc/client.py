@@ -1,7 +1,8 @@
 """The blocking IPC client the CLI uses: connect, send a request, read its reply.
 
 Standard library plus the sans-IO codec only — ``pd`` must not pay for trio. Server-pushed frames (conv id 0,
-e.g. ``msg.delivery``) that arrive while a reply is awaited are kept for ``receive``.
+e.g. ``msg.delivery``) that arrive while a reply is awaited are kept for ``receive``. Replies and pushes larger
+than a frame arrive in parts and are put together before anyone sees them.
 """
 
 from __future__ import annotations
@@ -240,10 +241,7 @@ class BlockingClient:
                 self._withdraw(conv, action)
                 raise NoReply(f"no reply to {action} within {timeout or self.timeout:g}s")
             if frame.conv_id == conv:
-                whole = self._parts.feed(frame)
-                if whole is not None:
-                    return reply_result(whole)
-                continue
+                return reply_result(frame)
             if frame.conv_id == 0:
                 self._check_pushed(frame)
                 self._pushed.append(frame)
@@ -312,11 +310,15 @@ class BlockingClient:
         return data
 
     def _next_frame(self, deadline: float | None) -> Frame | None:
+        """The next whole frame: a reply or a push sent in parts comes back put together."""
         assert self.sock is not None, "connect() first"
         while True:
             event = self._decoder.next_event()
             if isinstance(event, Frame):
-                return event
+                whole = self._parts.feed(event)
+                if whole is not None:
+                    return whole
+                continue
             if isinstance(event, Malformed):
                 raise PDError("frame_decode_error", f"the daemon sent a malformed frame: {event.reason}")
             remaining = None if deadline is None else deadline - time.monotonic()

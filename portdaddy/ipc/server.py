@@ -126,16 +126,19 @@ class Connection:
         self._closers.append(fn)
 
     def push(self, payload: dict[str, Any]) -> bool:
-        """Queue a server-initiated INFORM (conv 0). False if dropped: closed, too large, or the client is not
-        reading (more than MAX_PUSH_BACKLOG queued)."""
+        """Queue a server-initiated INFORM (conv 0), in parts if it is larger than a frame. False if dropped:
+        closed, over MAX_REPLY, or the client is not reading (more than MAX_PUSH_BACKLOG queued)."""
         if self.closed:
             return False
         if len(self.out) > MAX_PUSH_BACKLOG:
             self._drop_push()
             return False
         try:
-            frame = self.encoder.encode(Performative.INFORM, 0, payload)
-        except (TypeError, ValueError, OverflowError) as e:  # FrameTooLarge, or a value msgpack cannot carry
+            try:
+                frame = self.encoder.encode(Performative.INFORM, 0, payload)
+            except FrameTooLarge:  # a message of many floats: its parts go into the outbox back to back
+                frame = self.encoder.encode_in_parts(Performative.INFORM, 0, payload)
+        except (TypeError, ValueError, OverflowError) as e:  # over MAX_REPLY, or a value msgpack cannot carry
             log.warning("dropped a %s push: %s", payload.get("action"), e)
             self._drop_push()
             return False

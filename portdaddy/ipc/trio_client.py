@@ -109,7 +109,7 @@ class TrioClient:
         self._out = bytearray()
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
-        self._parts = Parts()  # replies in parts, per connection
+        self._parts = Parts()  # replies and pushes in parts, per connection
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -353,10 +353,10 @@ class TrioClient:
         return DaemonUnavailable(message)
 
     def _dispatch(self, frame: Frame) -> None:
+        frame = self._parts.feed(frame)  # a reply, or a push (a large delivery), may come in parts
+        if frame is None:
+            return
         if frame.conv_id:
-            frame = self._parts.feed(frame)
-            if frame is None:
-                return
             task = self._pending.pop(frame.conv_id, None)
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
