@@ -33,12 +33,29 @@ def blame_agent_variable(err: PDError, var: str | None, agent_id: str | None) ->
     variable's when the daemon's own check says the very same of its value."""
     if var is None or not isinstance(err, BadInput):
         return err
-    from portdaddy.core.validate import AGENT_ID  # ~37 ms: paid by a request refused as bad input, not by every pd
+    why = _refusal(agent_id)
+    return _blamed(var, why) if why is not None and why.message == err.message else err
+
+
+def check_agent_id(agent_id: str | None, var: str | None = None) -> None:
+    """Raise what the daemon would of ``agent_id`` (BadInput), named as the variable ``var``'s if it came from
+    one. For a client that holds a connection: every frame carries the id, and the daemon refuses every frame
+    with a bad one, saying so to nobody for a fire-and-forget send."""
+    if agent_id is not None and (why := _refusal(agent_id)) is not None:
+        raise why if var is None else _blamed(var, why)
+
+
+def _refusal(agent_id: str | None) -> PDError | None:
+    """The daemon's own check of an agent id (portdaddy/core/validate.py): its refusal, or None."""
+    from portdaddy.core.validate import AGENT_ID  # ~37 ms: pd pays it for a refused request only, the SDK at connect
 
     try:
-        AGENT_ID(var, agent_id)
+        AGENT_ID("agentId", agent_id)
     except PDError as why:
-        if why.message == err.message:
-            return bad_input(f"the {var} environment variable is not a valid agent id: {why.message}; set it to "
-                             f"one (e.g. export {var}=backend) or unset it")  # fmt: skip
-    return err
+        return why
+    return None
+
+
+def _blamed(var: str, why: PDError) -> PDError:
+    return bad_input(f"the {var} environment variable is not a valid agent id: {why.message}; set it to one (e.g. "
+                     f"export {var}=backend) or unset it")  # fmt: skip

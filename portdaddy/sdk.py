@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from portdaddy.caller import agent_from_env
+from portdaddy.caller import agent_from_env, check_agent_id
 from portdaddy.config import Settings
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
@@ -557,10 +557,13 @@ async def connect(
     autostart: bool = True,
 ) -> AsyncIterator[PortDaddy]:
     """Connect to the daemon of ``PORT_DADDY_HOME`` (starting it if needed) for the ``async with`` block, acting
-    as ``agent_id``, else as the agent ``PORT_DADDY_AGENT`` (or ``AGENT_ID``) names, as ``pd`` does: a refusal of
-    one from the environment names the variable and how to fix it."""
+    as ``agent_id``, else as the agent ``PORT_DADDY_AGENT`` (or ``AGENT_ID``) names, as ``pd`` does. One that is
+    not a valid agent id is ``BadInput`` here, before anything is sent (one from the environment names the
+    variable and how to fix it): the daemon refuses every frame that carries it, and a fire-and-forget send
+    (``heartbeat()``, ``spray()``, ``publish()``) would be lost without a word."""
     cfg = settings or Settings.from_env()
     agent_var, from_env = (None, None) if agent_id else agent_from_env()
+    check_agent_id(agent_id or from_env, agent_var)
     if autostart:
         await trio.to_thread.run_sync(ensure_daemon, cfg)
     client = TrioClient(cfg.ipc_sock, agent_id=agent_id or from_env, agent_var=agent_var, timeout=timeout,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
+import portdaddy.cli
 from portdaddy.cli.entry import quick_claim_identity
 from portdaddy.config import Settings
 from portdaddy.paths import runtime_path
@@ -45,6 +48,26 @@ def test_fast_path_finds_the_socket_where_settings_put_it(env: dict[str, str]) -
 
 def _modules(importtime: str) -> set[str]:
     return {line.split("|")[-1].strip().split(".")[0] for line in importtime.splitlines() if "|" in line}
+
+
+def _pd_imports(path: Path) -> set[str]:
+    """The modules of pd that ``path`` imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("portdaddy"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("portdaddy"))
+    return found
+
+
+def test_output_imports_nothing_of_the_cli_above_it() -> None:
+    """output.py serves every command, transport.py and the entry point: what it takes from the CLI is a leaf that
+    imports no other part of pd, or the layers would turn round (it imported discard from entry.py, the top)."""
+    cli = Path(portdaddy.cli.__file__).parent
+    for module in _pd_imports(cli / "output.py"):
+        if module.startswith("portdaddy.cli."):
+            assert not _pd_imports(cli / f"{module.removeprefix('portdaddy.cli.')}.py"), module
 
 
 def test_fast_claim_prints_the_port_without_click(daemon: Daemon) -> None:

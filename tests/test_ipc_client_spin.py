@@ -4,13 +4,17 @@ catch a reply, learns from how long replies take, and never where the daemon mig
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Daemon
+from conftest import PYTHON, Daemon
 
 from portdaddy.errors import PDError
 from portdaddy.ipc.client import BlockingClient, Spin
+from portdaddy.procfs import stat_fields
+from tests.fleet_helpers import wait_for
 
 SHORT, LONG = Spin.MAX_NS // 2, Spin.MAX_NS * 10
 
@@ -28,10 +32,10 @@ def one_cpu() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def time_out(c: BlockingClient) -> None:
+def time_out(c: BlockingClient, *, patient: bool = False) -> None:
     """A blocking take the daemon ends after 20 ms: a wait no poll catches."""
     with pytest.raises(PDError) as e:
-        c.request("tuple.in", {"pattern": ["spin:none"], "wait": True, "timeout": "20ms"})
+        c.request("tuple.in", {"pattern": ["spin:none"], "wait": True, "timeout": "20ms"}, patient=patient)
     assert e.value.code == "TIMEOUT"
 
 
@@ -110,3 +114,62 @@ def test_replies_that_take_long_stop_the_client_polling(daemon: Daemon) -> None:
             time_out(c)
         assert c._spin.usable() == 0
         assert c.request("port.claim", {"id": "spin:after"})["port"]
+
+
+def test_a_wait_the_caller_knows_is_long_neither_polls_nor_teaches_the_budget(daemon: Daemon) -> None:
+    """Its length says how long the take waited, not how fast the daemon answers: the requests after it poll as
+    before."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    with daemon.client() as c:
+        for _ in range(2):
+            time_out(c, patient=True)
+        assert c._spin.usable() == Spin.START_NS
+        assert c.receive(timeout=0.05, patient=True) is None  # nothing is pushed to a client that subscribed to nothing
+        assert c._spin.usable() == Spin.START_NS
+
+
+# pd as it runs, but with a client that would poll for up to 10 s before it sleeps: a wait that polls at all
+# burns the whole time it waits, where the real budget (at most 100 µs a wake-up) is too small to measure.
+_GREEDY_PD = ("import sys; from portdaddy.ipc import client; client.Spin.usable = lambda self: 10**10; "
+              "from portdaddy.cli.entry import main; sys.argv[0] = 'pd'; main()")  # fmt: skip
+
+
+def cpu_s(pid: int) -> float:
+    """CPU time ``pid`` has used, user and system (proc(5) fields 14 and 15)."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize(("args", "waiting"), [
+    (("sub", "idle:sub"), "printed"),  # a subscription's receive
+    (("lock", "idle:lock1", "--wait"), "lockWaiters"),  # a request the daemon holds
+    (("with-lock", "idle:lock2", "--wait", "--", "true"), "lockWaiters"),  # pd with-lock's own request
+    (("tuple", "in", '["idle:none"]', "--wait", "--timeout", "1m"), "tupleWaiters"),
+])  # fmt: skip
+def test_a_pd_waiting_on_the_daemon_sleeps_without_polling(daemon: Daemon, args: tuple[str, ...],
+                                                           waiting: str) -> None:  # fmt: skip
+    """pd sub, a lock --wait, a blocking take wait seconds or days: a poll on each wake-up is CPU for nothing."""
+    holder = daemon.client()
+    if waiting == "printed":
+        daemon.call("msg.publish", channel="idle:sub", payload="retained")
+    elif waiting == "lockWaiters":
+        holder.request("lock.acquire", {"name": args[1], "owner": "idle-holder", "connBound": True})
+    before = daemon.call("daemon.status")["counts"]
+    pd = subprocess.Popen([PYTHON, "-c", _GREEDY_PD, *args], env=daemon.env, cwd=daemon.workdir,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        if waiting == "printed":
+            assert pd.stdout.readline() == "retained\n"
+        else:
+            wait_for(lambda: daemon.call("daemon.status")["counts"][waiting] > before[waiting], timeout=20,
+                     what=f"pd {args[0]} to wait")  # fmt: skip
+        start = cpu_s(pd.pid)
+        time.sleep(2)
+        used = cpu_s(pd.pid) - start
+        assert pd.poll() is None, pd.communicate()
+    finally:
+        pd.kill()
+        pd.communicate()
+        holder.close()
+    assert used < 0.5, f"pd {' '.join(args)} used {used:.2f} s of CPU in 2 s of waiting"

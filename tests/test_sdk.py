@@ -172,32 +172,31 @@ async def test_errors_leave_the_connect_block_as_themselves(daemon: Daemon, tmp_
     assert own.value.__suppress_context__  # the block's own chaining is kept
 
 
+def blamed(var: str) -> str:
+    """The refusal of ``bad id!`` from the environment variable ``var``, as pd and the SDK say it."""
+    return (rf"^the {var} environment variable is not a valid agent id: agent id 'bad id!' has characters "
+            rf"outside .*; set it to one \(e\.g\. export {var}=backend\) or unset it$")  # fmt: skip
+
+
 @pytest.mark.parametrize("var", ["PORT_DADDY_AGENT", "AGENT_ID"])
 async def test_a_bad_agent_id_from_the_environment_is_named_with_the_fix(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch, var: str
 ) -> None:
     """The daemon refused it as "agent id 'bad id!' has characters outside …", not saying where the SDK had it
     from, which the daemon cannot know and the SDK does, as pd says it; and AGENT_ID, which pd reads as the
-    caller's agent (the original's name for it), the SDK did not read at all."""
+    caller's agent (the original's name for it), the SDK did not read at all. Refused by connect(): the daemon
+    refuses every frame that carries it."""
     for name in ("PORT_DADDY_AGENT", "AGENT_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(var, "bad id!")
-    blamed = (rf"^the {var} environment variable is not a valid agent id: agent id 'bad id!' has characters "
-              rf"outside .*; set it to one \(e\.g\. export {var}=backend\) or unset it$")  # fmt: skip
-    async with connect(daemon) as pd:
-        assert pd.agent_id == "bad id!"
-        for attempt in (lambda: pd.claim("sdk:envagent"), lambda: pd.lock("sdk:envagent", blocking=False),
-                        lambda: pd.wait_for_signal("sdk:envagent", timeout=0.1)):  # fmt: skip
-            with pytest.raises(BadInput, match=blamed) as refused:
-                await attempt()
-            assert refused.value.code == "VALIDATION_ERROR"
-        with pytest.raises(BadInput, match=blamed):
-            async with pd.subscribe("sdk:envagent"):
-                pass
+    with pytest.raises(BadInput, match=blamed(var)) as refused:
+        async with connect(daemon):
+            pass
+    assert refused.value.code == "VALIDATION_ERROR"
     # Given in code, it is the code's mistake, whatever the environment holds.
-    async with connect(daemon, agent_id="bad id!") as pd:
-        with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):
-            await pd.claim("sdk:envagent")
+    with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):
+        async with connect(daemon, agent_id="bad id!"):
+            pass
     monkeypatch.setenv(var, "sdk-env-agent")
     async with connect(daemon) as pd:
         assert (await pd.claim("sdk:envagent")).port
@@ -205,6 +204,26 @@ async def test_a_bad_agent_id_from_the_environment_is_named_with_the_fix(
         with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):  # not the variable's
             await pd.call("agent.get", id="bad id!")
         await pd.release("sdk:envagent")
+
+
+async def test_fire_and_forget_sends_do_not_lose_a_bad_agent_variable_without_a_word(
+    daemon: Daemon, tmp_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """heartbeat(), spray() and publish() wait for no reply, and the daemon refuses every frame whose agent id is
+    bad: with PORT_DADDY_AGENT mistyped a program that only published and sprayed lost it all and heard nothing.
+    connect() checks the id by the daemon's own rule before it connects, or starts a daemon."""
+    monkeypatch.setenv("PORT_DADDY_AGENT", "bad id!")
+    monkeypatch.delenv("AGENT_ID", raising=False)
+    with pytest.raises(BadInput, match=blamed("PORT_DADDY_AGENT")):
+        async with connect(daemon) as pd:
+            pd.publish("sdk:ff-env", "lost")
+            pd.spray("sdk", "ff-env", "seen", 1.0)
+            pd.heartbeat()
+    assert daemon.call("msg.history", channel="sdk:ff-env")["messages"] == []
+    with pytest.raises(BadInput, match=blamed("PORT_DADDY_AGENT")):  # not DaemonUnavailable: there is none
+        async with portdaddy.sdk.connect(settings=Settings.from_env({"PORT_DADDY_HOME": str(tmp_home)}),
+                                         autostart=False):  # fmt: skip
+            pass
 
 
 async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Daemon) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from portdaddy.cli.fds import discard
+
 _QUIET = ("-q", "--quiet")
 
 
@@ -62,13 +64,6 @@ def _say(line: str, *, err: bool = False) -> None:
         print(line, file=out, flush=True)
     except BrokenPipeError:
         discard(out.fileno())
-
-
-def discard(fd: int) -> None:
-    """Send what pd still holds for ``fd``, and all it prints there from now on, nowhere: its reader went away."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, fd)
-    os.close(null)
 
 
 def main() -> None:

@@ -163,9 +163,8 @@ def with_lock(name: str, ttl: str | None, wait: bool, timeout: str | None, owner
         # One connection for the whole run: the lock is bound to it.
         with connect() as client:
             with spinning(f"waiting for lock {name}…"):
-                granted = client.request(
-                    "lock.acquire", args, timeout=reply_wait_s(None if timeout_ms is None else timeout_ms / 1000)
-                )
+                wait_s = reply_wait_s(None if timeout_ms is None else timeout_ms / 1000)
+                granted = client.request("lock.acquire", args, timeout=wait_s, patient=args["wait"])
             status = _run_holding(client, granted, ttl_ms, command)
     except PDError as e:
         fail(e, as_json=as_json)

@@ -44,7 +44,7 @@ def stream(client: BlockingClient, patterns: list[str], *, new: bool, after: int
     client.request("msg.subscribe", {"channels": patterns, "new": new, "after": after})
     last = -1
     while True:
-        frame = client.receive()
+        frame = client.receive(patient=True)  # the next message may be seconds or days away
         if frame is None:
             continue
         body = frame.payload

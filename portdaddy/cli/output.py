@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from portdaddy.cli.entry import discard
+from portdaddy.cli.fds import discard
 from portdaddy.text import shown, span
 
 F = TypeVar("F", bound=Callable[..., Any])

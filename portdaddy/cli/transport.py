@@ -138,10 +138,11 @@ def reply_wait_s(takes: float | None) -> float:
 
 def request(action: str, args: dict[str, Any] | None = None, *, agent_id: str | None = None,
             takes: float | None = 0.0) -> Any:  # fmt: skip
-    """One request for an operation that may take ``takes`` seconds (None: no limit); raises PDError."""
+    """One request for an operation that may take ``takes`` seconds (None: no limit); raises PDError. One that may
+    take any time is waited for asleep, not polled for (``patient``)."""
     wait_s = reply_wait_s(takes)
     with connect(agent_id=agent_id, timeout=wait_s) as client:
-        return client.request(action, args, timeout=wait_s)
+        return client.request(action, args, timeout=wait_s, patient=takes != 0)
 
 
 def call(action: str, args: dict[str, Any] | None = None, *, as_json: bool = False, agent_id: str | None = None,

@@ -230,13 +230,17 @@ class BlockingClient:
         *,
         timeout: float | None = None,
         kind: int = Performative.REQUEST,
+        patient: bool = False,
     ) -> Any:
+        """One request and its reply. ``patient``: the caller knows the operation may wait for seconds or more
+        (a lock or take with ``wait``, ``msg.wait``, a run's stopping), so the reply is slept for at once, not
+        polled for (see ``Spin``), and how long it took teaches the poll nothing."""
         self._conv = next_conv_id(self._conv)
         conv = self._conv
         self._send(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            frame = self._next_frame(deadline)
+            frame = self._next_frame(deadline, patient)
             if frame is None:
                 self._withdraw(conv, action)
                 raise NoReply(f"no reply to {action} within {timeout or self.timeout:g}s")
@@ -254,13 +258,15 @@ class BlockingClient:
         except PDError:
             pass
 
-    def receive(self, timeout: float | None = None) -> Frame | None:
-        """The next server-pushed frame, or None when ``timeout`` (seconds; None = forever) passes."""
+    def receive(self, timeout: float | None = None, *, patient: bool = False) -> Frame | None:
+        """The next server-pushed frame, or None when ``timeout`` (seconds; None = forever) passes. ``patient``:
+        the frame may be long in coming (a subscription waiting for whoever publishes next): slept for at once,
+        as a patient ``request`` is. A caller that has just made the daemon push one polls for it."""
         if self._pushed:
             return self._pushed.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            frame = self._next_frame(deadline)
+            frame = self._next_frame(deadline, patient)
             if frame is None or frame.conv_id == 0:
                 if frame is not None:
                     self._check_pushed(frame)
@@ -284,12 +290,12 @@ class BlockingClient:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
         self._recv_timeout = seconds
 
-    def _recv(self, remaining: float | None) -> bytes:
-        """The next bytes from the daemon: polled for within the spin budget (see ``Spin``), then slept for,
-        bounded by SO_RCVTIMEO (BlockingIOError when it runs out)."""
+    def _recv(self, remaining: float | None, patient: bool = False) -> bytes:
+        """The next bytes from the daemon: polled for within the spin budget (see ``Spin``), unless ``patient``,
+        then slept for, bounded by SO_RCVTIMEO (BlockingIOError when it runs out)."""
         sock, clock = self.sock, time.perf_counter_ns
         assert sock is not None, "connect() first"
-        budget = self._spin.usable()
+        budget = None if patient else self._spin.usable()
         if budget is None:
             self._bound_recv(remaining)
             return sock.recv(65536)
@@ -309,7 +315,7 @@ class BlockingClient:
         self._spin.waited(clock() - start)
         return data
 
-    def _next_frame(self, deadline: float | None) -> Frame | None:
+    def _next_frame(self, deadline: float | None, patient: bool = False) -> Frame | None:
         """The next whole frame: a reply or a push sent in parts comes back put together."""
         assert self.sock is not None, "connect() first"
         while True:
@@ -325,7 +331,7 @@ class BlockingClient:
             if remaining is not None and remaining <= 0:
                 return None
             try:
-                data = self._recv(remaining)
+                data = self._recv(remaining, patient)
             except BlockingIOError:  # SO_RCVTIMEO ran out
                 return None
             except OSError as e:
