@@ -400,6 +400,15 @@ def test_http_publish_history_and_channels(daemon) -> None:
         assert c.delete("/msg/web:events").json()["deleted"] == 1
 
 
+def test_pd_history_says_where_to_read_on_when_a_page_stops_at_its_limit(daemon) -> None:
+    ids = [daemon.call("msg.publish", channel="cli:paged", payload=n)["id"] for n in range(3)]
+    r = daemon.pd("history", "cli:paged", "--after", "0", "--limit", "2")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+    assert r.stderr.strip() == f"More messages follow: pd history 'cli:paged' --after {ids[1]}"
+    r = daemon.pd("history", "cli:paged", "--after", str(ids[1]))
+    assert r.stdout.split()[0] == str(ids[2]) and r.stderr == ""
+
+
 @pytest.mark.parametrize("args", [
     ("pub", "a::b", "x"),
     ("pub", "has space", "x"),

@@ -236,6 +236,11 @@ def history(channel: str, after: int | None, limit: int | None, as_json: bool, q
         click.echo(f"No messages on {channel}", err=True)  # stderr: scripts read stdout as messages
     for msg in result["messages"]:
         click.echo(f"{msg['id']}  {msg['channel']}  {msg['sender'] or '-'}  {show_payload(msg)}")
+    if result["more"]:  # stderr, as above: a page cut at the limit or at the size of one reply
+        if after is None:  # the newest page, cut: what it left out is older
+            click.echo(f"Older messages were left out: pd history '{channel}' --after 0 reads them all", err=True)
+        else:
+            click.echo(f"More messages follow: pd history '{channel}' --after {result['lastId']}", err=True)
 
 
 COMMANDS = (pub, sub, wait, watch, channels, history)
