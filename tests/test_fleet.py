@@ -1165,6 +1165,34 @@ def test_spawn_custom_refuses_a_program_that_is_not_there(daemon: Daemon, tmp_ho
     assert ran.returncode == 0 and "script-ran" in ran.stdout, ran
 
 
+def test_a_task_that_is_not_unicode_is_refused_before_anything_is_registered(daemon: Daemon, tmp_home: Path) -> None:
+    """A lone surrogate in a spawn's task (or env) got past HTTP as its own bytes: the run was queued, then failed
+    with a traceback in the daemon log when its agent was registered or its child started."""
+    before = daemon.call("spawn.list")["count"]
+    agents = daemon.call("agent.list")["count"]
+    with unix_client(daemon) as c:
+        for body in ('{"backend": "custom", "task": "echo \\ud800"}',  # the escape: refused before, still
+                     '{"backend": "custom", "task": "echo \ud800"}',  # its own bytes: was a 200, then a traceback
+                     '{"backend": "custom", "task": "echo hi", "env": {"X": "\udfff"}}',
+                     '{"backend": "custom", "task": "echo hi", "workdir": "/tmp/\ud800"}'):  # fmt: skip
+            r = c.post("/spawn", content=body.encode("utf-8", "surrogatepass"))
+            assert r.status_code == 400 and r.json()["code"] == "VALIDATION_ERROR", r.text
+            assert "surrogate" in r.json()["error"] and "\n" not in r.json()["error"], r.text
+    # pd (over IPC) refuses it before sending: an argument's bytes that are not UTF-8 are not text.
+    r = daemon.pd("spawn", "-b", "custom", "--", os.fsdecode(b"echo \xed\xa0\x80"), cwd=tmp_home)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "not valid Unicode" in r.stderr
+    # A fleet file's "\\ud800" (YAML makes a lone surrogate of it): refused by validate and up alike.
+    project = make_project(tmp_home, 'agents:\n  qa: {trigger: qa:go, backend: custom, command: "echo \\ud800"}\n')
+    for verb in ("validate", "up"):
+        r = daemon.pd("fleet", verb, "-C", str(project))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "pd-fleet.yml:2: agents.qa.command: holds a lone UTF-16 surrogate" in r.stderr
+    assert str(project) not in json.dumps(daemon.call("fleet.status"))
+    assert daemon.call("spawn.list")["count"] == before and daemon.call("agent.list")["count"] == agents
+    assert "Traceback" not in daemon.log()
+
+
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(PORT_DADDY_NO_FLEET="1")
     project = make_project(tmp_home, "agents: {}\n")

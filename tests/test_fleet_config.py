@@ -273,6 +273,43 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     assert info.value.message.startswith(f"{path}:2: file: not UTF-8")
 
 
+def test_a_lone_surrogate_escape_is_refused_wherever_it_stands(tmp_path: Path) -> None:
+    """YAML's "\\ud800" makes a lone surrogate, which no UTF-8 encoder takes: a prompt, command or env value holding
+    one made every run fail with a traceback, as its agent was registered or its child started."""
+    path = tmp_path / "pd-fleet.yml"
+    err = fail(
+        tmp_path,
+        r"""
+        agents:
+          qa:
+            trigger: git:committed
+            prompt: "Review \ud800 this"
+            env: {OK: "é 😀 \U0001F600", BAD: "\udfff"}
+          tidy:
+            trigger: git:committed
+            backend: custom
+            command: "echo \udc80"
+        channels:
+          "git:committed": "commits \ud83d"
+          "bad\udc00": x
+        """,
+    )
+    refusal = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid Unicode"
+    assert [e.split(": ", 2)[:2] for e in err.errors] == [
+        [f"{path}:4", "agents.qa.prompt"],
+        [f"{path}:5", "agents.qa.env.BAD"],
+        [f"{path}:9", "agents.tidy.command"],
+        [f"{path}:11", "channels.git:committed"],
+        [f"{path}:12", "channels"],
+    ]
+    assert [e.split(": ", 2)[2].startswith(refusal) for e in err.errors] == [True] * 4 + [False], err.errors
+    assert err.errors[-1].endswith(f"channels: a key {refusal} (a character beyond U+FFFF as itself, or as both "
+                                   "halves of its pair)")  # fmt: skip
+    assert err.message.encode("utf-8")  # the error is text itself: it can be printed and sent
+    cfg = load(tmp_path, 'agents:\n  qa: {trigger: x, prompt: "a pair is one character: \\ud83d\\ude00"}\n')
+    assert cfg.agents["qa"].prompt == "a pair is one character: 😀"  # PyYAML leaves its halves apart; JSON would not
+
+
 def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,
