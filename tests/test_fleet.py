@@ -1193,6 +1193,31 @@ def test_a_task_that_is_not_unicode_is_refused_before_anything_is_registered(dae
     assert "Traceback" not in daemon.log()
 
 
+def test_a_command_or_env_value_too_large_for_an_exec_is_refused_up_front(daemon: Daemon, tmp_home: Path) -> None:
+    """Linux refuses one argument or environment string over 128 KiB: a custom command of 100,000 characters that
+    are not ASCII failed with E2BIG only after its run was registered (an agent, a session, a salvage entry)."""
+    before, agents = daemon.call("spawn.list")["count"], daemon.call("agent.list")["count"]
+    word = "é" * 33_000  # two of them: 132,006 bytes of command, in arguments pd itself can be given
+    r = daemon.pd("spawn", "-b", "custom", "--", "echo", word, word, cwd=tmp_home)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (
+        "error: task is 132,006 bytes; backend custom runs it as one argument of /bin/sh -c, "
+        "and Linux refuses an argument over 128 KiB: put the command in a script, and run that\n"
+    )
+    with unix_client(daemon) as c:
+        r = c.post("/spawn", json={"backend": "custom", "task": f"echo {word} {word}"})
+        assert r.status_code == 400 and r.json()["error"].startswith("task is 132,006 bytes; "), r.text
+    assert daemon.call("spawn.list")["count"] == before and daemon.call("agent.list")["count"] == agents
+
+    env = "agents:\n  qa:\n    trigger: qa:go\n    backend: custom\n    command: echo\n    env: {BIG: VALUE}\n"
+    project = make_project(tmp_home, env.replace("VALUE", "x" * 128 * 1024))
+    for verb in ("validate", "up"):
+        r = daemon.pd("fleet", verb, "-C", str(project))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "pd-fleet.yml:6: agents.qa.env.BIG: is 131,072 bytes; Linux refuses an environment variable" in r.stderr
+    assert str(project) not in json.dumps(daemon.call("fleet.status"))
+
+
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:
     d = daemon_factory(PORT_DADDY_NO_FLEET="1")
     project = make_project(tmp_home, "agents: {}\n")

@@ -745,6 +745,47 @@ def test_each_backend_but_custom_takes_a_prompt_too_large_for_an_argument_on_std
     )
 
 
+def test_a_command_or_env_value_too_large_for_an_exec_is_refused_by_line(tmp_path: Path) -> None:
+    """Linux refuses one argument or environment string over 128 KiB (E2BIG): such a command or env value made
+    every run fail to start, after it was registered (one more salvage entry each time)."""
+    limit = 128 * 1024  # bytes, the NUL included
+    over = "é" * (limit // 2)  # 128 KiB of UTF-8 in 64 Ki characters
+    command, value = "x" * (limit - len("echo ") - 1), "v" * (limit - len("EDGE=") - 1)  # each just fits
+    text = textwrap.dedent("""
+        agents:
+          big:
+            trigger: go
+            backend: custom
+            command: echo OVER
+            env: {SMALL: "ok", LARGE: "OVER", EDGE: "VALUEv"}
+          tools:
+            trigger: go
+            prompt: p
+            allowedTools: "OVER"
+          edge:
+            trigger: go
+            backend: custom
+            command: echo COMMAND
+            env: {EDGE: "VALUE"}
+        """).lstrip("\n")
+    text = text.replace("OVER", over).replace("COMMAND", command).replace("VALUE", value)
+    path = tmp_path / "pd-fleet.yml"
+    path.write_text(text)
+    with pytest.raises(FleetConfigError) as info:
+        load_fleet(path, VARS)
+    env = "Linux refuses an environment variable over 128 KiB: shorten it, or put it in a file and pass its path"
+    assert info.value.errors == [
+        f"{path}:5: agents.big.command: is {len(f'echo {over}'.encode()):,} bytes; backend custom runs it as one "
+        "argument of /bin/sh -c, and Linux refuses an argument over 128 KiB: put the command in a script, and run that",
+        f"{path}:6: agents.big.env.LARGE: is {len(over.encode()):,} bytes; {env}",
+        f"{path}:6: agents.big.env.EDGE: is {len(value) + 1:,} bytes; {env}",  # one more byte than edge's EDGE
+        f"{path}:10: agents.tools.allowedTools: is {len(over.encode()):,} bytes; Linux refuses an argument over "
+        "128 KiB: shorten it",
+    ]
+    path.write_text("agents:\n  edge:" + text.split("  edge:")[1])
+    assert load_fleet(path, VARS).agents["edge"].command == f"echo {command}"  # what fits loads
+
+
 def test_the_ollama_client_reads_a_prompt_from_stdin_when_told(tmp_path: Path) -> None:
     got: list[Any] = []
 

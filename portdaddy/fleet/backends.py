@@ -156,19 +156,62 @@ def exec_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass")) + 1  # surrogatepass: counts what encoding would refuse
 
 
+def fits(text: str) -> bool:
+    """Whether ``text`` can be one argument or environment string (``NAME=value``) of an exec."""
+    return exec_size(text) <= ARG_STRLEN_MAX
+
+
 def prompt_fits(prompt: str) -> bool:
     """Whether ``prompt`` can be sent as it always was: an argument and ``PD_PROMPT`` (the larger of the two)."""
-    return exec_size(f"PD_PROMPT={prompt}") <= ARG_STRLEN_MAX
+    return fits(f"PD_PROMPT={prompt}")
+
+
+def _refusal(text: str, what: str, advice: str, how: str = "") -> str:
+    """The refusal "is N bytes; [how, and ]Linux refuses ``what`` over 128 KiB: ``advice``", N counting ``text``."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"is {size:,} bytes; {how}Linux refuses {what} over {ARG_STRLEN_MAX // 1024} KiB: {advice}"
 
 
 def too_large(backend: str, prompt: str) -> str | None:
     """Why ``prompt`` cannot reach ``backend`` at all, as "is N bytes; …" and what to do (None: it can)."""
     if prompt_fits(prompt) or backend in STDIN_BACKENDS:
         return None
-    size = len(prompt.encode("utf-8", "surrogatepass"))
-    return (f"is {size:,} bytes; backend {backend} gets it only in PD_PROMPT, and Linux refuses an environment "
-            f"variable over {ARG_STRLEN_MAX // 1024} KiB: shorten it, or put its long part in a file the command "
-            "reads")  # fmt: skip
+    return _refusal(prompt, "an environment variable", "shorten it, or put its long part in a file the command reads",
+                    f"backend {backend} gets it only in PD_PROMPT, and ")  # fmt: skip
+
+
+def command_too_large(command: str) -> str | None:
+    """Why a custom ``command`` cannot be run (one argument of ``/bin/sh -c``), as "is N bytes; …" (None: it can)."""
+    if fits(command):
+        return None
+    return _refusal(command, "an argument", "put the command in a script, and run that",
+                    "backend custom runs it as one argument of /bin/sh -c, and ")  # fmt: skip
+
+
+def argument_too_large(value: str) -> str | None:
+    """Why ``value`` cannot be an argument (a model, allowed tools), as "is N bytes; …" (None: it can)."""
+    return None if fits(value) else _refusal(value, "an argument", "shorten it")
+
+
+def env_too_large(name: str, value: str) -> str | None:
+    """Why ``NAME=value`` cannot be in a child's environment, as "is N bytes; …" (None: it can)."""
+    if fits(f"{name}={value}"):
+        return None
+    return _refusal(value, "an environment variable", "shorten it, or put it in a file and pass its path")
+
+
+def exec_problem(task: Task, prompt: str, *, command: str = "the command") -> str | None:
+    """Why a run of ``task`` sent ``prompt`` could not start, a string of its exec being over 128 KiB, as "<what> is N
+    bytes; …" (``command`` names the custom command); None when each fits. Checked before a run is registered, and
+    up front by pd spawn and the fleet file's checks, field by field."""
+    problems = [
+        ("the prompt", too_large(task.backend, prompt)),
+        (command, command_too_large(task.command) if task.backend == "custom" and task.command else None),
+        ("model", argument_too_large(task.model) if task.model else None),
+        ("allowedTools", argument_too_large(task.allowed_tools) if task.allowed_tools else None),
+        *((f"env {name}", env_too_large(name, value)) for name, value in task.env.items()),
+    ]
+    return next((f"{what} {problem}" for what, problem in problems if problem is not None), None)
 
 
 def argv_for(task: Task, prompt: str, *, on_stdin: bool = False) -> list[str]:

@@ -31,7 +31,15 @@ from portdaddy.core.validate import name as _name_check
 from portdaddy.core.validate import not_text, surrogate_in
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, PDError
-from portdaddy.fleet.backends import locate, missing, program_of, too_large
+from portdaddy.fleet.backends import (
+    argument_too_large,
+    command_too_large,
+    env_too_large,
+    locate,
+    missing,
+    program_of,
+    too_large,
+)
 from portdaddy.fleet.spec import (
     BACKEND_ALIASES,
     BACKENDS,
@@ -418,6 +426,8 @@ def _env(ctx: _Ctx, node: Node, fld: str) -> dict[str, str]:
             ctx.error(value_node, sub, f"got {_type_of(value_node)}; expected text")
             continue
         out[key] = "" if _is_null(value_node) else value_node.value  # verbatim: `DEBUG: true` is "true"
+        if (problem := env_too_large(key, out[key])) is not None:
+            ctx.error(value_node, sub, problem)  # every run would fail to start
     return out
 
 
@@ -441,9 +451,11 @@ def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variable
     for key, parse in (("trigger", _channel), ("on_success", _publish), ("on_failure", _publish)):
         if (got := get(key)) is not None:
             kw[key] = parse(ctx, got[1], f"{fld}.{key}")
-    for key in ("model", "command"):
+    for key, too_large_for_exec in (("model", argument_too_large), ("command", command_too_large)):
         if (got := get(key)) is not None:
             kw[key] = _text(ctx, got[1], f"{fld}.{key}")
+            if kw[key] and (problem := too_large_for_exec(kw[key])) is not None:
+                ctx.error(got[1], f"{fld}.{key}", problem)  # every run would fail to start
     for key in ("respawn", "enabled", "run_on_start"):
         if (got := get(key)) is not None:
             kw[key] = _bool(ctx, got[1], f"{fld}.{key}")
@@ -506,6 +518,8 @@ def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variable
         ctx.error(items["allowed_tools"][0], f"{fld}.allowed_tools", "given together with allowedTools; keep one")
     elif tools:
         kw["allowed_tools"] = _allowed_tools(ctx, items[tools[0]][1], f"{fld}.{tools[0]}")
+        if kw["allowed_tools"] and (problem := argument_too_large(kw["allowed_tools"])) is not None:
+            ctx.error(items[tools[0]][1], f"{fld}.{tools[0]}", problem)
 
     ident_node: Node | int = name_node
     ident_field = f"{fld}.identity"

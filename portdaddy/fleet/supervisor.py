@@ -32,7 +32,7 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.store import RETRY_S
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
-from portdaddy.fleet.backends import Task, argv_for, prompt_fits, too_large, with_trigger_context
+from portdaddy.fleet.backends import Task, argv_for, exec_problem, prompt_fits, with_trigger_context
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
 from portdaddy.procfs import start_time
@@ -600,8 +600,8 @@ class Fleet:
         on_stdin = not prompt_fits(prompt)
         stdin = prompt.encode("utf-8", "surrogateescape") if on_stdin else None  # as an argument would be
         try:
-            if (problem := too_large(task.backend, prompt)) is not None:
-                raise bad_input(f"the prompt {problem}")
+            if (problem := exec_problem(task, prompt)) is not None:  # else E2BIG, after the run was registered
+                raise bad_input(problem)
             argv = argv_for(task, prompt, on_stdin=on_stdin)
         except PDError as exc:
             Path(run.log_path).write_text(f"# {run.id}: not started: {exc.message}\n")
