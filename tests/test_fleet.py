@@ -279,9 +279,10 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     done = finished(d, project, "qa", 1)
     assert done[0]["status"] == "completed", done
     [rec] = records(tmp_home)
-    argv = rec["argv"]
-    assert argv[0] == "-p" and argv[1] == "Review main for bugs"  # manual run: no trigger context block
-    assert argv[2:] == ["--allowedTools", "Read,Grep", "--model", "sonnet"]
+    # The prompt on stdin, not an argument: any local user reads a process's argv (/proc/PID/cmdline, ps).
+    assert rec["stdin"] == b"Review main for bugs"  # manual run: no trigger context block
+    assert rec["argv"] == ["-p", "--allowedTools", "Read,Grep", "--model", "sonnet"]
+    assert rec["env"]["PD_PROMPT"] == "Review main for bugs"  # the environment only its own user can read
     assert rec["env"]["PD_RUN_ID"] == run["id"] == rec["env"]["PORT_DADDY_AGENT"]
     assert rec["env"]["PD_IDENTITY"] == "proj:fleet:qa"
 
@@ -320,7 +321,8 @@ def test_show_gives_one_run_in_full_with_the_prompt_it_was_sent(daemon_factory: 
     [review] = finished(d, project, "review", 1)
     [check] = finished(d, project, "check", 1)
     [rec] = records(tmp_home)
-    sent = rec["argv"][1]
+    sent = rec["stdin"].decode()
+    assert rec["argv"] == ["-p", "--allowedTools", "Read"]
     assert sent.startswith("Review main for bugs.\nThen say") and "Trigger context:" in sent and "look at auth" in sent
 
     shown = pd_json(d, "fleet", "show", review["id"])
@@ -361,7 +363,7 @@ def test_a_long_prompt_is_kept_as_its_start_and_end_with_the_cut_said(daemon_fac
         run = c.post("/spawn", json={"backend": "claude-cli", "task": task, "path": path_with(bin_dir),
                                      "env": {"PD_TEST_RECORD": str(tmp_home / "records")}}).json()["run"]  # fmt: skip
     assert d.call("spawn.wait", id=run["id"], timeout=20_000)["run"]["status"] == "completed"
-    assert records(tmp_home)[0]["argv"][1] == task  # the agent was sent all of it: only what is kept is cut
+    assert records(tmp_home)[0]["stdin"] == task.encode()  # the agent was sent all of it: only what is kept is cut
 
     shown = pd_json(d, "fleet", "show", run["id"])
     dropped = len(task) - PROMPT_HEAD - PROMPT_TAIL
@@ -400,9 +402,9 @@ def _unindented(block: str) -> str:
     return "".join(line[6:] for line in block.splitlines(keepends=True)).strip()
 
 
-def test_a_prompt_too_large_for_an_argument_is_sent_on_stdin(daemon_factory: Any, tmp_home: Path) -> None:
-    """Linux refuses an argument or environment string over 128 KiB: such a prompt made the run fail to start
-    (spec/fleet.md, "A prompt too large for an argument")."""
+def test_a_prompt_goes_on_stdin_whatever_its_size(daemon_factory: Any, tmp_home: Path) -> None:
+    """Linux refuses an argument or environment string over 128 KiB: such a prompt made the run fail to start; and
+    any local user reads an argument (spec/fleet.md, "The prompt goes on stdin")."""
     d = daemon_factory(**FAST)
     bin_dir = make_bin(tmp_home)
     block = _long_text(4300)
@@ -431,11 +433,13 @@ def test_a_prompt_too_large_for_an_argument_is_sent_on_stdin(daemon_factory: Any
     assert shown["prompt"] == prompt[:PROMPT_HEAD] + marker + prompt[-PROMPT_TAIL:]
     assert f"its prompt ({len(prompt.encode()):,} bytes) on stdin" in Path(review["logPath"]).read_text()
 
-    # A prompt that fits goes as before: the argument of -p and PD_PROMPT, nothing on stdin.
+    # A prompt that fits goes the same way (never an argument, which any local user can read), and in PD_PROMPT.
     hello = got[small["id"]]
-    assert hello["argv"] == ["-p", hello["env"]["PD_PROMPT"]] and hello["stdin"] == b""
+    assert hello["argv"] == ["-p"] and hello["stdin"] == hello["env"]["PD_PROMPT"].encode()
     assert hello["env"]["PD_PROMPT"].startswith("Say hello\n\nTrigger context:")
     assert pd_json(d, "fleet", "show", small["id"])["prompt"] == hello["env"]["PD_PROMPT"]
+    said = f"its prompt ({len(hello['stdin']):,} bytes) on stdin"
+    assert said in Path(small["logPath"]).read_text()
 
 
 def test_a_prompt_too_large_for_a_backend_without_stdin_fails_with_the_reason(
@@ -601,7 +605,7 @@ def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_fact
     assert qa["status"] == "completed" and qa["trigger"]["channel"] == "git:committed"
     assert qa["trigger"]["payload"]["sha"] == sha and "app.py" in json.dumps(qa["trigger"]["payload"])
     [rec] = records(tmp_home)
-    assert sha in rec["argv"][1]  # the prompt carries the trigger context
+    assert sha in rec["stdin"].decode() and rec["argv"] == ["-p", "--allowedTools", "Read,Grep", "--model", "sonnet"]
     [tidy] = finished(d, project, "tidy", 1)
     assert tidy["status"] == "completed" and tidy["trigger"]["channel"] == "qa:passed"
     # Each run was an agent with a session that ended with its result.
