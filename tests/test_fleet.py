@@ -279,9 +279,10 @@ def test_run_stand_in_claude_with_prompt_tools_and_identity(daemon_factory: Any,
     done = finished(d, project, "qa", 1)
     assert done[0]["status"] == "completed", done
     [rec] = records(tmp_home)
-    argv = rec["argv"]
-    assert argv[0] == "-p" and argv[1] == "Review main for bugs"  # manual run: no trigger context block
-    assert argv[2:] == ["--allowedTools", "Read,Grep", "--model", "sonnet"]
+    # The prompt on stdin, not an argument: any local user reads a process's argv (/proc/PID/cmdline, ps).
+    assert rec["stdin"] == b"Review main for bugs"  # manual run: no trigger context block
+    assert rec["argv"] == ["-p", "--allowedTools", "Read,Grep", "--model", "sonnet"]
+    assert rec["env"]["PD_PROMPT"] == "Review main for bugs"  # the environment only its own user can read
     assert rec["env"]["PD_RUN_ID"] == run["id"] == rec["env"]["PORT_DADDY_AGENT"]
     assert rec["env"]["PD_IDENTITY"] == "proj:fleet:qa"
 
@@ -320,7 +321,8 @@ def test_show_gives_one_run_in_full_with_the_prompt_it_was_sent(daemon_factory: 
     [review] = finished(d, project, "review", 1)
     [check] = finished(d, project, "check", 1)
     [rec] = records(tmp_home)
-    sent = rec["argv"][1]
+    sent = rec["stdin"].decode()
+    assert rec["argv"] == ["-p", "--allowedTools", "Read"]
     assert sent.startswith("Review main for bugs.\nThen say") and "Trigger context:" in sent and "look at auth" in sent
 
     shown = pd_json(d, "fleet", "show", review["id"])
@@ -361,7 +363,7 @@ def test_a_long_prompt_is_kept_as_its_start_and_end_with_the_cut_said(daemon_fac
         run = c.post("/spawn", json={"backend": "claude-cli", "task": task, "path": path_with(bin_dir),
                                      "env": {"PD_TEST_RECORD": str(tmp_home / "records")}}).json()["run"]  # fmt: skip
     assert d.call("spawn.wait", id=run["id"], timeout=20_000)["run"]["status"] == "completed"
-    assert records(tmp_home)[0]["argv"][1] == task  # the agent was sent all of it: only what is kept is cut
+    assert records(tmp_home)[0]["stdin"] == task.encode()  # the agent was sent all of it: only what is kept is cut
 
     shown = pd_json(d, "fleet", "show", run["id"])
     dropped = len(task) - PROMPT_HEAD - PROMPT_TAIL
@@ -400,9 +402,9 @@ def _unindented(block: str) -> str:
     return "".join(line[6:] for line in block.splitlines(keepends=True)).strip()
 
 
-def test_a_prompt_too_large_for_an_argument_is_sent_on_stdin(daemon_factory: Any, tmp_home: Path) -> None:
-    """Linux refuses an argument or environment string over 128 KiB: such a prompt made the run fail to start
-    (spec/fleet.md, "A prompt too large for an argument")."""
+def test_a_prompt_goes_on_stdin_whatever_its_size(daemon_factory: Any, tmp_home: Path) -> None:
+    """Linux refuses an argument or environment string over 128 KiB: such a prompt made the run fail to start; and
+    any local user reads an argument (spec/fleet.md, "The prompt goes on stdin")."""
     d = daemon_factory(**FAST)
     bin_dir = make_bin(tmp_home)
     block = _long_text(4300)
@@ -431,11 +433,13 @@ def test_a_prompt_too_large_for_an_argument_is_sent_on_stdin(daemon_factory: Any
     assert shown["prompt"] == prompt[:PROMPT_HEAD] + marker + prompt[-PROMPT_TAIL:]
     assert f"its prompt ({len(prompt.encode()):,} bytes) on stdin" in Path(review["logPath"]).read_text()
 
-    # A prompt that fits goes as before: the argument of -p and PD_PROMPT, nothing on stdin.
+    # A prompt that fits goes the same way (never an argument, which any local user can read), and in PD_PROMPT.
     hello = got[small["id"]]
-    assert hello["argv"] == ["-p", hello["env"]["PD_PROMPT"]] and hello["stdin"] == b""
+    assert hello["argv"] == ["-p"] and hello["stdin"] == hello["env"]["PD_PROMPT"].encode()
     assert hello["env"]["PD_PROMPT"].startswith("Say hello\n\nTrigger context:")
     assert pd_json(d, "fleet", "show", small["id"])["prompt"] == hello["env"]["PD_PROMPT"]
+    said = f"its prompt ({len(hello['stdin']):,} bytes) on stdin"
+    assert said in Path(small["logPath"]).read_text()
 
 
 def test_a_prompt_too_large_for_a_backend_without_stdin_fails_with_the_reason(
@@ -601,7 +605,7 @@ def test_a_real_git_commit_fires_qa_through_the_hook_and_chains_tidy(daemon_fact
     assert qa["status"] == "completed" and qa["trigger"]["channel"] == "git:committed"
     assert qa["trigger"]["payload"]["sha"] == sha and "app.py" in json.dumps(qa["trigger"]["payload"])
     [rec] = records(tmp_home)
-    assert sha in rec["argv"][1]  # the prompt carries the trigger context
+    assert sha in rec["stdin"].decode() and rec["argv"] == ["-p", "--allowedTools", "Read,Grep", "--model", "sonnet"]
     [tidy] = finished(d, project, "tidy", 1)
     assert tidy["status"] == "completed" and tidy["trigger"]["channel"] == "qa:passed"
     # Each run was an agent with a session that ended with its result.
@@ -1163,6 +1167,59 @@ def test_spawn_custom_refuses_a_program_that_is_not_there(daemon: Daemon, tmp_ho
     assert daemon.call("spawn.list")["count"] == before  # nothing was started
     ran = daemon.pd("spawn", "-b", "custom", "--wait", "--", "./here.sh", cwd=tmp_home)  # relative to the workdir
     assert ran.returncode == 0 and "script-ran" in ran.stdout, ran
+
+
+def test_a_task_that_is_not_unicode_is_refused_before_anything_is_registered(daemon: Daemon, tmp_home: Path) -> None:
+    """A lone surrogate in a spawn's task (or env) got past HTTP as its own bytes: the run was queued, then failed
+    with a traceback in the daemon log when its agent was registered or its child started."""
+    before = daemon.call("spawn.list")["count"]
+    agents = daemon.call("agent.list")["count"]
+    with unix_client(daemon) as c:
+        for body in ('{"backend": "custom", "task": "echo \\ud800"}',  # the escape: refused before, still
+                     '{"backend": "custom", "task": "echo \ud800"}',  # its own bytes: was a 200, then a traceback
+                     '{"backend": "custom", "task": "echo hi", "env": {"X": "\udfff"}}',
+                     '{"backend": "custom", "task": "echo hi", "workdir": "/tmp/\ud800"}'):  # fmt: skip
+            r = c.post("/spawn", content=body.encode("utf-8", "surrogatepass"))
+            assert r.status_code == 400 and r.json()["code"] == "VALIDATION_ERROR", r.text
+            assert "surrogate" in r.json()["error"] and "\n" not in r.json()["error"], r.text
+    # pd (over IPC) refuses it before sending: an argument's bytes that are not UTF-8 are not text.
+    r = daemon.pd("spawn", "-b", "custom", "--", os.fsdecode(b"echo \xed\xa0\x80"), cwd=tmp_home)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "not valid Unicode" in r.stderr
+    # A fleet file's "\\ud800" (YAML makes a lone surrogate of it): refused by validate and up alike.
+    project = make_project(tmp_home, 'agents:\n  qa: {trigger: qa:go, backend: custom, command: "echo \\ud800"}\n')
+    for verb in ("validate", "up"):
+        r = daemon.pd("fleet", verb, "-C", str(project))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "pd-fleet.yml:2: agents.qa.command: holds a lone UTF-16 surrogate" in r.stderr
+    assert str(project) not in json.dumps(daemon.call("fleet.status"))
+    assert daemon.call("spawn.list")["count"] == before and daemon.call("agent.list")["count"] == agents
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_command_or_env_value_too_large_for_an_exec_is_refused_up_front(daemon: Daemon, tmp_home: Path) -> None:
+    """Linux refuses one argument or environment string over 128 KiB: a custom command of 100,000 characters that
+    are not ASCII failed with E2BIG only after its run was registered (an agent, a session, a salvage entry)."""
+    before, agents = daemon.call("spawn.list")["count"], daemon.call("agent.list")["count"]
+    word = "é" * 33_000  # two of them: 132,006 bytes of command, in arguments pd itself can be given
+    r = daemon.pd("spawn", "-b", "custom", "--", "echo", word, word, cwd=tmp_home)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == (
+        "error: task is 132,006 bytes; backend custom runs it as one argument of /bin/sh -c, "
+        "and Linux refuses an argument over 128 KiB: put the command in a script, and run that\n"
+    )
+    with unix_client(daemon) as c:
+        r = c.post("/spawn", json={"backend": "custom", "task": f"echo {word} {word}"})
+        assert r.status_code == 400 and r.json()["error"].startswith("task is 132,006 bytes; "), r.text
+    assert daemon.call("spawn.list")["count"] == before and daemon.call("agent.list")["count"] == agents
+
+    env = "agents:\n  qa:\n    trigger: qa:go\n    backend: custom\n    command: echo\n    env: {BIG: VALUE}\n"
+    project = make_project(tmp_home, env.replace("VALUE", "x" * 128 * 1024))
+    for verb in ("validate", "up"):
+        r = daemon.pd("fleet", verb, "-C", str(project))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "pd-fleet.yml:6: agents.qa.env.BIG: is 131,072 bytes; Linux refuses an environment variable" in r.stderr
+    assert str(project) not in json.dumps(daemon.call("fleet.status"))
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from portdaddy.errors import PDError
-from portdaddy.fleet.backends import Task, argv_for, prompt_fits, too_large
+from portdaddy.fleet.backends import STDIN_BACKENDS, Task, argv_for, prompt_fits, too_large
 from portdaddy.fleet.config import (
     STARTER_FLEET,
     AgentSpec,
@@ -271,6 +271,43 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     with pytest.raises(FleetConfigError) as info:
         load_fleet(path, VARS)
     assert info.value.message.startswith(f"{path}:2: file: not UTF-8")
+
+
+def test_a_lone_surrogate_escape_is_refused_wherever_it_stands(tmp_path: Path) -> None:
+    """YAML's "\\ud800" makes a lone surrogate, which no UTF-8 encoder takes: a prompt, command or env value holding
+    one made every run fail with a traceback, as its agent was registered or its child started."""
+    path = tmp_path / "pd-fleet.yml"
+    err = fail(
+        tmp_path,
+        r"""
+        agents:
+          qa:
+            trigger: git:committed
+            prompt: "Review \ud800 this"
+            env: {OK: "é 😀 \U0001F600", BAD: "\udfff"}
+          tidy:
+            trigger: git:committed
+            backend: custom
+            command: "echo \udc80"
+        channels:
+          "git:committed": "commits \ud83d"
+          "bad\udc00": x
+        """,
+    )
+    refusal = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid Unicode"
+    assert [e.split(": ", 2)[:2] for e in err.errors] == [
+        [f"{path}:4", "agents.qa.prompt"],
+        [f"{path}:5", "agents.qa.env.BAD"],
+        [f"{path}:9", "agents.tidy.command"],
+        [f"{path}:11", "channels.git:committed"],
+        [f"{path}:12", "channels"],
+    ]
+    assert [e.split(": ", 2)[2].startswith(refusal) for e in err.errors] == [True] * 4 + [False], err.errors
+    assert err.errors[-1].endswith(f"channels: a key {refusal} (a character beyond U+FFFF as itself, or as both "
+                                   "halves of its pair)")  # fmt: skip
+    assert err.message.encode("utf-8")  # the error is text itself: it can be printed and sent
+    cfg = load(tmp_path, 'agents:\n  qa: {trigger: x, prompt: "a pair is one character: \\ud83d\\ude00"}\n')
+    assert cfg.agents["qa"].prompt == "a pair is one character: 😀"  # PyYAML leaves its halves apart; JSON would not
 
 
 def test_unknown_keys_are_warnings(tmp_path: Path) -> None:
@@ -680,7 +717,9 @@ def test_check_backends(tmp_path: Path) -> None:
     ]
 
 
-def test_each_backend_but_custom_takes_a_prompt_too_large_for_an_argument_on_stdin(tmp_path: Path) -> None:
+def test_each_backend_but_custom_takes_its_prompt_on_stdin(tmp_path: Path) -> None:
+    """Never as an argument, whatever its size: any local user reads a process's argv (/proc/PID/cmdline, ps), and
+    Linux refuses one over 128 KiB. Each CLI's own way to read it there."""
     for name in ("claude", "codex", "gemini", "aider"):
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
@@ -688,24 +727,64 @@ def test_each_backend_but_custom_takes_a_prompt_too_large_for_an_argument_on_std
     assert prompt_fits(small) and not prompt_fits(big) and prompt_fits("é" * (64 * 1024 - 6))
     bin_ = str(tmp_path)
     expected = {
-        "claude-cli": ([f"{bin_}/claude", "-p", small, "--model", "m"], [f"{bin_}/claude", "-p", "--model", "m"]),
-        "codex": ([f"{bin_}/codex", "exec", "--model", "m", small], [f"{bin_}/codex", "exec", "--model", "m", "-"]),
-        "gemini": ([f"{bin_}/gemini", "-m", "m", "-p", small], [f"{bin_}/gemini", "-m", "m"]),
-        "aider": ([f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message", small],
-                  [f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message-file", "/dev/stdin"]),
-        "ollama": ([sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m"],
-                   [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", "--prompt-stdin"]),
+        "claude-cli": [f"{bin_}/claude", "-p", "--model", "m"],
+        "codex": [f"{bin_}/codex", "exec", "--model", "m", "-"],
+        "gemini": [f"{bin_}/gemini", "-m", "m"],  # headless: its stdin is not a terminal
+        "aider": [f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message-file", "/dev/stdin"],
+        "ollama": [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", "--prompt-stdin"],
     }  # fmt: skip
-    for backend, (as_argument, on_stdin) in expected.items():
-        task = Task(backend=backend, prompt=small, model="m", path=bin_)
-        assert argv_for(task, small) == as_argument, backend
-        assert argv_for(task, big, on_stdin=True) == on_stdin, backend
-        assert too_large(backend, big) is None
+    assert set(expected) == STDIN_BACKENDS
+    for backend, argv in expected.items():
+        for prompt in (small, big):
+            assert argv_for(Task(backend=backend, prompt=prompt, model="m", path=bin_)) == argv, backend
+            assert too_large(backend, prompt) is None
+    assert argv_for(Task(backend="custom", prompt=small, command="echo hi")) == ["/bin/sh", "-c", "echo hi"]
     assert too_large("custom", small) is None
     assert too_large("custom", big) == (
         "is 131,072 bytes; backend custom gets it only in PD_PROMPT, and Linux refuses an environment variable over "
         "128 KiB: shorten it, or put its long part in a file the command reads"
     )
+
+
+def test_a_command_or_env_value_too_large_for_an_exec_is_refused_by_line(tmp_path: Path) -> None:
+    """Linux refuses one argument or environment string over 128 KiB (E2BIG): such a command or env value made
+    every run fail to start, after it was registered (one more salvage entry each time)."""
+    limit = 128 * 1024  # bytes, the NUL included
+    over = "é" * (limit // 2)  # 128 KiB of UTF-8 in 64 Ki characters
+    command, value = "x" * (limit - len("echo ") - 1), "v" * (limit - len("EDGE=") - 1)  # each just fits
+    text = textwrap.dedent("""
+        agents:
+          big:
+            trigger: go
+            backend: custom
+            command: echo OVER
+            env: {SMALL: "ok", LARGE: "OVER", EDGE: "VALUEv"}
+          tools:
+            trigger: go
+            prompt: p
+            allowedTools: "OVER"
+          edge:
+            trigger: go
+            backend: custom
+            command: echo COMMAND
+            env: {EDGE: "VALUE"}
+        """).lstrip("\n")
+    text = text.replace("OVER", over).replace("COMMAND", command).replace("VALUE", value)
+    path = tmp_path / "pd-fleet.yml"
+    path.write_text(text)
+    with pytest.raises(FleetConfigError) as info:
+        load_fleet(path, VARS)
+    env = "Linux refuses an environment variable over 128 KiB: shorten it, or put it in a file and pass its path"
+    assert info.value.errors == [
+        f"{path}:5: agents.big.command: is {len(f'echo {over}'.encode()):,} bytes; backend custom runs it as one "
+        "argument of /bin/sh -c, and Linux refuses an argument over 128 KiB: put the command in a script, and run that",
+        f"{path}:6: agents.big.env.LARGE: is {len(over.encode()):,} bytes; {env}",
+        f"{path}:6: agents.big.env.EDGE: is {len(value) + 1:,} bytes; {env}",  # one more byte than edge's EDGE
+        f"{path}:10: agents.tools.allowedTools: is {len(over.encode()):,} bytes; Linux refuses an argument over "
+        "128 KiB: shorten it",
+    ]
+    path.write_text("agents:\n  edge:" + text.split("  edge:")[1])
+    assert load_fleet(path, VARS).agents["edge"].command == f"echo {command}"  # what fits loads
 
 
 def test_the_ollama_client_reads_a_prompt_from_stdin_when_told(tmp_path: Path) -> None:

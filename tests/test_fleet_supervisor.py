@@ -18,6 +18,7 @@ import trio.testing
 from portdaddy.core.app import App
 from portdaddy.daemon import start_subsystems
 from portdaddy.fleet import citizen
+from portdaddy.fleet.backends import Task
 from portdaddy.fleet.supervisor import Fleet, FleetSettings
 from tests.fleet_helpers import make_project
 from tests.swarm_app import make_app
@@ -274,3 +275,21 @@ async def test_a_stop_while_a_run_registers_leaves_no_agent_or_session_behind(
     assert run.session_id is not None and app.sessions.session(run.session_id)["status"] == "abandoned"
     assert fleet.runs.get(run.id).status == "lost"  # it had started: ended like any run the stop interrupts
     assert app.agents.salvage_entry(run.agent_id)["sessionIds"] == [run.session_id]
+
+
+async def test_a_run_whose_exec_linux_would_refuse_fails_before_it_is_registered(home: Path) -> None:
+    """Whatever made the task (pd spawn and the fleet file refuse such a one up front; a run queued before they
+    did comes back after a restart), a string of its exec over 128 KiB fails the run with the reason before it is
+    registered, not with E2BIG after (an agent, a session and a salvage entry for a run that never ran)."""
+    big = "é" * (64 * 1024)
+    async with start(home) as (app, fleet, _published):
+        cases = (
+            (Task(backend="custom", command=f"echo {big}"), "the command is 131,077 bytes; "),
+            (Task(backend="custom", command="echo", env={"BIG": big}), "env BIG is 131,072 bytes; "),
+        )
+        for task, said in cases:
+            run = fleet.spawn(task, identity="spawned:custom")
+            await run.done.wait()
+            assert run.status == "failed" and run.error.startswith(said), run.error
+            assert run.session_id is None and app.agents.get(run.agent_id) is None
+            assert Path(run.log_path).read_text() == f"# {run.id}: not started: {run.error}\n"

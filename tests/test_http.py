@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -139,6 +140,31 @@ def test_a_lone_surrogate_is_refused_at_the_door(daemon: Daemon, path: str, body
     assert daemon.call("msg.history", channel="poison")["messages"] == []
     assert daemon.call("port.find", pattern="poison:*")["services"] == []
     assert daemon.call("msg.history", channel="fine")["messages"][-1]["payload"] == "😀 é"
+
+
+def _utf16(body: str) -> bytes:
+    return body.encode("utf-16-le", "surrogatepass")
+
+
+@pytest.mark.parametrize("spelled", [
+    lambda text: text.encode("utf-8", "surrogatepass"),  # the surrogate's own three bytes: no escape to see
+    _utf16,  # JSON in UTF-16, which Python's json reads too
+], ids=["utf-8-bytes", "utf-16"])  # fmt: skip
+def test_a_lone_surrogate_not_spelled_as_an_escape_is_refused_too(daemon: Daemon, spelled: Any) -> None:
+    """json.loads decodes a body's bytes with surrogatepass, so a surrogate sent as its own bytes got past the
+    door's check (which looked for \\ud8.. escapes) into a message, a note or a tuple."""
+    session = daemon.call("session.start", purpose="surrogates")["id"]
+    with unix_client(daemon) as c:
+        for path, body in (("/msg/poison", '{"payload": "a \ud800 b"}'),
+                           (f"/sessions/{session}/notes", '{"content": "note \udc00"}'),
+                           ("/tuples", '{"fields": ["task", "\ud83d"]}')):  # fmt: skip
+            r = c.post(path, content=spelled(body))
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["code"] == "VALIDATION_ERROR" and "surrogate" in r.json()["error"], r.text
+        assert c.post("/msg/fine", content=spelled('{"payload": "é 😀"}')).status_code == 200  # proper Unicode
+    assert daemon.call("msg.history", channel="poison")["messages"] == []
+    assert daemon.call("note.list", sessionId=session)["notes"] == []
+    assert daemon.call("tuple.count", pattern=["task", "*"])["count"] == 0
 
 
 @pytest.mark.parametrize("header", ["Bearer \xe9t\xe9", "Bearer ²", "Basic x"])

@@ -120,3 +120,33 @@ def test_a_bare_since_that_is_no_plausible_time_is_refused_with_what_was_meant(v
     with pytest.raises(PDError, match=re.escape(hint)) as refused:
         validate.time_or_ago("since", value)
     assert refused.value.code == "VALIDATION_ERROR"
+
+
+def test_a_lone_surrogate_is_refused_in_every_text_and_json_parameter() -> None:
+    """JSON and YAML can spell one ("\\ud800"). Taken, it failed far from the request: a spawn's run when its agent
+    was registered or its child started (a traceback in the daemon log), a stored value in every reply after. The
+    op table's own checks refuse it, whichever transport (or the fleet, calling ops itself) brought it."""
+    refusal = "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid Unicode"
+    cases = [  # check, parameter, value, what the refusal starts with
+        (validate.text(100), "purpose", "a \ud800 b", f"purpose {refusal}"),
+        (validate.text(100, lines=True), "content", "line\nand \udfff", f"content {refusal}"),
+        (validate.text(100), "purpose", "\x01\ud800", "purpose contains the control character"),  # the first problem
+        (validate.json_value(1000), "payload", {"a": ["ok", "\udc80"]}, f"payload.a[1] {refusal}"),
+        (validate.json_value(1000), "payload", {"k\ud83d": 1}, f"a key in payload {refusal}"),
+        (validate.json_object(1000), "env", {"X": "\ud800"}, f"env.X {refusal}"),
+    ]
+    for check, name, value, said in cases:
+        with pytest.raises(PDError) as info:
+            check(name, value)
+        assert info.value.message.startswith(said) and info.value.code == "VALIDATION_ERROR", info.value.message
+    # A character beyond the BMP is one code point in a str, never a pair: taken, as are escapes spelled out.
+    assert validate.text(100)("p", "😀 \\ud800") == "😀 \\ud800"
+    assert validate.json_value(1000)("p", {"😀": ["\\ud800", "é"]}) == {"😀": ["\\ud800", "é"]}
+    # The same rule for every text parameter of every op (spawn.start's task among them), over any transport.
+    table = load_table()
+    with pytest.raises(PDError, match="task holds a lone UTF-16 surrogate"):
+        table["spawn.start"].bind({"backend": "custom", "task": "echo \ud800"})
+    with pytest.raises(PDError, match=r"env\.X holds a lone UTF-16 surrogate"):
+        table["spawn.start"].bind({"backend": "custom", "task": "echo", "env": {"X": "\udfff"}})
+    with pytest.raises(PDError, match="payload holds a lone UTF-16 surrogate"):
+        table["msg.publish"].bind({"channel": "c", "payload": "\ud800"})

@@ -14,7 +14,7 @@ from typing import Any
 from portdaddy.core import identity as _identity
 from portdaddy.core.clock import now_ms
 from portdaddy.durations import parse_duration_ms
-from portdaddy.errors import bad_input
+from portdaddy.errors import PDError, bad_input
 
 Check = Callable[[str, Any], Any]
 
@@ -41,8 +41,36 @@ def _type_name(value: Any) -> str:
 
 # Control characters (C0 but tab, DEL, C1): stored, a line break or a terminal escape in a lock's owner or a
 # session's purpose came back inside other agents' error lines and listings (spec/decisions.md, "Text fields").
-_CONTROL_IN_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # line breaks are text here
+# Lone UTF-16 surrogates too (JSON and YAML can spell one, "\ud800"): no UTF-8 encoder takes them, so the store,
+# msgpack and exec each failed on one later, far from the request. In one search: it costs a text check nothing.
+_CONTROL_IN_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # line breaks are text here
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, a character outside the BMP is one code point: any is lone
+
+
+def not_text(where: str) -> PDError:
+    """The refusal of a value holding a lone surrogate, ``where`` naming it."""
+    return bad_input(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid "
+                     "Unicode (a character beyond U+FFFF as itself, or as both halves of its pair)")  # fmt: skip
+
+
+def surrogate_in(value: Any, where: str) -> str | None:
+    """Where in ``value`` (JSON-like) a string holds a lone surrogate, as ``where.key[1]``; None when none does. A key
+    is checked before it goes into a path, so the path itself is always text."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return at
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return f"a key in {at}" if at else "a key"
+                stack.append((inner, f"{at}.{key}" if at else str(key)))
+        elif isinstance(item, list | tuple):
+            stack.extend((inner, f"{at}[{i}]") for i, inner in enumerate(item))
+    return None
 
 
 def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True, lines: bool = False) -> Check:
@@ -61,6 +89,8 @@ def text(max_len: int = 10_000, *, allow_empty: bool = False, strip: bool = True
         if len(value) > max_len:
             raise bad_input(f"{name} is {len(value)} characters; the limit is {max_len}", code="PAYLOAD_TOO_LARGE")
         if (found := control.search(value)) is not None:
+            if _SURROGATE.match(found.group()):
+                raise not_text(name)
             raise bad_input(f"{name} contains the control character {found.group()!r}; send {kind}")
         return value
 
@@ -296,6 +326,9 @@ def json_value(max_bytes: int) -> Check:
             raise bad_input(f"{name} is {len(encoded)} bytes; the limit is {max_bytes}", code="PAYLOAD_TOO_LARGE")
         if _LONG_DIGITS.search(encoded):  # rare (long numbers, or digits in text): only then look closer
             _check_wire_ints(name, value)
+        # Every surrogate is escaped in the ASCII encoding, lone or half of a pair: only then look closer.
+        if "\\ud" in encoded and (where := surrogate_in(value, name)) is not None:
+            raise not_text(where)
         return value
 
     return check

@@ -1,9 +1,9 @@
 """What a run executes: a ``Task`` (backend, prompt, options) turned into an argv for one child process.
 
 Every backend is a child process, ollama included (a tiny stdlib HTTP client, ``fleet/ollama.py``), so one
-supervision path (process group, timeout, log file, SIGTERM then SIGKILL) covers them all. The prompt travels
-as an argument for the CLIs that take it that way, and in ``PD_PROMPT`` (custom commands read it there). A
-prompt too large for that (``prompt_fits``) goes on the child's stdin instead, for every backend but custom.
+supervision path (process group, timeout, log file, SIGTERM then SIGKILL) covers them all. The prompt goes on the
+child's stdin for every backend but custom, never as an argument (any local user reads those), and in ``PD_PROMPT``
+when it fits there (``prompt_fits``); a custom command reads it there alone.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a promp
 # Linux will not exec a program given one argument or environment string (``NAME=value``) of more than 128 KiB
 # with its NUL (MAX_ARG_STRLEN): the exec fails with E2BIG and the run never starts.
 ARG_STRLEN_MAX = 128 * 1024
-# The backends whose CLI reads the prompt from stdin when it is not given as an argument (spec/fleet.md, "A prompt
-# too large for an argument"); a custom command reads PD_PROMPT, and nothing else can stand in for that.
+# The backends whose CLI reads the prompt from stdin when it is not given as an argument, as it always is for them
+# (spec/fleet.md, "The prompt goes on stdin"); a custom command reads PD_PROMPT, and nothing can stand in for that.
 STDIN_BACKENDS = frozenset({"claude-cli", "codex", "gemini", "aider", "ollama"})
 
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -156,45 +156,87 @@ def exec_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass")) + 1  # surrogatepass: counts what encoding would refuse
 
 
+def fits(text: str) -> bool:
+    """Whether ``text`` can be one argument or environment string (``NAME=value``) of an exec."""
+    return exec_size(text) <= ARG_STRLEN_MAX
+
+
 def prompt_fits(prompt: str) -> bool:
-    """Whether ``prompt`` can be sent as it always was: an argument and ``PD_PROMPT`` (the larger of the two)."""
-    return exec_size(f"PD_PROMPT={prompt}") <= ARG_STRLEN_MAX
+    """Whether ``prompt`` fits in ``PD_PROMPT``."""
+    return fits(f"PD_PROMPT={prompt}")
+
+
+def _refusal(text: str, what: str, advice: str, how: str = "") -> str:
+    """The refusal "is N bytes; [how, and ]Linux refuses ``what`` over 128 KiB: ``advice``", N counting ``text``."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"is {size:,} bytes; {how}Linux refuses {what} over {ARG_STRLEN_MAX // 1024} KiB: {advice}"
 
 
 def too_large(backend: str, prompt: str) -> str | None:
     """Why ``prompt`` cannot reach ``backend`` at all, as "is N bytes; …" and what to do (None: it can)."""
     if prompt_fits(prompt) or backend in STDIN_BACKENDS:
         return None
-    size = len(prompt.encode("utf-8", "surrogatepass"))
-    return (f"is {size:,} bytes; backend {backend} gets it only in PD_PROMPT, and Linux refuses an environment "
-            f"variable over {ARG_STRLEN_MAX // 1024} KiB: shorten it, or put its long part in a file the command "
-            "reads")  # fmt: skip
+    return _refusal(prompt, "an environment variable", "shorten it, or put its long part in a file the command reads",
+                    f"backend {backend} gets it only in PD_PROMPT, and ")  # fmt: skip
 
 
-def argv_for(task: Task, prompt: str, *, on_stdin: bool = False) -> list[str]:
-    """The child's argv; ``on_stdin``: without the prompt, which its CLI then reads from stdin (``STDIN_BACKENDS``).
-    Raises BadInput when the backend's binary is not on the task's PATH."""
-    assert not on_stdin or task.backend in STDIN_BACKENDS
+def command_too_large(command: str) -> str | None:
+    """Why a custom ``command`` cannot be run (one argument of ``/bin/sh -c``), as "is N bytes; …" (None: it can)."""
+    if fits(command):
+        return None
+    return _refusal(command, "an argument", "put the command in a script, and run that",
+                    "backend custom runs it as one argument of /bin/sh -c, and ")  # fmt: skip
+
+
+def argument_too_large(value: str) -> str | None:
+    """Why ``value`` cannot be an argument (a model, allowed tools), as "is N bytes; …" (None: it can)."""
+    return None if fits(value) else _refusal(value, "an argument", "shorten it")
+
+
+def env_too_large(name: str, value: str) -> str | None:
+    """Why ``NAME=value`` cannot be in a child's environment, as "is N bytes; …" (None: it can)."""
+    if fits(f"{name}={value}"):
+        return None
+    return _refusal(value, "an environment variable", "shorten it, or put it in a file and pass its path")
+
+
+def exec_problem(task: Task, prompt: str, *, command: str = "the command") -> str | None:
+    """Why a run of ``task`` sent ``prompt`` could not start, a string of its exec being over 128 KiB, as "<what> is N
+    bytes; …" (``command`` names the custom command); None when each fits. Checked before a run is registered, and
+    up front by pd spawn and the fleet file's checks, field by field."""
+    problems = [
+        ("the prompt", too_large(task.backend, prompt)),
+        (command, command_too_large(task.command) if task.backend == "custom" and task.command else None),
+        ("model", argument_too_large(task.model) if task.model else None),
+        ("allowedTools", argument_too_large(task.allowed_tools) if task.allowed_tools else None),
+        *((f"env {name}", env_too_large(name, value)) for name, value in task.env.items()),
+    ]
+    return next((f"{what} {problem}" for what, problem in problems if problem is not None), None)
+
+
+def argv_for(task: Task) -> list[str]:
+    """The child's argv, which never holds the prompt: a backend in ``STDIN_BACKENDS`` reads it from stdin, a custom
+    command from ``PD_PROMPT``. Any local user can read a process's argv (/proc/PID/cmdline, ``ps``); its stdin and
+    environment only its own user can. Raises BadInput when the backend's binary is not on the task's PATH."""
     model = ["--model", task.model] if task.model else []
     if task.backend == "custom":
         if not task.command:
             raise bad_input("backend custom needs a command; pass the shell command as the task")
         return ["/bin/sh", "-c", task.command]
     if task.backend == "ollama":
-        stdin = ["--prompt-stdin"] if on_stdin else []
-        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL, *stdin]
+        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL,
+                "--prompt-stdin"]  # fmt: skip
     found = find_binary(task)
     assert found is not None
-    # Each CLI's way to read the prompt from stdin: claude -p and gemini read it when no prompt is given (gemini
-    # runs headless when stdin is not a terminal), codex exec takes "-" for it, aider a file to read (/dev/stdin).
+    # Each CLI's documented way to read the prompt from stdin: claude -p and gemini read it when no prompt is given
+    # (gemini runs headless when stdin is not a terminal), codex exec takes "-" for it, aider a file (/dev/stdin).
     if task.backend == "claude-cli":
         tools = ["--allowedTools", task.allowed_tools] if task.allowed_tools else []
-        return [found, "-p", *([] if on_stdin else [prompt]), *tools, *model]
+        return [found, "-p", *tools, *model]
     if task.backend == "codex":
-        return [found, "exec", *model, "-" if on_stdin else prompt]
+        return [found, "exec", *model, "-"]
     if task.backend == "gemini":
-        return [found, *(["-m", task.model] if task.model else []), *([] if on_stdin else ["-p", prompt])]
+        return [found, *(["-m", task.model] if task.model else [])]
     if task.backend == "aider":
-        message = ["--message-file", "/dev/stdin"] if on_stdin else ["--message", prompt]
-        return [found, "--yes", "--no-stream", *model, *message]
+        return [found, "--yes", "--no-stream", *model, "--message-file", "/dev/stdin"]
     raise bad_input(f"unknown backend {task.backend!r}")

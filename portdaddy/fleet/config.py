@@ -28,9 +28,18 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from portdaddy.core import identity as _identity
 from portdaddy.core.validate import name as _name_check
+from portdaddy.core.validate import not_text, surrogate_in
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, PDError
-from portdaddy.fleet.backends import locate, missing, program_of, too_large
+from portdaddy.fleet.backends import (
+    argument_too_large,
+    command_too_large,
+    env_too_large,
+    locate,
+    missing,
+    program_of,
+    too_large,
+)
 from portdaddy.fleet.spec import (
     BACKEND_ALIASES,
     BACKENDS,
@@ -169,6 +178,43 @@ def _unmark(ctx: _Ctx, node: Node, variables: dict[str, str], path: tuple[str, .
             _unmark(ctx, key_node, variables, (), seen)
             key = key_node.value if isinstance(key_node, ScalarNode) else ""
             _unmark(ctx, value_node, variables, (*path, key), seen)
+
+
+def _refuse_surrogates(ctx: _Ctx, node: Node, fld: str = "", seen: set[int] | None = None) -> None:
+    """An error for each scalar, key or value, holding a lone surrogate, which YAML's "\\ud800" escape makes: no UTF-8
+    encoder takes one, so a run whose prompt, command or env held one failed with a traceback as its agent was
+    registered or its child started (the same rule as every op's text parameters, core/validate.py)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return  # an alias: already done
+    seen.add(id(node))
+    refusal = not_text("").message.lstrip()
+    if isinstance(node, ScalarNode):
+        if not _joined(node):
+            ctx.error(node, fld or "(top level)", refusal)
+    elif isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_surrogates(ctx, item, f"{fld}[{i}]", seen)
+    elif isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                _refuse_surrogates(ctx, key_node, fld, seen)
+            elif not _joined(key_node):  # not put in the field's name: it could not be printed
+                ctx.error(key_node, fld or "(top level)", f"a key {refusal}")
+                continue
+            _refuse_surrogates(ctx, value_node, f"{fld}.{key_node.value}" if fld else key_node.value, seen)
+
+
+def _joined(node: ScalarNode) -> bool:
+    """False when ``node`` holds a lone surrogate. Both halves of a pair ("\\ud83d\\ude00"), which PyYAML leaves
+    apart, are made the character they spell, as JSON does."""
+    if surrogate_in(node.value, "") is None:
+        return True
+    try:
+        node.value = node.value.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -380,6 +426,8 @@ def _env(ctx: _Ctx, node: Node, fld: str) -> dict[str, str]:
             ctx.error(value_node, sub, f"got {_type_of(value_node)}; expected text")
             continue
         out[key] = "" if _is_null(value_node) else value_node.value  # verbatim: `DEBUG: true` is "true"
+        if (problem := env_too_large(key, out[key])) is not None:
+            ctx.error(value_node, sub, problem)  # every run would fail to start
     return out
 
 
@@ -403,9 +451,11 @@ def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variable
     for key, parse in (("trigger", _channel), ("on_success", _publish), ("on_failure", _publish)):
         if (got := get(key)) is not None:
             kw[key] = parse(ctx, got[1], f"{fld}.{key}")
-    for key in ("model", "command"):
+    for key, too_large_for_exec in (("model", argument_too_large), ("command", command_too_large)):
         if (got := get(key)) is not None:
             kw[key] = _text(ctx, got[1], f"{fld}.{key}")
+            if kw[key] and (problem := too_large_for_exec(kw[key])) is not None:
+                ctx.error(got[1], f"{fld}.{key}", problem)  # every run would fail to start
     for key in ("respawn", "enabled", "run_on_start"):
         if (got := get(key)) is not None:
             kw[key] = _bool(ctx, got[1], f"{fld}.{key}")
@@ -468,6 +518,8 @@ def _agent(ctx: _Ctx, name: str, name_node: Node, node: Node, fld: str, variable
         ctx.error(items["allowed_tools"][0], f"{fld}.allowed_tools", "given together with allowedTools; keep one")
     elif tools:
         kw["allowed_tools"] = _allowed_tools(ctx, items[tools[0]][1], f"{fld}.{tools[0]}")
+        if kw["allowed_tools"] and (problem := argument_too_large(kw["allowed_tools"])) is not None:
+            ctx.error(items[tools[0]][1], f"{fld}.{tools[0]}", problem)
 
     ident_node: Node | int = name_node
     ident_field = f"{fld}.identity"
@@ -614,6 +666,9 @@ def parse_fleet(text: str, path: Path, variables: dict[str, str]) -> FleetConfig
 
     if root_doc is None or _is_null(root_doc):
         return empty()
+    _refuse_surrogates(ctx, root_doc)
+    if ctx.errors:  # alone: another check's message quoting such a value could not be printed or sent either
+        raise FleetConfigError(ctx.errors, path)
     _unmark(ctx, root_doc, variables)
     top = _mapping(ctx, root_doc, "")
     if top is None:

@@ -1,7 +1,7 @@
 """The ollama backend's child process: one non-streaming chat request to a local ollama server.
 
-Run as ``python -m portdaddy.fleet.ollama --model M`` with the prompt in ``PD_PROMPT``, or on stdin with
-``--prompt-stdin`` (a prompt too large for an environment variable); prints the reply.
+Run as ``python -m portdaddy.fleet.ollama --model M --prompt-stdin`` with the prompt on stdin, as the fleet runs it
+(spec/fleet.md, "The prompt goes on stdin"), or without the flag with the prompt in ``PD_PROMPT``; prints the reply.
 The server is ``OLLAMA_HOST`` (default ``http://localhost:11434``). Exit 1 with one line on any failure.
 """
 

@@ -32,7 +32,14 @@ from portdaddy.core.clock import now_ms
 from portdaddy.core.store import RETRY_S
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
-from portdaddy.fleet.backends import Task, argv_for, prompt_fits, too_large, with_trigger_context
+from portdaddy.fleet.backends import (
+    STDIN_BACKENDS,
+    Task,
+    argv_for,
+    exec_problem,
+    prompt_fits,
+    with_trigger_context,
+)
 from portdaddy.fleet.runs import Run, RunTable, cap_log, new_id
 from portdaddy.fleet.spec import AgentSpec, FleetConfig, next_fire, render_template, run_variables, variable_env
 from portdaddy.procfs import start_time
@@ -537,7 +544,7 @@ class Fleet:
         """What a run's child gets (spec/fleet.md, "An agent's environment"): the daemon's environment less any
         caller's identity (a daemon started from an agent's shell has that agent's), the agent's ``env:``, the
         PATH it was started with, then who it is and what fired it, which nothing before may change. ``prompt``
-        None: it went on stdin, too large for ``PD_PROMPT``, which is then unset (an ``env:`` one included)."""
+        None: too large for ``PD_PROMPT`` (it went on stdin), which is then unset (an ``env:`` one included)."""
         trigger = run.trigger or {}
         env = {**without_caller(os.environ), **run.task.env}
         if run.task.path:
@@ -595,14 +602,14 @@ class Fleet:
         prompt = with_trigger_context(task.prompt, run.trigger)
         # Kept as sent, not rebuilt when asked: the block this appends has changed before (pd fleet show).
         self.runs.record_prompt(run, prompt)
-        # A prompt too large for an argument goes on stdin, where the backend reads it (spec/fleet.md, "A prompt too
-        # large for an argument"); one that fits goes as it always did.
-        on_stdin = not prompt_fits(prompt)
-        stdin = prompt.encode("utf-8", "surrogateescape") if on_stdin else None  # as an argument would be
+        # On stdin, never an argument, which any local user can read (spec/fleet.md, "The prompt goes on stdin"); in
+        # PD_PROMPT too when it fits (a custom command's only way).
+        on_stdin = task.backend in STDIN_BACKENDS
+        stdin = prompt.encode("utf-8", "surrogateescape") if on_stdin else None  # as an exec would encode it
         try:
-            if (problem := too_large(task.backend, prompt)) is not None:
-                raise bad_input(f"the prompt {problem}")
-            argv = argv_for(task, prompt, on_stdin=on_stdin)
+            if (problem := exec_problem(task, prompt)) is not None:  # else E2BIG, after the run was registered
+                raise bad_input(problem)
+            argv = argv_for(task)
         except PDError as exc:
             Path(run.log_path).write_text(f"# {run.id}: not started: {exc.message}\n")
             run.status, run.error, run.started_at, run.ended_at = "failed", exc.message, now_ms(), now_ms()
@@ -619,9 +626,9 @@ class Fleet:
                 how = f"; its prompt ({len(stdin):,} bytes) on stdin" if stdin is not None else ""
                 header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …{how}\n")
             try:
-                proc = await children.start(argv, cwd=task.cwd, env=self._child_env(run, None if on_stdin else prompt),
-                                            log_path=Path(run.log_path), umask=self.app.child_umask,
-                                            stdin=stdin)  # fmt: skip
+                env = self._child_env(run, prompt if prompt_fits(prompt) else None)
+                proc = await children.start(argv, cwd=task.cwd, env=env, log_path=Path(run.log_path),
+                                            umask=self.app.child_umask, stdin=stdin)  # fmt: skip
             except OSError as exc:
                 run.status, run.error = "failed", f"cannot start: {exc}"
                 run.started_at = run.ended_at = now_ms()

@@ -43,6 +43,20 @@ _OPEN_PATHS = frozenset({"/health"})
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _may_hold_surrogates(body: bytes) -> bool:
+    """Whether the parsed ``body`` may hold a lone surrogate: json.loads decodes bytes with surrogatepass, so besides
+    an escape, a surrogate's own UTF-8 bytes (\\xed\\xa0\\x80) and JSON in UTF-16 or 32 make one as well."""
+    if _SURROGATE_ESCAPE.search(body):
+        return True
+    if body.isascii():
+        return False
+    try:
+        body.decode("utf-8")  # strict: refuses a surrogate's bytes
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(v.compact_json(body), status=status, content_type="application/json")
 
@@ -86,10 +100,10 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise PDError("VALIDATION_ERROR", "request body nests too deep; flatten it") from None
     if not isinstance(parsed, dict):
         raise PDError("VALIDATION_ERROR", "request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(parsed):
-        # Stored, it would fail every later reply that carries it (IPC's msgpack encodes UTF-8 strictly).
-        raise PDError("VALIDATION_ERROR", "request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a "
-                      "string; send valid Unicode")  # fmt: skip
+    if _may_hold_surrogates(body) and (where := v.surrogate_in(parsed, "")) is not None:
+        # Stored, it would fail every later reply that carries it (IPC's msgpack encodes UTF-8 strictly); a fleet
+        # run's task, its registration and its exec. Here it is refused for every field, whatever checks it later.
+        raise v.not_text(f"{where} of the request body" if where.startswith("a key") else f"the request body's {where}")
     return parsed
 
 
@@ -102,23 +116,6 @@ def query_args(query_string: bytes) -> dict[str, str]:
         raise PDError("VALIDATION_ERROR", f"query parameter '{key[:40]}' is given {times} times; give it once "
                       "(a list goes comma-separated: a,b)")  # fmt: skip
     return args
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 class Router:
