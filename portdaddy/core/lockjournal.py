@@ -35,6 +35,7 @@ from portdaddy.errors import StoreError
 log = logging.getLogger("portdaddy.locks")
 
 _FRAME = struct.Struct("<II")  # body length, crc32 of the body
+_pack = msgpack.Packer(use_bin_type=True).pack  # one Packer: packb builds one per call, ~0.5 µs of an append
 _MAGIC = "port-daddy lock journal 1"
 # How often an append looks whether its file is still the journal's (a stat: a deleted journal would take
 # appends that no replay could ever read).
@@ -48,7 +49,7 @@ def journal_path(store_path: str) -> str:
 
 
 def _frame(body: list[Any]) -> bytes:
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed = _pack(body)
     return _FRAME.pack(len(packed), zlib.crc32(packed)) + packed
 
 
