@@ -26,7 +26,7 @@ import trio
 from portdaddy.caller import agent_from_env, check_agent_id
 from portdaddy.config import Settings
 from portdaddy.durations import parse_duration_ms
-from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout
+from portdaddy.errors import BadInput, Conflict, DaemonUnavailable, LockHeld, NotFound, PDError, Timeout, bad_input
 from portdaddy.ipc.frame import Frame
 from portdaddy.ipc.trio_client import GiveBack, TrioClient, Undo
 from portdaddy.launcher import ensure_daemon
@@ -334,10 +334,19 @@ class PortDaddy:
                                capabilities=capabilities)  # fmt: skip
 
     def heartbeat(self, agent_id: str | None = None) -> None:
-        """Fire-and-forget a sign of life."""
+        """Fire-and-forget a sign of life, of the connection's agent or of ``agent_id``. An ``agent_id`` that is not
+        valid, or not the connection's own agent, is BadInput at once: the daemon drops such a frame, and nobody
+        waits for a heartbeat's reply to hear why."""
         # A heartbeat's frame never changes: encoded once per agent, a beat costs about one send().
         frame = self._heartbeats.get(agent_id)
         if frame is None:
+            check_agent_id(agent_id)
+            own = self._client.agent_id
+            if agent_id is not None and own is not None and agent_id != own:
+                raise bad_input(
+                    f"this connection acts as agent {own!r}, and the daemon drops a frame of another; "
+                    f"beat for {agent_id!r} on a connection of its own (connect(agent_id={agent_id!r}))"
+                )
             frame = self._heartbeats[agent_id] = self._client.fire_and_forget_frame(
                 "agent.heartbeat", {"agentId": agent_id}
             )

@@ -226,6 +226,24 @@ async def test_fire_and_forget_sends_do_not_lose_a_bad_agent_variable_without_a_
             pass
 
 
+async def test_a_heartbeat_the_daemon_would_drop_is_refused_at_once(daemon: Daemon) -> None:
+    """A heartbeat waits for no reply: one for a bad agent id, or for another agent than the connection's (the
+    daemon binds a connection to its first agent), was dropped by the daemon and nobody heard of it."""
+    async with connect(daemon, agent_id="sdk-beater") as pd:
+        await pd.call("agent.register", agentId="sdk-beater")
+        with pytest.raises(BadInput, match=r"^agent id 'bad id!' has characters outside"):
+            pd.heartbeat("bad id!")
+        own = r"^this connection acts as agent 'sdk-beater'.*connect\(agent_id='sdk-other'\)"
+        with pytest.raises(BadInput, match=own):
+            pd.heartbeat("sdk-other")
+        before = (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"]
+        await trio.sleep(0.01)
+        pd.heartbeat("sdk-beater")  # its own agent, named: beats as before
+        with trio.fail_after(5):
+            while (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"] == before:
+                await trio.sleep(0.01)
+
+
 async def test_background_heartbeats_ride_out_a_daemon_restart(fresh_daemon: Daemon) -> None:
     """A beat sent while the daemon was away raised DaemonUnavailable in the connection's nursery and ended the
     whole connect() block: the reconnection the SDK promises never got its chance."""
