@@ -337,7 +337,10 @@ class PortDaddy:
         """Fire-and-forget a sign of life, of the connection's agent or of ``agent_id``. An ``agent_id`` that is not
         valid, or not the connection's own agent, is BadInput at once: the daemon drops such a frame, and nobody
         waits for a heartbeat's reply to hear why."""
-        # A heartbeat's frame never changes: encoded once per agent, a beat costs about one send().
+        self._client.send_frame(self._heartbeat_frame(agent_id))
+
+    def _heartbeat_frame(self, agent_id: str | None) -> bytes:
+        # A heartbeat's frame never changes: encoded (and its agent checked) once per agent, a beat costs one send().
         frame = self._heartbeats.get(agent_id)
         if frame is None:
             check_agent_id(agent_id)
@@ -350,15 +353,17 @@ class PortDaddy:
             frame = self._heartbeats[agent_id] = self._client.fire_and_forget_frame(
                 "agent.heartbeat", {"agentId": agent_id}
             )
-        self._client.send_frame(frame)
+        return frame
 
     def start_heartbeat(self, interval: float = 30.0, *, agent_id: str | None = None) -> trio.CancelScope:
         """Heartbeat every ``interval`` seconds in the connection's nursery until the returned scope is cancelled
         (or the connection closes)."""
         self._client.ensure_open()
-        # Checked here: in the background task a bad interval would end the connection, and 0 beat in a busy loop.
+        # Checked here: in the background task a bad interval would end the connection, and 0 beat in a busy loop;
+        # a bad agent id would be skipped at every beat as if the daemon were away.
         if _ms("interval", interval) < 1:
             raise BadInput("VALIDATION_ERROR", f"interval must be at least a millisecond, e.g. 30; got {interval!r}")
+        self._heartbeat_frame(agent_id)
         scope = trio.CancelScope()
 
         async def beat() -> None:

@@ -236,6 +236,8 @@ async def test_a_heartbeat_the_daemon_would_drop_is_refused_at_once(daemon: Daem
         own = r"^this connection acts as agent 'sdk-beater'.*connect\(agent_id='sdk-other'\)"
         with pytest.raises(BadInput, match=own):
             pd.heartbeat("sdk-other")
+        with pytest.raises(BadInput, match=own):  # not skipped at every beat in the background, unheard of
+            pd.start_heartbeat(1, agent_id="sdk-other")
         before = (await pd.call("agent.get", id="sdk-beater"))["agent"]["lastHeartbeat"]
         await trio.sleep(0.01)
         pd.heartbeat("sdk-beater")  # its own agent, named: beats as before
