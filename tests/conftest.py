@@ -321,11 +321,16 @@ def _daemon(home: Path, **extra: str) -> Iterator[Daemon]:
         d.stop()
 
 
+def shared_daemon(**extra: str) -> Iterator[Daemon]:
+    """A daemon on a home of its own for as long as the fixture yielding from this lives (``daemon`` is one)."""
+    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
+    yield from _daemon(home, **extra)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
-    yield from _daemon(home)
-    shutil.rmtree(home, ignore_errors=True)
+    yield from shared_daemon()
 
 
 # A process waiting to exec the daemon with the environment and log file it reads on its standard input.

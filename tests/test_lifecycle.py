@@ -149,7 +149,8 @@ def test_salvage_entries_expire_a_month_after_they_last_changed_and_their_dead_a
 def test_a_running_daemon_lets_a_salvage_entry_go_when_it_is_due(daemon_factory) -> None:
     """The reaper wakes for an entry's expiry as for a heartbeat deadline. An agent alive again keeps its place
     when the entry of its death expires; a dead one leaves the registry and the arbiter's memory."""
-    d = daemon_factory(**FAST, PORT_DADDY_SALVAGE_KEEP="4s")
+    # Nothing here needs an agent alive before its death: shorter thresholds than FAST.
+    d = daemon_factory(PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms", PORT_DADDY_SALVAGE_KEEP="2s")
     for agent in ("crashed", "steady"):
         d.call("agent.register", agentId=agent)
     for agent in ("crashed", "steady"):
