@@ -47,10 +47,17 @@ class Daemon:
     def settings(self) -> Settings:
         return Settings.from_env(self.env)
 
-    def start(self) -> Daemon:
-        log = open(self.home / "daemon.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([PYTHON, "-m", "portdaddy.daemon"], env=self.env, stdout=log, stderr=log)
-        log.close()
+    def start(self, aged: subprocess.Popen[bytes] | None = None) -> Daemon:
+        """Start the daemon; in the ``aged_process`` given, if one is (it is as old as that process)."""
+        if aged is None:
+            log = open(self.home / "daemon.log", "ab")  # noqa: SIM115
+            self.proc = subprocess.Popen([PYTHON, "-m", "portdaddy.daemon"], env=self.env, stdout=log, stderr=log)
+            log.close()
+        else:
+            assert aged.stdin is not None and aged.poll() is None, "the aged process was used already"
+            aged.stdin.write(json.dumps([self.env, str(self.home / "daemon.log")]).encode() + b"\n")
+            aged.stdin.close()
+            self.proc = aged
         wait_healthy(self.settings, self.proc, timeout=20, http=True)
         return self
 
@@ -314,16 +321,53 @@ def _daemon(home: Path, **extra: str) -> Iterator[Daemon]:
         d.stop()
 
 
+def shared_daemon(**extra: str) -> Iterator[Daemon]:
+    """A daemon on a home of its own for as long as the fixture yielding from this lives (``daemon`` is one)."""
+    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
+    yield from _daemon(home, **extra)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
-    yield from _daemon(home)
-    shutil.rmtree(home, ignore_errors=True)
+    yield from shared_daemon()
+
+
+# A process waiting to exec the daemon with the environment and log file it reads on its standard input.
+_AGED = r"""
+import json, os, sys
+env, log = json.loads(sys.stdin.readline())
+out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0), os.dup2(out, 1), os.dup2(out, 2)
+os.execve(sys.executable, [sys.executable, "-m", "portdaddy.daemon"], env)
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aged_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A process started with the session, for one ``Daemon.start(aged_process)``: a daemon that has run longer
+    than a start may take (launcher.START_TIMEOUT_S, by its process's start time; an exec keeps it) without a
+    test sleeping 15 s for one."""
+    proc = subprocess.Popen([PYTHON, "-c", _AGED], stdin=subprocess.PIPE)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 @pytest.fixture
 def fresh_daemon(tmp_home: Path) -> Iterator[Daemon]:
     yield from _daemon(tmp_home)
+
+
+@pytest.fixture
+def aged_daemon(tmp_home: Path, aged_process: subprocess.Popen[bytes]) -> Iterator[Daemon]:
+    """A daemon in ``aged_process``: one that has run longer than a start may take, or nearly."""
+    d = Daemon(tmp_home, make_env(tmp_home)).start(aged_process)
+    try:
+        yield d
+    finally:
+        d.stop()
 
 
 @pytest.fixture

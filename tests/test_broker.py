@@ -9,11 +9,12 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import trio
-from conftest import traceback_frames
+from conftest import Daemon, shared_daemon, traceback_frames
 
 import portdaddy.sdk
 from portdaddy.errors import PDError, StoreError, Timeout
@@ -493,10 +494,16 @@ def test_dropped_publishes_keep_nothing_of_each_other_while_writes_are_refused(t
     app.store.close()
 
 
+@pytest.fixture(scope="module")
+def unsubscribed_daemon() -> Iterator[Daemon]:
+    """A daemon of the next test's cases alone: nothing else subscribes there, and each case leaves it so."""
+    yield from shared_daemon()
+
+
 @pytest.mark.parametrize("channels", [[], "", " ", ",", "\r\n", [" "]])
-def test_an_empty_channel_list_is_refused_and_subscribes_nothing(fresh_daemon, channels) -> None:
+def test_an_empty_channel_list_is_refused_and_subscribes_nothing(unsubscribed_daemon, channels) -> None:
     """It reached SQL as "IN ()" (a syntax error, a 500) after the subscription had been registered."""
-    with fresh_daemon.client() as c:
+    with unsubscribed_daemon.client() as c:
         for action, args in (("msg.subscribe", {"after": 0}), ("msg.history", {}), ("msg.poll", {"timeout": 10})):
             with pytest.raises(PDError) as refused:
                 c.request(action, {"channels": channels, **args})

@@ -200,12 +200,12 @@ def test_a_daemon_that_exited_but_is_not_reaped_is_gone_to_stop_and_status(fresh
     assert "fix: pd start" in status.stderr
 
 
-def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(fresh_daemon: Daemon) -> None:
+def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(aged_daemon: Daemon) -> None:
     """With its IPC socket deleted, the daemon runs on and nothing reaches it. pd status said "not running:
     process N is running but …"; a pd that auto-started waited 15 s (its daemon stepping aside for the one that
     holds the home) and said only "the daemon did not become healthy in 15s"; pd stop, the fix both give, said
     "not running" and stopped nothing."""
-    d = fresh_daemon
+    d = aged_daemon
     assert d.proc is not None
     d.settings.ipc_sock.unlink()
     status = d.pd("status")
@@ -213,7 +213,8 @@ def test_a_daemon_whose_socket_is_gone_is_not_answering_and_autostart_says_why(f
     assert status.returncode == 3 and status.stderr.startswith(header), status.stderr
     assert json.loads(d.pd("status", "--json").stdout)["running"] is True
     # A daemon that may still be starting is waited for (two clients can auto-start at once); one that has run
-    # longer than a start may take is not: the answer comes at once, not after the 15 s the wait allows.
+    # longer than a start may take is not: the answer comes at once, not after the 15 s the wait allows (run
+    # alone, this test waits here until the daemon's process is that old).
     time.sleep(max(0.0, START_TIMEOUT_S + 0.5 - (seconds_running(d.proc.pid) or 0.0)))
     started = time.monotonic()
     auto = d.pd("claim", "gone:api", "-q", env={"PORT_DADDY_NO_AUTOSTART": ""})

@@ -1143,8 +1143,8 @@ def test_a_spawned_runs_session_is_named_by_the_start_of_its_task_on_one_line(da
     assert daemon.call("session.get", sessionId=short["sessionId"])["session"]["purpose"] == "true"  # not cut
 
 
-def test_spawn_timeout_stops_the_group(fresh_daemon: Daemon) -> None:
-    r = fresh_daemon.pd("spawn", "-b", "custom", "--timeout", "1s", "--wait", "--", "sleep 30")
+def test_spawn_timeout_stops_the_group(daemon: Daemon) -> None:
+    r = daemon.pd("spawn", "-b", "custom", "--timeout", "1s", "--wait", "--", "sleep 30")
     assert r.returncode == 1 and "timeout" in r.stdout
 
 

@@ -41,13 +41,13 @@ def test_claim_is_stable_and_hash_seeded(daemon: Daemon, tmp_home: Path) -> None
         other.stop()
 
 
-def test_claim_skips_a_port_bound_by_another_process(fresh_daemon: Daemon) -> None:
+def test_claim_skips_a_port_bound_by_another_process(daemon: Daemon) -> None:
     identity = "bound:api"
     wanted = seed_port(identity, 3100, 9999)
     with socket.socket() as s:
         s.bind(("127.0.0.1", wanted))
         s.listen()
-        got = claim_q(fresh_daemon, identity)
+        got = claim_q(daemon, identity)
     assert got != wanted
 
 
@@ -197,9 +197,9 @@ def _claim_proc(env: dict[str, str], identity: str) -> int:
     return int(r.stdout)
 
 
-def test_fifty_concurrent_processes(fresh_daemon: Daemon) -> None:
-    same = race(fresh_daemon, [pd("claim", "race:api", "-q")] * 50)
-    distinct = race(fresh_daemon, [pd("claim", f"race:svc{i}", "-q") for i in range(50)])
+def test_fifty_concurrent_processes(daemon: Daemon) -> None:
+    same = race(daemon, [pd("claim", "race:api", "-q")] * 50)
+    distinct = race(daemon, [pd("claim", f"race:svc{i}", "-q") for i in range(50)])
     assert all(o.code == 0 for o in same + distinct), [o.stderr for o in same + distinct if o.code]
     assert len({o.stdout for o in same}) == 1
     assert len({o.stdout for o in distinct}) == 50 and same[0].stdout not in {o.stdout for o in distinct}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Daemon, unix_client
+from conftest import Daemon, shared_daemon, unix_client
 
 from portdaddy.errors import PDError
 from portdaddy.http.app import Router
@@ -209,10 +210,10 @@ def _hang_up_while_waiting(d: Daemon, method: str, path: str, body: bytes, count
         time.sleep(0.02)
 
 
-def test_a_waiter_that_hangs_up_is_withdrawn(fresh_daemon: Daemon) -> None:
+def test_a_waiter_that_hangs_up_is_withdrawn(daemon: Daemon) -> None:
     """A blocking take or queued lock over HTTP whose client left was still served: the next tuple went to
     nobody, and the lock to a dead client for its whole lease."""
-    d = fresh_daemon
+    d = daemon
     _hang_up_while_waiting(d, "DELETE", "/tuples", b'{"pattern": ["job"], "harbor": "h", "wait": true}',
                            "tupleWaiters")  # fmt: skip
     d.call("tuple.out", fields=["job", 1], harbor="h")
@@ -223,10 +224,10 @@ def test_a_waiter_that_hangs_up_is_withdrawn(fresh_daemon: Daemon) -> None:
     assert d.call("lock.get", name="hang:up")["held"] is False
 
 
-def test_the_path_names_what_a_request_acts_on(fresh_daemon: Daemon) -> None:
+def test_the_path_names_what_a_request_acts_on(daemon: Daemon) -> None:
     """A body or query that spelled the same parameter another way (sessionId for a path's id, to for an inbox's
     agentId) used to win over the path: PUT /sessions/A ended session B."""
-    d = fresh_daemon
+    d = daemon
     first, second = (d.call("session.start", purpose=p)["id"] for p in ("first", "second"))
     d.call("agent.register", agentId="path-agent")
     with unix_client(d) as c:
@@ -298,15 +299,21 @@ def test_fleet_and_spawn_replies_say_success_like_every_other(daemon: Daemon) ->
         assert c.get(f"/spawn/{spawned['agentId']}/logs").json()["success"] is True
 
 
+@pytest.fixture(scope="module")
+def headers_daemon() -> Iterator[Daemon]:
+    """A daemon of the next test's cases alone: each registers one agent there, the same, and nothing else."""
+    yield from shared_daemon()
+
+
 @pytest.mark.parametrize("agent", ["a b", "x" * 500, "\x1b[2J", "-rf", "caf\xe9"])
-def test_an_x_agent_id_that_is_no_agent_id_is_refused(fresh_daemon: Daemon, agent: str) -> None:
+def test_an_x_agent_id_that_is_no_agent_id_is_refused(headers_daemon: Daemon, agent: str) -> None:
     """The header was taken as it came: it registered agents, owned locks and sessions under ids that IPC and
     pd refuse (spaces, terminal escapes, a leading '-', 500 characters)."""
-    with unix_client(fresh_daemon) as c:
+    with unix_client(headers_daemon) as c:
         for method, path, body in (("POST", "/agents", {}), ("POST", "/sessions", {"purpose": "p"}),
                                    ("POST", "/locks/hdr", {})):  # fmt: skip
             r = c.request(method, path, json=body, headers={"X-Agent-Id": agent.encode("latin-1")})
             assert r.status_code == 400 and r.json()["error"].startswith("X-Agent-Id: agent id "), r.text
         assert c.post("/agents", json={}, headers={"X-Agent-Id": "fine-agent"}).status_code == 200
-    counts = fresh_daemon.call("daemon.status")["counts"]
+    counts = headers_daemon.call("daemon.status")["counts"]
     assert (counts["agents"], counts["sessionsActive"], counts["locks"]) == (1, 0, 0)

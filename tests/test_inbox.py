@@ -89,14 +89,14 @@ def test_bad_input_exits_2_and_changes_nothing(daemon, args) -> None:
     assert daemon.call("inbox.stats", agentId="ok-agent")["total"] == before
 
 
-def test_an_agent_bound_connection_sends_to_the_named_recipient(fresh_daemon) -> None:
+def test_an_agent_bound_connection_sends_to_the_named_recipient(daemon) -> None:
     """Over IPC a payload's agentId is the sender's identity; the recipient used to share that field, so an
     agent's DM "to" bob landed in its own inbox."""
-    with fresh_daemon.client("alice") as alice:
+    with daemon.client("alice") as alice:
         sent = alice.request("inbox.send", {"to": "bob", "content": "rebase please"})
         assert sent["agentId"] == "bob"
         assert alice.request("inbox.list", {"agentId": "alice"})["count"] == 0
-    bob = fresh_daemon.call("inbox.list", agentId="bob")["messages"]
+    bob = daemon.call("inbox.list", agentId="bob")["messages"]
     assert [(m["from"], m["content"]) for m in bob] == [("alice", "rebase please")]
 
 

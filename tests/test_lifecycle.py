@@ -11,6 +11,8 @@ from pathlib import Path
 from tests.conftest import Daemon, linked_worktree
 
 FAST = {"PORT_DADDY_STALE_AFTER": "1s", "PORT_DADDY_DEAD_AFTER": "2s"}
+# Where an agent need stay alive only for one quick step after it registered or came back: deaths in a second.
+FASTER = {"PORT_DADDY_STALE_AFTER": "500ms", "PORT_DADDY_DEAD_AFTER": "1s"}
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:
@@ -68,7 +70,7 @@ def test_done_after_being_declared_dead_keeps_the_note_and_settles_the_work(daem
     """The agent was declared dead while it worked (its session abandoned); its pd done must not fail: the
     handoff note is kept, the agent leaves, and its own salvage entry is settled (completed, or back to the
     queue when it gives up)."""
-    d = daemon_factory(**FAST)
+    d = daemon_factory(**FASTER)
     wt = linked_worktree(tmp_path, "wt")
     assert d.pd("begin", "build db", "--agent", "dbb", "--files", "src/db.ts", cwd=wt).returncode == 0
     wait_dead(d, "dbb")
@@ -103,7 +105,7 @@ def test_a_second_done_never_ends_another_agents_session(daemon: Daemon, tmp_pat
 def test_after_a_death_whoami_and_salvage_say_what_is_true(daemon_factory, tmp_path: Path) -> None:
     """pd whoami of a dead agent named it with no hint that anything was wrong; pd salvage --all showed a
     claimed entry without saying who claimed it."""
-    d = daemon_factory(**FAST)
+    d = daemon_factory(**FASTER)
     wt = linked_worktree(tmp_path, "wt")
     assert d.pd("begin", "build db", "--agent", "ghost", cwd=wt).returncode == 0
     wait_dead(d, "ghost")
@@ -121,7 +123,7 @@ def test_salvage_entries_expire_a_month_after_they_last_changed_and_their_dead_a
     the work itself stays in the journal, and the agent may come back as a new one."""
     from portdaddy.config import DEFAULT_SALVAGE_KEEP_MS
 
-    d = daemon_factory(**FAST)
+    d = daemon_factory(**FASTER)
     sid = d.call("agent.begin", agentId="forgotten", purpose="build db", identity="pay:db")["sessionId"]
     d.call("note.add", sessionId=sid, agentId="forgotten", content="schema half done")
     for agent in ("recent", "handed-over", "settled"):
@@ -149,7 +151,8 @@ def test_salvage_entries_expire_a_month_after_they_last_changed_and_their_dead_a
 def test_a_running_daemon_lets_a_salvage_entry_go_when_it_is_due(daemon_factory) -> None:
     """The reaper wakes for an entry's expiry as for a heartbeat deadline. An agent alive again keeps its place
     when the entry of its death expires; a dead one leaves the registry and the arbiter's memory."""
-    d = daemon_factory(**FAST, PORT_DADDY_SALVAGE_KEEP="4s")
+    # Nothing here needs an agent alive before its death: shorter thresholds than FAST.
+    d = daemon_factory(PORT_DADDY_STALE_AFTER="300ms", PORT_DADDY_DEAD_AFTER="600ms", PORT_DADDY_SALVAGE_KEEP="2s")
     for agent in ("crashed", "steady"):
         d.call("agent.register", agentId=agent)
     for agent in ("crashed", "steady"):
@@ -169,7 +172,7 @@ def test_a_running_daemon_lets_a_salvage_entry_go_when_it_is_due(daemon_factory)
 
 
 def test_the_salvage_queue_shows_each_note_as_the_start_of_it_on_one_line(daemon_factory) -> None:
-    d = daemon_factory(**FAST)
+    d = daemon_factory(**FASTER)
     sid = d.call("agent.begin", agentId="wordy", purpose="migrations")["sessionId"]
     d.call("note.add", sessionId=sid, agentId="wordy", content="Tables done.\nNext: " + "refunds " * 30)
     wait_dead(d, "wordy")

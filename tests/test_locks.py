@@ -64,12 +64,12 @@ def test_cli_lock_unlock_and_token(daemon) -> None:
     assert daemon.call("lock.get", name="cli:db-migrations")["held"] is False
 
 
-def test_thirty_two_processes_race_for_one_lock(fresh_daemon) -> None:
-    outcomes = race(fresh_daemon, [pd("lock", "race:x", "-q")] * 32)
+def test_thirty_two_processes_race_for_one_lock(daemon) -> None:
+    outcomes = race(daemon, [pd("lock", "race:x", "-q")] * 32)
     won = winners(outcomes)
     assert len(won) == 1, outcomes
     assert all(o.code == 1 and "is held by" in o.stderr for o in outcomes if o.code != 0)
-    assert fresh_daemon.call("lock.get", name="race:x")["token"] == int(won[0].stdout)
+    assert daemon.call("lock.get", name="race:x")["token"] == int(won[0].stdout)
 
 
 def test_sigkill_keeps_locks_and_the_token_counter(fresh_daemon) -> None:

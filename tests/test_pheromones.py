@@ -7,6 +7,7 @@ import json
 import math
 import time
 
+import apsw
 import pytest
 import trio
 import trio.testing
@@ -128,6 +129,12 @@ async def test_file_heat_from_claim_events(app, mock_clock) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _stored_ids(d) -> set[str]:
+    """What the store itself holds, read beside the daemon, so that no read of the daemon's writes it first."""
+    with apsw.Connection(str(d.settings.db), flags=apsw.SQLITE_OPEN_READONLY) as db:
+        return {row[0] for row in db.execute("SELECT entity_id FROM pheromones")}
+
+
 def test_cli_and_sigkill_keep_values(fresh_daemon) -> None:
     d = fresh_daemon
     r = d.pd("pheromone", "spray", "--table", "services", "--id", "myapp:api", "--key", "urgency", "--strength", "0.8")
@@ -137,7 +144,11 @@ def test_cli_and_sigkill_keep_values(fresh_daemon) -> None:
         deadline = time.monotonic() + 5
         while not c.request("pheromone.sniff", {"table": "files", "id": "src/x.py"})["pheromones"]:
             assert time.monotonic() < deadline
-    time.sleep(1.5)  # the fire-and-forget spray's batch is written within a second
+    # Both sprays are written behind, within a second: kill it once the store has them (what a restart reads).
+    deadline = time.monotonic() + 5
+    while _stored_ids(d) != {"myapp:api", "src/x.py"}:
+        assert time.monotonic() < deadline, _stored_ids(d)
+        time.sleep(0.05)
     d.kill9()
     d.start()
     sniffed = d.pd("pheromone", "sniff", "--table", "services", "--id", "myapp:api", "--json")

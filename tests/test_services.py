@@ -55,7 +55,7 @@ def test_endpoint_url_with_control_characters_refused(daemon: Daemon) -> None:
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
-def test_claim_skips_a_port_held_on_ipv6_loopback_only(fresh_daemon: Daemon) -> None:
+def test_claim_skips_a_port_held_on_ipv6_loopback_only(daemon: Daemon) -> None:
     """A dev server on `localhost` often binds only ::1 (Node, Vite); handing out its port would send
     http://localhost:<port> to the wrong service."""
     identity, preferred = "v6:web", "v6:api"
@@ -68,8 +68,8 @@ def test_claim_skips_a_port_held_on_ipv6_loopback_only(fresh_daemon: Daemon) -> 
         s2.bind(("::1", 0))
         s2.listen()
         taken = s2.getsockname()[1]
-        assert fresh_daemon.call("port.claim", id=identity)["port"] != seeded
-        reply = fresh_daemon.call("port.claim", id=preferred, port=taken)
+        assert daemon.call("port.claim", id=identity)["port"] != seeded
+        reply = daemon.call("port.claim", id=preferred, port=taken)
     assert reply["port"] != taken and "another process" in reply["message"]
 
 

@@ -323,7 +323,8 @@ def test_a_gone_endpoint_is_disabled_and_a_new_url_enables_it(daemon_factory, re
 
 
 def test_a_salvage_hook_hears_the_whole_story_of_a_dead_agents_work(daemon_factory, receiver) -> None:
-    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_STALE_AFTER="1s", PORT_DADDY_DEAD_AFTER="2s")
+    d = daemon_factory(PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", PORT_DADDY_STALE_AFTER="300ms",
+                       PORT_DADDY_DEAD_AFTER="600ms")  # fmt: skip
     d.call("webhook.register", url=receiver.url, events=["salvage.*"])
     d.call("agent.register", agentId="gone", identity="pay:db")
     _wait_for(lambda: receiver.events("salvage.create"), timeout=15)
