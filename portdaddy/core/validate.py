@@ -48,10 +48,14 @@ _CONTROL_IN_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udf
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, a character outside the BMP is one code point: any is lone
 
 
+# What is wrong with a value holding a lone surrogate, after the name of that value.
+NOT_TEXT = ("holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid Unicode (a character "
+            "beyond U+FFFF as itself, or as both halves of its pair)")  # fmt: skip
+
+
 def not_text(where: str) -> PDError:
     """The refusal of a value holding a lone surrogate, ``where`` naming it."""
-    return bad_input(f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text; send valid "
-                     "Unicode (a character beyond U+FFFF as itself, or as both halves of its pair)")  # fmt: skip
+    return bad_input(f"{where} {NOT_TEXT}")
 
 
 def surrogate_in(value: Any, where: str) -> str | None:

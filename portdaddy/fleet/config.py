@@ -27,8 +27,8 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from portdaddy.core import identity as _identity
+from portdaddy.core.validate import NOT_TEXT, surrogate_in
 from portdaddy.core.validate import name as _name_check
-from portdaddy.core.validate import not_text, surrogate_in
 from portdaddy.durations import parse_duration_ms
 from portdaddy.errors import BadInput, PDError
 from portdaddy.fleet.backends import (
@@ -188,10 +188,9 @@ def _refuse_surrogates(ctx: _Ctx, node: Node, fld: str = "", seen: set[int] | No
     if id(node) in seen:
         return  # an alias: already done
     seen.add(id(node))
-    refusal = not_text("").message.lstrip()
     if isinstance(node, ScalarNode):
         if not _joined(node):
-            ctx.error(node, fld or "(top level)", refusal)
+            ctx.error(node, fld or "(top level)", NOT_TEXT)
     elif isinstance(node, SequenceNode):
         for i, item in enumerate(node.value):
             _refuse_surrogates(ctx, item, f"{fld}[{i}]", seen)
@@ -200,7 +199,7 @@ def _refuse_surrogates(ctx: _Ctx, node: Node, fld: str = "", seen: set[int] | No
             if not isinstance(key_node, ScalarNode):
                 _refuse_surrogates(ctx, key_node, fld, seen)
             elif not _joined(key_node):  # not put in the field's name: it could not be printed
-                ctx.error(key_node, fld or "(top level)", f"a key {refusal}")
+                ctx.error(key_node, fld or "(top level)", f"a key {NOT_TEXT}")
                 continue
             _refuse_surrogates(ctx, value_node, f"{fld}.{key_node.value}" if fld else key_node.value, seen)
 
