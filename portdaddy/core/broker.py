@@ -43,6 +43,7 @@ from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.core.store import autoincrement_ids
 from portdaddy.core.writebehind import WriteBehind
 from portdaddy.errors import PDError, StoreError, bad_input
+from portdaddy.ipc.frame import MAX_PAYLOAD, MAX_REPLY
 
 HISTORY_PER_CHANNEL = 1000  # messages kept per channel (the newest); trimmed in batches
 HISTORY_RETENTION_MS = 7 * 86_400_000  # a message other than its channel's retained one is kept a week
@@ -51,8 +52,8 @@ PRUNE_INTERVAL_S = 3600.0
 MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded (a delivery larger than an IPC frame goes in parts: floats pack to 9 bytes)
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
-# Packed bytes of history per IPC reply: it goes in parts, up to frame.MAX_REPLY (16 MiB), less room for the rest.
-IPC_REPLY_BUDGET = 16 * 1024 * 1024 - 65_536
+# Packed bytes of history per IPC reply: it goes in parts, up to MAX_REPLY (16 MiB), less room for the rest.
+IPC_REPLY_BUDGET = MAX_REPLY - MAX_PAYLOAD
 ID_BLOCK = 1024  # message ids reserved per durable write of sqlite_sequence
 
 
