@@ -522,21 +522,23 @@ class IpcServer:
         and an epoll re-registration per request; here one wake-up serves every ready socket (level-triggered,
         registered once): 16 busy connections get ~1.5 times the requests through."""
         epoll, by_fd, epfd = self.epoll, self._by_fd, self.epoll.fileno()
-        linger = Linger.start(epfd)
+        linger = Linger.start(epoll)
         while True:
+            events = None
             if self.backlog:  # frames are waiting: let trio's other tasks (HTTP among them) run, then go on
                 await trio.lowlevel.checkpoint()
             elif self.partial:
                 with trio.move_on_at(min(self.partial.values())):
                     await trio.lowlevel.wait_readable(epfd)
-            elif linger is not None and linger.wait():
-                pass  # the epoll is ready and trio had nothing to run: no pass through its scheduler
+            elif linger is not None:
+                # Sockets are ready and trio had nothing to run: no pass through its scheduler.
+                if (events := linger.wait()) is None:
+                    await trio.lowlevel.wait_readable(epfd)
+                    linger.passed_through_trio()
             else:  # no cancel scope to enter and leave on the hot path
                 await trio.lowlevel.wait_readable(epfd)
-                if linger is not None:
-                    linger.passed_through_trio()
             backlog, self.backlog = self.backlog, []
-            for fd, mask in epoll.poll(0):
+            for fd, mask in events or epoll.poll(0):
                 conn = by_fd.get(fd)
                 if conn is None:  # closed earlier in this pass
                     continue
