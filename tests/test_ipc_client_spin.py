@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import PYTHON, Daemon
@@ -127,6 +127,33 @@ def test_a_wait_the_caller_knows_is_long_neither_polls_nor_teaches_the_budget(da
         assert c._spin.usable() == Spin.START_NS
         assert c.receive(timeout=0.05, patient=True) is None  # nothing is pushed to a client that subscribed to nothing
         assert c._spin.usable() == Spin.START_NS
+
+
+def voluntary_switches() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        return next(int(line.split(":")[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_client_sharing_the_daemons_cpu_sleeps_once_per_request(daemon_factory: Callable[..., Daemon],
+                                                                   one_cpu: None) -> None:  # fmt: skip
+    """Its sleep is a poll for input: the daemon's read of the request, which frees its bytes and so wakes
+    whoever sleeps on the socket to say it may send again, does not end it (a blocking recv woke, found
+    nothing and slept again: 1.7 sleeps a request, measured)."""
+    daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    assert daemon.proc is not None
+    before = os.sched_getaffinity(daemon.proc.pid)
+    os.sched_setaffinity(daemon.proc.pid, os.sched_getaffinity(0))
+    try:
+        with daemon.client() as c:
+            for _ in range(200):
+                c.request("port.claim", {"id": "spin:api"})
+            start = voluntary_switches()
+            for _ in range(2000):
+                c.request("port.claim", {"id": "spin:api"})
+            sleeps = voluntary_switches() - start
+    finally:
+        os.sched_setaffinity(daemon.proc.pid, before)
+    assert sleeps <= 2000 * 1.2, f"{sleeps / 2000:.2f} sleeps a request"
 
 
 # pd as it runs, but with a client that would poll for up to 10 s before it sleeps: a wait that polls at all
