@@ -73,9 +73,18 @@ class Op:
     # a transport knows that reply never reached the caller (spec/decisions.md, "Durability"). None: nothing to.
     undo: Callable[[Ctx, Any], None] | None = None
     is_async: bool = field(init=False)
+    # For bind, which walks the request's keys, not the parameters: a request names a few of them.
+    _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+    _by_spelling: dict[str, tuple[Param, int]] = field(init=False, repr=False, compare=False)  # (param, rank)
+    _required: tuple[Param, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
+        defaults = {p.name: _MISSING if p.required else p.default for p in self.params}
+        by_spelling = {spelling: (p, rank) for p in self.params for rank, spelling in enumerate((p.name, *p.aliases))}
+        object.__setattr__(self, "_defaults", defaults)
+        object.__setattr__(self, "_by_spelling", by_spelling)
+        object.__setattr__(self, "_required", tuple(p for p in self.params if p.required))
 
     def spellings(self, name: str) -> tuple[str, ...]:
         """Every key a request may give the parameter that ``name`` names (its name, then its aliases)."""
@@ -85,21 +94,21 @@ class Op:
         return (name,)
 
     def bind(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """Validate ``raw`` (transport fields like ``action`` are ignored) into handler kwargs."""
-        kwargs: dict[str, Any] = {}
-        for p in self.params:
-            value = raw.get(p.name, _MISSING)
-            if value is _MISSING:
-                for alias in p.aliases:
-                    value = raw.get(alias, _MISSING)
-                    if value is not _MISSING:
-                        break
-            if value is _MISSING or value is None:
-                if p.required:
-                    raise bad_input(f"missing required field '{p.name}' for {self.name}")
-                kwargs[p.name] = p.default
-            else:
-                kwargs[p.name] = p.check(p.name, value)
+        """Validate ``raw`` (transport fields like ``action`` are ignored) into handler kwargs. A None value is
+        no value; a parameter's name wins over its aliases, an earlier alias over a later one."""
+        by_spelling = self._by_spelling
+        for p in self._required:
+            if raw.get(p.name) is None and all(raw.get(alias) is None for alias in p.aliases):
+                raise bad_input(f"missing required field '{p.name}' for {self.name}")
+        kwargs = self._defaults.copy()
+        for key, value in raw.items():
+            found = by_spelling.get(key)
+            if found is None or value is None:
+                continue
+            p, rank = found
+            if rank and (raw.get(p.name) is not None or any(raw.get(a) is not None for a in p.aliases[: rank - 1])):
+                continue
+            kwargs[p.name] = p.check(p.name, value)
         return kwargs
 
 
