@@ -7,10 +7,12 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conftest import PYTHON, Daemon
 
+import portdaddy.sdk
 from portdaddy.errors import PDError
 from portdaddy.ipc.client import BlockingClient, Spin
 from portdaddy.procfs import stat_fields
@@ -200,3 +202,43 @@ def test_a_pd_waiting_on_the_daemon_sleeps_without_polling(daemon: Daemon, args:
         pd.communicate()
         holder.close()
     assert used < 0.5, f"pd {' '.join(args)} used {used:.2f} s of CPU in 2 s of waiting"
+
+
+# -- the SDK's trio client polls the same way, in trio's hook before it sleeps for I/O ------------------------
+
+
+def sdk(d: Daemon) -> Any:
+    return portdaddy.sdk.connect(settings=d.settings, autostart=False)
+
+
+async def test_an_sdk_request_finds_its_reply_awake(daemon_factory: Callable[..., Daemon],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Trio sleeps for I/O after each request is sent; the client polls for the reply first, so a reply that
+    comes within the budget (here 10 ms, so that a loaded machine does not decide it) finds the process awake
+    (each used to sleep at least once: 1.0 sleeps a request, measured)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    monkeypatch.setattr(Spin, "usable", lambda self: 10_000_000)
+    d = daemon_factory(PORT_DADDY_IPC_RATE="0")
+    async with sdk(d) as pd:
+        for _ in range(200):
+            await pd.call("port.claim", id="spin:sdk")
+        start = voluntary_switches()
+        for _ in range(1000):
+            await pd.call("port.claim", id="spin:sdk")
+        sleeps = voluntary_switches() - start
+    assert sleeps < 1000 * 0.5, f"{sleeps / 1000:.2f} sleeps a request"
+
+
+async def test_sdk_replies_that_take_long_stop_it_polling(daemon: Daemon) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine with two CPUs")
+    async with sdk(daemon) as pd:
+        spin = pd._client._spin
+        assert spin.usable() == Spin.START_NS
+        for _ in range(2):
+            with pytest.raises(PDError) as e:
+                await pd.call("tuple.in", pattern=["spin:none"], wait=True, timeout="20ms")
+            assert e.value.code == "TIMEOUT"
+        assert spin.usable() == 0
+        assert (await pd.call("port.claim", id="spin:sdk-after"))["port"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import socket
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from outcome import Value
 
 from portdaddy.caller import blame_agent_variable
 from portdaddy.errors import BadInput, DaemonUnavailable, NoReply, PDError
-from portdaddy.ipc.client import is_parting, parting_refusal, reply_result, request_frame
+from portdaddy.ipc.client import Spin, is_parting, parting_refusal, reply_result, request_frame
 from portdaddy.ipc.frame import RECV_SIZE, Decoder, Encoder, Frame, Parts, Performative, next_conv_id
 from portdaddy.ipc.peer import check_daemon_uid
 
@@ -64,6 +66,16 @@ RESEND_AFTER_S = 1.0
 SETTLE_POLL_S = 0.01
 # The watchdog looks every third of the connection's timeout, but not in a busy loop for a timeout of 0.
 MIN_WATCH_S = 0.01
+
+
+class _PollBeforeSleep(trio.abc.Instrument):
+    """Trio's hook before it sleeps for I/O: the client polls there for the reply it has just asked for."""
+
+    def __init__(self, client: TrioClient) -> None:
+        self._client = client
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._client._poll_for_reply(timeout)
 
 
 class TrioClient:
@@ -110,6 +122,12 @@ class TrioClient:
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._parting: Frame | None = None  # the REFUSE the daemon sent before closing the connection
         self._parts = Parts()  # replies and pushes in parts, per connection
+        # Polling for a reply before trio sleeps (see _poll_for_reply): the socket's input, the budget learned as
+        # the blocking client learns it, and the request polled for, with when it was sent.
+        self._readable = select.poll()
+        self._spin = Spin()
+        self._poll_until = 0  # perf_counter_ns; 0: nothing to poll for
+        self._polled: tuple[int, int] | None = None  # (conv id, sent at) of a request whose reply a poll missed
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -135,6 +153,9 @@ class TrioClient:
         frame = _NO_REPLY
         try:
             self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
+            if (budget := self._spin.usable()) is not None:
+                sent = time.perf_counter_ns()
+                self._poll_until, self._polled = sent + budget, (conv, sent)
             with scope:
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv, undo))
         except trio.Cancelled:
@@ -155,6 +176,23 @@ class TrioClient:
             return reply_result(frame)
         except BadInput as e:  # blame_agent_variable gives e back unless the refused id was the variable's
             raise blame_agent_variable(e, self.agent_var, self.agent_id) from None
+
+    def _poll_for_reply(self, timeout: float) -> None:
+        """Trio is about to sleep for up to ``timeout`` s: first poll the socket, within the budget of the request
+        just sent, so the reply finds this process awake. On a virtual machine waking an idle CPU costs tens
+        of µs on each side, what the blocking client's ``Spin`` saves (spec/ipc.md, "Clients"). Only when trio
+        has nothing else to run, once per request, and never past trio's own timeout: what trio waits for
+        waits at most the budget (100 µs). A reply the poll missed teaches the budget how long it took."""
+        until = self._poll_until
+        if not until or timeout <= 0:
+            return
+        self._poll_until = 0
+        poll, clock = self._readable.poll, time.perf_counter_ns
+        until = min(until, clock() + int(timeout * 1e9))
+        while clock() < until:
+            if poll(0):
+                self._polled = None
+                return
 
     def _withdraw(self, conv: int, action: str) -> None:
         """Tell the daemon nobody waits for ``conv`` any more, so a blocked take does not win a tuple nobody
@@ -243,10 +281,13 @@ class TrioClient:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the connection: connect (failing fast the first time), read, and reconnect with backoff."""
         self._connect()
+        poller = _PollBeforeSleep(self)
+        trio.lowlevel.add_instrument(poller)
         task_status.started()
         try:
             await self._serve_and_reconnect()
         finally:
+            trio.lowlevel.remove_instrument(poller)
             for give_back in self._resend:
                 log.warning("%s, which a cancelled call was granted, is lost: the client closed before it could be "
                             "given back", give_back.what)  # fmt: skip
@@ -288,6 +329,8 @@ class TrioClient:
             raise
         sock.setblocking(False)
         self.sock = sock
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
         self._parting = None
         self._parts = Parts()
         self._out.clear()
@@ -357,6 +400,9 @@ class TrioClient:
         if frame is None:
             return
         if frame.conv_id:
+            if self._polled is not None and self._polled[0] == frame.conv_id:
+                self._spin.waited(time.perf_counter_ns() - self._polled[1])
+                self._polled = None
             task = self._pending.pop(frame.conv_id, None)
             if task is not None:
                 trio.lowlevel.reschedule(task, Value(frame))
