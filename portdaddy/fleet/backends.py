@@ -224,8 +224,7 @@ def argv_for(task: Task) -> list[str]:
             raise bad_input("backend custom needs a command; pass the shell command as the task")
         return ["/bin/sh", "-c", task.command]
     if task.backend == "ollama":
-        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL,
-                "--prompt-stdin"]  # fmt: skip
+        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL]
     found = find_binary(task)
     assert found is not None
     # Each CLI's documented way to read the prompt from stdin: claude -p and gemini read it when no prompt is given
