@@ -314,18 +314,20 @@ def tmp_home() -> Iterator[Path]:
 
 
 def _daemon(home: Path, **extra: str) -> Iterator[Daemon]:
-    d = Daemon(home, make_env(home, **extra)).start()
+    d = Daemon(home, make_env(home, **extra))
     try:
-        yield d
-    finally:
+        yield d.start()
+    finally:  # also one that started but never answered: stopped before its home is removed
         d.stop()
 
 
 def shared_daemon(**extra: str) -> Iterator[Daemon]:
     """A daemon on a home of its own for as long as the fixture yielding from this lives (``daemon`` is one)."""
     home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
-    yield from _daemon(home, **extra)
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield from _daemon(home, **extra)
+    finally:  # also when the daemon does not start
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -376,9 +378,9 @@ def daemon_factory(tmp_home: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
     def build(**extra: str) -> Daemon:
-        d = Daemon(tmp_home, make_env(tmp_home, **extra)).start()
-        started.append(d)
-        return d
+        d = Daemon(tmp_home, make_env(tmp_home, **extra))
+        started.append(d)  # before it starts: one that never answers is stopped too
+        return d.start()
 
     yield build
     for d in started:

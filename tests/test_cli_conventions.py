@@ -188,8 +188,6 @@ def test_the_json_walk_covers_every_command() -> None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, dict[str, str]]]:
     """A daemon with something of everything: a fleet with a finished run, a spawned agent, sessions, tuples."""
     root = tmp_path_factory.mktemp("world")
-    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
-    d = Daemon(home, make_env(home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", **FAST)).start()
     project = make_project(root, "agents:\n  qa: {trigger: j:go, backend: custom, command: 'echo walked'}\n")
     git(project, "commit", "-q", "--allow-empty", "-m", "start")
     (root / "idle").mkdir()
@@ -199,7 +197,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, di
         assert r.returncode == 0, (args, r.stdout, r.stderr)
         return json.loads(r.stdout)
 
+    home = Path(tempfile.mkdtemp(prefix="pd", dir="/tmp"))
+    d = Daemon(home, make_env(home, PORT_DADDY_WEBHOOK_ALLOW_PRIVATE="1", **FAST))
     try:
+        d.start()  # in the try: a daemon that does not start leaves no home behind either
         pd_json("fleet", "up", "-C", str(project))
         run = pd_json("fleet", "run", "qa", "-C", str(project))["run"]["id"]
         wait_for(lambda: d.call("fleet.runs", projectDir=str(project))["runs"][0]["status"] == "completed",

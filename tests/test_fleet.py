@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from portdaddy.core.store import Store
 from portdaddy.errors import PDError
-from portdaddy.fleet.backends import Task, with_trigger_context
+from portdaddy.fleet.backends import Task, arg_max, with_trigger_context
 from portdaddy.fleet.runs import PROMPT_HEAD, PROMPT_TAIL, Run, RunTable, new_id
 from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race, unix_client
 from tests.fleet_helpers import (
@@ -468,6 +469,54 @@ def test_a_prompt_too_large_for_a_backend_without_stdin_fails_with_the_reason(
     refused = d.pd("fleet", "up", "-C", str(project))
     assert refused.returncode == 2 and "pd-fleet.yml:6: agents.qa.prompt: is " in refused.stderr, refused.stderr
     assert "backend custom gets it only in PD_PROMPT" in refused.stderr
+
+
+def _env_values(total: int, prefix: str) -> dict[str, str]:
+    """``env:`` values, each under 128 KiB, whose ``NAME=value`` strings, NULs and pointers make ``total`` bytes."""
+    values, left, n = {}, total, 0
+    while left > 0:
+        name = f"{prefix}{n}"
+        size = min(left, 120 * 1024)
+        values[name] = "v" * max(1, size - len(name) - 2 - 8)  # "=", the NUL, a pointer
+        left -= len(name) + len(values[name]) + 2 + 8
+        n += 1
+    return values
+
+
+def test_a_run_over_arg_max_in_all_fails_before_it_is_registered(daemon_factory: Any, tmp_home: Path) -> None:
+    """Linux also refuses an exec whose arguments and environment together are over ARG_MAX (2 MiB under the usual
+    stack limit), each string under 128 KiB: many large env: values made the run fail with E2BIG after it was
+    registered. It fails before, saying by how much and what takes most; a backend with its prompt on stdin goes
+    without the PD_PROMPT copy that would take it over instead."""
+    d = daemon_factory(**FAST)
+    bin_dir, limit = make_bin(tmp_home), arg_max()
+    big, near = _env_values(limit + 1000, "BIG"), _env_values(limit - 60_000, "NEAR")
+    out, prompt = tmp_home / "ran", "p" * 100_000
+    flow = lambda env: "{" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "}"  # noqa: E731
+    config = (f"agents:\n  qa:\n    trigger: qa:go\n    backend: custom\n    command: touch {out}\n"
+              f"    env: {flow(big)}\n"
+              f"  review:\n    trigger: qa:go\n    backend: claude-cli\n    prompt: {prompt}\n"
+              f"    env: {flow({'PD_TEST_RECORD': str(tmp_home / 'records'), **near})}\n")  # fmt: skip
+    project = make_project(tmp_home, config)
+    pd_json(d, "fleet", "up", "-C", str(project), env={"PATH": path_with(bin_dir)})
+    d.call("msg.publish", channel="qa:go", payload="go", sender="ci")
+    [run] = finished(d, project, "qa", 1)
+    # Was: failed, "cannot start: [Errno 7] Argument list too long: '/bin/sh'", its agent and session in salvage.
+    assert run["status"] == "failed" and run["exitCode"] is None and not out.exists()
+    said = re.fullmatch(r"arguments and environment are ([\d,]+) bytes, ([\d,]+) over the ([\d,]+) Linux allows one "
+                        r"exec \(ARG_MAX\); its env: values take ([\d,]+) of them: put the large ones in files and "
+                        r"pass their paths", run["error"])  # fmt: skip
+    assert said is not None, run["error"]
+    total, over, allowed, values = (int(n.replace(",", "")) for n in said.groups())
+    assert allowed == limit and over == total - limit > 1000 and values == limit + 1000
+    assert Path(run["logPath"]).read_text() == f"# {run['id']}: not started: {run['error']}\n"
+    assert run["sessionId"] is None  # never registered: no agent, no session, nothing in salvage
+    assert run["agentId"] not in json.dumps(d.call("agent.list")) + json.dumps(d.call("salvage.list", all=True))
+
+    [review] = finished(d, project, "review", 1)
+    assert review["status"] == "completed", review["error"]
+    [rec] = records(tmp_home)
+    assert rec["stdin"].startswith(prompt.encode()) and "PD_PROMPT" not in rec["env"]
 
 
 # Who a caller is, as the shell that starts the daemon may have it (an agent's shell): none of it may reach the
@@ -1220,6 +1269,27 @@ def test_a_command_or_env_value_too_large_for_an_exec_is_refused_up_front(daemon
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "pd-fleet.yml:6: agents.qa.env.BIG: is 131,072 bytes; Linux refuses an environment variable" in r.stderr
     assert str(project) not in json.dumps(daemon.call("fleet.status"))
+
+
+def test_a_spawn_over_arg_max_with_the_daemons_environment_is_refused_up_front(
+    daemon_factory: Any, tmp_home: Path
+) -> None:
+    """Every agent gets the daemon's environment: a large one leaves a task less room in ARG_MAX (arguments and
+    environment together), and one it takes over is refused, saying so, before anything is registered."""
+    base = sum(len(k) + len(v) + 2 + 8 for k, v in make_env(tmp_home).items())
+    d = daemon_factory(**_env_values(arg_max() - 50_000 - base, "FILL"))
+    before, agents = d.call("spawn.list")["count"], d.call("agent.list")["count"]
+    with unix_client(d) as c:  # not pd: its own exec, the same environment with the task as an argument, is over too
+        r = c.post("/spawn", json={"backend": "custom", "task": "true " + "#" * 99_995})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert re.fullmatch(r"arguments and environment are [\d,]+ bytes, [\d,]+ over the [\d,]+ Linux allows one exec "
+                            r"\(ARG_MAX\); the daemon's environment, which every agent gets, takes [\d,]+ of them: "
+                            r"restart the daemon \(pd stop, then pd start\) from a shell with less in its environment",
+                            error), error  # fmt: skip
+        assert d.call("spawn.list")["count"] == before and d.call("agent.list")["count"] == agents
+        run = c.post("/spawn", json={"backend": "custom", "task": "true"}).json()["run"]  # what fits runs
+    assert d.call("spawn.wait", id=run["id"], timeout=20_000)["run"]["status"] == "completed"
 
 
 def test_no_fleet_env_disables_the_supervisor(daemon_factory: Any, tmp_home: Path) -> None:

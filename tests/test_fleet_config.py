@@ -731,7 +731,7 @@ def test_each_backend_but_custom_takes_its_prompt_on_stdin(tmp_path: Path) -> No
         "codex": [f"{bin_}/codex", "exec", "--model", "m", "-"],
         "gemini": [f"{bin_}/gemini", "-m", "m"],  # headless: its stdin is not a terminal
         "aider": [f"{bin_}/aider", "--yes", "--no-stream", "--model", "m", "--message-file", "/dev/stdin"],
-        "ollama": [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", "--prompt-stdin"],
+        "ollama": [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m"],
     }  # fmt: skip
     assert set(expected) == STDIN_BACKENDS
     for backend, argv in expected.items():
@@ -787,7 +787,9 @@ def test_a_command_or_env_value_too_large_for_an_exec_is_refused_by_line(tmp_pat
     assert load_fleet(path, VARS).agents["edge"].command == f"echo {command}"  # what fits loads
 
 
-def test_the_ollama_client_reads_a_prompt_from_stdin_when_told(tmp_path: Path) -> None:
+def test_the_ollama_client_reads_its_prompt_from_stdin_only(tmp_path: Path) -> None:
+    """Stdin is its one way in (the fleet always sends the prompt there): a PD_PROMPT is not read, and the
+    --prompt-stdin a daemon started before that still passes means nothing."""
     got: list[Any] = []
 
     class Ollama(BaseHTTPRequestHandler):
@@ -807,7 +809,7 @@ def test_the_ollama_client_reads_a_prompt_from_stdin_when_told(tmp_path: Path) -
     try:
         env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{server.server_port}", "PD_PROMPT": "from the environment"}
         prompt = "日本語 " * 50_000
-        cases = (([], b"", "from the environment"), (["--prompt-stdin"], prompt.encode(), prompt))
+        cases = (([], prompt.encode(), prompt), (["--prompt-stdin"], prompt.encode(), prompt), ([], b"", ""))
         for extra, stdin, expected in cases:
             out = subprocess.run([sys.executable, "-m", "portdaddy.fleet.ollama", "--model", "m", *extra], input=stdin,
                                  env=env, capture_output=True, timeout=30, check=True)  # fmt: skip

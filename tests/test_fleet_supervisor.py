@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,8 +48,11 @@ BASE = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def home() -> Path:
-    return Path(tempfile.mkdtemp(prefix="pdf", dir="/tmp"))
+def home() -> Iterator[Path]:
+    # Short, under /tmp, as the daemon's homes are (a Unix socket's path is at most 107 bytes); removed after.
+    home = Path(tempfile.mkdtemp(prefix="pdf", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@ tampering, death and salvage through the seam the fleet uses."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -35,6 +36,7 @@ def app() -> Iterator[App]:
     a.add(Agents(a))
     yield a
     a.store.close()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 _CLAIM = claims_any.map("/".join).map(globs.normalize_claim_path)

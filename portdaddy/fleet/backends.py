@@ -8,16 +8,18 @@ when it fits there (``prompt_fits``); a custom command reads it there alone.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portdaddy.errors import bad_input
+from portdaddy.errors import PDError, bad_input
 from portdaddy.fleet.spec import BACKEND_ALIASES, BACKEND_BINARIES, BACKENDS, variable_env
 
 DEFAULT_OLLAMA_MODEL = "llama3.2"
@@ -25,6 +27,10 @@ TRIGGER_MESSAGE_MAX = 4000  # characters of the trigger message put into a promp
 # Linux will not exec a program given one argument or environment string (``NAME=value``) of more than 128 KiB
 # with its NUL (MAX_ARG_STRLEN): the exec fails with E2BIG and the run never starts.
 ARG_STRLEN_MAX = 128 * 1024
+# Nor one whose arguments and environment together take more than ARG_MAX (a quarter of the stack limit: 2 MiB under
+# the usual 8 MiB; the kernel caps it at 6 MiB whatever the limit), each string counted with its NUL and a pointer.
+_ARG_MAX_CAP = 6 * 1024 * 1024
+_POINTER = struct.calcsize("P")
 # The backends whose CLI reads the prompt from stdin when it is not given as an argument, as it always is for them
 # (spec/fleet.md, "The prompt goes on stdin"); a custom command reads PD_PROMPT, and nothing can stand in for that.
 STDIN_BACKENDS = frozenset({"claude-cli", "codex", "gemini", "aider", "ollama"})
@@ -200,16 +206,58 @@ def env_too_large(name: str, value: str) -> str | None:
     return _refusal(value, "an environment variable", "shorten it, or put it in a file and pass its path")
 
 
-def exec_problem(task: Task, prompt: str, *, command: str = "the command") -> str | None:
-    """Why a run of ``task`` sent ``prompt`` could not start, a string of its exec being over 128 KiB, as "<what> is N
-    bytes; …" (``command`` names the custom command); None when each fits. Checked before a run is registered, and
-    up front by pd spawn and the fleet file's checks, field by field."""
+def arg_max() -> int:
+    """The bytes Linux lets one exec's arguments and environment take; read each time, as the stack limit may change."""
+    return min(os.sysconf("SC_ARG_MAX"), _ARG_MAX_CAP)
+
+
+def exec_bytes(argv: list[str], env: Mapping[str, str]) -> int:
+    """What an exec of ``argv`` with ``env`` takes of ``arg_max()``: each string, its NUL and a pointer to it, and
+    the program's path once more (the kernel copies it too). Exact: one byte more is E2BIG."""
+    strings = [*argv, *(f"{name}={value}" for name, value in env.items())]
+    return exec_size(argv[0]) + sum(exec_size(text) + _POINTER for text in strings)
+
+
+def _over_arg_max(task: Task, env: Mapping[str, str]) -> str | None:
+    """Why the exec of ``task`` with ``env`` takes more than ``arg_max()`` in all, as "are N bytes, M over …; what
+    takes most of them: what to do" (None: it fits, or its program is missing, which its caller says)."""
+    try:
+        argv = argv_for(task)
+    except PDError:
+        return None
+    total, limit = exec_bytes(argv, env), arg_max()
+    if total <= limit:
+        return None
+
+    # Most of it is an environment, the env: values or the daemon's (which every agent inherits): a prompt, a command
+    # and the run's own variables are each at most 128 KiB of the over 2 MiB.
+    def size(names: Iterable[str]) -> int:
+        return sum(exec_size(f"{name}={env[name]}") + _POINTER for name in names)
+
+    ours = [n for n in env if n in task.env and n != "PD_PROMPT"]
+    inherited = [n for n in env if n not in task.env and not n.startswith(("PD_", "PORT_DADDY_")) and n != "PATH"]
+    if size(ours) >= size(inherited):
+        most, advice = f"its env: values take {size(ours):,}", "put the large ones in files and pass their paths"
+    else:
+        most = f"the daemon's environment, which every agent gets, takes {size(inherited):,}"
+        advice = "restart the daemon (pd stop, then pd start) from a shell with less in its environment"
+    over = f"{total - limit:,} over the {limit:,} Linux allows one exec (ARG_MAX)"
+    return f"are {total:,} bytes, {over}; {most} of them: {advice}"
+
+
+def exec_problem(task: Task, prompt: str, *, command: str = "the command", env: Mapping[str, str] | None = None
+                 ) -> str | None:  # fmt: skip
+    """Why a run of ``task`` sent ``prompt`` could not start, as "<what> is N bytes; …" (``command`` names the custom
+    command); None when it can. A string of its exec over 128 KiB, field by field; with ``env``, the environment
+    its child gets, also its arguments and environment together over ARG_MAX. Checked before a run is registered,
+    and up front by pd spawn and (string by string) the fleet file's checks."""
     problems = [
         ("the prompt", too_large(task.backend, prompt)),
         (command, command_too_large(task.command) if task.backend == "custom" and task.command else None),
         ("model", argument_too_large(task.model) if task.model else None),
         ("allowedTools", argument_too_large(task.allowed_tools) if task.allowed_tools else None),
         *((f"env {name}", env_too_large(name, value)) for name, value in task.env.items()),
+        ("arguments and environment", None if env is None else _over_arg_max(task, env)),
     ]
     return next((f"{what} {problem}" for what, problem in problems if problem is not None), None)
 
@@ -224,8 +272,7 @@ def argv_for(task: Task) -> list[str]:
             raise bad_input("backend custom needs a command; pass the shell command as the task")
         return ["/bin/sh", "-c", task.command]
     if task.backend == "ollama":
-        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL,
-                "--prompt-stdin"]  # fmt: skip
+        return [sys.executable, "-m", "portdaddy.fleet.ollama", "--model", task.model or DEFAULT_OLLAMA_MODEL]
     found = find_binary(task)
     assert found is not None
     # Each CLI's documented way to read the prompt from stdin: claude -p and gemini read it when no prompt is given

@@ -1,8 +1,8 @@
 """The ollama backend's child process: one non-streaming chat request to a local ollama server.
 
-Run as ``python -m portdaddy.fleet.ollama --model M --prompt-stdin`` with the prompt on stdin, as the fleet runs it
-(spec/fleet.md, "The prompt goes on stdin"), or without the flag with the prompt in ``PD_PROMPT``; prints the reply.
-The server is ``OLLAMA_HOST`` (default ``http://localhost:11434``). Exit 1 with one line on any failure.
+Run as ``python -m portdaddy.fleet.ollama --model M`` with the prompt on stdin, its only way in (spec/fleet.md, "The
+prompt goes on stdin"; ``PD_PROMPT`` is not read); prints the reply. The server is ``OLLAMA_HOST`` (default
+``http://localhost:11434``). Exit 1 with one line on any failure.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import urllib.request
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="portdaddy.fleet.ollama")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--prompt-stdin", action="store_true")
+    # Said by the fleet until stdin became the only way; still taken, and meaning nothing, because a daemon started
+    # before that passes it to this module as it now is on disk until it is restarted.
+    parser.add_argument("--prompt-stdin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.prompt_stdin:
-        prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
-    else:
-        prompt = os.environ.get("PD_PROMPT", "")
+    prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
     host = os.environ.get("OLLAMA_HOST", "http://localhost:11434").rstrip("/")
     if "://" not in host:
         host = f"http://{host}"

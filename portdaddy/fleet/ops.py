@@ -10,7 +10,7 @@ import trio
 from portdaddy.core import validate as v
 from portdaddy.core.ops import Ctx, Op, Param
 from portdaddy.errors import PDError, bad_input
-from portdaddy.fleet.backends import Task, exec_problem, find_binary, normalise_backend
+from portdaddy.fleet.backends import Task, find_binary, normalise_backend
 from portdaddy.fleet.runs import Run
 from portdaddy.fleet.spec import variable_env
 from portdaddy.fleet.supervisor import require_dir
@@ -167,9 +167,10 @@ def _spawn(ctx: Ctx, *, backend: str, task: str, identity: str | None, model: st
                 allowed_tools=allowedTools, env=env or {}, cwd=workdir or str(ctx.app.settings.home),
                 timeout_s=timeout / 1000 if timeout else None, path=path)  # fmt: skip
     find_binary(spec)
-    if (problem := exec_problem(spec, spec.prompt, command="task")) is not None:  # refused before it is registered
+    identity = identity or f"spawned:{backend}"
+    if (problem := ctx.app.fleet.exec_problem(spec, identity=identity)) is not None:  # refused before it is registered
         raise bad_input(problem)
-    run = ctx.app.fleet.spawn(spec, identity=identity or f"spawned:{backend}")
+    run = ctx.app.fleet.spawn(spec, identity=identity)
     return {"success": True, "agentId": run.agent_id, "status": "spawned", "run": run.to_wire()}
 
 

@@ -569,6 +569,29 @@ class Fleet:
             env["PD_PROJECT_DIR"] = run.project_dir
         return env
 
+    def _exec_env(self, run: Run, prompt: str, *, command: str = "the command") -> tuple[dict[str, str], str | None]:
+        """The environment ``run``'s child gets, and why its exec would be refused (``exec_problem``; None: it would
+        not). ``PD_PROMPT`` holds the prompt when it fits, in one string and in the exec as a whole: a backend that
+        has it on stdin goes without rather than be refused; a custom command (its only way) is refused. Asked
+        before the run is registered, so a session id's worth of ``PORT_DADDY_SESSION`` is counted for the one it
+        gets then."""
+
+        def problem_with(env: dict[str, str]) -> str | None:
+            session = {} if run.session_id else {"PORT_DADDY_SESSION": "session-" + "0" * 12}  # core/sessions.py
+            return exec_problem(run.task, prompt, command=command, env={**env, **session})
+
+        env = self._child_env(run, prompt if prompt_fits(prompt) else None)
+        problem = problem_with(env)
+        if problem is not None and "PD_PROMPT" in env and run.task.backend in STDIN_BACKENDS:
+            env = self._child_env(run, None)
+            problem = problem_with(env)
+        return env, problem
+
+    def exec_problem(self, task: Task, *, identity: str) -> str | None:
+        """Why a ``pd spawn`` of ``task`` could not start (``_exec_env``), asked before it is spawned."""
+        run = Run(new_id("spawn", "spawn"), "spawn", "spawn", identity, task)  # as spawn makes it, ids of one length
+        return self._exec_env(run, task.prompt, command="task")[1]
+
     async def _execute(self, run: Run, lf: LiveFleet | None) -> None:
         try:
             await self._supervise(run)
@@ -606,8 +629,9 @@ class Fleet:
         # PD_PROMPT too when it fits (a custom command's only way).
         on_stdin = task.backend in STDIN_BACKENDS
         stdin = prompt.encode("utf-8", "surrogateescape") if on_stdin else None  # as an exec would encode it
+        env, problem = self._exec_env(run, prompt)
         try:
-            if (problem := exec_problem(task, prompt)) is not None:  # else E2BIG, after the run was registered
+            if problem is not None:  # else E2BIG, after the run was registered
                 raise bad_input(problem)
             argv = argv_for(task)
         except PDError as exc:
@@ -626,7 +650,7 @@ class Fleet:
                 how = f"; its prompt ({len(stdin):,} bytes) on stdin" if stdin is not None else ""
                 header.write(f"# {run.id} ({run.identity}) attempt {run.attempt}: {' '.join(argv[:2])} …{how}\n")
             try:
-                env = self._child_env(run, prompt if prompt_fits(prompt) else None)
+                env = self._child_env(run, prompt if "PD_PROMPT" in env else None)  # now with its session
                 proc = await children.start(argv, cwd=task.cwd, env=env, log_path=Path(run.log_path),
                                             umask=self.app.child_umask, stdin=stdin)  # fmt: skip
             except OSError as exc:
