@@ -104,6 +104,29 @@ def acquire_instance_lock(settings: Settings) -> int | None:
     return fd
 
 
+def acquire_store_lock(settings: Settings) -> int | None:
+    """An flock on ``<store>-owner``, held for the daemon's life, whose file holds its pid. None if another daemon
+    holds it: two daemons on one store (``PORT_DADDY_DB`` naming the same file from two homes) would each keep
+    its locks, ports and tuples in memory and grant the same lock twice, and write one lock journal over the
+    other's. Beside the store, not in the home, for that reason."""
+    fd = os.open(f"{settings.db}-owner", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _store_owner(settings: Settings) -> str:
+    try:
+        return Path(f"{settings.db}-owner").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
 def _still_ours(fd: int, lock_file: Path) -> bool:
     """Whether ``lock_file`` is still the file ``fd`` holds open: not once the home was deleted, even if it was
     made again (a file held open keeps its inode, so the new one cannot have the same)."""
@@ -206,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Port Daddy is already running (pid {settings.recorded_pid() or '?'}) in {settings.home}")
         return 0
     try:
+        store_fd = acquire_store_lock(settings)
+    except OSError:  # a directory the store cannot be written in either: the store's own open says what to do
+        store_fd = -1
+    if store_fd is None:
+        log.error("cannot start the daemon: another daemon (pid %s) uses the store %s; give each home its own "
+                  "PORT_DADDY_DB", _store_owner(settings), settings.db)  # fmt: skip
+        os.close(lock_fd)
+        return 1
+    try:
         _remove_runtime_files(settings)  # stale leftovers of a daemon that died without cleaning up
         _write_private(settings.pid_file, f"{os.getpid()}\n")
         trio.run(partial(run_daemon, settings, child_umask=caller_umask))
@@ -220,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if _still_ours(lock_fd, settings.lock_file):  # else they are another daemon's, in a home made since
             _remove_runtime_files(settings)
+        if store_fd >= 0:
+            os.close(store_fd)
         os.close(lock_fd)
 
 

@@ -215,6 +215,15 @@ def test_sigkill_after_acknowledged_claims_loses_nothing(fresh_daemon: Daemon) -
     assert db.pragma("integrity_check") == "ok"
 
 
+def test_a_second_home_on_the_same_store_is_refused(daemon: Daemon, tmp_home: Path) -> None:
+    """Two daemons on one store would each keep its locks in memory and grant the same lock twice."""
+    other = daemon.pd("start", env={"PORT_DADDY_HOME": str(tmp_home), "PORT_DADDY_DB": str(daemon.settings.db)})
+    assert other.returncode == 3, other
+    why = f"another daemon (pid {daemon.proc.pid}) uses the store {daemon.settings.db}; give each home its own"
+    assert why in other.stderr
+    assert daemon.call("port.claim", id="store:still")["port"]
+
+
 def test_single_instance_and_clean_shutdown(fresh_daemon: Daemon) -> None:
     second = subprocess.run([PYTHON, "-m", "portdaddy.daemon"], env=fresh_daemon.env, capture_output=True,
                             text=True, timeout=30)  # fmt: skip
