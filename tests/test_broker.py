@@ -340,6 +340,21 @@ async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
                     break
 
 
+async def test_sdk_history_says_whether_there_is_more_and_where_to_read_on(daemon) -> None:
+    """pd.history() returned a bare list: a page cut at its limit (or at the size of a reply) looked like all there
+    was, with no cursor to read on from. It is still a list of the messages, with more and last_id."""
+    ids = [daemon.call("msg.publish", channel="sdk:paged", payload=n)["id"] for n in range(3)]
+    async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
+        first = await pd.history("sdk:paged", after=0, limit=2)
+        assert ([m.id for m in first], first.more, first.last_id) == (ids[:2], True, ids[1])
+        rest = await pd.history("sdk:paged", after=first.last_id)
+        assert ([m.payload for m in rest], rest.more, rest.last_id) == ([2], False, ids[2])
+        caught_up = await pd.history("sdk:paged", after=rest.last_id)
+        assert (caught_up, caught_up.more, caught_up.last_id) == ([], False, ids[2])
+        newest = await pd.history("sdk:paged", limit=2)
+        assert newest == [*first[1:], *rest] and isinstance(newest, list) and not newest.more
+
+
 async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
     daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
     async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
