@@ -34,8 +34,8 @@ from portdaddy.launcher import ensure_daemon
 log = logging.getLogger("portdaddy.sdk")
 
 __all__ = [
-    "BadInput", "Claim", "Conflict", "DaemonUnavailable", "LockGrant", "LockHeld", "Message", "NotFound", "PDError",
-    "PortDaddy", "Service", "Subscription", "Timeout", "connect",
+    "BadInput", "Claim", "Conflict", "DaemonUnavailable", "History", "LockGrant", "LockHeld", "Message", "NotFound",
+    "PDError", "PortDaddy", "Service", "Subscription", "Timeout", "connect",
 ]  # fmt: skip
 
 # Deliveries buffered per subscription in the client; past this the SDK drops and catches up from history.
@@ -155,6 +155,23 @@ class Message:
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Message:
         return cls(d["id"], d["channel"], d["payload"], d.get("sender"), d["createdAt"])
+
+
+class History(list[Message]):
+    """A page of history: its messages, oldest first (it is a list of them), and where it stopped. ``more`` says
+    the page was cut, at ``limit`` or at the size of one reply: with ``after``, read on from ``last_id``; without,
+    it holds the newest and older ones were left out. ``last_id`` is the id of its last message (``after``, or 0,
+    when there is none)."""
+
+    __slots__ = ("last_id", "more")
+
+    def __init__(self, messages: list[Message], *, more: bool, last_id: int) -> None:
+        super().__init__(messages)
+        self.more = more
+        self.last_id = last_id
+
+    def __repr__(self) -> str:
+        return f"History({list.__repr__(self)}, more={self.more}, last_id={self.last_id})"
 
 
 class Subscription:
@@ -547,9 +564,11 @@ class PortDaddy:
         newest = max(r["messages"].values(), key=lambda m: m["id"])
         return Message.from_wire(newest)
 
-    async def history(self, channel: str, *, after: int | None = None, limit: int = 50) -> list[Message]:
+    async def history(self, channel: str, *, after: int | None = None, limit: int = 50) -> History:
+        """A page of a channel's (or pattern's) messages, oldest first: the newest ``limit``, or up to ``limit``
+        after id ``after``. While ``page.more``, the next page is ``history(channel, after=page.last_id)``."""
         r = await self.call("msg.history", channel=channel, after=after, limit=limit)
-        return [Message.from_wire(m) for m in r["messages"]]
+        return History([Message.from_wire(m) for m in r["messages"]], more=r["more"], last_id=r["lastId"])
 
     # -- pheromones -----------------------------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import trio
-from conftest import Daemon, shared_daemon, traceback_frames
+from conftest import Daemon, shared_daemon, traceback_frames, unix_client
 
 import portdaddy.sdk
+from portdaddy.core.broker import HTTP_REPLY_BUDGET
 from portdaddy.errors import PDError, StoreError, Timeout
 from portdaddy.ipc.client import BlockingClient
 
@@ -339,6 +340,21 @@ async def test_sdk_subscription_survives_a_daemon_restart(fresh_daemon) -> None:
                     break
 
 
+async def test_sdk_history_says_whether_there_is_more_and_where_to_read_on(daemon) -> None:
+    """pd.history() returned a bare list: a page cut at its limit (or at the size of a reply) looked like all there
+    was, with no cursor to read on from. It is still a list of the messages, with more and last_id."""
+    ids = [daemon.call("msg.publish", channel="sdk:paged", payload=n)["id"] for n in range(3)]
+    async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
+        first = await pd.history("sdk:paged", after=0, limit=2)
+        assert ([m.id for m in first], first.more, first.last_id) == (ids[:2], True, ids[1])
+        rest = await pd.history("sdk:paged", after=first.last_id)
+        assert ([m.payload for m in rest], rest.more, rest.last_id) == ([2], False, ids[2])
+        caught_up = await pd.history("sdk:paged", after=rest.last_id)
+        assert (caught_up, caught_up.more, caught_up.last_id) == ([], False, ids[2])
+        newest = await pd.history("sdk:paged", limit=2)
+        assert newest == [*first[1:], *rest] and isinstance(newest, list) and not newest.more
+
+
 async def test_sdk_pubsub_locks_and_catch_up(daemon_factory) -> None:
     daemon = daemon_factory(PORT_DADDY_IPC_RATE="0")
     async with portdaddy.sdk.connect(settings=daemon.settings, autostart=False) as pd:
@@ -399,6 +415,39 @@ def test_http_publish_history_and_channels(daemon) -> None:
         assert hist["messages"][-1]["payload"] == {"a": 1} and hist["messages"][-1]["sender"] == "curl"
         assert any(ch["channel"] == "web:events" for ch in c.get("/channels").json()["channels"])
         assert c.delete("/msg/web:events").json()["deleted"] == 1
+
+
+def test_http_history_of_large_messages_comes_in_bounded_pages(daemon) -> None:
+    """GET /msg/<channel> had no bound: 1,000 messages of 60,000 bytes were one 60 MB response (limit counts
+    messages, not bytes). A page stops at HTTP_REPLY_BUDGET of JSON (text escaped as \\uXXXX counted as sent) and
+    says more: true; reading on from lastId gets the rest, nothing lost or repeated. SSE, a stream, is not paged."""
+    payloads = ["é" * 9_990 if n % 2 else "x" * 59_000 for n in range(90)]  # ~5.4 MB of JSON, ~60 KB each
+    with daemon.client() as ipc:
+        ids = [ipc.request("msg.publish", {"channel": "web:big", "payload": p})["id"] for p in payloads]
+    with unix_client(daemon) as c:
+        read, after, sizes = [], 0, []
+        while True:
+            r = c.get("/msg/web:big", params={"after": after, "limit": 1000})
+            page = r.json()
+            after = page["lastId"]
+            read += [(m["id"], m["payload"]) for m in page["messages"]]
+            sizes.append(len(r.content))
+            if not page["more"]:
+                break
+        assert read == list(zip(ids, payloads, strict=True))
+        assert len(sizes) == 2 and max(sizes) <= HTTP_REPLY_BUDGET
+        r = c.get("/msg/web:big", params={"limit": 1000})
+        newest = r.json()  # without after: the newest that fit, as asked; older ones were left out
+        assert newest["more"] is True and len(r.content) <= HTTP_REPLY_BUDGET
+        assert [m["id"] for m in newest["messages"]] == ids[-newest["count"] :] and newest["lastId"] == ids[-1]
+        streamed = []
+        with c.stream("GET", "/msg/web:big/subscribe", params={"after": 0}, timeout=10) as r:
+            for line in r.iter_lines():
+                if line.startswith("id: "):
+                    streamed.append(int(line[4:]))
+                    if len(streamed) == len(ids):
+                        break
+        assert streamed == ids
 
 
 def test_pd_history_says_where_to_read_on_when_a_page_stops_at_its_limit(daemon) -> None:

@@ -52,8 +52,12 @@ PRUNE_INTERVAL_S = 3600.0
 MAX_PAYLOAD_BYTES = 60_000  # JSON-encoded (a delivery larger than an IPC frame goes in parts: floats pack to 9 bytes)
 MAX_SUBSCRIPTIONS = 64  # per IPC connection (DESIGN §4)
 LAG_RETRY_S = 0.05  # how often a lagging subscriber's connection is re-checked while any lags
-# Packed bytes of history per IPC reply: it goes in parts, up to MAX_REPLY (16 MiB), less room for the rest.
+# Bytes of history in one page (one reply to msg.history); a page cut there says more: true. Over IPC, packed: a
+# reply goes in parts, up to MAX_REPLY (16 MiB), less room for the rest.
 IPC_REPLY_BUDGET = MAX_REPLY - MAX_PAYLOAD
+# Over HTTP (and any other caller), JSON: what curl or a browser takes in one go; a page of 1,000 large messages
+# was a 60 MB response. Still ~70 messages of the largest payload, and 1,000 of a few KB.
+HTTP_REPLY_BUDGET = 4 * 1024 * 1024
 ID_BLOCK = 1024  # message ids reserved per durable write of sqlite_sequence
 
 
@@ -508,13 +512,15 @@ def _unsubscribe(ctx: Ctx, *, subscription) -> dict[str, Any]:
     return {"success": True, "unsubscribed": dropped}
 
 
-def _fit_reply(found: list[Message]) -> list[Message]:
-    """The first messages that surely fit one IPC reply (always at least one). Packed, a message is at most 9/4 of
-    its compact JSON (``1.5,`` is 4 bytes, a float packs to 9; text, whole numbers and the rest pack smaller)."""
+def _fit_reply(found: list[Message], budget: int, packed: bool) -> list[Message]:
+    """The first messages that surely fit a reply of ``budget`` bytes (always at least one). In JSON a message is
+    its payload's, channel's and sender's JSON and at most 120 bytes more. Packed, a payload is at most 9/4 of its
+    JSON (``1.5,`` is 4 bytes, a float packs to 9; text, whole numbers and the rest pack smaller), the rest smaller."""
     size = 0
     for n, m in enumerate(found):
-        size += len(v.compact_json(m.payload)) * 9 // 4 + len(m.channel) + 4 * len(m.sender or "") + 120
-        if size > IPC_REPLY_BUDGET and n:
+        payload = len(v.compact_json(m.payload))
+        size += (payload * 9 // 4 if packed else payload) + len(v.compact_json([m.channel, m.sender])) + 120
+        if size > budget and n:
             return found[:n]
     return found
 
@@ -522,9 +528,9 @@ def _fit_reply(found: list[Message]) -> list[Message]:
 def _history(ctx: Ctx, *, channel, after, limit) -> dict[str, Any]:
     broker: Broker = ctx.app.broker
     found = broker.since(channel, after, limit) if after is not None else broker.latest(channel, limit)
-    page = found
-    if ctx.transport == "ipc":  # HTTP has no bound on a reply
-        page = _fit_reply(found) if after is not None else _fit_reply(found[::-1])[::-1]  # the newest, as asked
+    packed = ctx.transport == "ipc"
+    fit = partial(_fit_reply, budget=IPC_REPLY_BUDGET if packed else HTTP_REPLY_BUDGET, packed=packed)
+    page = fit(found) if after is not None else fit(found[::-1])[::-1]  # without after: the newest, as asked
     wire = [m.to_wire() for m in page]
     last_id = wire[-1]["id"] if wire else (after or 0)
     # more: cut at the size of a reply, or a cursor read stopped at the limit; read again after lastId.
