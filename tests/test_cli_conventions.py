@@ -14,9 +14,9 @@ from typing import Any
 import apsw
 import click
 import pytest
+from conftest import Daemon, make_env
 
 from portdaddy.cli.main import cli
-from tests.conftest import Daemon, make_env
 from tests.fleet_helpers import FAST, git, make_project, wait_for
 
 

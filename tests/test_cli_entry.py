@@ -9,12 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, Daemon
 
 import portdaddy.cli
 from portdaddy.cli.entry import quick_claim_identity
 from portdaddy.config import Settings
 from portdaddy.paths import runtime_path
-from tests.conftest import PYTHON, Daemon
 
 CLICK_PATH = "import sys; from portdaddy.cli.main import main; sys.argv[0] = 'pd'; main()"
 

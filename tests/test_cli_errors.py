@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import PYTHON, Daemon, linked_worktree, make_env
 
 from portdaddy.launcher import START_TIMEOUT_S
 from portdaddy.procfs import seconds_running
-from tests.conftest import PYTHON, Daemon, linked_worktree, make_env
 
 
 def pd(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,7 @@
 the documented refusal, and nothing half-done is left behind.
 
 Each race is 16-32 real OS processes against a real daemon, each with its own IPC connection or HTTP
-connection (or a whole `pd` run), released together at one gate (``tests.conftest.race``). Raced
+connection (or a whole `pd` run), released together at one gate (``conftest.race``). Raced
 elsewhere: claims of one identity (test_foundation), one lock (test_locks), taking tuples (test_tuples), a
 fleet going down (test_fleet). spec/decisions.md, "Contention", lists who wins what.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import PYTHON, Daemon, Outcome, Racers, free_port, http, ipc, linked_worktree, pd, race, winners
+from conftest import PYTHON, Daemon, Outcome, Racers, free_port, http, ipc, linked_worktree, pd, race, winners
 
 
 def _wait_for(predicate: Any, what: str) -> None:

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, make_env
 
 from portdaddy.core.ops import load_table
 from portdaddy.errors import PDError
 from portdaddy.ipc.client import reply_result, request_frame
 from portdaddy.ipc.frame import Decoder, Encoder, Frame, Performative
-from tests.conftest import Daemon, make_env
 from tests.fleet_helpers import make_project, wait_for
 
 Call = Callable[..., Any]  # call(action, agent=None, **args) -> result; raises PDError on a refusal

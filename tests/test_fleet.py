@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, Racers, http, ipc, make_env, pd, race, unix_client
 
 from portdaddy.core.store import Store
 from portdaddy.errors import PDError
 from portdaddy.fleet.backends import Task, arg_max, with_trigger_context
 from portdaddy.fleet.runs import PROMPT_HEAD, PROMPT_TAIL, Run, RunTable, new_id
-from tests.conftest import Daemon, Racers, http, ipc, make_env, pd, race, unix_client
 from tests.fleet_helpers import (
     FAST,
     env_dumper,

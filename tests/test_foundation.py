@@ -15,12 +15,12 @@ from pathlib import Path
 import apsw
 import httpx
 import pytest
+from conftest import PYTHON, Daemon, make_env, pd, race
 
 import portdaddy
 from portdaddy.core.registry import seed_port
 from portdaddy.errors import DaemonUnavailable
 from portdaddy.ipc.client import BlockingClient
-from tests.conftest import PYTHON, Daemon, make_env, pd, race
 
 
 def claim_q(d: Daemon, identity: str, *args: str) -> int:

@@ -9,8 +9,7 @@ import time
 
 import httpx
 import pytest
-
-from tests.conftest import unix_client
+from conftest import unix_client
 
 
 def test_message_to_an_unknown_agent_is_kept_and_retrievable(fresh_daemon) -> None:

@@ -16,10 +16,10 @@ import apsw
 import httpx
 import pytest
 import trio
+from conftest import Daemon, linked_worktree, unix_client
 
 import portdaddy
 from portdaddy.errors import BadInput, Conflict, NotFound, PDError
-from tests.conftest import Daemon, linked_worktree, unix_client
 
 
 def test_the_activity_log_is_written_within_a_second_of_each_burst_without_a_read(fresh_daemon: Daemon) -> None:

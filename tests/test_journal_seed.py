@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.conftest import linked_worktree
+from conftest import linked_worktree
 
 AGENTS = {
     "database-builder": ("payments:db", "Payment system schema", ["supabase/migrations/*"]),

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Daemon, linked_worktree
+from conftest import Daemon, linked_worktree
 
 FAST = {"PORT_DADDY_STALE_AFTER": "1s", "PORT_DADDY_DEAD_AFTER": "2s"}
 # Where an agent need stay alive only for one quick step after it registered or came back: deaths in a second.

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import Daemon
+
 from portdaddy.core import lockjournal
 from portdaddy.core.lockjournal import LockJournal, journal_path, replay
 from portdaddy.core.locks import FENCE_BLOCK
-from tests.conftest import Daemon
 from tests.fleet_helpers import wait_for
 from tests.test_storage_failures import refused, write_lock_held
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import pd, race, winners
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -27,7 +28,6 @@ from portdaddy.core import ops
 from portdaddy.core.locks import Locks
 from portdaddy.core.ops import Ctx
 from portdaddy.errors import LockHeld, PDError
-from tests.conftest import pd, race, winners
 from tests.swarm_app import make_app
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from conftest import PYTHON, Daemon, make_env
 
 from portdaddy.errors import PDError
 from portdaddy.fleet.backends import with_trigger_context
 from portdaddy.ipc.frame import Encoder, Performative
 from portdaddy.ipc.trio_client import TrioClient
-from tests.conftest import PYTHON, Daemon, make_env
 
 NOBODY = 65534
 

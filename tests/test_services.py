@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import Daemon
 
 from portdaddy.core.registry import seed_port
 from portdaddy.errors import PDError
-from tests.conftest import Daemon
 
 
 def test_env_output_is_safe_to_eval(daemon: Daemon, tmp_path: Path) -> None:

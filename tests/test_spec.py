@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from conftest import Daemon
 
 from portdaddy import errors
 from portdaddy.core.ops import load_table
@@ -14,7 +15,6 @@ from portdaddy.fleet import hook
 from portdaddy.fleet.backends import Task
 from portdaddy.fleet.runs import Run
 from portdaddy.http.routes import ROUTES, STREAMS
-from tests.conftest import Daemon
 from tests.fleet_helpers import git, make_project
 
 SPEC = Path(__file__).parent.parent / "spec"

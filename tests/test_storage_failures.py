@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, make_env
 
 from portdaddy.core.lockjournal import journal_path
 from portdaddy.core.store import FILE_CHECK_S
 from portdaddy.core.writebehind import MAX_PENDING_REFUSED
 from portdaddy.errors import PDError
-from tests.conftest import Daemon, make_env
 from tests.fleet_helpers import make_project, wait_for
 from tests.test_durability import CASES, WORKTREE, Caller, State, daemon_after_deaths
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import trio
+from conftest import PYTHON, Daemon
 
 import portdaddy
 from portdaddy.core import ops, tuplematch
@@ -21,7 +22,6 @@ from portdaddy.core.harbors import Harbors
 from portdaddy.core.ops import Ctx
 from portdaddy.errors import PDError, Timeout
 from portdaddy.ipc.client import BlockingClient
-from tests.conftest import PYTHON, Daemon
 from tests.swarm_app import make_app
 
 
