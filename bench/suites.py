@@ -200,6 +200,24 @@ def sdk_fire_and_forget(cfg: Settings, quick: bool) -> list[Figure]:
     return [Figure(f"sdk: fire-and-forget {label}, client cost", s, floor=SEND) for label, s in trio.run(run).items()]
 
 
+def sdk_round_trip(cfg: Settings, quick: bool) -> list[Figure]:
+    """``await pd.call("port.claim", ...)``: a request through the trio client, its reply woken in trio
+    (unpinned: the SDK polls for the reply before trio sleeps, which needs a second CPU)."""
+    n = 2000 if quick else 20000
+
+    async def run() -> list[float]:
+        clock = time.perf_counter_ns
+        samples = []
+        async with portdaddy.connect(settings=cfg, autostart=False) as pd:
+            for _ in range(n + 500):
+                t0 = clock()
+                await pd.call("port.claim", id="bench:api")
+                samples.append((clock() - t0) / 1000)
+        return samples[500:]
+
+    return [Figure("sdk: port.claim existing, round trip (unpinned)", trio.run(run), floor=PINGPONG_UNPINNED)]
+
+
 def _flood_worker(path: str, payload: dict[str, Any], batches: int, start: Any, stop: Any) -> None:
     """Send ``payload`` as fire-and-forget frames, 512 to a send, ``batches`` times or until ``stop`` is set."""
     batch = Encoder().encode(Performative.INFORM, 0, payload) * 512
@@ -373,6 +391,7 @@ def run_all(quick: bool = False) -> list[Figure]:
         figures += ipc_beside_busy_process(cfg, proc.pid, quick)
         figures += ipc_concurrent(cfg, quick)
         figures += sdk_fire_and_forget(cfg, quick)
+        figures += sdk_round_trip(cfg, quick)
         figures += daemon_ingest(cfg, quick)
         figures += ipc_behind_flood(cfg, quick)
         figures += http_round_trips(cfg, quick)

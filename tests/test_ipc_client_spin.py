@@ -15,6 +15,7 @@ from conftest import PYTHON, Daemon
 import portdaddy.sdk
 from portdaddy.errors import PDError
 from portdaddy.ipc.client import BlockingClient, Spin
+from portdaddy.ipc.trio_client import _TrioSpin
 from portdaddy.procfs import stat_fields
 from tests.fleet_helpers import wait_for
 
@@ -242,3 +243,13 @@ async def test_sdk_replies_that_take_long_stop_it_polling(daemon: Daemon) -> Non
             assert e.value.code == "TIMEOUT"
         assert spin.usable() == 0
         assert (await pd.call("port.claim", id="spin:sdk-after"))["port"]
+
+
+def test_the_sdk_counts_a_reply_woken_in_trio_as_short() -> None:
+    """Its waits are timed when trio runs the reader, after the CPU woke: ~100-200 µs for a reply the daemon sent
+    within the budget. Counted as long, the budget fell to nothing and never came back."""
+    woken_in_trio = 2 * Spin.MAX_NS
+    blocking, sdk_spin = Spin(), _TrioSpin()
+    blocking.waited(woken_in_trio)
+    sdk_spin.waited(woken_in_trio)
+    assert blocking.budget_ns == 0 and sdk_spin.budget_ns == 2 * Spin.START_NS

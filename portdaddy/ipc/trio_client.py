@@ -68,6 +68,13 @@ SETTLE_POLL_S = 0.01
 MIN_WATCH_S = 0.01
 
 
+class _TrioSpin(Spin):
+    # A reply the poll missed is timed when trio runs the reader, after its idle CPU was woken (~100 µs on a virtual
+    # machine): timed so, a reply the daemon sent within the budget was taken for a long wait, and once the budget
+    # was down to nothing it never came back.
+    LONG_NS = 3 * Spin.MAX_NS
+
+
 class _PollBeforeSleep(trio.abc.Instrument):
     """Trio's hook before it sleeps for I/O: the client polls there for the reply it has just asked for."""
 
@@ -125,7 +132,7 @@ class TrioClient:
         # Polling for a reply before trio sleeps (see _poll_for_reply): the socket's input, the budget learned as
         # the blocking client learns it, and the request polled for, with when it was sent.
         self._readable = select.poll()
-        self._spin = Spin()
+        self._spin = _TrioSpin()
         self._poll_until = 0  # perf_counter_ns; 0: nothing to poll for
         self._polled: tuple[int, int] | None = None  # (conv id, sent at) of a request whose reply a poll missed
 
