@@ -531,7 +531,7 @@ class IpcServer:
                 with trio.move_on_at(min(self.partial.values())):
                     await trio.lowlevel.wait_readable(epfd)
             elif linger is not None:
-                # Sockets are ready and trio had nothing to run: no pass through its scheduler.
+                # Events the linger found while trio had nothing to run need no pass through its scheduler.
                 if (events := linger.wait()) is None:
                     await trio.lowlevel.wait_readable(epfd)
                     linger.passed_through_trio()

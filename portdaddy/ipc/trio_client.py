@@ -134,7 +134,7 @@ class TrioClient:
         self._readable = select.poll()
         self._spin = _TrioSpin()
         self._poll_until = 0  # perf_counter_ns; 0: nothing to poll for
-        self._polled: tuple[int, int] | None = None  # (conv id, sent at) of a request whose reply a poll missed
+        self._polled: tuple[int, int] | None = None  # (conv id, sent at) of the request polled for, until caught
 
     # -- public --------------------------------------------------------------------------------------------
 
