@@ -15,7 +15,7 @@ from conftest import PYTHON, Daemon
 import portdaddy.sdk
 from portdaddy.errors import PDError
 from portdaddy.ipc.client import BlockingClient, Spin
-from portdaddy.ipc.trio_client import _TrioSpin
+from portdaddy.ipc.trio_client import _POLLER, _TrioSpin
 from portdaddy.procfs import stat_fields
 from tests.fleet_helpers import wait_for
 
@@ -253,3 +253,14 @@ def test_the_sdk_counts_a_reply_woken_in_trio_as_short() -> None:
     blocking.waited(woken_in_trio)
     sdk_spin.waited(woken_in_trio)
     assert blocking.budget_ns == 0 and sdk_spin.budget_ns == 2 * Spin.START_NS
+
+
+async def test_the_sdk_hooks_trio_once_however_many_connections_a_run_has(daemon: Daemon) -> None:
+    """Trio calls every instrument on every pass that may sleep: one per connection would cost a program with a
+    hundred connections a hundred calls a pass."""
+    async with sdk(daemon) as one, sdk(daemon) as two:
+        poller = _POLLER.get()
+        assert poller is not None and poller.clients == 2
+        assert one._client._poller is poller is two._client._poller
+        await one.call("port.claim", id="spin:one")
+    assert _POLLER.get() is None

@@ -76,13 +76,22 @@ class _TrioSpin(Spin):
 
 
 class _PollBeforeSleep(trio.abc.Instrument):
-    """Trio's hook before it sleeps for I/O: the client polls there for the reply it has just asked for."""
+    """Trio's hook before it sleeps for I/O, where a client that has just sent a request polls for its reply.
+    One per trio run, however many clients it has: trio calls every instrument's hook on every pass that may
+    sleep, and only the clients that sent a request since are looked at."""
 
-    def __init__(self, client: TrioClient) -> None:
-        self._client = client
+    def __init__(self) -> None:
+        self.clients = 0  # connected clients of the run: the hook goes with the last
+        self.armed: list[TrioClient] = []  # clients that sent a request since the last sleep
 
     def before_io_wait(self, timeout: float) -> None:
-        self._client._poll_for_reply(timeout)
+        if self.armed and timeout > 0:  # 0: trio has tasks to run, and the replies may come meanwhile
+            armed, self.armed = self.armed, []
+            for client in armed:
+                client._poll_for_reply(timeout)
+
+
+_POLLER: trio.lowlevel.RunVar[_PollBeforeSleep | None] = trio.lowlevel.RunVar("portdaddy_poller", default=None)
 
 
 class TrioClient:
@@ -134,6 +143,7 @@ class TrioClient:
         self._readable = select.poll()
         self._spin = _TrioSpin()
         self._poll_until = 0  # perf_counter_ns; 0: nothing to poll for
+        self._poller: _PollBeforeSleep | None = None  # the run's, while run() runs
         self._polled: tuple[int, int] | None = None  # (conv id, sent at) of the request polled for, until caught
 
     # -- public --------------------------------------------------------------------------------------------
@@ -160,9 +170,10 @@ class TrioClient:
         frame = _NO_REPLY
         try:
             self._write(request_frame(self._encoder, kind, conv, action, self.agent_id, args))
-            if (budget := self._spin.usable()) is not None:
+            if self._poller is not None and (budget := self._spin.usable()) is not None:
                 sent = time.perf_counter_ns()
                 self._poll_until, self._polled = sent + budget, (conv, sent)
+                self._poller.armed.append(self)
             with scope:
                 frame = await trio.lowlevel.wait_task_rescheduled(functools.partial(self._give_up, conv, undo))
         except trio.Cancelled:
@@ -191,7 +202,7 @@ class TrioClient:
         has nothing else to run, once per request, and never past trio's own timeout: what trio waits for
         waits at most the budget (100 µs). A reply the poll missed teaches the budget how long it took."""
         until = self._poll_until
-        if not until or timeout <= 0:
+        if not until:  # armed twice, or its reply came while trio ran other tasks
             return
         self._poll_until = 0
         poll, clock = self._readable.poll, time.perf_counter_ns
@@ -288,13 +299,21 @@ class TrioClient:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the connection: connect (failing fast the first time), read, and reconnect with backoff."""
         self._connect()
-        poller = _PollBeforeSleep(self)
-        trio.lowlevel.add_instrument(poller)
+        self._poller = poller = _POLLER.get() or _PollBeforeSleep()
+        if not poller.clients:
+            _POLLER.set(poller)
+            trio.lowlevel.add_instrument(poller)
+        poller.clients += 1
         task_status.started()
         try:
             await self._serve_and_reconnect()
         finally:
-            trio.lowlevel.remove_instrument(poller)
+            self._poller = None
+            poller.clients -= 1
+            if not poller.clients:
+                _POLLER.set(None)
+                with suppress(KeyError):  # trio removed it already if it raised
+                    trio.lowlevel.remove_instrument(poller)
             for give_back in self._resend:
                 log.warning("%s, which a cancelled call was granted, is lost: the client closed before it could be "
                             "given back", give_back.what)  # fmt: skip
