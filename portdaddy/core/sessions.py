@@ -116,6 +116,11 @@ def _note_filter(*, session_id: str | None = None, agent: str | None = None, pro
     return where, args
 
 
+def new_session_id() -> str:
+    """A new session's id (the fleet also sizes a run's environment with one before its session exists)."""
+    return f"session-{uuid.uuid4().hex[:12]}"
+
+
 class Sessions:
     name = "sessions"
 
@@ -154,7 +159,7 @@ class Sessions:
         if conflicts and not force:
             raise file_conflict(conflicts)
         now = now_ms()
-        sid = f"session-{uuid.uuid4().hex[:12]}"
+        sid = new_session_id()
         agent = self.app.agents.get(agent_id) if agent_id else None
         with self.store.write() as db:
             db.execute(

@@ -16,6 +16,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,12 @@ def arg_max() -> int:
 def exec_bytes(argv: list[str], env: Mapping[str, str]) -> int:
     """What an exec of ``argv`` with ``env`` takes of ``arg_max()``: each string, its NUL and a pointer to it, and
     the program's path once more (the kernel copies it too). Exact: one byte more is E2BIG."""
-    strings = [*argv, *(f"{name}={value}" for name, value in env.items())]
-    return exec_size(argv[0]) + sum(exec_size(text) + _POINTER for text in strings)
+    return exec_size(argv[0]) + sum(exec_size(arg) + _POINTER for arg in argv) + env_bytes(env, env)
+
+
+def env_bytes(env: Mapping[str, str], names: Iterable[str]) -> int:
+    """What the variables ``names`` of ``env`` take of an exec: ``NAME=value``, its NUL and a pointer to it."""
+    return sum(exec_size(f"{name}={env[name]}") + _POINTER for name in names)
 
 
 def _over_arg_max(task: Task, env: Mapping[str, str]) -> str | None:
@@ -231,9 +236,7 @@ def _over_arg_max(task: Task, env: Mapping[str, str]) -> str | None:
 
     # Most of it is an environment, the env: values or the daemon's (which every agent inherits): a prompt, a command
     # and the run's own variables are each at most 128 KiB of the over 2 MiB.
-    def size(names: Iterable[str]) -> int:
-        return sum(exec_size(f"{name}={env[name]}") + _POINTER for name in names)
-
+    size = partial(env_bytes, env)
     ours = [n for n in env if n in task.env and n != "PD_PROMPT"]
     inherited = [n for n in env if n not in task.env and not n.startswith(("PD_", "PORT_DADDY_")) and n != "PATH"]
     if size(ours) >= size(inherited):

@@ -29,6 +29,7 @@ import trio
 
 from portdaddy.config import env_int, env_ms, without_caller
 from portdaddy.core.clock import now_ms
+from portdaddy.core.sessions import new_session_id
 from portdaddy.core.store import RETRY_S
 from portdaddy.errors import PDError, StoreError, bad_input
 from portdaddy.fleet import children, citizen
@@ -577,7 +578,7 @@ class Fleet:
         gets then."""
 
         def problem_with(env: dict[str, str]) -> str | None:
-            session = {} if run.session_id else {"PORT_DADDY_SESSION": "session-" + "0" * 12}  # core/sessions.py
+            session = {} if run.session_id else {"PORT_DADDY_SESSION": new_session_id()}  # one of the same length
             return exec_problem(run.task, prompt, command=command, env={**env, **session})
 
         env = self._child_env(run, prompt if prompt_fits(prompt) else None)
