@@ -50,20 +50,31 @@ MAX_METADATA = 4000
 
 _SCALARS = (str, int, float, bool)
 _NOT_DETAILS = frozenset({"hash", "prevHash"})
-# One encoder for every row: json.dumps with options builds a new JSONEncoder per call.
-_to_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# The C encoder behind json.dumps, made once: dumps makes one per call, a third of what a row cost to build.
+_encode = json.encoder.c_make_encoder(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False,
+                                      True)  # fmt: skip
+
+
+def _to_json(data: dict[str, Any]) -> str:
+    return "".join(_encode(data, 0))
+
+
+def _first(data: dict[str, Any], keys: tuple[str, ...], kinds: type | tuple[type, ...]) -> Any:
+    for k in keys:
+        value = data.get(k)
+        if isinstance(value, kinds):
+            return value
+    return None
 
 
 def _scalar(value: Any) -> bool:
     return isinstance(value, _SCALARS)
 
 
-def row_of(ev: Event) -> tuple[Any, ...]:
-    d = ev.data
-    agent = next((d[k] for k in _AGENT_KEYS if isinstance(d.get(k), str)), None)
-    target = next((str(d[k]) for k in _TARGET_KEYS if _scalar(d.get(k))), None)
+def details_of(data: dict[str, Any]) -> str:
+    """The event's data as a line for people: ``k=v`` for its scalars, then ``k=a,b`` for its lists of them."""
     scalars, lists = [], []
-    for k, val in d.items():
+    for k, val in data.items():
         if isinstance(val, _SCALARS):
             if k not in _NOT_DETAILS:
                 scalars.append(f"{k}={val}")
@@ -72,10 +83,18 @@ def row_of(ev: Event) -> tuple[Any, ...]:
     details = ", ".join(scalars)
     if lists:
         details = "; ".join(filter(None, [details, *lists]))
-    metadata = _to_json(d)
+    return details[:MAX_DETAILS]
+
+
+def row_of(ev: Event) -> tuple[Any, ...]:
+    """The log row of ``ev``. Its details are made from its metadata when read (the log is written far more than
+    read); only an event whose metadata is too long to keep has them written."""
+    d = ev.data
+    target = _first(d, _TARGET_KEYS, _SCALARS)
+    details, metadata = None, _to_json(d)
     if len(metadata) > MAX_METADATA:
-        metadata = '{"truncated":true}'
-    return (ev.at, ev.kind, agent, target, details[:MAX_DETAILS], metadata)
+        details, metadata = details_of(d), '{"truncated":true}'
+    return (ev.at, ev.kind, _first(d, _AGENT_KEYS, str), None if target is None else str(target), details, metadata)
 
 
 class Activity:
@@ -142,8 +161,9 @@ class Activity:
 
     def _prune(self, db: Any) -> None:
         db.execute("DELETE FROM activity WHERE timestamp < ?", (now_ms() - RETENTION_MS,))
-        db.execute("DELETE FROM activity WHERE id <= (SELECT id FROM activity ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                   (MAX_ROWS,))  # fmt: skip
+        # Ids run on without gaps (AUTOINCREMENT, deleted only from the oldest end): the newest MAX_ROWS are the
+        # ids above max - MAX_ROWS. Counting them off the index cost ~1 µs for each row written.
+        db.execute("DELETE FROM activity WHERE id <= (SELECT max(id) FROM activity) - ?", (MAX_ROWS,))
 
     def entries(self, *, limit: int, type: str | None = None, agent: str | None = None, target: str | None = None,
                 since: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
@@ -163,8 +183,14 @@ class Activity:
             args.append(since)
         rows = self.store.all("SELECT id, timestamp, type, agent_id, target_id, details, metadata FROM activity "
                               f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit))  # fmt: skip
-        return [{"id": i, "timestamp": ts, "type": t, "agentId": a, "targetId": tg, "details": d,
-                 "metadata": json.loads(m) if m else None} for i, ts, t, a, tg, d, m in rows]  # fmt: skip
+        entries = []
+        for i, ts, t, a, tg, d, m in rows:
+            metadata = json.loads(m) if m else None
+            if d is None:
+                d = details_of(metadata) if isinstance(metadata, dict) else ""
+            entries.append({"id": i, "timestamp": ts, "type": t, "agentId": a, "targetId": tg, "details": d,
+                            "metadata": metadata})  # fmt: skip
+        return entries
 
     def summary(self, since: int) -> dict[str, int]:
         self._settle()
