@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from portdaddy.core import activity
 from portdaddy.core.events import Event
@@ -51,3 +53,29 @@ def test_the_log_keeps_a_week_and_the_newest_rows(log, monkeypatch) -> None:
     for i in range(2, 10):
         log.write([Event("lock.acquire", {"name": f"new{i}"})])  # the 12th: a prune
     assert [e["targetId"] for e in log.entries(limit=10)] == [f"new{i}" for i in range(9, 4, -1)]
+
+
+async def test_a_long_burst_is_written_without_waiting_out_the_batch_time(tmp_path: Path, mock_clock) -> None:
+    """A second of lock churn was written in one go, holding every connection for ~150 ms: a batch is written
+    once BATCH_ROWS events wait, whatever the clock says (here it stands still)."""
+    app = make_app(tmp_path)
+    log = activity.Activity(app)
+    stored = lambda: app.store.scalar("SELECT count(*) FROM activity")  # noqa: E731
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        for i in range(activity.BATCH_ROWS - 1):
+            app.bus.emit("lock.acquire", name=f"churn{i}", owner="churner")
+        await trio.testing.wait_all_tasks_blocked()
+        assert stored() == 0
+        app.bus.emit("lock.release", name="churn0", owner="churner")
+        await trio.testing.wait_all_tasks_blocked()
+        assert stored() == activity.BATCH_ROWS
+        mock_clock.jump(activity.BATCH_S)  # and the time-based batch still follows a quiet spell
+        app.bus.emit("lock.release", name="churn1", owner="churner")
+        await trio.testing.wait_all_tasks_blocked()
+        assert stored() == activity.BATCH_ROWS
+        mock_clock.jump(activity.BATCH_S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stored() == activity.BATCH_ROWS + 1
+        nursery.cancel_scope.cancel()
+    app.store.close()

@@ -2,10 +2,12 @@
 
 Every event becomes a row except the hot kinds (``msg.publish``, ``pheromone.spray``, ``agent.heartbeat``: too
 chatty). Rows are written in batches at most ``BATCH_S`` apart (a commit per event was a quarter of a lock round
-trip), after the change they describe has committed, so a SIGKILL can lose the last second of log rows but never
-acknowledged state. An event is taken inline at emit (an observer appending to a list: a memory channel's send
-cost ~1 µs of every lock grant and release), and the first one after a write sets when the next is due. Reads
-write what is pending first, so the log a caller reads is never behind.
+trip), or as soon as ``BATCH_ROWS`` wait (a second of lock churn from a few agents is ~25,000 rows: writing them
+at once held every connection for ~150 ms), after the change they describe has committed, so a SIGKILL can lose
+the last second of log rows but never acknowledged state. An event is taken inline at emit (an observer
+appending to a list: a memory channel's send cost ~1 µs of every lock grant and release), and the first one
+after a write sets when the next is due. Reads write what is pending first, so the log a caller reads is never
+behind.
 Retention as the original: 7 days and the newest 10,000 rows.
 """
 
@@ -28,6 +30,7 @@ RETENTION_MS = 7 * 86_400_000
 MAX_ROWS = 10_000
 PRUNE_EVERY = 500
 BATCH_S = 1.0
+BATCH_ROWS = 250  # a batch this long is written at once: ~1 ms of the reactor's time, not a second's worth
 # Where an event's subject is, in order of preference.
 _TARGET_KEYS = (
     "sessionId",
@@ -127,9 +130,13 @@ class Activity:
                     self.flush()
 
     def _take(self, ev: Event) -> None:
-        if not self._pending and self._due is not None:
-            self._due.deadline = trio.current_time() + BATCH_S
-        self._pending.append(ev)
+        pending, due = self._pending, self._due
+        if due is not None:
+            if not pending:
+                due.deadline = trio.current_time() + BATCH_S
+            elif len(pending) == BATCH_ROWS - 1:
+                due.cancel()
+        pending.append(ev)
 
     def flush(self) -> None:
         """Write every event received so far (one transaction). While the store refuses them they wait, the
