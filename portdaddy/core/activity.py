@@ -168,8 +168,9 @@ class Activity:
 
     def _prune(self, db: Any) -> None:
         db.execute("DELETE FROM activity WHERE timestamp < ?", (now_ms() - RETENTION_MS,))
-        # Ids run on without gaps (AUTOINCREMENT, deleted only from the oldest end): the newest MAX_ROWS are the
-        # ids above max - MAX_ROWS. Counting them off the index cost ~1 µs for each row written.
+        # Ids only grow (AUTOINCREMENT; a rolled-back insert takes its id back) and rows leave from the oldest
+        # end, so the ids above max - MAX_ROWS are the newest MAX_ROWS rows, or fewer if the clock went back
+        # and the age rule took some among them. Counting them off the index cost ~1 µs for each row written.
         db.execute("DELETE FROM activity WHERE id <= (SELECT max(id) FROM activity) - ?", (MAX_ROWS,))
 
     def entries(self, *, limit: int, type: str | None = None, agent: str | None = None, target: str | None = None,
