@@ -30,6 +30,7 @@ from portdaddy.core.agents import Agents
 from portdaddy.core.app import App
 from portdaddy.core.arbiter import Arbiter
 from portdaddy.core.broker import Broker
+from portdaddy.core.checkpointer import Checkpointer
 from portdaddy.core.harbors import Harbors
 from portdaddy.core.inbox import Inbox
 from portdaddy.core.locks import Locks
@@ -48,10 +49,12 @@ log = logging.getLogger("portdaddy")
 HOME_CHECK_S = 2.0  # how often the daemon looks whether its home is still there
 
 # The subsystems, in start order. Each takes the App and may have a ``run`` task.
-# Activity first, so that it logs every other subsystem's events from the start; the broker before the
-# journal, whose agents publish on `agents` and `resurrection`; locks before agents, whose deaths release them;
-# the fleet last, as its runs are citizens of all the others.
+# The checkpointer first, so that no commit checkpoints on the reactor; activity next, so that it logs every other
+# subsystem's events from the start; the broker before the journal, whose agents publish on `agents` and
+# `resurrection`; locks before agents, whose deaths release them; the fleet last, as its runs are citizens of all
+# the others.
 SUBSYSTEMS = (
+    Checkpointer,
     Activity,
     Registry,
     Broker,

@@ -216,6 +216,7 @@ _NOUNS = {
     "arbiterViolations": ("arbiter finding", "arbiter findings"),
     "arbiterSerious": ("serious arbiter finding", "serious arbiter findings"),
     "fleets": ("fleet", "fleets"), "fleetRuns": ("fleet run running", "fleet runs running"),
+    "storeCheckpoints": ("store checkpoint", "store checkpoints"),
     "ipcConnections": ("IPC connection", "IPC connections"),
     "ipcRefused": ("IPC connection refused", "IPC connections refused"),
     "ipcMalformed": ("malformed IPC frame", "malformed IPC frames"),
