@@ -18,6 +18,8 @@ from typing import Any
 import apsw
 import trio
 
+from portdaddy.core.store import RETRY_S
+
 log = logging.getLogger("portdaddy.store")
 
 CHECKPOINT_PAGES = 1000  # SQLite's own mark (PRAGMA wal_autocheckpoint)
@@ -51,10 +53,13 @@ class Checkpointer:
                 with trio.CancelScope() as self._asleep:
                     await trio.sleep_forever()
                 self._asleep = None
-                copied = await trio.to_thread.run_sync(self._copy, own)
-                if not self.store.writing:  # between operations, as every await is
-                    copied = self._copy(db) and copied
-                self.done += copied
+                if not await trio.to_thread.run_sync(self._copy, own):
+                    await trio.sleep(RETRY_S)  # not one try per commit while SQLite refuses
+                    continue
+                # What was committed meanwhile; only after the thread's copy, as all of it on the reactor is the
+                # stall this task takes away.
+                self._copy(db)
+                self.done += 1
         finally:
             self._asleep = None
             db.set_wal_hook(None)
