@@ -107,13 +107,6 @@ def test_under_lock_churn_the_log_stays_short_and_acknowledged_claims_survive_si
     """Six connections' lock cycles fill the log with activity rows (a checkpoint every few hundred ms) while
     a seventh claims ports; the daemon is killed with SIGKILL in the middle of it."""
     d = Daemon(tmp_home, make_env(tmp_home, PORT_DADDY_IPC_RATE="0")).start()  # churn as fast as it goes
-    try:
-        _churn_claim_and_kill(d)
-    finally:
-        d.stop()
-
-
-def _churn_claim_and_kill(d: Daemon) -> None:
     wal = Path(f"{d.settings.db}-wal")
     stop = threading.Event()
 
@@ -127,11 +120,11 @@ def _churn_claim_and_kill(d: Daemon) -> None:
             pass
 
     workers = [threading.Thread(target=churn, args=(i,)) for i in range(6)]
-    for w in workers:
-        w.start()
     claimed: dict[str, int] = {}
     longest = 0
     try:
+        for w in workers:
+            w.start()
         with d.client() as c:
             deadline = time.monotonic() + 60
             while c.request("daemon.status")["counts"]["storeCheckpoints"] < 3:
@@ -141,13 +134,16 @@ def _churn_claim_and_kill(d: Daemon) -> None:
                     claimed[sid] = c.request("port.claim", {"id": sid})["port"]
                 longest = max(longest, os.path.getsize(wal))
         d.kill9()
-    finally:
         stop.set()
         for w in workers:
             w.join(timeout=30)
-    # SQLite's own mark, and what a checkpoint's time lets in: a log never copied to its end would grow past it.
-    assert 0 < longest < 3 * CHECKPOINT_PAGES * (4096 + 24)
-    d.start()
-    with d.client() as c:
-        lost = {sid for sid, port in claimed.items() if c.request("port.get", {"id": sid})["service"]["port"] != port}
-    assert not lost, f"{len(lost)} of {len(claimed)} acknowledged claims lost"
+        # SQLite's own mark, and what a checkpoint's time lets in: a log never copied to its end would grow past it.
+        assert 0 < longest < 3 * CHECKPOINT_PAGES * (4096 + 24)
+        d.start()
+        with d.client() as c:
+            lost = {sid for sid, port in claimed.items()
+                    if c.request("port.get", {"id": sid})["service"]["port"] != port}  # fmt: skip
+        assert not lost, f"{len(lost)} of {len(claimed)} acknowledged claims lost"
+    finally:
+        stop.set()
+        d.stop()
